@@ -1,0 +1,114 @@
+"""Real models used across the tests (importable by subprocesses as ``tests.models``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class LeNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, 5, padding=2)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.fc1 = nn.Linear(400, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.max_pool2d(torch.relu(self.conv1(x)), 2)
+        x = torch.max_pool2d(torch.relu(self.conv2(x)), 2)
+        x = x.flatten(1)
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+class SignFlip(nn.Module):
+    """Data-dependent branch; ``*rest`` makes it unscriptable, so it is traced."""
+
+    def forward(self, x: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        if x.max() >= 0:
+            return x
+        return -x
+
+
+class ScriptableSignFlip(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool(x.max() >= 0):
+            return x
+        return -x
+
+
+class OnlyTraces(nn.Module):
+    """Uses a Python idiom TorchScript rejects (a generator expression over a list)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(4, 4) for _ in range(2)])
+
+    def forward(self, x: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        return sum(layer(x) for layer in self.layers)
+
+
+class Mixed(nn.Module):
+    """A traced submodule inside a module that is then scripted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = torch.jit.trace(nn.Sequential(nn.Linear(4, 8), nn.ReLU()), torch.randn(2, 4))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.encoder(x)
+        if bool(h.sum() > 0):
+            return self.head(h)
+        return -self.head(h)
+
+
+class DictTuple(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        y = self.lin(x)
+        return {"logits": y, "probs": torch.softmax(y, -1)}, y.argmax(-1)
+
+
+class BN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))
+
+
+class Affine(nn.Module):
+    """y = x * scale + shift: outputs tell versions apart."""
+
+    def __init__(self, scale: float = 1.0, shift: float = 0.0, width: int = 4) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((width,), float(scale)))
+        self.shift = nn.Parameter(torch.full((width,), float(shift)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale + self.shift
+
+
+def lenet_examples() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(1, 1, 28, 28, generator=g), torch.randn(2, 1, 28, 28, generator=g)]
+
+
+def make_lenet() -> tuple[nn.Module, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    return LeNet(), lenet_examples()
+
+
+def make_affine() -> tuple[nn.Module, list[torch.Tensor]]:
+    return Affine(2.0, 1.0), [torch.ones(1, 4), -torch.ones(3, 4)]
+
+
+def make_broken() -> nn.Module:
+    raise ValueError("factory exploded")

@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.models import BN, DictTuple, LeNet, Mixed, OnlyTraces, ScriptableSignFlip, SignFlip
+from zmqmodels import CompileError, ParityError, compare_outputs, compile_model
+
+
+def test_lenet_scripts_and_matches_eager() -> None:
+    model = LeNet()
+    c = compile_model(model, [torch.randn(1, 1, 28, 28), torch.randn(3, 1, 28, 28)])
+    assert c.method == "script"
+    assert isinstance(c.module, torch.jit.ScriptModule)
+    assert c.outputs[1].shape == (3, 10)
+    assert c.max_abs_diff == 0.0
+
+
+def test_traced_frozen_branch_is_caught_by_second_example() -> None:
+    with pytest.raises(ParityError) as err:
+        compile_model(SignFlip(), [torch.ones(3), -torch.ones(3)])
+    msg = str(err.value)
+    assert "example 1" in msg and "out" in msg and "max abs diff 2" in msg
+
+
+def test_trace_fallback_records_why_and_tracer_warnings() -> None:
+    c = compile_model(SignFlip(), [torch.rand(3) + 0.1])
+    assert c.method == "trace"
+    assert any("script failed" in w for w in c.warnings)
+    assert any("TracerWarning" in w for w in c.warnings)
+
+
+def test_scripting_keeps_control_flow() -> None:
+    c = compile_model(ScriptableSignFlip(), [torch.ones(3), -torch.ones(3)])
+    assert c.method == "script"
+    assert torch.equal(c.module(-torch.ones(2)), torch.ones(2))
+
+
+def test_no_trace_refuses_unscriptable() -> None:
+    with pytest.raises(CompileError, match="torch.jit.script failed"):
+        compile_model(OnlyTraces(), [torch.randn(2, 4)], allow_trace=False)
+
+
+def test_model_that_only_traces() -> None:
+    c = compile_model(OnlyTraces(), [torch.randn(2, 4), torch.randn(5, 4)])
+    assert c.method == "trace"
+    assert c.outputs[1].shape == (5, 4)
+
+
+def test_traced_submodule_inside_scripted_module() -> None:
+    model = Mixed()
+    x = torch.randn(3, 4)
+    c = compile_model(model, [x, -x])
+    assert c.method == "script"
+    assert torch.allclose(c.module(x), model(x))
+
+
+def test_dict_and_tuple_outputs_compare_structurally() -> None:
+    c = compile_model(DictTuple(), [torch.randn(2, 4), torch.randn(1, 4)])
+    out, idx = c.outputs[0]
+    assert set(out) == {"logits", "probs"} and idx.dtype == torch.int64
+
+
+def test_batchnorm_compiles_in_eval_mode() -> None:
+    model = BN()
+    model.train()
+    c = compile_model(model, [torch.randn(2, 3, 8, 8), torch.randn(1, 3, 8, 8)])
+    assert not model.training and not c.module.training
+    # eval mode: one sample's output does not depend on the batch it came in
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.allclose(c.module(x)[:1], c.module(x[:1]), atol=1e-6)
+
+
+def test_bf16_weights() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.GELU()).to(torch.bfloat16)
+    c = compile_model(model, [torch.randn(2, 16, dtype=torch.bfloat16)] * 2)
+    assert c.outputs[0].dtype == torch.bfloat16
+
+
+def test_prescripted_module_passes_through() -> None:
+    scripted = torch.jit.script(LeNet().eval())
+    c = compile_model(scripted, torch.randn(1, 1, 28, 28))
+    assert c.method == "prescripted" and c.module is scripted
+
+
+def test_plain_function_is_traced() -> None:
+    c = compile_model(lambda x: x * 2, [torch.ones(2)])
+    assert c.method == "trace"
+    assert torch.equal(c.module(torch.ones(3)), torch.full((3,), 2.0))
+
+
+def test_example_inputs_forms() -> None:
+    with pytest.raises(CompileError, match="at least one"):
+        compile_model(LeNet(), [])
+    with pytest.raises(CompileError, match="must be a tensor"):
+        compile_model(LeNet(), "nope")
+
+
+def test_compare_outputs_names_the_path() -> None:
+    a = ({"x": torch.zeros(2)}, [torch.ones(1)])
+    b = ({"x": torch.zeros(2)}, [torch.ones(1) + 0.5])
+    with pytest.raises(ParityError, match=r"out\[1\]\[0\]: max abs diff 0.5"):
+        compare_outputs(a, b)
+    with pytest.raises(ParityError, match="keys"):
+        compare_outputs({"a": torch.ones(1)}, {"b": torch.ones(1)})
+    with pytest.raises(ParityError, match="integer"):
+        compare_outputs(torch.tensor([1, 2]), torch.tensor([1, 3]))
+    with pytest.raises(ParityError, match="NaN"):
+        compare_outputs(torch.tensor([float("nan")]), torch.tensor([0.0]))
+    assert compare_outputs(torch.tensor([float("nan"), 1.0]), torch.tensor([float("nan"), 1.0])) == 0

@@ -1,0 +1,212 @@
+"""Module -> TorchScript, with a parity proof against eager.
+
+``torch.jit.script`` is tried first: it keeps control flow. Tracing records only the branch
+the example took (a data-dependent ``if`` is silently frozen), so it is a fallback, its
+TracerWarnings are recorded, and parity is checked on *every* example: give at least two,
+covering each branch, to catch a frozen one.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .defaults import PARITY_ATOL, PARITY_RTOL
+from .errors import CompileError, ParityError
+from .tensors import dtype_name
+
+__all__ = ["Compiled", "compile_model", "normalize_examples", "compare_outputs", "clone_tree"]
+
+Example = tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """A compiled module and the evidence that it matches eager."""
+
+    module: torch.jit.ScriptModule
+    method: str  # "script", "trace" or "prescripted"
+    warnings: tuple[str, ...]
+    examples: tuple[Example, ...]
+    outputs: tuple[Any, ...]  # the compiled module's output on each example
+    max_abs_diff: float
+
+
+class _FunctionModule(torch.nn.Module):
+    """Lets a plain function be traced and saved like a module."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args: Any) -> Any:
+        return self.fn(*args)
+
+
+def normalize_examples(example_inputs: Any) -> tuple[Example, ...]:
+    """A tensor is one example of one argument; a tuple is one example's arguments;
+    a list is several examples (each a tensor or a tuple)."""
+    if isinstance(example_inputs, torch.Tensor | tuple):
+        items: Sequence[Any] = [example_inputs]
+    elif isinstance(example_inputs, list):
+        items = example_inputs
+    else:
+        raise CompileError(
+            f"example inputs must be a tensor, a tuple or a list, not {type(example_inputs).__name__}"
+        )
+    if not items:
+        raise CompileError("at least one example input is required (two or more recommended)")
+    return tuple(x if isinstance(x, tuple) else (x,) for x in items)
+
+
+def clone_tree(x: Any) -> Any:
+    """Deep-copy the tensors of a tree so a model that writes into its inputs spoils nothing."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if isinstance(x, tuple | list):
+        return type(x)(clone_tree(i) for i in x)
+    if isinstance(x, dict):
+        return {k: clone_tree(v) for k, v in x.items()}
+    return x
+
+
+def compile_model(
+    module: torch.nn.Module | Callable[..., Any],
+    example_inputs: Any,
+    *,
+    allow_trace: bool = True,
+    method: str = "auto",
+    rtol: float | None = None,
+    atol: float | None = None,
+) -> Compiled:
+    """Compile ``module`` to TorchScript and prove it matches eager on every example.
+
+    ``method`` is ``"auto"`` (script, then trace if scripting fails and ``allow_trace``),
+    ``"script"`` or ``"trace"``. An already-scripted module passes through. Raises
+    :class:`CompileError` if nothing compiles and :class:`ParityError` (naming the example,
+    the output path and the max abs difference) if compiled and eager disagree.
+    """
+    examples = normalize_examples(example_inputs)
+    if method not in ("auto", "script", "trace"):
+        raise CompileError(f"unknown compile method {method!r}")
+    if isinstance(module, torch.nn.Module):
+        module.eval()
+    elif not callable(module):
+        raise CompileError(f"cannot compile a {type(module).__name__}")
+    notes: list[str] = []
+    if isinstance(module, torch.jit.ScriptModule):
+        compiled, how = module, "prescripted"
+    else:
+        compiled, how = _compile(module, examples, allow_trace, method, notes)
+    compiled.eval()
+    outputs, worst = [], 0.0
+    with torch.inference_mode():
+        for i, ex in enumerate(examples):
+            try:
+                eager = module(*clone_tree(ex))
+            except Exception as exc:
+                raise CompileError(f"eager model raised on example {i}: {exc}") from exc
+            try:
+                got = compiled(*clone_tree(ex))
+            except Exception as exc:
+                raise ParityError(f"compiled model raised on example {i}: {exc}") from exc
+            try:
+                worst = max(worst, compare_outputs(eager, got, rtol=rtol, atol=atol))
+            except ParityError as exc:
+                hint = " (tracing froze a branch? see warnings)" if how == "trace" else ""
+                raise ParityError(f"example {i}: {exc}{hint}") from None
+            outputs.append(got)
+    return Compiled(compiled, how, tuple(notes), examples, tuple(outputs), worst)
+
+
+def _compile(
+    module: Any, examples: tuple[Example, ...], allow_trace: bool, method: str, notes: list[str]
+) -> tuple[torch.jit.ScriptModule, str]:
+    target = module if isinstance(module, torch.nn.Module) else _FunctionModule(module)
+    if method in ("auto", "script") and isinstance(module, torch.nn.Module):
+        try:
+            return torch.jit.script(target), "script"
+        except Exception as exc:  # scripting raises many types (frontend, OSError, RuntimeError)
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if method == "script" or not allow_trace:
+                raise CompileError(f"torch.jit.script failed: {reason}") from exc
+            notes.append(f"script failed, traced instead: {reason}")
+    elif method == "script" or not allow_trace:
+        raise CompileError("only nn.Module instances can be scripted; allow tracing for functions")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", torch.jit.TracerWarning)
+        try:
+            traced = torch.jit.trace(target, examples[0], strict=False, check_trace=False)
+        except Exception as exc:
+            raise CompileError(f"torch.jit.trace failed: {exc}") from exc
+    notes.extend(
+        f"TracerWarning: {w.message}" for w in caught if issubclass(w.category, torch.jit.TracerWarning)
+    )
+    return traced, "trace"
+
+
+def compare_outputs(
+    expected: Any, got: Any, *, rtol: float | None = None, atol: float | None = None,
+    path: str = "out",
+) -> float:
+    """Compare two output trees; return the max abs difference or raise :class:`ParityError`.
+
+    Floats use a dtype-aware tolerance; integers and bools must match exactly; NaN matches
+    NaN only in the same position.
+    """
+    if isinstance(expected, torch.Tensor):
+        if not isinstance(got, torch.Tensor):
+            raise ParityError(f"{path}: expected a tensor, got {type(got).__name__}")
+        if expected.dtype != got.dtype or expected.shape != got.shape:
+            raise ParityError(
+                f"{path}: expected {dtype_name(expected.dtype)}{list(expected.shape)}, "
+                f"got {dtype_name(got.dtype)}{list(got.shape)}"
+            )
+        if expected.numel() == 0:
+            return 0.0
+        a, b = expected.detach().cpu(), got.detach().cpu()
+        if not (a.is_floating_point() or a.is_complex()):
+            diff = (a.to(torch.int64) - b.to(torch.int64)).abs().max().item() if a.dtype != torch.bool \
+                else float((a != b).any())
+            if diff:
+                raise ParityError(f"{path}: integer outputs differ (max abs diff {diff})")
+            return 0.0
+        name = dtype_name(a.dtype)
+        rt = PARITY_RTOL.get(name, 1e-5) if rtol is None else rtol
+        at = PARITY_ATOL.get(name, 1e-6) if atol is None else atol
+        if not torch.equal(torch.isnan(a), torch.isnan(b)):
+            raise ParityError(f"{path}: NaN in different positions")
+        a64, b64 = a.to(torch.complex128 if a.is_complex() else torch.float64), \
+            b.to(torch.complex128 if b.is_complex() else torch.float64)
+        finite = ~torch.isnan(a64)
+        d = (a64 - b64).abs()[finite]
+        diff = d.max().item() if d.numel() else 0.0
+        if math.isnan(diff) or not torch.allclose(a64[finite], b64[finite], rtol=rt, atol=at):
+            raise ParityError(f"{path}: max abs diff {diff:.3g} exceeds rtol={rt:g}, atol={at:g}")
+        return float(diff)
+    if isinstance(expected, tuple | list):
+        if not isinstance(got, tuple | list) or len(got) != len(expected):
+            raise ParityError(f"{path}: expected a sequence of {len(expected)}, got {_kind(got)}")
+        return max((compare_outputs(e, g, rtol=rtol, atol=atol, path=f"{path}[{i}]")
+                    for i, (e, g) in enumerate(zip(expected, got, strict=True))), default=0.0)
+    if isinstance(expected, dict):
+        if not isinstance(got, dict) or set(got) != set(expected):
+            raise ParityError(f"{path}: expected keys {sorted(expected)}, got {_kind(got)}")
+        return max((compare_outputs(v, got[k], rtol=rtol, atol=atol, path=f"{path}[{k!r}]")
+                    for k, v in expected.items()), default=0.0)
+    if expected != got:
+        raise ParityError(f"{path}: expected {expected!r}, got {got!r}")
+    return 0.0
+
+
+def _kind(x: Any) -> str:
+    if isinstance(x, dict):
+        return f"keys {sorted(x)}"
+    if isinstance(x, tuple | list):
+        return f"a sequence of {len(x)}"
+    return type(x).__name__

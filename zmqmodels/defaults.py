@@ -1,0 +1,54 @@
+"""Defaults in one place; units in the names. The CLI takes its defaults from here."""
+
+from __future__ import annotations
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "CHUNK_BYTES",
+    "CLEVEL",
+    "AUTO_MIN_GAIN",
+    "AUTO_SAMPLE_BYTES",
+    "HEARTBEAT_INTERVAL_S",
+    "HUB_TTL_S",
+    "REPAIR_IDLE_S",
+    "FETCH_CREDIT",
+    "FETCH_TIMEOUT_S",
+    "MAX_ARCHIVE_BYTES",
+    "MAX_CHUNKS",
+    "MAX_CHUNK_BYTES",
+    "MAX_MANIFEST_BYTES",
+    "MAX_REQUEST_BYTES",
+    "MAX_REQUEST_TENSORS",
+    "LINGER_MS",
+    "START_TIMEOUT_S",
+    "RETAIN_PER_NAME",
+    "PARITY_RTOL",
+    "PARITY_ATOL",
+]
+
+PROTOCOL_VERSION = 1
+
+CHUNK_BYTES = 4 * 1024 * 1024  # archive bytes per chunk before compression
+CLEVEL = 5
+AUTO_MIN_GAIN = 1.05  # `auto` compresses only when it saves at least 5 %
+AUTO_SAMPLE_BYTES = 8 * 1024 * 1024  # how much of the archive `auto` tries each codec on
+
+HEARTBEAT_INTERVAL_S = 0.5
+HUB_TTL_S = 3.0  # silence after which a subscriber re-asks the hub
+REPAIR_IDLE_S = 0.25  # no chunk for this long during assembly -> fetch what is missing
+FETCH_CREDIT = 8  # chunks a subscriber may have requested and not yet received
+FETCH_TIMEOUT_S = 2.0  # an outstanding fetch with no answer for this long is asked again
+
+MAX_ARCHIVE_BYTES = 8 * 1024**3
+MAX_CHUNKS = 65536
+MAX_CHUNK_BYTES = 64 * 1024 * 1024
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024  # the manifest carries example inputs and outputs
+MAX_REQUEST_BYTES = 256 * 1024 * 1024
+MAX_REQUEST_TENSORS = 64
+
+LINGER_MS = 0
+START_TIMEOUT_S = 10.0
+RETAIN_PER_NAME = 5
+
+PARITY_RTOL = {"float64": 1e-7, "float32": 1e-5, "float16": 1e-3, "bfloat16": 1.6e-2}
+PARITY_ATOL = {"float64": 1e-9, "float32": 1e-6, "float16": 1e-4, "bfloat16": 1e-3}

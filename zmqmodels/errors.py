@@ -1,0 +1,95 @@
+"""Error types. Every error the library raises derives from :class:`ZmqModelsError`.
+
+::
+
+    ZmqModelsError                 code
+    ├── CompileError               compile_failed    scripting and tracing both failed
+    │   └── ParityError            parity_mismatch   compiled output differs from eager
+    ├── SourceError                bad_source        a model source/weights/example spec is unusable
+    ├── ReleaseError               bad_release       a release or manifest is malformed or inconsistent
+    │   └── IntegrityError         integrity         digest or size mismatch
+    ├── StoreError                 store             the release store cannot be read or written
+    ├── ProtocolError              bad_message       a frame list does not decode
+    ├── LimitError                 too_large         a declared size exceeds a configured maximum
+    ├── DeadlineError              timeout           a wait passed its deadline
+    └── RemoteError                (the remote code)  an error reply from a hub or server
+
+Errors cross the wire as ``(code, message)``; :func:`error_from_code` maps a code back to its
+type so a client raises the same class the server raised.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ZmqModelsError",
+    "CompileError",
+    "ParityError",
+    "SourceError",
+    "ReleaseError",
+    "IntegrityError",
+    "StoreError",
+    "ProtocolError",
+    "LimitError",
+    "DeadlineError",
+    "RemoteError",
+    "error_from_code",
+]
+
+
+class ZmqModelsError(Exception):
+    """Root of every error zmqmodels raises."""
+
+    code = "error"
+    retryable = False
+
+
+class CompileError(ZmqModelsError):
+    code = "compile_failed"
+
+
+class ParityError(CompileError):
+    code = "parity_mismatch"
+
+
+class SourceError(ZmqModelsError):
+    code = "bad_source"
+
+
+class ReleaseError(ZmqModelsError):
+    code = "bad_release"
+
+
+class IntegrityError(ReleaseError):
+    code = "integrity"
+
+
+class StoreError(ZmqModelsError):
+    code = "store"
+
+
+class ProtocolError(ZmqModelsError):
+    code = "bad_message"
+
+
+class LimitError(ProtocolError):
+    code = "too_large"
+
+
+class DeadlineError(ZmqModelsError):
+    code = "timeout"
+    retryable = True
+
+
+class RemoteError(ZmqModelsError):
+    """An error reply from a hub or server: carries the remote ``code``."""
+
+    def __init__(self, code: str, message: str, retryable: bool = False) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.retryable = retryable
+
+
+def error_from_code(code: str, message: str, retryable: bool = False) -> RemoteError:
+    """Build the :class:`RemoteError` a client raises for an error reply."""
+    return RemoteError(code, message, retryable)

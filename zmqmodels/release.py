@@ -1,0 +1,319 @@
+"""Releases: a TorchScript archive cut into independently decompressible blosc2 chunks,
+plus the :class:`Manifest` (the version headers) that says what it is.
+
+The manifest travels as msgpack (a map, so unknown fields appended by newer senders are
+ignored by older receivers). Its digests: ``archive_sha256`` is the archive's identity (what
+a signature binds); ``chunk_xxh3`` holds the XXH3-64 (seed 0) of each chunk *as sent*, so a
+receiver rejects a corrupt chunk before decompressing it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import blosc2
+import msgspec
+import torch
+import xxhash
+
+from . import defaults
+from .compile import Compiled
+from .errors import IntegrityError, LimitError, ReleaseError
+from .tensors import decode, encode, signature
+
+__all__ = [
+    "CodecSpec",
+    "TensorPack",
+    "Manifest",
+    "Release",
+    "CODECS",
+    "FILTERS",
+    "validate_name",
+    "build_release",
+    "choose_codec",
+    "compress_archive",
+    "decompress_chunk",
+    "encode_manifest",
+    "decode_manifest",
+    "pack_tensors",
+    "unpack_tensors",
+]
+
+CODECS = {"none": None, "lz4": blosc2.Codec.LZ4, "lz4hc": blosc2.Codec.LZ4HC,
+          "zstd": blosc2.Codec.ZSTD, "blosclz": blosc2.Codec.BLOSCLZ, "zlib": blosc2.Codec.ZLIB}
+FILTERS = {"none": blosc2.Filter.NOFILTER, "shuffle": blosc2.Filter.SHUFFLE,
+           "bitshuffle": blosc2.Filter.BITSHUFFLE}
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+
+
+def validate_name(name: str) -> str:
+    """Model names appear in topics and file names: 1-128 of ``[A-Za-z0-9._-]``, no leading dot."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ReleaseError(f"invalid model name {name!r}: use 1-128 of A-Z a-z 0-9 . _ -")
+    return name
+
+
+class CodecSpec(msgspec.Struct, frozen=True):
+    """How each chunk is compressed. ``name == "none"`` means chunks are raw archive bytes."""
+
+    name: str = "none"
+    clevel: int = 0
+    filter: str = "none"
+    typesize: int = 1
+
+
+class TensorPack(msgspec.Struct, frozen=True):
+    """A tensor tree inline: the spec of :mod:`zmqmodels.tensors` and its buffers."""
+
+    spec: Any
+    buffers: list[bytes]
+
+
+class Manifest(msgspec.Struct, frozen=True, kw_only=True):
+    """The version headers of one release (``docs/protocol.md`` §Manifest)."""
+
+    v: int = defaults.PROTOCOL_VERSION
+    name: str
+    label: str
+    seq: int = 0  # assigned by the store; 0 = not yet stored
+    created_at: float
+    archive_sha256: str
+    archive_bytes: int
+    compressed_bytes: int
+    codec: CodecSpec
+    chunk_bytes: int
+    chunk_count: int
+    chunk_sizes: list[int]
+    chunk_xxh3: list[int]
+    torch_version: str
+    compile_method: str
+    compile_warnings: list[str] = []
+    inputs: list[Any] = []  # per positional argument: {"dtype", "rank", "shape" (-1 = varies)}
+    outputs: Any = None  # signature of the first example's output
+    parameter_count: int = 0
+    parameter_bytes: int = 0
+    examples: TensorPack | None = None  # a list of examples, each a tuple of arguments
+    expected: TensorPack | None = None  # the compiled module's output on each example
+    metadata: dict[str, str] = {}
+    signer: str = ""  # hex Ed25519 public key; empty = unsigned
+    signature: bytes = b""  # over encode_manifest(manifest with signature=b"")
+
+    def check(self, limits: Any = None) -> Manifest:
+        """Raise :class:`ReleaseError`/:class:`LimitError` unless sizes are consistent and bounded."""
+        max_archive = getattr(limits, "max_archive_bytes", defaults.MAX_ARCHIVE_BYTES)
+        max_chunks = getattr(limits, "max_chunks", defaults.MAX_CHUNKS)
+        max_chunk = getattr(limits, "max_chunk_bytes", defaults.MAX_CHUNK_BYTES)
+        validate_name(self.name)
+        if self.v != defaults.PROTOCOL_VERSION:
+            raise ReleaseError(f"protocol version {self.v} is not {defaults.PROTOCOL_VERSION}")
+        if not 0 <= self.archive_bytes <= max_archive:
+            raise LimitError(f"archive of {self.archive_bytes} bytes exceeds {max_archive}")
+        if not 0 < self.chunk_bytes <= max_chunk or self.chunk_count > max_chunks:
+            raise LimitError(f"chunking {self.chunk_count} x {self.chunk_bytes} exceeds the limits")
+        if self.chunk_count != -(-self.archive_bytes // self.chunk_bytes):
+            raise ReleaseError("chunk_count does not match archive_bytes / chunk_bytes")
+        if len(self.chunk_sizes) != self.chunk_count or len(self.chunk_xxh3) != self.chunk_count:
+            raise ReleaseError("chunk_sizes / chunk_xxh3 do not have chunk_count entries")
+        bound = self.chunk_bytes + 64 * 1024  # blosc2 never expands a chunk by more than its header
+        if any(not 0 <= s <= bound for s in self.chunk_sizes) or sum(self.chunk_sizes) != \
+                self.compressed_bytes:
+            raise ReleaseError("chunk sizes are out of range or do not add up")
+        if self.codec.name not in CODECS or self.codec.filter not in FILTERS:
+            raise ReleaseError(f"unknown codec {self.codec.name}/{self.codec.filter}")
+        if len(self.archive_sha256) != 64:
+            raise ReleaseError("archive_sha256 must be 64 hex digits")
+        return self
+
+    def chunk_span(self, index: int) -> tuple[int, int]:
+        """``(offset, length)`` of chunk ``index`` in the uncompressed archive."""
+        start = index * self.chunk_bytes
+        return start, min(self.chunk_bytes, self.archive_bytes - start)
+
+
+_ENC = msgspec.msgpack.Encoder()
+_DEC = msgspec.msgpack.Decoder(Manifest)
+
+
+def encode_manifest(m: Manifest) -> bytes:
+    return _ENC.encode(m)
+
+
+def decode_manifest(data: Any, limits: Any = None) -> Manifest:
+    """Decode and :meth:`~Manifest.check` a manifest; every failure is a :class:`ReleaseError`."""
+    max_bytes = getattr(limits, "max_manifest_bytes", defaults.MAX_MANIFEST_BYTES)
+    if len(data) > max_bytes:
+        raise LimitError(f"manifest of {len(data)} bytes exceeds {max_bytes}")
+    try:
+        m = _DEC.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ReleaseError(f"bad manifest: {exc}") from None
+    return m.check(limits)
+
+
+def pack_tensors(tree: Any) -> TensorPack:
+    spec, bufs = encode(tree)
+    return TensorPack(spec, [bytes(b) for b in bufs])
+
+
+def unpack_tensors(pack: TensorPack) -> Any:
+    return decode(pack.spec, pack.buffers, copy=True)
+
+
+@dataclass(frozen=True)
+class Release:
+    """A manifest and its chunk payloads (compressed as the manifest says)."""
+
+    manifest: Manifest
+    chunks: Sequence[Any]  # bytes-like, one per chunk
+
+    def archive(self) -> bytearray:
+        """Decompress and verify every chunk into one buffer; check the archive sha256."""
+        m = self.manifest
+        buf = bytearray(m.archive_bytes)
+        view = memoryview(buf)
+        for i, payload in enumerate(self.chunks):
+            decompress_chunk(m, i, payload, view)
+        if hashlib.sha256(buf).hexdigest() != m.archive_sha256:
+            raise IntegrityError(f"{m.name} seq {m.seq}: archive sha256 mismatch")
+        return buf
+
+
+def decompress_chunk(m: Manifest, index: int, payload: Any, archive: memoryview) -> None:
+    """Verify chunk ``index`` and decompress it into its slice of ``archive``."""
+    if not 0 <= index < m.chunk_count:
+        raise ReleaseError(f"chunk index {index} out of range 0..{m.chunk_count - 1}")
+    if len(payload) != m.chunk_sizes[index] or xxhash.xxh3_64_intdigest(payload) != m.chunk_xxh3[index]:
+        raise IntegrityError(f"chunk {index} of {m.name} seq {m.seq}: size or digest mismatch")
+    start, length = m.chunk_span(index)
+    dst = archive[start:start + length]
+    if m.codec.name == "none":
+        if len(payload) != length:
+            raise IntegrityError(f"raw chunk {index} has {len(payload)} bytes, expected {length}")
+        dst[:] = payload
+        return
+    try:
+        nbytes, _, _ = blosc2.get_cbuffer_sizes(payload)
+    except Exception as exc:
+        raise IntegrityError(f"chunk {index}: not a blosc2 chunk ({exc})") from None
+    if nbytes != length:  # checked before decompressing: no decompression bombs
+        raise IntegrityError(f"chunk {index} decompresses to {nbytes} bytes, expected {length}")
+    try:
+        blosc2.decompress2(payload, dst=dst)
+    except Exception as exc:
+        raise IntegrityError(f"chunk {index}: blosc2 failed ({exc})") from None
+
+
+def compress_archive(archive: Any, codec: CodecSpec, chunk_bytes: int) -> list[bytes | memoryview]:
+    """Cut the archive into chunks and compress each one independently."""
+    view = memoryview(archive).cast("B")
+    pieces = [view[i:i + chunk_bytes] for i in range(0, len(view), chunk_bytes)]
+    if codec.name == "none":
+        return list(pieces)
+    kw = dict(codec=CODECS[codec.name], clevel=codec.clevel, filters=[FILTERS[codec.filter]],
+              filters_meta=[0], typesize=codec.typesize, nthreads=2)
+    return [blosc2.compress2(p, **kw) for p in pieces]
+
+
+def choose_codec(archive: Any, typesize: int, chunk_bytes: int = defaults.CHUNK_BYTES) -> CodecSpec:
+    """``auto``: try a few codecs on a sample of the archive; keep the best ratio per second
+    unless it saves less than ``AUTO_MIN_GAIN`` (dense fp32 weights barely compress)."""
+    view = memoryview(archive).cast("B")
+    step = max(chunk_bytes, len(view) // max(1, defaults.AUTO_SAMPLE_BYTES // chunk_bytes))
+    sample = [view[i:i + chunk_bytes] for i in range(0, len(view), step)]
+    sample = sample[: max(1, defaults.AUTO_SAMPLE_BYTES // chunk_bytes)]
+    total = sum(len(s) for s in sample) or 1
+    candidates = [CodecSpec("lz4", 5, "bitshuffle", typesize), CodecSpec("lz4", 5, "shuffle", typesize),
+                  CodecSpec("zstd", 1, "shuffle", typesize)]
+    best, best_gain = CodecSpec(), 1.0
+    for c in candidates:
+        size = sum(len(x) for x in compress_archive(_concat(sample), c, chunk_bytes))
+        gain = total / max(size, 1)
+        if gain > best_gain * 1.02:  # a slower codec must win by more than noise
+            best, best_gain = c, gain
+    return best if best_gain >= defaults.AUTO_MIN_GAIN else CodecSpec()
+
+
+def _concat(parts: list[memoryview]) -> bytes:
+    return b"".join(parts)
+
+
+def build_release(
+    compiled: Compiled,
+    name: str,
+    label: str = "",
+    *,
+    codec: str | CodecSpec = "auto",
+    chunk_bytes: int = defaults.CHUNK_BYTES,
+    metadata: dict[str, str] | None = None,
+) -> Release:
+    """Save ``compiled`` into memory and build its release (``seq`` 0 until stored).
+
+    ``codec`` is ``"auto"``, a codec name (``lz4``, ``zstd``, ``blosclz``, ``none``, ...) or a
+    :class:`CodecSpec` for full control of filter and typesize.
+    """
+    validate_name(name)
+    buf = io.BytesIO()
+    torch.jit.save(compiled.module, buf)
+    archive = buf.getbuffer()
+    state = list(compiled.module.parameters()) + list(compiled.module.buffers())
+    by_size: dict[int, int] = {}
+    for t in state:
+        by_size[t.element_size()] = by_size.get(t.element_size(), 0) + t.numel() * t.element_size()
+    typesize = max(by_size, key=by_size.__getitem__) if by_size else 4
+    if isinstance(codec, str):
+        if codec == "auto":
+            spec = choose_codec(archive, typesize, chunk_bytes)
+        elif codec in CODECS:
+            spec = CodecSpec(codec, 0 if codec == "none" else defaults.CLEVEL,
+                             "none" if codec == "none" else "shuffle", typesize)
+        else:
+            raise ReleaseError(f"unknown codec {codec!r}; use auto or one of {sorted(CODECS)}")
+    else:
+        spec = codec
+    chunks = compress_archive(archive, spec, chunk_bytes)
+    params = list(compiled.module.parameters())
+    manifest = Manifest(
+        name=name,
+        label=label,
+        created_at=time.time(),
+        archive_sha256=hashlib.sha256(archive).hexdigest(),
+        archive_bytes=len(archive),
+        compressed_bytes=sum(len(c) for c in chunks),
+        codec=spec,
+        chunk_bytes=chunk_bytes,
+        chunk_count=len(chunks),
+        chunk_sizes=[len(c) for c in chunks],
+        chunk_xxh3=[xxhash.xxh3_64_intdigest(c) for c in chunks],
+        torch_version=str(torch.__version__),
+        compile_method=compiled.method,
+        compile_warnings=list(compiled.warnings),
+        inputs=_input_signature(compiled.examples),
+        outputs=signature(compiled.outputs[0]),
+        parameter_count=sum(p.numel() for p in params),
+        parameter_bytes=sum(p.numel() * p.element_size() for p in params),
+        examples=pack_tensors(list(compiled.examples)),
+        expected=pack_tensors(list(compiled.outputs)),
+        metadata=dict(metadata or {}),
+    )
+    return Release(manifest.check(), chunks)
+
+
+def _input_signature(examples: Sequence[tuple[Any, ...]]) -> list[Any]:
+    sigs: list[Any] = []
+    for pos, arg in enumerate(examples[0]):
+        if not isinstance(arg, torch.Tensor):
+            sigs.append({"kind": type(arg).__name__})
+            continue
+        shape = list(arg.shape)
+        for ex in examples[1:]:
+            other = ex[pos] if pos < len(ex) else None
+            if isinstance(other, torch.Tensor) and other.dim() == len(shape):
+                shape = [d if d == o else -1 for d, o in zip(shape, other.shape, strict=True)]
+        sigs.append({"dtype": str(arg.dtype).removeprefix("torch."), "rank": arg.dim(), "shape": shape})
+    return sigs

@@ -1,0 +1,145 @@
+"""Where a model comes from: a TorchScript file, or a factory in a ``.py`` file or module.
+
+SOURCE forms::
+
+    model.pt                       a TorchScript archive
+    path/to/file.py:factory        a function in a file
+    package.module:factory         a function in an importable module
+
+A factory returns a module, or ``(module, example_inputs)``. ``--weights CKPT`` loads a
+state_dict (``torch.load(weights_only=True)``, never arbitrary pickle) into the factory's module.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import SourceError
+from .tensors import DTYPES
+
+__all__ = ["load_source", "load_weights", "parse_example_spec", "load_example_file"]
+
+_SPEC = re.compile(r"^(\d+(?:x\d+)*|scalar)(?::(\w+))?$")
+
+
+def load_source(source: str, *, weights: str | None = None) -> tuple[Any, Any]:
+    """Return ``(module, example_inputs_or_None)`` for a SOURCE string."""
+    path = Path(source)
+    if source.endswith((".pt", ".pth", ".ts", ".torchscript")) and ":" not in source:
+        if weights:
+            raise SourceError("--weights applies to factories, not to a TorchScript file")
+        if not path.is_file():
+            raise SourceError(f"no such file: {source}")
+        try:
+            return torch.jit.load(str(path), map_location="cpu"), None
+        except Exception as exc:
+            raise SourceError(f"{source} is not a TorchScript archive: {_first_line(exc)}") from exc
+    target, sep, attr = source.rpartition(":")
+    if not sep or not attr.isidentifier():
+        raise SourceError(f"cannot read source {source!r}: use FILE.pt, FILE.py:factory or module:factory")
+    factory = getattr(_import(target), attr, None)
+    if not callable(factory):
+        raise SourceError(f"{target} has no callable {attr!r}")
+    try:
+        made = factory()
+    except Exception as exc:
+        raise SourceError(f"factory {source} raised {type(exc).__name__}: {_first_line(exc)}") from exc
+    module, examples = made if isinstance(made, tuple) and len(made) == 2 else (made, None)
+    if not isinstance(module, torch.nn.Module):
+        raise SourceError(f"factory {source} returned {type(module).__name__}, not an nn.Module")
+    if weights:
+        load_weights(module, weights)
+    return module, examples
+
+
+def _import(target: str) -> Any:
+    try:
+        if target.endswith(".py"):
+            path = Path(target).resolve()
+            if not path.is_file():
+                raise SourceError(f"no such file: {target}")
+            name = f"zmqmodels_user_{abs(hash(str(path)))}"
+            spec = importlib.util.spec_from_file_location(name, path)
+            assert spec and spec.loader
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules[name] = mod  # dataclasses and TorchScript look modules up by name
+            spec.loader.exec_module(mod)
+            return mod
+        return importlib.import_module(target)
+    except SourceError:
+        raise
+    except Exception as exc:
+        raise SourceError(f"cannot import {target}: {type(exc).__name__}: {_first_line(exc)}") from exc
+
+
+def load_weights(module: torch.nn.Module, ckpt: str) -> None:
+    """Load a state_dict checkpoint strictly; name missing and unexpected keys on mismatch."""
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise SourceError(f"no such checkpoint: {ckpt}") from None
+    except Exception as exc:
+        raise SourceError(f"cannot load checkpoint {ckpt}: {_first_line(exc)}") from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise SourceError(f"{ckpt} holds a {type(state).__name__}, not a state_dict")
+    result = module.load_state_dict(state, strict=False)
+    problems = []
+    if result.missing_keys:
+        problems.append(f"missing keys {result.missing_keys}")
+    if result.unexpected_keys:
+        problems.append(f"unexpected keys {result.unexpected_keys}")
+    if problems:
+        raise SourceError(f"{ckpt} does not fit the model: " + "; ".join(problems))
+
+
+def parse_example_spec(spec: str, *, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """``1x3x224x224[:dtype]``; several arguments of one example are joined by commas.
+
+    Floats are standard normal, integers uniform in [0, 10), bools random; seeded, so the same
+    spec gives the same tensors.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    args = []
+    for part in spec.split(","):
+        m = _SPEC.match(part.strip())
+        dtype = DTYPES.get(m.group(2) or "float32") if m else None
+        if not m or dtype is None:
+            raise SourceError(
+                f"bad example-input spec {part!r}: use DIMxDIM...[:dtype], e.g. 1x3x224x224:float32"
+            )
+        shape = [] if m.group(1) == "scalar" else [int(d) for d in m.group(1).split("x")]
+        if dtype.is_floating_point or dtype.is_complex:
+            t = torch.randn(shape, generator=gen).to(dtype)
+        elif dtype == torch.bool:
+            t = torch.randint(0, 2, shape, generator=gen).bool()
+        else:
+            t = torch.randint(0, 10, shape, generator=gen).to(dtype)
+        args.append(t)
+    return tuple(args)
+
+
+def load_example_file(path: str) -> Any:
+    """A ``torch.save``d tensor (one example), tuple (one example's arguments) or list (examples)."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise SourceError(f"no such example-input file: {path}") from None
+    except Exception as exc:
+        raise SourceError(f"cannot load example inputs from {path}: {_first_line(exc)}") from exc
+    if not isinstance(data, torch.Tensor | tuple | list):
+        raise SourceError(f"{path} holds a {type(data).__name__}; expected a tensor, tuple or list")
+    return data
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,169 @@
+"""Durable releases on disk.
+
+Layout: ``ROOT/<name>/<seq:012d>.zmr``, one file per release::
+
+    b"ZMQMREL1" | u64 little-endian manifest length | manifest (msgpack) | chunk payloads
+
+Writes go to a temp file in the same directory, are fsynced, renamed into place and the
+directory fsynced, so a crash leaves either a whole release or none. ``seq`` is assigned
+under an exclusive lock from ``ROOT/<name>/SEQ`` (which survives retention and restarts),
+so it is strictly increasing per name even across processes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import msgspec
+
+from . import defaults
+from .errors import ReleaseError, StoreError
+from .release import Manifest, Release, decode_manifest, encode_manifest, validate_name
+
+__all__ = ["Store", "MAGIC", "read_release_file", "write_release_file"]
+
+MAGIC = b"ZMQMREL1"
+_HEADER = struct.Struct("<8sQ")
+
+
+def write_release_file(path: Path, release: Release) -> None:
+    """Atomically write ``release`` to ``path`` (temp file, fsync, rename, fsync dir)."""
+    manifest = encode_manifest(release.manifest)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(_HEADER.pack(MAGIC, len(manifest)))
+            f.write(manifest)
+            for c in release.chunks:
+                f.write(c)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def read_release_file(path: Path, limits: object = None) -> Release:
+    """Read a release file (memory-mapped; chunks are views of the mapping)."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < _HEADER.size:
+                raise ReleaseError(f"{path}: too short to be a release")
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as exc:
+        raise StoreError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    magic, mlen = _HEADER.unpack_from(data, 0)
+    if magic != MAGIC or _HEADER.size + mlen > size:
+        raise ReleaseError(f"{path}: not a zmqmodels release")
+    view = memoryview(data)
+    m = decode_manifest(view[_HEADER.size:_HEADER.size + mlen], limits)
+    pos = _HEADER.size + mlen
+    if pos + m.compressed_bytes != size:
+        raise ReleaseError(f"{path}: holds {size - pos} chunk bytes, manifest says {m.compressed_bytes}")
+    chunks = []
+    for n in m.chunk_sizes:
+        chunks.append(view[pos:pos + n])
+        pos += n
+    return Release(m, chunks)
+
+
+class Store:
+    """A directory of releases. Safe to share between processes."""
+
+    def __init__(self, root: str | os.PathLike[str], *, retain: int = defaults.RETAIN_PER_NAME) -> None:
+        self.root = Path(root)
+        self.retain = retain
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create store {self.root}: {exc.strerror or exc}") from exc
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise StoreError(f"store {self.root} is not writable")
+
+    def names(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def seqs(self, name: str) -> list[int]:
+        """Stored seqs of ``name``, oldest first (temp files of interrupted writes are skipped)."""
+        d = self.root / validate_name(name)
+        if not d.is_dir():
+            return []
+        return sorted(int(p.stem) for p in d.glob("*.zmr") if p.stem.isdigit())
+
+    def path(self, name: str, seq: int) -> Path:
+        return self.root / validate_name(name) / f"{seq:012d}.zmr"
+
+    def manifests(self, name: str) -> list[Manifest]:
+        return [self.read(name, s).manifest for s in self.seqs(name)]
+
+    def latest(self, name: str) -> Release | None:
+        seqs = self.seqs(name)
+        return self.read(name, seqs[-1]) if seqs else None
+
+    def read(self, name: str, seq: int) -> Release:
+        path = self.path(name, seq)
+        if not path.exists():
+            raise StoreError(f"no release {name} seq {seq} in {self.root}")
+        return read_release_file(path)
+
+    def find(self, name: str, label_or_seq: str) -> Release:
+        """The newest release of ``name`` whose label is ``label_or_seq``, or whose seq it is."""
+        for seq in reversed(self.seqs(name)):
+            r = self.read(name, seq)
+            if r.manifest.label == label_or_seq or str(seq) == label_or_seq:
+                return r
+        raise StoreError(f"no stored release of {name} with label or seq {label_or_seq!r}")
+
+    def put(self, release: Release) -> Release:
+        """Store ``release`` under the next seq of its name; return it with that seq."""
+        name = validate_name(release.manifest.name)
+        with self._locked(name) as d:
+            seq_file = d / "SEQ"
+            last = int(seq_file.read_text() or 0) if seq_file.exists() else 0
+            seq = max([last, *self.seqs(name)]) + 1
+            _atomic_text(seq_file, str(seq))
+            stored = Release(msgspec.structs.replace(release.manifest, seq=seq), release.chunks)
+            write_release_file(self.path(name, seq), stored)
+            for old in self.seqs(name)[: -self.retain] if self.retain > 0 else []:
+                self.path(name, old).unlink(missing_ok=True)
+        return stored
+
+    @contextmanager
+    def _locked(self, name: str) -> Iterator[Path]:
+        d = self.root / name
+        try:
+            d.mkdir(exist_ok=True)
+            fd = os.open(d / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StoreError(f"cannot write to store {self.root}: {exc.strerror or exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield d
+        finally:
+            os.close(fd)
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from exc
