@@ -186,6 +186,171 @@ def build(store_dir: str, as_json: bool, **opts: Any) -> None:
         click.echo(f"stored {m.name} {m.label or '-'} seq {m.seq} at {store.path(m.name, m.seq)}")
 
 
+def _fleet_table(status: Any, name: str | None = None) -> str:
+    """The fleet as text: one row per (node, model)."""
+    head = ("NODE", "HOST", "PID", "DEVICE", "MODEL", "VERSION", "SEQ", "STATE", "AGE", "LAST ERROR")
+    rows = [head]
+    for n in status.nodes:
+        if name is not None and n.model != name:
+            continue
+        err = n.last_error or n.reason
+        if n.rejected_seq:
+            err = f"seq {n.rejected_seq}: {err}"
+        rows.append((n.node, n.host, str(n.pid), n.device or "-", n.model, n.label or "-",
+                     str(n.seq), n.state, f"{n.age_s:.1f}s", err[:60] or "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    models = ", ".join(f"{m.name} seq {m.seq} ({m.label or '-'})" for m in status.models)
+    return f"hub {status.hub}: {models or 'no models'}\n" + "\n".join(lines)
+
+
+def _status_json(status: Any) -> Any:
+    import msgspec
+
+    return msgspec.to_builtins(status)
+
+
+def _run_until_signalled(stop_check: Any = None) -> None:
+    """Sleep until SIGINT/SIGTERM (first: graceful; a second one exits at once)."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    count = [0]
+
+    def handler(signum: int, _frame: Any) -> None:
+        count[0] += 1
+        if count[0] > 1:
+            raise SystemExit(130)
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    while not stop.wait(0.2):
+        if stop_check is not None and stop_check():
+            break
+
+
+@cli.command()
+@click.option("--bind", "bind_addr", required=True, help="tcp://HOST:PORT or ipc://PATH (PUB: derived).")
+@click.option("--store", "store_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--heartbeat", type=float, default=defaults.HEARTBEAT_INTERVAL_S, show_default=True,
+              help="Seconds between heartbeats.")
+@click.option("--retain", type=int, default=defaults.RETAIN_PER_NAME, show_default=True,
+              help="Releases kept per model.")
+def hub(bind_addr: str, store_dir: str, heartbeat: float, retain: int) -> None:
+    """Run a hub: store releases, broadcast them, repair nodes, collect fleet status."""
+    import logging
+
+    from .hub import Publisher
+    from .store import Store
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    with Publisher(bind_addr, Store(store_dir, retain=retain), heartbeat_interval_s=heartbeat) as h:
+        click.echo(f"hub {h.hub_id} listening on {h.address} (PUB {h.pub_address}); Ctrl-C stops",
+                   err=True)
+        _run_until_signalled()
+
+
+@cli.command()
+@source_options
+@click.option("--hub", "hub_addr", help="Hand the release to the hub at this address.")
+@click.option("--bind", "bind_addr", help="No hub: publish from this process on this address.")
+@click.option("--store", "store_dir", type=click.Path(file_okay=False), default=".zmqmodels/releases",
+              show_default=True, help="Store for --bind mode.")
+@click.option("--wait-for", "wait_for", type=int, default=0,
+              help="Return once this many nodes serve the new release (a rejection fails).")
+@click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds to wait.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable result on stdout.")
+def publish(hub_addr: str | None, bind_addr: str | None, store_dir: str, wait_for: int,
+            timeout: float, as_json: bool, **opts: Any) -> None:
+    """Compile SOURCE, build a release and broadcast it; optionally wait for the rollout."""
+    import time
+
+    if bool(hub_addr) == bool(bind_addr):
+        raise click.UsageError("give exactly one of --hub ADDR or --bind ADDR")
+    say = (lambda msg: click.echo(msg, err=True)) if as_json else click.echo
+    t0 = time.monotonic()
+    release = build_from_options(**opts, progress=say)
+    say(f"built in {time.monotonic() - t0:.2f}s; sending")
+    if hub_addr:
+        from .control import HubClient
+
+        client = HubClient(hub_addr, timeout=timeout)
+        done = client.publish(release, timeout=timeout)
+        name, seq, label = done.name, done.seq, done.label
+        say(f"hub stored {name} seq {seq}; broadcasting")
+        ok, status = (client.wait_for(name, seq, wait_for, timeout) if wait_for
+                      else (True, client.status()))
+        _finish_publish(ok, status, name, seq, label, wait_for, as_json, say)
+        return
+    from .hub import Publisher
+    from .store import Store
+
+    with Publisher(bind_addr, Store(store_dir)) as pub:  # type: ignore[arg-type]
+        m = pub.publish(release, timeout=timeout)
+        say(f"publishing {m.name} seq {m.seq} on {pub.address} (PUB {pub.pub_address})")
+        if wait_for:
+            ok, status = pub.wait_for(m.name, m.seq, wait_for, timeout)
+        else:
+            say("serving until Ctrl-C (or --timeout)")
+            deadline = time.monotonic() + timeout
+            _run_until_signalled(lambda: time.monotonic() > deadline)
+            ok, status = True, pub.status()
+        _finish_publish(ok, status, m.name, m.seq, m.label, wait_for, as_json, say)
+
+
+def _finish_publish(ok: bool, status: Any, name: str, seq: int, label: str, wait_for: int,
+                    as_json: bool, say: Any) -> None:
+    serving = sum(n.model == name and n.seq == seq and n.state == "serving" for n in status.nodes)
+    rejected = [n.node for n in status.nodes if n.model == name and n.rejected_seq == seq]
+    if as_json:
+        _emit_json({"ok": ok, "name": name, "seq": seq, "label": label, "serving": serving,
+                    "rejected": rejected, "wait_for": wait_for, "status": _status_json(status)})
+    else:
+        say(_fleet_table(status, name))
+        verdict = "ok" if ok else "FAILED"
+        say(f"{verdict}: {name} seq {seq} serving on {serving} node(s)"
+            + (f", wanted {wait_for}" if wait_for else "")
+            + (f"; rejected by {', '.join(rejected)}" if rejected else ""))
+    if not ok:
+        sys.exit(1)
+
+
+@cli.command()
+@click.option("--hub", "hub_addr", required=True)
+@click.option("--timeout", type=float, default=5.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def status(hub_addr: str, timeout: float, as_json: bool) -> None:
+    """Print the fleet table: what every node serves, its state and its last error."""
+    from .control import HubClient
+
+    st = HubClient(hub_addr, timeout=timeout).status()
+    if as_json:
+        _emit_json(_status_json(st))
+    else:
+        click.echo(_fleet_table(st))
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--to", "to", required=True, help="The label or seq of a stored release.")
+@click.option("--hub", "hub_addr", required=True)
+@click.option("--wait-for", "wait_for", type=int, default=0)
+@click.option("--timeout", type=float, default=60.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def rollback(name: str, to: str, hub_addr: str, wait_for: int, timeout: float, as_json: bool) -> None:
+    """Re-broadcast stored content of NAME under a new seq."""
+    from .control import HubClient
+
+    client = HubClient(hub_addr, timeout=timeout)
+    done = client.rollback(name, to, timeout=timeout)
+    say = (lambda msg: click.echo(msg, err=True)) if as_json else click.echo
+    say(f"rolled {name} back to {to!r} as seq {done.seq}")
+    ok, st = client.wait_for(name, done.seq, wait_for, timeout) if wait_for else (True, client.status())
+    _finish_publish(ok, st, name, done.seq, done.label, wait_for, as_json, say)
+
+
 def main() -> None:
     cli(prog_name="zmqmodels")
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 __all__ = [
+    "Limits",
     "PROTOCOL_VERSION",
     "CHUNK_BYTES",
     "CLEVEL",
@@ -52,3 +55,16 @@ RETAIN_PER_NAME = 5
 
 PARITY_RTOL = {"float64": 1e-7, "float32": 1e-5, "float16": 1e-3, "bfloat16": 1.6e-2}
 PARITY_ATOL = {"float64": 1e-9, "float32": 1e-6, "float16": 1e-4, "bfloat16": 1e-3}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Hard limits, each checked before anything is allocated from a peer's declared size."""
+
+    max_archive_bytes: int = MAX_ARCHIVE_BYTES
+    max_chunks: int = MAX_CHUNKS
+    max_chunk_bytes: int = MAX_CHUNK_BYTES
+    max_manifest_bytes: int = MAX_MANIFEST_BYTES
+    max_request_bytes: int = MAX_REQUEST_BYTES
+    max_request_tensors: int = MAX_REQUEST_TENSORS
+    fetch_credit: int = FETCH_CREDIT  # chunks one peer may ask for in one request

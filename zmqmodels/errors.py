@@ -12,6 +12,7 @@
     ├── ProtocolError              bad_message       a frame list does not decode
     ├── LimitError                 too_large         a declared size exceeds a configured maximum
     ├── DeadlineError              timeout           a wait passed its deadline
+    ├── NotReadyError              not_ready         no model (or not the pinned version) yet
     └── RemoteError                (the remote code)  an error reply from a hub or server
 
 Errors cross the wire as ``(code, message)``; :func:`error_from_code` maps a code back to its
@@ -31,6 +32,7 @@ __all__ = [
     "ProtocolError",
     "LimitError",
     "DeadlineError",
+    "NotReadyError",
     "RemoteError",
     "error_from_code",
 ]
@@ -77,6 +79,11 @@ class LimitError(ProtocolError):
 
 class DeadlineError(ZmqModelsError):
     code = "timeout"
+    retryable = True
+
+
+class NotReadyError(ZmqModelsError):
+    code = "not_ready"
     retryable = True
 
 

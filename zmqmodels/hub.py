@@ -1,0 +1,446 @@
+"""The hub: one I/O thread owns a PUB (broadcast) and a ROUTER (fetch, reports, control).
+
+Addresses: the hub is known by one address, its ROUTER's; the PUB binds the derived address
+(:func:`zmqmodels.protocol.pub_endpoint`). ``tcp://HOST:0`` picks a free port pair.
+
+Threads: the I/O thread is the only one that touches the sockets. Other threads post
+callables to a queue and wake it through a fresh inproc PUSH socket of their own; store
+writes and whole-archive checks run on a one-thread executor so a 1 GB publish never stalls
+fetches or heartbeats.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import enum
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+import uuid
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import xxhash
+import zmq
+
+from . import defaults
+from . import protocol as P
+from .defaults import Limits
+from .errors import DeadlineError, ReleaseError, StoreError, ZmqModelsError
+from .release import Manifest, Release, decode_manifest, encode_manifest
+from .store import Store
+
+__all__ = ["Publisher", "bind_hub_sockets"]
+
+log = logging.getLogger("zmqmodels.hub")
+_NOT_FOUND = "not_found"
+
+
+class _State(enum.Enum):
+    NEW = 0
+    RUNNING = 1
+    CLOSED = 2
+
+
+def bind_hub_sockets(router: zmq.Socket, pub: zmq.Socket, addr: str) -> str:
+    """Bind ``router`` to ``addr`` and ``pub`` to its derived address; return the ROUTER's
+    actual endpoint. ``tcp://HOST:0`` retries until a free pair (P, P+1) is found."""
+    if addr.startswith("tcp://") and addr.endswith(":0"):
+        host = addr[len("tcp://"):-2]
+        for _ in range(50):
+            port = router.bind_to_random_port(f"tcp://{host}")
+            try:
+                pub.bind(f"tcp://{host}:{port + 1}")
+                return f"tcp://{host}:{port}"
+            except zmq.ZMQError:
+                router.unbind(f"tcp://{host}:{port}")
+        raise ZmqModelsError(f"no free port pair on {host}")
+    router.bind(addr)
+    pub.bind(P.pub_endpoint(addr))
+    return addr
+
+
+class Publisher:
+    """A hub, embeddable in any process (a training loop, the ``zmqmodels hub`` daemon).
+
+    ::
+
+        with Publisher("tcp://0.0.0.0:5555", Store("releases")) as hub:
+            manifest = hub.publish(release)            # stored, seq assigned, broadcast
+            hub.wait_for(manifest.name, manifest.seq, count=3, timeout=60)
+
+    ``fault`` is a test hook: ``fault(name, seq, index, payload) -> payload`` alters chunks
+    as they are *broadcast* (fetch replies are never altered), to exercise repair.
+    """
+
+    def __init__(
+        self,
+        bind: str,
+        store: Store | str | os.PathLike[str],
+        *,
+        heartbeat_interval_s: float = defaults.HEARTBEAT_INTERVAL_S,
+        limits: Limits | None = None,
+        hub_id: str | None = None,
+        context: zmq.Context | None = None,
+        fault: Callable[[str, int, int, Any], Any] | None = None,
+    ) -> None:
+        self.bind = bind
+        self.store = store if isinstance(store, Store) else Store(store)
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.limits = limits or Limits()
+        self.hub_id = hub_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self._ctx = context or zmq.Context.instance()
+        self._fault = fault
+        self._state = _State.NEW
+        self._wake_addr = f"inproc://zmqmodels-hub-wake-{uuid.uuid4().hex}"
+        self._cmds: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self._start_error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="zmqmodels-hub-store")
+        self._latest: dict[str, Release] = {}
+        self._older: OrderedDict[tuple[str, int], Release] = OrderedDict()
+        # (node, model) -> [last report, when seen, last rejected seq, its reason]
+        self._fleet: dict[tuple[str, str], list[Any]] = {}
+        self._fleet_cond = threading.Condition()
+        self.stats: Counter[str] = Counter()
+        self.address = ""
+        self.pub_address = ""
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self, timeout: float = defaults.START_TIMEOUT_S) -> Publisher:
+        if self._state is not _State.NEW:
+            raise ZmqModelsError("a Publisher can be started once")
+        self._state = _State.RUNNING
+        for name in self.store.names():
+            latest = self.store.latest(name)
+            if latest is not None:
+                self._latest[name] = latest
+        self._thread = threading.Thread(target=self._run, name="zmqmodels-hub-io", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout) or self._start_error is not None:
+            self.close()
+            raise ZmqModelsError(f"hub failed to start on {self.bind}: {self._start_error}")
+        log.info("hub %s: ROUTER %s, PUB %s, %d model(s)", self.hub_id, self.address,
+                 self.pub_address, len(self._latest))
+        return self
+
+    def close(self) -> None:
+        if self._state is _State.CLOSED:
+            return
+        self._state = _State.CLOSED
+        self._stop.set()
+        if self._thread is not None:
+            self._wake()
+            self._thread.join(timeout=10)
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> Publisher:
+        return self.start() if self._state is _State.NEW else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- API for other threads ---------------------------------------------------------------
+    def publish(self, release: Release, timeout: float = 60.0) -> Manifest:
+        """Verify, store (assigning ``seq``) and broadcast ``release``; return its manifest."""
+        self._check_running()
+        stored = self._store_release(release)
+        self._call(lambda: self._broadcast(stored), timeout)
+        return stored.manifest
+
+    def rollback(self, name: str, to: str, timeout: float = 60.0) -> Manifest:
+        """Re-broadcast stored content of ``name`` (by label or seq) under a new seq."""
+        self._check_running()
+        stored = self._rollback(name, to)
+        self._call(lambda: self._broadcast(stored), timeout)
+        return stored.manifest
+
+    def status(self) -> P.StatusReply:
+        with self._fleet_cond:
+            return self._status_locked()
+
+    def wait_for(self, name: str, seq: int, count: int, timeout: float) -> tuple[bool, P.StatusReply]:
+        """Wait until ``count`` nodes report ``name`` at ``seq`` serving. Returns ``(ok, status)``;
+        ``ok`` is False at the deadline or as soon as a node rejects that seq."""
+        deadline = time.monotonic() + timeout
+        with self._fleet_cond:
+            while True:
+                entries = [e for (_, model), e in self._fleet.items() if model == name]
+                if any(e[2] == seq for e in entries):
+                    return False, self._status_locked()
+                if sum(e[0].seq == seq and e[0].state == "serving" for e in entries) >= count:
+                    return True, self._status_locked()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False, self._status_locked()
+                self._fleet_cond.wait(min(left, 0.5))
+
+    # -- internals: store side (executor or caller thread) -----------------------------------
+    def _store_release(self, release: Release) -> Release:
+        m = decode_manifest(encode_manifest(release.manifest), self.limits)
+        if len(release.chunks) != m.chunk_count:
+            raise ReleaseError(f"{len(release.chunks)} chunks, manifest says {m.chunk_count}")
+        release.archive()  # decompresses every chunk and checks the archive sha256
+        stored = self.store.put(Release(m, release.chunks))
+        return self.store.read(m.name, stored.manifest.seq)  # serve from the page cache (mmap)
+
+    def _rollback(self, name: str, to: str) -> Release:
+        old = self.store.find(name, to)
+        meta = {**old.manifest.metadata, "rollback_of": str(old.manifest.seq)}
+        again = Release(msgspec.structs.replace(old.manifest, created_at=time.time(), metadata=meta,
+                                                signature=b"", signer=""), old.chunks)
+        stored = self.store.put(again)
+        return self.store.read(name, stored.manifest.seq)
+
+    # -- internals: I/O thread ---------------------------------------------------------------
+    def _check_running(self) -> None:
+        if self._state is not _State.RUNNING:
+            raise ZmqModelsError("the Publisher is not running")
+
+    def _wake(self) -> None:
+        s = self._ctx.socket(zmq.PUSH)
+        s.linger = 100
+        try:
+            s.connect(self._wake_addr)
+            s.send(b"", zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # the wake pipe is full: the I/O thread is awake anyway
+        finally:
+            s.close()
+
+    def _post(self, fn: Callable[[], None]) -> None:
+        self._cmds.put(fn)
+        self._wake()
+
+    def _call(self, fn: Callable[[], Any], timeout: float) -> Any:
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:  # handed back to the caller
+                fut.set_exception(exc)
+
+        self._post(run)
+        try:
+            return fut.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise DeadlineError(f"hub did not act within {timeout}s") from None
+
+    def _run(self) -> None:
+        ctx = self._ctx
+        router, pub, wake = ctx.socket(zmq.ROUTER), ctx.socket(zmq.PUB), ctx.socket(zmq.PULL)
+        for s in (router, pub, wake):
+            s.linger = defaults.LINGER_MS
+        pub.sndhwm = 4096  # messages share one buffer across subscribers: a high mark costs refs only
+        try:
+            wake.bind(self._wake_addr)
+            self.address = bind_hub_sockets(router, pub, self.bind)
+            self.pub_address = P.pub_endpoint(self.address)
+        except Exception as exc:
+            self._start_error = exc
+            for s in (router, pub, wake):
+                s.close()
+            self._ready.set()
+            return
+        self._router, self._pub = router, pub
+        self._ready.set()
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        poller.register(wake, zmq.POLLIN)
+        next_beat = 0.0
+        try:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                if now >= next_beat:
+                    self._heartbeat()
+                    next_beat = now + self.heartbeat_interval_s
+                events = dict(poller.poll(max(1, int((next_beat - now) * 1000))))
+                if wake in events:
+                    while wake.poll(0):
+                        wake.recv()
+                    while True:
+                        try:
+                            self._cmds.get_nowait()()
+                        except queue.Empty:
+                            break
+                if router in events:
+                    for _ in range(256):  # bounded burst, then heartbeats and commands get a turn
+                        try:
+                            frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._on_router(frames)
+        finally:
+            for s in (router, pub, wake):
+                s.close()
+
+    def _heartbeat(self) -> None:
+        self._pub.send_multipart([P.HUB_TOPIC, b"HEARTBEAT", P.encode(P.Heartbeat(hub=self.hub_id))])
+        for name, rel in self._latest.items():
+            m = rel.manifest
+            beat = P.Heartbeat(hub=self.hub_id, name=name, seq=m.seq, sha256=m.archive_sha256,
+                               label=m.label)
+            self._pub.send_multipart([P.topic(name), b"HEARTBEAT", P.encode(beat)])
+
+    def _broadcast(self, release: Release) -> None:
+        m = release.manifest
+        with self._fleet_cond:  # status() reads _latest from other threads
+            current = self._latest.get(m.name)
+            if current is None or current.manifest.seq < m.seq:
+                self._latest[m.name] = release
+        t = P.topic(m.name)
+        self._pub.send_multipart([t, b"MANIFEST", encode_manifest(m)])
+        for i, payload in enumerate(release.chunks):
+            if self._fault is not None:
+                payload = self._fault(m.name, m.seq, i, payload)
+            hdr = P.encode(P.ChunkHeader(m.name, m.seq, i))
+            self._pub.send_multipart([t, b"CHUNK", hdr, payload], copy=False)
+        self.stats["broadcasts"] += 1
+        self._heartbeat()
+        log.info("broadcast %s seq %d (%s): %d chunks, %d bytes", m.name, m.seq, m.label or "-",
+                 m.chunk_count, m.compressed_bytes)
+
+    def _reply(self, ident: Any, *frames: Any) -> None:
+        self._router.send_multipart([ident, *frames], copy=False)
+
+    def _error(self, ident: Any, code: str, message: str, name: str = "", seq: int = 0,
+               retryable: bool = False) -> None:
+        self.stats[f"error_{code}"] += 1
+        self._reply(ident, b"ERROR", P.encode(P.ErrorReply(code, message[:1000], name, seq, retryable)))
+
+    def _on_router(self, frames: list[zmq.Frame]) -> None:
+        ident = frames[0]
+        if len(frames) < 3:
+            self.stats["dropped_short"] += 1
+            log.warning("dropped a message of %d frame(s) from a peer", len(frames))
+            self._error(ident, "bad_message", f"expected at least 2 frames, got {len(frames) - 1}")
+            return
+        kind = frames[1].bytes
+        try:
+            hdr = P.decode_header(kind, frames[2].buffer)
+            if kind == b"FETCH_MANIFEST" and len(frames) == 3:
+                self._on_fetch_manifest(ident, hdr)
+            elif kind == b"FETCH_CHUNKS" and len(frames) == 3:
+                self._on_fetch_chunks(ident, hdr)
+            elif kind == b"REPORT" and len(frames) == 3:
+                self._on_report(hdr)
+            elif kind == b"STATUS" and len(frames) == 3:
+                with self._fleet_cond:
+                    reply = self._status_locked()
+                self._reply(ident, b"STATUS_REPLY", P.encode(reply))
+            elif kind == b"PUBLISH" and len(frames) >= 4:
+                self._on_publish(ident, frames[3:])
+            elif kind == b"ROLLBACK" and len(frames) == 3:
+                self._in_pool(ident, lambda: self._rollback(hdr.name, hdr.to))
+            else:
+                raise ZmqModelsError(f"unexpected {kind[:32]!r} with {len(frames) - 1} frame(s)")
+        except ZmqModelsError as exc:
+            code = exc.code if exc.code != "error" else "bad_message"
+            log.warning("rejected %r from a peer: %s", kind[:32], exc)
+            self._error(ident, code, str(exc))
+
+    def _find(self, name: str, seq: int) -> Release | None:
+        latest = self._latest.get(name)
+        if latest is None or seq == 0 or latest.manifest.seq == seq:
+            return latest
+        key = (name, seq)
+        if key not in self._older:
+            if seq not in self.store.seqs(name):
+                return None
+            self._older[key] = self.store.read(name, seq)
+            while len(self._older) > 4:
+                self._older.popitem(last=False)
+        self._older.move_to_end(key)
+        return self._older[key]
+
+    def _on_fetch_manifest(self, ident: Any, req: P.FetchManifest) -> None:
+        rel = self._find(req.name, req.seq)
+        if rel is None:
+            what = f"seq {req.seq}" if req.seq else "any release"
+            self._error(ident, _NOT_FOUND, f"hub has no {what} of {req.name!r}", req.name, req.seq)
+            return
+        self.stats["fetch_manifest"] += 1
+        self._reply(ident, b"MANIFEST", encode_manifest(rel.manifest))
+
+    def _on_fetch_chunks(self, ident: Any, req: P.FetchChunks) -> None:
+        if len(req.indices) > self.limits.fetch_credit:
+            self._error(ident, "too_large", f"{len(req.indices)} chunks asked, credit is "
+                        f"{self.limits.fetch_credit}", req.name, req.seq)
+            return
+        rel = self._find(req.name, req.seq)
+        if rel is None or req.seq == 0:
+            self._error(ident, _NOT_FOUND, f"hub no longer has {req.name!r} seq {req.seq}",
+                        req.name, req.seq)
+            return
+        for i in req.indices:
+            if i >= rel.manifest.chunk_count:
+                self._error(ident, "bad_message", f"chunk {i} out of range", req.name, req.seq)
+                return
+        for i in req.indices:
+            self._reply(ident, b"CHUNK", P.encode(P.ChunkHeader(req.name, req.seq, i)), rel.chunks[i])
+        self.stats["fetch_chunks"] += len(req.indices)
+
+    def _on_report(self, report: P.Report) -> None:
+        if report.state not in P.STATES:
+            raise ZmqModelsError(f"unknown state {report.state!r}")
+        with self._fleet_cond:
+            key = (report.node, report.model)
+            prev = self._fleet.get(key)
+            entry = [report, time.monotonic(), prev[2] if prev else 0, prev[3] if prev else ""]
+            if report.state == "rejected":
+                entry[2], entry[3] = report.seq, report.reason
+            self._fleet[key] = entry
+            self._fleet_cond.notify_all()
+        if prev is None or (prev[0].state, prev[0].seq) != (report.state, report.seq):
+            log.info("node %s: %s seq %d %s%s", report.node, report.model, report.seq, report.state,
+                     f" ({report.reason})" if report.reason else "")
+
+    def _on_publish(self, ident: Any, frames: list[zmq.Frame]) -> None:
+        m = decode_manifest(frames[0].buffer, self.limits)
+        chunks = [f.buffer for f in frames[1:]]
+        if len(chunks) != m.chunk_count:
+            raise ReleaseError(f"PUBLISH carries {len(chunks)} chunks, manifest says {m.chunk_count}")
+        for i, c in enumerate(chunks):
+            if len(c) != m.chunk_sizes[i] or xxhash.xxh3_64_intdigest(c) != m.chunk_xxh3[i]:
+                raise ReleaseError(f"PUBLISH chunk {i}: size or digest mismatch")
+        self._in_pool(ident, lambda: self._store_release(Release(m, chunks)))
+
+    def _in_pool(self, ident: Any, work: Callable[[], Release]) -> None:
+        """Run store work off the I/O thread; broadcast and reply back on it."""
+        ident = ident.bytes
+
+        def done(fut: concurrent.futures.Future[Release]) -> None:
+            def finish() -> None:
+                try:
+                    rel = fut.result()
+                except (ZmqModelsError, StoreError) as exc:
+                    self._error(ident, exc.code, str(exc))
+                    return
+                except Exception as exc:
+                    self._error(ident, "internal", f"{type(exc).__name__}: {exc}")
+                    return
+                self._broadcast(rel)
+                m = rel.manifest
+                self._reply(ident, b"PUBLISHED",
+                            P.encode(P.Published(m.name, m.seq, m.label, m.archive_sha256)))
+
+            self._post(finish)
+
+        self._pool.submit(work).add_done_callback(done)
+
+    def _status_locked(self) -> P.StatusReply:
+        now = time.monotonic()
+        models = [P.ModelStatus(n, r.manifest.seq, r.manifest.label, r.manifest.archive_sha256,
+                                r.manifest.archive_bytes) for n, r in sorted(self._latest.items())]
+        nodes = [P.NodeStatus(r.node, r.model, r.state, r.seq, r.label, r.reason, r.host, r.pid,
+                              r.device, round(now - seen, 3), rej_seq, rej_reason)
+                 for (_, _), (r, seen, rej_seq, rej_reason) in sorted(self._fleet.items())]
+        return P.StatusReply(self.hub_id, models, nodes, dict(self.stats))

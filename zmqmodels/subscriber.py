@@ -1,0 +1,591 @@
+"""The subscriber's network side: receive, repair and verify releases.
+
+One I/O thread owns a SUB (broadcasts) and a DEALER (fetch and reports). Chunks are verified
+(XXH3 of the payload) and decompressed straight into one preallocated archive buffer. A gap —
+a missed manifest, lost or corrupt chunks, a heartbeat announcing a newer seq, a hub silent
+for longer than its TTL — is repaired by fetching exactly what is missing through the hub's
+ROUTER, at most ``fetch_credit`` chunks in flight, so a slow node never makes the hub queue
+without bound. Releases whose seq is not newer than the one held are ignored.
+
+A second thread checks the whole archive's sha256 (off the I/O thread: ~0.7 s per GB) and
+hands verified archives to ``on_release(manifest, archive)``, newest first: a consumer slower
+than the releases skips the ones it could not take in time.
+
+Embedded use: without ``on_release`` the subscriber loads each verified release itself
+(``torch.jit.load``, example check, warm-up) and swaps it into a :class:`ModelSlot` per
+model; :meth:`predict`, :meth:`model`, :meth:`version` and :meth:`wait_until_serving` read
+it. **A load stalls the whole process**: ``torch.jit.load`` holds the GIL for its duration
+(~0.15 s per 100 MB from a file, ~2.5x that from memory), so every thread of the process,
+inference included, waits. Give ``cache`` (loads from a file, faster) and ``swap_when`` (runs
+before each load; it may block until a quiet moment, or return False to skip that release) to
+choose when to pay it, or run ``zmqmodels serve``, which routes requests around a loading
+worker process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from . import defaults
+from . import protocol as P
+from .cache import Cache
+from .defaults import Limits
+from .errors import DeadlineError, IntegrityError, NotReadyError, ZmqModelsError
+from .release import Manifest, decode_manifest, decompress_chunk, validate_name
+from .slot import Loaded, ModelSlot
+
+__all__ = ["Subscriber", "ReleaseCallback"]
+
+log = logging.getLogger("zmqmodels.subscriber")
+ReleaseCallback = Callable[[Manifest, bytearray], None]
+
+
+@dataclass
+class _Assembly:
+    manifest: Manifest
+    buf: bytearray
+    missing: set[int]
+    requested: dict[int, float] = field(default_factory=dict)  # index -> when asked
+    last_progress: float = field(default_factory=time.monotonic)
+    repairing: bool = False
+
+    def __post_init__(self) -> None:
+        self.view = memoryview(self.buf)
+
+
+@dataclass
+class _Model:
+    name: str
+    done_seq: int = 0  # newest seq assembled (being verified, verified or rejected)
+    rejected: set[int] = field(default_factory=set)
+    asm: _Assembly | None = None
+    asked_seq: int = -1
+    asked_at: float = 0.0
+    # what is reported to the hub
+    state: str = "idle"
+    seq: int = 0
+    label: str = ""
+    reason: str = ""
+
+
+class Subscriber:
+    """Follow the releases of ``models`` from the hub at ``hub`` (its one address).
+
+    ``on_release(manifest, archive)`` runs on the subscriber's delivery thread for every
+    verified release; report what became of it with :meth:`report`. ``known`` maps model names
+    to the seq already held (e.g. from a local cache) so only newer releases are fetched.
+    """
+
+    def __init__(
+        self,
+        hub: str,
+        models: Sequence[str],
+        *,
+        on_release: ReleaseCallback | None = None,
+        node_id: str | None = None,
+        device: str = "",
+        known: dict[str, int] | None = None,
+        limits: Limits | None = None,
+        context: zmq.Context | None = None,
+        rcvhwm: int | None = None,
+        report_interval_s: float = defaults.HEARTBEAT_INTERVAL_S,
+        hub_ttl_s: float = defaults.HUB_TTL_S,
+        repair_idle_s: float = defaults.REPAIR_IDLE_S,
+        load: bool = True,
+        cache: Cache | str | Path | None = None,
+        swap_when: Callable[[Manifest], bool | None] | None = None,
+    ) -> None:
+        self.hub = hub
+        self.pub_address = P.pub_endpoint(hub)
+        self.node_id = node_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.device = device or "cpu"
+        self.limits = limits or Limits()
+        self.cache = Cache(cache) if isinstance(cache, str | Path) else cache
+        self._swap_when = swap_when
+        self._slots = {validate_name(n): ModelSlot() for n in models}
+        self._swap_listeners: list[Callable[[str, Manifest, Manifest | None], None]] = []
+        self._on_release = on_release if on_release is not None or not load else self._load_and_swap
+        self._ctx = context or zmq.Context.instance()
+        self._rcvhwm = rcvhwm
+        self._report_interval_s = report_interval_s
+        self._hub_ttl_s = hub_ttl_s
+        self._repair_idle_s = repair_idle_s
+        self._models = {validate_name(n): _Model(n) for n in models}
+        for name, seq in (known or {}).items():
+            if name in self._models:
+                self._models[name].done_seq = self._models[name].seq = seq
+        self._wake_addr = f"inproc://zmqmodels-sub-wake-{uuid.uuid4().hex}"
+        self._cmds: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._mailbox: dict[str, tuple[Manifest, bytearray]] = {}
+        self._mail_cond = threading.Condition()
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._start_error: BaseException | None = None
+        self._threads: list[threading.Thread] = []
+        self._started = self._closed = False
+        self.stats: Counter[str] = Counter()
+        self.hub_seen = 0.0  # monotonic time of the last message from the hub
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self, timeout: float = defaults.START_TIMEOUT_S) -> Subscriber:
+        if self._started:
+            raise ZmqModelsError("a Subscriber can be started once")
+        self._started = True
+        if self._on_release == self._load_and_swap and self.cache is not None:
+            self._load_cached()
+        self._threads = [threading.Thread(target=self._run, name="zmqmodels-sub-io", daemon=True),
+                         threading.Thread(target=self._deliver, name="zmqmodels-sub-deliver",
+                                          daemon=True)]
+        for t in self._threads:
+            t.start()
+        if not self._ready.wait(timeout) or self._start_error is not None:
+            self.close()
+            raise ZmqModelsError(f"subscriber failed to start: {self._start_error}")
+        return self
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        with self._mail_cond:
+            self._mail_cond.notify_all()
+        self._wake()
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(timeout=10)
+
+    def __enter__(self) -> Subscriber:
+        return self.start() if not self._started else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- API for other threads ---------------------------------------------------------------
+    @property
+    def models(self) -> list[str]:
+        return list(self._models)
+
+    def report(self, name: str, state: str, *, seq: int | None = None, label: str | None = None,
+               reason: str = "") -> None:
+        """Tell the hub what became of ``name`` (``loaded``, ``serving``, ``rejected`` ...)."""
+        if state not in P.STATES:
+            raise ValueError(f"unknown state {state!r}")
+
+        def apply() -> None:
+            st = self._models[name]
+            st.state, st.reason = state, reason
+            if seq is not None:
+                st.seq = seq
+            if label is not None:
+                st.label = label
+            self._send_report(st)
+
+        self._post(apply)
+
+    def wait_connected(self, timeout: float) -> None:
+        """Block until the hub has been heard from (a heartbeat or a reply)."""
+        deadline = time.monotonic() + timeout
+        while self.hub_seen == 0.0:
+            if time.monotonic() > deadline:
+                raise DeadlineError(f"no word from hub {self.hub} within {timeout}s")
+            time.sleep(0.01)
+
+    # -- plumbing ----------------------------------------------------------------------------
+    def _wake(self) -> None:
+        s = self._ctx.socket(zmq.PUSH)
+        s.linger = 100
+        try:
+            s.connect(self._wake_addr)
+            s.send(b"", zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+        finally:
+            s.close()
+
+    def _post(self, fn: Callable[[], None]) -> None:
+        self._cmds.put(fn)
+        self._wake()
+
+    def _run(self) -> None:
+        ctx = self._ctx
+        sub, dealer, wake = ctx.socket(zmq.SUB), ctx.socket(zmq.DEALER), ctx.socket(zmq.PULL)
+        for s in (sub, dealer, wake):
+            s.linger = defaults.LINGER_MS
+        if self._rcvhwm is not None:
+            sub.rcvhwm = self._rcvhwm
+        try:
+            wake.bind(self._wake_addr)
+            sub.setsockopt(zmq.SUBSCRIBE, P.HUB_TOPIC)
+            for name in self._models:
+                sub.setsockopt(zmq.SUBSCRIBE, P.topic(name))
+            sub.connect(self.pub_address)
+            dealer.connect(self.hub)
+        except Exception as exc:
+            self._start_error = exc
+            for s in (sub, dealer, wake):
+                s.close()
+            self._ready.set()
+            return
+        self._sub, self._dealer = sub, dealer
+        self._ready.set()
+        poller = zmq.Poller()
+        for s in (sub, dealer, wake):
+            poller.register(s, zmq.POLLIN)
+        now = time.monotonic()
+        for st in self._models.values():
+            self._ask_manifest(st, 0, now)  # late joiner: ask for the snapshot, do not wait
+        next_report = next_tick = now
+        try:
+            while not self._stop.is_set():
+                events = dict(poller.poll(50))
+                if wake in events:
+                    while wake.poll(0):
+                        wake.recv()
+                    while True:
+                        try:
+                            self._cmds.get_nowait()()
+                        except queue.Empty:
+                            break
+                for sock, handler in ((sub, self._on_sub), (dealer, self._on_dealer)):
+                    if sock not in events:
+                        continue
+                    for _ in range(256):
+                        try:
+                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        try:
+                            handler(frames)
+                        except ZmqModelsError as exc:
+                            self.stats[f"dropped_{exc.code}"] += 1
+                            log.warning("%s: dropped a message: %s", self.node_id, exc)
+                now = time.monotonic()
+                if now >= next_tick:
+                    self._tick(now)
+                    next_tick = now + 0.05
+                if now >= next_report:
+                    for st in self._models.values():
+                        self._send_report(st)
+                    next_report = now + self._report_interval_s
+        finally:
+            for s in (sub, dealer, wake):
+                s.close()
+
+    # -- I/O thread: messages ----------------------------------------------------------------
+    def _on_sub(self, frames: list[zmq.Frame]) -> None:
+        if len(frames) < 3:
+            raise ZmqModelsError(f"broadcast of {len(frames)} frame(s)")
+        topic, kind = frames[0].bytes, frames[1].bytes
+        self.hub_seen = time.monotonic()
+        if topic == P.HUB_TOPIC:
+            if kind != b"HEARTBEAT":
+                raise ZmqModelsError(f"unexpected {kind[:32]!r} on the hub topic")
+            return
+        name = topic[:-1].decode(errors="replace")
+        if not topic.endswith(b"\0") or name not in self._models:
+            raise ZmqModelsError(f"broadcast on unsubscribed topic {topic[:64]!r}")
+        if kind == b"MANIFEST" and len(frames) == 3:
+            m = decode_manifest(frames[2].buffer, self.limits)
+            if m.name != name:
+                raise ZmqModelsError(f"manifest for {m.name!r} on topic {name!r}")
+            self._on_manifest(m)
+        elif kind == b"CHUNK" and len(frames) == 4:
+            hdr = P.decode_header(kind, frames[2].buffer)
+            if hdr.name != name:
+                raise ZmqModelsError(f"chunk for {hdr.name!r} on topic {name!r}")
+            self._on_chunk(hdr, frames[3].buffer, fetched=False)
+        elif kind == b"HEARTBEAT" and len(frames) == 3:
+            beat = P.decode_header(kind, frames[2].buffer)
+            if beat.name == name:
+                self._on_beat(beat)
+        else:
+            raise ZmqModelsError(f"unexpected broadcast {kind[:32]!r} of {len(frames)} frames")
+
+    def _on_dealer(self, frames: list[zmq.Frame]) -> None:
+        kind = frames[0].bytes
+        self.hub_seen = time.monotonic()
+        if kind == b"MANIFEST" and len(frames) == 2:
+            m = decode_manifest(frames[1].buffer, self.limits)
+            st = self._models.get(m.name)
+            if st is None:
+                raise ZmqModelsError(f"manifest for unsubscribed {m.name!r}")
+            st.asked_seq = -1
+            self._on_manifest(m)
+        elif kind == b"CHUNK" and len(frames) == 3:
+            hdr = P.decode_header(kind, frames[1].buffer)
+            if hdr.name not in self._models:
+                raise ZmqModelsError(f"chunk for unsubscribed {hdr.name!r}")
+            self._on_chunk(hdr, frames[2].buffer, fetched=True)
+        elif kind == b"ERROR" and len(frames) == 2:
+            err = P.decode_header(kind, frames[1].buffer)
+            self.stats[f"hub_error_{err.code}"] += 1
+            st = self._models.get(err.name)
+            if st is None:
+                log.warning("%s: hub error %s: %s", self.node_id, err.code, err.message)
+                return
+            st.asked_seq = -1
+            if st.asm is not None and err.seq == st.asm.manifest.seq and err.code == "not_found":
+                log.warning("%s: hub dropped %s seq %d mid-fetch", self.node_id, err.name, err.seq)
+                st.asm = None
+            elif err.code != "not_found":
+                log.warning("%s: hub error %s: %s", self.node_id, err.code, err.message)
+        else:
+            raise ZmqModelsError(f"unexpected reply {kind[:32]!r} of {len(frames)} frames")
+
+    def _on_manifest(self, m: Manifest) -> None:
+        st = self._models[m.name]
+        if m.seq <= st.done_seq or m.seq in st.rejected or (st.asm and st.asm.manifest.seq >= m.seq):
+            self.stats["stale_manifest"] += 1
+            return
+        st.asm = _Assembly(m, bytearray(m.archive_bytes), set(range(m.chunk_count)))
+        self.stats["manifests"] += 1
+        st.state, st.seq, st.label, st.reason = "receiving", m.seq, m.label, ""
+        self._send_report(st)
+        if not st.asm.missing:
+            self._complete(st)
+
+    def _on_chunk(self, hdr: P.ChunkHeader, payload: Any, *, fetched: bool) -> None:
+        st = self._models[hdr.name]
+        asm = st.asm
+        now = time.monotonic()
+        if asm is None or asm.manifest.seq != hdr.seq:
+            if hdr.seq > st.done_seq and hdr.seq not in st.rejected and (
+                    asm is None or hdr.seq > asm.manifest.seq):
+                self._ask_manifest(st, hdr.seq, now)  # missed the manifest: ask for it
+            self.stats["chunk_unexpected"] += 1
+            return
+        i = hdr.index
+        asm.requested.pop(i, None)
+        if i not in asm.missing:
+            self.stats["chunk_duplicate"] += 1
+        else:
+            try:
+                decompress_chunk(asm.manifest, i, payload, asm.view)
+            except IntegrityError as exc:
+                self.stats["chunk_corrupt"] += 1
+                log.warning("%s: %s; fetching it again", self.node_id, exc)
+                asm.repairing = True
+            else:
+                asm.missing.discard(i)
+                asm.last_progress = now
+                self.stats["chunks_fetched" if fetched else "chunks_broadcast"] += 1
+        if not asm.missing:
+            self._complete(st)
+        elif asm.repairing:
+            self._pump(st, now)
+
+    def _on_beat(self, beat: P.Heartbeat) -> None:
+        st = self._models[beat.name]
+        if beat.seq > st.done_seq and beat.seq not in st.rejected and (
+                st.asm is None or st.asm.manifest.seq < beat.seq):
+            self._ask_manifest(st, beat.seq, time.monotonic())
+
+    # -- I/O thread: repair ------------------------------------------------------------------
+    def _ask_manifest(self, st: _Model, seq: int, now: float) -> None:
+        if st.asked_seq >= seq and now - st.asked_at < defaults.FETCH_TIMEOUT_S:
+            return
+        st.asked_seq, st.asked_at = seq, now
+        self.stats["fetch_manifest"] += 1
+        self._dealer.send_multipart([b"FETCH_MANIFEST", P.encode(P.FetchManifest(st.name, seq))])
+
+    def _pump(self, st: _Model, now: float) -> None:
+        """Keep up to ``fetch_credit`` missing chunks requested; re-ask ones that timed out."""
+        asm = st.asm
+        if asm is None:
+            return
+        for i, asked in list(asm.requested.items()):
+            if now - asked > defaults.FETCH_TIMEOUT_S:
+                del asm.requested[i]
+        room = self.limits.fetch_credit - len(asm.requested)
+        if room <= 0:
+            return
+        want = [i for i in sorted(asm.missing) if i not in asm.requested][:room]
+        if want:
+            for i in want:
+                asm.requested[i] = now
+            self.stats["fetch_chunks"] += len(want)
+            self._dealer.send_multipart([b"FETCH_CHUNKS", P.encode(
+                P.FetchChunks(st.name, asm.manifest.seq, want))])
+
+    def _tick(self, now: float) -> None:
+        for st in self._models.values():
+            asm = st.asm
+            if asm is not None:
+                if not asm.repairing and now - asm.last_progress > self._repair_idle_s:
+                    asm.repairing = True  # the broadcast stopped short: fetch the rest
+                    self.stats["repairs"] += 1
+                if asm.repairing:
+                    self._pump(st, now)
+        if self.hub_seen and now - self.hub_seen > self._hub_ttl_s:
+            self.hub_seen = now  # ask once per TTL of silence, not on every tick
+            self.stats["hub_silent"] += 1
+            for st in self._models.values():
+                self._ask_manifest(st, 0, now)
+
+    def _complete(self, st: _Model) -> None:
+        asm = st.asm
+        assert asm is not None
+        st.asm = None
+        st.done_seq = asm.manifest.seq
+        with self._mail_cond:
+            self._mailbox[st.name] = (asm.manifest, asm.buf)  # replaces an older, unverified one
+            self._mail_cond.notify()
+
+    def _send_report(self, st: _Model) -> None:
+        r = P.Report(node=self.node_id, model=st.name, state=st.state, seq=st.seq, label=st.label,
+                     reason=st.reason[:500], host=socket.gethostname(), pid=os.getpid(),
+                     device=self.device)
+        self._dealer.send_multipart([b"REPORT", P.encode(r)])
+
+    # -- delivery thread ---------------------------------------------------------------------
+    def _deliver(self) -> None:
+        while not self._stop.is_set():
+            with self._mail_cond:
+                while not self._mailbox and not self._stop.is_set():
+                    self._mail_cond.wait(0.5)
+                if self._stop.is_set():
+                    return
+                name = next(iter(self._mailbox))
+                m, buf = self._mailbox.pop(name)
+            if hashlib.sha256(buf).hexdigest() != m.archive_sha256:
+                self.stats["archive_corrupt"] += 1
+                self._reject(m, "archive sha256 mismatch")
+                continue
+            self.stats["verified"] += 1
+            self.report(m.name, "verified", seq=m.seq, label=m.label)
+            if self._on_release is None:
+                continue
+            try:
+                self._on_release(m, buf)
+            except Exception as exc:
+                if not isinstance(exc, ZmqModelsError):
+                    log.exception("%s: consumer failed on %s seq %d", self.node_id, m.name, m.seq)
+                self._reject(m, f"{type(exc).__name__}: {exc}")
+                if self._slots[m.name].current() is not None:
+                    self._report_current(m.name)
+
+    def _reject(self, m: Manifest, reason: str) -> None:
+        log.warning("%s: rejected %s seq %d: %s", self.node_id, m.name, m.seq, reason)
+
+        def apply() -> None:
+            self._models[m.name].rejected.add(m.seq)
+
+        self._post(apply)
+        self.report(m.name, "rejected", seq=m.seq, label=m.label, reason=reason)
+
+    # -- embedded loading (delivery thread) ---------------------------------------------------
+    def _load_cached(self) -> None:
+        """Serve the cached release of each model at once, before the hub answers."""
+        from .loader import load_release
+
+        assert self.cache is not None
+        for name, st in self._models.items():
+            found = self.cache.latest(name)
+            if found is None:
+                continue
+            m, path = found
+            try:
+                loaded = load_release(m, path, self.device)
+            except ZmqModelsError as exc:
+                log.warning("%s: cached %s seq %d unusable: %s", self.node_id, name, m.seq, exc)
+                continue
+            self._slots[name].swap(loaded)
+            st.done_seq = max(st.done_seq, m.seq)
+            st.state, st.seq, st.label = "serving", m.seq, m.label
+            log.info("%s: serving cached %s seq %d", self.node_id, name, m.seq)
+
+    def _load_and_swap(self, m: Manifest, archive: bytearray) -> None:
+        from .loader import load_release
+
+        slot = self._slots[m.name]
+        if self._swap_when is not None and self._swap_when(m) is False:
+            raise ZmqModelsError("declined by swap_when")
+        self.report(m.name, "loading", seq=m.seq, label=m.label)
+        try:
+            source: Any = self.cache.put(m, archive) if self.cache is not None else archive
+            loaded = load_release(m, source, self.device)
+        except ZmqModelsError as exc:
+            self._reject(m, str(exc))
+            self._report_current(m.name)
+            return
+        old = slot.swap(loaded)
+        self.report(m.name, "serving", seq=m.seq, label=m.label)
+        log.info("%s: %s seq %d serving (load %.3fs, check %.3fs)", self.node_id, m.name, m.seq,
+                 loaded.load_s, loaded.check_s)
+        for fn in list(self._swap_listeners):
+            try:
+                fn(m.name, m, old.manifest if old else None)
+            except Exception:
+                log.exception("on_swap callback failed")
+
+    def _report_current(self, name: str) -> None:
+        cur = self._slots[name].current()
+        if cur is None:
+            self.report(name, "idle", seq=0, label="")
+        else:
+            self.report(name, "serving", seq=cur.manifest.seq, label=cur.manifest.label)
+
+    # -- embedded API ------------------------------------------------------------------------
+    def current(self, name: str) -> Loaded:
+        """The model serving ``name`` now; raises :class:`NotReadyError` if none yet."""
+        slot = self._slots.get(name)
+        if slot is None:
+            raise NotReadyError(f"not subscribed to {name!r}")
+        cur = slot.current()
+        if cur is None:
+            raise NotReadyError(f"no release of {name!r} loaded yet")
+        return cur
+
+    def predict(self, name: str, *inputs: Any) -> Any:
+        """Run the newest valid model of ``name`` on ``inputs`` (moved to its device)."""
+        import torch
+
+        from .loader import to_device
+
+        cur = self.current(name)
+        with torch.inference_mode():
+            return cur.module(*to_device(inputs, cur.device))
+
+    @contextmanager
+    def model(self, name: str) -> Iterator[Any]:
+        """Hold one version for a block of calls: ``with sub.model("m") as m: m(x); m(y)``."""
+        cur = self.current(name)
+        yield cur.module
+
+    def version(self, name: str) -> tuple[str, int] | None:
+        """``(label, seq)`` serving for ``name``, or None."""
+        slot = self._slots.get(name)
+        cur = slot.current() if slot else None
+        return cur.version if cur else None
+
+    def wait_until_serving(self, name: str, timeout: float, *, seq: int | None = None) -> Loaded:
+        """Block until ``name`` serves (at ``seq`` or newer, if given); :class:`DeadlineError` else."""
+        slot = self._slots[name]
+        if not slot.wait(lambda cur: cur is not None and (seq is None or cur.manifest.seq >= seq),
+                         timeout):
+            raise DeadlineError(f"{name} not serving{f' seq {seq}' if seq else ''} after {timeout}s")
+        return self.current(name)
+
+    def on_swap(self, callback: Callable[[str, Manifest, Manifest | None], None]) -> None:
+        """Call ``callback(name, new_manifest, old_manifest)`` after each swap."""
+        self._swap_listeners.append(callback)
+
+    def pending(self) -> Iterable[str]:
+        """Names with a release being assembled (for diagnostics)."""
+        return [n for n, st in self._models.items() if st.asm is not None]
