@@ -31,7 +31,7 @@ import zmq
 from . import defaults
 from . import protocol as P
 from .defaults import Limits
-from .errors import DeadlineError, ReleaseError, StoreError, ZmqModelsError
+from .errors import DeadlineError, ProtocolError, ReleaseError, StoreError, ZmqModelsError
 from .release import Manifest, Release, decode_manifest, encode_manifest
 from .store import Store
 
@@ -88,6 +88,7 @@ class Publisher:
         hub_id: str | None = None,
         context: zmq.Context | None = None,
         fault: Callable[[str, int, int, Any], Any] | None = None,
+        sndhwm: int = 4096,
     ) -> None:
         self.bind = bind
         self.store = store if isinstance(store, Store) else Store(store)
@@ -96,6 +97,7 @@ class Publisher:
         self.hub_id = hub_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._ctx = context or zmq.Context.instance()
         self._fault = fault
+        self._sndhwm = sndhwm
         self._state = _State.NEW
         self._wake_addr = f"inproc://zmqmodels-hub-wake-{uuid.uuid4().hex}"
         self._cmds: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -239,7 +241,8 @@ class Publisher:
         router, pub, wake = ctx.socket(zmq.ROUTER), ctx.socket(zmq.PUB), ctx.socket(zmq.PULL)
         for s in (router, pub, wake):
             s.linger = defaults.LINGER_MS
-        pub.sndhwm = 4096  # messages share one buffer across subscribers: a high mark costs refs only
+        # queued chunk messages share one buffer across subscribers: a high mark costs refs only
+        pub.sndhwm = self._sndhwm
         try:
             wake.bind(self._wake_addr)
             self.address = bind_hub_sockets(router, pub, self.bind)
@@ -341,7 +344,7 @@ class Publisher:
             elif kind == b"ROLLBACK" and len(frames) == 3:
                 self._in_pool(ident, lambda: self._rollback(hdr.name, hdr.to))
             else:
-                raise ZmqModelsError(f"unexpected {kind[:32]!r} with {len(frames) - 1} frame(s)")
+                raise ProtocolError(f"unexpected {kind[:32]!r} with {len(frames) - 1} frame(s)")
         except ZmqModelsError as exc:
             code = exc.code if exc.code != "error" else "bad_message"
             log.warning("rejected %r from a peer: %s", kind[:32], exc)
@@ -390,7 +393,7 @@ class Publisher:
 
     def _on_report(self, report: P.Report) -> None:
         if report.state not in P.STATES:
-            raise ZmqModelsError(f"unknown state {report.state!r}")
+            raise ProtocolError(f"unknown state {report.state!r}")
         with self._fleet_cond:
             key = (report.node, report.model)
             prev = self._fleet.get(key)

@@ -45,7 +45,7 @@ from . import defaults
 from . import protocol as P
 from .cache import Cache
 from .defaults import Limits
-from .errors import DeadlineError, IntegrityError, NotReadyError, ZmqModelsError
+from .errors import DeadlineError, IntegrityError, NotReadyError, ProtocolError, ZmqModelsError
 from .release import Manifest, decode_manifest, decompress_chunk, validate_name
 from .slot import Loaded, ModelSlot
 
@@ -144,7 +144,7 @@ class Subscriber:
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, timeout: float = defaults.START_TIMEOUT_S) -> Subscriber:
         if self._started:
-            raise ZmqModelsError("a Subscriber can be started once")
+            raise ProtocolError("a Subscriber can be started once")
         self._started = True
         if self._on_release == self._load_and_swap and self.cache is not None:
             self._load_cached()
@@ -155,7 +155,7 @@ class Subscriber:
             t.start()
         if not self._ready.wait(timeout) or self._start_error is not None:
             self.close()
-            raise ZmqModelsError(f"subscriber failed to start: {self._start_error}")
+            raise ProtocolError(f"subscriber failed to start: {self._start_error}")
         return self
 
     def close(self) -> None:
@@ -290,32 +290,32 @@ class Subscriber:
     # -- I/O thread: messages ----------------------------------------------------------------
     def _on_sub(self, frames: list[zmq.Frame]) -> None:
         if len(frames) < 3:
-            raise ZmqModelsError(f"broadcast of {len(frames)} frame(s)")
+            raise ProtocolError(f"broadcast of {len(frames)} frame(s)")
         topic, kind = frames[0].bytes, frames[1].bytes
         self.hub_seen = time.monotonic()
         if topic == P.HUB_TOPIC:
             if kind != b"HEARTBEAT":
-                raise ZmqModelsError(f"unexpected {kind[:32]!r} on the hub topic")
+                raise ProtocolError(f"unexpected {kind[:32]!r} on the hub topic")
             return
         name = topic[:-1].decode(errors="replace")
         if not topic.endswith(b"\0") or name not in self._models:
-            raise ZmqModelsError(f"broadcast on unsubscribed topic {topic[:64]!r}")
+            raise ProtocolError(f"broadcast on unsubscribed topic {topic[:64]!r}")
         if kind == b"MANIFEST" and len(frames) == 3:
             m = decode_manifest(frames[2].buffer, self.limits)
             if m.name != name:
-                raise ZmqModelsError(f"manifest for {m.name!r} on topic {name!r}")
+                raise ProtocolError(f"manifest for {m.name!r} on topic {name!r}")
             self._on_manifest(m)
         elif kind == b"CHUNK" and len(frames) == 4:
             hdr = P.decode_header(kind, frames[2].buffer)
             if hdr.name != name:
-                raise ZmqModelsError(f"chunk for {hdr.name!r} on topic {name!r}")
+                raise ProtocolError(f"chunk for {hdr.name!r} on topic {name!r}")
             self._on_chunk(hdr, frames[3].buffer, fetched=False)
         elif kind == b"HEARTBEAT" and len(frames) == 3:
             beat = P.decode_header(kind, frames[2].buffer)
             if beat.name == name:
                 self._on_beat(beat)
         else:
-            raise ZmqModelsError(f"unexpected broadcast {kind[:32]!r} of {len(frames)} frames")
+            raise ProtocolError(f"unexpected broadcast {kind[:32]!r} of {len(frames)} frames")
 
     def _on_dealer(self, frames: list[zmq.Frame]) -> None:
         kind = frames[0].bytes
@@ -324,13 +324,13 @@ class Subscriber:
             m = decode_manifest(frames[1].buffer, self.limits)
             st = self._models.get(m.name)
             if st is None:
-                raise ZmqModelsError(f"manifest for unsubscribed {m.name!r}")
+                raise ProtocolError(f"manifest for unsubscribed {m.name!r}")
             st.asked_seq = -1
             self._on_manifest(m)
         elif kind == b"CHUNK" and len(frames) == 3:
             hdr = P.decode_header(kind, frames[1].buffer)
             if hdr.name not in self._models:
-                raise ZmqModelsError(f"chunk for unsubscribed {hdr.name!r}")
+                raise ProtocolError(f"chunk for unsubscribed {hdr.name!r}")
             self._on_chunk(hdr, frames[2].buffer, fetched=True)
         elif kind == b"ERROR" and len(frames) == 2:
             err = P.decode_header(kind, frames[1].buffer)
@@ -346,7 +346,7 @@ class Subscriber:
             elif err.code != "not_found":
                 log.warning("%s: hub error %s: %s", self.node_id, err.code, err.message)
         else:
-            raise ZmqModelsError(f"unexpected reply {kind[:32]!r} of {len(frames)} frames")
+            raise ProtocolError(f"unexpected reply {kind[:32]!r} of {len(frames)} frames")
 
     def _on_manifest(self, m: Manifest) -> None:
         st = self._models[m.name]
@@ -371,6 +371,8 @@ class Subscriber:
             self.stats["chunk_unexpected"] += 1
             return
         i = hdr.index
+        if i >= asm.manifest.chunk_count:
+            raise ProtocolError(f"chunk {i} of {hdr.name} seq {hdr.seq} out of range")
         asm.requested.pop(i, None)
         if i not in asm.missing:
             self.stats["chunk_duplicate"] += 1
