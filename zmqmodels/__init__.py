@@ -1,54 +1,64 @@
 """zmqmodels: roll TorchScript models out to a fleet over ZeroMQ.
 
 Compile (:func:`compile_model`), build a :class:`Release`, keep it in a :class:`Store`,
-broadcast it from a hub and hot-swap it into serving nodes.
+broadcast it from a :class:`Publisher` hub, and follow it with a :class:`Subscriber` (embedded)
+or ``zmqmodels serve`` (a node). Names are imported lazily so that torch-free processes (the
+hub, a node's front process) never pay for importing torch.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
 
-from .compile import Compiled, compare_outputs, compile_model
-from .errors import (
-    CompileError,
-    DeadlineError,
-    IntegrityError,
-    LimitError,
-    ParityError,
-    ProtocolError,
-    ReleaseError,
-    RemoteError,
-    SourceError,
-    StoreError,
-    ZmqModelsError,
-)
-from .release import CodecSpec, Manifest, Release, build_release, decode_manifest, encode_manifest
-from .sources import load_source, parse_example_spec
-from .store import Store
+_EXPORTS = {
+    "Compiled": "compile",
+    "compile_model": "compile",
+    "compare_outputs": "compile",
+    "CodecSpec": "release",
+    "Manifest": "release",
+    "Release": "release",
+    "build_release": "release",
+    "encode_manifest": "release",
+    "decode_manifest": "release",
+    "Store": "store",
+    "Cache": "cache",
+    "Limits": "defaults",
+    "Publisher": "hub",
+    "HubClient": "control",
+    "Subscriber": "subscriber",
+    "ModelSlot": "slot",
+    "Loaded": "slot",
+    "load_release": "loader",
+    "load_source": "sources",
+    "parse_example_spec": "sources",
+    "ZmqModelsError": "errors",
+    "CompileError": "errors",
+    "ParityError": "errors",
+    "SourceError": "errors",
+    "ReleaseError": "errors",
+    "IntegrityError": "errors",
+    "StoreError": "errors",
+    "ProtocolError": "errors",
+    "LimitError": "errors",
+    "DeadlineError": "errors",
+    "NotReadyError": "errors",
+    "RemoteError": "errors",
+}
 
-__all__ = [
-    "__version__",
-    "Compiled",
-    "compile_model",
-    "compare_outputs",
-    "CodecSpec",
-    "Manifest",
-    "Release",
-    "build_release",
-    "encode_manifest",
-    "decode_manifest",
-    "Store",
-    "load_source",
-    "parse_example_spec",
-    "ZmqModelsError",
-    "CompileError",
-    "ParityError",
-    "SourceError",
-    "ReleaseError",
-    "IntegrityError",
-    "StoreError",
-    "ProtocolError",
-    "LimitError",
-    "DeadlineError",
-    "RemoteError",
-]
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'zmqmodels' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

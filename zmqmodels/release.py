@@ -15,17 +15,17 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import blosc2
 import msgspec
-import torch
 import xxhash
 
 from . import defaults
-from .compile import Compiled
 from .errors import IntegrityError, LimitError, ReleaseError
-from .tensors import decode, encode, signature
+
+if TYPE_CHECKING:
+    from .compile import Compiled
 
 __all__ = [
     "CodecSpec",
@@ -157,11 +157,15 @@ def decode_manifest(data: Any, limits: Any = None) -> Manifest:
 
 
 def pack_tensors(tree: Any) -> TensorPack:
+    from .tensors import encode
+
     spec, bufs = encode(tree)
     return TensorPack(spec, [bytes(b) for b in bufs])
 
 
 def unpack_tensors(pack: TensorPack) -> Any:
+    from .tensors import decode
+
     return decode(pack.spec, pack.buffers, copy=True)
 
 
@@ -257,6 +261,10 @@ def build_release(
     ``codec`` is ``"auto"``, a codec name (``lz4``, ``zstd``, ``blosclz``, ``none``, ...) or a
     :class:`CodecSpec` for full control of filter and typesize.
     """
+    import torch
+
+    from .tensors import signature
+
     validate_name(name)
     buf = io.BytesIO()
     torch.jit.save(compiled.module, buf)
@@ -305,6 +313,8 @@ def build_release(
 
 
 def _input_signature(examples: Sequence[tuple[Any, ...]]) -> list[Any]:
+    import torch
+
     sigs: list[Any] = []
     for pos, arg in enumerate(examples[0]):
         if not isinstance(arg, torch.Tensor):
