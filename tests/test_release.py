@@ -84,3 +84,11 @@ def test_bad_manifests_are_rejected(lenet_compiled) -> None:
         decode_manifest(encode_manifest(msgspec.structs.replace(m, name="../etc")))
     with pytest.raises(ReleaseError, match="unknown codec"):
         build_release(lenet_compiled, "lenet", codec="rar")
+
+
+def test_streaming_verify_accepts_good_and_rejects_bad(lenet_compiled) -> None:
+    r = build_release(lenet_compiled, "lenet", codec="lz4", chunk_bytes=7_000)
+    r.verify()
+    bad = msgspec.structs.replace(r.manifest, archive_sha256="0" * 64)
+    with pytest.raises(IntegrityError, match="sha256"):
+        type(r)(bad, r.chunks).verify()

@@ -16,6 +16,7 @@ __all__ = [
     "REPAIR_IDLE_S",
     "FETCH_CREDIT",
     "FETCH_TIMEOUT_S",
+    "SUB_RCVHWM",
     "MAX_ARCHIVE_BYTES",
     "MAX_CHUNKS",
     "MAX_CHUNK_BYTES",
@@ -40,6 +41,7 @@ HEARTBEAT_INTERVAL_S = 0.5
 HUB_TTL_S = 3.0  # silence after which a subscriber re-asks the hub
 REPAIR_IDLE_S = 0.25  # no chunk for this long during assembly -> fetch what is missing
 FETCH_CREDIT = 8  # chunks a subscriber may have requested and not yet received
+SUB_RCVHWM = 16  # broadcast messages a node buffers ahead of its reader (chunks are 4 MiB)
 FETCH_TIMEOUT_S = 2.0  # an outstanding fetch with no answer for this long is asked again
 
 MAX_ARCHIVE_BYTES = 8 * 1024**3

@@ -34,6 +34,7 @@ from .defaults import Limits
 from .errors import DeadlineError, ProtocolError, ReleaseError, StoreError, ZmqModelsError
 from .release import Manifest, Release, decode_manifest, encode_manifest
 from .store import Store
+from .tuning import trim_heap
 
 __all__ = ["Publisher", "bind_hub_sockets"]
 
@@ -189,7 +190,7 @@ class Publisher:
         m = decode_manifest(encode_manifest(release.manifest), self.limits)
         if len(release.chunks) != m.chunk_count:
             raise ReleaseError(f"{len(release.chunks)} chunks, manifest says {m.chunk_count}")
-        release.archive()  # decompresses every chunk and checks the archive sha256
+        Release(m, release.chunks).verify()  # every chunk and the archive sha256, streamed
         stored = self.store.put(Release(m, release.chunks))
         return self.store.read(m.name, stored.manifest.seq)  # serve from the page cache (mmap)
 
@@ -437,7 +438,13 @@ class Publisher:
 
             self._post(finish)
 
-        self._pool.submit(work).add_done_callback(done)
+        def work_then_trim() -> Release:
+            try:
+                return work()
+            finally:
+                trim_heap()  # the PUBLISH frames are garbage now; hand their pages back
+
+        self._pool.submit(work_then_trim).add_done_callback(done)
 
     def _status_locked(self) -> P.StatusReply:
         now = time.monotonic()
