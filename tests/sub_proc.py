@@ -39,7 +39,8 @@ def main() -> None:
              sha256=hashlib.sha256(archive).hexdigest(), bytes=len(archive))
         sub.report(m.name, "serving", seq=m.seq, label=m.label)
 
-    sub = Subscriber(args.hub, args.model, node_id=args.node_id, rcvhwm=args.rcvhwm,
+    extra = {"rcvhwm": args.rcvhwm} if args.rcvhwm else {}
+    sub = Subscriber(args.hub, args.model, node_id=args.node_id, **extra,
                      on_release=None if args.load else on_release, load=args.load, cache=args.cache)
     if args.load:
         sub.on_swap(lambda name, new, old: emit(event="swap", name=name, seq=new.seq, label=new.label))

@@ -191,7 +191,7 @@ class Subscriber:
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, timeout: float = defaults.START_TIMEOUT_S) -> Subscriber:
         if self._started:
-            raise ProtocolError("a Subscriber can be started once")
+            raise ZmqModelsError("a Subscriber can be started once")
         self._started = True
         if self._tune_malloc:
             tune_malloc()
@@ -204,7 +204,7 @@ class Subscriber:
             t.start()
         if not self._ready.wait(timeout) or self._start_error is not None:
             self.close()
-            raise ProtocolError(f"subscriber failed to start: {self._start_error}")
+            raise ZmqModelsError(f"subscriber failed to start: {self._start_error}")
         return self
 
     def close(self) -> None:
@@ -276,10 +276,10 @@ class Subscriber:
         sub, dealer, wake = ctx.socket(zmq.SUB), ctx.socket(zmq.DEALER), ctx.socket(zmq.PULL)
         for s in (sub, dealer, wake):
             s.linger = defaults.LINGER_MS
-        # a low mark: the hub's queue shares one buffer across nodes, ours would copy the
-        # whole release into fresh pages ahead of the reader
-        sub.rcvhwm = self._rcvhwm
         try:
+            # a low mark: the hub's queue shares one buffer across nodes, ours would copy the
+            # whole release into fresh pages ahead of the reader
+            sub.rcvhwm = self._rcvhwm
             wake.bind(self._wake_addr)
             sub.setsockopt(zmq.SUBSCRIBE, P.HUB_TOPIC)
             for name in self._models:
