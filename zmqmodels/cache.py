@@ -56,6 +56,14 @@ class Cache:
             self.path(manifest.name, old).with_suffix(".manifest").unlink(missing_ok=True)
         return path
 
+    def discard(self, name: str, seq: int) -> None:
+        """Forget a release that failed to load, so no restarted worker picks it up."""
+        self.path(name, seq).with_suffix(".manifest").unlink(missing_ok=True)
+        self.path(name, seq).unlink(missing_ok=True)
+
+    def seqs(self, name: str) -> list[int]:
+        return self._seqs(validate_name(name))
+
     def _seqs(self, name: str) -> list[int]:
         d = self.root / name
         if not d.is_dir():

@@ -24,6 +24,11 @@ __all__ = [
     "MAX_REQUEST_BYTES",
     "MAX_REQUEST_TENSORS",
     "LINGER_MS",
+    "NODE_QUEUE_MAX",
+    "NODE_QUEUE_TIMEOUT_S",
+    "WORKER_TTL_S",
+    "REQUEST_TIMEOUT_S",
+    "LOAD_TIMEOUT_S",
     "START_TIMEOUT_S",
     "RETAIN_PER_NAME",
     "PARITY_RTOL",
@@ -50,6 +55,12 @@ MAX_CHUNK_BYTES = 64 * 1024 * 1024
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024  # the manifest carries example inputs and outputs
 MAX_REQUEST_BYTES = 256 * 1024 * 1024
 MAX_REQUEST_TENSORS = 64
+
+NODE_QUEUE_MAX = 1024  # requests a node holds while no worker is free
+NODE_QUEUE_TIMEOUT_S = 10.0  # a queued request gets `unavailable` after this
+WORKER_TTL_S = 5.0  # an idle worker silent this long is killed and restarted
+REQUEST_TIMEOUT_S = 120.0  # a worker busy on one request this long is taken for hung
+LOAD_TIMEOUT_S = 600.0
 
 LINGER_MS = 0
 START_TIMEOUT_S = 10.0

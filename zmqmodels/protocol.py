@@ -45,6 +45,12 @@ __all__ = [
     "ModelStatus",
     "StatusReply",
     "ErrorReply",
+    "InferRequest",
+    "InferReply",
+    "WorkerReady",
+    "LoadCommand",
+    "LoadResult",
+    "SERVING_CODES",
     "KINDS",
     "STATES",
     "topic",
@@ -166,7 +172,83 @@ class ErrorReply(msgspec.Struct, frozen=True):
     seq: NonNeg = 0
     retryable: bool = False
     v: int = V
+    id: str = ""  # the inference request it answers
 
+
+# -- inference: client REQ <-> node ROUTER (docs/protocol.md §Inference) -------------------
+class InferRequest(msgspec.Struct, frozen=True):
+    """``[b"INFER", InferRequest, tensor buffer x n]``; ``inputs`` is the tensor-tree spec of
+    the positional arguments (a tuple node)."""
+
+    model: str
+    id: str
+    inputs: Any
+    version: NonNeg = 0  # pin a seq; 0 = whatever the node serves
+    v: int = V
+
+
+class InferReply(msgspec.Struct, frozen=True):
+    """``[b"OK", InferReply, tensor buffer x n]``."""
+
+    id: str
+    model: str
+    label: str
+    seq: NonNeg
+    worker: str
+    outputs: Any
+    queue_ms: float = 0.0  # node receipt -> worker start
+    infer_ms: float = 0.0  # the model call, inputs to outputs on CPU
+    v: int = V
+
+
+# -- front <-> its worker processes (ipc, same host) ---------------------------------------
+class WorkerReady(msgspec.Struct, frozen=True):
+    """``[b"READY", WorkerReady]`` on start; ``[b"HB"]`` while idle."""
+
+    worker: str
+    pid: NonNeg
+    device: str
+    serving: dict[str, list[Any]]  # name -> [seq, label]
+    v: int = V
+
+
+class LoadCommand(msgspec.Struct, frozen=True):
+    """``[b"LOAD", LoadCommand]``: load the cached archive at ``path`` and swap it in."""
+
+    name: str
+    seq: NonNeg
+    path: str
+    unload_first: bool = False
+    v: int = V
+
+
+class LoadResult(msgspec.Struct, frozen=True):
+    """``[b"LOADED", LoadResult]``."""
+
+    worker: str
+    name: str
+    seq: NonNeg
+    label: str
+    ok: bool
+    reason: str = ""
+    load_s: float = 0.0
+    check_s: float = 0.0
+    v: int = V
+
+
+# Inference error codes: code -> retryable (docs/protocol.md §Inference errors)
+SERVING_CODES: dict[str, bool] = {
+    "unknown_model": False,  # the node does not serve that name
+    "not_ready": True,  # known, but no version loaded yet
+    "version_unavailable": False,  # the pinned seq is not served here
+    "bad_request": False,  # malformed frames or header
+    "bad_input": False,  # wrong count, dtype or rank for the model's signature
+    "too_large": False,  # over max request bytes or tensor count
+    "model_error": False,  # the model raised; message carries its exception
+    "worker_lost": True,  # the worker died with the request in flight
+    "unavailable": True,  # draining for a reload, queue full or queue wait over
+    "internal": False,
+}
 
 KINDS: dict[bytes, type[msgspec.Struct]] = {
     b"CHUNK": ChunkHeader,
@@ -180,6 +262,11 @@ KINDS: dict[bytes, type[msgspec.Struct]] = {
     b"STATUS": StatusRequest,
     b"STATUS_REPLY": StatusReply,
     b"ERROR": ErrorReply,
+    b"INFER": InferRequest,
+    b"OK": InferReply,
+    b"READY": WorkerReady,
+    b"LOAD": LoadCommand,
+    b"LOADED": LoadResult,
 }
 _DECODERS = {k: msgspec.msgpack.Decoder(t) for k, t in KINDS.items()}
 _ENC = msgspec.msgpack.Encoder()

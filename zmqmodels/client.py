@@ -1,0 +1,119 @@
+"""The inference client: a REQ socket with Lazy-Pirate retries.
+
+On a timeout the REQ socket is closed (linger 0) and reopened, and the request sent again, up
+to ``retries`` times; an error reply whose code is retryable (``worker_lost``, ``unavailable``,
+``not_ready``) is retried after a short back-off; any other error raises :class:`RemoteError`
+at once. One client per thread: a REQ socket must not be shared.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from . import protocol as P
+from .errors import DeadlineError, ProtocolError, RemoteError, ZmqModelsError
+
+__all__ = ["Client", "Result"]
+
+_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class Result:
+    """Outputs and where they came from."""
+
+    outputs: Any
+    model: str
+    label: str
+    seq: int
+    worker: str
+    queue_ms: float
+    infer_ms: float
+    latency_ms: float
+    attempts: int
+
+
+class Client:
+    """``Client("tcp://node:6000").infer("lenet", x)`` -> :class:`Result`."""
+
+    def __init__(self, server: str, *, timeout: float = 5.0, retries: int = 3,
+                 backoff_s: float = 0.05, context: zmq.Context | None = None) -> None:
+        self.server = server
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self._ctx = context or zmq.Context.instance()
+        self._sock: zmq.Socket | None = None
+        self._closed = False
+
+    def _socket(self) -> zmq.Socket:
+        if self._closed:
+            raise ZmqModelsError("the Client is closed")
+        if self._sock is None:
+            self._sock = self._ctx.socket(zmq.REQ)
+            self._sock.linger = 0
+            self._sock.connect(self.server)
+        return self._sock
+
+    def _reset(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def close(self) -> None:
+        self._reset()
+        self._closed = True
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def infer(self, model: str, *inputs: Any, timeout: float | None = None, version: int = 0) -> Result:
+        """Run ``model`` on ``inputs`` (tensors, or nested tuples/lists/dicts of them)."""
+        from .tensors import encode
+
+        spec, bufs = encode(tuple(inputs))
+        rid = f"{os.getpid()}-{next(_ids)}"
+        header = P.encode(P.InferRequest(model, rid, spec, version))
+        return self._call([b"INFER", header, *bufs], rid, timeout)
+
+    def _call(self, frames: list[Any], rid: str, timeout: float | None) -> Result:
+        from .tensors import decode
+
+        timeout = self.timeout if timeout is None else timeout
+        last: Exception | None = None
+        t0 = time.perf_counter()
+        for attempt in range(1, self.retries + 2):
+            sock = self._socket()
+            sock.send_multipart(frames, copy=False)
+            if not sock.poll(int(timeout * 1000)):
+                self._reset()  # Lazy Pirate: a REQ socket that lost its reply is unusable
+                last = DeadlineError(f"no reply from {self.server} within {timeout:g}s")
+                continue
+            reply = sock.recv_multipart(copy=False)
+            kind = reply[0].bytes if reply else b""
+            if kind == b"ERROR" and len(reply) == 2:
+                err = P.decode_header(b"ERROR", reply[1].buffer)
+                last = RemoteError(err.code, err.message, err.retryable)
+                if err.retryable and attempt <= self.retries:
+                    time.sleep(self.backoff_s * attempt)
+                    continue
+                raise last
+            if kind != b"OK" or len(reply) < 2:
+                raise ProtocolError(f"unexpected reply {kind[:32]!r} from {self.server}")
+            hdr = P.decode_header(b"OK", reply[1].buffer)
+            if hdr.id != rid:
+                raise ProtocolError(f"reply for request {hdr.id!r}, expected {rid!r}")
+            outputs = decode(hdr.outputs, [f.buffer for f in reply[2:]])
+            return Result(outputs, hdr.model, hdr.label, hdr.seq, hdr.worker, hdr.queue_ms,
+                          hdr.infer_ms, (time.perf_counter() - t0) * 1000, attempt)
+        assert last is not None
+        raise last

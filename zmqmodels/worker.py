@@ -1,0 +1,244 @@
+"""A worker process: one :class:`ModelSlot` per model, serving one request at a time.
+
+Started by the node's front process (``python -m zmqmodels.worker ...``); talks to it over a
+DEALER on an ipc endpoint. It loads from the node's cache by *path* (2-8x faster than from
+memory), checks the manifest's examples, warms up and swaps. ``torch.jit.load`` holds the GIL,
+so a loading worker answers nothing; the front knows it is loading and routes around it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from . import protocol as P
+from .cache import Cache
+from .errors import ProtocolError, ZmqModelsError
+from .release import decode_manifest
+from .slot import Loaded, ModelSlot
+
+__all__ = ["Worker", "main"]
+
+log = logging.getLogger("zmqmodels.worker")
+HEARTBEAT_S = 1.0
+
+
+class InferError(ZmqModelsError):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Worker:
+    def __init__(self, backend: str, worker_id: str, device: str, models: list[str], cache: str) -> None:
+        self.backend = backend
+        self.worker_id = worker_id
+        self.device = device
+        self.cache = Cache(cache)
+        self.slots = {name: ModelSlot() for name in models}
+
+    # -- loading -----------------------------------------------------------------------------
+    def load_cached(self) -> None:
+        from .loader import load_release
+
+        for name, slot in self.slots.items():
+            found = self.cache.latest(name)
+            if found is None:
+                continue
+            m, path = found
+            try:
+                slot.swap(load_release(m, path, self.device))
+            except ZmqModelsError as exc:
+                log.warning("%s: cached %s seq %d unusable: %s", self.worker_id, name, m.seq, exc)
+
+    def load(self, cmd: P.LoadCommand) -> P.LoadResult:
+        from .loader import load_release
+
+        slot = self.slots.get(cmd.name)
+        if slot is None:
+            return P.LoadResult(self.worker_id, cmd.name, cmd.seq, "", False, "model not served here")
+        path = Path(cmd.path)
+        label = ""
+        previous = slot.current()
+        try:
+            m = decode_manifest(path.with_suffix(".manifest").read_bytes())
+            label = m.label
+            if m.seq != cmd.seq or m.name != cmd.name:
+                raise ZmqModelsError(f"{path} holds {m.name} seq {m.seq}, not seq {cmd.seq}")
+            if cmd.unload_first and previous is not None:
+                slot.clear()  # resource-preserving: free the old model before loading the new
+                del previous
+                self._free_memory()
+            loaded = load_release(m, path, self.device)
+        except (OSError, ZmqModelsError) as exc:
+            reason = str(exc)
+            if slot.current() is None and cmd.unload_first:
+                self.load_cached_except(cmd.name, cmd.seq)  # put the old one back
+            return P.LoadResult(self.worker_id, cmd.name, cmd.seq, label, False, reason)
+        slot.swap(loaded)
+        return P.LoadResult(self.worker_id, cmd.name, cmd.seq, label, True, "",
+                            round(loaded.load_s, 4), round(loaded.check_s, 4))
+
+    def load_cached_except(self, name: str, bad_seq: int) -> None:
+        from .loader import load_release
+
+        for seq in reversed(self.cache.seqs(name)):
+            if seq == bad_seq:
+                continue
+            path = self.cache.path(name, seq)
+            try:
+                m = decode_manifest(path.with_suffix(".manifest").read_bytes())
+                self.slots[name].swap(load_release(m, path, self.device))
+                return
+            except (OSError, ZmqModelsError):
+                continue
+
+    def _free_memory(self) -> None:
+        import torch
+
+        gc.collect()
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    def serving(self) -> dict[str, list[Any]]:
+        out = {}
+        for name, slot in self.slots.items():
+            cur = slot.current()
+            if cur is not None:
+                out[name] = [cur.manifest.seq, cur.manifest.label]
+        return out
+
+    # -- inference ---------------------------------------------------------------------------
+    def infer(self, frames: list[zmq.Frame], received_ns: int) -> list[Any]:
+        """Answer one request; every failure becomes an ERROR reply with a stable code."""
+        import torch
+
+        from .loader import to_device
+        from .tensors import decode, encode
+
+        t0 = time.monotonic_ns()
+        req: P.InferRequest | None = None
+        try:
+            if len(frames) < 2 or frames[0].bytes != b"INFER":
+                raise InferError("bad_request", "expected [INFER, header, tensors...]")
+            try:
+                req = P.decode_header(b"INFER", frames[1].buffer)
+            except ProtocolError as exc:
+                raise InferError("bad_request", str(exc)) from None
+            slot = self.slots.get(req.model)
+            if slot is None:
+                raise InferError("unknown_model", f"this node does not serve {req.model!r}")
+            cur = slot.current()
+            if cur is None:
+                raise InferError("not_ready", f"no version of {req.model!r} loaded yet")
+            if req.version and req.version != cur.manifest.seq:
+                raise InferError("version_unavailable", f"{req.model} seq {req.version} is not "
+                                 f"loaded (serving seq {cur.manifest.seq})")
+            try:
+                args = decode(req.inputs, [f.buffer for f in frames[2:]])
+            except ZmqModelsError as exc:
+                raise InferError("bad_request", str(exc)) from None
+            if not isinstance(args, tuple):
+                raise InferError("bad_request", "inputs must be a tuple of positional arguments")
+            _check_signature(cur, args)
+            t1 = time.monotonic_ns()
+            try:
+                with torch.inference_mode():
+                    out = cur.module(*to_device(args, self.device))
+                    out = to_device(out, "cpu")
+            except Exception as exc:
+                msg = str(exc).strip()
+                raise InferError("model_error", msg[-2000:] if msg else type(exc).__name__) from None
+            t2 = time.monotonic_ns()
+            spec, bufs = encode(out)
+            reply = P.InferReply(req.id, req.model, cur.manifest.label, cur.manifest.seq,
+                                 self.worker_id, spec, round((t0 - received_ns) / 1e6, 3),
+                                 round((t2 - t1) / 1e6, 3))
+            return [b"OK", P.encode(reply), *bufs]
+        except InferError as exc:
+            err = P.ErrorReply(exc.code, str(exc)[:4000], req.model if req else "", 0,
+                               P.SERVING_CODES.get(exc.code, False), id=req.id if req else "")
+            return [b"ERROR", P.encode(err)]
+        except ZmqModelsError as exc:
+            err = P.ErrorReply("bad_request", str(exc)[:4000], id=req.id if req else "")
+            return [b"ERROR", P.encode(err)]
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self) -> None:
+        ctx = zmq.Context.instance()
+        sock = ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.setsockopt(zmq.ROUTING_ID, self.worker_id.encode())  # the front knows us by name
+        sock.connect(self.backend)
+        self.load_cached()
+        sock.send_multipart([b"READY", P.encode(P.WorkerReady(self.worker_id, os.getpid(), self.device,
+                                                              self.serving()))])
+        try:
+            while True:
+                if not sock.poll(int(HEARTBEAT_S * 1000)):
+                    sock.send(b"HB")
+                    continue
+                frames = sock.recv_multipart(copy=False)
+                kind = frames[0].bytes
+                if kind == b"INFER" and len(frames) >= 3:
+                    client, received = frames[1], int.from_bytes(frames[2].bytes, "little")
+                    reply = self.infer(frames[3:], received)
+                    sock.send_multipart([b"DONE", client, *reply], copy=False)
+                elif kind == b"LOAD" and len(frames) == 2:
+                    result = self.load(P.decode_header(b"LOAD", frames[1].buffer))
+                    sock.send_multipart([b"LOADED", P.encode(result)])
+                elif kind == b"STOP":
+                    return
+                else:
+                    log.warning("%s: unexpected %r from the front", self.worker_id, kind[:32])
+        finally:
+            sock.close()
+
+
+def _check_signature(cur: Loaded, args: tuple[Any, ...]) -> None:
+    import torch
+
+    sig = cur.manifest.inputs
+    if not sig:
+        return
+    if len(args) != len(sig):
+        raise InferError("bad_input", f"{cur.manifest.name} takes {len(sig)} input(s), got {len(args)}")
+    for i, (arg, want) in enumerate(zip(args, sig, strict=True)):
+        if "dtype" not in want:
+            continue
+        if not isinstance(arg, torch.Tensor):
+            raise InferError("bad_input", f"input {i}: expected a {want['dtype']} tensor")
+        got = str(arg.dtype).removeprefix("torch.")
+        if got != want["dtype"] or arg.dim() != want["rank"]:
+            raise InferError("bad_input", f"input {i}: expected {want['dtype']} of rank {want['rank']}, "
+                             f"got {got} of rank {arg.dim()} {list(arg.shape)}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m zmqmodels.worker")
+    ap.add_argument("--backend", required=True)
+    ap.add_argument("--id", required=True)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--cache", required=True)
+    ap.add_argument("--model", action="append", required=True)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.id} %(message)s")
+    import signal
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front stops us; Ctrl-C goes to it
+    Worker(args.backend, args.id, args.device, args.model, args.cache).run()
+
+
+if __name__ == "__main__":
+    main()
