@@ -112,3 +112,45 @@ def make_affine() -> tuple[nn.Module, list[torch.Tensor]]:
 
 def make_broken() -> nn.Module:
     raise ValueError("factory exploded")
+
+
+class Probe(nn.Module):
+    """``x * scale``; ``x[0, 0] == -1`` raises, ``x[0, 0] == -2`` runs for about a second.
+    ``ballast_mb`` adds unused weights so that loading takes a while (25 x 4 MB layers load
+    in ~0.15 s here, like the 100 MB model in FACTS.md)."""
+
+    def __init__(self, scale: float = 1.0, ballast_mb: int = 0, width: int = 4) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((width,), float(scale)))
+        self.register_buffer("spin", torch.eye(64))
+        self.ballast = nn.ModuleList([nn.Linear(1024, 1024) for _ in range(ballast_mb // 4)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flag = float(x[0, 0].item())
+        if flag == -1.0:
+            raise RuntimeError("probe asked to fail")
+        if flag == -2.0:
+            y = torch.ones(64, 64)
+            for _ in range(200_000):
+                y = y @ self.spin
+            return x * self.scale + y[0, 0] * 0
+        return x * self.scale
+
+
+def probe_examples() -> list[torch.Tensor]:
+    return [torch.ones(1, 4), torch.full((2, 4), 0.5)]
+
+
+def make_probe() -> tuple[nn.Module, list[torch.Tensor]]:
+    return Probe(2.0), probe_examples()
+
+
+class Explodes(nn.Module):
+    """Compiles fine (eager agrees) but returns Inf: nodes must refuse it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.zero = nn.Parameter(torch.zeros(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x / self.zero

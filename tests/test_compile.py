@@ -108,3 +108,7 @@ def test_compare_outputs_names_the_path() -> None:
     with pytest.raises(ParityError, match="NaN"):
         compare_outputs(torch.tensor([float("nan")]), torch.tensor([0.0]))
     assert compare_outputs(torch.tensor([float("nan"), 1.0]), torch.tensor([float("nan"), 1.0])) == 0
+    inf = float("inf")
+    assert compare_outputs(torch.tensor([inf, -inf, 1.0]), torch.tensor([inf, -inf, 1.0])) == 0
+    with pytest.raises(ParityError, match="Inf"):
+        compare_outputs(torch.tensor([inf]), torch.tensor([-inf]))

@@ -183,7 +183,10 @@ def compare_outputs(
             raise ParityError(f"{path}: NaN in different positions")
         a64, b64 = a.to(torch.complex128 if a.is_complex() else torch.float64), \
             b.to(torch.complex128 if b.is_complex() else torch.float64)
-        finite = ~torch.isnan(a64)
+        inf = torch.isinf(a64) | torch.isinf(b64)
+        if not torch.equal(a64[inf], b64[inf]):
+            raise ParityError(f"{path}: Inf in different positions or signs")
+        finite = ~(torch.isnan(a64) | inf)
         d = (a64 - b64).abs()[finite]
         diff = d.max().item() if d.numel() else 0.0
         if math.isnan(diff) or not torch.allclose(a64[finite], b64[finite], rtol=rt, atol=at):
