@@ -18,6 +18,7 @@ import zmq
 
 from . import protocol as P
 from .errors import DeadlineError, ProtocolError, RemoteError, ZmqModelsError
+from .tensors import decode, encode
 
 __all__ = ["Client", "Result"]
 
@@ -78,16 +79,12 @@ class Client:
 
     def infer(self, model: str, *inputs: Any, timeout: float | None = None, version: int = 0) -> Result:
         """Run ``model`` on ``inputs`` (tensors, or nested tuples/lists/dicts of them)."""
-        from .tensors import encode
-
         spec, bufs = encode(tuple(inputs))
         rid = f"{os.getpid()}-{next(_ids)}"
         header = P.encode(P.InferRequest(model, rid, spec, version))
         return self._call([b"INFER", header, *bufs], rid, timeout)
 
     def _call(self, frames: list[Any], rid: str, timeout: float | None) -> Result:
-        from .tensors import decode
-
         timeout = self.timeout if timeout is None else timeout
         last: Exception | None = None
         t0 = time.perf_counter()

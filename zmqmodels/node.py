@@ -168,7 +168,7 @@ class Node:
             devices = ",".join(sorted({w.device for w in self._workers.values()}))
             self._sub = Subscriber(self.hub, self.models, on_release=self._on_release, load=False,
                                    node_id=self.node_id, device=devices, known=known,
-                                   limits=self.limits)
+                                   limits=self.limits, background_nice=10)
             self._sub.start()
         log.info("node %s serving %s on %s with %d worker(s)", self.node_id, self.models,
                  self.address, len(self._workers))

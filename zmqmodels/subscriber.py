@@ -49,7 +49,7 @@ from .defaults import Limits
 from .errors import DeadlineError, IntegrityError, NotReadyError, ProtocolError, ZmqModelsError
 from .release import Manifest, decode_manifest, decompress_chunk, validate_name
 from .slot import Loaded, ModelSlot
-from .tuning import tune_malloc
+from .tuning import lower_thread_priority, tune_malloc
 
 __all__ = ["Subscriber", "ReleaseCallback"]
 
@@ -154,6 +154,7 @@ class Subscriber:
         cache: Cache | str | Path | None = None,
         swap_when: Callable[[Manifest], bool | None] | None = None,
         tune_malloc: bool = True,
+        background_nice: int = 0,
     ) -> None:
         self.hub = hub
         self.pub_address = P.pub_endpoint(hub)
@@ -163,6 +164,7 @@ class Subscriber:
         self.cache = Cache(cache) if isinstance(cache, str | Path) else cache
         self._swap_when = swap_when
         self._tune_malloc = tune_malloc
+        self._nice = background_nice  # a serving node runs its subscriber below its broker
         self._slots = {validate_name(n): ModelSlot() for n in models}
         self._swap_listeners: list[Callable[[str, Manifest, Manifest | None], None]] = []
         self._on_release = on_release if on_release is not None or not load else self._load_and_swap
@@ -272,6 +274,7 @@ class Subscriber:
         self._wake()
 
     def _run(self) -> None:
+        lower_thread_priority(self._nice)
         ctx = self._ctx
         sub, dealer, wake = ctx.socket(zmq.SUB), ctx.socket(zmq.DEALER), ctx.socket(zmq.PULL)
         for s in (sub, dealer, wake):
@@ -522,6 +525,7 @@ class Subscriber:
 
     # -- delivery thread ---------------------------------------------------------------------
     def _deliver(self) -> None:
+        lower_thread_priority(self._nice)
         while not self._stop.is_set():
             with self._mail_cond:
                 while not self._mailbox and not self._stop.is_set():

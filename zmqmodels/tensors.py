@@ -40,6 +40,7 @@ DTYPES: dict[str, torch.dtype] = {
     "complex128": torch.complex128,
 }
 _NAMES = {v: k for k, v in DTYPES.items()}
+_ITEMSIZE = {k: torch.empty((), dtype=v).element_size() for k, v in DTYPES.items()}
 _MAX_DEPTH = 16
 
 
@@ -52,11 +53,11 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The tensor's bytes as a memoryview (a copy only if it is not contiguous or not on CPU)."""
-    t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
-    t = t.contiguous()
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return memoryview(t.detach().reshape(-1).view(torch.uint8).numpy())
 
 
 def encode(tree: Any) -> tuple[Any, list[memoryview]]:
@@ -128,10 +129,11 @@ def decode(spec: Any, buffers: Sequence[Any], *, copy: bool = False) -> Any:
         return float(v) if kind == "float" else v
 
     def _tensor(node: dict) -> torch.Tensor:
-        dtype = DTYPES.get(node.get("dtype"))  # type: ignore[arg-type]
+        name = node.get("dtype")
+        dtype = DTYPES.get(name)  # type: ignore[arg-type]
         shape, idx = node.get("shape"), node.get("f")
         if dtype is None:
-            raise ProtocolError(f"unknown dtype {node.get('dtype')!r}")
+            raise ProtocolError(f"unknown dtype {name!r}")
         if not (isinstance(shape, list) and len(shape) <= 32
                 and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
             raise ProtocolError(f"bad shape {shape!r}")
@@ -142,7 +144,7 @@ def decode(spec: Any, buffers: Sequence[Any], *, copy: bool = False) -> Any:
         count = 1
         for d in shape:
             count *= d
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = _ITEMSIZE[name]  # type: ignore[index]
         if count * itemsize != buf.nbytes:
             raise ProtocolError(
                 f"tensor {node.get('dtype')}{shape} needs {count * itemsize} bytes, got {buf.nbytes}"

@@ -12,8 +12,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
+import threading
 
-__all__ = ["tune_malloc", "trim_heap"]
+__all__ = ["tune_malloc", "trim_heap", "lower_thread_priority"]
 
 log = logging.getLogger("zmqmodels.tuning")
 _M_TRIM_THRESHOLD = -1
@@ -48,4 +50,17 @@ def trim_heap() -> None:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.malloc_trim(0)
     except (OSError, AttributeError):
+        pass
+
+
+def lower_thread_priority(delta: int) -> None:
+    """Raise the calling thread's nice value by ``delta`` (Linux: nice is per thread, and
+    raising it needs no privilege). Background work (receiving, hashing, caching, loading)
+    then yields the CPU to threads that answer requests."""
+    if delta <= 0 or not hasattr(os, "setpriority"):
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + delta))
+    except OSError:
         pass
