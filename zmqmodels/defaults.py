@@ -67,7 +67,7 @@ START_TIMEOUT_S = 10.0
 RETAIN_PER_NAME = 5
 
 PARITY_RTOL = {"float64": 1e-7, "float32": 1e-5, "float16": 1e-3, "bfloat16": 1.6e-2}
-PARITY_ATOL = {"float64": 1e-9, "float32": 1e-6, "float16": 1e-4, "bfloat16": 1e-3}
+PARITY_ATOL = {"float64": 1e-9, "float32": 1e-6, "float16": 1e-3, "bfloat16": 1e-2}  # ~1 ulp near 1.0
 
 
 @dataclass(frozen=True)
