@@ -14,6 +14,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--slow", action="store_true", help="run long fuzzing and soak tests")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("--slow"):
+        os.environ["ZMQM_FUZZ_SLOW"] = "1"  # tests/test_fuzz.py: 10x the examples
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     skip_slow = pytest.mark.skip(reason="needs --slow")
     skip_cuda = pytest.mark.skip(reason="needs a CUDA device")

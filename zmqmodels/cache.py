@@ -14,21 +14,9 @@ from typing import Any
 
 from .errors import IntegrityError, ReleaseError, StoreError
 from .release import Manifest, decode_manifest, encode_manifest, validate_name
+from .store import atomic_write
 
 __all__ = ["Cache"]
-
-
-def _write_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
 class Cache:
@@ -48,8 +36,8 @@ class Cache:
         d = self.root / validate_name(manifest.name)
         d.mkdir(exist_ok=True)
         path = self.path(manifest.name, manifest.seq)
-        _write_atomic(path, archive)
-        _write_atomic(path.with_suffix(".manifest"), encode_manifest(manifest))
+        atomic_write(path, archive)
+        atomic_write(path.with_suffix(".manifest"), encode_manifest(manifest))
         seqs = self._seqs(manifest.name)
         for old in seqs[: -self.keep]:
             self.path(manifest.name, old).unlink(missing_ok=True)

@@ -15,7 +15,6 @@ import concurrent.futures
 import enum
 import logging
 import os
-import queue
 import socket
 import threading
 import time
@@ -30,6 +29,7 @@ import zmq
 
 from . import defaults
 from . import protocol as P
+from .commands import Commands
 from .defaults import Limits
 from .errors import DeadlineError, ProtocolError, ReleaseError, StoreError, ZmqModelsError
 from .release import Manifest, Release, decode_manifest, encode_manifest
@@ -100,8 +100,7 @@ class Publisher:
         self._fault = fault
         self._sndhwm = sndhwm
         self._state = _State.NEW
-        self._wake_addr = f"inproc://zmqmodels-hub-wake-{uuid.uuid4().hex}"
-        self._cmds: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._commands = Commands(self._ctx, "hub")
         self._ready = threading.Event()
         self._stop = threading.Event()
         self._start_error: BaseException | None = None
@@ -140,7 +139,7 @@ class Publisher:
         self._state = _State.CLOSED
         self._stop.set()
         if self._thread is not None:
-            self._wake()
+            self._commands.wake()
             self._thread.join(timeout=10)
         self._pool.shutdown(wait=True)
 
@@ -207,21 +206,6 @@ class Publisher:
         if self._state is not _State.RUNNING:
             raise ZmqModelsError("the Publisher is not running")
 
-    def _wake(self) -> None:
-        s = self._ctx.socket(zmq.PUSH)
-        s.linger = 100
-        try:
-            s.connect(self._wake_addr)
-            s.send(b"", zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass  # the wake pipe is full: the I/O thread is awake anyway
-        finally:
-            s.close()
-
-    def _post(self, fn: Callable[[], None]) -> None:
-        self._cmds.put(fn)
-        self._wake()
-
     def _call(self, fn: Callable[[], Any], timeout: float) -> Any:
         fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
 
@@ -231,7 +215,7 @@ class Publisher:
             except BaseException as exc:  # handed back to the caller
                 fut.set_exception(exc)
 
-        self._post(run)
+        self._commands.post(run)
         try:
             return fut.result(timeout)
         except concurrent.futures.TimeoutError:
@@ -239,13 +223,12 @@ class Publisher:
 
     def _run(self) -> None:
         ctx = self._ctx
-        router, pub, wake = ctx.socket(zmq.ROUTER), ctx.socket(zmq.PUB), ctx.socket(zmq.PULL)
+        router, pub, wake = ctx.socket(zmq.ROUTER), ctx.socket(zmq.PUB), self._commands.bind()
         for s in (router, pub, wake):
             s.linger = defaults.LINGER_MS
         # queued chunk messages share one buffer across subscribers: a high mark costs refs only
         pub.sndhwm = self._sndhwm
         try:
-            wake.bind(self._wake_addr)
             self.address = bind_hub_sockets(router, pub, self.bind)
             self.pub_address = P.pub_endpoint(self.address)
         except Exception as exc:
@@ -268,13 +251,7 @@ class Publisher:
                     next_beat = now + self.heartbeat_interval_s
                 events = dict(poller.poll(max(1, int((next_beat - now) * 1000))))
                 if wake in events:
-                    while wake.poll(0):
-                        wake.recv()
-                    while True:
-                        try:
-                            self._cmds.get_nowait()()
-                        except queue.Empty:
-                            break
+                    self._commands.run_pending(wake)
                 if router in events:
                     for _ in range(256):  # bounded burst, then heartbeats and commands get a turn
                         try:
@@ -436,7 +413,7 @@ class Publisher:
                 self._reply(ident, b"PUBLISHED",
                             P.encode(P.Published(m.name, m.seq, m.label, m.archive_sha256)))
 
-            self._post(finish)
+            self._commands.post(finish)
 
         def work_then_trim() -> Release:
             try:

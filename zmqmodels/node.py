@@ -20,7 +20,6 @@ import collections
 import enum
 import logging
 import os
-import queue
 import shutil
 import socket
 import subprocess
@@ -28,8 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +36,7 @@ import zmq
 from . import defaults
 from . import protocol as P
 from .cache import Cache
+from .commands import Commands
 from .defaults import Limits
 from .errors import ProtocolError, ZmqModelsError
 from .release import Manifest, validate_name
@@ -133,8 +132,7 @@ class Node:
         self._state = _State.NEW
         self._dir = tempfile.mkdtemp(prefix="zmqm-node-", dir="/tmp")  # ipc paths must be short
         self._backend_addr = f"ipc://{self._dir}/workers"
-        self._wake_addr = f"inproc://zmqmodels-node-wake-{uuid.uuid4().hex}"
-        self._cmds: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._commands = Commands(self._ctx, "node")
         self._ready, self._stop = threading.Event(), threading.Event()
         self._start_error: BaseException | None = None
         self._thread: threading.Thread | None = None
@@ -182,7 +180,7 @@ class Node:
             self._sub.close()
         self._stop.set()
         if self._thread is not None:
-            self._wake()
+            self._commands.wake()
             self._thread.join(timeout=10)
         for w in self._workers.values():
             if w.proc is not None and w.proc.poll() is None:
@@ -210,25 +208,10 @@ class Node:
         return {w.wid: dict(w.serving) for w in self._workers.values() if w.ready}
 
     # -- other threads -> I/O thread ---------------------------------------------------------
-    def _wake(self) -> None:
-        s = self._ctx.socket(zmq.PUSH)
-        s.linger = 100
-        try:
-            s.connect(self._wake_addr)
-            s.send(b"", zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass
-        finally:
-            s.close()
-
-    def _post(self, fn: Callable[[], None]) -> None:
-        self._cmds.put(fn)
-        self._wake()
-
     def _on_release(self, m: Manifest, archive: Any) -> None:
         """Subscriber delivery thread: cache the verified archive, then roll it out."""
         path = self.cache.put(m, archive)
-        self._post(lambda: self._set_target(m.name, m.seq, str(path), m.label))
+        self._commands.post(lambda: self._set_target(m.name, m.seq, str(path), m.label))
 
     # -- I/O thread --------------------------------------------------------------------------
     def _spawn(self, w: _Worker) -> None:
@@ -243,12 +226,11 @@ class Node:
 
     def _run(self) -> None:
         ctx = self._ctx
-        front, back, wake = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER), ctx.socket(zmq.PULL)
+        front, back, wake = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER), self._commands.bind()
         for s in (front, back, wake):
             s.linger = defaults.LINGER_MS
         back.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker reuses its identity
         try:
-            wake.bind(self._wake_addr)
             back.bind(self._backend_addr)
             if self.bind.startswith("tcp://") and self.bind.endswith(":0"):
                 port = front.bind_to_random_port(self.bind[: -len(":0")])
@@ -272,13 +254,7 @@ class Node:
             while not self._stop.is_set():
                 events = dict(poller.poll(100))
                 if wake in events:
-                    while wake.poll(0):
-                        wake.recv()
-                    while True:
-                        try:
-                            self._cmds.get_nowait()()
-                        except queue.Empty:
-                            break
+                    self._commands.run_pending(wake)
                 if back in events:
                     for _ in range(1024):
                         try:

@@ -286,7 +286,7 @@ def decode_header(kind: bytes, data: Any) -> Any:
         raise LimitError(f"{bytes(kind).decode()} header of {len(data)} bytes")
     try:
         msg = dec.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"bad {bytes(kind).decode()} header: {exc}") from None
     if msg.v != V:
         raise ProtocolError(f"protocol version {msg.v}, expected {V}")

@@ -151,7 +151,7 @@ def decode_manifest(data: Any, limits: Any = None) -> Manifest:
         raise LimitError(f"manifest of {len(data)} bytes exceeds {max_bytes}")
     try:
         m = _DEC.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
         raise ReleaseError(f"bad manifest: {exc}") from None
     return m.check(limits)
 

@@ -19,6 +19,7 @@ import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -26,22 +27,20 @@ from . import defaults
 from .errors import ReleaseError, StoreError
 from .release import Manifest, Release, decode_manifest, encode_manifest, validate_name
 
-__all__ = ["Store", "MAGIC", "read_release_file", "write_release_file"]
+__all__ = ["Store", "MAGIC", "atomic_write", "read_release_file", "write_release_file"]
 
 MAGIC = b"ZMQMREL1"
 _HEADER = struct.Struct("<8sQ")
 
 
-def write_release_file(path: Path, release: Release) -> None:
-    """Atomically write ``release`` to ``path`` (temp file, fsync, rename, fsync dir)."""
-    manifest = encode_manifest(release.manifest)
+def atomic_write(path: Path, *parts: Any) -> None:
+    """Write ``parts`` to ``path`` so that a crash leaves the old file or the whole new one:
+    a temp file in the same directory, fsync, rename, fsync of the directory."""
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            f.write(_HEADER.pack(MAGIC, len(manifest)))
-            f.write(manifest)
-            for c in release.chunks:
-                f.write(c)
+            for part in parts:
+                f.write(part)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -53,6 +52,12 @@ def write_release_file(path: Path, release: Release) -> None:
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def write_release_file(path: Path, release: Release) -> None:
+    """Atomically write ``release`` to ``path``."""
+    manifest = encode_manifest(release.manifest)
+    atomic_write(path, _HEADER.pack(MAGIC, len(manifest)), manifest, *release.chunks)
 
 
 def read_release_file(path: Path, limits: object = None) -> Release:
@@ -134,7 +139,7 @@ class Store:
             seq_file = d / "SEQ"
             last = int(seq_file.read_text() or 0) if seq_file.exists() else 0
             seq = max([last, *self.seqs(name)]) + 1
-            _atomic_text(seq_file, str(seq))
+            atomic_write(seq_file, str(seq).encode())
             stored = Release(msgspec.structs.replace(release.manifest, seq=seq), release.chunks)
             write_release_file(self.path(name, seq), stored)
             for old in self.seqs(name)[: -self.retain] if self.retain > 0 else []:
@@ -154,16 +159,3 @@ class Store:
             yield d
         finally:
             os.close(fd)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from exc

@@ -28,11 +28,9 @@ import hashlib
 import logging
 import mmap
 import os
-import queue
 import socket
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -45,6 +43,7 @@ import zmq
 from . import defaults
 from . import protocol as P
 from .cache import Cache
+from .commands import Commands
 from .defaults import Limits
 from .errors import DeadlineError, IntegrityError, NotReadyError, ProtocolError, ZmqModelsError
 from .release import Manifest, decode_manifest, decompress_chunk, validate_name
@@ -177,8 +176,7 @@ class Subscriber:
         for name, seq in (known or {}).items():
             if name in self._models:
                 self._models[name].done_seq = self._models[name].seq = seq
-        self._wake_addr = f"inproc://zmqmodels-sub-wake-{uuid.uuid4().hex}"
-        self._cmds: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._commands = Commands(self._ctx, "sub")
         self._mailbox: dict[str, tuple[Manifest, Any, str]] = {}
         self._pool = _BufferPool()
         self._mail_cond = threading.Condition()
@@ -216,7 +214,7 @@ class Subscriber:
         self._stop.set()
         with self._mail_cond:
             self._mail_cond.notify_all()
-        self._wake()
+        self._commands.wake()
         for t in self._threads:
             if t is not threading.current_thread():
                 t.join(timeout=10)
@@ -247,7 +245,7 @@ class Subscriber:
                 st.label = label
             self._send_report(st)
 
-        self._post(apply)
+        self._commands.post(apply)
 
     def wait_connected(self, timeout: float) -> None:
         """Block until the hub has been heard from (a heartbeat or a reply)."""
@@ -258,32 +256,16 @@ class Subscriber:
             time.sleep(0.01)
 
     # -- plumbing ----------------------------------------------------------------------------
-    def _wake(self) -> None:
-        s = self._ctx.socket(zmq.PUSH)
-        s.linger = 100
-        try:
-            s.connect(self._wake_addr)
-            s.send(b"", zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass
-        finally:
-            s.close()
-
-    def _post(self, fn: Callable[[], None]) -> None:
-        self._cmds.put(fn)
-        self._wake()
-
     def _run(self) -> None:
         lower_thread_priority(self._nice)
         ctx = self._ctx
-        sub, dealer, wake = ctx.socket(zmq.SUB), ctx.socket(zmq.DEALER), ctx.socket(zmq.PULL)
+        sub, dealer, wake = ctx.socket(zmq.SUB), ctx.socket(zmq.DEALER), self._commands.bind()
         for s in (sub, dealer, wake):
             s.linger = defaults.LINGER_MS
         try:
             # a low mark: the hub's queue shares one buffer across nodes, ours would copy the
             # whole release into fresh pages ahead of the reader
             sub.rcvhwm = self._rcvhwm
-            wake.bind(self._wake_addr)
             sub.setsockopt(zmq.SUBSCRIBE, P.HUB_TOPIC)
             for name in self._models:
                 sub.setsockopt(zmq.SUBSCRIBE, P.topic(name))
@@ -308,13 +290,7 @@ class Subscriber:
             while not self._stop.is_set():
                 events = dict(poller.poll(50))
                 if wake in events:
-                    while wake.poll(0):
-                        wake.recv()
-                    while True:
-                        try:
-                            self._cmds.get_nowait()()
-                        except queue.Empty:
-                            break
+                    self._commands.run_pending(wake)
                 for sock, handler in ((sub, self._on_sub), (dealer, self._on_dealer)):
                     if sock not in events:
                         continue
@@ -567,7 +543,7 @@ class Subscriber:
         def apply() -> None:
             self._models[m.name].rejected.add(m.seq)
 
-        self._post(apply)
+        self._commands.post(apply)
         self.report(m.name, "rejected", seq=m.seq, label=m.label, reason=reason)
 
     # -- embedded loading (delivery thread) ---------------------------------------------------
