@@ -185,3 +185,28 @@ def test_hub_answers_bad_requests_and_keeps_running(tmp_path) -> None:
             s.close()
         assert HubClient(hub.address).status().models[0].name == "m"
         assert hub.stats["error_bad_message"] >= 5
+
+
+def test_hub_refuses_more_concurrent_store_jobs_than_its_limit(tmp_path) -> None:
+    import threading
+
+    from zmqmodels.defaults import Limits
+
+    big = raw_release("m", os.urandom(64 << 20), chunk_bytes=4 << 20)
+    with Publisher("tcp://127.0.0.1:0", Store(tmp_path), limits=Limits(max_store_jobs=1)) as hub:
+        results: list[object] = []
+
+        def send() -> None:
+            try:
+                results.append(HubClient(hub.address, timeout=60).publish(big))
+            except RemoteError as exc:
+                results.append(exc)
+
+        threads = [threading.Thread(target=send) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        busy = [r for r in results if isinstance(r, RemoteError)]
+        assert len(results) == 4 and busy and all(e.code == "busy" and e.retryable for e in busy)
+        assert len(busy) < 4  # the first one was stored

@@ -81,3 +81,10 @@ class Limits:
     max_request_bytes: int = MAX_REQUEST_BYTES
     max_request_tensors: int = MAX_REQUEST_TENSORS
     fetch_credit: int = FETCH_CREDIT  # chunks one peer may ask for in one request
+    max_store_jobs: int = 2  # PUBLISH/ROLLBACK a hub holds at once; each holds its whole release
+
+    @property
+    def max_frame_bytes(self) -> int:
+        """The largest frame a hub or node accepts (ZMQ_MAXMSGSIZE: libzmq drops the peer
+        before buffering more): a chunk with blosc2's header, or a manifest."""
+        return max(self.max_chunk_bytes + 64 * 1024, self.max_manifest_bytes)

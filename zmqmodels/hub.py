@@ -98,6 +98,7 @@ class Publisher:
         self.hub_id = hub_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._ctx = context or zmq.Context.instance()
         self._fault = fault
+        self._store_jobs = 0  # PUBLISH/ROLLBACK in the executor (I/O thread's counter)
         self._sndhwm = sndhwm
         self._state = _State.NEW
         self._commands = Commands(self._ctx, "hub")
@@ -228,6 +229,7 @@ class Publisher:
             s.linger = defaults.LINGER_MS
         # queued chunk messages share one buffer across subscribers: a high mark costs refs only
         pub.sndhwm = self._sndhwm
+        router.setsockopt(zmq.MAXMSGSIZE, self.limits.max_frame_bytes)
         try:
             self.address = bind_hub_sockets(router, pub, self.bind)
             self.pub_address = P.pub_endpoint(self.address)
@@ -397,9 +399,15 @@ class Publisher:
     def _in_pool(self, ident: Any, work: Callable[[], Release]) -> None:
         """Run store work off the I/O thread; broadcast and reply back on it."""
         ident = ident.bytes
+        if self._store_jobs >= self.limits.max_store_jobs:
+            self._error(ident, "busy", f"{self._store_jobs} releases are being stored; retry",
+                        retryable=True)
+            return
+        self._store_jobs += 1
 
         def done(fut: concurrent.futures.Future[Release]) -> None:
             def finish() -> None:
+                self._store_jobs -= 1
                 try:
                     rel = fut.result()
                 except (ZmqModelsError, StoreError) as exc:

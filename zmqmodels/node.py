@@ -230,6 +230,9 @@ class Node:
         for s in (front, back, wake):
             s.linger = defaults.LINGER_MS
         back.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker reuses its identity
+        # a hard cap per frame, enforced by libzmq before it buffers: requests a little over the
+        # limit still get a `too_large` reply, grossly oversized frames cost the connection
+        front.setsockopt(zmq.MAXMSGSIZE, self.limits.max_request_bytes + (1 << 20))
         try:
             back.bind(self._backend_addr)
             if self.bind.startswith("tcp://") and self.bind.endswith(":0"):

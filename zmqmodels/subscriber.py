@@ -266,6 +266,8 @@ class Subscriber:
             # a low mark: the hub's queue shares one buffer across nodes, ours would copy the
             # whole release into fresh pages ahead of the reader
             sub.rcvhwm = self._rcvhwm
+            for s in (sub, dealer):  # never buffer a frame bigger than any we accept
+                s.setsockopt(zmq.MAXMSGSIZE, self.limits.max_frame_bytes)
             sub.setsockopt(zmq.SUBSCRIBE, P.HUB_TOPIC)
             for name in self._models:
                 sub.setsockopt(zmq.SUBSCRIBE, P.topic(name))
