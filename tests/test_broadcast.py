@@ -210,3 +210,21 @@ def test_hub_refuses_more_concurrent_store_jobs_than_its_limit(tmp_path) -> None
         busy = [r for r in results if isinstance(r, RemoteError)]
         assert len(results) == 4 and busy and all(e.code == "busy" and e.retryable for e in busy)
         assert len(busy) < 4  # the first one was stored
+
+
+def test_fleet_table_is_bounded_against_invented_node_ids(tmp_path) -> None:
+    from zmqmodels.defaults import Limits
+
+    ctx = zmq.Context.instance()
+    with Publisher("tcp://127.0.0.1:0", Store(tmp_path), limits=Limits(max_fleet_entries=5)) as hub:
+        s = ctx.socket(zmq.DEALER)
+        s.linger = 0
+        s.connect(hub.address)
+        try:
+            for i in range(20):
+                s.send_multipart([b"REPORT", P.encode(P.Report(f"n{i}", "m", "idle"))])
+            wait_until(lambda: hub.stats["fleet_evicted"] == 15, 10, what="evictions")
+        finally:
+            s.close()
+        nodes = [n.node for n in hub.status().nodes]
+        assert nodes == [f"n{i}" for i in range(15, 20)]  # the newest five stay

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +39,7 @@ class Cache:
         path = self.path(manifest.name, manifest.seq)
         atomic_write(path, archive)
         atomic_write(path.with_suffix(".manifest"), encode_manifest(manifest))
-        seqs = self._seqs(manifest.name)
-        for old in seqs[: -self.keep]:
+        for old in self.seqs(manifest.name)[: -self.keep]:
             self.path(manifest.name, old).unlink(missing_ok=True)
             self.path(manifest.name, old).with_suffix(".manifest").unlink(missing_ok=True)
         return path
@@ -50,17 +50,19 @@ class Cache:
         self.path(name, seq).unlink(missing_ok=True)
 
     def seqs(self, name: str) -> list[int]:
-        return self._seqs(validate_name(name))
-
-    def _seqs(self, name: str) -> list[int]:
-        d = self.root / name
+        d = self.root / validate_name(name)
         if not d.is_dir():
             return []
         return sorted(int(p.stem) for p in d.glob("*.manifest") if p.stem.isdigit())
 
-    def latest(self, name: str, *, verify: bool = True) -> tuple[Manifest, Path] | None:
-        """The newest cached release of ``name`` whose archive checks out, else None."""
-        for seq in reversed(self._seqs(name)):
+    def latest(self, name: str, *, verify: bool = True,
+               exclude: Collection[int] = ()) -> tuple[Manifest, Path] | None:
+        """The newest cached release of ``name`` (not in ``exclude``) whose manifest reads and,
+        with ``verify``, whose archive matches its sha256. A damaged entry is discarded, so
+        whoever looks next (a worker that trusts this check) cannot pick it up."""
+        for seq in reversed(self.seqs(name)):
+            if seq in exclude:
+                continue
             path = self.path(name, seq)
             try:
                 m = decode_manifest(path.with_suffix(".manifest").read_bytes())
@@ -68,7 +70,7 @@ class Cache:
                     self.verify(m, path)
                 return m, path
             except (OSError, ReleaseError, IntegrityError):
-                continue  # a damaged entry: fall back to the one before it
+                self.discard(name, seq)  # fall back to the one before it
         return None
 
     @staticmethod

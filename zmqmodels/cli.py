@@ -302,8 +302,9 @@ def publish(hub_addr: str | None, bind_addr: str | None, store_dir: str, wait_fo
 
 def _finish_publish(ok: bool, status: Any, name: str, seq: int, label: str, wait_for: int,
                     as_json: bool, say: Any) -> None:
-    serving = sum(n.model == name and n.seq == seq and n.state == "serving" for n in status.nodes)
-    rejected = [n.node for n in status.nodes if n.model == name and n.rejected_seq == seq]
+    from .protocol import rollout
+
+    serving, rejected = rollout(status, name, seq)
     if as_json:
         _emit_json({"ok": ok, "name": name, "seq": seq, "label": label, "serving": serving,
                     "rejected": rejected, "wait_for": wait_for, "status": _status_json(status)})

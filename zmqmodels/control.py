@@ -65,11 +65,7 @@ class HubClient:
         deadline = time.monotonic() + timeout
         while True:
             st = self.status()
-            rows = [n for n in st.nodes if n.model == name]
-            if any(n.rejected_seq == seq for n in rows):
-                return False, st
-            if sum(n.seq == seq and n.state == "serving" for n in rows) >= count:
-                return True, st
-            if time.monotonic() >= deadline:
-                return False, st
+            serving, rejected = P.rollout(st, name, seq)
+            if rejected or serving >= count or time.monotonic() >= deadline:
+                return serving >= count and not rejected, st
             time.sleep(poll_s)

@@ -82,6 +82,7 @@ class Limits:
     max_request_tensors: int = MAX_REQUEST_TENSORS
     fetch_credit: int = FETCH_CREDIT  # chunks one peer may ask for in one request
     max_store_jobs: int = 2  # PUBLISH/ROLLBACK a hub holds at once; each holds its whole release
+    max_fleet_entries: int = 10_000  # (node, model) rows in a hub's fleet table
 
     @property
     def max_frame_bytes(self) -> int:

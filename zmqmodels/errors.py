@@ -15,8 +15,8 @@
     ├── NotReadyError              not_ready         no model (or not the pinned version) yet
     └── RemoteError                (the remote code)  an error reply from a hub or server
 
-Errors cross the wire as ``(code, message)``; :func:`error_from_code` maps a code back to its
-type so a client raises the same class the server raised.
+Errors cross the wire as ``(code, message, retryable)``; a client raises :class:`RemoteError`
+carrying the remote code.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ __all__ = [
     "DeadlineError",
     "NotReadyError",
     "RemoteError",
-    "error_from_code",
 ]
 
 
@@ -95,8 +94,3 @@ class RemoteError(ZmqModelsError):
         self.code = code
         self.message = message
         self.retryable = retryable
-
-
-def error_from_code(code: str, message: str, retryable: bool = False) -> RemoteError:
-    """Build the :class:`RemoteError` a client raises for an error reply."""
-    return RemoteError(code, message, retryable)

@@ -24,7 +24,6 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
-import xxhash
 import zmq
 
 from . import defaults
@@ -175,14 +174,11 @@ class Publisher:
         deadline = time.monotonic() + timeout
         with self._fleet_cond:
             while True:
-                entries = [e for (_, model), e in self._fleet.items() if model == name]
-                if any(e[2] == seq for e in entries):
-                    return False, self._status_locked()
-                if sum(e[0].seq == seq and e[0].state == "serving" for e in entries) >= count:
-                    return True, self._status_locked()
+                status = self._status_locked()
+                serving, rejected = P.rollout(status, name, seq)
                 left = deadline - time.monotonic()
-                if left <= 0:
-                    return False, self._status_locked()
+                if rejected or serving >= count or left <= 0:
+                    return serving >= count and not rejected, status
                 self._fleet_cond.wait(min(left, 0.5))
 
     # -- internals: store side (executor or caller thread) -----------------------------------
@@ -380,6 +376,10 @@ class Publisher:
             entry = [report, time.monotonic(), prev[2] if prev else 0, prev[3] if prev else ""]
             if report.state == "rejected":
                 entry[2], entry[3] = report.seq, report.reason
+            if prev is None and len(self._fleet) >= self.limits.max_fleet_entries:
+                # node ids come from peers: forget the longest-silent entry, never grow unbounded
+                del self._fleet[min(self._fleet, key=lambda k: self._fleet[k][1])]
+                self.stats["fleet_evicted"] += 1
             self._fleet[key] = entry
             self._fleet_cond.notify_all()
         if prev is None or (prev[0].state, prev[0].seq) != (report.state, report.seq):
@@ -391,9 +391,7 @@ class Publisher:
         chunks = [f.buffer for f in frames[1:]]
         if len(chunks) != m.chunk_count:
             raise ReleaseError(f"PUBLISH carries {len(chunks)} chunks, manifest says {m.chunk_count}")
-        for i, c in enumerate(chunks):
-            if len(c) != m.chunk_sizes[i] or xxhash.xxh3_64_intdigest(c) != m.chunk_xxh3[i]:
-                raise ReleaseError(f"PUBLISH chunk {i}: size or digest mismatch")
+        # every chunk and the archive sha256 are verified once, in the pool (Release.verify)
         self._in_pool(ident, lambda: self._store_release(Release(m, chunks)))
 
     def _in_pool(self, ident: Any, work: Callable[[], Release]) -> None:

@@ -92,4 +92,8 @@ def load_release(manifest: Manifest, source: str | os.PathLike[str] | Any, devic
             module(*to_device(tuple(examples[0]), device))
         if gpu:
             torch.cuda.synchronize(device)
-    return Loaded(module, manifest, device, t1 - t0, time.perf_counter() - t1)
+    from .tensors import DTYPES
+
+    sig = tuple((DTYPES.get(w.get("dtype")), w.get("rank", -1), w.get("dtype", ""))
+                for w in manifest.inputs)
+    return Loaded(module, manifest, device, t1 - t0, time.perf_counter() - t1, sig)

@@ -150,19 +150,19 @@ class Node:
         if self._state is not _State.NEW:
             raise ZmqModelsError("a Node can be started once")
         self._state = _State.RUNNING
+        # verify the cache before any worker starts: workers load from it without hashing again
+        known = {}
+        for name in self.models:
+            found = self.cache.latest(name)
+            if found is not None:
+                known[name] = found[0].seq
+        # workers are spawned (and respawned) by the I/O thread alone, from its first tick
         self._thread = threading.Thread(target=self._run, name="zmqmodels-node-io", daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout) or self._start_error is not None:
             self.close()
             raise ZmqModelsError(f"node failed to start on {self.bind}: {self._start_error}")
-        for w in self._workers.values():
-            self._spawn(w)
         if self.hub:
-            known = {}
-            for name in self.models:
-                found = self.cache.latest(name)
-                if found is not None:
-                    known[name] = found[0].seq
             devices = ",".join(sorted({w.device for w in self._workers.values()}))
             self._sub = Subscriber(self.hub, self.models, on_release=self._on_release, load=False,
                                    node_id=self.node_id, device=devices, known=known,
@@ -199,13 +199,6 @@ class Node:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def worker_pids(self) -> dict[str, int]:
-        return {w.wid: w.proc.pid for w in self._workers.values() if w.proc is not None}
-
-    def serving(self) -> dict[str, dict[str, int]]:
-        """What each worker serves now: ``{worker: {model: seq}}``."""
-        return {w.wid: dict(w.serving) for w in self._workers.values() if w.ready}
 
     # -- other threads -> I/O thread ---------------------------------------------------------
     def _on_release(self, m: Manifest, archive: Any) -> None:

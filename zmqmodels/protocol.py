@@ -45,6 +45,7 @@ __all__ = [
     "ModelStatus",
     "StatusReply",
     "ErrorReply",
+    "rollout",
     "InferRequest",
     "InferReply",
     "WorkerReady",
@@ -271,6 +272,14 @@ KINDS: dict[bytes, type[msgspec.Struct]] = {
 _DECODERS = {k: msgspec.msgpack.Decoder(t) for k, t in KINDS.items()}
 _ENC = msgspec.msgpack.Encoder()
 _MAX_HEADER = 1 << 20
+
+
+def rollout(status: StatusReply, name: str, seq: int) -> tuple[int, list[str]]:
+    """``(nodes serving name at seq, nodes that rejected that seq)``: the one rule behind
+    ``publish --wait-for`` (hub-side and client-side)."""
+    rows = [n for n in status.nodes if n.model == name]
+    serving = sum(n.seq == seq and n.state == "serving" for n in rows)
+    return serving, [n.node for n in rows if n.rejected_seq == seq]
 
 
 def encode(msg: msgspec.Struct) -> bytes:

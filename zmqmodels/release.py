@@ -263,15 +263,11 @@ def choose_codec(archive: Any, typesize: int, chunk_bytes: int = defaults.CHUNK_
                   CodecSpec("zstd", 1, "shuffle", typesize)]
     best, best_gain = CodecSpec(), 1.0
     for c in candidates:
-        size = sum(len(x) for x in compress_archive(_concat(sample), c, chunk_bytes))
+        size = sum(len(x) for x in compress_archive(b"".join(sample), c, chunk_bytes))
         gain = total / max(size, 1)
         if gain > best_gain * 1.02:  # a slower codec must win by more than noise
             best, best_gain = c, gain
     return best if best_gain >= defaults.AUTO_MIN_GAIN else CodecSpec()
-
-
-def _concat(parts: list[memoryview]) -> bytes:
-    return b"".join(parts)
 
 
 def build_release(

@@ -24,6 +24,8 @@ class Loaded:
     device: str
     load_s: float
     check_s: float
+    # per positional input: (torch dtype or None, rank, dtype name), from manifest.inputs
+    signature: tuple[tuple[Any, int, str], ...] = ()
 
     @property
     def version(self) -> tuple[str, int]:

@@ -32,7 +32,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -246,14 +246,6 @@ class Subscriber:
             self._send_report(st)
 
         self._commands.post(apply)
-
-    def wait_connected(self, timeout: float) -> None:
-        """Block until the hub has been heard from (a heartbeat or a reply)."""
-        deadline = time.monotonic() + timeout
-        while self.hub_seen == 0.0:
-            if time.monotonic() > deadline:
-                raise DeadlineError(f"no word from hub {self.hub} within {timeout}s")
-            time.sleep(0.01)
 
     # -- plumbing ----------------------------------------------------------------------------
     def _run(self) -> None:
@@ -644,7 +636,3 @@ class Subscriber:
     def on_swap(self, callback: Callable[[str, Manifest, Manifest | None], None]) -> None:
         """Call ``callback(name, new_manifest, old_manifest)`` after each swap."""
         self._swap_listeners.append(callback)
-
-    def pending(self) -> Iterable[str]:
-        """Names with a release being assembled (for diagnostics)."""
-        return [n for n, st in self._models.items() if st.asm is not None]

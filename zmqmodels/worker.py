@@ -13,6 +13,7 @@ import gc
 import logging
 import os
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from .errors import ProtocolError, ZmqModelsError
 from .loader import load_release, to_device
 from .release import decode_manifest
 from .slot import Loaded, ModelSlot
-from .tensors import DTYPES, decode, encode
+from .tensors import decode, encode
 
 __all__ = ["Worker", "main"]
 
@@ -48,14 +49,16 @@ class Worker:
         self.slots = {name: ModelSlot() for name in models}
 
     # -- loading -----------------------------------------------------------------------------
-    def load_cached(self) -> None:
-        for name, slot in self.slots.items():
-            found = self.cache.latest(name)
+    def load_cached(self, names: Collection[str] | None = None, exclude: Collection[int] = ()) -> None:
+        """Load the newest cached release of each model. The front verified the cache's
+        sha256s before starting us and writes only verified archives, so we do not hash again."""
+        for name in self.slots if names is None else names:
+            found = self.cache.latest(name, verify=False, exclude=exclude)
             if found is None:
                 continue
             m, path = found
             try:
-                slot.swap(load_release(m, path, self.device))
+                self.slots[name].swap(load_release(m, path, self.device))
             except ZmqModelsError as exc:
                 log.warning("%s: cached %s seq %d unusable: %s", self.worker_id, name, m.seq, exc)
 
@@ -79,23 +82,11 @@ class Worker:
         except (OSError, ZmqModelsError) as exc:
             reason = str(exc)
             if slot.current() is None and cmd.unload_first:
-                self.load_cached_except(cmd.name, cmd.seq)  # put the old one back
+                self.load_cached([cmd.name], exclude=[cmd.seq])  # put the old one back
             return P.LoadResult(self.worker_id, cmd.name, cmd.seq, label, False, reason)
         slot.swap(loaded)
         return P.LoadResult(self.worker_id, cmd.name, cmd.seq, label, True, "",
                             round(loaded.load_s, 4), round(loaded.check_s, 4))
-
-    def load_cached_except(self, name: str, bad_seq: int) -> None:
-        for seq in reversed(self.cache.seqs(name)):
-            if seq == bad_seq:
-                continue
-            path = self.cache.path(name, seq)
-            try:
-                m = decode_manifest(path.with_suffix(".manifest").read_bytes())
-                self.slots[name].swap(load_release(m, path, self.device))
-                return
-            except (OSError, ZmqModelsError):
-                continue
 
     def _free_memory(self) -> None:
         gc.collect()
@@ -224,24 +215,8 @@ def _in_background(fn: Any) -> Any:
     return value
 
 
-_SIGS: dict[int, list[tuple[Any, int, str]]] = {}
-
-
-def _signature(cur: Loaded) -> list[tuple[Any, int, str]]:
-    """(torch dtype or None, rank, dtype name) per positional input, cached per loaded model."""
-    key = id(cur)
-    sig = _SIGS.get(key)
-    if sig is None:
-        sig = [(DTYPES.get(w.get("dtype")), w.get("rank", -1), w.get("dtype", ""))
-               for w in cur.manifest.inputs]
-        if len(_SIGS) > 64:
-            _SIGS.clear()
-        _SIGS[key] = sig
-    return sig
-
-
 def _check_signature(cur: Loaded, args: tuple[Any, ...]) -> None:
-    sig = _signature(cur)
+    sig = cur.signature
     if not sig:
         return
     if len(args) != len(sig):
