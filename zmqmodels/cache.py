@@ -1,13 +1,15 @@
 """The node's local cache: the last validated release of each model, ready to load by path.
 
 Layout: ``DIR/<name>/<seq:012d>.pt`` (the TorchScript archive) beside ``<seq:012d>.manifest``
-(its msgpack manifest). Both are written atomically, the manifest last, so a manifest names
-a whole archive. On restart the archive's sha256 is checked again before anything loads it.
+(its msgpack manifest, byte for byte as received) and ``<seq:012d>.sig`` (its signature, when
+signed). All are written atomically, the manifest last, so a manifest names a whole archive.
+On restart the signature and the archive's sha256 are checked again before anything loads it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Collection
 from pathlib import Path
@@ -15,9 +17,12 @@ from typing import Any
 
 from .errors import IntegrityError, ReleaseError, StoreError
 from .release import Manifest, decode_manifest, encode_manifest, validate_name
+from .signing import Trust
 from .store import atomic_write
 
 __all__ = ["Cache"]
+
+log = logging.getLogger("zmqmodels.cache")
 
 
 class Cache:
@@ -32,21 +37,29 @@ class Cache:
     def path(self, name: str, seq: int) -> Path:
         return self.root / validate_name(name) / f"{seq:012d}.pt"
 
-    def put(self, manifest: Manifest, archive: Any) -> Path:
-        """Write a verified archive and its manifest; return the archive's path."""
+    def put(self, manifest: Manifest, archive: Any, raw: Any = None, signature: bytes = b"") -> Path:
+        """Write a verified archive, its signature and its manifest (``raw``: the bytes as
+        received; None re-encodes ``manifest``); return the archive's path."""
         d = self.root / validate_name(manifest.name)
-        d.mkdir(exist_ok=True)
+        try:
+            d.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot write cache {d}: {exc.strerror or exc}") from exc
         path = self.path(manifest.name, manifest.seq)
         atomic_write(path, archive)
-        atomic_write(path.with_suffix(".manifest"), encode_manifest(manifest))
+        if signature:
+            atomic_write(path.with_suffix(".sig"), signature)
+        else:
+            path.with_suffix(".sig").unlink(missing_ok=True)
+        atomic_write(path.with_suffix(".manifest"), encode_manifest(manifest) if raw is None else raw)
         for old in self.seqs(manifest.name)[: -self.keep]:
-            self.path(manifest.name, old).unlink(missing_ok=True)
-            self.path(manifest.name, old).with_suffix(".manifest").unlink(missing_ok=True)
+            self.discard(manifest.name, old)
         return path
 
     def discard(self, name: str, seq: int) -> None:
         """Forget a release that failed to load, so no restarted worker picks it up."""
         self.path(name, seq).with_suffix(".manifest").unlink(missing_ok=True)
+        self.path(name, seq).with_suffix(".sig").unlink(missing_ok=True)
         self.path(name, seq).unlink(missing_ok=True)
 
     def seqs(self, name: str) -> list[int]:
@@ -55,21 +68,26 @@ class Cache:
             return []
         return sorted(int(p.stem) for p in d.glob("*.manifest") if p.stem.isdigit())
 
-    def latest(self, name: str, *, verify: bool = True,
-               exclude: Collection[int] = ()) -> tuple[Manifest, Path] | None:
+    def latest(self, name: str, *, verify: bool = True, exclude: Collection[int] = (),
+               trust: Trust | None = None) -> tuple[Manifest, Path] | None:
         """The newest cached release of ``name`` (not in ``exclude``) whose manifest reads and,
-        with ``verify``, whose archive matches its sha256. A damaged entry is discarded, so
-        whoever looks next (a worker that trusts this check) cannot pick it up."""
+        with ``verify``, whose signature ``trust`` accepts and whose archive matches its
+        sha256. A damaged or untrusted entry is discarded, so whoever looks next (a worker
+        that relies on this check) cannot pick it up."""
         for seq in reversed(self.seqs(name)):
             if seq in exclude:
                 continue
             path = self.path(name, seq)
             try:
-                m = decode_manifest(path.with_suffix(".manifest").read_bytes())
+                raw = path.with_suffix(".manifest").read_bytes()
+                m = decode_manifest(raw)
                 if verify:
+                    sig = path.with_suffix(".sig")
+                    (trust or Trust()).verify(m, raw, sig.read_bytes() if sig.exists() else b"")
                     self.verify(m, path)
                 return m, path
-            except (OSError, ReleaseError, IntegrityError):
+            except (OSError, ReleaseError) as exc:
+                log.warning("cache: discarding %s seq %d: %s", name, seq, exc)
                 self.discard(name, seq)  # fall back to the one before it
         return None
 

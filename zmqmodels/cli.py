@@ -70,7 +70,7 @@ def inspect(path: str, as_json: bool) -> None:
         for key in ("examples", "expected"):  # tensors: summarise, do not dump bytes
             pack = headers.pop(key, None)
             headers[f"{key}_count"] = len(pack["spec"]["items"]) if pack else 0
-        headers["signature"] = release.manifest.signature.hex()
+        headers["signature"] = release.signature.hex() or "(unsigned)"
         module = torch.jit.load(io.BytesIO(release.archive()), map_location="cpu")
     else:
         try:
@@ -104,6 +104,101 @@ def inspect(path: str, as_json: bool) -> None:
                f"in {len(params)} parameter tensors")
 
 
+def _apply(fn: Any, opts: list[Any]) -> Any:
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def signing_option(fn: Any) -> Any:
+    return click.option("--signing-key", type=click.Path(dir_okay=False),
+                        help="Ed25519 secret key (keys generate): sign what this publishes.")(fn)
+
+
+def trust_option(fn: Any) -> Any:
+    return click.option("--trust", "trust", multiple=True, type=click.Path(exists=True),
+                        help="Trusted signer: a .pub key or a directory of them; repeatable. "
+                             "With any, unsigned or otherwise signed releases are refused.")(fn)
+
+
+def curve_options(server: bool, client: bool) -> Any:
+    """``--curve-key`` always; ``--curve-server`` for commands that connect to a server,
+    ``--curve-allow`` for commands that run one."""
+    def deco(fn: Any) -> Any:
+        opts = [click.option("--curve-key", type=click.Path(exists=True, dir_okay=False),
+                             help="This process's CURVE secret certificate (NAME.key_secret).")]
+        if client:
+            opts.append(click.option("--curve-server", type=click.Path(exists=True, dir_okay=False),
+                                     help="The server's CURVE public certificate (NAME.key): "
+                                          "connect with CURVE."))
+        if server:
+            opts.append(click.option("--curve-allow", multiple=True, type=click.Path(exists=True),
+                                     help="Admit only these CURVE public certificates (files or "
+                                          "directories of *.key); repeatable."))
+        return _apply(fn, opts)
+    return deco
+
+
+def limit_option(fn: Any) -> Any:
+    return click.option("--limit", "limits", multiple=True, metavar="NAME=VALUE",
+                        help="Override a hard limit, e.g. max_archive_bytes=2G; repeatable "
+                             "(see docs/protocol.md §Limits).")(fn)
+
+
+def _curve(curve_key: str | None, curve_server: str | None = None,
+           curve_allow: tuple[str, ...] = ()) -> Any:
+    """The :class:`Curve` these options describe, or None. A client given only the server's
+    key gets a throwaway key pair: encrypted, the server proven, the client anonymous."""
+    if not (curve_key or curve_server or curve_allow):
+        return None
+    from .curve import Curve
+
+    if curve_key:
+        return Curve.load(curve_key, curve_server, curve_allow)
+    if curve_allow:
+        raise click.UsageError("--curve-allow needs --curve-key (the server's own certificate)")
+    return Curve.ephemeral(curve_server)  # type: ignore[arg-type]
+
+
+def _signing_key(path: str | None) -> Any:
+    if not path:
+        return None
+    from .signing import SigningKey
+
+    return SigningKey.load(path)
+
+
+def _trust(paths: tuple[str, ...]) -> Any:
+    from .signing import Trust
+
+    return Trust.load(paths)
+
+
+_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30}
+
+
+def _limits(pairs: tuple[str, ...]) -> Any:
+    import dataclasses
+
+    from .defaults import Limits
+
+    names = {f.name for f in dataclasses.fields(Limits)}
+    values: dict[str, int] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in names:
+            raise click.BadParameter(f"{pair!r}: use NAME=VALUE with NAME one of {', '.join(sorted(names))}",
+                                     param_hint="--limit")
+        scale = _UNITS.get(value[-1:].upper(), 1)
+        try:
+            values[key] = int(float(value[:-1] if scale > 1 else value) * scale)
+        except ValueError:
+            raise click.BadParameter(f"{pair!r}: {value!r} is not a number", param_hint="--limit") from None
+        if values[key] <= 0:
+            raise click.BadParameter(f"{pair!r}: a limit must be positive", param_hint="--limit")
+    return Limits(**values)
+
+
 def source_options(fn: Any) -> Any:
     """The options that say what to compile; shared by ``build`` and ``publish``."""
     opts = [
@@ -121,9 +216,7 @@ def source_options(fn: Any) -> Any:
         click.option("--no-trace", is_flag=True, help="Fail rather than fall back to tracing."),
         click.option("--meta", multiple=True, help="KEY=VALUE metadata; repeatable."),
     ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
+    return _apply(fn, opts)
 
 
 def build_from_options(source: str, name: str, label: str, weights: str | None,
@@ -171,12 +264,16 @@ def build_from_options(source: str, name: str, label: str, weights: str | None,
 @click.option("--store", "store_dir", required=True, type=click.Path(file_okay=False),
               help="Release store directory.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def build(store_dir: str, as_json: bool, **opts: Any) -> None:
+@signing_option
+def build(store_dir: str, as_json: bool, signing_key: str | None, **opts: Any) -> None:
     """Compile SOURCE, prove parity, and store the release (no hub needed)."""
     from .store import Store
 
     store = Store(store_dir)
+    key = _signing_key(signing_key)
     release = build_from_options(**opts, progress=None if as_json else click.echo)
+    if key is not None:
+        release = key.seal(release, store.reserve(release.manifest.name))
     stored = store.put(release)
     m = stored.manifest
     if as_json:
@@ -238,15 +335,33 @@ def _run_until_signalled(stop_check: Any = None) -> None:
               help="Seconds between heartbeats.")
 @click.option("--retain", type=int, default=defaults.RETAIN_PER_NAME, show_default=True,
               help="Releases kept per model.")
-def hub(bind_addr: str, store_dir: str, heartbeat: float, retain: int) -> None:
+@signing_option
+@trust_option
+@curve_options(server=True, client=False)
+@click.option("--curve-publisher", "curve_publishers", multiple=True, type=click.Path(exists=True),
+              help="Only these CURVE keys may publish, roll back or reserve (else: any admitted).")
+@limit_option
+def hub(bind_addr: str, store_dir: str, heartbeat: float, retain: int, signing_key: str | None,
+        trust: tuple[str, ...], curve_key: str | None, curve_allow: tuple[str, ...],
+        curve_publishers: tuple[str, ...], limits: tuple[str, ...]) -> None:
     """Run a hub: store releases, broadcast them, repair nodes, collect fleet status."""
     import logging
 
     from .hub import Publisher
     from .store import Store
 
+    curve = _curve(curve_key, None, curve_allow)
+    control = None
+    if curve_publishers:
+        from .curve import Curve
+
+        if curve is None or curve.allow is None:
+            raise click.UsageError("--curve-publisher needs --curve-key and --curve-allow")
+        control = Curve.load(curve_key, None, curve_publishers).allow  # type: ignore[arg-type]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    with Publisher(bind_addr, Store(store_dir, retain=retain), heartbeat_interval_s=heartbeat) as h:
+    with Publisher(bind_addr, Store(store_dir, retain=retain), heartbeat_interval_s=heartbeat,
+                   signing_key=_signing_key(signing_key), trust=_trust(trust), curve=curve,
+                   control_keys=control, limits=_limits(limits)) as h:
         click.echo(f"hub {h.hub_id} listening on {h.address} (PUB {h.pub_address}); Ctrl-C stops",
                    err=True)
         _run_until_signalled()
@@ -262,13 +377,19 @@ def hub(bind_addr: str, store_dir: str, heartbeat: float, retain: int) -> None:
               help="Return once this many nodes serve the new release (a rejection fails).")
 @click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds to wait.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable result on stdout.")
+@signing_option
+@curve_options(server=False, client=True)
 def publish(hub_addr: str | None, bind_addr: str | None, store_dir: str, wait_for: int,
-            timeout: float, as_json: bool, **opts: Any) -> None:
+            timeout: float, as_json: bool, signing_key: str | None, curve_key: str | None,
+            curve_server: str | None, **opts: Any) -> None:
     """Compile SOURCE, build a release and broadcast it; optionally wait for the rollout."""
     import time
 
     if bool(hub_addr) == bool(bind_addr):
         raise click.UsageError("give exactly one of --hub ADDR or --bind ADDR")
+    if bind_addr and curve_server:
+        raise click.UsageError("--curve-server is for --hub; with --bind this process is the hub")
+    key = _signing_key(signing_key)
     say = (lambda msg: click.echo(msg, err=True)) if as_json else click.echo
     t0 = time.monotonic()
     release = build_from_options(**opts, progress=say)
@@ -276,8 +397,8 @@ def publish(hub_addr: str | None, bind_addr: str | None, store_dir: str, wait_fo
     if hub_addr:
         from .control import HubClient
 
-        client = HubClient(hub_addr, timeout=timeout)
-        done = client.publish(release, timeout=timeout)
+        client = HubClient(hub_addr, timeout=timeout, curve=_curve(curve_key, curve_server))
+        done = client.publish(release, timeout=timeout, signing_key=key)
         name, seq, label = done.name, done.seq, done.label
         say(f"hub stored {name} seq {seq}; broadcasting")
         ok, status = (client.wait_for(name, seq, wait_for, timeout) if wait_for
@@ -287,7 +408,9 @@ def publish(hub_addr: str | None, bind_addr: str | None, store_dir: str, wait_fo
     from .hub import Publisher
     from .store import Store
 
-    with Publisher(bind_addr, Store(store_dir)) as pub:  # type: ignore[arg-type]
+    curve = _curve(curve_key) if curve_key else None
+    with Publisher(bind_addr, Store(store_dir), signing_key=key,  # type: ignore[arg-type]
+                   curve=curve) as pub:
         m = pub.publish(release, timeout=timeout)
         say(f"publishing {m.name} seq {m.seq} on {pub.address} (PUB {pub.pub_address})")
         if wait_for:
@@ -322,11 +445,13 @@ def _finish_publish(ok: bool, status: Any, name: str, seq: int, label: str, wait
 @click.option("--hub", "hub_addr", required=True)
 @click.option("--timeout", type=float, default=5.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def status(hub_addr: str, timeout: float, as_json: bool) -> None:
+@curve_options(server=False, client=True)
+def status(hub_addr: str, timeout: float, as_json: bool, curve_key: str | None,
+           curve_server: str | None) -> None:
     """Print the fleet table: what every node serves, its state and its last error."""
     from .control import HubClient
 
-    st = HubClient(hub_addr, timeout=timeout).status()
+    st = HubClient(hub_addr, timeout=timeout, curve=_curve(curve_key, curve_server)).status()
     if as_json:
         _emit_json(_status_json(st))
     else:
@@ -340,12 +465,15 @@ def status(hub_addr: str, timeout: float, as_json: bool) -> None:
 @click.option("--wait-for", "wait_for", type=int, default=0)
 @click.option("--timeout", type=float, default=60.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def rollback(name: str, to: str, hub_addr: str, wait_for: int, timeout: float, as_json: bool) -> None:
-    """Re-broadcast stored content of NAME under a new seq."""
+@signing_option
+@curve_options(server=False, client=True)
+def rollback(name: str, to: str, hub_addr: str, wait_for: int, timeout: float, as_json: bool,
+             signing_key: str | None, curve_key: str | None, curve_server: str | None) -> None:
+    """Re-broadcast stored content of NAME under a new seq (signed anew with --signing-key)."""
     from .control import HubClient
 
-    client = HubClient(hub_addr, timeout=timeout)
-    done = client.rollback(name, to, timeout=timeout)
+    client = HubClient(hub_addr, timeout=timeout, curve=_curve(curve_key, curve_server))
+    done = client.rollback(name, to, timeout=timeout, signing_key=_signing_key(signing_key))
     say = (lambda msg: click.echo(msg, err=True)) if as_json else click.echo
     say(f"rolled {name} back to {to!r} as seq {done.seq}")
     ok, st = client.wait_for(name, done.seq, wait_for, timeout) if wait_for else (True, client.status())
@@ -368,18 +496,29 @@ def rollback(name: str, to: str, hub_addr: str, wait_for: int, timeout: float, a
               help="availability: load the new version beside the old; unload-first: free the "
                    "old one first (a GPU that cannot hold two).")
 @click.option("--threads", type=int, default=1, show_default=True, help="torch threads per worker.")
+@trust_option
+@curve_options(server=True, client=True)
+@limit_option
 def serve(hub_addr: str | None, models: tuple[str, ...], bind_addr: str, workers: int,
           devices: tuple[str, ...], cache_dir: str, node_id: str | None, swap_policy: str,
-          threads: int) -> None:
-    """Serve inference (REQ/REP) with the newest valid release of each model."""
+          threads: int, trust: tuple[str, ...], curve_key: str | None, curve_server: str | None,
+          curve_allow: tuple[str, ...], limits: tuple[str, ...]) -> None:
+    """Serve inference (REQ/REP) with the newest valid release of each model.
+
+    CURVE: --curve-key is this node's certificate, --curve-server the hub's, --curve-allow
+    the clients admitted to --bind."""
     import logging
 
     from .node import Node
 
+    if curve_server and not curve_key:
+        raise click.UsageError("--curve-server needs --curve-key: the node's certificate also "
+                               "secures its inference socket")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     with Node(hub_addr, list(models), bind_addr, workers=workers, devices=list(devices),
               cache=cache_dir, node_id=node_id, swap_policy=swap_policy,
-              threads_per_worker=threads) as node:
+              threads_per_worker=threads, trust=_trust(trust),
+              curve=_curve(curve_key, curve_server, curve_allow), limits=_limits(limits)) as node:
         click.echo(f"node {node.node_id} serving {', '.join(models)} on {node.address}; "
                    "Ctrl-C stops", err=True)
         _run_until_signalled()
@@ -420,13 +559,15 @@ def _to_jsonable(x: Any) -> Any:
 @click.option("--timeout", type=float, default=5.0, show_default=True)
 @click.option("--retries", type=int, default=3, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
+@curve_options(server=False, client=True)
 def infer(server: str, model: str, inputs: tuple[str, ...], version: int, timeout: float,
-          retries: int, as_json: bool) -> None:
+          retries: int, as_json: bool, curve_key: str | None, curve_server: str | None) -> None:
     """Send one inference request and print the outputs and the version that served them."""
     from .client import Client
 
     args = _parse_inputs(inputs)
-    with Client(server, timeout=timeout, retries=retries) as client:
+    with Client(server, timeout=timeout, retries=retries,
+                curve=_curve(curve_key, curve_server)) as client:
         r = client.infer(model, *args, version=version)
     if as_json:
         _emit_json({"model": r.model, "label": r.label, "seq": r.seq, "worker": r.worker,
@@ -436,6 +577,36 @@ def infer(server: str, model: str, inputs: tuple[str, ...], version: int, timeou
     click.echo(f"{r.model} {r.label or '-'} (seq {r.seq}) served by {r.worker} in "
                f"{r.latency_ms:.2f} ms (model {r.infer_ms:.2f} ms)")
     click.echo(str(r.outputs))
+
+
+@cli.group()
+def keys() -> None:
+    """Make the keys that secure a fleet."""
+
+
+@keys.command("generate")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Directory to write into (created; existing keys are never overwritten).")
+@click.option("--curve", "curve_names", multiple=True, default=("hub", "node", "client"),
+              show_default=True, help="CURVE certificates to make, by name; repeatable.")
+@click.option("--no-signing", is_flag=True, help="CURVE certificates only.")
+def keys_generate(out_dir: str, curve_names: tuple[str, ...], no_signing: bool) -> None:
+    """Write an Ed25519 signing pair (signing.key, signing.pub) and CURVE certificates
+    (public_keys/NAME.key, private_keys/NAME.key_secret). Secret files are mode 0600."""
+    from .curve import generate_curve_keys
+    from .signing import generate_signing_key
+
+    out = Path(out_dir)
+    planned = [out / "public_keys" / f"{n}.key" for n in curve_names]
+    planned += [] if no_signing else [out / "signing.key", out / "signing.pub"]
+    if any(p.exists() for p in planned):
+        raise ZmqModelsError(f"{next(p for p in planned if p.exists())} exists; not overwriting keys")
+    written: list[Path] = []
+    if not no_signing:
+        written += generate_signing_key(out_dir)
+    written += generate_curve_keys(out_dir, curve_names)
+    for p in written:
+        click.echo(str(p))
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import zmq
 
 from . import protocol as P
+from .curve import Curve
 from .errors import DeadlineError, ProtocolError, RemoteError, ZmqModelsError
 from .tensors import decode, encode
 
@@ -41,11 +42,17 @@ class Result:
 
 
 class Client:
-    """``Client("tcp://node:6000").infer("lenet", x)`` -> :class:`Result`."""
+    """``Client("tcp://node:6000").infer("lenet", x)`` -> :class:`Result`.
+
+    ``curve``: this client's CURVE keys and the server's public key. A server that does not
+    admit the key never completes the handshake: the call ends in :class:`DeadlineError`.
+    """
 
     def __init__(self, server: str, *, timeout: float = 5.0, retries: int = 3,
-                 backoff_s: float = 0.05, context: zmq.Context | None = None) -> None:
+                 backoff_s: float = 0.05, context: zmq.Context | None = None,
+                 curve: Curve | None = None) -> None:
         self.server = server
+        self.curve = curve
         self.timeout = timeout
         self.retries = retries
         self.backoff_s = backoff_s
@@ -59,6 +66,8 @@ class Client:
         if self._sock is None:
             self._sock = self._ctx.socket(zmq.REQ)
             self._sock.linger = 0
+            if self.curve is not None:
+                self.curve.connect(self._sock)
             self._sock.connect(self.server)
         return self._sock
 

@@ -7,13 +7,17 @@ Each request opens its own DEALER, waits for one reply under a deadline and clos
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
 from . import protocol as P
 from .errors import DeadlineError, ProtocolError, RemoteError
-from .release import Release, encode_manifest
+from .release import Release, decode_manifest, rollback_manifest
+
+if TYPE_CHECKING:
+    from .curve import Curve
+    from .signing import SigningKey
 
 __all__ = ["HubClient"]
 
@@ -21,16 +25,21 @@ __all__ = ["HubClient"]
 class HubClient:
     """Talk to a hub at its one address: ``HubClient("tcp://hub:5555").status()``."""
 
-    def __init__(self, hub: str, *, timeout: float = 10.0, context: zmq.Context | None = None) -> None:
+    def __init__(self, hub: str, *, timeout: float = 10.0, context: zmq.Context | None = None,
+                 curve: Curve | None = None) -> None:
         self.hub = hub
         self.timeout = timeout
+        self.curve = curve
         self._ctx = context or zmq.Context.instance()
 
-    def _request(self, frames: list[Any], expect: bytes, timeout: float | None) -> Any:
+    def _request(self, frames: list[Any], expect: bytes, timeout: float | None, *,
+                 extra: int = 0) -> Any:
         timeout = self.timeout if timeout is None else timeout
         s = self._ctx.socket(zmq.DEALER)
         s.linger = 0
         try:
+            if self.curve is not None:
+                self.curve.connect(s)
             s.connect(self.hub)
             s.send_multipart(frames, copy=False)
             if not s.poll(int(timeout * 1000)):
@@ -42,18 +51,38 @@ class HubClient:
         if kind == b"ERROR" and len(reply) == 2:
             err = P.decode_header(kind, reply[1])
             raise RemoteError(err.code, err.message, err.retryable)
-        if kind != expect or len(reply) != 2:
+        if kind != expect or len(reply) != 2 + extra:
             raise ProtocolError(f"unexpected reply {kind[:32]!r} from hub")
-        return P.decode_header(kind, reply[1])
+        hdr = P.decode_header(kind, reply[1])
+        return (hdr, *reply[2:]) if extra else hdr
 
-    def publish(self, release: Release, timeout: float | None = 120.0) -> P.Published:
-        """Hand a release to the hub, which verifies, stores (assigning seq) and broadcasts it."""
-        frames = [b"PUBLISH", P.encode(P.Publish()), encode_manifest(release.manifest),
+    def reserve(self, name: str, base: str = "", timeout: float | None = None) -> tuple[int, bytes]:
+        """The next seq of ``name``, held for a release about to be signed; with ``base`` (a
+        label or seq), also that stored release's manifest."""
+        hdr, raw = self._request([b"RESERVE", P.encode(P.Reserve(name, base))], b"RESERVED", timeout,
+                                 extra=1)
+        return hdr.seq, raw
+
+    def publish(self, release: Release, timeout: float | None = 120.0, *,
+                signing_key: SigningKey | None = None) -> P.Published:
+        """Hand a release to the hub, which verifies, stores and broadcasts it. With
+        ``signing_key`` it is signed first, as the seq the hub reserves for it."""
+        if signing_key is not None and not release.signature:
+            release = signing_key.seal(release, self.reserve(release.manifest.name)[0])
+        frames = [b"PUBLISH", P.encode(P.Publish(release.signature)), release.manifest_bytes,
                   *release.chunks]
         return self._request(frames, b"PUBLISHED", timeout)
 
-    def rollback(self, name: str, to: str, timeout: float | None = 60.0) -> P.Published:
-        return self._request([b"ROLLBACK", P.encode(P.Rollback(name, to))], b"PUBLISHED", timeout)
+    def rollback(self, name: str, to: str, timeout: float | None = 60.0, *,
+                 signing_key: SigningKey | None = None) -> P.Published:
+        """Publish stored content of ``name`` (by label or seq) again under a new seq; with
+        ``signing_key``, signed anew here (the hub needs no key)."""
+        frames = [b"ROLLBACK", P.encode(P.Rollback(name, to))]
+        if signing_key is not None:
+            seq, raw = self.reserve(name, to)
+            sealed = signing_key.seal(Release(rollback_manifest(decode_manifest(raw)), ()), seq)
+            frames += [sealed.manifest_bytes, sealed.signature]
+        return self._request(frames, b"PUBLISHED", timeout)
 
     def status(self, timeout: float | None = None) -> P.StatusReply:
         return self._request([b"STATUS", P.encode(P.StatusRequest())], b"STATUS_REPLY", timeout)

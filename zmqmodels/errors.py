@@ -7,7 +7,8 @@
     │   └── ParityError            parity_mismatch   compiled output differs from eager
     ├── SourceError                bad_source        a model source/weights/example spec is unusable
     ├── ReleaseError               bad_release       a release or manifest is malformed or inconsistent
-    │   └── IntegrityError         integrity         digest or size mismatch
+    │   ├── IntegrityError         integrity         digest or size mismatch
+    │   └── SignatureError         bad_signature     unsigned, untrusted signer or signature fails
     ├── StoreError                 store             the release store cannot be read or written
     ├── ProtocolError              bad_message       a frame list does not decode
     ├── LimitError                 too_large         a declared size exceeds a configured maximum
@@ -28,6 +29,7 @@ __all__ = [
     "SourceError",
     "ReleaseError",
     "IntegrityError",
+    "SignatureError",
     "StoreError",
     "ProtocolError",
     "LimitError",
@@ -62,6 +64,10 @@ class ReleaseError(ZmqModelsError):
 
 class IntegrityError(ReleaseError):
     code = "integrity"
+
+
+class SignatureError(ReleaseError):
+    code = "bad_signature"
 
 
 class StoreError(ZmqModelsError):

@@ -23,15 +23,16 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-import msgspec
 import zmq
 
 from . import defaults
 from . import protocol as P
 from .commands import Commands
+from .curve import Curve
 from .defaults import Limits
-from .errors import DeadlineError, ProtocolError, ReleaseError, StoreError, ZmqModelsError
-from .release import Manifest, Release, decode_manifest, encode_manifest
+from .errors import DeadlineError, ProtocolError, ReleaseError, SignatureError, StoreError, ZmqModelsError
+from .release import Manifest, Release, decode_manifest, rollback_manifest
+from .signing import SigningKey, Trust
 from .store import Store
 from .tuning import trim_heap
 
@@ -74,6 +75,12 @@ class Publisher:
             manifest = hub.publish(release)            # stored, seq assigned, broadcast
             hub.wait_for(manifest.name, manifest.seq, count=3, timeout=60)
 
+    Trust: ``signing_key`` signs what this hub publishes or rolls back itself when it is not
+    signed already; ``trust`` (keys) makes it refuse releases not signed by one of them; a
+    signature present is always checked. ``curve`` secures both sockets (an allowlist there
+    admits nodes and publishers); ``control_keys`` (CURVE public keys, z85) further limits
+    PUBLISH, ROLLBACK and RESERVE to those peers.
+
     ``fault`` is a test hook: ``fault(name, seq, index, payload) -> payload`` alters chunks
     as they are *broadcast* (fetch replies are never altered), to exercise repair.
     """
@@ -89,13 +96,26 @@ class Publisher:
         context: zmq.Context | None = None,
         fault: Callable[[str, int, int, Any], Any] | None = None,
         sndhwm: int = 4096,
+        signing_key: SigningKey | None = None,
+        trust: Trust | None = None,
+        curve: Curve | None = None,
+        control_keys: frozenset[bytes] | None = None,
     ) -> None:
         self.bind = bind
         self.store = store if isinstance(store, Store) else Store(store)
         self.heartbeat_interval_s = heartbeat_interval_s
         self.limits = limits or Limits()
         self.hub_id = hub_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self._ctx = context or zmq.Context.instance()
+        self.signing_key = signing_key
+        self.trust = trust or Trust()
+        self.curve = curve
+        if control_keys is not None and (curve is None or curve.allow is None):
+            raise ZmqModelsError("control_keys need CURVE with an allowlist: peers are known by their keys")
+        self._control_keys = control_keys
+        # the ZAP handler is per context: a secured hub gets a context of its own
+        self._own_ctx = context is None and curve is not None and curve.allow is not None
+        self._ctx = zmq.Context() if self._own_ctx else (context or zmq.Context.instance())
+        self._auth: Any = None
         self._fault = fault
         self._store_jobs = 0  # PUBLISH/ROLLBACK in the executor (I/O thread's counter)
         self._sndhwm = sndhwm
@@ -120,6 +140,8 @@ class Publisher:
         if self._state is not _State.NEW:
             raise ZmqModelsError("a Publisher can be started once")
         self._state = _State.RUNNING
+        if self.curve is not None:
+            self._auth = self.curve.authenticator(self._ctx)
         for name in self.store.names():
             latest = self.store.latest(name)
             if latest is not None:
@@ -142,6 +164,10 @@ class Publisher:
             self._commands.wake()
             self._thread.join(timeout=10)
         self._pool.shutdown(wait=True)
+        if self._auth is not None:
+            self._auth.stop()
+        if self._own_ctx:
+            self._ctx.destroy(linger=0)
 
     def __enter__(self) -> Publisher:
         return self.start() if self._state is _State.NEW else self
@@ -151,16 +177,22 @@ class Publisher:
 
     # -- API for other threads ---------------------------------------------------------------
     def publish(self, release: Release, timeout: float = 60.0) -> Manifest:
-        """Verify, store (assigning ``seq``) and broadcast ``release``; return its manifest."""
+        """Verify, store and broadcast ``release``; return its manifest. Unsigned, it gets the
+        next seq (and is signed as that seq if this hub has a ``signing_key``); signed, it
+        keeps the seq it was signed with."""
         self._check_running()
+        if not release.signature and self.signing_key is not None:
+            release = self.signing_key.seal(release, self.store.reserve(release.manifest.name))
         stored = self._store_release(release)
         self._call(lambda: self._broadcast(stored), timeout)
         return stored.manifest
 
-    def rollback(self, name: str, to: str, timeout: float = 60.0) -> Manifest:
-        """Re-broadcast stored content of ``name`` (by label or seq) under a new seq."""
+    def rollback(self, name: str, to: str, timeout: float = 60.0, *,
+                 signed: Release | None = None) -> Manifest:
+        """Re-broadcast stored content of ``name`` (by label or seq) under a new seq. ``signed``
+        is a manifest for it signed elsewhere (its chunks are ignored)."""
         self._check_running()
-        stored = self._rollback(name, to)
+        stored = self._rollback(name, to, signed)
         self._call(lambda: self._broadcast(stored), timeout)
         return stored.manifest
 
@@ -183,20 +215,36 @@ class Publisher:
 
     # -- internals: store side (executor or caller thread) -----------------------------------
     def _store_release(self, release: Release) -> Release:
-        m = decode_manifest(encode_manifest(release.manifest), self.limits)
+        raw = release.manifest_bytes
+        m = decode_manifest(raw, self.limits)
+        self.trust.verify(m, raw, release.signature)  # before anything is hashed or written
         if len(release.chunks) != m.chunk_count:
             raise ReleaseError(f"{len(release.chunks)} chunks, manifest says {m.chunk_count}")
-        Release(m, release.chunks).verify()  # every chunk and the archive sha256, streamed
-        stored = self.store.put(Release(m, release.chunks))
+        checked = Release(m, release.chunks, raw, release.signature)
+        checked.verify()  # every chunk and the archive sha256, streamed
+        stored = self.store.put(checked)
         return self.store.read(m.name, stored.manifest.seq)  # serve from the page cache (mmap)
 
-    def _rollback(self, name: str, to: str) -> Release:
+    def _rollback(self, name: str, to: str, signed: Release | None = None) -> Release:
         old = self.store.find(name, to)
-        meta = {**old.manifest.metadata, "rollback_of": str(old.manifest.seq)}
-        again = Release(msgspec.structs.replace(old.manifest, created_at=time.time(), metadata=meta,
-                                                signature=b"", signer=""), old.chunks)
+        if signed is not None:
+            m = decode_manifest(signed.manifest_bytes, self.limits)
+            if _content(m) != _content(old.manifest):
+                raise ReleaseError(f"the signed rollback manifest does not describe {name} {to!r}")
+            self.trust.verify(m, signed.manifest_bytes, signed.signature)
+            again = Release(m, old.chunks, signed.manifest_bytes, signed.signature)
+        else:
+            again = Release(rollback_manifest(old.manifest), old.chunks)
+            if self.signing_key is not None:
+                again = self.signing_key.seal(again, self.store.reserve(name))
+            elif self.trust.required:
+                raise SignatureError("this hub takes signed releases only: roll back with a signing key")
         stored = self.store.put(again)
         return self.store.read(name, stored.manifest.seq)
+
+    def _reserve(self, req: P.Reserve) -> tuple[str, int, Any]:
+        base = self.store.find(req.name, req.base).manifest_bytes if req.base else b""
+        return req.name, self.store.reserve(req.name), base
 
     # -- internals: I/O thread ---------------------------------------------------------------
     def _check_running(self) -> None:
@@ -225,7 +273,13 @@ class Publisher:
             s.linger = defaults.LINGER_MS
         # queued chunk messages share one buffer across subscribers: a high mark costs refs only
         pub.sndhwm = self._sndhwm
+        # a peer gets at most this many replies queued (fetches ask for fetch_credit chunks at
+        # a time); past it the ROUTER drops replies to that peer, which asks again
+        router.sndhwm = 8 * self.limits.fetch_credit
         router.setsockopt(zmq.MAXMSGSIZE, self.limits.max_frame_bytes)
+        if self.curve is not None:
+            self.curve.serve(router)
+            self.curve.serve(pub)
         try:
             self.address = bind_hub_sockets(router, pub, self.bind)
             self.pub_address = P.pub_endpoint(self.address)
@@ -276,7 +330,7 @@ class Publisher:
             if current is None or current.manifest.seq < m.seq:
                 self._latest[m.name] = release
         t = P.topic(m.name)
-        self._pub.send_multipart([t, b"MANIFEST", encode_manifest(m)])
+        self._pub.send_multipart([t, b"MANIFEST", release.manifest_bytes, release.signature])
         for i, payload in enumerate(release.chunks):
             if self._fault is not None:
                 payload = self._fault(m.name, m.seq, i, payload)
@@ -304,6 +358,14 @@ class Publisher:
             return
         kind = frames[1].bytes
         try:
+            if kind in _CONTROL and self._control_keys is not None:
+                try:
+                    peer = frames[1].get("User-Id").encode()
+                except zmq.ZMQError:
+                    peer = b""
+                if peer not in self._control_keys:
+                    self._error(ident, "forbidden", f"{kind.decode()} is open to publisher keys only")
+                    return
             hdr = P.decode_header(kind, frames[2].buffer)
             if kind == b"FETCH_MANIFEST" and len(frames) == 3:
                 self._on_fetch_manifest(ident, hdr)
@@ -316,9 +378,15 @@ class Publisher:
                     reply = self._status_locked()
                 self._reply(ident, b"STATUS_REPLY", P.encode(reply))
             elif kind == b"PUBLISH" and len(frames) >= 4:
-                self._on_publish(ident, frames[3:])
-            elif kind == b"ROLLBACK" and len(frames) == 3:
-                self._in_pool(ident, lambda: self._rollback(hdr.name, hdr.to))
+                self._on_publish(ident, hdr, frames[3:])
+            elif kind == b"ROLLBACK" and len(frames) in (3, 5):
+                signed = None
+                if len(frames) == 5:
+                    m = decode_manifest(frames[3].buffer, self.limits)
+                    signed = Release(m, (), frames[3].bytes, frames[4].bytes)
+                self._in_pool(ident, lambda: self._rollback(hdr.name, hdr.to, signed))
+            elif kind == b"RESERVE" and len(frames) == 3:
+                self._in_pool(ident, lambda: self._reserve(hdr), self._reserved)
             else:
                 raise ProtocolError(f"unexpected {kind[:32]!r} with {len(frames) - 1} frame(s)")
         except ZmqModelsError as exc:
@@ -347,7 +415,7 @@ class Publisher:
             self._error(ident, _NOT_FOUND, f"hub has no {what} of {req.name!r}", req.name, req.seq)
             return
         self.stats["fetch_manifest"] += 1
-        self._reply(ident, b"MANIFEST", encode_manifest(rel.manifest))
+        self._reply(ident, b"MANIFEST", rel.manifest_bytes, rel.signature)
 
     def _on_fetch_chunks(self, ident: Any, req: P.FetchChunks) -> None:
         if len(req.indices) > self.limits.fetch_credit:
@@ -386,16 +454,29 @@ class Publisher:
             log.info("node %s: %s seq %d %s%s", report.node, report.model, report.seq, report.state,
                      f" ({report.reason})" if report.reason else "")
 
-    def _on_publish(self, ident: Any, frames: list[zmq.Frame]) -> None:
-        m = decode_manifest(frames[0].buffer, self.limits)
+    def _on_publish(self, ident: Any, hdr: P.Publish, frames: list[zmq.Frame]) -> None:
+        raw = frames[0].buffer
+        m = decode_manifest(raw, self.limits)
         chunks = [f.buffer for f in frames[1:]]
         if len(chunks) != m.chunk_count:
             raise ReleaseError(f"PUBLISH carries {len(chunks)} chunks, manifest says {m.chunk_count}")
-        # every chunk and the archive sha256 are verified once, in the pool (Release.verify)
-        self._in_pool(ident, lambda: self._store_release(Release(m, chunks)))
+        # signature, every chunk and the archive sha256 are checked once, in the pool
+        self._in_pool(ident, lambda: self._store_release(Release(m, chunks, raw, hdr.signature)))
 
-    def _in_pool(self, ident: Any, work: Callable[[], Release]) -> None:
-        """Run store work off the I/O thread; broadcast and reply back on it."""
+    def _published(self, ident: bytes, rel: Release) -> None:
+        self._broadcast(rel)
+        m = rel.manifest
+        self._reply(ident, b"PUBLISHED", P.encode(P.Published(m.name, m.seq, m.label, m.archive_sha256)))
+
+    def _reserved(self, ident: bytes, result: tuple[str, int, Any]) -> None:
+        name, seq, base = result
+        self._reply(ident, b"RESERVED", P.encode(P.Reserved(name, seq)), base)
+
+    def _in_pool(self, ident: Any, work: Callable[[], Any],
+                 then: Callable[[bytes, Any], None] | None = None) -> None:
+        """Run store work off the I/O thread; ``then`` (default: broadcast and reply PUBLISHED)
+        runs back on it with the result."""
+        then = then or self._published
         ident = ident.bytes
         if self._store_jobs >= self.limits.max_store_jobs:
             self._error(ident, "busy", f"{self._store_jobs} releases are being stored; retry",
@@ -412,12 +493,10 @@ class Publisher:
                     self._error(ident, exc.code, str(exc))
                     return
                 except Exception as exc:
+                    log.exception("store work failed")
                     self._error(ident, "internal", f"{type(exc).__name__}: {exc}")
                     return
-                self._broadcast(rel)
-                m = rel.manifest
-                self._reply(ident, b"PUBLISHED",
-                            P.encode(P.Published(m.name, m.seq, m.label, m.archive_sha256)))
+                then(ident, rel)
 
             self._commands.post(finish)
 
@@ -437,3 +516,13 @@ class Publisher:
                               r.device, round(now - seen, 3), rej_seq, rej_reason)
                  for (_, _), (r, seen, rej_seq, rej_reason) in sorted(self._fleet.items())]
         return P.StatusReply(self.hub_id, models, nodes, dict(self.stats))
+
+
+_CONTROL = (b"PUBLISH", b"ROLLBACK", b"RESERVE")
+
+
+def _content(m: Manifest) -> tuple[Any, ...]:
+    """What must match for a manifest to describe stored chunks."""
+    return (m.name, m.archive_sha256, m.archive_bytes, m.compressed_bytes, m.codec, m.chunk_bytes,
+            m.chunk_sizes, m.chunk_xxh3)
+

@@ -37,9 +37,11 @@ from . import defaults
 from . import protocol as P
 from .cache import Cache
 from .commands import Commands
+from .curve import Curve
 from .defaults import Limits
 from .errors import ProtocolError, ZmqModelsError
 from .release import Manifest, validate_name
+from .signing import Trust
 from .subscriber import Subscriber
 
 __all__ = ["Node", "SWAP_POLICIES"]
@@ -86,6 +88,10 @@ class Node:
 
     ``devices`` is one device for all workers or one per worker (``["cuda:0", "cuda:1"]``).
     ``hub=None`` serves the cache alone.
+
+    ``trust`` loads only releases signed by its keys (checked on receipt and again on the
+    cache at start). ``curve``: this node's CURVE keys; its ``server_key`` is the hub's, its
+    ``allow`` the clients admitted to the inference socket.
     """
 
     def __init__(
@@ -107,6 +113,8 @@ class Node:
         request_timeout_s: float = defaults.REQUEST_TIMEOUT_S,
         load_timeout_s: float = defaults.LOAD_TIMEOUT_S,
         context: zmq.Context | None = None,
+        trust: Trust | None = None,
+        curve: Curve | None = None,
     ) -> None:
         if swap_policy not in SWAP_POLICIES:
             raise ZmqModelsError(f"swap policy must be one of {SWAP_POLICIES}, not {swap_policy!r}")
@@ -128,7 +136,13 @@ class Node:
         devs = list(devices) * (workers if len(devices) == 1 else 1)
         self._workers = {f"{self.node_id}/w{i}": _Worker(f"{self.node_id}/w{i}", devs[i])
                          for i in range(workers)}
-        self._ctx = context or zmq.Context.instance()
+        self.trust = trust or Trust()
+        self.curve = curve
+        if curve is not None and hub and curve.server_key is None:
+            raise ZmqModelsError("a node with CURVE keys needs the hub's public key")
+        self._own_ctx = context is None and curve is not None and curve.allow is not None
+        self._ctx = zmq.Context() if self._own_ctx else (context or zmq.Context.instance())
+        self._auth: Any = None
         self._state = _State.NEW
         self._dir = tempfile.mkdtemp(prefix="zmqm-node-", dir="/tmp")  # ipc paths must be short
         self._backend_addr = f"ipc://{self._dir}/workers"
@@ -150,10 +164,12 @@ class Node:
         if self._state is not _State.NEW:
             raise ZmqModelsError("a Node can be started once")
         self._state = _State.RUNNING
+        if self.curve is not None:
+            self._auth = self.curve.authenticator(self._ctx)
         # verify the cache before any worker starts: workers load from it without hashing again
         known = {}
         for name in self.models:
-            found = self.cache.latest(name)
+            found = self.cache.latest(name, trust=self.trust)
             if found is not None:
                 known[name] = found[0].seq
         # workers are spawned (and respawned) by the I/O thread alone, from its first tick
@@ -166,7 +182,8 @@ class Node:
             devices = ",".join(sorted({w.device for w in self._workers.values()}))
             self._sub = Subscriber(self.hub, self.models, on_release=self._on_release, load=False,
                                    node_id=self.node_id, device=devices, known=known,
-                                   limits=self.limits, background_nice=10)
+                                   limits=self.limits, background_nice=10, cache=self.cache,
+                                   trust=self.trust, curve=self.curve, context=self._ctx)
             self._sub.start()
         log.info("node %s serving %s on %s with %d worker(s)", self.node_id, self.models,
                  self.address, len(self._workers))
@@ -193,6 +210,10 @@ class Node:
                     w.proc.kill()
                     w.proc.wait(5)
         shutil.rmtree(self._dir, ignore_errors=True)
+        if self._auth is not None:
+            self._auth.stop()
+        if self._own_ctx:
+            self._ctx.destroy(linger=0)
 
     def __enter__(self) -> Node:
         return self.start() if self._state is _State.NEW else self
@@ -202,8 +223,8 @@ class Node:
 
     # -- other threads -> I/O thread ---------------------------------------------------------
     def _on_release(self, m: Manifest, archive: Any) -> None:
-        """Subscriber delivery thread: cache the verified archive, then roll it out."""
-        path = self.cache.put(m, archive)
+        """Subscriber delivery thread: the verified archive is in the cache; roll it out."""
+        path = self.cache.path(m.name, m.seq)
         self._commands.post(lambda: self._set_target(m.name, m.seq, str(path), m.label))
 
     # -- I/O thread --------------------------------------------------------------------------
@@ -226,6 +247,8 @@ class Node:
         # a hard cap per frame, enforced by libzmq before it buffers: requests a little over the
         # limit still get a `too_large` reply, grossly oversized frames cost the connection
         front.setsockopt(zmq.MAXMSGSIZE, self.limits.max_request_bytes + (1 << 20))
+        if self.curve is not None:
+            self.curve.serve(front)
         try:
             back.bind(self._backend_addr)
             if self.bind.startswith("tcp://") and self.bind.endswith(":0"):

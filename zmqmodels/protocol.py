@@ -5,19 +5,23 @@ maps (unknown keys are ignored, so fields may be appended); big bytes travel in 
 
 PUB (hub -> nodes), frame 0 is the topic ``name + b"\\0"`` (``b"\\0"`` alone for the hub beat)::
 
-    [topic, b"MANIFEST",  manifest]
+    [topic, b"MANIFEST",  manifest, signature]
     [topic, b"CHUNK",     ChunkHeader, payload]
     [topic, b"HEARTBEAT", Heartbeat]
 
 ROUTER (hub) <-> DEALER (node or CLI), without the ROUTER's identity frame::
 
-    [b"FETCH_MANIFEST", FetchManifest]          -> [b"MANIFEST", manifest] | ERROR
+    [b"FETCH_MANIFEST", FetchManifest]          -> [b"MANIFEST", manifest, signature] | ERROR
     [b"FETCH_CHUNKS",   FetchChunks]            -> [b"CHUNK", ChunkHeader, payload] x n | ERROR
     [b"REPORT",         Report]                 (no reply)
+    [b"RESERVE",        Reserve]                -> [b"RESERVED", Reserved, base manifest] | ERROR
     [b"PUBLISH",        Publish, manifest, chunk x n] -> [b"PUBLISHED", Published] | ERROR
-    [b"ROLLBACK",       Rollback]               -> [b"PUBLISHED", Published] | ERROR
+    [b"ROLLBACK",       Rollback (, manifest, signature)] -> [b"PUBLISHED", Published] | ERROR
     [b"STATUS",         StatusRequest]          -> [b"STATUS_REPLY", StatusReply] | ERROR
     any                                          -> [b"ERROR", ErrorReply]
+
+``signature`` is the manifest's detached Ed25519 signature, empty when unsigned
+(:mod:`zmqmodels.signing`); a receiver treats a missing frame as empty.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ __all__ = [
     "Report",
     "Publish",
     "Published",
+    "Reserve",
+    "Reserved",
     "Rollback",
     "StatusRequest",
     "NodeStatus",
@@ -114,6 +120,23 @@ class Report(msgspec.Struct, frozen=True):
 
 
 class Publish(msgspec.Struct, frozen=True):
+    signature: bytes = b""  # of the manifest frame that follows; empty = unsigned
+    v: int = V
+
+
+class Reserve(msgspec.Struct, frozen=True):
+    """Ask the hub for the next seq of ``name``, to sign a release as that seq before
+    publishing it. ``base`` (a label or seq) also returns that stored release's manifest, for
+    a signed rollback."""
+
+    name: str
+    base: str = ""
+    v: int = V
+
+
+class Reserved(msgspec.Struct, frozen=True):
+    name: str
+    seq: NonNeg
     v: int = V
 
 
@@ -259,6 +282,8 @@ KINDS: dict[bytes, type[msgspec.Struct]] = {
     b"REPORT": Report,
     b"PUBLISH": Publish,
     b"PUBLISHED": Published,
+    b"RESERVE": Reserve,
+    b"RESERVED": Reserved,
     b"ROLLBACK": Rollback,
     b"STATUS": StatusRequest,
     b"STATUS_REPLY": StatusReply,

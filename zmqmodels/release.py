@@ -41,6 +41,7 @@ __all__ = [
     "decompress_chunk",
     "encode_manifest",
     "decode_manifest",
+    "rollback_manifest",
     "pack_tensors",
     "unpack_tensors",
 ]
@@ -101,8 +102,7 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
     examples: TensorPack | None = None  # a list of examples, each a tuple of arguments
     expected: TensorPack | None = None  # the compiled module's output on each example
     metadata: dict[str, str] = {}
-    signer: str = ""  # hex Ed25519 public key; empty = unsigned
-    signature: bytes = b""  # over encode_manifest(manifest with signature=b"")
+    signer: str = ""  # hex Ed25519 public key that signs these bytes; empty = unsigned
 
     def check(self, limits: Any = None) -> Manifest:
         """Raise :class:`ReleaseError`/:class:`LimitError` unless sizes are consistent and bounded."""
@@ -128,6 +128,8 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
             raise ReleaseError(f"unknown codec {self.codec.name}/{self.codec.filter}")
         if len(self.archive_sha256) != 64:
             raise ReleaseError("archive_sha256 must be 64 hex digits")
+        if self.signer and len(self.signer) != 64:
+            raise ReleaseError("signer must be 64 hex digits")
         return self
 
     def chunk_span(self, index: int) -> tuple[int, int]:
@@ -156,6 +158,13 @@ def decode_manifest(data: Any, limits: Any = None) -> Manifest:
     return m.check(limits)
 
 
+def rollback_manifest(old: Manifest) -> Manifest:
+    """The manifest of a rollback to ``old``: the same content, a new time, seq 0 until stored
+    or sealed, unsigned, and ``rollback_of`` naming the seq it restores."""
+    meta = {**old.metadata, "rollback_of": str(old.seq)}
+    return msgspec.structs.replace(old, seq=0, created_at=time.time(), metadata=meta, signer="")
+
+
 def pack_tensors(tree: Any) -> TensorPack:
     from .tensors import encode
 
@@ -171,10 +180,21 @@ def unpack_tensors(pack: TensorPack) -> Any:
 
 @dataclass(frozen=True)
 class Release:
-    """A manifest and its chunk payloads (compressed as the manifest says)."""
+    """A manifest and its chunk payloads (compressed as the manifest says).
+
+    ``raw`` is the manifest exactly as signed or received and ``signature`` its detached
+    Ed25519 signature (empty: unsigned). Whoever passes a release on sends ``raw``, never a
+    re-encoding, so the signature keeps verifying (:mod:`zmqmodels.signing`).
+    """
 
     manifest: Manifest
     chunks: Sequence[Any]  # bytes-like, one per chunk
+    raw: Any = None  # bytes-like; None: encode_manifest(manifest)
+    signature: bytes = b""
+
+    @property
+    def manifest_bytes(self) -> Any:
+        return encode_manifest(self.manifest) if self.raw is None else self.raw
 
     def verify(self) -> None:
         """Check every chunk and the archive sha256, streaming through one chunk-sized buffer

@@ -1,13 +1,18 @@
 """Durable releases on disk.
 
-Layout: ``ROOT/<name>/<seq:012d>.zmr``, one file per release::
+Layout: ``ROOT/<name>/<seq:012d>.zmr``, one file per release (integers little-endian)::
 
-    b"ZMQMREL1" | u64 little-endian manifest length | manifest (msgpack) | chunk payloads
+    b"ZMQMREL2" | u64 manifest length | u64 signature length | manifest | signature | chunks
+
+(``ZMQMREL1`` files, without the signature fields, still read as unsigned.) The manifest is
+kept byte for byte as signed or received.
 
 Writes go to a temp file in the same directory, are fsynced, renamed into place and the
 directory fsynced, so a crash leaves either a whole release or none. ``seq`` is assigned
 under an exclusive lock from ``ROOT/<name>/SEQ`` (which survives retention and restarts),
-so it is strictly increasing per name even across processes.
+so it is strictly increasing per name even across processes. A signed release carries its
+seq already (:meth:`Store.reserve` hands one out); it is stored only if newer than every
+stored release of its name.
 """
 
 from __future__ import annotations
@@ -25,12 +30,14 @@ import msgspec
 
 from . import defaults
 from .errors import ReleaseError, StoreError
-from .release import Manifest, Release, decode_manifest, encode_manifest, validate_name
+from .release import Manifest, Release, decode_manifest, validate_name
 
 __all__ = ["Store", "MAGIC", "atomic_write", "read_release_file", "write_release_file"]
 
-MAGIC = b"ZMQMREL1"
-_HEADER = struct.Struct("<8sQ")
+MAGIC = b"ZMQMREL2"
+_HEADER = struct.Struct("<8sQQ")
+_HEADER_V1 = struct.Struct("<8sQ")
+_MAX_SIGNATURE = 1024
 
 
 def atomic_write(path: Path, *parts: Any) -> None:
@@ -56,8 +63,8 @@ def atomic_write(path: Path, *parts: Any) -> None:
 
 def write_release_file(path: Path, release: Release) -> None:
     """Atomically write ``release`` to ``path``."""
-    manifest = encode_manifest(release.manifest)
-    atomic_write(path, _HEADER.pack(MAGIC, len(manifest)), manifest, *release.chunks)
+    manifest, sig = release.manifest_bytes, release.signature
+    atomic_write(path, _HEADER.pack(MAGIC, len(manifest), len(sig)), manifest, sig, *release.chunks)
 
 
 def read_release_file(path: Path, limits: object = None) -> Release:
@@ -70,19 +77,27 @@ def read_release_file(path: Path, limits: object = None) -> Release:
             data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except OSError as exc:
         raise StoreError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    magic, mlen = _HEADER.unpack_from(data, 0)
-    if magic != MAGIC or _HEADER.size + mlen > size:
+    if data[:8] == MAGIC:
+        _, mlen, slen = _HEADER.unpack_from(data, 0)
+        pos = _HEADER.size
+    elif data[:8] == b"ZMQMREL1":
+        (_, mlen), slen, pos = _HEADER_V1.unpack_from(data, 0), 0, _HEADER_V1.size
+    else:
         raise ReleaseError(f"{path}: not a zmqmodels release")
+    if slen > _MAX_SIGNATURE or pos + mlen + slen > size:
+        raise ReleaseError(f"{path}: header sizes exceed the file")
     view = memoryview(data)
-    m = decode_manifest(view[_HEADER.size:_HEADER.size + mlen], limits)
-    pos = _HEADER.size + mlen
+    raw = view[pos:pos + mlen]
+    m = decode_manifest(raw, limits)
+    signature = bytes(view[pos + mlen:pos + mlen + slen])
+    pos += mlen + slen
     if pos + m.compressed_bytes != size:
         raise ReleaseError(f"{path}: holds {size - pos} chunk bytes, manifest says {m.compressed_bytes}")
     chunks = []
     for n in m.chunk_sizes:
         chunks.append(view[pos:pos + n])
         pos += n
-    return Release(m, chunks)
+    return Release(m, chunks, raw, signature)
 
 
 class Store:
@@ -132,16 +147,42 @@ class Store:
                 return r
         raise StoreError(f"no stored release of {name} with label or seq {label_or_seq!r}")
 
+    def reserve(self, name: str) -> int:
+        """Hand out the next seq of ``name`` for a release that will be signed before it is put."""
+        with self._locked(validate_name(name)) as d:
+            seq = self._next_seq(d, name)
+            atomic_write(d / "SEQ", str(seq).encode())
+        return seq
+
+    def _next_seq(self, d: Path, name: str) -> int:
+        seq_file = d / "SEQ"
+        try:
+            last = int(seq_file.read_text() or 0) if seq_file.exists() else 0
+        except ValueError:
+            raise StoreError(f"{seq_file} is damaged") from None
+        return max([last, *self.seqs(name)]) + 1
+
     def put(self, release: Release) -> Release:
-        """Store ``release`` under the next seq of its name; return it with that seq."""
+        """Store ``release``; return it as stored. A release with ``seq`` 0 (unsigned) gets the
+        next seq of its name; one with a seq (signed: the seq is part of what is signed) is
+        stored as it is, byte for byte, if that seq is newer than every stored one."""
         name = validate_name(release.manifest.name)
         with self._locked(name) as d:
-            seq_file = d / "SEQ"
-            last = int(seq_file.read_text() or 0) if seq_file.exists() else 0
-            seq = max([last, *self.seqs(name)]) + 1
-            atomic_write(seq_file, str(seq).encode())
-            stored = Release(msgspec.structs.replace(release.manifest, seq=seq), release.chunks)
-            write_release_file(self.path(name, seq), stored)
+            seq = release.manifest.seq
+            if seq == 0:
+                if release.signature:
+                    raise StoreError(f"a signed release of {name} must carry its seq (reserve one)")
+                seq = self._next_seq(d, name)
+                stored = Release(msgspec.structs.replace(release.manifest, seq=seq), release.chunks)
+            else:
+                newest = max(self.seqs(name), default=0)
+                if seq <= newest:
+                    raise StoreError(f"{name} seq {seq} is not newer than the stored seq {newest}: "
+                                     "an old release cannot be published again (roll back instead)")
+                stored = release
+                seq = max(seq, self._next_seq(d, name) - 1)
+            atomic_write(d / "SEQ", str(seq).encode())
+            write_release_file(self.path(name, stored.manifest.seq), stored)
             for old in self.seqs(name)[: -self.retain] if self.retain > 0 else []:
                 self.path(name, old).unlink(missing_ok=True)
         return stored

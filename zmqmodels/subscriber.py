@@ -38,15 +38,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import xxhash
 import zmq
 
 from . import defaults
 from . import protocol as P
 from .cache import Cache
 from .commands import Commands
+from .curve import Curve
 from .defaults import Limits
-from .errors import DeadlineError, IntegrityError, NotReadyError, ProtocolError, ZmqModelsError
+from .errors import (
+    DeadlineError,
+    IntegrityError,
+    NotReadyError,
+    ProtocolError,
+    SignatureError,
+    ZmqModelsError,
+)
 from .release import Manifest, decode_manifest, decompress_chunk, validate_name
+from .signing import Trust
 from .slot import Loaded, ModelSlot
 from .tuning import lower_thread_priority, tune_malloc
 
@@ -88,6 +98,8 @@ class _BufferPool:
 @dataclass
 class _Assembly:
     manifest: Manifest
+    raw: bytes  # the manifest as received (what its signature covers)
+    signature: bytes
     buf: mmap.mmap
     missing: set[int]
     requested: dict[int, float] = field(default_factory=dict)  # index -> when asked
@@ -114,6 +126,7 @@ class _Model:
     name: str
     done_seq: int = 0  # newest seq assembled (being verified, verified or rejected)
     rejected: set[int] = field(default_factory=set)
+    untrusted: int = -1  # XXH3 of the last manifest refused for its signature (quiets repeats)
     asm: _Assembly | None = None
     asked_seq: int = -1
     asked_at: float = 0.0
@@ -132,6 +145,11 @@ class Subscriber:
     returns (its buffer is reused for a later release): copy or write it out to keep it.
     Report what became of the release with :meth:`report`. ``known`` maps model names
     to the seq already held (e.g. from a local cache) so only newer releases are fetched.
+
+    ``trust`` (keys) accepts only releases signed by one of them: a manifest that fails is
+    refused before a byte of its archive is allocated, and the hub hears why. ``cache``
+    keeps every verified release (signature included) before it is loaded or handed to
+    ``on_release``. ``curve`` connects both sockets with CURVE to the hub's key.
     """
 
     def __init__(
@@ -154,6 +172,8 @@ class Subscriber:
         swap_when: Callable[[Manifest], bool | None] | None = None,
         tune_malloc: bool = True,
         background_nice: int = 0,
+        trust: Trust | None = None,
+        curve: Curve | None = None,
     ) -> None:
         self.hub = hub
         self.pub_address = P.pub_endpoint(hub)
@@ -161,6 +181,8 @@ class Subscriber:
         self.device = device or "cpu"
         self.limits = limits or Limits()
         self.cache = Cache(cache) if isinstance(cache, str | Path) else cache
+        self.trust = trust or Trust()
+        self.curve = curve
         self._swap_when = swap_when
         self._tune_malloc = tune_malloc
         self._nice = background_nice  # a serving node runs its subscriber below its broker
@@ -177,7 +199,7 @@ class Subscriber:
             if name in self._models:
                 self._models[name].done_seq = self._models[name].seq = seq
         self._commands = Commands(self._ctx, "sub")
-        self._mailbox: dict[str, tuple[Manifest, Any, str]] = {}
+        self._mailbox: dict[str, tuple[_Assembly, str]] = {}
         self._pool = _BufferPool()
         self._mail_cond = threading.Condition()
         self._stop = threading.Event()
@@ -260,6 +282,8 @@ class Subscriber:
             sub.rcvhwm = self._rcvhwm
             for s in (sub, dealer):  # never buffer a frame bigger than any we accept
                 s.setsockopt(zmq.MAXMSGSIZE, self.limits.max_frame_bytes)
+                if self.curve is not None:
+                    self.curve.connect(s)
             sub.setsockopt(zmq.SUBSCRIBE, P.HUB_TOPIC)
             for name in self._models:
                 sub.setsockopt(zmq.SUBSCRIBE, P.topic(name))
@@ -323,11 +347,11 @@ class Subscriber:
         name = topic[:-1].decode(errors="replace")
         if not topic.endswith(b"\0") or name not in self._models:
             raise ProtocolError(f"broadcast on unsubscribed topic {topic[:64]!r}")
-        if kind == b"MANIFEST" and len(frames) == 3:
+        if kind == b"MANIFEST" and len(frames) in (3, 4):
             m = decode_manifest(frames[2].buffer, self.limits)
             if m.name != name:
                 raise ProtocolError(f"manifest for {m.name!r} on topic {name!r}")
-            self._on_manifest(m)
+            self._on_manifest(m, frames[2], frames[3].bytes if len(frames) == 4 else b"")
         elif kind == b"CHUNK" and len(frames) == 4:
             hdr = P.decode_header(kind, frames[2].buffer)
             if hdr.name != name:
@@ -343,13 +367,13 @@ class Subscriber:
     def _on_dealer(self, frames: list[zmq.Frame]) -> None:
         kind = frames[0].bytes
         self.hub_seen = time.monotonic()
-        if kind == b"MANIFEST" and len(frames) == 2:
+        if kind == b"MANIFEST" and len(frames) in (2, 3):
             m = decode_manifest(frames[1].buffer, self.limits)
             st = self._models.get(m.name)
             if st is None:
                 raise ProtocolError(f"manifest for unsubscribed {m.name!r}")
             st.asked_seq = -1
-            self._on_manifest(m)
+            self._on_manifest(m, frames[1], frames[2].bytes if len(frames) == 3 else b"")
         elif kind == b"CHUNK" and len(frames) == 3:
             hdr = P.decode_header(kind, frames[1].buffer)
             if hdr.name not in self._models:
@@ -371,18 +395,40 @@ class Subscriber:
         else:
             raise ProtocolError(f"unexpected reply {kind[:32]!r} of {len(frames)} frames")
 
-    def _on_manifest(self, m: Manifest) -> None:
+    def _on_manifest(self, m: Manifest, frame: zmq.Frame, signature: bytes) -> None:
         st = self._models[m.name]
         if m.seq <= st.done_seq or m.seq in st.rejected or (st.asm and st.asm.manifest.seq >= m.seq):
-            self.stats["stale_manifest"] += 1
+            self.stats["stale_manifest"] += 1  # replays of older releases end here
+            return
+        raw = frame.bytes
+        try:
+            self.trust.verify(m, raw, signature)  # before anything is allocated for it
+        except SignatureError as exc:
+            self._refuse_untrusted(st, m, raw, exc)
             return
         self._drop_assembly(st)
-        st.asm = _Assembly(m, self._pool.take(m.name, m.archive_bytes), set(range(m.chunk_count)))
+        st.asm = _Assembly(m, raw, signature, self._pool.take(m.name, m.archive_bytes),
+                           set(range(m.chunk_count)))
         self.stats["manifests"] += 1
         st.state, st.seq, st.label, st.reason = "receiving", m.seq, m.label, ""
         self._send_report(st)
         if not st.asm.missing:
             self._complete(st)
+
+    def _refuse_untrusted(self, st: _Model, m: Manifest, raw: bytes, exc: SignatureError) -> None:
+        """Report the refusal once per distinct manifest. The seq is not marked rejected: a
+        forged manifest must not block the genuine release of the same seq."""
+        self.stats["untrusted"] += 1
+        digest = xxhash.xxh3_64_intdigest(raw)
+        if digest == st.untrusted:
+            return
+        st.untrusted = digest
+        log.warning("%s: refused %s seq %d: %s", self.node_id, m.name, m.seq, exc)
+        held = (st.state, st.seq, st.label, st.reason)
+        st.state, st.seq, st.label, st.reason = "rejected", m.seq, m.label, str(exc)
+        self._send_report(st)
+        st.state, st.seq, st.label, st.reason = held
+        self._send_report(st)
 
     def _drop_assembly(self, st: _Model) -> None:
         if st.asm is not None:
@@ -481,11 +527,11 @@ class Subscriber:
             asm.hash_prefix()
             digest = asm.sha.hexdigest()
             # replaces an older, undelivered one
-            self._mailbox[st.name] = (asm.manifest, asm.buf, digest)
+            self._mailbox[st.name] = (asm, digest)
             self._mail_cond.notify()
         asm.view.release()
         if older is not None:
-            self._pool.give(st.name, older[1])
+            self._pool.give(st.name, older[0].buf)
 
     def _send_report(self, st: _Model) -> None:
         r = P.Report(node=self.node_id, model=st.name, state=st.state, seq=st.seq, label=st.label,
@@ -503,10 +549,11 @@ class Subscriber:
                 if self._stop.is_set():
                     return
                 name = next(iter(self._mailbox))
-                m, buf, digest = self._mailbox.pop(name)
+                asm, digest = self._mailbox.pop(name)
+            m, buf = asm.manifest, asm.buf
             archive = memoryview(buf)[: m.archive_bytes]
             try:
-                self._deliver_one(m, archive, digest)
+                self._deliver_one(asm, archive, digest)
             finally:
                 try:
                     archive.release()
@@ -514,7 +561,8 @@ class Subscriber:
                     continue
                 self._pool.give(m.name, buf)
 
-    def _deliver_one(self, m: Manifest, archive: memoryview, digest: str) -> None:
+    def _deliver_one(self, asm: _Assembly, archive: memoryview, digest: str) -> None:
+        m = asm.manifest
         if digest != m.archive_sha256:
             self.stats["archive_corrupt"] += 1
             self._reject(m, "archive sha256 mismatch")
@@ -523,6 +571,11 @@ class Subscriber:
         self.report(m.name, "verified", seq=m.seq, label=m.label)
         if self._on_release is not None:
             try:
+                if self._on_release == self._load_and_swap and self._swap_when is not None \
+                        and self._swap_when(m) is False:
+                    raise ZmqModelsError("declined by swap_when")
+                if self.cache is not None:  # signed bytes and all, before anything loads it
+                    self.cache.put(m, archive, asm.raw, asm.signature)
                 self._on_release(m, archive)
             except Exception as exc:
                 if not isinstance(exc, ZmqModelsError):
@@ -547,7 +600,7 @@ class Subscriber:
 
         assert self.cache is not None
         for name, st in self._models.items():
-            found = self.cache.latest(name)
+            found = self.cache.latest(name, trust=self.trust)
             if found is None:
                 continue
             m, path = found
@@ -565,11 +618,9 @@ class Subscriber:
         from .loader import load_release
 
         slot = self._slots[m.name]
-        if self._swap_when is not None and self._swap_when(m) is False:
-            raise ZmqModelsError("declined by swap_when")
         self.report(m.name, "loading", seq=m.seq, label=m.label)
         try:
-            source: Any = self.cache.put(m, archive) if self.cache is not None else archive
+            source: Any = self.cache.path(m.name, m.seq) if self.cache is not None else archive
             loaded = load_release(m, source, self.device)
         except ZmqModelsError as exc:
             self._reject(m, str(exc))
