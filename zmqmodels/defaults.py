@@ -16,6 +16,7 @@ __all__ = [
     "REPAIR_IDLE_S",
     "FETCH_CREDIT",
     "FETCH_TIMEOUT_S",
+    "CORRUPT_FETCHES_MAX",
     "SUB_RCVHWM",
     "MAX_ARCHIVE_BYTES",
     "MAX_CHUNKS",
@@ -48,6 +49,7 @@ REPAIR_IDLE_S = 0.25  # no chunk for this long during assembly -> fetch what is 
 FETCH_CREDIT = 8  # chunks a subscriber may have requested and not yet received
 SUB_RCVHWM = 16  # broadcast messages a node buffers ahead of its reader (chunks are 4 MiB)
 FETCH_TIMEOUT_S = 2.0  # an outstanding fetch with no answer for this long is asked again
+CORRUPT_FETCHES_MAX = 3  # fetched chunks failing their digest before a release is given up
 
 MAX_ARCHIVE_BYTES = 8 * 1024**3
 MAX_CHUNKS = 65536

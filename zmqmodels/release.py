@@ -146,8 +146,9 @@ def encode_manifest(m: Manifest) -> bytes:
     return _ENC.encode(m)
 
 
-def decode_manifest(data: Any, limits: Any = None) -> Manifest:
-    """Decode and :meth:`~Manifest.check` a manifest; every failure is a :class:`ReleaseError`."""
+def decode_manifest(data: Any, limits: Any = None, *, check: bool = True) -> Manifest:
+    """Decode and (unless ``check=False``) :meth:`~Manifest.check` a manifest; every failure
+    is a :class:`ReleaseError`."""
     max_bytes = getattr(limits, "max_manifest_bytes", defaults.MAX_MANIFEST_BYTES)
     if len(data) > max_bytes:
         raise LimitError(f"manifest of {len(data)} bytes exceeds {max_bytes}")
@@ -155,7 +156,7 @@ def decode_manifest(data: Any, limits: Any = None) -> Manifest:
         m = _DEC.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
         raise ReleaseError(f"bad manifest: {exc}") from None
-    return m.check(limits)
+    return m.check(limits) if check else m
 
 
 def rollback_manifest(old: Manifest) -> Manifest:

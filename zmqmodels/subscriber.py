@@ -50,6 +50,7 @@ from .defaults import Limits
 from .errors import (
     DeadlineError,
     IntegrityError,
+    LimitError,
     NotReadyError,
     ProtocolError,
     SignatureError,
@@ -105,6 +106,7 @@ class _Assembly:
     requested: dict[int, float] = field(default_factory=dict)  # index -> when asked
     last_progress: float = field(default_factory=time.monotonic)
     repairing: bool = False
+    corrupt_fetches: int = 0  # fetched (not broadcast) chunks that failed their digest
     hashed: int = 0  # chunks [0, hashed) are in the running sha256
 
     def __post_init__(self) -> None:
@@ -126,7 +128,7 @@ class _Model:
     name: str
     done_seq: int = 0  # newest seq assembled (being verified, verified or rejected)
     rejected: set[int] = field(default_factory=set)
-    untrusted: int = -1  # XXH3 of the last manifest refused for its signature (quiets repeats)
+    refused: int = -1  # XXH3 of the last manifest refused (signature, limits): quiets repeats
     asm: _Assembly | None = None
     asked_seq: int = -1
     asked_at: float = 0.0
@@ -348,7 +350,7 @@ class Subscriber:
         if not topic.endswith(b"\0") or name not in self._models:
             raise ProtocolError(f"broadcast on unsubscribed topic {topic[:64]!r}")
         if kind == b"MANIFEST" and len(frames) in (3, 4):
-            m = decode_manifest(frames[2].buffer, self.limits)
+            m = decode_manifest(frames[2].buffer, self.limits, check=False)
             if m.name != name:
                 raise ProtocolError(f"manifest for {m.name!r} on topic {name!r}")
             self._on_manifest(m, frames[2], frames[3].bytes if len(frames) == 4 else b"")
@@ -368,7 +370,7 @@ class Subscriber:
         kind = frames[0].bytes
         self.hub_seen = time.monotonic()
         if kind == b"MANIFEST" and len(frames) in (2, 3):
-            m = decode_manifest(frames[1].buffer, self.limits)
+            m = decode_manifest(frames[1].buffer, self.limits, check=False)
             st = self._models.get(m.name)
             if st is None:
                 raise ProtocolError(f"manifest for unsubscribed {m.name!r}")
@@ -401,10 +403,11 @@ class Subscriber:
             self.stats["stale_manifest"] += 1  # replays of older releases end here
             return
         raw = frame.bytes
-        try:
-            self.trust.verify(m, raw, signature)  # before anything is allocated for it
-        except SignatureError as exc:
-            self._refuse_untrusted(st, m, raw, exc)
+        try:  # before anything is allocated for it
+            m.check(self.limits)
+            self.trust.verify(m, raw, signature)
+        except (LimitError, SignatureError) as exc:
+            self._refuse(st, m, raw, exc)
             return
         self._drop_assembly(st)
         st.asm = _Assembly(m, raw, signature, self._pool.take(m.name, m.archive_bytes),
@@ -415,17 +418,22 @@ class Subscriber:
         if not st.asm.missing:
             self._complete(st)
 
-    def _refuse_untrusted(self, st: _Model, m: Manifest, raw: bytes, exc: SignatureError) -> None:
-        """Report the refusal once per distinct manifest. The seq is not marked rejected: a
-        forged manifest must not block the genuine release of the same seq."""
-        self.stats["untrusted"] += 1
+    def _refuse(self, st: _Model, m: Manifest, raw: bytes, exc: ZmqModelsError) -> None:
+        """A manifest over the limits or without a trusted signature: report it once per
+        distinct manifest. The seq is not marked rejected: a forged manifest must not block
+        the genuine release of the same seq."""
+        self.stats["untrusted" if isinstance(exc, SignatureError) else "too_large"] += 1
         digest = xxhash.xxh3_64_intdigest(raw)
-        if digest == st.untrusted:
+        if digest == st.refused:
             return
-        st.untrusted = digest
-        log.warning("%s: refused %s seq %d: %s", self.node_id, m.name, m.seq, exc)
+        st.refused = digest
+        self._report_rejection(st, m, str(exc))
+
+    def _report_rejection(self, st: _Model, m: Manifest, reason: str) -> None:
+        """Tell the hub (I/O thread) that ``m`` was rejected and why, then what is held."""
+        log.warning("%s: rejected %s seq %d: %s", self.node_id, m.name, m.seq, reason)
         held = (st.state, st.seq, st.label, st.reason)
-        st.state, st.seq, st.label, st.reason = "rejected", m.seq, m.label, str(exc)
+        st.state, st.seq, st.label, st.reason = "rejected", m.seq, m.label, reason
         self._send_report(st)
         st.state, st.seq, st.label, st.reason = held
         self._send_report(st)
@@ -457,6 +465,14 @@ class Subscriber:
                 decompress_chunk(asm.manifest, i, payload, asm.view)
             except IntegrityError as exc:
                 self.stats["chunk_corrupt"] += 1
+                asm.corrupt_fetches += fetched
+                if asm.corrupt_fetches >= defaults.CORRUPT_FETCHES_MAX:
+                    # the hub's own copy is bad (or a path rewrites it): stop asking
+                    self._drop_assembly(st)
+                    st.rejected.add(hdr.seq)
+                    self._report_rejection(st, asm.manifest, f"{exc}, from the hub "
+                                           f"{asm.corrupt_fetches} times: corrupt at its source")
+                    return
                 log.warning("%s: %s; fetching it again", self.node_id, exc)
                 asm.repairing = True
             else:
