@@ -3,17 +3,27 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import time
 
 import msgspec
 import pytest
+import torch
+import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import wait_until
 from tests.helpers import raw_release
+from tests.models import Probe, probe_examples
+from zmqmodels import Client, Node, Publisher, build_release, compile_model
 from zmqmodels import protocol as P
+from zmqmodels.control import HubClient
 from zmqmodels.errors import ZmqModelsError
 from zmqmodels.release import decode_manifest, decompress_chunk, encode_manifest
+from zmqmodels.store import Store
+from zmqmodels.subscriber import Subscriber
 from zmqmodels.tensors import decode
 
 SLOW = os.environ.get("ZMQM_FUZZ_SLOW") == "1"
@@ -29,6 +39,17 @@ VALID = {
     b"INFER": P.encode(P.InferRequest("m", "1", {"t": "tuple", "items": []})),
     b"ERROR": P.encode(P.ErrorReply("bad_message", "x")),
     b"LOAD": P.encode(P.LoadCommand("m", 2, "/x")),
+    b"LOADED": P.encode(P.LoadResult("w", "m", 2, "v1", True)),
+    b"READY": P.encode(P.WorkerReady("w", 1, "cpu", {"m": [2, "v1"]})),
+    b"OK": P.encode(P.InferReply("1", "m", "v1", 2, "w", {"t": "tuple", "items": []})),
+    b"PUBLISH": P.encode(P.Publish(b"s" * 64)),
+    b"PUBLISHED": P.encode(P.Published("m", 2, "v1", "a" * 64)),
+    b"ROLLBACK": P.encode(P.Rollback("m", "v1")),
+    b"RESERVE": P.encode(P.Reserve("m", "v1")),
+    b"RESERVED": P.encode(P.Reserved("m", 2)),
+    b"STATUS": P.encode(P.StatusRequest()),
+    b"STATUS_REPLY": P.encode(P.StatusReply("hub", [P.ModelStatus("m", 2, "v1", "a" * 64, 10)], [
+        P.NodeStatus("n", "m", "serving", 2, "v1", "", "h", 1, "cpu", 0.1)])),
 }
 MANIFEST = encode_manifest(raw_release("m", os.urandom(5000), chunk_bytes=1000).manifest)
 
@@ -115,3 +136,140 @@ def test_declared_tensor_sizes_are_checked_before_allocation(shape, dtype) -> No
         decode(spec, [b"\0" * 16])
     except ZmqModelsError:
         pass
+
+
+# -- live processes: fuzzed frame lists, then a normal request must still be served ----------
+LIVE = 3000 if SLOW else 500
+live_fuzz = settings(max_examples=LIVE, deadline=None, database=None,
+                     suppress_health_check=list(HealthCheck))
+KINDS = sorted(P.KINDS) + [b"MANIFEST", b"", b"\xff" * 3]
+
+
+@st.composite
+def frame_lists(draw: st.DrawFn, kinds: list[bytes] = KINDS) -> list[bytes]:
+    """[kind, header, extra...]: a real kind or not; a valid, mutated, random-msgpack or random
+    header; up to three extra frames (chunk payloads, tensors, signatures)."""
+    kind = draw(st.sampled_from(kinds))
+    valid = VALID.get(kind, MANIFEST if kind == b"MANIFEST" else b"")
+    how = draw(st.integers(0, 3))
+    header = (valid if how == 0 else mutate(valid, draw(edits)) if how == 1
+              else msgspec.msgpack.encode(draw(msgpack_values)) if how == 2 else draw(st.binary(max_size=64)))
+    extra = draw(st.lists(st.binary(max_size=64), max_size=3))
+    return [kind, header, *extra]
+
+
+def _drain(sock: zmq.Socket) -> int:
+    n = 0
+    while sock.poll(0):
+        sock.recv_multipart()
+        n += 1
+    return n
+
+
+def test_live_hub_keeps_serving_after_fuzzed_frames(short_tmp, tmp_path) -> None:
+    addr = f"ipc://{short_tmp}/hub"
+    rel = raw_release("m", os.urandom(5000), chunk_bytes=1000)
+    with Publisher(addr, Store(tmp_path)) as hub:
+        seq = hub.publish(rel).seq
+        dealer = zmq.Context.instance().socket(zmq.DEALER)
+        dealer.linger = 0
+        dealer.connect(addr)
+        sent = [0]
+
+        @live_fuzz
+        @given(frames=frame_lists())
+        def send(frames: list[bytes]) -> None:
+            if frames[0] in (b"PUBLISH", b"ROLLBACK", b"RESERVE"):
+                frames[0] = b"STATUS"  # keep the store out of it: control is fuzzed as headers
+            dealer.send_multipart(frames)
+            sent[0] += 1
+            _drain(dealer)
+
+        try:
+            send()
+            wait_until(lambda: hub.stats["error_bad_message"] + hub.stats["error_too_large"] > 0, 10)
+            _drain(dealer)
+        finally:
+            dealer.close()
+        assert sent[0] >= LIVE * 0.9
+        client = HubClient(addr, timeout=10)
+        assert client.status().models[0].seq == seq  # still answering, nothing lost
+        assert hub.stats["fetch_manifest"] >= 0 and hub._thread.is_alive()
+
+
+def test_live_subscriber_keeps_receiving_after_fuzzed_frames(short_tmp) -> None:
+    """A fake hub feeds the subscriber garbage on both sockets, then a real release."""
+    ctx = zmq.Context.instance()
+    addr = f"ipc://{short_tmp}/fake"
+    router, pub = ctx.socket(zmq.ROUTER), ctx.socket(zmq.PUB)
+    for s in (router, pub):
+        s.linger = 0
+    router.bind(addr)
+    pub.bind(P.pub_endpoint(addr))
+    got: list[tuple[int, str]] = []
+    sub = Subscriber(addr, ["m"], on_release=lambda m, a: got.append((m.seq, hashlib.sha256(a).hexdigest())),
+                     load=False, hub_ttl_s=60)
+    try:
+        sub.start()
+        ident = router.recv_multipart()[0]  # its first FETCH_MANIFEST: now we can answer it
+        wait_until(lambda: pub.poll(0, zmq.POLLOUT), 5)
+        time.sleep(0.2)  # the SUB's subscription reaches the PUB
+
+        @live_fuzz
+        @given(frames=frame_lists(), topic=st.sampled_from([b"m\0", b"\0", b"x\0", b"m"]),
+               on_pub=st.booleans())
+        def send(frames: list[bytes], topic: bytes, on_pub: bool) -> None:
+            if on_pub:
+                pub.send_multipart([topic, *frames])
+            else:
+                router.send_multipart([ident, *frames])
+            time.sleep(0.0005)  # stay under the SUB's high-water mark
+
+        send()
+        wait_until(lambda: sum(v for k, v in sub.stats.items() if k.startswith("dropped_")) > 0, 10)
+        archive = os.urandom(3000)
+        rel = raw_release("m", archive, chunk_bytes=1000)
+        m = msgspec.structs.replace(rel.manifest, seq=10**6)
+        pub.send_multipart([b"m\0", b"MANIFEST", encode_manifest(m), b""])
+        for i, c in enumerate(rel.chunks):
+            pub.send_multipart([b"m\0", b"CHUNK", P.encode(P.ChunkHeader("m", m.seq, i)), c])
+        wait_until(lambda: (m.seq, hashlib.sha256(archive).hexdigest()) in got, 20,
+                   what="the real release after the garbage")
+    finally:
+        sub.close()
+        router.close()
+        pub.close()
+
+
+@pytest.mark.timeout(180)
+def test_live_node_keeps_serving_after_fuzzed_requests(short_tmp, tmp_path) -> None:
+    hub_addr, node_addr = f"ipc://{short_tmp}/hub", f"ipc://{short_tmp}/node"
+    with Publisher(hub_addr, Store(tmp_path / "store")) as hub, \
+            Node(hub_addr, ["probe"], node_addr, workers=1, cache=tmp_path / "cache") as node:
+        m = hub.publish(build_release(compile_model(Probe(2.0), probe_examples()), "probe", "v1"))
+        assert hub.wait_for("probe", m.seq, 1, 90)[0]
+        dealer = zmq.Context.instance().socket(zmq.DEALER)
+        dealer.linger = 0
+        dealer.connect(node_addr)
+        infer = P.encode(P.InferRequest("probe", "1", {"t": "tuple", "items": [
+            {"t": "tensor", "dtype": "float32", "shape": [1, 4], "f": 0}]}))
+
+        @live_fuzz
+        @given(frames=frame_lists([b"INFER", b"OK", b""]), envelope=st.booleans(),
+               tensors=st.lists(st.binary(max_size=32), max_size=2), valid=st.booleans())
+        def send(frames: list[bytes], envelope: bool, tensors: list[bytes], valid: bool) -> None:
+            if valid:  # a well-formed header: the tensor frames are what is wrong
+                frames = [b"INFER", infer, *tensors]
+            dealer.send_multipart(([b""] if envelope else []) + frames)
+            _drain(dealer)
+
+        try:
+            send()
+            time.sleep(0.5)
+            _drain(dealer)
+        finally:
+            dealer.close()
+        assert node.stats["error_bad_request"] > 0
+        with Client(node_addr, timeout=10) as c:
+            r = c.infer("probe", torch.ones(1, 4))
+        assert (r.label, r.seq, float(r.outputs[0, 0])) == ("v1", m.seq, 2.0)
