@@ -268,3 +268,33 @@ def test_secured_fleet_serves_only_trusted_releases(keys, short_tmp, tmp_path) -
         except subprocess.TimeoutExpired:
             node.kill()
             node.wait(10)
+
+
+def test_cli_publishes_signed_over_curve_and_reads_status(keys, short_tmp, tmp_path) -> None:  # noqa: ANN001
+    fleet = keys / "fleet"
+    addr = f"ipc://{short_tmp}/hub"
+    client_opts = ["--curve-key", str(fleet / "private_keys" / "client.key_secret"),
+                   "--curve-server", str(fleet / "public_keys" / "hub.key")]
+    store = Store(tmp_path)
+    with Publisher(addr, store, trust=trusted(keys), curve=curve(keys, "hub", allow=[fleet / "public_keys"])):
+        run = CliRunner().invoke
+        out = run(cli, ["publish", "tests/models.py:make_probe", "--name", "probe", "--version", "v1",
+                        "--hub", addr, "--signing-key", str(fleet / "signing.key"), "--json", *client_opts])
+        assert out.exit_code == 0, out.output
+        rel = store.latest("probe")
+        assert rel.manifest.signer == signer(keys).public_hex
+        trusted(keys).verify(rel.manifest, rel.raw, rel.signature)
+        out = run(cli, ["publish", "tests/models.py:make_probe", "--name", "probe", "--hub", addr,
+                        *client_opts])
+        assert out.exit_code == 1 and "bad_signature" in out.output  # this hub takes signed releases only
+        out = run(cli, ["rollback", "probe", "--to", "v1", "--hub", addr,
+                        "--signing-key", str(fleet / "signing.key"), *client_opts])
+        assert out.exit_code == 0, out.output
+        out = run(cli, ["status", "--hub", addr, "--json", *client_opts])
+        assert out.exit_code == 0, out.output
+        assert '"seq": 2' in out.output and store.latest("probe").manifest.metadata["rollback_of"] == "1"
+        out = run(cli, ["inspect", str(store.path("probe", 2)), "--json"])
+        assert out.exit_code == 0 and rel.manifest.signer in out.output
+        out = run(cli, ["status", "--hub", addr, "--timeout", "1",
+                        "--curve-server", str(fleet / "public_keys" / "hub.key")])
+        assert out.exit_code == 1 and "no reply" in out.output  # a throwaway key is not admitted
