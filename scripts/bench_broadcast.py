@@ -30,7 +30,23 @@ BLOCK = 4 << 20
 
 
 # -- roles run as child processes ----------------------------------------------------------------
-def role_sub(hub: str, node: str) -> None:
+def secure_opts(keys: str | None, role: str) -> dict:
+    """Library arguments for a fleet secured with `zmqmodels keys generate --out KEYS`."""
+    if not keys:
+        return {}
+    from zmqmodels.curve import Curve
+    from zmqmodels.signing import SigningKey, Trust
+
+    k = f"{keys}/private_keys/{role}.key_secret"
+    if role == "hub":
+        return {"curve": Curve.load(k, None, [f"{keys}/public_keys"])}
+    curve = Curve.load(k, f"{keys}/public_keys/hub.key")
+    if role == "node":
+        return {"curve": curve, "trust": Trust.load([f"{keys}/signing.pub"])}
+    return {"curve": curve, "signing_key": SigningKey.load(f"{keys}/signing.key")}
+
+
+def role_sub(hub: str, node: str, keys: str | None = None) -> None:
     from zmqmodels.subscriber import Subscriber
 
     sub: Subscriber
@@ -38,7 +54,8 @@ def role_sub(hub: str, node: str) -> None:
     def done(m, archive) -> None:  # noqa: ANN001
         sub.report(m.name, "serving", seq=m.seq, label=m.label)
 
-    sub = Subscriber(hub, ["bench"], node_id=node, on_release=done, load=False)
+    sub = Subscriber(hub, ["bench"], node_id=node, on_release=done, load=False,
+                     **secure_opts(keys, "node"))
     with sub:
         sys.stdin.read()  # until the parent closes our stdin
 
@@ -110,17 +127,24 @@ def tcp_naive(data: memoryview, n: int) -> float:
     return dt
 
 
-def zmq_fanout(release, n: int, store_dir: str) -> dict[str, float]:  # noqa: ANN001
+def zmq_fanout(release, n: int, store_dir: str, keys: str | None = None) -> dict[str, float]:  # noqa: ANN001
+    """``keys``: a `keys generate` directory: CURVE on every socket, releases signed by the
+    publisher and checked by every subscriber."""
     from zmqmodels.control import HubClient
 
     sock = f"/tmp/zmqm-bench-{os.getpid()}"
     addr = f"ipc://{sock}"
     env = {**os.environ, "PYTHONPATH": ROOT}
+    secure = ["--curve-key", f"{keys}/private_keys/hub.key_secret", "--curve-allow",
+              f"{keys}/public_keys"] if keys else []
     hub = subprocess.Popen([sys.executable, "-m", "zmqmodels", "hub", "--bind", addr, "--store",
-                            store_dir, "--retain", "1"], env=env, stderr=subprocess.DEVNULL)
+                            store_dir, "--retain", "1", *secure], env=env, stderr=subprocess.DEVNULL)
     subs = [subprocess.Popen([sys.executable, __file__, "--role", "sub", "--hub", addr, "--node",
-                              f"n{i}"], stdin=subprocess.PIPE, env=env) for i in range(n)]
-    client = HubClient(addr, timeout=30)
+                              f"n{i}", *(["--keys", keys] if keys else [])], stdin=subprocess.PIPE,
+                             env=env) for i in range(n)]
+    opts = secure_opts(keys, "client")
+    key = opts.pop("signing_key", None)
+    client = HubClient(addr, timeout=30, **opts)
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -136,7 +160,7 @@ def zmq_fanout(release, n: int, store_dir: str) -> dict[str, float]:  # noqa: AN
         out: dict[str, float] = {}
         for run in ("cold", "warm"):  # a node's first release vs the next (buffers reused)
             t0 = time.perf_counter()
-            done = client.publish(release, timeout=300)
+            done = client.publish(release, timeout=300, signing_key=key)
             t1 = time.perf_counter()
             ok, _ = client.wait_for("bench", done.seq, n, timeout=300, poll_s=0.005)
             t2 = time.perf_counter()
@@ -167,9 +191,10 @@ def main() -> None:
     ap.add_argument("--sizes-mb", default="100,1000")
     ap.add_argument("--subs", default="1,4,8")
     ap.add_argument("--json")
+    ap.add_argument("--keys", help="(sub role) a keys directory: CURVE and signatures")
     args = ap.parse_args()
     if args.role == "sub":
-        return role_sub(args.hub, args.node)
+        return role_sub(args.hub, args.node, args.keys)
     if args.role == "tcp-recv":
         return role_tcp_recv(args.port, args.size)
 

@@ -73,7 +73,7 @@ def test_malformed_broadcasts_are_dropped_and_counted(fake_hub) -> None:
         assert done.wait(10), dict(sub.stats)
         assert got == [bytes(rel.archive())]
         st = sub.stats
-        assert st["dropped_too_large"] == 1
+        assert st["too_large"] == 1  # refused (and reported to the hub), nothing allocated
         assert st["dropped_bad_release"] == 1
         assert st["dropped_bad_message"] == 5
         assert st["chunk_corrupt"] >= 1

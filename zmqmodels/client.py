@@ -102,7 +102,8 @@ class Client:
             sock.send_multipart(frames, copy=False)
             if not sock.poll(int(timeout * 1000)):
                 self._reset()  # Lazy Pirate: a REQ socket that lost its reply is unusable
-                last = DeadlineError(f"no reply from {self.server} within {timeout:g}s")
+                hint = " (CURVE: is this client's key allowed there?)" if self.curve else ""
+                last = DeadlineError(f"no reply from {self.server} within {timeout:g}s{hint}")
                 continue
             reply = sock.recv_multipart(copy=False)
             kind = reply[0].bytes if reply else b""

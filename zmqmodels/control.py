@@ -43,7 +43,8 @@ class HubClient:
             s.connect(self.hub)
             s.send_multipart(frames, copy=False)
             if not s.poll(int(timeout * 1000)):
-                raise DeadlineError(f"no reply from hub {self.hub} within {timeout:g}s")
+                hint = " (CURVE: is this key allowed there?)" if self.curve else ""
+                raise DeadlineError(f"no reply from hub {self.hub} within {timeout:g}s{hint}")
             reply = s.recv_multipart()
         finally:
             s.close()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,13 +101,22 @@ class Curve:
 
 
 class _Allow:
+    """ZAP credentials check; a refused key is logged once a minute, not on every reconnect."""
+
     def __init__(self, keys: frozenset[bytes]) -> None:
         self.keys = keys
+        self._logged: dict[bytes, float] = {}
 
     def callback(self, domain: str, key: bytes) -> bool:
         if key in self.keys:
             return True
-        log.warning("refused a CURVE client with key %s: not in the allowlist", key.decode(errors="replace"))
+        now = time.monotonic()
+        if now - self._logged.get(key, -60.0) >= 60.0:
+            if len(self._logged) > 1000:
+                self._logged.clear()
+            self._logged[key] = now
+            log.warning("refused a CURVE client with key %s: not in the allowlist",
+                        key.decode(errors="replace"))
         return False
 
 
