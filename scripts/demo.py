@@ -75,23 +75,45 @@ class Fleet:
 
 
 def main() -> None:
+    import argparse
+
     import torch
 
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--secure", action="store_true",
+                    help="keys generate, then signed releases and CURVE on every socket")
+    secure = ap.parse_args().secure
     sys.path.insert(0, ROOT)
-    from zmqmodels import Client, HubClient
+    from zmqmodels import Client, Curve, HubClient
 
     fleet = Fleet()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         hub = f"tcp://127.0.0.1:{free_port_pair()}"
-        fleet.start("hub", "--bind", hub, "--store", os.path.join(fleet.dir, "store"), log="hub.log")
+        keys = os.path.join(fleet.dir, "keys")
+        pub, sec = os.path.join(keys, "public_keys"), os.path.join(keys, "private_keys")
+        hub_opts = node_opts = client_opts = sign = []
+        client_hub = client_node = None
+        if secure:
+            fleet.cli("keys", "generate", "--out", keys)
+            hub_opts = ["--curve-key", f"{sec}/hub.key_secret", "--curve-allow", pub,
+                        "--curve-publisher", f"{pub}/client.key"]
+            node_opts = ["--trust", f"{keys}/signing.pub", "--curve-key", f"{sec}/node.key_secret",
+                         "--curve-server", f"{pub}/hub.key", "--curve-allow", f"{pub}/client.key"]
+            client_opts = ["--curve-key", f"{sec}/client.key_secret", "--curve-server", f"{pub}/hub.key"]
+            sign = ["--signing-key", f"{keys}/signing.key"]
+            client_hub = Curve.load(f"{sec}/client.key_secret", f"{pub}/hub.key")
+            client_node = Curve.load(f"{sec}/client.key_secret", f"{pub}/node.key")
+        fleet.start("hub", "--bind", hub, "--store", os.path.join(fleet.dir, "store"), *hub_opts,
+                    log="hub.log")
         nodes = [f"tcp://127.0.0.1:{free_port()}" for _ in range(NODES)]
         for i, addr in enumerate(nodes):
             fleet.start("serve", "--hub", hub, "--model", "demo", "--bind", addr, "--workers", "2",
                         "--cache", os.path.join(fleet.dir, f"cache{i}"), "--node-id", f"node{i}",
-                        log=f"node{i}.log")
-        print(f"hub {hub}; nodes {', '.join(nodes)}; logs in {fleet.dir}", flush=True)
-        status = HubClient(hub, timeout=2)
+                        *node_opts, log=f"node{i}.log")
+        print(f"hub {hub}; nodes {', '.join(nodes)}; logs in {fleet.dir}"
+              + ("; signed releases, CURVE everywhere" if secure else ""), flush=True)
+        status = HubClient(hub, timeout=2, curve=client_hub)
         deadline = time.monotonic() + 120
         while True:  # nodes report in once their subscriber is up
             try:
@@ -104,7 +126,17 @@ def main() -> None:
             time.sleep(0.2)
         print("== publish v1", flush=True)
         fleet.cli("publish", "scripts/demo_model.py:v1", "--name", "demo", "--version", "v1",
-                  "--hub", hub, "--wait-for", str(NODES), "--timeout", "120")
+                  "--hub", hub, "--wait-for", str(NODES), "--timeout", "120", *sign, *client_opts)
+        if secure:
+            print("== publish an unsigned release: every node refuses it, v1 keeps serving", flush=True)
+            out = subprocess.run([sys.executable, "-m", "zmqmodels", "publish", "scripts/demo_model.py:v2",
+                                  "--name", "demo", "--version", "unsigned", "--hub", hub, "--wait-for",
+                                  str(NODES), "--timeout", "60", *client_opts], env=fleet.env, timeout=300,
+                                 capture_output=True, text=True)
+            print(out.stdout.strip().splitlines()[-1] if out.stdout.strip() else out.stderr.strip(),
+                  flush=True)
+            if out.returncode != 1:
+                raise SystemExit("the unsigned release was not refused")
 
         stop = threading.Event()
         swap = {"start": 0.0, "end": 0.0}
@@ -114,7 +146,7 @@ def main() -> None:
 
         def load(addr: str) -> None:
             x = torch.randn(1, 784)
-            with Client(addr, timeout=5, retries=3) as c:
+            with Client(addr, timeout=5, retries=3, curve=client_node) as c:
                 while not stop.is_set():
                     t0 = time.perf_counter()
                     try:
@@ -139,7 +171,7 @@ def main() -> None:
         def watch() -> None:
             """The swap window: from the hub holding v2 to every node serving it (compiling
             v2 in the publish command, on these same 2 cores, is not part of it)."""
-            watcher = HubClient(hub, timeout=2)
+            watcher = HubClient(hub, timeout=2, curve=client_hub)
             while not stop.is_set():
                 st = watcher.status()
                 now = time.perf_counter()
@@ -156,14 +188,14 @@ def main() -> None:
         watcher.start()
         print("== publish v2 under load", flush=True)
         fleet.cli("publish", "scripts/demo_model.py:v2", "--name", "demo", "--version", "v2",
-                  "--hub", hub, "--wait-for", str(NODES), "--timeout", "120")
+                  "--hub", hub, "--wait-for", str(NODES), "--timeout", "120", *sign, *client_opts)
         watcher.join(10)
         time.sleep(1.0)
         stop.set()
         for t in threads:
             t.join(10)
         print("== fleet", flush=True)
-        fleet.cli("status", "--hub", hub)
+        fleet.cli("status", "--hub", hub, *client_opts)
         st = status.status()
         on_v2 = sum(n.model == "demo" and n.label == "v2" and n.state == "serving" for n in st.nodes)
         print(f"\nv2 serving on {on_v2}/{NODES} nodes, {stats['failed']} failed requests "
