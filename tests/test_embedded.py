@@ -7,6 +7,7 @@ import threading
 import pytest
 import torch
 
+from tests.conftest import wait_until
 from tests.models import Explodes, Probe, probe_examples
 from zmqmodels import (
     DeadlineError,
@@ -44,6 +45,8 @@ def test_predict_version_model_and_on_swap(tmp_path) -> None:
                 sub.wait_until_serving("probe", 30, seq=m2.seq)
                 assert torch.equal(held(torch.ones(1, 4)), torch.full((1, 4), 2.0))
             assert torch.equal(sub.predict("probe", torch.ones(1, 4)), torch.full((1, 4), 3.0))
+            # listeners run right after the swap is visible: give the second one its moment
+            wait_until(lambda: len(swaps) == 2, 10, what="the second on_swap call")
             assert swaps == [("probe", m1.seq, None), ("probe", m2.seq, m1.seq)]
             assert hub.wait_for("probe", m2.seq, 1, 10)[0]
 
