@@ -31,17 +31,14 @@ def rss_mb(pid: int) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) // 1024
 
 
-def free_port_pair() -> int:
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 1))
-                return port
-            except OSError:
-                continue
+def _read(s: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        more = s.recv(n - len(data))
+        if not more:
+            raise ConnectionResetError("closed by the server")
+        data += more
+    return data
 
 
 def flood(port: int, mb: int) -> str:
@@ -49,9 +46,16 @@ def flood(port: int, mb: int) -> str:
     s = socket.create_connection(("127.0.0.1", port))
     s.settimeout(5)
     s.sendall(b"\xff" + b"\0" * 8 + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\0") + b"\0" * 32)
-    prop = b"\x0bSocket-Type" + struct.pack(">I", 6) + b"DEALER"
-    body = b"\x05READY" + prop
-    s.sendall(b"\x04" + bytes([len(body)]) + body)
+    try:
+        _read(s, 64)  # the server's greeting (a CURVE server hangs up here)
+        prop = b"\x0bSocket-Type" + struct.pack(">I", 6) + b"DEALER"
+        body = b"\x05READY" + prop
+        s.sendall(b"\x04" + bytes([len(body)]) + body)
+        flags, size = _read(s, 2)  # the server's READY
+        _read(s, size if not flags & 0x02 else struct.unpack(">Q", bytes([size]) + _read(s, 7))[0])
+    except OSError as exc:
+        s.close()
+        return f"refused in the handshake ({exc.strerror or exc})"
     batch = (b"\x01\xff" + b"x" * 255) * 4096  # 1 MiB of 255-byte frames, each with MORE set
     sent = 0
     try:
@@ -69,6 +73,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mb", type=int, default=400)
     args = ap.parse_args()
+    from demo import free_port_pair  # scripts/ is this script's directory
+
     from zmqmodels.curve import generate_curve_keys
 
     tmp = tempfile.mkdtemp(prefix="zmqm-flood-")

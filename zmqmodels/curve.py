@@ -26,7 +26,7 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from .errors import SourceError
 
-__all__ = ["Curve", "generate_curve_keys"]
+__all__ = ["Curve", "ServerContext", "generate_curve_keys"]
 
 log = logging.getLogger("zmqmodels.curve")
 
@@ -98,6 +98,31 @@ class Curve:
         auth.start()
         auth.configure_curve_callback("*", credentials_provider=_Allow(self.allow))
         return auth
+
+
+class ServerContext:
+    """The context a server's sockets live in. With a CURVE allowlist it is a context of its
+    own (ZAP handlers are per context, so two secured servers in one process cannot share
+    one), its authenticator running from :meth:`start` to :meth:`close`; otherwise it is
+    ``context`` or the process-wide one."""
+
+    def __init__(self, curve: Curve | None, context: zmq.Context | None = None) -> None:
+        self._curve = curve
+        self._own = context is None and curve is not None and curve.allow is not None
+        self.ctx = zmq.Context() if self._own else (context or zmq.Context.instance())
+        self._auth: ThreadAuthenticator | None = None
+
+    def start(self) -> None:
+        if self._curve is not None:
+            self._auth = self._curve.authenticator(self.ctx)
+
+    def close(self) -> None:
+        """After the server's own sockets are closed."""
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+        if self._own:
+            self.ctx.destroy(linger=0)
 
 
 class _Allow:

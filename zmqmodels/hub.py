@@ -28,7 +28,7 @@ import zmq
 from . import defaults
 from . import protocol as P
 from .commands import Commands
-from .curve import Curve
+from .curve import Curve, ServerContext
 from .defaults import Limits
 from .errors import DeadlineError, ProtocolError, ReleaseError, SignatureError, StoreError, ZmqModelsError
 from .release import Manifest, Release, decode_manifest, rollback_manifest
@@ -112,10 +112,8 @@ class Publisher:
         if control_keys is not None and (curve is None or curve.allow is None):
             raise ZmqModelsError("control_keys need CURVE with an allowlist: peers are known by their keys")
         self._control_keys = control_keys
-        # the ZAP handler is per context: a secured hub gets a context of its own
-        self._own_ctx = context is None and curve is not None and curve.allow is not None
-        self._ctx = zmq.Context() if self._own_ctx else (context or zmq.Context.instance())
-        self._auth: Any = None
+        self._server_ctx = ServerContext(curve, context)
+        self._ctx = self._server_ctx.ctx
         self._fault = fault
         self._store_jobs = 0  # PUBLISH/ROLLBACK in the executor (I/O thread's counter)
         self._sndhwm = sndhwm
@@ -140,8 +138,7 @@ class Publisher:
         if self._state is not _State.NEW:
             raise ZmqModelsError("a Publisher can be started once")
         self._state = _State.RUNNING
-        if self.curve is not None:
-            self._auth = self.curve.authenticator(self._ctx)
+        self._server_ctx.start()
         for name in self.store.names():
             latest = self.store.latest(name)
             if latest is not None:
@@ -164,10 +161,7 @@ class Publisher:
             self._commands.wake()
             self._thread.join(timeout=10)
         self._pool.shutdown(wait=True)
-        if self._auth is not None:
-            self._auth.stop()
-        if self._own_ctx:
-            self._ctx.destroy(linger=0)
+        self._server_ctx.close()
 
     def __enter__(self) -> Publisher:
         return self.start() if self._state is _State.NEW else self

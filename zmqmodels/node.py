@@ -37,7 +37,7 @@ from . import defaults
 from . import protocol as P
 from .cache import Cache
 from .commands import Commands
-from .curve import Curve
+from .curve import Curve, ServerContext
 from .defaults import Limits
 from .errors import ProtocolError, ZmqModelsError
 from .release import Manifest, validate_name
@@ -140,9 +140,8 @@ class Node:
         self.curve = curve
         if curve is not None and hub and curve.server_key is None:
             raise ZmqModelsError("a node with CURVE keys needs the hub's public key")
-        self._own_ctx = context is None and curve is not None and curve.allow is not None
-        self._ctx = zmq.Context() if self._own_ctx else (context or zmq.Context.instance())
-        self._auth: Any = None
+        self._server_ctx = ServerContext(curve, context)
+        self._ctx = self._server_ctx.ctx
         self._state = _State.NEW
         self._dir = tempfile.mkdtemp(prefix="zmqm-node-", dir="/tmp")  # ipc paths must be short
         self._backend_addr = f"ipc://{self._dir}/workers"
@@ -164,8 +163,7 @@ class Node:
         if self._state is not _State.NEW:
             raise ZmqModelsError("a Node can be started once")
         self._state = _State.RUNNING
-        if self.curve is not None:
-            self._auth = self.curve.authenticator(self._ctx)
+        self._server_ctx.start()
         # verify the cache before any worker starts: workers load from it without hashing again
         known = {}
         for name in self.models:
@@ -210,10 +208,7 @@ class Node:
                     w.proc.kill()
                     w.proc.wait(5)
         shutil.rmtree(self._dir, ignore_errors=True)
-        if self._auth is not None:
-            self._auth.stop()
-        if self._own_ctx:
-            self._ctx.destroy(linger=0)
+        self._server_ctx.close()
 
     def __enter__(self) -> Node:
         return self.start() if self._state is _State.NEW else self
