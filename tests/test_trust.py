@@ -298,3 +298,22 @@ def test_cli_publishes_signed_over_curve_and_reads_status(keys, short_tmp, tmp_p
         out = run(cli, ["status", "--hub", addr, "--timeout", "1",
                         "--curve-server", str(fleet / "public_keys" / "hub.key")])
         assert out.exit_code == 1 and "no reply" in out.output  # a throwaway key is not admitted
+
+
+def test_a_hub_with_a_signing_key_signs_its_own_publishes_and_rollbacks(keys, short_tmp,
+                                                                        tmp_path) -> None:  # noqa: ANN001
+    addr = f"ipc://{short_tmp}/hub"
+    store = Store(tmp_path)
+    with Publisher(addr, store, signing_key=signer(keys), trust=trusted(keys)) as hub:
+        v1 = hub.publish(raw_release("m", os.urandom(3000), label="v1", chunk_bytes=1000))
+        hub.publish(raw_release("m", os.urandom(3000), label="v2", chunk_bytes=1000))
+        done = HubClient(addr, timeout=10).rollback("m", "v1")  # the operator holds no key
+        for seq in (v1.seq, done.seq):
+            rel = store.read("m", seq)
+            trusted(keys).verify(rel.manifest, rel.raw, rel.signature)
+        back = store.read("m", done.seq).manifest
+        assert (back.label, back.archive_sha256, back.metadata["rollback_of"]) == \
+            ("v1", v1.archive_sha256, str(v1.seq))
+    with Publisher(addr, store, trust=trusted(keys)), \
+            pytest.raises(RemoteError, match="signed releases only"):
+        HubClient(addr, timeout=10).rollback("m", "v1")  # no key anywhere: refused, not unsigned
