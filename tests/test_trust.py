@@ -27,6 +27,7 @@ from zmqmodels.errors import DeadlineError, RemoteError, SignatureError, StoreEr
 from zmqmodels.release import Release, encode_manifest
 from zmqmodels.signing import SigningKey, Trust, generate_signing_key
 from zmqmodels.store import Store
+from zmqmodels.subscriber import Subscriber
 
 
 @pytest.fixture(scope="module")
@@ -317,3 +318,23 @@ def test_a_hub_with_a_signing_key_signs_its_own_publishes_and_rollbacks(keys, sh
     with Publisher(addr, store, trust=trusted(keys)), \
             pytest.raises(RemoteError, match="signed releases only"):
         HubClient(addr, timeout=10).rollback("m", "v1")  # no key anywhere: refused, not unsigned
+
+
+def test_embedded_subscriber_trusts_and_rechecks_its_cache(keys, short_tmp, tmp_path) -> None:  # noqa: ANN001
+    addr = f"ipc://{short_tmp}/hub"
+    cache = tmp_path / "cache"
+    with Publisher(addr, Store(tmp_path / "store")) as hub:
+        with Subscriber(addr, ["probe"], trust=trusted(keys), cache=cache) as sub:
+            hub.publish(probe(3.0, "unsigned"))
+            wait_until(lambda: sub.stats["untrusted"] >= 1, 30, what="the unsigned release refused")
+            assert sub.version("probe") is None
+            signed = HubClient(addr, timeout=30).publish(probe(2.0, "v1"), signing_key=signer(keys))
+            sub.wait_until_serving("probe", 60, seq=signed.seq)
+            assert float(sub.predict("probe", torch.ones(1, 4))[0, 0]) == 2.0
+    # restarted without a hub: serves the cached release at once, after checking it again ...
+    with Subscriber("ipc:///nonexistent/hub", ["probe"], trust=trusted(keys), cache=cache) as sub:
+        assert sub.version("probe") == ("v1", signed.seq)
+    # ... and not once its signature is damaged
+    Cache(cache).path("probe", signed.seq).with_suffix(".sig").write_bytes(bytes(64))
+    with Subscriber("ipc:///nonexistent/hub", ["probe"], trust=trusted(keys), cache=cache) as sub:
+        assert sub.version("probe") is None
