@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import zmq
@@ -177,7 +177,7 @@ class Publisher:
         self._check_running()
         if not release.signature and self.signing_key is not None:
             release = self.signing_key.seal(release, self.store.reserve(release.manifest.name))
-        stored = self._store_release(release)
+        stored = self._store_release(release.manifest_bytes, release.chunks, release.signature)
         self._call(lambda: self._broadcast(stored), timeout)
         return stored.manifest
 
@@ -186,7 +186,7 @@ class Publisher:
         """Re-broadcast stored content of ``name`` (by label or seq) under a new seq. ``signed``
         is a manifest for it signed elsewhere (its chunks are ignored)."""
         self._check_running()
-        stored = self._rollback(name, to, signed)
+        stored = self._rollback(name, to, (signed.manifest_bytes, signed.signature) if signed else None)
         self._call(lambda: self._broadcast(stored), timeout)
         return stored.manifest
 
@@ -208,25 +208,27 @@ class Publisher:
                 self._fleet_cond.wait(min(left, 0.5))
 
     # -- internals: store side (executor or caller thread) -----------------------------------
-    def _store_release(self, release: Release) -> Release:
-        raw = release.manifest_bytes
+    def _store_release(self, raw: Any, chunks: Sequence[Any], signature: bytes) -> Release:
+        """Decode (once, here, off the I/O thread), check and store a release."""
         m = decode_manifest(raw, self.limits)
-        self.trust.verify(m, raw, release.signature)  # before anything is hashed or written
-        if len(release.chunks) != m.chunk_count:
-            raise ReleaseError(f"{len(release.chunks)} chunks, manifest says {m.chunk_count}")
-        checked = Release(m, release.chunks, raw, release.signature)
+        self.trust.verify(m, raw, signature)  # before anything is hashed or written
+        if len(chunks) != m.chunk_count:
+            raise ReleaseError(f"{len(chunks)} chunks, manifest says {m.chunk_count}")
+        checked = Release(m, chunks, raw, signature)
         checked.verify()  # every chunk and the archive sha256, streamed
         stored = self.store.put(checked)
         return self.store.read(m.name, stored.manifest.seq)  # serve from the page cache (mmap)
 
-    def _rollback(self, name: str, to: str, signed: Release | None = None) -> Release:
+    def _rollback(self, name: str, to: str, signed: tuple[Any, bytes] | None = None) -> Release:
+        """``signed``: ``(manifest bytes, signature)`` made by the publisher for this rollback."""
         old = self.store.find(name, to)
         if signed is not None:
-            m = decode_manifest(signed.manifest_bytes, self.limits)
+            raw, signature = signed
+            m = decode_manifest(raw, self.limits)
             if _content(m) != _content(old.manifest):
                 raise ReleaseError(f"the signed rollback manifest does not describe {name} {to!r}")
-            self.trust.verify(m, signed.manifest_bytes, signed.signature)
-            again = Release(m, old.chunks, signed.manifest_bytes, signed.signature)
+            self.trust.verify(m, raw, signature)
+            again = Release(m, old.chunks, raw, signature)
         else:
             again = Release(rollback_manifest(old.manifest), old.chunks)
             if self.signing_key is not None:
@@ -374,10 +376,7 @@ class Publisher:
             elif kind == b"PUBLISH" and len(frames) >= 4:
                 self._on_publish(ident, hdr, frames[3:])
             elif kind == b"ROLLBACK" and len(frames) in (3, 5):
-                signed = None
-                if len(frames) == 5:
-                    m = decode_manifest(frames[3].buffer, self.limits)
-                    signed = Release(m, (), frames[3].bytes, frames[4].bytes)
+                signed = (frames[3].bytes, frames[4].bytes) if len(frames) == 5 else None
                 self._in_pool(ident, lambda: self._rollback(hdr.name, hdr.to, signed))
             elif kind == b"RESERVE" and len(frames) == 3:
                 self._in_pool(ident, lambda: self._reserve(hdr), self._reserved)
@@ -449,13 +448,10 @@ class Publisher:
                      f" ({report.reason})" if report.reason else "")
 
     def _on_publish(self, ident: Any, hdr: P.Publish, frames: list[zmq.Frame]) -> None:
-        raw = frames[0].buffer
-        m = decode_manifest(raw, self.limits)
+        # the manifest is decoded, the signature, every chunk and the archive sha256 checked
+        # once, in the pool: a large manifest never stalls fetches or heartbeats
         chunks = [f.buffer for f in frames[1:]]
-        if len(chunks) != m.chunk_count:
-            raise ReleaseError(f"PUBLISH carries {len(chunks)} chunks, manifest says {m.chunk_count}")
-        # signature, every chunk and the archive sha256 are checked once, in the pool
-        self._in_pool(ident, lambda: self._store_release(Release(m, chunks, raw, hdr.signature)))
+        self._in_pool(ident, lambda: self._store_release(frames[0].buffer, chunks, hdr.signature))
 
     def _published(self, ident: bytes, rel: Release) -> None:
         self._broadcast(rel)
