@@ -273,10 +273,10 @@ class Publisher:
         # a time); past it the ROUTER drops replies to that peer, which asks again
         router.sndhwm = 8 * self.limits.fetch_credit
         router.setsockopt(zmq.MAXMSGSIZE, self.limits.max_frame_bytes)
-        if self.curve is not None:
-            self.curve.serve(router)
-            self.curve.serve(pub)
         try:
+            if self.curve is not None:  # inside the try: a failure is a start error, at once
+                self.curve.serve(router)
+                self.curve.serve(pub)
             self.address = bind_hub_sockets(router, pub, self.bind)
             self.pub_address = P.pub_endpoint(self.address)
         except Exception as exc:

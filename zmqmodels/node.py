@@ -242,9 +242,9 @@ class Node:
         # a hard cap per frame, enforced by libzmq before it buffers: requests a little over the
         # limit still get a `too_large` reply, grossly oversized frames cost the connection
         front.setsockopt(zmq.MAXMSGSIZE, self.limits.max_request_bytes + (1 << 20))
-        if self.curve is not None:
-            self.curve.serve(front)
         try:
+            if self.curve is not None:  # inside the try: a failure is a start error, at once
+                self.curve.serve(front)
             back.bind(self._backend_addr)
             if self.bind.startswith("tcp://") and self.bind.endswith(":0"):
                 port = front.bind_to_random_port(self.bind[: -len(":0")])
