@@ -150,17 +150,19 @@ class Store:
     def reserve(self, name: str) -> int:
         """Hand out the next seq of ``name`` for a release that will be signed before it is put."""
         with self._locked(validate_name(name)) as d:
-            seq = self._next_seq(d, name)
+            last, newest = self._seq_state(d, name)
+            seq = max(last, newest) + 1
             atomic_write(d / "SEQ", str(seq).encode())
         return seq
 
-    def _next_seq(self, d: Path, name: str) -> int:
+    def _seq_state(self, d: Path, name: str) -> tuple[int, int]:
+        """(highest seq handed out, per the SEQ file; newest seq stored), read under the lock."""
         seq_file = d / "SEQ"
         try:
             last = int(seq_file.read_text() or 0) if seq_file.exists() else 0
         except ValueError:
             raise StoreError(f"{seq_file} is damaged") from None
-        return max([last, *self.seqs(name)]) + 1
+        return last, max(self.seqs(name), default=0)
 
     def put(self, release: Release) -> Release:
         """Store ``release``; return it as stored. A release with ``seq`` 0 (unsigned) gets the
@@ -168,21 +170,20 @@ class Store:
         stored as it is, byte for byte, if that seq is newer than every stored one."""
         name = validate_name(release.manifest.name)
         with self._locked(name) as d:
+            last, newest = self._seq_state(d, name)
             seq = release.manifest.seq
             if seq == 0:
                 if release.signature:
                     raise StoreError(f"a signed release of {name} must carry its seq (reserve one)")
-                seq = self._next_seq(d, name)
+                seq = max(last, newest) + 1
                 stored = Release(msgspec.structs.replace(release.manifest, seq=seq), release.chunks)
+            elif seq <= newest:
+                raise StoreError(f"{name} seq {seq} is not newer than the stored seq {newest}: "
+                                 "an old release cannot be published again (roll back instead)")
             else:
-                newest = max(self.seqs(name), default=0)
-                if seq <= newest:
-                    raise StoreError(f"{name} seq {seq} is not newer than the stored seq {newest}: "
-                                     "an old release cannot be published again (roll back instead)")
                 stored = release
-                seq = max(seq, self._next_seq(d, name) - 1)
-            atomic_write(d / "SEQ", str(seq).encode())
-            write_release_file(self.path(name, stored.manifest.seq), stored)
+            atomic_write(d / "SEQ", str(max(seq, last)).encode())
+            write_release_file(self.path(name, seq), stored)
             for old in self.seqs(name)[: -self.retain] if self.retain > 0 else []:
                 self.path(name, old).unlink(missing_ok=True)
         return stored
