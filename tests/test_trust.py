@@ -22,7 +22,7 @@ from zmqmodels import Client, Publisher, build_release, compile_model
 from zmqmodels.cache import Cache
 from zmqmodels.cli import cli
 from zmqmodels.control import HubClient
-from zmqmodels.curve import Curve, generate_curve_keys
+from zmqmodels.curve import Curve, generate_curve_keys, public_keys
 from zmqmodels.errors import DeadlineError, RemoteError, SignatureError, StoreError
 from zmqmodels.release import Release, encode_manifest
 from zmqmodels.signing import SigningKey, Trust, generate_signing_key
@@ -137,8 +137,7 @@ def test_hub_with_trust_refuses_unsigned_and_forbids_control_to_plain_peers(keys
     addr = f"ipc://{short_tmp}/hub"
     fleet = keys / "fleet"
     hub_curve = curve(keys, "hub", allow=[fleet / "public_keys"])
-    control = Curve.load(fleet / "private_keys" / "hub.key_secret", None,
-                         [fleet / "public_keys" / "client.key"]).allow
+    control = public_keys([fleet / "public_keys" / "client.key"])
     with Publisher(addr, Store(tmp_path), trust=trusted(keys), curve=hub_curve, control_keys=control):
         client = HubClient(addr, timeout=10, curve=curve(keys, "client", "hub"))
         node = HubClient(addr, timeout=10, curve=curve(keys, "node", "hub"))

@@ -353,11 +353,11 @@ def hub(bind_addr: str, store_dir: str, heartbeat: float, retain: int, signing_k
     curve = _curve(curve_key, None, curve_allow)
     control = None
     if curve_publishers:
-        from .curve import Curve
+        from .curve import public_keys
 
         if curve is None or curve.allow is None:
             raise click.UsageError("--curve-publisher needs --curve-key and --curve-allow")
-        control = Curve.load(curve_key, None, curve_publishers).allow  # type: ignore[arg-type]
+        control = public_keys(curve_publishers)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     with Publisher(bind_addr, Store(store_dir, retain=retain), heartbeat_interval_s=heartbeat,
                    signing_key=_signing_key(signing_key), trust=_trust(trust), curve=curve,

@@ -26,7 +26,7 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from .errors import SourceError
 
-__all__ = ["Curve", "ServerContext", "generate_curve_keys"]
+__all__ = ["Curve", "ServerContext", "generate_curve_keys", "public_keys"]
 
 log = logging.getLogger("zmqmodels.curve")
 
@@ -36,6 +36,20 @@ def _load(path: Path) -> tuple[bytes, bytes | None]:
         return zmq.auth.load_certificate(path)
     except (OSError, ValueError) as exc:
         raise SourceError(f"cannot read CURVE certificate {path}: {exc}") from None
+
+
+def public_keys(paths: Iterable[str | os.PathLike[str]]) -> frozenset[bytes]:
+    """The public keys (z85) in these certificates and directories of ``*.key`` certificates."""
+    keys: set[bytes] = set()
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = zmq.auth.load_certificates(p)
+            if not found:
+                raise SourceError(f"no *.key certificates in {p}")
+            keys.update(found)
+        else:
+            keys.add(_load(p)[0])
+    return frozenset(keys)
 
 
 @dataclass(frozen=True)
@@ -56,17 +70,8 @@ class Curve:
         if not secret:
             raise SourceError(f"{key} holds no secret key (give NAME.key_secret)")
         server_key = _load(Path(server))[0] if server else None
-        keys: set[bytes] | None = None
-        for p in map(Path, allow):
-            keys = keys or set()
-            if p.is_dir():
-                found = zmq.auth.load_certificates(p)
-                if not found:
-                    raise SourceError(f"no *.key certificates in {p}")
-                keys.update(found)
-            else:
-                keys.add(_load(p)[0])
-        return cls(public, secret, server_key, frozenset(keys) if keys is not None else None)
+        allow = list(allow)
+        return cls(public, secret, server_key, public_keys(allow) if allow else None)
 
     @classmethod
     def ephemeral(cls, server: str | os.PathLike[str]) -> Curve:
