@@ -92,7 +92,10 @@ def main() -> None:
         hub = f"tcp://127.0.0.1:{free_port_pair()}"
         keys = os.path.join(fleet.dir, "keys")
         pub, sec = os.path.join(keys, "public_keys"), os.path.join(keys, "private_keys")
-        hub_opts = node_opts = client_opts = sign = []
+        hub_opts: list[str] = []
+        node_opts: list[str] = []
+        client_opts: list[str] = []
+        sign: list[str] = []
         client_hub = client_node = None
         if secure:
             fleet.cli("keys", "generate", "--out", keys)

@@ -190,7 +190,8 @@ class Subscriber:
         self._nice = background_nice  # a serving node runs its subscriber below its broker
         self._slots = {validate_name(n): ModelSlot() for n in models}
         self._swap_listeners: list[Callable[[str, Manifest, Manifest | None], None]] = []
-        self._on_release = on_release if on_release is not None or not load else self._load_and_swap
+        self._embedded = on_release is None and load  # loads and swaps models itself
+        self._on_release = self._load_and_swap if self._embedded else on_release
         self._ctx = context or zmq.Context.instance()
         self._rcvhwm = rcvhwm
         self._report_interval_s = report_interval_s
@@ -219,7 +220,7 @@ class Subscriber:
         self._started = True
         if self._tune_malloc:
             tune_malloc()
-        if self._on_release == self._load_and_swap and self.cache is not None:
+        if self._embedded and self.cache is not None:
             self._load_cached()
         self._threads = [threading.Thread(target=self._run, name="zmqmodels-sub-io", daemon=True),
                          threading.Thread(target=self._deliver, name="zmqmodels-sub-deliver",
@@ -587,8 +588,7 @@ class Subscriber:
         self.report(m.name, "verified", seq=m.seq, label=m.label)
         if self._on_release is not None:
             try:
-                if self._on_release == self._load_and_swap and self._swap_when is not None \
-                        and self._swap_when(m) is False:
+                if self._embedded and self._swap_when is not None and self._swap_when(m) is False:
                     raise ZmqModelsError("declined by swap_when")
                 if self.cache is not None:  # signed bytes and all, before anything loads it
                     self.cache.put(m, archive, asm.raw, asm.signature)
