@@ -86,40 +86,41 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def infer(self, model: str, *inputs: Any, timeout: float | None = None, version: int = 0) -> Result:
-        """Run ``model`` on ``inputs`` (tensors, or nested tuples/lists/dicts of them)."""
+    def infer(self, model: str, *inputs: Any, timeout: float | None = None, seq: int = 0,
+              version: int = 0) -> Result:
+        """Run ``model`` on ``inputs`` (tensors, or nested tuples/lists/dicts of them).
+
+        ``seq`` pins a release (``version`` is its old name). ``timeout`` bounds each attempt;
+        the node is told it, and drops the request unanswered if it is still queued then."""
         spec, bufs = encode(tuple(inputs))
         rid = f"{os.getpid()}-{next(_ids)}"
-        header = P.encode(P.InferRequest(model, rid, spec, version))
-        return self._call([b"INFER", header, *bufs], rid, timeout)
+        return self._call(lambda ms: P.pack(P.InferRequest(model, rid, spec, seq or version, timeout_ms=ms),
+                                            *bufs), rid, timeout)
 
-    def _call(self, frames: list[Any], rid: str, timeout: float | None) -> Result:
+    def _call(self, frames_for: Any, rid: str, timeout: float | None) -> Result:
         timeout = self.timeout if timeout is None else timeout
         last: Exception | None = None
         t0 = time.perf_counter()
         for attempt in range(1, self.retries + 2):
             sock = self._socket()
-            sock.send_multipart(frames, copy=False)
+            sock.send_multipart(frames_for(round(timeout * 1000, 3)), copy=False)
             if not sock.poll(int(timeout * 1000)):
                 self._reset()  # Lazy Pirate: a REQ socket that lost its reply is unusable
                 hint = " (CURVE: is this client's key allowed there?)" if self.curve else ""
                 last = DeadlineError(f"no reply from {self.server} within {timeout:g}s{hint}")
                 continue
-            reply = sock.recv_multipart(copy=False)
-            kind = reply[0].bytes if reply else b""
-            if kind == b"ERROR" and len(reply) == 2:
-                err = P.decode_header(b"ERROR", reply[1].buffer)
-                last = RemoteError(err.code, err.message, err.retryable)
-                if err.retryable and attempt <= self.retries:
+            hdr, tensors = P.unpack(sock.recv_multipart(copy=False))
+            if isinstance(hdr, P.ErrorReply):
+                last = RemoteError(hdr.code, hdr.message, hdr.retryable)
+                if hdr.retryable and attempt <= self.retries:
                     time.sleep(self.backoff_s * attempt)
                     continue
                 raise last
-            if kind != b"OK" or len(reply) < 2:
-                raise ProtocolError(f"unexpected reply {kind[:32]!r} from {self.server}")
-            hdr = P.decode_header(b"OK", reply[1].buffer)
+            if not isinstance(hdr, P.InferReply):
+                raise ProtocolError(f"unexpected reply {type(hdr).__name__} from {self.server}")
             if hdr.id != rid:
                 raise ProtocolError(f"reply for request {hdr.id!r}, expected {rid!r}")
-            outputs = decode(hdr.outputs, [f.buffer for f in reply[2:]])
+            outputs = decode(hdr.outputs, [f.buffer for f in tensors])
             return Result(outputs, hdr.model, hdr.label, hdr.seq, hdr.worker, hdr.queue_ms,
                           hdr.infer_ms, (time.perf_counter() - t0) * 1000, attempt)
         assert last is not None

@@ -14,6 +14,8 @@
     ├── LimitError                 too_large         a declared size exceeds a configured maximum
     ├── DeadlineError              timeout           a wait passed its deadline
     ├── NotReadyError              not_ready         no model (or not the pinned version) yet
+    ├── ServingError               (its code)        a node refuses an inference request
+    ├── CheckError                 example_check_failed a loaded model failed its example check
     └── RemoteError                (the remote code)  an error reply from a hub or server
 
 Errors cross the wire as ``(code, message, retryable)``; a client raises :class:`RemoteError`
@@ -36,6 +38,8 @@ __all__ = [
     "DeadlineError",
     "NotReadyError",
     "RemoteError",
+    "ServingError",
+    "CheckError",
 ]
 
 
@@ -90,6 +94,21 @@ class DeadlineError(ZmqModelsError):
 class NotReadyError(ZmqModelsError):
     code = "not_ready"
     retryable = True
+
+
+class ServingError(ZmqModelsError):
+    """A node refuses an inference request; ``code`` is one of
+    :data:`zmqmodels.protocol.SERVING_CODES` and crosses the wire in the ERROR reply."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class CheckError(ZmqModelsError):
+    """A loaded release failed its example check (or produced non-finite outputs)."""
+
+    code = "example_check_failed"
 
 
 class RemoteError(ZmqModelsError):

@@ -11,17 +11,11 @@ import os
 import time
 from typing import Any
 
-from .errors import ZmqModelsError
+from .errors import CheckError, ZmqModelsError
 from .release import Manifest, unpack_tensors
 from .slot import Loaded
 
 __all__ = ["load_release", "to_device", "CheckError", "check_finite"]
-
-
-class CheckError(ZmqModelsError):
-    """A loaded model failed its example check."""
-
-    code = "example_check_failed"
 
 
 def to_device(tree: Any, device: str) -> Any:

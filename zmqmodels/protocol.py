@@ -1,24 +1,37 @@
-"""Every wire message as a typed, validated struct; the one place that knows frame layouts.
+"""Every wire message as a typed, validated struct, and the **framing table**: the one place
+that knows which frames each message kind has.
 
 ``docs/protocol.md`` is the language-neutral spec this module implements. Headers are msgpack
 maps (unknown keys are ignored, so fields may be appended); big bytes travel in their own frame.
+A message is ``[KIND, header?, payload...]``: :func:`pack` builds those frames from a struct
+and its payload, :func:`unpack` checks the kind, decodes the header and checks the payload's
+arity, raising :class:`~zmqmodels.errors.ProtocolError` on any fault. Handlers ``match`` on
+the struct types. Routing frames (a ROUTER's identity, a REQ envelope, a PUB topic) are the
+shell's, outside what these two functions see.
 
-PUB (hub -> nodes), frame 0 is the topic ``name + b"\\0"`` (``b"\\0"`` alone for the hub beat)::
+PUB (hub -> nodes), after the topic ``name + b"\\0"`` (``b"\\0"`` alone for the hub beat)::
 
-    [topic, b"MANIFEST",  manifest, signature]
-    [topic, b"CHUNK",     ChunkHeader, payload]
-    [topic, b"HEARTBEAT", Heartbeat]
+    MANIFEST   (no header)      manifest, signature
+    CHUNK      ChunkHeader      payload
+    HEARTBEAT  Heartbeat
 
-ROUTER (hub) <-> DEALER (node or CLI), without the ROUTER's identity frame::
+ROUTER (hub) <-> DEALER (node or CLI)::
 
-    [b"FETCH_MANIFEST", FetchManifest]          -> [b"MANIFEST", manifest, signature] | ERROR
-    [b"FETCH_CHUNKS",   FetchChunks]            -> [b"CHUNK", ChunkHeader, payload] x n | ERROR
-    [b"REPORT",         Report]                 (no reply)
-    [b"RESERVE",        Reserve]                -> [b"RESERVED", Reserved, base manifest] | ERROR
-    [b"PUBLISH",        Publish, manifest, chunk x n] -> [b"PUBLISHED", Published] | ERROR
-    [b"ROLLBACK",       Rollback (, manifest, signature)] -> [b"PUBLISHED", Published] | ERROR
-    [b"STATUS",         StatusRequest]          -> [b"STATUS_REPLY", StatusReply] | ERROR
-    any                                          -> [b"ERROR", ErrorReply]
+    FETCH_MANIFEST FetchManifest            -> MANIFEST | ERROR
+    FETCH_CHUNKS   FetchChunks              -> CHUNK x n | ERROR
+    REPORT         Report                   (no reply; a malformed one gets ERROR)
+    RESERVE        Reserve                  -> RESERVED Reserved, base manifest | ERROR
+    PUBLISH        Publish, manifest, chunk x n -> PUBLISHED | ERROR
+    ROLLBACK       Rollback (, manifest, signature) -> PUBLISHED | ERROR
+    STATUS         StatusRequest            -> STATUS_REPLY | ERROR
+
+Inference (client REQ -> node ROUTER): ``INFER InferRequest, tensor x n`` -> ``OK InferReply,
+tensor x n`` | ``ERROR ErrorReply``.
+
+Node front <-> worker process (ipc, same host)::
+
+    READY WorkerReady  HB  LOADED LoadResult  DONE Done, reply frames     (worker -> front)
+    WORK Work, INFER, request header, tensor x n  LOAD LoadCommand  STOP  (front -> worker)
 
 ``signature`` is the manifest's detached Ed25519 signature, empty when unsigned
 (:mod:`zmqmodels.signing`); a receiver treats a missing frame as empty.
@@ -26,7 +39,10 @@ ROUTER (hub) <-> DEALER (node or CLI), without the ROUTER's identity frame::
 
 from __future__ import annotations
 
+import enum
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import msgspec
@@ -60,6 +76,17 @@ __all__ = [
     "SERVING_CODES",
     "KINDS",
     "STATES",
+    "ModelState",
+    "Work",
+    "Done",
+    "WorkerBeat",
+    "StopWorker",
+    "ManifestFrames",
+    "Framing",
+    "FRAMING",
+    "pack",
+    "unpack",
+    "kind_of",
     "topic",
     "HUB_TOPIC",
     "pub_endpoint",
@@ -70,7 +97,21 @@ __all__ = [
 NonNeg = Annotated[int, msgspec.Meta(ge=0)]
 V = defaults.PROTOCOL_VERSION
 HUB_TOPIC = b"\0"
-STATES = ("receiving", "verified", "loading", "loaded", "serving", "rejected", "idle")
+
+
+class ModelState(str, enum.Enum):
+    """What a node reports for one model (``Report.state``)."""
+
+    RECEIVING = "receiving"  # a release is arriving (``seq``: the one arriving)
+    VERIFIED = "verified"  # it passed its digests and signature (``seq``: that release)
+    LOADING = "loading"  # rolling it through the workers (``seq``: the one being rolled)
+    LOADED = "loaded"  # loaded and checked, not yet serving (embedded ``swap_when``)
+    SERVING = "serving"  # every ready worker serves ``seq``
+    REJECTED = "rejected"  # ``seq`` was refused; ``reason`` says why (sent once, then the held state)
+    IDLE = "idle"  # nothing loaded yet
+
+
+STATES = tuple(s.value for s in ModelState)
 
 
 class ChunkHeader(msgspec.Struct, frozen=True):
@@ -202,14 +243,19 @@ class ErrorReply(msgspec.Struct, frozen=True):
 # -- inference: client REQ <-> node ROUTER (docs/protocol.md §Inference) -------------------
 class InferRequest(msgspec.Struct, frozen=True):
     """``[b"INFER", InferRequest, tensor buffer x n]``; ``inputs`` is the tensor-tree spec of
-    the positional arguments (a tuple node)."""
+    the positional arguments (a tuple node). ``id`` is a string, echoed in the reply.
+
+    ``seq`` pins a release (wire name ``version`` since protocol v1; 0 = whatever the node
+    serves newest). ``timeout_ms`` is how long the client will still wait for this answer
+    (0 = no limit): a node drops a request still queued when it passes, unanswered, since the
+    client has given up or sent it again."""
 
     model: str
     id: str
     inputs: Any
-    version: NonNeg = 0  # pin a seq; 0 = whatever the node serves
+    seq: NonNeg = msgspec.field(default=0, name="version")
     v: int = V
-
+    timeout_ms: Annotated[float, msgspec.Meta(ge=0)] = 0.0
 
 class InferReply(msgspec.Struct, frozen=True):
     """``[b"OK", InferReply, tensor buffer x n]``."""
@@ -227,13 +273,46 @@ class InferReply(msgspec.Struct, frozen=True):
 
 # -- front <-> its worker processes (ipc, same host) ---------------------------------------
 class WorkerReady(msgspec.Struct, frozen=True):
-    """``[b"READY", WorkerReady]`` on start; ``[b"HB"]`` while idle."""
+    """``[b"READY", WorkerReady]`` on start."""
 
     worker: str
     pid: NonNeg
     device: str
     serving: dict[str, list[Any]]  # name -> [seq, label]
     v: int = V
+
+
+class Work(msgspec.Struct, frozen=True):
+    """``[b"WORK", Work, b"INFER", InferRequest, tensor x n]``: serve one request for ``client`` (its
+    ROUTER identity). Times are the host's CLOCK_MONOTONIC in ns, shared by its processes;
+    ``expires_ns`` 0 = the client gave no deadline."""
+
+    client: bytes
+    received_ns: NonNeg
+    expires_ns: NonNeg = 0
+    v: int = V
+
+
+class Done(msgspec.Struct, frozen=True):
+    """``[b"DONE", Done, reply frames...]``: the reply (``OK ...`` or ``ERROR ...``) for
+    ``client``; ``served`` is False when the worker dropped an expired request unanswered."""
+
+    client: bytes
+    served: bool = True
+    v: int = V
+
+
+class WorkerBeat(msgspec.Struct, frozen=True):
+    """``[b"HB"]`` (no header): an idle worker is alive."""
+
+
+class StopWorker(msgspec.Struct, frozen=True):
+    """``[b"STOP"]`` (no header): finish the request in hand and exit."""
+
+
+class ManifestFrames(msgspec.Struct, frozen=True):
+    """``[b"MANIFEST", manifest, signature]`` (no header): the manifest frame is decoded by
+    :func:`zmqmodels.release.decode_manifest` under the receiver's limits."""
 
 
 class LoadCommand(msgspec.Struct, frozen=True):
@@ -274,37 +353,105 @@ SERVING_CODES: dict[str, bool] = {
     "internal": False,
 }
 
-KINDS: dict[bytes, type[msgspec.Struct]] = {
-    b"CHUNK": ChunkHeader,
-    b"HEARTBEAT": Heartbeat,
-    b"FETCH_MANIFEST": FetchManifest,
-    b"FETCH_CHUNKS": FetchChunks,
-    b"REPORT": Report,
-    b"PUBLISH": Publish,
-    b"PUBLISHED": Published,
-    b"RESERVE": Reserve,
-    b"RESERVED": Reserved,
-    b"ROLLBACK": Rollback,
-    b"STATUS": StatusRequest,
-    b"STATUS_REPLY": StatusReply,
-    b"ERROR": ErrorReply,
-    b"INFER": InferRequest,
-    b"OK": InferReply,
-    b"READY": WorkerReady,
-    b"LOAD": LoadCommand,
-    b"LOADED": LoadResult,
-}
+@dataclass(frozen=True)
+class Framing:
+    """One row of the framing table: ``kind`` frames ``header`` (None: no header frame)
+    followed by ``min_payload`` to ``max_payload`` (None: any number) payload frames."""
+
+    kind: bytes
+    struct: type[msgspec.Struct]
+    has_header: bool
+    min_payload: int = 0
+    max_payload: int | None = 0
+
+
+FRAMING: tuple[Framing, ...] = (
+    Framing(b"MANIFEST", ManifestFrames, False, 1, 2),
+    Framing(b"CHUNK", ChunkHeader, True, 1, 1),
+    Framing(b"HEARTBEAT", Heartbeat, True),
+    Framing(b"FETCH_MANIFEST", FetchManifest, True),
+    Framing(b"FETCH_CHUNKS", FetchChunks, True),
+    Framing(b"REPORT", Report, True),
+    Framing(b"PUBLISH", Publish, True, 1, None),
+    Framing(b"PUBLISHED", Published, True),
+    Framing(b"RESERVE", Reserve, True),
+    Framing(b"RESERVED", Reserved, True, 1, 1),
+    Framing(b"ROLLBACK", Rollback, True, 0, 2),
+    Framing(b"STATUS", StatusRequest, True),
+    Framing(b"STATUS_REPLY", StatusReply, True),
+    Framing(b"ERROR", ErrorReply, True),
+    Framing(b"INFER", InferRequest, True, 0, None),
+    Framing(b"OK", InferReply, True, 0, None),
+    Framing(b"READY", WorkerReady, True),
+    Framing(b"HB", WorkerBeat, False),
+    Framing(b"WORK", Work, True, 2, None),
+    Framing(b"DONE", Done, True, 0, None),
+    Framing(b"LOAD", LoadCommand, True),
+    Framing(b"LOADED", LoadResult, True),
+    Framing(b"STOP", StopWorker, False),
+)
+_BY_KIND = {f.kind: f for f in FRAMING}
+_BY_TYPE = {f.struct: f for f in FRAMING}
+KINDS: dict[bytes, type[msgspec.Struct]] = {f.kind: f.struct for f in FRAMING if f.has_header}
 _DECODERS = {k: msgspec.msgpack.Decoder(t) for k, t in KINDS.items()}
 _ENC = msgspec.msgpack.Encoder()
 _MAX_HEADER = 1 << 20
+_BEAT, _STOP, _MANIFEST = WorkerBeat(), StopWorker(), ManifestFrames()
+_HEADERLESS = {b"HB": _BEAT, b"STOP": _STOP, b"MANIFEST": _MANIFEST}
+
+
+def kind_of(msg: msgspec.Struct) -> bytes:
+    return _BY_TYPE[type(msg)].kind
+
+
+def pack(msg: msgspec.Struct, *payload: Any) -> list[Any]:
+    """``[KIND, header, *payload]`` for ``msg``; the payload's arity is checked against the
+    framing table (a sender's bug is caught here, not by the peer)."""
+    f = _BY_TYPE[type(msg)]
+    n = len(payload)
+    if n < f.min_payload or (f.max_payload is not None and n > f.max_payload):
+        raise ProtocolError(f"{f.kind.decode()} takes {f.min_payload}..{f.max_payload} payload "
+                            f"frame(s), not {n}")
+    if not f.has_header:
+        return [f.kind, *payload]
+    return [f.kind, _ENC.encode(msg), *payload]
+
+
+def _buffer(frame: Any) -> Any:
+    return frame.buffer if hasattr(frame, "buffer") else frame
+
+
+def _bytes(frame: Any) -> bytes:
+    return frame.bytes if hasattr(frame, "bytes") else bytes(frame)
+
+
+def unpack(frames: Sequence[Any]) -> tuple[Any, list[Any]]:
+    """``(message, payload frames)`` from ``[KIND, header?, payload...]`` (``bytes`` or
+    ``zmq.Frame``); any fault - unknown kind, wrong arity, a header that does not decode or
+    has another protocol version - is a :class:`ProtocolError`."""
+    if not frames:
+        raise ProtocolError("empty message")
+    kind = _bytes(frames[0])
+    f = _BY_KIND.get(kind)
+    if f is None:
+        raise ProtocolError(f"unknown message type {kind[:32]!r}")
+    first = 2 if f.has_header else 1
+    n = len(frames) - first
+    if n < f.min_payload or (f.max_payload is not None and n > f.max_payload):
+        hi = "n" if f.max_payload is None else f.max_payload
+        span = f"{f.min_payload}" if hi == f.min_payload else f"{f.min_payload}..{hi}"
+        raise ProtocolError(f"{kind.decode()} of {len(frames)} frame(s): expected "
+                            f"{'a header and ' if f.has_header else ''}{span} payload frame(s)")
+    msg = decode_header(kind, _buffer(frames[1])) if f.has_header else _HEADERLESS[kind]
+    return msg, list(frames[first:])
 
 
 def rollout(status: StatusReply, name: str, seq: int) -> tuple[int, list[str]]:
     """``(nodes serving name at seq, nodes that rejected that seq)``: the one rule behind
-    ``publish --wait-for`` (hub-side and client-side)."""
-    rows = [n for n in status.nodes if n.model == name]
-    serving = sum(n.seq == seq and n.state == "serving" for n in rows)
-    return serving, [n.node for n in rows if n.rejected_seq == seq]
+    ``publish --wait-for`` (see :func:`zmqmodels.fleet.rollout`)."""
+    from .fleet import rollout as fleet_rollout
+
+    return fleet_rollout(status, name, seq)
 
 
 def encode(msg: msgspec.Struct) -> bytes:

@@ -22,7 +22,7 @@ import zmq
 
 from . import protocol as P
 from .cache import Cache
-from .errors import ProtocolError, ZmqModelsError
+from .errors import ProtocolError, ServingError, ZmqModelsError
 from .loader import load_release, to_device
 from .release import decode_manifest
 from .slot import Loaded, ModelSlot
@@ -32,12 +32,6 @@ __all__ = ["Worker", "main"]
 
 log = logging.getLogger("zmqmodels.worker")
 HEARTBEAT_S = 1.0
-
-
-class InferError(ZmqModelsError):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class Worker:
@@ -103,32 +97,32 @@ class Worker:
 
     # -- inference ---------------------------------------------------------------------------
     def infer(self, frames: list[zmq.Frame], received_ns: int) -> list[Any]:
-        """Answer one request; every failure becomes an ERROR reply with a stable code.
-        Runs inside the inference mode that :meth:`run` enters once."""
+        """Answer one request (``frames``: ``[INFER, header, tensors...]``); every failure becomes an
+        ERROR reply with a stable code. Runs inside the inference mode :meth:`run` enters once."""
         t0 = time.monotonic_ns()
         req: P.InferRequest | None = None
         try:
-            if len(frames) < 2 or frames[0].bytes != b"INFER":
-                raise InferError("bad_request", "expected [INFER, header, tensors...]")
             try:
-                req = P.decode_header(b"INFER", frames[1].buffer)
+                req, tensors = P.unpack(frames)
             except ProtocolError as exc:
-                raise InferError("bad_request", str(exc)) from None
+                raise ServingError("bad_request", str(exc)) from None
+            if not isinstance(req, P.InferRequest):
+                raise ServingError("bad_request", "expected [INFER, header, tensors...]")
             slot = self.slots.get(req.model)
             if slot is None:
-                raise InferError("unknown_model", f"this node does not serve {req.model!r}")
+                raise ServingError("unknown_model", f"this node does not serve {req.model!r}")
             cur = slot.current()
             if cur is None:
-                raise InferError("not_ready", f"no version of {req.model!r} loaded yet")
-            if req.version and req.version != cur.manifest.seq:
-                raise InferError("version_unavailable", f"{req.model} seq {req.version} is not "
+                raise ServingError("not_ready", f"no version of {req.model!r} loaded yet")
+            if req.seq and req.seq != cur.manifest.seq:
+                raise ServingError("version_unavailable", f"{req.model} seq {req.seq} is not "
                                  f"loaded (serving seq {cur.manifest.seq})")
             try:
-                args = decode(req.inputs, [f.buffer for f in frames[2:]])
+                args = decode(req.inputs, [f.buffer for f in tensors])
             except ZmqModelsError as exc:
-                raise InferError("bad_request", str(exc)) from None
+                raise ServingError("bad_request", str(exc)) from None
             if not isinstance(args, tuple):
-                raise InferError("bad_request", "inputs must be a tuple of positional arguments")
+                raise ServingError("bad_request", "inputs must be a tuple of positional arguments")
             _check_signature(cur, args)
             t1 = time.monotonic_ns()
             try:
@@ -138,20 +132,20 @@ class Worker:
                     out = to_device(cur.module(*to_device(args, self.device)), "cpu")
             except Exception as exc:
                 msg = str(exc).strip()
-                raise InferError("model_error", msg[-2000:] if msg else type(exc).__name__) from None
+                raise ServingError("model_error", msg[-2000:] if msg else type(exc).__name__) from None
             t2 = time.monotonic_ns()
             spec, bufs = encode(out)
             reply = P.InferReply(req.id, req.model, cur.manifest.label, cur.manifest.seq,
                                  self.worker_id, spec, round((t0 - received_ns) / 1e6, 3),
                                  round((t2 - t1) / 1e6, 3))
-            return [b"OK", P.encode(reply), *bufs]
-        except InferError as exc:
+            return P.pack(reply, *bufs)
+        except ServingError as exc:
             err = P.ErrorReply(exc.code, str(exc)[:4000], req.model if req else "", 0,
                                P.SERVING_CODES.get(exc.code, False), id=req.id if req else "")
-            return [b"ERROR", P.encode(err)]
+            return P.pack(err)
         except ZmqModelsError as exc:
             err = P.ErrorReply("bad_request", str(exc)[:4000], id=req.id if req else "")
-            return [b"ERROR", P.encode(err)]
+            return P.pack(err)
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> None:
@@ -165,26 +159,31 @@ class Worker:
 
     def _serve(self, sock: zmq.Socket) -> None:
         self.load_cached()
-        sock.send_multipart([b"READY", P.encode(P.WorkerReady(self.worker_id, os.getpid(), self.device,
-                                                              self.serving()))])
+        sock.send_multipart(P.pack(P.WorkerReady(self.worker_id, os.getpid(), self.device, self.serving())))
+        beat = P.pack(P.WorkerBeat())
         try:
             while True:
                 if not sock.poll(int(HEARTBEAT_S * 1000)):
-                    sock.send(b"HB")
+                    sock.send_multipart(beat)
                     continue
-                frames = sock.recv_multipart(copy=False)
-                kind = frames[0].bytes
-                if kind == b"INFER" and len(frames) >= 3:
-                    client, received = frames[1], int.from_bytes(frames[2].bytes, "little")
-                    reply = self.infer(frames[3:], received)
-                    sock.send_multipart([b"DONE", client, *reply], copy=False)
-                elif kind == b"LOAD" and len(frames) == 2:
-                    result = self.load(P.decode_header(b"LOAD", frames[1].buffer))
-                    sock.send_multipart([b"LOADED", P.encode(result)])
-                elif kind == b"STOP":
-                    return
-                else:
-                    log.warning("%s: unexpected %r from the front", self.worker_id, kind[:32])
+                try:
+                    msg, payload = P.unpack(sock.recv_multipart(copy=False))
+                except ProtocolError as exc:
+                    log.warning("%s: bad message from the front: %s", self.worker_id, exc)
+                    continue
+                match msg:
+                    case P.Work(client=client, received_ns=received, expires_ns=expires):
+                        if expires and time.monotonic_ns() > expires:
+                            sock.send_multipart(P.pack(P.Done(client, served=False)))
+                            continue  # its client has given up: do not spend the model on it
+                        reply = self.infer(payload, received)
+                        sock.send_multipart(P.pack(P.Done(client), *reply), copy=False)
+                    case P.LoadCommand():
+                        sock.send_multipart(P.pack(self.load(msg)))
+                    case P.StopWorker():
+                        return
+                    case _:
+                        log.warning("%s: unexpected %s from the front", self.worker_id, type(msg).__name__)
         finally:
             sock.close()
 
@@ -220,15 +219,15 @@ def _check_signature(cur: Loaded, args: tuple[Any, ...]) -> None:
     if not sig:
         return
     if len(args) != len(sig):
-        raise InferError("bad_input", f"{cur.manifest.name} takes {len(sig)} input(s), got {len(args)}")
+        raise ServingError("bad_input", f"{cur.manifest.name} takes {len(sig)} input(s), got {len(args)}")
     for i, (arg, (dtype, rank, dname)) in enumerate(zip(args, sig, strict=True)):
         if dtype is None:
             continue
         if not isinstance(arg, torch.Tensor):
-            raise InferError("bad_input", f"input {i}: expected a {dname} tensor")
+            raise ServingError("bad_input", f"input {i}: expected a {dname} tensor")
         if arg.dtype != dtype or arg.dim() != rank:
             got = str(arg.dtype).removeprefix("torch.")
-            raise InferError("bad_input", f"input {i}: expected {dname} of rank {rank}, "
+            raise ServingError("bad_input", f"input {i}: expected {dname} of rank {rank}, "
                              f"got {got} of rank {arg.dim()} {list(arg.shape)}")
 
 

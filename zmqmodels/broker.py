@@ -1,0 +1,326 @@
+"""The node's load-balancing broker, sans I/O: who serves each request and when a worker loads.
+
+A plain class: the node's I/O thread feeds it events (a request arrived, a worker finished,
+loaded, came up or died, a new target, the clock) with the current time, and carries out the
+actions it returns (:class:`Dispatch`, :class:`Load`, :class:`Refuse`, :class:`Expire`,
+:class:`Rejected`, :class:`Changed`). No sockets, threads or processes: every branch is
+reachable from a unit test.
+
+Each event ends in one :meth:`Broker._step`, which **schedules loads before it dispatches**:
+once a model has a newer target, the next stale worker that becomes free is taken for the
+load, not handed the next queued request, so a load is issued within one request's service
+time under any load (the starvation of milestone 1: a saturated node never rolled). Then
+queued requests go, oldest first, to the least recently used free worker that may answer
+them (:meth:`Rollout.eligible`).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .rollout import Rollout, SwapPolicy, Target, Version
+
+__all__ = [
+    "Request",
+    "WorkerSlot",
+    "Dispatch",
+    "Load",
+    "Refuse",
+    "Expire",
+    "Rejected",
+    "Changed",
+    "Action",
+    "Broker",
+]
+
+
+@dataclass(frozen=True)
+class Request:
+    """A queued inference request. ``seq`` pins a release (0: any); ``deadline``: the node's
+    queue limit; ``expires``: when the client stops waiting (``inf``: it gave no limit).
+    ``payload`` is the shell's (the frames to forward)."""
+
+    client: bytes
+    model: str
+    rid: str
+    received: float
+    deadline: float
+    seq: int = 0
+    expires: float = math.inf
+    payload: Any = None
+
+
+@dataclass
+class WorkerSlot:
+    wid: str
+    ready: bool = False
+    busy: Request | None = None
+    busy_seq: int = 0  # the seq the request in hand runs on
+    loading: Target | None = None
+    serving: dict[str, Version] = field(default_factory=dict)
+    free_since: float = 0.0
+
+    @property
+    def free(self) -> bool:
+        return self.ready and self.busy is None and self.loading is None
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    wid: str
+    request: Request
+
+
+@dataclass(frozen=True)
+class Load:
+    wid: str
+    target: Target
+    unload_first: bool
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """Answer ``request`` with an error ``code`` (docs/protocol.md §Inference errors)."""
+
+    request: Request
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Expire:
+    """Drop ``request`` unanswered: its client stopped waiting."""
+
+    request: Request
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """``seq`` of ``name`` failed to load: discard it and tell the hub ``reason``."""
+
+    name: str
+    seq: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Changed:
+    """What the node would report for ``name`` may have changed."""
+
+    name: str
+
+
+Action = Dispatch | Load | Refuse | Expire | Rejected | Changed
+
+
+class Broker:
+    """``path_for(name, seq)`` is where the cache keeps a release (a worker that came up on an
+    older release is loaded from there when another holds a newer one)."""
+
+    def __init__(self, models: list[str], workers: list[str], *,
+                 path_for: Callable[[str, int], str], policy: SwapPolicy = SwapPolicy.AVAILABILITY,
+                 queue_max: int = 1024, queue_timeout_s: float = 10.0) -> None:
+        self.models = list(models)
+        self.rollout = Rollout(self.models, policy)
+        self.workers = {w: WorkerSlot(w) for w in workers}
+        self.pending: collections.deque[Request] = collections.deque()
+        self.queue_max = queue_max
+        self.queue_timeout_s = queue_timeout_s
+        self._path_for = path_for
+        self._labels: dict[tuple[str, int], str] = {}
+        self.loading: str | None = None  # the worker loading now (one at a time)
+
+    # -- events ------------------------------------------------------------------------------
+    def request(self, req: Request, now: float) -> list[Action]:
+        if req.model not in self.rollout.floor:
+            return [Refuse(req, "unknown_model", f"this node serves {self.models}, not {req.model!r}")]
+        if len(self.pending) >= self.queue_max:
+            return [Refuse(req, "unavailable", f"queue full ({self.queue_max})")]
+        verdict = self._verdict(req)
+        if verdict is not None:
+            return [verdict]
+        self.pending.append(req)
+        return self._step(now)
+
+    def done(self, wid: str, now: float) -> list[Action]:
+        w = self.workers[wid]
+        if w.busy is None:
+            return []
+        w.busy, w.busy_seq, w.free_since = None, 0, now
+        return self._step(now)
+
+    def worker_ready(self, wid: str, serving: dict[str, Version], now: float) -> list[Action]:
+        w = self.workers[wid]
+        w.ready, w.busy, w.loading, w.free_since = True, None, None, now
+        w.serving = {n: v for n, v in serving.items() if n in self.rollout.floor}
+        for name, v in w.serving.items():
+            self._labels[(name, v.seq)] = v.label
+            self.rollout.loaded(name, v.seq)
+        return [*(Changed(n) for n in self.models), *self._step(now)]
+
+    def worker_lost(self, wid: str, now: float) -> list[Action]:
+        w = self.workers[wid]
+        out: list[Action] = []
+        if w.busy is not None:
+            out.append(Refuse(w.busy, "worker_lost", f"worker {wid} died serving this request"))
+        if w.loading is not None:
+            t = w.loading
+            out += self._reject(t.name, t.seq, f"worker {wid} died loading it")
+        if self.loading == wid:
+            self.loading = None
+        self.workers[wid] = WorkerSlot(wid)
+        for name in self.models:
+            if not any(x.serving.get(name) and x.serving[name].seq >= self.rollout.floor[name]
+                       for x in self.workers.values()) and self._floor_unreachable(name):
+                held = max((x.serving[name].seq for x in self.workers.values() if name in x.serving),
+                           default=0)
+                self.rollout.lower_floor(name, held)
+        return [*out, *(Changed(n) for n in self.models), *self._step(now)]
+
+    def loaded(self, wid: str, name: str, seq: int, label: str, ok: bool, reason: str,
+               now: float) -> list[Action]:
+        w = self.workers[wid]
+        w.loading, w.free_since = None, now
+        if self.loading == wid:
+            self.loading = None
+        out: list[Action] = []
+        if ok:
+            w.serving[name] = Version(seq, label)
+            self._labels[(name, seq)] = label
+            self.rollout.loaded(name, seq)
+        else:
+            out += self._reject(name, seq, reason)
+        return [*out, Changed(name), *self._step(now)]
+
+    def target(self, target: Target, now: float) -> list[Action]:
+        if target.name not in self.rollout.floor or not self.rollout.offer(target):
+            return []
+        self._labels[(target.name, target.seq)] = target.label
+        return [Changed(target.name), *self._step(now)]
+
+    def tick(self, now: float) -> list[Action]:
+        out: list[Action] = []
+        keep: collections.deque[Request] = collections.deque()
+        for req in self.pending:
+            if now >= req.expires:
+                out.append(Expire(req))
+            elif now >= req.deadline:
+                out.append(Refuse(req, "unavailable", f"no worker free within {self.queue_timeout_s:g}s"))
+            else:
+                verdict = self._verdict(req)
+                if verdict is None:
+                    keep.append(req)
+                else:
+                    out.append(verdict)
+        self.pending = keep
+        return [*out, *self._step(now)]
+
+    # -- what the shell reads ----------------------------------------------------------------
+    def rolling(self, name: str) -> Target | None:
+        """The target still being rolled through the workers, if any."""
+        return self.rollout.targets.get(name)
+
+    def report(self, name: str) -> tuple[str, int, str]:
+        """``(state, seq, label)`` of ``name`` as the hub should see it."""
+        loading = self.rolling(name)
+        if loading is None:
+            loading = next((w.loading for w in self.workers.values()
+                            if w.loading is not None and w.loading.name == name), None)
+        if loading is not None:
+            return "loading", loading.seq, loading.label
+        held = [w.serving[name] for w in self.workers.values() if w.ready and name in w.serving]
+        if held:
+            low = min(held)
+            return "serving", low.seq, low.label
+        return "idle", 0, ""
+
+    # -- the decision ------------------------------------------------------------------------
+    def _older_in_flight(self, name: str) -> bool:
+        floor = self.rollout.floor[name]
+        return any(w.busy is not None and w.busy.model == name and not w.busy.seq
+                   and w.busy_seq < floor for w in self.workers.values())
+
+    def _reject(self, name: str, seq: int, reason: str) -> list[Action]:
+        self.rollout.reject(name, seq, reason)
+        return [Rejected(name, seq, reason)]
+
+    def _floor_unreachable(self, name: str) -> bool:
+        floor = self.rollout.floor[name]
+        if any(not w.ready for w in self.workers.values()):
+            return False  # a worker coming up loads the newest cached release: wait for it
+        t = self.rollout.targets.get(name)
+        return t is None or t.seq < floor
+
+    def _step(self, now: float) -> list[Action]:
+        out: list[Action] = []
+        self._schedule_loads(out)
+        self._dispatch(out)
+        return out
+
+    def _schedule_loads(self, out: list[Action]) -> None:
+        for name in self.models:
+            goal = self.rollout.goal(name)
+            if not goal:
+                continue
+            stale = [w for w in self.workers.values()
+                     if w.ready and self.rollout.stale(name, w.serving.get(name))]
+            if not stale:
+                if self.rollout.targets.pop(name, None) is not None:
+                    out.append(Changed(name))  # every ready worker holds it
+                continue
+            if self.loading is not None:
+                continue  # one load at a time; the rest keep serving
+            w = next((s for s in sorted(stale, key=lambda s: s.free_since) if s.free), None)
+            if w is None:
+                continue  # the next of them to finish its request is taken (this runs first)
+            t = self.rollout.targets.get(name)
+            if t is None or t.seq != goal:
+                t = Target(name, goal, self._path_for(name, goal), self._labels.get((name, goal), ""))
+            w.loading, self.loading = t, w.wid
+            out.append(Load(w.wid, t, self.rollout.policy is SwapPolicy.UNLOAD_FIRST))
+            out.append(Changed(name))
+
+    def _dispatch(self, out: list[Action]) -> None:
+        if not self.pending:
+            return
+        free = sorted((w for w in self.workers.values() if w.free), key=lambda w: w.free_since)
+        if not free:
+            return
+        older = {name: self._older_in_flight(name) for name in self.models}
+        keep: collections.deque[Request] = collections.deque()
+        while self.pending and free:
+            req = self.pending.popleft()
+            w = next((w for w in free if self.rollout.eligible(
+                req.model, w.serving.get(req.model), req.seq, older[req.model])), None)
+            if w is None:
+                keep.append(req)
+                continue
+            free.remove(w)
+            w.busy, w.busy_seq = req, w.serving[req.model].seq
+            out.append(Dispatch(w.wid, req))
+        keep.extend(self.pending)
+        self.pending = keep
+
+    def _verdict(self, req: Request) -> Refuse | None:
+        """None: keep it queued (a worker will take it soon); else the refusal."""
+        name, live = req.model, [w for w in self.workers.values() if w.ready]
+        if req.seq:
+            held = any(w.serving.get(name) == Version(req.seq) for w in live)
+            t = self.rollout.targets.get(name)
+            if not held and not (t is not None and t.seq == req.seq):
+                return Refuse(req, "version_unavailable", f"{name} seq {req.seq} is not served by this node")
+        unloaded = [w for w in live if w.loading is not None and w.loading.name == name
+                    and self.rollout.policy is SwapPolicy.UNLOAD_FIRST]  # holds nothing now
+        if any(self.rollout.eligible(name, w.serving.get(name), req.seq, False)
+               for w in live if w not in unloaded):
+            return None  # all busy, or the swap is settling: one will take it
+        if unloaded:
+            return Refuse(req, "unavailable", f"{name} is reloading (unload-first); retry shortly")
+        if (len(live) < len(self.workers) or self.loading is not None
+                or any(self.rollout.stale(name, w.serving.get(name)) for w in live)):
+            return None
+        return Refuse(req, "not_ready", f"no version of {name!r} is loaded on this node yet")

@@ -1,0 +1,68 @@
+"""The hub's fleet table, sans I/O: node reports in, rows and the rollout verdict out.
+
+A plain class fed ``(report, now)``; the hub's I/O thread owns one and reads it under a lock.
+:func:`rollout` is the one rule behind ``publish --wait-for`` (hub side and client side).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from . import protocol as P
+from .errors import ProtocolError
+
+__all__ = ["FleetEntry", "Fleet", "rollout"]
+
+
+@dataclass(frozen=True)
+class FleetEntry:
+    """The newest report of one (node, model), when it came, and the last rejection."""
+
+    report: P.Report
+    seen: float  # monotonic time of the newest report
+    rejected_seq: int = 0  # the last seq this node rejected for this model, 0 = none
+    rejected_reason: str = ""
+
+    def row(self, now: float) -> P.NodeStatus:
+        r = self.report
+        return P.NodeStatus(r.node, r.model, r.state, r.seq, r.label, r.reason, r.host, r.pid,
+                            r.device, round(now - self.seen, 3), self.rejected_seq,
+                            self.rejected_reason)
+
+
+class Fleet:
+    """``(node, model) -> FleetEntry``, bounded at ``max_entries`` (node ids come from peers:
+    the longest-silent entry is forgotten first, so the table never grows without bound)."""
+
+    def __init__(self, max_entries: int = 10_000) -> None:
+        self.max_entries = max_entries
+        self._entries: dict[tuple[str, str], FleetEntry] = {}
+        self.evicted = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def report(self, report: P.Report, now: float) -> FleetEntry | None:
+        """Record ``report``; return the entry it replaced (None for a new row)."""
+        if report.state not in P.STATES:
+            raise ProtocolError(f"unknown state {report.state!r}")
+        key = (report.node, report.model)
+        prev = self._entries.get(key)
+        entry = FleetEntry(report, now) if prev is None else replace(prev, report=report, seen=now)
+        if report.state == P.ModelState.REJECTED:
+            entry = replace(entry, rejected_seq=report.seq, rejected_reason=report.reason)
+        if prev is None and len(self._entries) >= self.max_entries:
+            del self._entries[min(self._entries, key=lambda k: self._entries[k].seen)]
+            self.evicted += 1
+        self._entries[key] = entry
+        return prev
+
+    def rows(self, now: float) -> list[P.NodeStatus]:
+        return [e.row(now) for _, e in sorted(self._entries.items())]
+
+
+def rollout(status: P.StatusReply, name: str, seq: int) -> tuple[int, list[str]]:
+    """``(nodes serving name at seq, nodes that rejected that seq)``."""
+    rows = [n for n in status.nodes if n.model == name]
+    serving = sum(n.seq == seq and n.state == P.ModelState.SERVING for n in rows)
+    return serving, [n.node for n in rows if n.rejected_seq == seq]
