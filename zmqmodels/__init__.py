@@ -1,7 +1,7 @@
 """zmqmodels: roll TorchScript models out to a fleet over ZeroMQ.
 
 Compile (:func:`compile_model`), build a :class:`Release`, keep it in a :class:`Store`,
-broadcast it from a :class:`Publisher` hub, and follow it with a :class:`Subscriber` (embedded)
+broadcast it from a :class:`Hub`, and follow it with a :class:`Subscriber` (embedded, on a :class:`Follower`)
 or ``zmqmodels serve`` (a node). Names are imported lazily so that torch-free processes (the
 hub, a node's front process) never pay for importing torch.
 """
@@ -29,9 +29,11 @@ _EXPORTS = {
     "SigningKey": "signing",
     "Trust": "signing",
     "Curve": "curve",
+    "Hub": "hub",
     "Publisher": "hub",
-    "HubClient": "control",
-    "Subscriber": "subscriber",
+    "HubClient": "hub_client",
+    "Subscriber": "embedded",
+    "Follower": "subscriber",
     "Node": "node",
     "Client": "client",
     "Result": "client",
@@ -53,6 +55,10 @@ _EXPORTS = {
     "DeadlineError": "errors",
     "NotReadyError": "errors",
     "RemoteError": "errors",
+    "ServingError": "errors",
+    "CheckError": "errors",
+    "SwapPolicy": "rollout",
+    "ModelState": "protocol",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -12,14 +12,13 @@ fetches or heartbeats.
 from __future__ import annotations
 
 import concurrent.futures
-import enum
 import logging
 import os
 import socket
 import threading
 import time
 import uuid
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,25 +26,20 @@ import zmq
 
 from . import defaults
 from . import protocol as P
-from .commands import Commands
 from .curve import Curve, ServerContext
 from .defaults import Limits
-from .errors import DeadlineError, ProtocolError, ReleaseError, SignatureError, StoreError, ZmqModelsError
+from .errors import ProtocolError, ReleaseError, SignatureError, StoreError, ZmqModelsError
+from .fleet import Fleet, rollout
+from .ioloop import IOThread
 from .release import Manifest, Release, decode_manifest, rollback_manifest
 from .signing import SigningKey, Trust
 from .store import Store
 from .tuning import trim_heap
 
-__all__ = ["Publisher", "bind_hub_sockets"]
+__all__ = ["Hub", "Publisher", "bind_hub_sockets"]
 
 log = logging.getLogger("zmqmodels.hub")
 _NOT_FOUND = "not_found"
-
-
-class _State(enum.Enum):
-    NEW = 0
-    RUNNING = 1
-    CLOSED = 2
 
 
 def bind_hub_sockets(router: zmq.Socket, pub: zmq.Socket, addr: str) -> str:
@@ -66,12 +60,12 @@ def bind_hub_sockets(router: zmq.Socket, pub: zmq.Socket, addr: str) -> str:
     return addr
 
 
-class Publisher:
+class Hub(IOThread):
     """A hub, embeddable in any process (a training loop, the ``zmqmodels hub`` daemon).
 
     ::
 
-        with Publisher("tcp://0.0.0.0:5555", Store("releases")) as hub:
+        with Hub("tcp://0.0.0.0:5555", Store("releases")) as hub:
             manifest = hub.publish(release)            # stored, seq assigned, broadcast
             hub.wait_for(manifest.name, manifest.seq, count=3, timeout=60)
 
@@ -113,61 +107,44 @@ class Publisher:
             raise ZmqModelsError("control_keys need CURVE with an allowlist: peers are known by their keys")
         self._control_keys = control_keys
         self._server_ctx = ServerContext(curve, context)
-        self._ctx = self._server_ctx.ctx
+        super().__init__(self._server_ctx.ctx)
         self._fault = fault
         self._store_jobs = 0  # PUBLISH/ROLLBACK in the executor (I/O thread's counter)
         self._sndhwm = sndhwm
-        self._state = _State.NEW
-        self._commands = Commands(self._ctx, "hub")
-        self._ready = threading.Event()
-        self._stop = threading.Event()
-        self._start_error: BaseException | None = None
-        self._thread: threading.Thread | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="zmqmodels-hub-store")
         self._latest: dict[str, Release] = {}
         self._older: OrderedDict[tuple[str, int], Release] = OrderedDict()
-        # (node, model) -> [last report, when seen, last rejected seq, its reason]
-        self._fleet: dict[tuple[str, str], list[Any]] = {}
-        self._fleet_cond = threading.Condition()
-        self.stats: Counter[str] = Counter()
+        self.fleet = Fleet(self.limits.max_fleet_entries)
+        self._fleet_cond = threading.Condition()  # guards fleet and _latest for other threads
+        self._next_beat = 0.0
         self.address = ""
         self.pub_address = ""
 
+    kind = "hub"
+
     # -- lifecycle ---------------------------------------------------------------------------
-    def start(self, timeout: float = defaults.START_TIMEOUT_S) -> Publisher:
-        if self._state is not _State.NEW:
-            raise ZmqModelsError("a Publisher can be started once")
-        self._state = _State.RUNNING
+    def start(self, timeout: float = defaults.START_TIMEOUT_S) -> Hub:
         self._server_ctx.start()
         for name in self.store.names():
             latest = self.store.latest(name)
             if latest is not None:
                 self._latest[name] = latest
-        self._thread = threading.Thread(target=self._run, name="zmqmodels-hub-io", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(timeout) or self._start_error is not None:
-            self.close()
-            raise ZmqModelsError(f"hub failed to start on {self.bind}: {self._start_error}")
+        try:
+            super().start(timeout)
+        except ZmqModelsError as exc:
+            self._pool.shutdown(wait=True)
+            self._server_ctx.close()
+            raise ZmqModelsError(f"hub failed to start on {self.bind}: {exc}") from None
         log.info("hub %s: ROUTER %s, PUB %s, %d model(s)", self.hub_id, self.address,
                  self.pub_address, len(self._latest))
         return self
 
     def close(self) -> None:
-        if self._state is _State.CLOSED:
-            return
-        self._state = _State.CLOSED
-        self._stop.set()
-        if self._thread is not None:
-            self._commands.wake()
-            self._thread.join(timeout=10)
-        self._pool.shutdown(wait=True)
-        self._server_ctx.close()
-
-    def __enter__(self) -> Publisher:
-        return self.start() if self._state is _State.NEW else self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        was_running = self.state.value == "running"
+        super().close()
+        if was_running:
+            self._pool.shutdown(wait=True)
+            self._server_ctx.close()
 
     # -- API for other threads ---------------------------------------------------------------
     def publish(self, release: Release, timeout: float = 60.0) -> Manifest:
@@ -178,7 +155,7 @@ class Publisher:
         if not release.signature and self.signing_key is not None:
             release = self.signing_key.seal(release, self.store.reserve(release.manifest.name))
         stored = self._store_release(release.manifest_bytes, release.chunks, release.signature)
-        self._call(lambda: self._broadcast(stored), timeout)
+        self.call(lambda: self._broadcast(stored), timeout)
         return stored.manifest
 
     def rollback(self, name: str, to: str, timeout: float = 60.0, *,
@@ -187,7 +164,7 @@ class Publisher:
         is a manifest for it signed elsewhere (its chunks are ignored)."""
         self._check_running()
         stored = self._rollback(name, to, (signed.manifest_bytes, signed.signature) if signed else None)
-        self._call(lambda: self._broadcast(stored), timeout)
+        self.call(lambda: self._broadcast(stored), timeout)
         return stored.manifest
 
     def status(self) -> P.StatusReply:
@@ -201,7 +178,7 @@ class Publisher:
         with self._fleet_cond:
             while True:
                 status = self._status_locked()
-                serving, rejected = P.rollout(status, name, seq)
+                serving, rejected = rollout(status, name, seq)
                 left = deadline - time.monotonic()
                 if rejected or serving >= count or left <= 0:
                     return serving >= count and not rejected, status
@@ -244,80 +221,38 @@ class Publisher:
 
     # -- internals: I/O thread ---------------------------------------------------------------
     def _check_running(self) -> None:
-        if self._state is not _State.RUNNING:
-            raise ZmqModelsError("the Publisher is not running")
+        if self.state.value != "running":
+            raise ZmqModelsError("the hub is not running")
 
-    def _call(self, fn: Callable[[], Any], timeout: float) -> Any:
-        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
-
-        def run() -> None:
-            try:
-                fut.set_result(fn())
-            except BaseException as exc:  # handed back to the caller
-                fut.set_exception(exc)
-
-        self._commands.post(run)
-        try:
-            return fut.result(timeout)
-        except concurrent.futures.TimeoutError:
-            raise DeadlineError(f"hub did not act within {timeout}s") from None
-
-    def _run(self) -> None:
-        ctx = self._ctx
-        router, pub, wake = ctx.socket(zmq.ROUTER), ctx.socket(zmq.PUB), self._commands.bind()
-        for s in (router, pub, wake):
-            s.linger = defaults.LINGER_MS
+    def _open(self) -> list[tuple[zmq.Socket, Any]]:
+        router, pub = self._socket(zmq.ROUTER), self._socket(zmq.PUB)
         # queued chunk messages share one buffer across subscribers: a high mark costs refs only
         pub.sndhwm = self._sndhwm
         # a peer gets at most this many replies queued (fetches ask for fetch_credit chunks at
         # a time); past it the ROUTER drops replies to that peer, which asks again
         router.sndhwm = 8 * self.limits.fetch_credit
         router.setsockopt(zmq.MAXMSGSIZE, self.limits.max_frame_bytes)
-        try:
-            if self.curve is not None:  # inside the try: a failure is a start error, at once
-                self.curve.serve(router)
-                self.curve.serve(pub)
-            self.address = bind_hub_sockets(router, pub, self.bind)
-            self.pub_address = P.pub_endpoint(self.address)
-        except Exception as exc:
-            self._start_error = exc
-            for s in (router, pub, wake):
-                s.close()
-            self._ready.set()
-            return
+        if self.curve is not None:
+            self.curve.serve(router)
+            self.curve.serve(pub)
+        self.address = bind_hub_sockets(router, pub, self.bind)
+        self.pub_address = P.pub_endpoint(self.address)
         self._router, self._pub = router, pub
-        self._ready.set()
-        poller = zmq.Poller()
-        poller.register(router, zmq.POLLIN)
-        poller.register(wake, zmq.POLLIN)
-        next_beat = 0.0
-        try:
-            while not self._stop.is_set():
-                now = time.monotonic()
-                if now >= next_beat:
-                    self._heartbeat()
-                    next_beat = now + self.heartbeat_interval_s
-                events = dict(poller.poll(max(1, int((next_beat - now) * 1000))))
-                if wake in events:
-                    self._commands.run_pending(wake)
-                if router in events:
-                    for _ in range(256):  # bounded burst, then heartbeats and commands get a turn
-                        try:
-                            frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        self._on_router(frames)
-        finally:
-            for s in (router, pub, wake):
-                s.close()
+        return [(router, self._on_router)]
+
+    def _tick(self, now: float) -> float:
+        if now >= self._next_beat:
+            self._heartbeat()
+            self._next_beat = now + self.heartbeat_interval_s
+        return self._next_beat - now
 
     def _heartbeat(self) -> None:
-        self._pub.send_multipart([P.HUB_TOPIC, b"HEARTBEAT", P.encode(P.Heartbeat(hub=self.hub_id))])
+        self._pub.send_multipart([P.HUB_TOPIC, *P.pack(P.Heartbeat(hub=self.hub_id))])
         for name, rel in self._latest.items():
             m = rel.manifest
             beat = P.Heartbeat(hub=self.hub_id, name=name, seq=m.seq, sha256=m.archive_sha256,
                                label=m.label)
-            self._pub.send_multipart([P.topic(name), b"HEARTBEAT", P.encode(beat)])
+            self._pub.send_multipart([P.topic(name), *P.pack(beat)])
 
     def _broadcast(self, release: Release) -> None:
         m = release.manifest
@@ -326,12 +261,11 @@ class Publisher:
             if current is None or current.manifest.seq < m.seq:
                 self._latest[m.name] = release
         t = P.topic(m.name)
-        self._pub.send_multipart([t, b"MANIFEST", release.manifest_bytes, release.signature])
+        self._pub.send_multipart([t, *P.pack(P.ManifestFrames(), release.manifest_bytes, release.signature)])
         for i, payload in enumerate(release.chunks):
             if self._fault is not None:
                 payload = self._fault(m.name, m.seq, i, payload)
-            hdr = P.encode(P.ChunkHeader(m.name, m.seq, i))
-            self._pub.send_multipart([t, b"CHUNK", hdr, payload], copy=False)
+            self._pub.send_multipart([t, *P.pack(P.ChunkHeader(m.name, m.seq, i), payload)], copy=False)
         self.stats["broadcasts"] += 1
         self._heartbeat()
         log.info("broadcast %s seq %d (%s): %d chunks, %d bytes", m.name, m.seq, m.label or "-",
@@ -343,7 +277,7 @@ class Publisher:
     def _error(self, ident: Any, code: str, message: str, name: str = "", seq: int = 0,
                retryable: bool = False) -> None:
         self.stats[f"error_{code}"] += 1
-        self._reply(ident, b"ERROR", P.encode(P.ErrorReply(code, message[:1000], name, seq, retryable)))
+        self._reply(ident, *P.pack(P.ErrorReply(code, message[:1000], name, seq, retryable)))
 
     def _on_router(self, frames: list[zmq.Frame]) -> None:
         ident = frames[0]
@@ -354,7 +288,8 @@ class Publisher:
             return
         kind = frames[1].bytes
         try:
-            if kind in _CONTROL and self._control_keys is not None:
+            msg, payload = P.unpack(frames[1:])
+            if isinstance(msg, _CONTROL) and self._control_keys is not None:
                 try:
                     peer = frames[1].get("User-Id").encode()
                 except zmq.ZMQError:
@@ -362,26 +297,24 @@ class Publisher:
                 if peer not in self._control_keys:
                     self._error(ident, "forbidden", f"{kind.decode()} is open to publisher keys only")
                     return
-            hdr = P.decode_header(kind, frames[2].buffer)
-            if kind == b"FETCH_MANIFEST" and len(frames) == 3:
-                self._on_fetch_manifest(ident, hdr)
-            elif kind == b"FETCH_CHUNKS" and len(frames) == 3:
-                self._on_fetch_chunks(ident, hdr)
-            elif kind == b"REPORT" and len(frames) == 3:
-                self._on_report(hdr)
-            elif kind == b"STATUS" and len(frames) == 3:
-                with self._fleet_cond:
-                    reply = self._status_locked()
-                self._reply(ident, b"STATUS_REPLY", P.encode(reply))
-            elif kind == b"PUBLISH" and len(frames) >= 4:
-                self._on_publish(ident, hdr, frames[3:])
-            elif kind == b"ROLLBACK" and len(frames) in (3, 5):
-                signed = (frames[3].bytes, frames[4].bytes) if len(frames) == 5 else None
-                self._in_pool(ident, lambda: self._rollback(hdr.name, hdr.to, signed))
-            elif kind == b"RESERVE" and len(frames) == 3:
-                self._in_pool(ident, lambda: self._reserve(hdr), self._reserved)
-            else:
-                raise ProtocolError(f"unexpected {kind[:32]!r} with {len(frames) - 1} frame(s)")
+            match msg:
+                case P.FetchManifest():
+                    self._on_fetch_manifest(ident, msg)
+                case P.FetchChunks():
+                    self._on_fetch_chunks(ident, msg)
+                case P.Report():
+                    self._on_report(msg)
+                case P.StatusRequest():
+                    self._reply(ident, *P.pack(self.status()))
+                case P.Publish():
+                    self._on_publish(ident, msg, payload)
+                case P.Rollback() if len(payload) in (0, 2):
+                    signed = (payload[0].bytes, payload[1].bytes) if payload else None
+                    self._in_pool(ident, lambda: self._rollback(msg.name, msg.to, signed))
+                case P.Reserve():
+                    self._in_pool(ident, lambda: self._reserve(msg), self._reserved)
+                case _:
+                    raise ProtocolError(f"unexpected {kind[:32]!r} with {len(frames) - 1} frame(s)")
         except ZmqModelsError as exc:
             code = exc.code if exc.code != "error" else "bad_message"
             log.warning("rejected %r from a peer: %s", kind[:32], exc)
@@ -408,7 +341,7 @@ class Publisher:
             self._error(ident, _NOT_FOUND, f"hub has no {what} of {req.name!r}", req.name, req.seq)
             return
         self.stats["fetch_manifest"] += 1
-        self._reply(ident, b"MANIFEST", rel.manifest_bytes, rel.signature)
+        self._reply(ident, *P.pack(P.ManifestFrames(), rel.manifest_bytes, rel.signature))
 
     def _on_fetch_chunks(self, ident: Any, req: P.FetchChunks) -> None:
         if len(req.indices) > self.limits.fetch_credit:
@@ -425,25 +358,16 @@ class Publisher:
                 self._error(ident, "bad_message", f"chunk {i} out of range", req.name, req.seq)
                 return
         for i in req.indices:
-            self._reply(ident, b"CHUNK", P.encode(P.ChunkHeader(req.name, req.seq, i)), rel.chunks[i])
+            self._reply(ident, *P.pack(P.ChunkHeader(req.name, req.seq, i), rel.chunks[i]))
         self.stats["fetch_chunks"] += len(req.indices)
 
     def _on_report(self, report: P.Report) -> None:
-        if report.state not in P.STATES:
-            raise ProtocolError(f"unknown state {report.state!r}")
         with self._fleet_cond:
-            key = (report.node, report.model)
-            prev = self._fleet.get(key)
-            entry = [report, time.monotonic(), prev[2] if prev else 0, prev[3] if prev else ""]
-            if report.state == "rejected":
-                entry[2], entry[3] = report.seq, report.reason
-            if prev is None and len(self._fleet) >= self.limits.max_fleet_entries:
-                # node ids come from peers: forget the longest-silent entry, never grow unbounded
-                del self._fleet[min(self._fleet, key=lambda k: self._fleet[k][1])]
-                self.stats["fleet_evicted"] += 1
-            self._fleet[key] = entry
+            evicted = self.fleet.evicted
+            prev = self.fleet.report(report, time.monotonic())
+            self.stats["fleet_evicted"] += self.fleet.evicted - evicted
             self._fleet_cond.notify_all()
-        if prev is None or (prev[0].state, prev[0].seq) != (report.state, report.seq):
+        if prev is None or (prev.report.state, prev.report.seq) != (report.state, report.seq):
             log.info("node %s: %s seq %d %s%s", report.node, report.model, report.seq, report.state,
                      f" ({report.reason})" if report.reason else "")
 
@@ -456,11 +380,11 @@ class Publisher:
     def _published(self, ident: bytes, rel: Release) -> None:
         self._broadcast(rel)
         m = rel.manifest
-        self._reply(ident, b"PUBLISHED", P.encode(P.Published(m.name, m.seq, m.label, m.archive_sha256)))
+        self._reply(ident, *P.pack(P.Published(m.name, m.seq, m.label, m.archive_sha256)))
 
     def _reserved(self, ident: bytes, result: tuple[str, int, Any]) -> None:
         name, seq, base = result
-        self._reply(ident, b"RESERVED", P.encode(P.Reserved(name, seq)), base)
+        self._reply(ident, *P.pack(P.Reserved(name, seq), base))
 
     def _in_pool(self, ident: Any, work: Callable[[], Any],
                  then: Callable[[bytes, Any], None] | None = None) -> None:
@@ -488,7 +412,7 @@ class Publisher:
                     return
                 then(ident, rel)
 
-            self._commands.post(finish)
+            self.post(finish)
 
         def work_then_trim() -> Release:
             try:
@@ -499,16 +423,14 @@ class Publisher:
         self._pool.submit(work_then_trim).add_done_callback(done)
 
     def _status_locked(self) -> P.StatusReply:
-        now = time.monotonic()
         models = [P.ModelStatus(n, r.manifest.seq, r.manifest.label, r.manifest.archive_sha256,
                                 r.manifest.archive_bytes) for n, r in sorted(self._latest.items())]
-        nodes = [P.NodeStatus(r.node, r.model, r.state, r.seq, r.label, r.reason, r.host, r.pid,
-                              r.device, round(now - seen, 3), rej_seq, rej_reason)
-                 for (_, _), (r, seen, rej_seq, rej_reason) in sorted(self._fleet.items())]
-        return P.StatusReply(self.hub_id, models, nodes, dict(self.stats))
+        return P.StatusReply(self.hub_id, models, self.fleet.rows(time.monotonic()), dict(self.stats))
 
 
-_CONTROL = (b"PUBLISH", b"ROLLBACK", b"RESERVE")
+Publisher = Hub  # the name before milestone 2
+
+_CONTROL = (P.Publish, P.Rollback, P.Reserve)
 
 
 def _content(m: Manifest) -> tuple[Any, ...]:

@@ -6,7 +6,7 @@ monotonic-version rules) and :class:`~zmqmodels.supervisor.Supervisor` (spawn, h
 back-off). Its one I/O thread owns a ROUTER for clients (plain ZeroMQ REQ) and a ROUTER for
 its workers (DEALER, over ipc), feeds the cores what arrives and carries out what they return.
 
-Its :class:`~zmqmodels.subscriber.Subscriber` receives each release once per node, verifies it
+Its :class:`~zmqmodels.subscriber.Follower` receives each release once per node, verifies it
 and writes it atomically into the cache; the broker then **rolls** it through the workers one
 at a time (``LOAD`` -> load by path, example check, warm-up, swap -> ``LOADED``). A loading
 worker serves nobody (``torch.jit.load`` holds its GIL), so with two or more workers no
@@ -41,7 +41,7 @@ from .ioloop import IOThread
 from .release import Manifest, validate_name
 from .rollout import SwapPolicy, Target, Version
 from .signing import Trust
-from .subscriber import Subscriber
+from .subscriber import Follower
 from .supervisor import Activity, Kill, Spawn, Supervisor
 
 __all__ = ["Node", "SWAP_POLICIES", "SwapPolicy"]
@@ -118,7 +118,7 @@ class Node(IOThread):
                                      load_timeout_s=load_timeout_s)
         self._dir = tempfile.mkdtemp(prefix="zmqm-node-", dir="/tmp")  # ipc paths must be short
         self._backend_addr = f"ipc://{self._dir}/workers"
-        self._sub: Subscriber | None = None
+        self._sub: Follower | None = None
         self._reported: dict[str, tuple[str, int]] = {}
         self.address = ""
 
@@ -138,10 +138,10 @@ class Node(IOThread):
             raise ZmqModelsError(f"node failed to start on {self.bind}: {exc}") from None
         if self.hub:
             devices = ",".join(sorted(set(self._devices.values())))
-            self._sub = Subscriber(self.hub, self.models, on_release=self._on_release, load=False,
-                                   node_id=self.node_id, device=devices, known=known,
-                                   limits=self.limits, background_nice=10, cache=self.cache,
-                                   trust=self.trust, curve=self.curve, context=self._ctx)
+            self._sub = Follower(self.hub, self.models, on_release=self._on_release,
+                                 node_id=self.node_id, device=devices, known=known,
+                                 limits=self.limits, background_nice=10, cache=self.cache,
+                                 trust=self.trust, curve=self.curve, context=self._ctx)
             self._sub.start()
             self.post(lambda: [self._report(n) for n in self.models])  # workers may be up already
         log.info("node %s serving %s on %s with %d worker(s)", self.node_id, self.models,

@@ -1,0 +1,326 @@
+"""A subscriber's follow-and-repair state, sans I/O: what it holds, what it still lacks, what
+to ask the hub for.
+
+An :class:`Assembler` is fed what arrives (a manifest, a chunk, a heartbeat, an error reply)
+and the clock, and returns actions: :class:`Send` (a message for the hub's ROUTER) and
+:class:`Deliver` (a complete archive whose sha256 the delivery thread checks). Chunks are
+verified (XXH3 of the payload) and decompressed straight into one preallocated buffer per
+release; the archive's sha256 is extended over the in-order prefix as chunks land.
+
+Rules (docs/protocol.md §Subscriber):
+
+- Clone semantics: a release whose seq is not newer than the one held (or assembling) is
+  dropped; a seq that was rejected here is never fetched again.
+- A gap - a missed manifest, lost or corrupt chunks, a heartbeat announcing a newer seq, a
+  hub silent for longer than its TTL - is repaired by asking for exactly what is missing, at
+  most ``fetch_credit`` chunks in flight.
+- A manifest over the limits or without a trusted signature is refused before anything is
+  allocated for it, reported once per distinct manifest, and does not mark its seq rejected
+  (a forged manifest must not block the genuine release of that seq).
+- Chunks fetched from the hub that fail their digest ``CORRUPT_FETCHES_MAX`` times: the hub's
+  own copy is bad; the release is rejected rather than fetched forever.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import xxhash
+
+from . import defaults
+from . import protocol as P
+from .defaults import Limits
+from .errors import IntegrityError, LimitError, ProtocolError, SignatureError, ZmqModelsError
+from .protocol import ModelState
+from .release import Manifest, decompress_chunk
+from .signing import Trust
+
+__all__ = ["Assembly", "Follow", "Send", "Deliver", "Assembler"]
+
+
+@dataclass
+class Assembly:
+    """One release being received into ``buf``."""
+
+    manifest: Manifest
+    raw: bytes  # the manifest as received (what its signature covers)
+    signature: bytes
+    buf: Any  # a writable buffer of at least manifest.archive_bytes
+    missing: set[int]
+    requested: dict[int, float] = field(default_factory=dict)  # index -> when asked
+    last_progress: float = 0.0
+    repairing: bool = False
+    corrupt_fetches: int = 0  # fetched (not broadcast) chunks that failed their digest
+    hashed: int = 0  # chunks [0, hashed) are in the running sha256
+
+    def __post_init__(self) -> None:
+        self.view = memoryview(self.buf)
+        self.sha = hashlib.sha256()
+
+    def hash_prefix(self) -> None:
+        """Extend the archive sha256 over every chunk that now completes the in-order prefix,
+        so the digest is ready when the last chunk lands (not ~0.6 s/GB after it)."""
+        m = self.manifest
+        while self.hashed < m.chunk_count and self.hashed not in self.missing:
+            start, length = m.chunk_span(self.hashed)
+            self.sha.update(self.view[start:start + length])
+            self.hashed += 1
+
+
+@dataclass
+class Follow:
+    """What one model's subscriber holds and reports."""
+
+    name: str
+    done_seq: int = 0  # newest seq assembled (being verified, verified or rejected)
+    rejected: set[int] = field(default_factory=set)
+    refused: int = -1  # XXH3 of the last manifest refused (signature, limits): quiets repeats
+    asm: Assembly | None = None
+    asked_seq: int = -1
+    asked_at: float = 0.0
+    state: ModelState = ModelState.IDLE
+    seq: int = 0
+    label: str = ""
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Send:
+    """Send ``msg`` to the hub (over the DEALER)."""
+
+    msg: msgspec.Struct
+
+
+@dataclass(frozen=True)
+class Deliver:
+    """``asm`` is complete: check ``digest`` against its manifest and hand it on."""
+
+    name: str
+    asm: Assembly
+    digest: str
+
+
+Action = Send | Deliver
+
+
+class Assembler:
+    """``take(name, size)`` and ``give(name, buf)`` lend archive buffers (reused across
+    releases: first-touch page faults, not copies, bound the receive rate)."""
+
+    def __init__(self, models: Sequence[str], *, node_id: str, host: str, pid: int, device: str,
+                 take: Callable[[str, int], Any], give: Callable[[str, Any], None],
+                 limits: Limits | None = None, trust: Trust | None = None,
+                 known: dict[str, int] | None = None,
+                 repair_idle_s: float = defaults.REPAIR_IDLE_S,
+                 hub_ttl_s: float = defaults.HUB_TTL_S,
+                 fetch_timeout_s: float = defaults.FETCH_TIMEOUT_S) -> None:
+        self.models = {n: Follow(n) for n in models}
+        for name, seq in (known or {}).items():
+            if name in self.models:
+                self.models[name].done_seq = self.models[name].seq = seq
+        self.node_id, self.host, self.pid, self.device = node_id, host, pid, device
+        self._take, self._give = take, give
+        self.limits = limits or Limits()
+        self.trust = trust or Trust()
+        self.repair_idle_s, self.hub_ttl_s, self.fetch_timeout_s = repair_idle_s, hub_ttl_s, fetch_timeout_s
+        self.hub_seen = 0.0  # when the hub was last heard from (0: never)
+        self.stats: Counter[str] = Counter()
+
+    # -- events ------------------------------------------------------------------------------
+    def start(self, now: float) -> list[Action]:
+        """Late joiner: ask for every model's snapshot at once, do not wait for a broadcast."""
+        return [a for st in self.models.values() for a in self._ask_manifest(st, 0, now)]
+
+    def heard(self, now: float) -> None:
+        self.hub_seen = now
+
+    def follow(self, name: str) -> Follow:
+        st = self.models.get(name)
+        if st is None:
+            raise ProtocolError(f"not subscribed to {name!r}")
+        return st
+
+    def on_manifest(self, m: Manifest, raw: bytes, signature: bytes, now: float, *,
+                    fetched: bool = False) -> list[Action]:
+        st = self.follow(m.name)
+        if fetched:
+            st.asked_seq = -1
+        if m.seq <= st.done_seq or m.seq in st.rejected or (st.asm and st.asm.manifest.seq >= m.seq):
+            self.stats["stale_manifest"] += 1  # replays of older releases end here
+            return []
+        try:  # before anything is allocated for it
+            m.check(self.limits)
+            self.trust.verify(m, raw, signature)
+        except (LimitError, SignatureError) as exc:
+            return self._refuse(st, m, raw, exc)
+        self._drop(st)
+        st.asm = Assembly(m, raw, signature, self._take(m.name, m.archive_bytes),
+                          set(range(m.chunk_count)), last_progress=now)
+        self.stats["manifests"] += 1
+        st.state, st.seq, st.label, st.reason = ModelState.RECEIVING, m.seq, m.label, ""
+        out: list[Action] = [Send(self._report(st))]
+        if not st.asm.missing:
+            out += self._complete(st)
+        return out
+
+    def on_chunk(self, hdr: P.ChunkHeader, payload: Any, now: float, *, fetched: bool) -> list[Action]:
+        st = self.follow(hdr.name)
+        asm = st.asm
+        if asm is None or asm.manifest.seq != hdr.seq:
+            self.stats["chunk_unexpected"] += 1
+            if hdr.seq > st.done_seq and hdr.seq not in st.rejected and (
+                    asm is None or hdr.seq > asm.manifest.seq):
+                return self._ask_manifest(st, hdr.seq, now)  # missed the manifest: ask for it
+            return []
+        i = hdr.index
+        if i >= asm.manifest.chunk_count:
+            raise ProtocolError(f"chunk {i} of {hdr.name} seq {hdr.seq} out of range")
+        asm.requested.pop(i, None)
+        if i not in asm.missing:
+            self.stats["chunk_duplicate"] += 1
+        else:
+            try:
+                decompress_chunk(asm.manifest, i, payload, asm.view)
+            except IntegrityError as exc:
+                self.stats["chunk_corrupt"] += 1
+                asm.corrupt_fetches += fetched
+                if asm.corrupt_fetches >= defaults.CORRUPT_FETCHES_MAX:
+                    # the hub's own copy is bad (or a path rewrites it): stop asking
+                    self._drop(st)
+                    st.rejected.add(hdr.seq)
+                    return self._rejection(st, asm.manifest, f"{exc}, from the hub "
+                                           f"{asm.corrupt_fetches} times: corrupt at its source")
+                asm.repairing = True
+            else:
+                asm.missing.discard(i)
+                asm.last_progress = now
+                self.stats["chunks_fetched" if fetched else "chunks_broadcast"] += 1
+                asm.hash_prefix()
+        if not asm.missing:
+            return self._complete(st)
+        return self._pump(st, now) if asm.repairing else []
+
+    def on_beat(self, beat: P.Heartbeat, now: float) -> list[Action]:
+        st = self.models.get(beat.name)
+        if st is None:
+            return []
+        if beat.seq > st.done_seq and beat.seq not in st.rejected and (
+                st.asm is None or st.asm.manifest.seq < beat.seq):
+            return self._ask_manifest(st, beat.seq, now)
+        return []
+
+    def on_error(self, err: P.ErrorReply, now: float) -> list[Action]:
+        """The hub answered a fetch with an error: stop waiting for that answer; a release the
+        hub no longer has is abandoned (a newer one is on its way)."""
+        self.stats[f"hub_error_{err.code}"] += 1
+        st = self.models.get(err.name)
+        if st is None:
+            return []
+        st.asked_seq = -1
+        if st.asm is not None and err.seq == st.asm.manifest.seq and err.code == "not_found":
+            self.stats["abandoned"] += 1
+            self._drop(st)
+        return []
+
+    def tick(self, now: float) -> list[Action]:
+        out: list[Action] = []
+        for st in self.models.values():
+            asm = st.asm
+            if asm is not None:
+                if not asm.repairing and now - asm.last_progress > self.repair_idle_s:
+                    asm.repairing = True  # the broadcast stopped short: fetch the rest
+                    self.stats["repairs"] += 1
+                if asm.repairing:
+                    out += self._pump(st, now)
+        if self.hub_seen and now - self.hub_seen > self.hub_ttl_s:
+            self.hub_seen = now  # ask once per TTL of silence, not on every tick
+            self.stats["hub_silent"] += 1
+            for st in self.models.values():
+                out += self._ask_manifest(st, 0, now)
+        return out
+
+    def rejected(self, name: str, seq: int) -> None:
+        """``seq`` failed after assembly (digest, load, check): never fetch it again."""
+        self.follow(name).rejected.add(seq)
+
+    def set_state(self, name: str, state: ModelState, *, seq: int | None = None,
+                  label: str | None = None, reason: str = "") -> list[Action]:
+        st = self.follow(name)
+        st.state, st.reason = ModelState(state), reason
+        if seq is not None:
+            st.seq = seq
+        if label is not None:
+            st.label = label
+        return [Send(self._report(st))]
+
+    def reports(self) -> list[Action]:
+        return [Send(self._report(st)) for st in self.models.values()]
+
+    # -- internals ---------------------------------------------------------------------------
+    def _report(self, st: Follow) -> P.Report:
+        return P.Report(node=self.node_id, model=st.name, state=st.state.value, seq=st.seq,
+                        label=st.label, reason=st.reason[:500], host=self.host, pid=self.pid,
+                        device=self.device)
+
+    def _refuse(self, st: Follow, m: Manifest, raw: bytes, exc: ZmqModelsError) -> list[Action]:
+        self.stats["untrusted" if isinstance(exc, SignatureError) else "too_large"] += 1
+        digest = xxhash.xxh3_64_intdigest(raw)
+        if digest == st.refused:
+            return []
+        st.refused = digest
+        return self._rejection(st, m, str(exc))
+
+    def _rejection(self, st: Follow, m: Manifest, reason: str) -> list[Action]:
+        """Report ``m`` rejected with ``reason``, then what is held again."""
+        held = (st.state, st.seq, st.label, st.reason)
+        st.state, st.seq, st.label, st.reason = ModelState.REJECTED, m.seq, m.label, reason
+        out: list[Action] = [Send(self._report(st))]
+        st.state, st.seq, st.label, st.reason = held
+        return [*out, Send(self._report(st))]
+
+    def _drop(self, st: Follow) -> None:
+        if st.asm is not None:
+            st.asm.view.release()
+            self._give(st.name, st.asm.buf)
+            st.asm = None
+
+    def _ask_manifest(self, st: Follow, seq: int, now: float) -> list[Action]:
+        if st.asked_seq >= seq and now - st.asked_at < self.fetch_timeout_s:
+            return []
+        st.asked_seq, st.asked_at = seq, now
+        self.stats["fetch_manifest"] += 1
+        return [Send(P.FetchManifest(st.name, seq))]
+
+    def _pump(self, st: Follow, now: float) -> list[Action]:
+        """Keep up to ``fetch_credit`` missing chunks requested; re-ask ones that timed out."""
+        asm = st.asm
+        if asm is None:
+            return []
+        for i, asked in list(asm.requested.items()):
+            if now - asked > self.fetch_timeout_s:
+                del asm.requested[i]
+        room = self.limits.fetch_credit - len(asm.requested)
+        if room <= 0:
+            return []
+        want = [i for i in sorted(asm.missing) if i not in asm.requested][:room]
+        if not want:
+            return []
+        for i in want:
+            asm.requested[i] = now
+        self.stats["fetch_chunks"] += len(want)
+        return [Send(P.FetchChunks(st.name, asm.manifest.seq, want))]
+
+    def _complete(self, st: Follow) -> list[Action]:
+        asm = st.asm
+        assert asm is not None
+        st.asm = None
+        st.done_seq = asm.manifest.seq
+        asm.hash_prefix()
+        digest = asm.sha.hexdigest()
+        asm.view.release()
+        return [Deliver(st.name, asm, digest)]

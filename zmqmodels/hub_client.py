@@ -1,0 +1,98 @@
+"""A client for the hub's control requests (publish, rollback, status), as the CLI uses it.
+
+Each request opens its own DEALER, waits for one reply under a deadline and closes the socket
+(linger 0), so a dead hub costs a timeout, never a hang.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from . import protocol as P
+from .errors import DeadlineError, ProtocolError, RemoteError
+from .fleet import rollout
+from .release import Release, decode_manifest, rollback_manifest
+
+if TYPE_CHECKING:
+    from .curve import Curve
+    from .signing import SigningKey
+
+__all__ = ["HubClient"]
+
+
+class HubClient:
+    """Talk to a hub at its one address: ``HubClient("tcp://hub:5555").status()``."""
+
+    def __init__(self, hub: str, *, timeout: float = 10.0, context: zmq.Context | None = None,
+                 curve: Curve | None = None) -> None:
+        self.hub = hub
+        self.timeout = timeout
+        self.curve = curve
+        self._ctx = context or zmq.Context.instance()
+
+    def _request(self, frames: list[Any], expect: type, timeout: float | None, *,
+                 extra: int = 0) -> Any:
+        timeout = self.timeout if timeout is None else timeout
+        s = self._ctx.socket(zmq.DEALER)
+        s.linger = 0
+        try:
+            if self.curve is not None:
+                self.curve.connect(s)
+            s.connect(self.hub)
+            s.send_multipart(frames, copy=False)
+            if not s.poll(int(timeout * 1000)):
+                hint = " (CURVE: is this key allowed there?)" if self.curve else ""
+                raise DeadlineError(f"no reply from hub {self.hub} within {timeout:g}s{hint}")
+            reply = s.recv_multipart()
+        finally:
+            s.close()
+        hdr, payload = P.unpack(reply)
+        if isinstance(hdr, P.ErrorReply):
+            raise RemoteError(hdr.code, hdr.message, hdr.retryable)
+        if not isinstance(hdr, expect) or len(payload) != extra:
+            raise ProtocolError(f"unexpected reply {type(hdr).__name__} from hub")
+        return (hdr, *payload) if extra else hdr
+
+    def reserve(self, name: str, base: str = "", timeout: float | None = None) -> tuple[int, bytes]:
+        """The next seq of ``name``, held for a release about to be signed; with ``base`` (a
+        label or seq), also that stored release's manifest."""
+        hdr, raw = self._request(P.pack(P.Reserve(name, base)), P.Reserved, timeout, extra=1)
+        return hdr.seq, raw
+
+    def publish(self, release: Release, timeout: float | None = 120.0, *,
+                signing_key: SigningKey | None = None) -> P.Published:
+        """Hand a release to the hub, which verifies, stores and broadcasts it. With
+        ``signing_key`` it is signed first, as the seq the hub reserves for it."""
+        if signing_key is not None and not release.signature:
+            release = signing_key.seal(release, self.reserve(release.manifest.name)[0])
+        frames = P.pack(P.Publish(release.signature), release.manifest_bytes, *release.chunks)
+        return self._request(frames, P.Published, timeout)
+
+    def rollback(self, name: str, to: str, timeout: float | None = 60.0, *,
+                 signing_key: SigningKey | None = None) -> P.Published:
+        """Publish stored content of ``name`` (by label or seq) again under a new seq; with
+        ``signing_key``, signed anew here (the hub needs no key)."""
+        signed: tuple[Any, ...] = ()
+        if signing_key is not None:
+            seq, raw = self.reserve(name, to)
+            sealed = signing_key.seal(Release(rollback_manifest(decode_manifest(raw)), ()), seq)
+            signed = (sealed.manifest_bytes, sealed.signature)
+        return self._request(P.pack(P.Rollback(name, to), *signed), P.Published, timeout)
+
+    def status(self, timeout: float | None = None) -> P.StatusReply:
+        return self._request(P.pack(P.StatusRequest()), P.StatusReply, timeout)
+
+    def wait_for(self, name: str, seq: int, count: int, timeout: float,
+                 poll_s: float = 0.2) -> tuple[bool, P.StatusReply]:
+        """Poll status until ``count`` nodes serve ``name`` at ``seq``; False on a rejection or
+        at the deadline (the same rule as :meth:`Hub.wait_for`)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.status()
+            serving, rejected = rollout(st, name, seq)
+            if rejected or serving >= count or time.monotonic() >= deadline:
+                return serving >= count and not rejected, st
+            time.sleep(poll_s)
