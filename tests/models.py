@@ -154,3 +154,20 @@ class Explodes(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x / self.zero
+
+
+class Heavy(nn.Module):
+    """``x * scale``, after running ``mb`` MB of linear layers (a few ms a request on one CPU
+    thread): slow enough that the node, not the client, is the bottleneck, and large enough
+    (~100 MB) that a load takes a while."""
+
+    def __init__(self, scale: float = 1.0, mb: int = 100, width: int = 4) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((width,), float(scale)))
+        self.layers = nn.ModuleList([nn.Linear(1024, 1024) for _ in range(mb // 4)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.ones(1, 1024) * x[0, 0]
+        for layer in self.layers:
+            h = layer(h)
+        return x * self.scale + h.sum() * 0.0
