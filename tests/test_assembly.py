@@ -91,6 +91,10 @@ def test_over_limit_manifest_refused_once_and_does_not_block_the_seq() -> None:
     reports = sends(out, P.Report)
     assert [x.state for x in reports] == ["rejected", "idle"] and "1000" in reports[0].reason
     assert a.on_manifest(r.manifest, raw, b"", 0.1) == []  # reported once
+    beat = P.Heartbeat("hub", "m", 5, r.manifest.archive_sha256)
+    assert a.on_beat(beat, 9.0) == []  # and not fetched again on every heartbeat
+    other = P.Heartbeat("hub", "m", 5, "f" * 64)  # the genuine seq 5 (another archive) is
+    assert sends(a.on_beat(other, 9.0), P.FetchManifest) == [P.FetchManifest("m", 5)]
     a.limits = Limits()
     assert sends(a.on_manifest(r.manifest, raw, b"", 0.2), P.Report)[0].state == "receiving"
 

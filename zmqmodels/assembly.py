@@ -16,7 +16,8 @@ Rules (docs/protocol.md §Subscriber):
   most ``fetch_credit`` chunks in flight.
 - A manifest over the limits or without a trusted signature is refused before anything is
   allocated for it, reported once per distinct manifest, and does not mark its seq rejected
-  (a forged manifest must not block the genuine release of that seq).
+  (a forged manifest must not block the genuine release of that seq); heartbeats naming that
+  same release (seq and sha256) no longer trigger a fetch.
 - Chunks fetched from the hub that fail their digest ``CORRUPT_FETCHES_MAX`` times: the hub's
   own copy is bad; the release is rejected rather than fetched forever.
 """
@@ -80,6 +81,7 @@ class Follow:
     done_seq: int = 0  # newest seq assembled (being verified, verified or rejected)
     rejected: set[int] = field(default_factory=set)
     refused: int = -1  # XXH3 of the last manifest refused (signature, limits): quiets repeats
+    refused_release: tuple[int, str] = (0, "")  # (seq, archive sha256) of that manifest
     asm: Assembly | None = None
     asked_seq: int = -1
     asked_at: float = 0.0
@@ -209,6 +211,8 @@ class Assembler:
         st = self.models.get(beat.name)
         if st is None:
             return []
+        if (beat.seq, beat.sha256) == st.refused_release:
+            return []  # the release this node refused: beats naming it do not ask again
         if beat.seq > st.done_seq and beat.seq not in st.rejected and (
                 st.asm is None or st.asm.manifest.seq < beat.seq):
             return self._ask_manifest(st, beat.seq, now)
@@ -222,9 +226,13 @@ class Assembler:
         if st is None:
             return []
         st.asked_seq = -1
-        if st.asm is not None and err.seq == st.asm.manifest.seq and err.code == "not_found":
-            self.stats["abandoned"] += 1
-            self._drop(st)
+        if st.asm is not None and err.seq == st.asm.manifest.seq:
+            if err.code == "not_found":
+                self.stats["abandoned"] += 1
+                self._drop(st)
+            else:
+                for i in err.indices:  # not coming: free their credit, ask again on the next tick
+                    st.asm.requested.pop(i, None)
         return []
 
     def tick(self, now: float) -> list[Action]:
@@ -270,6 +278,7 @@ class Assembler:
     def _refuse(self, st: Follow, m: Manifest, raw: bytes, exc: ZmqModelsError) -> list[Action]:
         self.stats["untrusted" if isinstance(exc, SignatureError) else "too_large"] += 1
         digest = xxhash.xxh3_64_intdigest(raw)
+        st.refused_release = (m.seq, m.archive_sha256)
         if digest == st.refused:
             return []
         st.refused = digest

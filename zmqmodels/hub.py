@@ -275,9 +275,10 @@ class Hub(IOThread):
         self._router.send_multipart([ident, *frames], copy=False)
 
     def _error(self, ident: Any, code: str, message: str, name: str = "", seq: int = 0,
-               retryable: bool = False) -> None:
+               retryable: bool = False, indices: list[int] | None = None) -> None:
         self.stats[f"error_{code}"] += 1
-        self._reply(ident, *P.pack(P.ErrorReply(code, message[:1000], name, seq, retryable)))
+        self._reply(ident, *P.pack(P.ErrorReply(code, message[:1000], name, seq, retryable,
+                                                indices=indices or [])))
 
     def _on_router(self, frames: list[zmq.Frame]) -> None:
         ident = frames[0]
@@ -346,16 +347,17 @@ class Hub(IOThread):
     def _on_fetch_chunks(self, ident: Any, req: P.FetchChunks) -> None:
         if len(req.indices) > self.limits.fetch_credit:
             self._error(ident, "too_large", f"{len(req.indices)} chunks asked, credit is "
-                        f"{self.limits.fetch_credit}", req.name, req.seq)
+                        f"{self.limits.fetch_credit}", req.name, req.seq, indices=req.indices)
             return
         rel = self._find(req.name, req.seq)
         if rel is None or req.seq == 0:
             self._error(ident, _NOT_FOUND, f"hub no longer has {req.name!r} seq {req.seq}",
-                        req.name, req.seq)
+                        req.name, req.seq, indices=req.indices)
             return
         for i in req.indices:
             if i >= rel.manifest.chunk_count:
-                self._error(ident, "bad_message", f"chunk {i} out of range", req.name, req.seq)
+                self._error(ident, "bad_message", f"chunk {i} out of range", req.name, req.seq,
+                            indices=req.indices)
                 return
         for i in req.indices:
             self._reply(ident, *P.pack(P.ChunkHeader(req.name, req.seq, i), rel.chunks[i]))

@@ -233,11 +233,12 @@ class StatusReply(msgspec.Struct, frozen=True):
 class ErrorReply(msgspec.Struct, frozen=True):
     code: str
     message: str
-    name: str = ""
-    seq: NonNeg = 0
+    name: str = ""  # the model a FETCH_* (or inference) request named
+    seq: NonNeg = 0  # the seq it named
     retryable: bool = False
     v: int = V
     id: str = ""  # the inference request it answers
+    indices: list[NonNeg] = []  # FETCH_CHUNKS: the indexes it asked for
 
 
 # -- inference: client REQ <-> node ROUTER (docs/protocol.md §Inference) -------------------
