@@ -6,7 +6,10 @@
 2. throughput with 1, 4 and 16 concurrent clients (closed loop);
 3. p99 and max latency during swaps of a ~100 MB model vs steady state, K = 1 and K = 2
    workers, 4 clients;
-4. a worker's peak RSS during swaps vs the archive size.
+4. a worker's peak RSS during swaps vs the archive size;
+5. saturated swaps (clients > workers: a model whose forward runs all of its ~100 MB, so the
+   node, not the clients, is the bottleneck): time from the node having the release verified
+   to every worker serving it, and p99/max latency during the swap vs steady state.
 """
 
 from __future__ import annotations
@@ -170,23 +173,28 @@ def mlp(seed: int):  # noqa: ANN201
 
 
 class Heavy:
-    """~100 MB of 4 MB layers (loads in ~0.15 s, like FACTS' 25-layer model); forward uses one."""
+    """~100 MB of 4 MB layers (loads in ~0.15 s, like FACTS' 25-layer model); forward uses one
+    (``all_layers``: every one, a few ms a request on one thread)."""
 
     @staticmethod
-    def make(seed: int):  # noqa: ANN205
+    def make(seed: int, all_layers: bool = False):  # noqa: ANN205
         import torch
         from torch import nn
 
         class HeavyNet(nn.Module):
-            def __init__(self) -> None:
+            def __init__(self, depth: int) -> None:
                 super().__init__()
                 self.layers = nn.ModuleList([nn.Linear(1024, 1024) for _ in range(25)])
+                self.depth = depth
 
             def forward(self, x: torch.Tensor) -> torch.Tensor:
-                return self.layers[0](x)
+                for i, layer in enumerate(self.layers):
+                    if i < self.depth:
+                        x = layer(x)
+                return x
 
         torch.manual_seed(seed)
-        return HeavyNet().eval()
+        return HeavyNet(25 if all_layers else 1).eval()
 
 
 def build(name: str, model, label: str, example_width: int):  # noqa: ANN001, ANN201
@@ -297,6 +305,106 @@ def bench_round_trip(args, procs, node, publish_wait, tmp, results) -> None:  # 
 
 
 
+def bench_saturated(args, procs, node, hc, tmp, results) -> None:  # noqa: ANN001
+    """Part 5: swaps while 4 clients keep K = 1 or 2 workers saturated."""
+    slow = {label: build("slowheavy", Heavy.make(seed, all_layers=True), label, 1024)
+            for seed, label in ((3, "a"), (4, "b"))}
+    results["saturated"] = {}
+    for k in (1, 2):
+        tag = f"slow{k}"
+        addr, p = node("slowheavy", k, tag)
+        for rel in (slow["b"], slow["a"]):  # both stored: the measured swaps are rollbacks
+            done = hc.publish(rel, timeout=300)
+            if not hc.wait_for("slowheavy", done.seq, 1, 300, poll_s=0.01)[0]:
+                raise SystemExit("initial rollout failed")
+        wait_idle_cpu()
+        windows: list[tuple[float, float, float]] = []  # (rollback sent, verified seen, serving)
+
+        def swapper(windows: list[tuple[float, float, float]] = windows, tag: str = tag, k: int = k) -> None:
+            time.sleep(6.0)  # steady state first (the client processes import torch)
+            for i in range(args.swaps):
+                t0 = time.monotonic()
+                done = hc.rollback("slowheavy", "b" if i % 2 == 0 else "a", timeout=300)
+                verified = 0.0
+                while True:  # the node reports verified, then loading, then serving
+                    rows = [n for n in hc.status().nodes if n.node == tag and n.seq == done.seq]
+                    now = time.monotonic()
+                    if rows and not verified and rows[0].state in ("verified", "loading", "serving"):
+                        verified = now
+                    if rows and rows[0].state == "serving":
+                        break
+                    if now - t0 > 120:
+                        raise SystemExit(f"saturated K={k}: seq {done.seq} not serving in 120 s")
+                    time.sleep(0.005)
+                windows.append((t0, verified, now))
+                time.sleep(2.0)
+
+        t = threading.Thread(target=swapper)
+        t.start()
+        rows = run_clients(addr, "slowheavy", 4, 6.0 + args.swaps * 5.0, 1024, tmp)
+        t.join()
+        in_swap = [d for t0, d, *_ in rows["rows"] if any(a <= t0 + d and t0 <= b for a, _, b in windows)]
+        steady = [d for t0, d, *_ in rows["rows"]
+                  if not any(a - 0.5 <= t0 + d and t0 <= b + 0.5 for a, _, b in windows)]
+        results["saturated"][k] = {
+            "verified_to_serving_s": [round(c - b, 3) for _, b, c in windows],
+            "steady_p50_ms": pct(steady, 0.5) * 1e3, "steady_p99_ms": pct(steady, 0.99) * 1e3,
+            "swap_p99_ms": pct(in_swap, 0.99) * 1e3 if in_swap else 0.0,
+            "swap_max_ms": max(in_swap) * 1e3 if in_swap else 0.0,
+            "requests": len(rows["rows"]), "failures": rows["failures"],
+        }
+        print(json.dumps({f"saturated K={k}": results["saturated"][k]}), file=sys.stderr, flush=True)
+        procs.stop(p)
+
+
+def wait_idle_cpu(limit: float = 0.3, timeout: float = 60.0) -> None:
+    """Wait until the machine's load (busy share of all CPUs over 0.5 s) drops below ``limit``."""
+    def busy() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v) - v[3] - v[4], sum(v)
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        b0, t0 = busy()
+        time.sleep(0.5)
+        b1, t1 = busy()
+        if (b1 - b0) / max(1, t1 - t0) < limit:
+            return
+
+
+def report(results: dict) -> None:
+    """Print the tables (markdown) for what was measured."""
+    rt = results.get("round_trip_ms", {})
+    print("\n| round trip (small MLP, 1 client) | p50 ms | p99 ms |\n|---|---|---|")
+    for name, v in rt.items():
+        print(f"| {name} | {v['p50']:.3f} | {v['p99']:.3f} |")
+    print("\n| concurrent clients | req/s | p50 ms | p99 ms | failed |\n|---|---|---|---|---|")
+    for n, v in results.get("throughput_rps", {}).items():
+        print(f"| {n} | {v['rps']:.0f} | {v['p50_ms']:.2f} | {v['p99_ms']:.2f} | {v['failures']} |")
+    if "swap" not in results:
+        return
+    print(f"\n| swaps of a {results['archive_mb']:.0f} MB model, 4 clients | steady p50 / p99 ms "
+          "| in-swap p99 / max ms | max / steady p50 | swap s | failed | worker RSS MB: idle -> peak "
+          "| peak - idle vs archive |\n|---|---|---|---|---|---|---|---|")
+    for k, v in results["swap"].items():
+        growth = (v["worker_peak_mb"] - v["worker_baseline_mb"]) / results["archive_mb"]
+        print(f"| K = {k} | {v['steady_p50_ms']:.2f} / {v['steady_p99_ms']:.2f} | "
+              f"{v['swap_p99_ms']:.2f} / {v['swap_max_ms']:.1f} | "
+              f"{v['swap_max_ms'] / v['steady_p50_ms']:.1f}x | {v['swap_s']:.2f} | {v['failures']} | "
+              f"{v['worker_baseline_mb']:.0f} -> {v['worker_peak_mb']:.0f} | {growth:.2f}x |")
+    sat = results.get("saturated", {})
+    if sat:
+        print("\n| saturated swaps (4 clients > K workers, ~100 MB, every layer run) | verified -> "
+              "all workers serving, s | steady p50 / p99 ms | in-swap p99 / max ms | max / steady p99 "
+              "| failed |\n|---|---|---|---|---|---|")
+        for k, v in sat.items():
+            print(f"| K = {k} | {' / '.join(f'{x:.2f}' for x in v['verified_to_serving_s'])} | "
+                  f"{v['steady_p50_ms']:.1f} / {v['steady_p99_ms']:.1f} | {v['swap_p99_ms']:.1f} / "
+                  f"{v['swap_max_ms']:.1f} | {v['swap_max_ms'] / v['steady_p99_ms']:.1f}x | "
+                  f"{v['failures']} of {v['requests']} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--role")
@@ -308,6 +416,7 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=784)
     ap.add_argument("--swaps", type=int, default=3)
     ap.add_argument("--only-swap", action="store_true")
+    ap.add_argument("--only-saturated", action="store_true")
     ap.add_argument("--json")
     args = ap.parse_args()
     if args.role == "echo":
@@ -358,8 +467,12 @@ def main() -> None:
                 raise SystemExit(f"rollout failed: {st}")
             return t0, time.monotonic()
 
-        if not args.only_swap:
+        if not (args.only_swap or args.only_saturated):
             bench_round_trip(args, procs, node, publish_wait, tmp, results)
+        if args.only_saturated:
+            bench_saturated(args, procs, node, hc, tmp, results)
+            report(results)
+            return
 
         # 3 + 4. swaps of a ~100 MB model, K = 1 and K = 2 -----------------------------------
         heavy = {label: build("heavy", Heavy.make(seed), label, 1024)
@@ -415,26 +528,12 @@ def main() -> None:
             }
             print(json.dumps({k: results["swap"][k]}), file=sys.stderr, flush=True)
             procs.stop(p)
+        bench_saturated(args, procs, node, hc, tmp, results)
     finally:
         procs.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
-    rt = results.get("round_trip_ms", {})
-    print("\n| round trip (small MLP, 1 client) | p50 ms | p99 ms |\n|---|---|---|")
-    for name, v in rt.items():
-        print(f"| {name} | {v['p50']:.3f} | {v['p99']:.3f} |")
-    print("\n| concurrent clients | req/s | p50 ms | p99 ms | failed |\n|---|---|---|---|---|")
-    for n, v in results.get("throughput_rps", {}).items():
-        print(f"| {n} | {v['rps']:.0f} | {v['p50_ms']:.2f} | {v['p99_ms']:.2f} | {v['failures']} |")
-    print(f"\n| swaps of a {results['archive_mb']:.0f} MB model, 4 clients | steady p50 / p99 ms "
-          "| in-swap p99 / max ms | max / steady p50 | swap s | failed | worker RSS MB: idle -> peak "
-          "| peak - idle vs archive |\n|---|---|---|---|---|---|---|---|")
-    for k, v in results["swap"].items():
-        growth = (v["worker_peak_mb"] - v["worker_baseline_mb"]) / results["archive_mb"]
-        print(f"| K = {k} | {v['steady_p50_ms']:.2f} / {v['steady_p99_ms']:.2f} | "
-              f"{v['swap_p99_ms']:.2f} / {v['swap_max_ms']:.1f} | "
-              f"{v['swap_max_ms'] / v['steady_p50_ms']:.1f}x | {v['swap_s']:.2f} | {v['failures']} | "
-              f"{v['worker_baseline_mb']:.0f} -> {v['worker_peak_mb']:.0f} | {growth:.2f}x |")
+    report(results)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

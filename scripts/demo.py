@@ -128,12 +128,12 @@ def main() -> None:
                 raise SystemExit("nodes did not come up in 120 s; see the logs")
             time.sleep(0.2)
         print("== publish v1", flush=True)
-        fleet.cli("publish", "scripts/demo_model.py:v1", "--name", "demo", "--version", "v1",
+        fleet.cli("publish", "scripts/demo_model.py:v1", "--name", "demo", "--label", "v1",
                   "--hub", hub, "--wait-for", str(NODES), "--timeout", "120", *sign, *client_opts)
         if secure:
             print("== publish an unsigned release: every node refuses it, v1 keeps serving", flush=True)
             out = subprocess.run([sys.executable, "-m", "zmqmodels", "publish", "scripts/demo_model.py:v2",
-                                  "--name", "demo", "--version", "unsigned", "--hub", hub, "--wait-for",
+                                  "--name", "demo", "--label", "unsigned", "--hub", hub, "--wait-for",
                                   str(NODES), "--timeout", "60", *client_opts], env=fleet.env, timeout=300,
                                  capture_output=True, text=True)
             print(out.stdout.strip().splitlines()[-1] if out.stdout.strip() else out.stderr.strip(),
@@ -190,7 +190,7 @@ def main() -> None:
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
         print("== publish v2 under load", flush=True)
-        fleet.cli("publish", "scripts/demo_model.py:v2", "--name", "demo", "--version", "v2",
+        fleet.cli("publish", "scripts/demo_model.py:v2", "--name", "demo", "--label", "v2",
                   "--hub", hub, "--wait-for", str(NODES), "--timeout", "120", *sign, *client_opts)
         watcher.join(10)
         time.sleep(1.0)

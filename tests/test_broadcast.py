@@ -131,7 +131,7 @@ def test_publish_wait_for_fails_when_too_few_nodes_report(tmp_path, procs) -> No
                             capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
         assert ok.returncode == 0, ok.stderr
         assert '"serving": 1' in ok.stdout
-        short = subprocess.run([*cli, "--version", "v2", "--wait-for", "2", "--timeout", "3"],
+        short = subprocess.run([*cli, "--label", "v2", "--wait-for", "2", "--timeout", "3"],
                                capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
         assert short.returncode == 1, short.stderr
         assert '"ok": false' in short.stdout and '"serving": 1' in short.stdout

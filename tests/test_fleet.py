@@ -22,7 +22,8 @@ def test_rows_ages_and_rejection_kept_after_recovery() -> None:
     f.report(rep("b", "serving", 1), 1.5)
     rows = {r.node: r for r in f.rows(3.0)}
     assert rows["a"].age_s == 3.0 and rows["b"].age_s == 1.5
-    assert (rows["b"].state, rows["b"].rejected_seq, rows["b"].last_error) == ("serving", 2, "example 0 differs")
+    b = rows["b"]
+    assert (b.state, b.rejected_seq, b.last_error) == ("serving", 2, "example 0 differs")
     status = P.StatusReply("hub", [], f.rows(3.0))
     assert rollout(status, "m", 1) == (2, [])
     assert rollout(status, "m", 2) == (0, ["b"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = [
@@ -72,6 +73,9 @@ PARITY_RTOL = {"float64": 1e-7, "float32": 1e-5, "float16": 1e-3, "bfloat16": 1.
 PARITY_ATOL = {"float64": 1e-9, "float32": 1e-6, "float16": 1e-3, "bfloat16": 1e-2}  # ~1 ulp near 1.0
 
 
+_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30}
+
+
 @dataclass(frozen=True)
 class Limits:
     """Hard limits, each checked before anything is allocated from a peer's declared size."""
@@ -85,6 +89,27 @@ class Limits:
     fetch_credit: int = FETCH_CREDIT  # chunks one peer may ask for in one request
     max_store_jobs: int = 2  # PUBLISH/ROLLBACK a hub holds at once; each holds its whole release
     max_fleet_entries: int = 10_000  # (node, model) rows in a hub's fleet table
+
+    @classmethod
+    def parse(cls, pairs: Sequence[str]) -> Limits:
+        """``["max_archive_bytes=2G", ...]`` -> Limits (K/M/G suffixes are powers of 1024).
+        Raises ValueError naming the pair and what is wrong with it."""
+        import dataclasses
+
+        names = {f.name for f in dataclasses.fields(cls)}
+        values: dict[str, int] = {}
+        for pair in pairs:
+            key, sep, value = pair.partition("=")
+            if not sep or key not in names:
+                raise ValueError(f"{pair!r}: use NAME=VALUE with NAME one of {', '.join(sorted(names))}")
+            scale = _UNITS.get(value[-1:].upper(), 1)
+            try:
+                values[key] = int(float(value[:-1] if scale > 1 else value) * scale)
+            except ValueError:
+                raise ValueError(f"{pair!r}: {value!r} is not a number") from None
+            if values[key] <= 0:
+                raise ValueError(f"{pair!r}: a limit must be positive")
+        return cls(**values)
 
     @property
     def max_frame_bytes(self) -> int:

@@ -1,0 +1,151 @@
+"""Options shared by several commands, and what they turn into (keys, trust, limits)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from .. import defaults
+
+__all__ = ["signing_option", "trust_option", "curve_options", "limit_option", "source_options",
+           "curve_from", "load_signing_key", "load_trust", "parse_limits", "build_from_options",
+           "run_until_signalled"]
+
+
+def _apply(fn: Any, opts: list[Any]) -> Any:
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def signing_option(fn: Any) -> Any:
+    return click.option("--signing-key", type=click.Path(dir_okay=False),
+                        help="Ed25519 secret key (keys generate): sign what this publishes.")(fn)
+
+
+def trust_option(fn: Any) -> Any:
+    return click.option("--trust", "trust", multiple=True, type=click.Path(exists=True),
+                        help="Trusted signer: a .pub key or a directory of them; repeatable. "
+                             "With any, unsigned or otherwise signed releases are refused.")(fn)
+
+
+def curve_options(server: bool, client: bool) -> Any:
+    """``--curve-key`` always; ``--curve-server`` for commands that connect to a server,
+    ``--curve-allow`` for commands that run one."""
+    def deco(fn: Any) -> Any:
+        opts = [click.option("--curve-key", type=click.Path(exists=True, dir_okay=False),
+                             help="This process's CURVE secret certificate (NAME.key_secret).")]
+        if client:
+            opts.append(click.option("--curve-server", type=click.Path(exists=True, dir_okay=False),
+                                     help="The server's CURVE public certificate (NAME.key): "
+                                          "connect with CURVE."))
+        if server:
+            opts.append(click.option("--curve-allow", multiple=True, type=click.Path(exists=True),
+                                     help="Admit only these CURVE public certificates (files or "
+                                          "directories of *.key); repeatable."))
+        return _apply(fn, opts)
+    return deco
+
+
+def limit_option(fn: Any) -> Any:
+    return click.option("--limit", "limits", multiple=True, metavar="NAME=VALUE",
+                        help="Override a hard limit, e.g. max_archive_bytes=2G; repeatable "
+                             "(see docs/protocol.md §Limits).")(fn)
+
+
+def curve_from(curve_key: str | None, curve_server: str | None = None,
+           curve_allow: tuple[str, ...] = ()) -> Any:
+    """The :class:`Curve` these options describe, or None. A client given only the server's
+    key gets a throwaway key pair: encrypted, the server proven, the client anonymous."""
+    if not (curve_key or curve_server or curve_allow):
+        return None
+    from ..curve import Curve
+
+    if curve_key:
+        return Curve.load(curve_key, curve_server, curve_allow)
+    if curve_allow:
+        raise click.UsageError("--curve-allow needs --curve-key (the server's own certificate)")
+    return Curve.ephemeral(curve_server)  # type: ignore[arg-type]
+
+
+def load_signing_key(path: str | None) -> Any:
+    if not path:
+        return None
+    from ..signing import SigningKey
+
+    return SigningKey.load(path)
+
+
+def load_trust(paths: tuple[str, ...]) -> Any:
+    from ..signing import Trust
+
+    return Trust.load(paths)
+
+
+def parse_limits(pairs: tuple[str, ...]) -> Any:
+    from ..defaults import Limits
+
+    try:
+        return Limits.parse(pairs)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--limit") from None
+
+
+def source_options(fn: Any) -> Any:
+    """The options that say what to compile; shared by ``build`` and ``publish``."""
+    opts = [
+        click.argument("source"),
+        click.option("--name", required=True, help="Model name (topic and store key)."),
+        click.option("--label", "--version", "label", default="",
+                     help="Your label for this release, e.g. v2 or a git sha (--version: old name)."),
+        click.option("--weights", type=click.Path(dir_okay=False), help="state_dict checkpoint."),
+        click.option("--example-input", "example_specs", multiple=True,
+                     help="DIMxDIM...[:dtype]; repeat for more examples, comma-join arguments."),
+        click.option("--example-inputs", "example_file", type=click.Path(dir_okay=False),
+                     help="A torch.save'd tensor, tuple (one example) or list (examples)."),
+        click.option("--codec", default="auto", show_default=True,
+                     help="auto, none, lz4, lz4hc, zstd, blosclz or zlib."),
+        click.option("--chunk-mb", type=float, default=defaults.CHUNK_BYTES / 2**20, show_default=True),
+        click.option("--no-trace", is_flag=True, help="Fail rather than fall back to tracing."),
+        click.option("--meta", multiple=True, help="KEY=VALUE metadata; repeatable."),
+    ]
+    return _apply(fn, opts)
+
+
+def build_from_options(source: str, name: str, label: str, weights: str | None,
+                       example_specs: tuple[str, ...], example_file: str | None, codec: str,
+                       chunk_mb: float, no_trace: bool, meta: tuple[str, ...],
+                       progress: Any = None) -> Any:
+    """:func:`zmqmodels.build.build_from_source` from CLI options."""
+    from ..build import build_from_source, parse_metadata
+    from ..errors import SourceError
+
+    try:
+        metadata = parse_metadata(meta)
+    except SourceError as exc:
+        raise click.BadParameter(str(exc), param_hint="--meta") from None
+    return build_from_source(source, name, label, weights=weights, example_specs=example_specs,
+                             example_file=example_file, codec=codec, chunk_bytes=int(chunk_mb * 2**20),
+                             allow_trace=not no_trace, metadata=metadata, progress=progress)
+
+
+def run_until_signalled(stop_check: Any = None) -> None:
+    """Sleep until SIGINT/SIGTERM (first: graceful; a second one exits at once)."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    count = [0]
+
+    def handler(signum: int, _frame: Any) -> None:
+        count[0] += 1
+        if count[0] > 1:
+            raise SystemExit(130)
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    while not stop.wait(0.2):
+        if stop_check is not None and stop_check():
+            break

@@ -1,0 +1,182 @@
+"""Commands that make and publish releases: inspect, build, publish, rollback."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..errors import ZmqModelsError
+from . import cli
+from .options import (
+    build_from_options,
+    curve_from,
+    curve_options,
+    load_signing_key,
+    run_until_signalled,
+    signing_option,
+    source_options,
+)
+from .render import emit_json, finish_publish
+
+__all__: list[str] = []
+
+
+@cli.command()
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def inspect(path: str, as_json: bool) -> None:
+    """Print a TorchScript file's or stored release's headers and parameters."""
+    import msgspec
+    import torch
+
+    from ..store import MAGIC, read_release_file
+
+    p = Path(path)
+    if not p.is_file():
+        raise click.ClickException(f"no such file: {path}")
+    with open(p, "rb") as f:
+        is_release = f.read(len(MAGIC)) == MAGIC
+    headers: dict[str, Any] | None = None
+    if is_release:
+        release = read_release_file(p)
+        headers = msgspec.to_builtins(release.manifest)
+        for key in ("examples", "expected"):  # tensors: summarise, do not dump bytes
+            pack = headers.pop(key, None)
+            headers[f"{key}_count"] = len(pack["spec"]["items"]) if pack else 0
+        headers["signature"] = release.signature.hex() or "(unsigned)"
+        module = torch.jit.load(io.BytesIO(release.archive()), map_location="cpu")
+    else:
+        try:
+            module = torch.jit.load(str(p), map_location="cpu")
+        except Exception as exc:
+            raise ZmqModelsError(f"{path} is neither a release nor a TorchScript archive: "
+                                 f"{str(exc).strip().splitlines()[0]}") from exc
+    rows = [{"name": n, "kind": "parameter", "shape": list(t.shape),
+             "dtype": str(t.dtype).removeprefix("torch."), "numel": t.numel(),
+             "bytes": t.numel() * t.element_size()} for n, t in module.named_parameters()]
+    rows += [{"name": n, "kind": "buffer", "shape": list(t.shape),
+              "dtype": str(t.dtype).removeprefix("torch."), "numel": t.numel(),
+              "bytes": t.numel() * t.element_size()} for n, t in module.named_buffers()]
+    params = [r for r in rows if r["kind"] == "parameter"]
+    totals = {"parameters": sum(r["numel"] for r in params),
+              "parameter_bytes": sum(r["bytes"] for r in params),
+              "tensors": len(rows)}
+    if as_json:
+        emit_json({"path": path, "release": headers, "tensors": rows, "totals": totals})
+        return
+    if headers:
+        for key, value in headers.items():
+            click.echo(f"{key:18} {value}")
+        click.echo("")
+    width = max((len(r["name"]) for r in rows), default=4)
+    for r in rows:
+        shape = "x".join(map(str, r["shape"])) or "scalar"
+        tag = "" if r["kind"] == "parameter" else "  (buffer)"
+        click.echo(f"{r['name']:{width}}  {shape:>16}  {r['dtype']}{tag}")
+    click.echo(f"total: {totals['parameters']:,} parameters, {totals['parameter_bytes']:,} bytes "
+               f"in {len(params)} parameter tensors")
+
+
+@cli.command()
+@source_options
+@click.option("--store", "store_dir", required=True, type=click.Path(file_okay=False),
+              help="Release store directory.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@signing_option
+def build(store_dir: str, as_json: bool, signing_key: str | None, **opts: Any) -> None:
+    """Compile SOURCE, prove parity, and store the release (no hub needed)."""
+    from ..store import Store
+
+    store = Store(store_dir)
+    key = load_signing_key(signing_key)
+    release = build_from_options(**opts, progress=None if as_json else click.echo)
+    if key is not None:
+        release = key.seal(release, store.reserve(release.manifest.name))
+    stored = store.put(release)
+    m = stored.manifest
+    if as_json:
+        emit_json({"name": m.name, "label": m.label, "seq": m.seq, "sha256": m.archive_sha256,
+                    "path": str(store.path(m.name, m.seq))})
+    else:
+        click.echo(f"stored {m.name} {m.label or '-'} seq {m.seq} at {store.path(m.name, m.seq)}")
+
+
+@cli.command()
+@source_options
+@click.option("--hub", "hub_addr", help="Hand the release to the hub at this address.")
+@click.option("--bind", "bind_addr", help="No hub: publish from this process on this address.")
+@click.option("--store", "store_dir", type=click.Path(file_okay=False), default=".zmqmodels/releases",
+              show_default=True, help="Store for --bind mode.")
+@click.option("--wait-for", "wait_for", type=int, default=0,
+              help="Return once this many nodes serve the new release (a rejection fails).")
+@click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds to wait.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable result on stdout.")
+@signing_option
+@curve_options(server=False, client=True)
+def publish(hub_addr: str | None, bind_addr: str | None, store_dir: str, wait_for: int,
+            timeout: float, as_json: bool, signing_key: str | None, curve_key: str | None,
+            curve_server: str | None, **opts: Any) -> None:
+    """Compile SOURCE, build a release and broadcast it; optionally wait for the rollout."""
+    import time
+
+    if bool(hub_addr) == bool(bind_addr):
+        raise click.UsageError("give exactly one of --hub ADDR or --bind ADDR")
+    if bind_addr and curve_server:
+        raise click.UsageError("--curve-server is for --hub; with --bind this process is the hub")
+    key = load_signing_key(signing_key)
+    say = (lambda msg: click.echo(msg, err=True)) if as_json else click.echo
+    t0 = time.monotonic()
+    release = build_from_options(**opts, progress=say)
+    say(f"built in {time.monotonic() - t0:.2f}s; sending")
+    if hub_addr:
+        from ..control import HubClient
+
+        client = HubClient(hub_addr, timeout=timeout, curve=curve_from(curve_key, curve_server))
+        done = client.publish(release, timeout=timeout, signing_key=key)
+        name, seq, label = done.name, done.seq, done.label
+        say(f"hub stored {name} seq {seq}; broadcasting")
+        ok, status = (client.wait_for(name, seq, wait_for, timeout) if wait_for
+                      else (True, client.status()))
+        finish_publish(ok, status, name, seq, label, wait_for, as_json, say)
+        return
+    from ..hub import Publisher
+    from ..store import Store
+
+    curve = curve_from(curve_key) if curve_key else None
+    with Publisher(bind_addr, Store(store_dir), signing_key=key,  # type: ignore[arg-type]
+                   curve=curve) as pub:
+        m = pub.publish(release, timeout=timeout)
+        say(f"publishing {m.name} seq {m.seq} on {pub.address} (PUB {pub.pub_address})")
+        if wait_for:
+            ok, status = pub.wait_for(m.name, m.seq, wait_for, timeout)
+        else:
+            say("serving until Ctrl-C (or --timeout)")
+            deadline = time.monotonic() + timeout
+            run_until_signalled(lambda: time.monotonic() > deadline)
+            ok, status = True, pub.status()
+        finish_publish(ok, status, m.name, m.seq, m.label, wait_for, as_json, say)
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--to", "to", required=True, help="The label or seq of a stored release.")
+@click.option("--hub", "hub_addr", required=True)
+@click.option("--wait-for", "wait_for", type=int, default=0)
+@click.option("--timeout", type=float, default=60.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@signing_option
+@curve_options(server=False, client=True)
+def rollback(name: str, to: str, hub_addr: str, wait_for: int, timeout: float, as_json: bool,
+             signing_key: str | None, curve_key: str | None, curve_server: str | None) -> None:
+    """Re-broadcast stored content of NAME under a new seq (signed anew with --signing-key)."""
+    from ..control import HubClient
+
+    client = HubClient(hub_addr, timeout=timeout, curve=curve_from(curve_key, curve_server))
+    done = client.rollback(name, to, timeout=timeout, signing_key=load_signing_key(signing_key))
+    say = (lambda msg: click.echo(msg, err=True)) if as_json else click.echo
+    say(f"rolled {name} back to {to!r} as seq {done.seq}")
+    ok, st = client.wait_for(name, done.seq, wait_for, timeout) if wait_for else (True, client.status())
+    finish_publish(ok, st, name, done.seq, done.label, wait_for, as_json, say)

@@ -1,0 +1,70 @@
+"""How commands print: the fleet table, JSON, the verdict of a rollout."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+__all__ = ["emit_json", "fleet_table", "status_json", "to_jsonable", "finish_publish"]
+
+
+def emit_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+def fleet_table(status: Any, name: str | None = None) -> str:
+    """The fleet as text: one row per (node, model)."""
+    head = ("NODE", "HOST", "PID", "DEVICE", "MODEL", "VERSION", "SEQ", "STATE", "AGE", "LAST ERROR")
+    rows = [head]
+    for n in status.nodes:
+        if name is not None and n.model != name:
+            continue
+        err = n.last_error or n.reason
+        if n.rejected_seq:
+            err = f"seq {n.rejected_seq}: {err}"
+        rows.append((n.node, n.host, str(n.pid), n.device or "-", n.model, n.label or "-",
+                     str(n.seq), n.state, f"{n.age_s:.1f}s", err[:60] or "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    models = ", ".join(f"{m.name} seq {m.seq} ({m.label or '-'})" for m in status.models)
+    return f"hub {status.hub}: {models or 'no models'}\n" + "\n".join(lines)
+
+
+def status_json(status: Any) -> Any:
+    import msgspec
+
+    return msgspec.to_builtins(status)
+
+
+def to_jsonable(x: Any) -> Any:
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return {"dtype": str(x.dtype).removeprefix("torch."), "shape": list(x.shape),
+                "data": x.float().tolist() if x.dtype == torch.bfloat16 else x.tolist()}
+    if isinstance(x, tuple | list):
+        return [to_jsonable(i) for i in x]
+    if isinstance(x, dict):
+        return {k: to_jsonable(v) for k, v in x.items()}
+    return x
+
+
+def finish_publish(ok: bool, status: Any, name: str, seq: int, label: str, wait_for: int,
+                    as_json: bool, say: Any) -> None:
+    from ..protocol import rollout
+
+    serving, rejected = rollout(status, name, seq)
+    if as_json:
+        emit_json({"ok": ok, "name": name, "seq": seq, "label": label, "serving": serving,
+                    "rejected": rejected, "wait_for": wait_for, "status": status_json(status)})
+    else:
+        say(fleet_table(status, name))
+        verdict = "ok" if ok else "FAILED"
+        say(f"{verdict}: {name} seq {seq} serving on {serving} node(s)"
+            + (f", wanted {wait_for}" if wait_for else "")
+            + (f"; rejected by {', '.join(rejected)}" if rejected else ""))
+    if not ok:
+        sys.exit(1)

@@ -1,0 +1,110 @@
+"""Commands that serve and query models: serve, infer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..rollout import SwapPolicy
+from . import cli
+from .options import (
+    curve_from,
+    curve_options,
+    limit_option,
+    load_trust,
+    parse_limits,
+    run_until_signalled,
+    trust_option,
+)
+from .render import emit_json, to_jsonable
+
+__all__: list[str] = []
+
+
+@cli.command()
+@click.option("--hub", "hub_addr", help="The hub's address (omit to serve the cache alone).")
+@click.option("--model", "models", multiple=True, required=True, help="Model name; repeatable.")
+@click.option("--bind", "bind_addr", required=True, help="Address clients (REQ) connect to.")
+@click.option("--workers", type=int, default=2, show_default=True,
+              help="Worker processes; with 2+ no request waits for a model load.")
+@click.option("--device", "devices", multiple=True, default=("cpu",), show_default=True,
+              help="cpu, cuda or cuda:N; once for all workers or once per worker.")
+@click.option("--cache", "cache_dir", default=".zmqmodels/cache", show_default=True,
+              type=click.Path(file_okay=False), help="Last validated release of each model.")
+@click.option("--node-id", help="Name in the fleet table (default HOST-PID).")
+@click.option("--swap-policy", type=click.Choice([p.value for p in SwapPolicy]),
+              default="availability", show_default=True,
+              help="availability: load the new version beside the old; unload-first: free the "
+                   "old one first (a GPU that cannot hold two).")
+@click.option("--threads", type=int, default=1, show_default=True, help="torch threads per worker.")
+@trust_option
+@curve_options(server=True, client=True)
+@limit_option
+def serve(hub_addr: str | None, models: tuple[str, ...], bind_addr: str, workers: int,
+          devices: tuple[str, ...], cache_dir: str, node_id: str | None, swap_policy: str,
+          threads: int, trust: tuple[str, ...], curve_key: str | None, curve_server: str | None,
+          curve_allow: tuple[str, ...], limits: tuple[str, ...]) -> None:
+    """Serve inference (REQ/REP) with the newest valid release of each model.
+
+    CURVE: --curve-key is this node's certificate, --curve-server the hub's, --curve-allow
+    the clients admitted to --bind."""
+    import logging
+
+    from ..node import Node
+
+    if curve_server and not curve_key:
+        raise click.UsageError("--curve-server needs --curve-key: the node's certificate also "
+                               "secures its inference socket")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    with Node(hub_addr, list(models), bind_addr, workers=workers, devices=list(devices),
+              cache=cache_dir, node_id=node_id, swap_policy=swap_policy,
+              threads_per_worker=threads, trust=load_trust(trust),
+              curve=curve_from(curve_key, curve_server, curve_allow), limits=parse_limits(limits)) as node:
+        click.echo(f"node {node.node_id} serving {', '.join(models)} on {node.address}; "
+                   "Ctrl-C stops", err=True)
+        run_until_signalled()
+
+
+def parse_inputs(specs: tuple[str, ...]) -> tuple[Any, ...]:
+    from ..sources import load_example_file, parse_example_spec
+
+    args: list[Any] = []
+    for i, spec in enumerate(specs):
+        if Path(spec).is_file():
+            data = load_example_file(spec)
+            args.extend(data if isinstance(data, tuple) else [data])
+        else:
+            args.extend(parse_example_spec(spec, seed=i))
+    return tuple(args)
+
+
+@cli.command()
+@click.option("--server", required=True, help="A serving node's address.")
+@click.option("--model", required=True)
+@click.option("--input", "inputs", multiple=True, required=True,
+              help="DIMx...[:dtype] (random) or a torch.save'd tensor/tuple file; one per argument.")
+@click.option("--seq", "--version", "seq", type=int, default=0,
+              help="Pin a release by seq (0: the newest served); --version is its old name.")
+@click.option("--timeout", type=float, default=5.0, show_default=True)
+@click.option("--retries", type=int, default=3, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@curve_options(server=False, client=True)
+def infer(server: str, model: str, inputs: tuple[str, ...], seq: int, timeout: float,
+          retries: int, as_json: bool, curve_key: str | None, curve_server: str | None) -> None:
+    """Send one inference request and print the outputs and the version that served them."""
+    from ..client import Client
+
+    args = parse_inputs(inputs)
+    with Client(server, timeout=timeout, retries=retries,
+                curve=curve_from(curve_key, curve_server)) as client:
+        r = client.infer(model, *args, seq=seq)
+    if as_json:
+        emit_json({"model": r.model, "label": r.label, "seq": r.seq, "worker": r.worker,
+                    "latency_ms": round(r.latency_ms, 3), "queue_ms": r.queue_ms,
+                    "infer_ms": r.infer_ms, "attempts": r.attempts, "outputs": to_jsonable(r.outputs)})
+        return
+    click.echo(f"{r.model} {r.label or '-'} (seq {r.seq}) served by {r.worker} in "
+               f"{r.latency_ms:.2f} ms (model {r.infer_ms:.2f} ms)")
+    click.echo(str(r.outputs))
