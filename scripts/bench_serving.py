@@ -382,17 +382,16 @@ def report(results: dict) -> None:
     print("\n| concurrent clients | req/s | p50 ms | p99 ms | failed |\n|---|---|---|---|---|")
     for n, v in results.get("throughput_rps", {}).items():
         print(f"| {n} | {v['rps']:.0f} | {v['p50_ms']:.2f} | {v['p99_ms']:.2f} | {v['failures']} |")
-    if "swap" not in results:
-        return
-    print(f"\n| swaps of a {results['archive_mb']:.0f} MB model, 4 clients | steady p50 / p99 ms "
-          "| in-swap p99 / max ms | max / steady p50 | swap s | failed | worker RSS MB: idle -> peak "
-          "| peak - idle vs archive |\n|---|---|---|---|---|---|---|---|")
-    for k, v in results["swap"].items():
-        growth = (v["worker_peak_mb"] - v["worker_baseline_mb"]) / results["archive_mb"]
-        print(f"| K = {k} | {v['steady_p50_ms']:.2f} / {v['steady_p99_ms']:.2f} | "
-              f"{v['swap_p99_ms']:.2f} / {v['swap_max_ms']:.1f} | "
-              f"{v['swap_max_ms'] / v['steady_p50_ms']:.1f}x | {v['swap_s']:.2f} | {v['failures']} | "
-              f"{v['worker_baseline_mb']:.0f} -> {v['worker_peak_mb']:.0f} | {growth:.2f}x |")
+    if "swap" in results:
+        print(f"\n| swaps of a {results['archive_mb']:.0f} MB model, 4 clients | steady p50 / p99 ms "
+              "| in-swap p99 / max ms | max / steady p50 | swap s | failed | worker RSS MB: idle -> peak "
+              "| peak - idle vs archive |\n|---|---|---|---|---|---|---|---|")
+        for k, v in results["swap"].items():
+            growth = (v["worker_peak_mb"] - v["worker_baseline_mb"]) / results["archive_mb"]
+            print(f"| K = {k} | {v['steady_p50_ms']:.2f} / {v['steady_p99_ms']:.2f} | "
+                  f"{v['swap_p99_ms']:.2f} / {v['swap_max_ms']:.1f} | "
+                  f"{v['swap_max_ms'] / v['steady_p50_ms']:.1f}x | {v['swap_s']:.2f} | {v['failures']} | "
+                  f"{v['worker_baseline_mb']:.0f} -> {v['worker_peak_mb']:.0f} | {growth:.2f}x |")
     sat = results.get("saturated", {})
     if sat:
         print("\n| saturated swaps (4 clients > K workers, ~100 MB, every layer run) | verified -> "
