@@ -133,6 +133,7 @@ class Broker:
         self._path_for = path_for
         self._labels: dict[tuple[str, int], str] = {}
         self.loading: str | None = None  # the worker loading now (one at a time)
+        self._unsettled = True  # a worker may be stale: schedule loads (else skip that scan)
 
     # -- events ------------------------------------------------------------------------------
     def request(self, req: Request, now: float) -> list[Action]:
@@ -140,6 +141,10 @@ class Broker:
             return [Refuse(req, "unknown_model", f"this node serves {self.models}, not {req.model!r}")]
         if len(self.pending) >= self.queue_max:
             return [Refuse(req, "unavailable", f"queue full ({self.queue_max})")]
+        if not self.pending and not self._unsettled:  # the common case: straight to a free worker
+            w = self._pick(req, [w for w in self.workers.values() if w.free])
+            if w is not None:
+                return [self._assign(w, req)]
         verdict = self._verdict(req)
         if verdict is not None:
             return [verdict]
@@ -151,11 +156,14 @@ class Broker:
         if w.busy is None:
             return []
         w.busy, w.busy_seq, w.free_since = None, 0, now
+        if not self.pending and not self._unsettled:
+            return []
         return self._step(now)
 
     def worker_ready(self, wid: str, serving: dict[str, Version], now: float) -> list[Action]:
         w = self.workers[wid]
         w.ready, w.busy, w.loading, w.free_since = True, None, None, now
+        self._unsettled = True
         w.serving = {n: v for n, v in serving.items() if n in self.rollout.floor}
         for name, v in w.serving.items():
             self._labels[(name, v.seq)] = v.label
@@ -164,6 +172,7 @@ class Broker:
 
     def worker_lost(self, wid: str, now: float) -> list[Action]:
         w = self.workers[wid]
+        self._unsettled = True
         out: list[Action] = []
         if w.busy is not None:
             out.append(Refuse(w.busy, "worker_lost", f"worker {wid} died serving this request"))
@@ -185,6 +194,7 @@ class Broker:
                now: float) -> list[Action]:
         w = self.workers[wid]
         w.loading, w.free_since = None, now
+        self._unsettled = True
         if self.loading == wid:
             self.loading = None
         out: list[Action] = []
@@ -200,6 +210,7 @@ class Broker:
         if target.name not in self.rollout.floor or not self.rollout.offer(target):
             return []
         self._labels[(target.name, target.seq)] = target.label
+        self._unsettled = True
         return [Changed(target.name), *self._step(now)]
 
     def tick(self, now: float) -> list[Action]:
@@ -262,12 +273,16 @@ class Broker:
         return out
 
     def _schedule_loads(self, out: list[Action]) -> None:
+        if not self._unsettled:
+            return
+        settled = self.loading is None and all(w.ready for w in self.workers.values())
         for name in self.models:
             goal = self.rollout.goal(name)
             if not goal:
                 continue
             stale = [w for w in self.workers.values()
                      if w.ready and self.rollout.stale(name, w.serving.get(name))]
+            settled = settled and not stale
             if not stale:
                 if self.rollout.targets.pop(name, None) is not None:
                     out.append(Changed(name))  # every ready worker holds it
@@ -283,27 +298,40 @@ class Broker:
             w.loading, self.loading = t, w.wid
             out.append(Load(w.wid, t, self.rollout.policy is SwapPolicy.UNLOAD_FIRST))
             out.append(Changed(name))
+            settled = False
+        self._unsettled = not settled
 
     def _dispatch(self, out: list[Action]) -> None:
         if not self.pending:
             return
-        free = sorted((w for w in self.workers.values() if w.free), key=lambda w: w.free_since)
+        free = [w for w in self.workers.values() if w.free]
         if not free:
             return
-        older = {name: self._older_in_flight(name) for name in self.models}
         keep: collections.deque[Request] = collections.deque()
         while self.pending and free:
             req = self.pending.popleft()
-            w = next((w for w in free if self.rollout.eligible(
-                req.model, w.serving.get(req.model), req.seq, older[req.model])), None)
+            w = self._pick(req, free)
             if w is None:
                 keep.append(req)
                 continue
             free.remove(w)
-            w.busy, w.busy_seq = req, w.serving[req.model].seq
-            out.append(Dispatch(w.wid, req))
+            out.append(self._assign(w, req))
         keep.extend(self.pending)
         self.pending = keep
+
+    def _pick(self, req: Request, free: list[WorkerSlot]) -> WorkerSlot | None:
+        """The least recently used of ``free`` that may answer ``req``."""
+        older = self._older_in_flight(req.model) if not req.seq else False
+        best: WorkerSlot | None = None
+        for w in free:
+            if self.rollout.eligible(req.model, w.serving.get(req.model), req.seq, older) and (
+                    best is None or w.free_since < best.free_since):
+                best = w
+        return best
+
+    def _assign(self, w: WorkerSlot, req: Request) -> Dispatch:
+        w.busy, w.busy_seq = req, w.serving[req.model].seq
+        return Dispatch(w.wid, req)
 
     def _verdict(self, req: Request) -> Refuse | None:
         """None: keep it queued (a worker will take it soon); else the refusal."""
