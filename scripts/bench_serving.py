@@ -315,10 +315,10 @@ def bench_round_trip(args, procs, node, publish_wait, tmp, results) -> None:  # 
 
 
 def bench_saturated(args, procs, node, hc, tmp, results) -> None:  # noqa: ANN001
-    """Part 5: swaps while 4 clients keep K = 1 or 2 workers saturated."""
+    """Part 5: swaps while ``--clients`` (4) clients keep K = 1 or 2 workers saturated."""
     slow = {label: build("slowheavy", Heavy.make(seed, all_layers=True), label, 1024)
             for seed, label in ((3, "a"), (4, "b"))}
-    results["saturated"] = {}
+    results["saturated"], results["clients"], results["device"] = {}, args.clients, args.device
     for k in (1, 2):
         tag = f"slow{k}"
         addr, p = node("slowheavy", k, tag)
@@ -350,7 +350,7 @@ def bench_saturated(args, procs, node, hc, tmp, results) -> None:  # noqa: ANN00
 
         t = threading.Thread(target=swapper)
         t.start()
-        rows = run_clients(addr, "slowheavy", 4, 6.0 + args.swaps * 5.0, 1024, tmp)
+        rows = run_clients(addr, "slowheavy", args.clients, 6.0 + args.swaps * 5.0, 1024, tmp)
         t.join()
         in_swap = [d for t0, d, *_ in rows["rows"] if any(a <= t0 + d and t0 <= b for a, _, b in windows)]
         steady = [d for t0, d, *_ in rows["rows"]
@@ -403,7 +403,8 @@ def report(results: dict) -> None:
                   f"{v['worker_baseline_mb']:.0f} -> {v['worker_peak_mb']:.0f} | {growth:.2f}x |")
     sat = results.get("saturated", {})
     if sat:
-        print("\n| saturated swaps (4 clients > K workers, ~100 MB, every layer run) | verified -> "
+        print(f"\n| saturated swaps ({results.get('clients', 4)} clients > K workers, ~100 MB, every "
+              f"layer run, {results.get('device', 'cpu')}) | verified -> "
               "all workers serving, s | steady p50 / p99 ms | in-swap p99 / max ms | max / steady p99 "
               "| failed |\n|---|---|---|---|---|---|")
         for k, v in sat.items():
@@ -425,6 +426,8 @@ def main() -> None:
     ap.add_argument("--swaps", type=int, default=3)
     ap.add_argument("--only-swap", action="store_true")
     ap.add_argument("--only-saturated", action="store_true")
+    ap.add_argument("--device", default="cpu", help="the nodes' --device (cuda:0 on a GPU machine)")
+    ap.add_argument("--clients", type=int, default=4, help="closed-loop clients in the saturated part")
     ap.add_argument("--json")
     args = ap.parse_args()
     if args.role == "echo":
@@ -464,7 +467,7 @@ def main() -> None:
             addr = f"tcp://127.0.0.1:{free_port()}"
             p = procs.start([sys.executable, "-m", "zmqmodels", "serve", "--hub", hub, "--model",
                              model, "--bind", addr, "--workers", str(workers), "--cache",
-                             os.path.join(tmp, f"cache-{tag}"), "--node-id", tag])
+                             os.path.join(tmp, f"cache-{tag}"), "--node-id", tag, "--device", args.device])
             return addr, p
 
         def publish_wait(release, count: int = 1) -> tuple[float, float]:

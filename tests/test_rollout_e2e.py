@@ -34,12 +34,13 @@ def hub(tmp_path):
         yield h
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize(("workers", "device"), [(1, "cpu"), (2, "cpu"),
+                                                 pytest.param(1, "cuda:0", marks=pytest.mark.cuda)])
 def test_saturated_node_rolls_out_with_no_failures_and_no_step_back(hub, tmp_path, heavy_releases,
-                                                                   workers) -> None:
+                                                                   workers, device) -> None:
     """Milestone 1: with more clients than workers a 100 MB release sat in `loading` for a
     minute (K=2) or forever (K=1), and replies stepped back from v2 to v1."""
-    node = Node(hub.address, ["heavy"], "tcp://127.0.0.1:0", workers=workers,
+    node = Node(hub.address, ["heavy"], "tcp://127.0.0.1:0", workers=workers, devices=[device],
                 cache=tmp_path / "cache").start()
     try:
         first = hub.publish(heavy_releases[2.0])
