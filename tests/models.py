@@ -167,7 +167,7 @@ class Heavy(nn.Module):
         self.layers = nn.ModuleList([nn.Linear(1024, 1024) for _ in range(mb // 4)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.ones(1, 1024) * x[0, 0]
+        h = torch.ones(1, 1024, dtype=x.dtype, device=x.device) * x[0, 0]  # on x's device
         for layer in self.layers:
             h = layer(h)
         return x * self.scale + h.sum() * 0.0
