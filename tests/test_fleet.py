@@ -40,3 +40,22 @@ def test_bounded_forgets_the_longest_silent() -> None:
 def test_unknown_state_is_a_protocol_error() -> None:
     with pytest.raises(ProtocolError):
         Fleet().report(rep("a", "dancing", 1), 0.0)
+    with pytest.raises(ProtocolError):
+        Fleet().report(rep("a", "lost", 1), 0.0)  # the hub's verdict, never a node's
+
+
+def test_silent_node_turns_lost_is_not_counted_and_is_forgotten() -> None:
+    """Milestone 1: a stopped node kept showing `serving` (one for 963 s)."""
+    f = Fleet(lost_after_s=5.0, forget_after_s=60.0)
+    f.report(rep("a", "serving", 3), 0.0)
+    f.report(rep("b", "serving", 3), 0.0)
+    f.report(rep("b", "serving", 3), 4.0)
+    rows = {r.node: r for r in f.rows(6.0)}
+    assert rows["a"].state == "lost" and rows["a"].age_s == 6.0
+    assert rows["a"].reason == "not heard from for 6s (last: serving seq 3)"
+    assert rows["b"].state == "serving"
+    assert rollout(P.StatusReply("hub", [], f.rows(6.0)), "m", 3) == (1, [])
+    assert f.prune(59.0) == [] and [e.report.node for e in f.prune(61.0)] == ["a"]
+    assert [r.node for r in f.rows(61.0)] == ["b"]
+    f.report(rep("b", "serving", 3), 62.0)  # heard again: no longer lost
+    assert f.rows(63.0)[0].state == "serving"

@@ -13,6 +13,8 @@ __all__ = [
     "AUTO_MIN_GAIN",
     "AUTO_SAMPLE_BYTES",
     "HEARTBEAT_INTERVAL_S",
+    "NODE_LOST_AFTER_S",
+    "NODE_FORGET_AFTER_S",
     "HUB_TTL_S",
     "REPAIR_IDLE_S",
     "FETCH_CREDIT",
@@ -31,6 +33,7 @@ __all__ = [
     "WORKER_TTL_S",
     "REQUEST_TIMEOUT_S",
     "LOAD_TIMEOUT_S",
+    "NODE_DRAIN_S",
     "START_TIMEOUT_S",
     "RETAIN_PER_NAME",
     "PARITY_RTOL",
@@ -45,6 +48,8 @@ AUTO_MIN_GAIN = 1.05  # `auto` compresses only when it saves at least 5 %
 AUTO_SAMPLE_BYTES = 8 * 1024 * 1024  # how much of the archive `auto` tries each codec on
 
 HEARTBEAT_INTERVAL_S = 0.5
+NODE_LOST_AFTER_S = 5.0  # a node not heard from for this long shows as `lost` (10 missed reports)
+NODE_FORGET_AFTER_S = 600.0  # ... and is dropped from the fleet table after this
 HUB_TTL_S = 3.0  # silence after which a subscriber re-asks the hub
 REPAIR_IDLE_S = 0.25  # no chunk for this long during assembly -> fetch what is missing
 FETCH_CREDIT = 8  # chunks a subscriber may have requested and not yet received
@@ -64,6 +69,7 @@ NODE_QUEUE_TIMEOUT_S = 10.0  # a queued request gets `unavailable` after this
 WORKER_TTL_S = 5.0  # an idle worker silent this long is killed and restarted
 REQUEST_TIMEOUT_S = 120.0  # a worker busy on one request this long is taken for hung
 LOAD_TIMEOUT_S = 600.0
+NODE_DRAIN_S = 10.0  # a stopping node answers what it holds for at most this long
 
 LINGER_MS = 0
 START_TIMEOUT_S = 10.0

@@ -2,12 +2,19 @@
 
 A plain class fed ``(report, now)``; the hub's I/O thread owns one and reads it under a lock.
 :func:`rollout` is the one rule behind ``publish --wait-for`` (hub side and client side).
+
+**Liveness**: a node sends a report for each model every heartbeat interval (0.5 s). A row not
+refreshed for ``lost_after_s`` is shown as ``lost`` (with its last state in the reason and
+the time since it was heard in ``age_s``) and never counts as serving; after
+``forget_after_s`` it is dropped from the table.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
+from . import defaults
 from . import protocol as P
 from .errors import ProtocolError
 
@@ -23,29 +30,36 @@ class FleetEntry:
     rejected_seq: int = 0  # the last seq this node rejected for this model, 0 = none
     rejected_reason: str = ""
 
-    def row(self, now: float) -> P.NodeStatus:
+    def row(self, now: float, lost_after_s: float = math.inf) -> P.NodeStatus:
         r = self.report
-        return P.NodeStatus(r.node, r.model, r.state, r.seq, r.label, r.reason, r.host, r.pid,
-                            r.device, round(now - self.seen, 3), self.rejected_seq,
-                            self.rejected_reason)
+        age = now - self.seen
+        state, reason = r.state, r.reason
+        if age > lost_after_s:
+            state = P.ModelState.LOST.value
+            reason = f"not heard from for {age:.0f}s (last: {r.state} seq {r.seq})"
+        return P.NodeStatus(r.node, r.model, state, r.seq, r.label, reason, r.host, r.pid,
+                            r.device, round(age, 3), self.rejected_seq, self.rejected_reason)
 
 
 class Fleet:
     """``(node, model) -> FleetEntry``, bounded at ``max_entries`` (node ids come from peers:
     the longest-silent entry is forgotten first, so the table never grows without bound)."""
 
-    def __init__(self, max_entries: int = 10_000) -> None:
+    def __init__(self, max_entries: int = 10_000, *, lost_after_s: float = defaults.NODE_LOST_AFTER_S,
+                 forget_after_s: float = defaults.NODE_FORGET_AFTER_S) -> None:
         self.max_entries = max_entries
+        self.lost_after_s, self.forget_after_s = lost_after_s, forget_after_s
         self._entries: dict[tuple[str, str], FleetEntry] = {}
         self.evicted = 0
+        self.forgotten = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def report(self, report: P.Report, now: float) -> FleetEntry | None:
         """Record ``report``; return the entry it replaced (None for a new row)."""
-        if report.state not in P.STATES:
-            raise ProtocolError(f"unknown state {report.state!r}")
+        if report.state not in P.STATES or report.state == P.ModelState.LOST:
+            raise ProtocolError(f"a node cannot report state {report.state!r}")
         key = (report.node, report.model)
         prev = self._entries.get(key)
         entry = FleetEntry(report, now) if prev is None else replace(prev, report=report, seen=now)
@@ -58,7 +72,16 @@ class Fleet:
         return prev
 
     def rows(self, now: float) -> list[P.NodeStatus]:
-        return [e.row(now) for _, e in sorted(self._entries.items())]
+        return [e.row(now, self.lost_after_s) for _, e in sorted(self._entries.items())]
+
+    def prune(self, now: float) -> list[FleetEntry]:
+        """Forget rows silent for ``forget_after_s``; return them."""
+        gone = [k for k, e in self._entries.items() if now - e.seen > self.forget_after_s]
+        self.forgotten += len(gone)
+        return [self._entries.pop(k) for k in gone]
+
+    def lost(self, now: float) -> list[FleetEntry]:
+        return [e for e in self._entries.values() if now - e.seen > self.lost_after_s]
 
 
 def rollout(status: P.StatusReply, name: str, seq: int) -> tuple[int, list[str]]:

@@ -94,6 +94,8 @@ class Hub(IOThread):
         trust: Trust | None = None,
         curve: Curve | None = None,
         control_keys: frozenset[bytes] | None = None,
+        lost_after_s: float = defaults.NODE_LOST_AFTER_S,
+        forget_after_s: float = defaults.NODE_FORGET_AFTER_S,
     ) -> None:
         self.bind = bind
         self.store = store if isinstance(store, Store) else Store(store)
@@ -114,7 +116,9 @@ class Hub(IOThread):
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="zmqmodels-hub-store")
         self._latest: dict[str, Release] = {}
         self._older: OrderedDict[tuple[str, int], Release] = OrderedDict()
-        self.fleet = Fleet(self.limits.max_fleet_entries)
+        self.fleet = Fleet(self.limits.max_fleet_entries, lost_after_s=lost_after_s,
+                           forget_after_s=forget_after_s)
+        self._lost: set[tuple[str, str]] = set()
         self._fleet_cond = threading.Condition()  # guards fleet and _latest for other threads
         self._next_beat = 0.0
         self.address = ""
@@ -244,7 +248,21 @@ class Hub(IOThread):
         if now >= self._next_beat:
             self._heartbeat()
             self._next_beat = now + self.heartbeat_interval_s
+            self._check_liveness(now)
         return self._next_beat - now
+
+    def _check_liveness(self, now: float) -> None:
+        with self._fleet_cond:
+            lost = {(e.report.node, e.report.model) for e in self.fleet.lost(now)}
+            gone = self.fleet.prune(now)
+            if lost != self._lost or gone:
+                self._fleet_cond.notify_all()
+        for node, model in sorted(lost - self._lost):
+            log.warning("node %s: %s lost (no report for %.0fs)", node, model, self.fleet.lost_after_s)
+        for e in gone:
+            log.info("node %s: %s forgotten (silent for %.0fs)", e.report.node, e.report.model,
+                     now - e.seen)
+        self._lost = lost - {(e.report.node, e.report.model) for e in gone}
 
     def _heartbeat(self) -> None:
         self._pub.send_multipart([P.HUB_TOPIC, *P.pack(P.Heartbeat(hub=self.hub_id))])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -44,10 +45,37 @@ from .signing import Trust
 from .subscriber import Follower
 from .supervisor import Activity, Kill, Spawn, Supervisor
 
-__all__ = ["Node", "SWAP_POLICIES", "SwapPolicy"]
+__all__ = ["Node", "SWAP_POLICIES", "SwapPolicy", "check_devices"]
 
 log = logging.getLogger("zmqmodels.node")
 SWAP_POLICIES = tuple(p.value for p in SwapPolicy)
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+
+def check_devices(devices: Sequence[str]) -> None:
+    """Refuse, with one line, a device this machine cannot give a worker: an unknown name, CUDA
+    where there is none, or an index past the last GPU. (The front is torch-free: CUDA is asked
+    of a short-lived ``python -c "import torch"``, only when a CUDA device is named.)"""
+    for d in devices:
+        if not _DEVICE.match(d):
+            raise ZmqModelsError(f"unknown device {d!r}: use cpu, cuda or cuda:N")
+    cuda = [d for d in devices if d.startswith("cuda")]
+    if not cuda:
+        return
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
+                           capture_output=True, text=True, timeout=120)
+    try:
+        count = int(probe.stdout.strip() or "0")
+    except ValueError:
+        count = 0
+    if count == 0:
+        why = probe.stderr.strip().splitlines()[-1] if probe.returncode else "torch.cuda.device_count() is 0"
+        raise ZmqModelsError(f"device {cuda[0]!r}: no CUDA device on this machine ({why})")
+    for d in cuda:
+        index = int(d.partition(":")[2] or 0)
+        if index >= count:
+            raise ZmqModelsError(f"device {d!r}: this machine has {count} CUDA device(s), "
+                                 f"cuda:0..cuda:{count - 1}")
 
 
 class Node(IOThread):
@@ -120,10 +148,16 @@ class Node(IOThread):
         self._backend_addr = f"ipc://{self._dir}/workers"
         self._sub: Follower | None = None
         self._reported: dict[str, tuple[str, int]] = {}
+        self._draining = False
         self.address = ""
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, timeout: float = defaults.START_TIMEOUT_S) -> Node:
+        try:
+            check_devices(sorted(set(self._devices.values())))
+        except ZmqModelsError:
+            self._cleanup()
+            raise
         self._server_ctx.start()
         # verify the cache before any worker starts: workers load from it without hashing again
         known = {}
@@ -148,11 +182,32 @@ class Node(IOThread):
                  self.address, len(self._procs))
         return self
 
-    def close(self) -> None:
+    def close(self, drain_s: float = defaults.NODE_DRAIN_S) -> None:
+        """Stop: refuse new requests (retryable ``unavailable``), answer those queued and in
+        flight for up to ``drain_s``, then stop the workers."""
         if self._sub is not None:
             self._sub.close()
+        if self.state.value == "running" and drain_s > 0:
+            self._drain(drain_s)
         super().close()
         self._cleanup()
+
+    def _drain(self, timeout: float) -> None:
+        def start() -> None:
+            self._draining = True
+
+        self.post(start)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                busy = self.call(lambda: bool(self.broker.pending) or any(
+                    w.busy is not None for w in self.broker.workers.values()), 5.0)
+            except ZmqModelsError:
+                return
+            if not busy:
+                return
+            time.sleep(0.02)
+        log.warning("node %s: requests still in flight after %.0fs; stopping anyway", self.node_id, timeout)
 
     def _cleanup(self) -> None:
         procs = [p for p in self._procs.values() if p is not None]
@@ -224,7 +279,7 @@ class Node(IOThread):
     def _spawn(self, wid: str, now: float) -> None:
         args = [sys.executable, "-m", "zmqmodels.worker", "--backend", self._backend_addr,
                 "--id", wid, "--device", self._devices[wid], "--cache", str(self.cache.root),
-                "--threads", str(self._threads_per_worker)]
+                "--threads", str(self._threads_per_worker), "--parent", str(os.getpid())]
         for m in self.models:
             args += ["--model", m]
         self._procs[wid] = subprocess.Popen(args, stdin=subprocess.DEVNULL)
@@ -278,6 +333,9 @@ class Node(IOThread):
             return
         if not isinstance(req, P.InferRequest):
             self._error(client, "bad_request", "expected [INFER, header, tensor frames...]")
+            return
+        if self._draining:
+            self._error(client, "unavailable", f"node {self.node_id} is shutting down", req.id, req.model)
             return
         size = sum(len(f) for f in frames[2:])
         if size > self.limits.max_request_bytes or len(tensors) > self.limits.max_request_tensors:

@@ -109,6 +109,8 @@ class ModelState(str, enum.Enum):
     SERVING = "serving"  # every ready worker serves ``seq``
     REJECTED = "rejected"  # ``seq`` was refused; ``reason`` says why (sent once, then the held state)
     IDLE = "idle"  # nothing loaded yet
+    ERROR = "error"  # the node cannot serve or store this model; ``reason`` says why
+    LOST = "lost"  # (the hub's table only) the node has not reported for a while
 
 
 STATES = tuple(s.value for s in ModelState)

@@ -12,6 +12,7 @@ import argparse
 import gc
 import logging
 import os
+import signal
 import time
 from collections.abc import Collection
 from pathlib import Path
@@ -35,7 +36,9 @@ HEARTBEAT_S = 1.0
 
 
 class Worker:
-    def __init__(self, backend: str, worker_id: str, device: str, models: list[str], cache: str) -> None:
+    def __init__(self, backend: str, worker_id: str, device: str, models: list[str], cache: str,
+                 parent: int = 0) -> None:
+        self.parent = parent
         self.backend = backend
         self.worker_id = worker_id
         self.device = device
@@ -164,6 +167,9 @@ class Worker:
         try:
             while True:
                 if not sock.poll(int(HEARTBEAT_S * 1000)):
+                    if self.parent and os.getppid() != self.parent:
+                        log.warning("%s: the node (pid %d) is gone; exiting", self.worker_id, self.parent)
+                        return
                     sock.send_multipart(beat)
                     continue
                 try:
@@ -231,6 +237,22 @@ def _check_signature(cur: Loaded, args: tuple[Any, ...]) -> None:
                              f"got {got} of rank {arg.dim()} {list(arg.shape)}")
 
 
+def die_with_parent(parent: int) -> None:
+    """Be killed when the node's front process dies (even by kill -9): Linux's parent-death
+    signal, armed before anything slow; then check the parent did not die before it was."""
+    if not parent:
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the heartbeat loop's parent check still ends us
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m zmqmodels.worker")
     ap.add_argument("--backend", required=True)
@@ -239,13 +261,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cache", required=True)
     ap.add_argument("--model", action="append", required=True)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--parent", type=int, default=0, help="the node's pid: exit when it is gone")
     args = ap.parse_args(argv)
+    die_with_parent(args.parent)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.id} %(message)s")
-    import signal
-
     torch.set_num_threads(args.threads)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front stops us; Ctrl-C goes to it
-    Worker(args.backend, args.id, args.device, args.model, args.cache).run()
+    Worker(args.backend, args.id, args.device, args.model, args.cache, parent=args.parent).run()
 
 
 if __name__ == "__main__":

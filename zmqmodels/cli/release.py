@@ -142,12 +142,12 @@ def publish(hub_addr: str | None, bind_addr: str | None, store_dir: str, wait_fo
                       else (True, client.status()))
         finish_publish(ok, status, name, seq, label, wait_for, as_json, say)
         return
-    from ..hub import Publisher
+    from ..hub import Hub
     from ..store import Store
 
     curve = curve_from(curve_key) if curve_key else None
-    with Publisher(bind_addr, Store(store_dir), signing_key=key,  # type: ignore[arg-type]
-                   curve=curve) as pub:
+    with Hub(bind_addr, Store(store_dir), signing_key=key,  # type: ignore[arg-type]
+             curve=curve) as pub:
         m = pub.publish(release, timeout=timeout)
         say(f"publishing {m.name} seq {m.seq} on {pub.address} (PUB {pub.pub_address})")
         if wait_for:

@@ -1,0 +1,150 @@
+"""Operator truth with real processes and real faults: lost nodes, fail-fast starts, workers
+that die with their node, graceful stops."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from tests.conftest import wait_until
+from tests.models import Probe, probe_examples
+from zmqmodels import Client, Hub, build_release, compile_model
+from zmqmodels.store import Store
+
+pytestmark = pytest.mark.timeout(120)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def probe():
+    return build_release(compile_model(Probe(2.0), probe_examples()), "probe", "a")
+
+
+@pytest.fixture
+def hub(tmp_path):
+    with Hub("tcp://127.0.0.1:0", Store(tmp_path / "store"), lost_after_s=1.5, forget_after_s=30) as h:
+        yield h
+
+
+class Serve:
+    """``zmqmodels serve`` as a child process with its log in a file."""
+
+    def __init__(self, tmp_path, hub: Hub | None, *args: str, bind: str = "tcp://127.0.0.1:0") -> None:
+        self.log_path = tmp_path / f"serve-{time.monotonic_ns()}.log"
+        self._log = open(self.log_path, "w")  # noqa: SIM115 (closed in stop)
+        cmd = [sys.executable, "-m", "zmqmodels", "serve", "--model", "probe", "--bind", bind,
+               "--cache", str(tmp_path / "cache"), *args]
+        if hub is not None:
+            cmd += ["--hub", hub.address]
+        self.p = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=self._log)
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def workers(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(self.p.pid)], capture_output=True, text=True).stdout
+        return [int(x) for x in out.split()]
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait(10)
+        self._log.close()
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split()[2] != "Z"
+
+
+def test_killed_node_turns_lost_and_is_not_counted(hub, tmp_path, probe) -> None:
+    """Milestone 1: a stopped node kept showing `serving` for as long as the hub ran."""
+    node = Serve(tmp_path, hub, "--workers", "1")
+    try:
+        m = hub.publish(probe)
+        assert hub.wait_for("probe", m.seq, 1, 60)[0]
+        node.p.kill()
+        node.p.wait(10)
+        row = wait_until(lambda: next((n for n in hub.status().nodes if n.state == "lost"), None), 10,
+                         what="the node shown as lost")
+        assert row.seq == m.seq and "not heard from" in row.reason
+        ok, _ = hub.wait_for("probe", m.seq, 1, 0.5)
+        assert not ok  # a lost node never counts
+    finally:
+        node.stop()
+
+
+@pytest.mark.parametrize(("device", "message"), [("gpu", "unknown device 'gpu'"),
+                                                 ("cuda:x", "unknown device 'cuda:x'"),
+                                                 ("cuda", "no CUDA device")])
+def test_serve_refuses_a_device_it_cannot_use_at_once(tmp_path, device, message) -> None:
+    """Milestone 1: `serve --device cuda` on a machine without a GPU (or a typo) started, said
+    it was serving, and answered `not_ready` forever."""
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "zmqmodels", "serve", "--model", "probe", "--bind",
+                          "tcp://127.0.0.1:0", "--cache", str(tmp_path / "c"), "--device", device],
+                         env=ENV, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], out.stderr
+    assert time.monotonic() - t0 < 30
+
+
+def test_kill9_of_the_front_leaves_no_worker(tmp_path, probe) -> None:
+    """Milestone 1: kill -9 of a node's front orphaned its workers forever (365 MB each)."""
+    node = Serve(tmp_path, None, "--workers", "2")
+    try:
+        workers = wait_until(lambda: len(node.workers()) == 2 and node.workers(), 30, what="2 workers")
+        node.p.kill()
+        node.p.wait(10)
+        wait_until(lambda: not any(alive(w) for w in workers), 5, what="the workers to die with the node")
+    finally:
+        node.stop()
+
+
+def test_sigterm_answers_the_request_in_flight_then_exits(hub, tmp_path, probe) -> None:
+    """Milestone 1: SIGTERM dropped the requests in flight."""
+    port = _free_port()
+    node = Serve(tmp_path, hub, "--workers", "1", bind=f"tcp://127.0.0.1:{port}")
+    try:
+        m = hub.publish(probe)
+        assert hub.wait_for("probe", m.seq, 1, 60)[0]
+        result: list[object] = []
+
+        def slow() -> None:
+            try:
+                with Client(f"tcp://127.0.0.1:{port}", timeout=30, retries=0) as c:
+                    result.append(c.infer("probe", torch.tensor([[-2.0, 0, 0, 0]])))
+            except Exception as exc:  # asserted below
+                result.append(exc)
+
+        t = threading.Thread(target=slow)
+        t.start()
+        time.sleep(0.3)  # the slow request (about a second) is running
+        node.p.send_signal(signal.SIGTERM)
+        t.join(30)
+        assert result and not isinstance(result[0], Exception), (result, node.log()[-1500:])
+        assert node.p.wait(30) == 0
+    finally:
+        node.stop()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
