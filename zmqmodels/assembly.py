@@ -85,6 +85,9 @@ class Follow:
     asm: Assembly | None = None
     asked_seq: int = -1
     asked_at: float = 0.0
+    retry_at: float = 0.0  # when to fetch ``retry_seq`` again (a cache write that failed)
+    retry_seq: int = 0
+    retries: int = 0
     state: ModelState = ModelState.IDLE
     seq: int = 0
     label: str = ""
@@ -238,6 +241,10 @@ class Assembler:
     def tick(self, now: float) -> list[Action]:
         out: list[Action] = []
         for st in self.models.values():
+            if st.retry_at and now >= st.retry_at:
+                st.retry_at, st.asked_seq = 0.0, -1
+                self.stats["store_retries"] += 1
+                out += self._ask_manifest(st, st.retry_seq, now)
             asm = st.asm
             if asm is not None:
                 if not asm.repairing and now - asm.last_progress > self.repair_idle_s:
@@ -251,6 +258,28 @@ class Assembler:
             for st in self.models.values():
                 out += self._ask_manifest(st, 0, now)
         return out
+
+    def forget(self, name: str, seq: int, now: float) -> list[Action]:
+        """The node lost its copy of ``seq`` (a damaged cache file): take it again."""
+        st = self.follow(name)
+        st.rejected.discard(seq)
+        st.done_seq = min(st.done_seq, seq - 1)
+        st.asked_seq = -1
+        return self._ask_manifest(st, seq, now)
+
+    def store_failed(self, name: str, seq: int, now: float) -> float:
+        """Writing ``seq`` to the cache failed (a full disk, EIO): fetch it again later, with
+        back-off (1 s doubling to 60 s); returns the delay."""
+        st = self.follow(name)
+        st.done_seq = min(st.done_seq, seq - 1)
+        delay = min(60.0, 2.0 ** st.retries)
+        st.retries += 1
+        st.retry_at, st.retry_seq = now + delay, seq
+        return delay
+
+    def stored(self, name: str) -> None:
+        st = self.follow(name)
+        st.retries, st.retry_at = 0, 0.0
 
     def rejected(self, name: str, seq: int) -> None:
         """``seq`` failed after assembly (digest, load, check): never fetch it again."""

@@ -32,6 +32,7 @@ __all__ = [
     "Refuse",
     "Expire",
     "Rejected",
+    "Refetch",
     "Changed",
     "Action",
     "Broker",
@@ -108,13 +109,23 @@ class Rejected:
 
 
 @dataclass(frozen=True)
+class Refetch:
+    """The cached copy of ``seq`` of ``name`` is damaged or gone: fetch it from the hub again
+    (not a rejection: the release itself was fine)."""
+
+    name: str
+    seq: int
+    reason: str
+
+
+@dataclass(frozen=True)
 class Changed:
     """What the node would report for ``name`` may have changed."""
 
     name: str
 
 
-Action = Dispatch | Load | Refuse | Expire | Rejected | Changed
+Action = Dispatch | Load | Refuse | Expire | Rejected | Refetch | Changed
 
 
 class Broker:
@@ -160,15 +171,19 @@ class Broker:
             return []
         return self._step(now)
 
-    def worker_ready(self, wid: str, serving: dict[str, Version], now: float) -> list[Action]:
+    def worker_ready(self, wid: str, serving: dict[str, Version], now: float,
+                     damaged: dict[str, tuple[int, str]] | None = None) -> list[Action]:
+        """``damaged``: cached releases the worker found unusable (name -> (seq, reason))."""
         w = self.workers[wid]
+        out: list[Action] = [self._refetch(n, seq, why) for n, (seq, why) in (damaged or {}).items()
+                             if n in self.rollout.floor]
         w.ready, w.busy, w.loading, w.free_since = True, None, None, now
         self._unsettled = True
         w.serving = {n: v for n, v in serving.items() if n in self.rollout.floor}
         for name, v in w.serving.items():
             self._labels[(name, v.seq)] = v.label
             self.rollout.loaded(name, v.seq)
-        return [*(Changed(n) for n in self.models), *self._step(now)]
+        return [*out, *(Changed(n) for n in self.models), *self._step(now)]
 
     def worker_lost(self, wid: str, now: float) -> list[Action]:
         w = self.workers[wid]
@@ -191,7 +206,7 @@ class Broker:
         return [*out, *(Changed(n) for n in self.models), *self._step(now)]
 
     def loaded(self, wid: str, name: str, seq: int, label: str, ok: bool, reason: str,
-               now: float) -> list[Action]:
+               now: float, *, corrupt: bool = False) -> list[Action]:
         w = self.workers[wid]
         w.loading, w.free_since = None, now
         self._unsettled = True
@@ -202,12 +217,21 @@ class Broker:
             w.serving[name] = Version(seq, label)
             self._labels[(name, seq)] = label
             self.rollout.loaded(name, seq)
+        elif corrupt:
+            out.append(self._refetch(name, seq, reason))
         else:
             out += self._reject(name, seq, reason)
         return [*out, Changed(name), *self._step(now)]
 
     def target(self, target: Target, now: float) -> list[Action]:
-        if target.name not in self.rollout.floor or not self.rollout.offer(target):
+        if target.name not in self.rollout.floor:
+            return []
+        if self.rollout.missing.get(target.name) == target.seq:  # fetched again: loadable
+            del self.rollout.missing[target.name]
+            self._unsettled = True
+            if not self.rollout.offer(target):
+                return [Changed(target.name), *self._step(now)]
+        elif not self.rollout.offer(target):
             return []
         self._labels[(target.name, target.seq)] = target.label
         self._unsettled = True
@@ -255,6 +279,14 @@ class Broker:
         return any(w.busy is not None and w.busy.model == name and not w.busy.seq
                    and w.busy_seq < floor for w in self.workers.values())
 
+    def _refetch(self, name: str, seq: int, reason: str) -> Refetch:
+        self.rollout.missing[name] = seq  # no load of it until it is in the cache again
+        t = self.rollout.targets.get(name)
+        if t is not None and t.seq == seq:
+            del self.rollout.targets[name]
+        self._unsettled = True
+        return Refetch(name, seq, reason)
+
     def _reject(self, name: str, seq: int, reason: str) -> list[Action]:
         self.rollout.reject(name, seq, reason)
         return [Rejected(name, seq, reason)]
@@ -278,8 +310,8 @@ class Broker:
         settled = self.loading is None and all(w.ready for w in self.workers.values())
         for name in self.models:
             goal = self.rollout.goal(name)
-            if not goal:
-                continue
+            if not goal or self.rollout.missing.get(name) == goal:
+                continue  # nothing to roll, or its cache file is being fetched again
             stale = [w for w in self.workers.values()
                      if w.ready and self.rollout.stale(name, w.serving.get(name))]
             settled = settled and not stale

@@ -4,6 +4,11 @@ Layout: ``DIR/<name>/<seq:012d>.pt`` (the TorchScript archive) beside ``<seq:012
 (its msgpack manifest, byte for byte as received) and ``<seq:012d>.sig`` (its signature, when
 signed). All are written atomically, the manifest last, so a manifest names a whole archive.
 On restart the signature and the archive's sha256 are checked again before anything loads it.
+
+Before a worker loads an archive it calls :meth:`Cache.check`: the archive's (inode, mtime,
+size) against the stamp written when the verified bytes were stored (``.stamp``), and a full
+sha256 when they differ; a file changed since it was verified is never loaded. One node uses
+a cache directory at a time (:meth:`Cache.lock`).
 """
 
 from __future__ import annotations
@@ -52,12 +57,14 @@ class Cache:
         else:
             path.with_suffix(".sig").unlink(missing_ok=True)
         atomic_write(path.with_suffix(".manifest"), encode_manifest(manifest) if raw is None else raw)
+        self._stamp(path)
         for old in self.seqs(manifest.name)[: -self.keep]:
             self.discard(manifest.name, old)
         return path
 
     def discard(self, name: str, seq: int) -> None:
         """Forget a release that failed to load, so no restarted worker picks it up."""
+        self.path(name, seq).with_suffix(".stamp").unlink(missing_ok=True)
         self.path(name, seq).with_suffix(".manifest").unlink(missing_ok=True)
         self.path(name, seq).with_suffix(".sig").unlink(missing_ok=True)
         self.path(name, seq).unlink(missing_ok=True)
@@ -90,6 +97,58 @@ class Cache:
                 log.warning("cache: discarding %s seq %d: %s", name, seq, exc)
                 self.discard(name, seq)  # fall back to the one before it
         return None
+
+    def lock(self) -> None:
+        """Hold this directory for this process (released when it exits): a second node given
+        the same ``--cache`` is refused with one line instead of sharing it silently."""
+        import fcntl
+
+        f = open(self.root / ".lock", "a+")  # noqa: SIM115 (held open for the process's life)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise StoreError(f"cache {self.root} is in use by {holder}: "
+                             "give each node its own --cache") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        self._lock_file = f
+
+    def unlock(self) -> None:
+        f = getattr(self, "_lock_file", None)
+        if f is not None:
+            f.close()
+            self._lock_file = None
+
+    def check(self, m: Manifest, path: Path) -> None:
+        """Make sure ``path`` still holds the verified archive of ``m`` before it is loaded:
+        cheap when the file is as it was stored, a full sha256 otherwise (then re-stamped).
+        Raises :class:`IntegrityError` (and discards the entry) if it does not match."""
+        try:
+            st = path.stat()
+            stamp = path.with_suffix(".stamp").read_text().split()
+        except OSError:
+            stamp = []
+            st = None
+        if st is not None and stamp == [str(st.st_ino), str(st.st_mtime_ns), str(st.st_size)]:
+            return
+        try:
+            self.verify(m, path)
+        except (OSError, IntegrityError) as exc:
+            self.discard(m.name, m.seq)
+            raise IntegrityError(f"cached {m.name} seq {m.seq} is damaged ({exc}); discarded") from None
+        self._stamp(path)
+
+    def _stamp(self, path: Path) -> None:
+        st = path.stat()
+        try:
+            atomic_write(path.with_suffix(".stamp"), f"{st.st_ino} {st.st_mtime_ns} {st.st_size}".encode())
+        except StoreError:
+            pass  # no stamp: the next check hashes the whole archive instead
 
     @staticmethod
     def verify(m: Manifest, path: Path) -> None:

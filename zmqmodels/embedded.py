@@ -92,6 +92,8 @@ class Subscriber:
     def start(self, timeout: float = defaults.START_TIMEOUT_S) -> Subscriber:
         if self.follower is not None:
             raise ZmqModelsError("a Subscriber can be started once")
+        if self.cache is not None:
+            self.cache.lock()  # one process per cache directory
         serving = self._load_cached() if self._load and self.cache is not None else {}
         known = {**self._known, **{n: m.seq for n, m in serving.items()}}
         self.follower = Follower(self._hub, list(self._slots), on_release=self._on_release,
@@ -105,6 +107,8 @@ class Subscriber:
     def close(self) -> None:
         if self.follower is not None:
             self.follower.close()
+        if self.cache is not None:
+            self.cache.unlock()
 
     def __enter__(self) -> Subscriber:
         return self.start() if self.follower is None else self

@@ -33,7 +33,7 @@ import zmq
 
 from . import defaults
 from . import protocol as P
-from .broker import Action, Broker, Changed, Dispatch, Expire, Load, Refuse, Rejected, Request
+from .broker import Action, Broker, Changed, Dispatch, Expire, Load, Refetch, Refuse, Rejected, Request
 from .cache import Cache
 from .curve import Curve, ServerContext
 from .defaults import Limits
@@ -155,6 +155,7 @@ class Node(IOThread):
     def start(self, timeout: float = defaults.START_TIMEOUT_S) -> Node:
         try:
             check_devices(sorted(set(self._devices.values())))
+            self.cache.lock()  # one node per cache directory
         except ZmqModelsError:
             self._cleanup()
             raise
@@ -221,6 +222,7 @@ class Node(IOThread):
                 p.kill()
                 p.wait(5)
         shutil.rmtree(self._dir, ignore_errors=True)
+        self.cache.unlock()
         self._server_ctx.close()
 
     def __enter__(self) -> Node:
@@ -311,6 +313,13 @@ class Node(IOThread):
                     self.stats["expired"] += 1  # the client gave up: nobody to answer
                 case Rejected(name, seq, reason):
                     self._rejected(name, seq, reason)
+                case Refetch(name, seq, reason):
+                    log.warning("%s seq %d: %s; fetching it again", name, seq, reason)
+                    self.stats["cache_refetch"] += 1
+                    if self._sub is not None:
+                        self._sub.report(name, "error", seq=seq, reason=f"{reason}; fetching it again")
+                        self._sub.refetch(name, seq)
+                    self._reported.pop(name, None)
                 case Changed(name):
                     self._report(name)
 
@@ -369,17 +378,18 @@ class Node(IOThread):
                     self.stats["expired"] += 1
                 self.supervisor.seen(wid, now, Activity.IDLE)
                 self._carry(self.broker.done(wid, now))
-            case P.WorkerReady(pid=pid, device=device, serving=serving):
+            case P.WorkerReady(pid=pid, device=device, serving=serving, errors=errors):
                 self.supervisor.seen(wid, now, Activity.IDLE)
                 log.info("worker %s ready (pid %d, %s): %s", wid, pid, device, serving)
                 versions = {n: Version(int(v[0]), str(v[1])) for n, v in serving.items()}
-                self._carry(self.broker.worker_ready(wid, versions, now))
+                damaged = {n: (int(e[0]), str(e[1])) for n, e in errors.items()}
+                self._carry(self.broker.worker_ready(wid, versions, now, damaged))
             case P.LoadResult(name=name, seq=seq, label=label, ok=ok, reason=reason):
                 self.supervisor.seen(wid, now, Activity.IDLE)
                 if ok:
                     log.info("worker %s: %s seq %d swapped in (load %.3fs, check %.3fs)", wid, name,
                              seq, msg.load_s, msg.check_s)
-                self._carry(self.broker.loaded(wid, name, seq, label, ok, reason, now))
+                self._carry(self.broker.loaded(wid, name, seq, label, ok, reason, now, corrupt=msg.corrupt))
             case _:
                 self.stats["dropped_bad_worker_message"] += 1
 

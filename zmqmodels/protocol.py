@@ -283,6 +283,7 @@ class WorkerReady(msgspec.Struct, frozen=True):
     device: str
     serving: dict[str, list[Any]]  # name -> [seq, label]
     v: int = V
+    errors: dict[str, list[Any]] = {}  # name -> [seq, reason]: a cached release it could not use
 
 
 class Work(msgspec.Struct, frozen=True):
@@ -340,6 +341,7 @@ class LoadResult(msgspec.Struct, frozen=True):
     load_s: float = 0.0
     check_s: float = 0.0
     v: int = V
+    corrupt: bool = False  # the cached file was damaged or gone: fetch it again, not a rejection
 
 
 # Inference error codes: code -> retryable (docs/protocol.md §Inference errors)

@@ -51,6 +51,7 @@ class Rollout:
         self.targets: dict[str, Target] = {}
         self.rejected: dict[str, dict[int, str]] = {m: {} for m in models}
         self.floor: dict[str, int] = dict.fromkeys(models, 0)
+        self.missing: dict[str, int] = {}  # name -> a seq whose cache file is being fetched again
 
     def offer(self, target: Target) -> bool:
         """A new verified release; True if it became the model's target."""

@@ -31,7 +31,7 @@ from .assembly import Assembler, Assembly, Deliver, Send
 from .cache import Cache
 from .curve import Curve
 from .defaults import Limits
-from .errors import ProtocolError, ZmqModelsError
+from .errors import ProtocolError, StoreError, ZmqModelsError
 from .ioloop import IOThread
 from .protocol import ModelState
 from .release import Manifest, decode_manifest, validate_name
@@ -178,6 +178,10 @@ class Follower(IOThread):
         self.post(lambda: self._carry(self.assembler.set_state(name, ModelState(state), seq=seq,
                                                                label=label, reason=reason)))
 
+    def refetch(self, name: str, seq: int) -> None:
+        """This node's copy of ``seq`` is damaged or gone: fetch it from the hub again."""
+        self.post(lambda: self._carry(self.assembler.forget(name, seq, time.monotonic())))
+
     def reject(self, m: Manifest, reason: str) -> None:
         """``m`` failed after delivery: never fetch it again, and tell the hub why."""
         log.warning("%s: rejected %s seq %d: %s", self.node_id, m.name, m.seq, reason)
@@ -295,6 +299,20 @@ class Follower(IOThread):
                     continue
                 self._pool.give(m.name, buf)
 
+    def _store_failed(self, m: Manifest, exc: StoreError) -> None:
+        """Not a rejection: the release is fine, this node could not keep it. Say so with the
+        whole reason, keep serving what it has, and fetch it again later."""
+        self.stats["store_failed"] += 1
+
+        def apply() -> None:
+            delay = self.assembler.store_failed(m.name, m.seq, time.monotonic())
+            reason = f"cache write failed: {exc}; retrying in {delay:.0f}s"
+            log.error("%s: %s seq %d: %s", self.node_id, m.name, m.seq, reason)
+            self._carry(self.assembler.set_state(m.name, ModelState.ERROR, seq=m.seq, label=m.label,
+                                                 reason=reason))
+
+        self.post(apply)
+
     def _deliver_one(self, asm: Assembly, archive: memoryview, digest: str) -> None:
         m = asm.manifest
         if digest != m.archive_sha256:
@@ -307,7 +325,12 @@ class Follower(IOThread):
             if self._accept is not None and self._accept(m) is False:
                 raise ZmqModelsError("declined by swap_when")
             if self.cache is not None:  # signed bytes and all, before anything loads it
-                self.cache.put(m, archive, asm.raw, asm.signature)
+                try:
+                    self.cache.put(m, archive, asm.raw, asm.signature)
+                except StoreError as exc:
+                    self._store_failed(m, exc)
+                    return
+                self.post(lambda: self.assembler.stored(m.name))
             self._on_release(m, archive)
         except Exception as exc:
             if not isinstance(exc, ZmqModelsError):

@@ -23,7 +23,7 @@ import zmq
 
 from . import protocol as P
 from .cache import Cache
-from .errors import ProtocolError, ServingError, ZmqModelsError
+from .errors import IntegrityError, ProtocolError, ServingError, ZmqModelsError
 from .loader import load_release, to_device
 from .release import decode_manifest
 from .slot import Loaded, ModelSlot
@@ -44,20 +44,29 @@ class Worker:
         self.device = device
         self.cache = Cache(cache)
         self.slots = {name: ModelSlot() for name in models}
+        self.errors: dict[str, list[Any]] = {}  # name -> [seq, reason]: cached releases unusable
 
     # -- loading -----------------------------------------------------------------------------
     def load_cached(self, names: Collection[str] | None = None, exclude: Collection[int] = ()) -> None:
-        """Load the newest cached release of each model. The front verified the cache's
-        sha256s before starting us and writes only verified archives, so we do not hash again."""
+        """Load the newest usable cached release of each model. Each archive is checked
+        against the stamp of its verified bytes (a full sha256 if it changed since) before it
+        is loaded: a damaged entry is discarded, recorded in :attr:`errors` for the front
+        (which fetches it again), and the one before it is tried."""
         for name in self.slots if names is None else names:
-            found = self.cache.latest(name, verify=False, exclude=exclude)
-            if found is None:
-                continue
-            m, path = found
-            try:
-                self.slots[name].swap(load_release(m, path, self.device))
-            except ZmqModelsError as exc:
-                log.warning("%s: cached %s seq %d unusable: %s", self.worker_id, name, m.seq, exc)
+            for seq in reversed(self.cache.seqs(name)):
+                if seq in exclude:
+                    continue
+                path = self.cache.path(name, seq)
+                try:
+                    m = decode_manifest(path.with_suffix(".manifest").read_bytes())
+                    self.cache.check(m, path)
+                    self.slots[name].swap(load_release(m, path, self.device))
+                    break
+                except (OSError, ZmqModelsError) as exc:
+                    log.warning("%s: cached %s seq %d unusable: %s", self.worker_id, name, seq, exc)
+                    self.errors[name] = [seq, f"cached seq {seq}: {exc}"]
+                    if not isinstance(exc, IntegrityError):
+                        self.cache.discard(name, seq)
 
     def load(self, cmd: P.LoadCommand) -> P.LoadResult:
         slot = self.slots.get(cmd.name)
@@ -67,10 +76,15 @@ class Worker:
         label = ""
         previous = slot.current()
         try:
-            m = decode_manifest(path.with_suffix(".manifest").read_bytes())
+            try:
+                m = decode_manifest(path.with_suffix(".manifest").read_bytes())
+                if m.seq != cmd.seq or m.name != cmd.name:
+                    raise IntegrityError(f"{path} holds {m.name} seq {m.seq}, not seq {cmd.seq}")
+                self.cache.check(m, path)  # never load bytes changed since they were verified
+            except (OSError, ZmqModelsError) as exc:
+                return P.LoadResult(self.worker_id, cmd.name, cmd.seq, "", False,
+                                    f"cached archive unusable: {exc}", corrupt=True)
             label = m.label
-            if m.seq != cmd.seq or m.name != cmd.name:
-                raise ZmqModelsError(f"{path} holds {m.name} seq {m.seq}, not seq {cmd.seq}")
             if cmd.unload_first and previous is not None:
                 slot.clear()  # resource-preserving: free the old model before loading the new
                 del previous
@@ -162,7 +176,8 @@ class Worker:
 
     def _serve(self, sock: zmq.Socket) -> None:
         self.load_cached()
-        sock.send_multipart(P.pack(P.WorkerReady(self.worker_id, os.getpid(), self.device, self.serving())))
+        sock.send_multipart(P.pack(P.WorkerReady(self.worker_id, os.getpid(), self.device, self.serving(),
+                                                 errors=self.errors)))
         beat = P.pack(P.WorkerBeat())
         try:
             while True:

@@ -26,7 +26,7 @@ def fleet_table(status: Any, name: str | None = None) -> str:
         if n.rejected_seq:
             err = f"seq {n.rejected_seq}: {err}"
         rows.append((n.node, n.host, str(n.pid), n.device or "-", n.model, n.label or "-",
-                     str(n.seq), n.state, f"{n.age_s:.1f}s", err[:60] or "-"))
+                     str(n.seq), n.state, f"{n.age_s:.1f}s", err or "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     models = ", ".join(f"{m.name} seq {m.seq} ({m.label or '-'})" for m in status.models)
