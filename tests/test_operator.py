@@ -148,3 +148,86 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# -- the cache ---------------------------------------------------------------------------------
+from zmqmodels import Node  # noqa: E402
+from zmqmodels.errors import ZmqModelsError  # noqa: E402
+
+
+def test_second_node_on_the_same_cache_is_refused(hub, tmp_path) -> None:
+    """Milestone 1: two nodes started in one directory silently shared the default cache."""
+    first = Node(hub.address, ["probe"], "tcp://127.0.0.1:0", workers=1, cache=tmp_path / "c").start()
+    try:
+        with pytest.raises(ZmqModelsError, match=r"in use by pid \d+: give each node its own --cache"):
+            Node(hub.address, ["probe"], "tcp://127.0.0.1:0", workers=1, cache=tmp_path / "c").start()
+    finally:
+        first.close()
+    Node(None, ["probe"], "tcp://127.0.0.1:0", workers=1, cache=tmp_path / "c").start().close()  # free again
+
+
+def test_cache_damaged_after_start_is_never_served_and_is_fetched_again(hub, tmp_path, probe) -> None:
+    """Milestone 1: a worker restarted after node start loaded its cache without hashing it,
+    and a 1-bit flip that passes the example check was served."""
+    node = Node(hub.address, ["probe"], "tcp://127.0.0.1:0", workers=1, cache=tmp_path / "c").start()
+    try:
+        m = hub.publish(probe)
+        assert hub.wait_for("probe", m.seq, 1, 60)[0]
+        path = node.cache.path("probe", m.seq)
+        data = bytearray(path.read_bytes())
+        at = data.find(b"\x00\x00\x00\x40" * 4)  # the 2.0s of Probe.scale (float32, LE)
+        assert at > 0
+        data[at] ^= 1  # 2.0 -> 2.0000002: within the example check's tolerance
+        path.write_bytes(bytes(data))
+        os.kill(node.worker_pids()[f"{node.node_id}/w0"], signal.SIGKILL)
+        x = torch.ones(1, 4)
+
+        def answered() -> bool:
+            try:
+                with Client(node.address, timeout=5, retries=0) as c:
+                    r = c.infer("probe", x)
+            except Exception:
+                return False
+            assert torch.equal(r.outputs, x * 2.0), "a damaged cache entry was served"
+            return True
+
+        wait_until(answered, 60, what="the node serving again")
+        assert node.stats["cache_refetch"] >= 1
+        assert path.read_bytes().find(b"\x00\x00\x00\x40" * 4) == at  # the good bytes came back
+    finally:
+        node.close()
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_full_cache_reports_error_keeps_serving_and_recovers(hub, tmp_path, small_fs, probe) -> None:
+    """Milestone 1: with the cache full, status said `rejected seq 2` (cut at 60 characters,
+    hiding "No space left on device") while the node served seq 1, and nothing retried."""
+    node = Node(hub.address, ["probe"], "tcp://127.0.0.1:0", workers=1, cache=small_fs / "cache").start()
+    try:
+        first = hub.publish(probe)
+        assert hub.wait_for("probe", first.seq, 1, 60)[0]
+        big = build_release(compile_model(Probe(3.0, ballast_mb=16), probe_examples()), "probe", "big",
+                            codec="none")
+        second = hub.publish(big)
+        row = wait_until(lambda: next((n for n in hub.status().nodes if n.state == "error"), None), 30,
+                         what="the node reporting error")
+        assert row.seq == second.seq and "No space left on device" in row.reason, row
+        with Client(node.address, timeout=10) as c:
+            assert c.infer("probe", torch.ones(1, 4)).seq == first.seq  # still serving seq 1
+        subprocess.run(["mount", "-o", "remount,size=64m", str(small_fs)], check=True)
+        ok, status = hub.wait_for("probe", second.seq, 1, 60)
+        assert ok, status
+    finally:
+        node.close()

@@ -219,6 +219,18 @@ def test_every_serving_error_code(hub, tmp_path) -> None:
         assert code_of("probe", torch.tensor([[-1.0, 0, 0, 0]])) == "model_error"
         with pytest.raises(RemoteError, match="probe asked to fail"):
             c.infer("probe", torch.tensor([[-1.0, 0, 0, 0]]))
+        # milestone 1: wrong shapes came back as 25-40-line TorchScript tracebacks with the
+        # first word cut off; now one line naming what was expected and what came
+        with pytest.raises(RemoteError) as err:
+            c.infer("probe", torch.ones(2, 5))
+        assert err.value.code == "bad_input"
+        assert err.value.message == "input 0: expected float32 [*, 4], got float32 [2, 5]"
+        assert c.infer("probe", torch.ones(7, 4)).outputs.shape == (7, 4)  # any batch size
+        with pytest.raises(RemoteError) as err:
+            c.infer("probe", torch.tensor([[-1.0, 0, 0, 0]]))
+        msg = err.value.message
+        assert "\n" not in msg and msg.startswith("RuntimeError: probe asked to fail"), msg
+        assert "(at code/" in msg and "in forward)" in msg, msg
         # malformed frames from a raw REQ socket
         raw = zmq.Context.instance().socket(zmq.REQ)
         raw.linger = 0

@@ -24,8 +24,9 @@ class Loaded:
     device: str
     load_s: float
     check_s: float
-    # per positional input: (torch dtype or None, rank, dtype name), from manifest.inputs
-    signature: tuple[tuple[Any, int, str], ...] = ()
+    # per positional input: (torch dtype or None, rank, dtype name, shape with -1 = any), from
+    # manifest.inputs
+    signature: tuple[tuple[Any, int, str, tuple[int, ...]], ...] = ()
 
     @property
     def version(self) -> tuple[str, int]:

@@ -12,6 +12,7 @@ import argparse
 import gc
 import logging
 import os
+import re
 import signal
 import time
 from collections.abc import Collection
@@ -148,8 +149,7 @@ class Worker:
                 else:
                     out = to_device(cur.module(*to_device(args, self.device)), "cpu")
             except Exception as exc:
-                msg = str(exc).strip()
-                raise ServingError("model_error", msg[-2000:] if msg else type(exc).__name__) from None
+                raise ServingError("model_error", model_error_line(exc)) from None
             t2 = time.monotonic_ns()
             spec, bufs = encode(out)
             reply = P.InferReply(req.id, req.model, cur.manifest.label, cur.manifest.seq,
@@ -241,15 +241,34 @@ def _check_signature(cur: Loaded, args: tuple[Any, ...]) -> None:
         return
     if len(args) != len(sig):
         raise ServingError("bad_input", f"{cur.manifest.name} takes {len(sig)} input(s), got {len(args)}")
-    for i, (arg, (dtype, rank, dname)) in enumerate(zip(args, sig, strict=True)):
+    for i, (arg, (dtype, rank, dname, shape)) in enumerate(zip(args, sig, strict=True)):
         if dtype is None:
             continue
         if not isinstance(arg, torch.Tensor):
             raise ServingError("bad_input", f"input {i}: expected a {dname} tensor")
-        if arg.dtype != dtype or arg.dim() != rank:
-            got = str(arg.dtype).removeprefix("torch.")
-            raise ServingError("bad_input", f"input {i}: expected {dname} of rank {rank}, "
-                             f"got {got} of rank {arg.dim()} {list(arg.shape)}")
+        got = f"{str(arg.dtype).removeprefix('torch.')} {list(arg.shape)}"
+        want = f"{dname} [{', '.join('*' if d < 0 else str(d) for d in shape)}]" if shape else \
+            f"{dname} of rank {rank}"
+        if arg.dtype != dtype or arg.dim() != rank or (shape and any(
+                d >= 0 and d != g for d, g in zip(shape, arg.shape, strict=True))):
+            raise ServingError("bad_input", f"input {i}: expected {want}, got {got}")
+
+
+def model_error_line(exc: BaseException) -> str:
+    """One line for a model's exception: its last ``SomethingError: message`` line (the
+    meaningful one in a TorchScript traceback) and where in the model code it was raised."""
+    text = str(exc).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    message = next((ln for ln in reversed(lines) if re.match(r"^[\w.]*(Error|Exception)\b.*:", ln)),
+                   None) or (lines[-1] if "Traceback of TorchScript" in text else lines[0])
+    where = next((m for m in (re.match(r'^File "([^"]+)", line (\d+), in (\w+)', ln) for ln in lines) if m),
+                 None)
+    message = message.removeprefix("builtins.")
+    if where:
+        message += f" (at {where.group(1)}:{where.group(2)} in {where.group(3)})"
+    return message[:1000]
 
 
 def die_with_parent(parent: int) -> None:
