@@ -231,3 +231,93 @@ def test_full_cache_reports_error_keeps_serving_and_recovers(hub, tmp_path, smal
         assert ok, status
     finally:
         node.close()
+
+
+# -- store versus fleet --------------------------------------------------------------------------
+def test_hub_restored_on_an_empty_store_publishes_past_what_nodes_hold(tmp_path, probe) -> None:
+    """Milestone 1: nodes holding seq 3 silently dropped a new hub's seq 1, and the publisher
+    printed a bare FAILED."""
+    port = _free_port_pair()
+    addr = f"tcp://127.0.0.1:{port}"
+    with Hub(addr, Store(tmp_path / "old-store")) as old:
+        node = Node(addr, ["probe"], "tcp://127.0.0.1:0", workers=1, cache=tmp_path / "c").start()
+        for _ in range(3):
+            m = old.publish(probe)
+        assert m.seq == 3 and old.wait_for("probe", 3, 1, 60)[0]
+    try:
+        with Hub(addr, Store(tmp_path / "empty-store")) as new:
+            wait_until(lambda: any(n.seq == 3 for n in new.status().nodes), 30, what="the node's report")
+            from zmqmodels import HubClient
+
+            done = HubClient(addr).publish(build_release(compile_model(Probe(3.0), probe_examples()),
+                                                         "probe", "after-restore"))
+            assert done.seq == 4 and "nodes hold seq 3" in done.note, done
+            ok, status = new.wait_for("probe", 4, 1, 60)
+            assert ok, status
+    finally:
+        node.close()
+
+
+def _free_port_pair() -> int:
+    import socket
+
+    for _ in range(50):
+        port = _free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no free port pair")
+
+
+# -- honest commands -------------------------------------------------------------------------------
+def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "zmqmodels", *args], env=ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_publish_with_no_hub_fails_fast_before_compiling(tmp_path) -> None:
+    """Milestone 1: `publish` with no hub compiled, then sat silent for 120 s."""
+    t0 = time.monotonic()
+    out = _cli("publish", "tests.models:make_probe", "--name", "probe", "--hub",
+               f"tcp://127.0.0.1:{_free_port()}", timeout=60)
+    assert out.returncode == 1
+    assert time.monotonic() - t0 < 10
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "does not answer" in lines[0] and "nothing was compiled" in lines[0]
+    assert "compiling" not in out.stdout
+
+
+def test_infer_to_a_dead_address_says_how_long_it_waited(tmp_path) -> None:
+    """Milestone 1: `infer` to a dead address said "within 5s" but took 21 s."""
+    out = _cli("infer", "--server", f"tcp://127.0.0.1:{_free_port()}", "--model", "m", "--input", "1x4",
+               "--timeout", "0.5", "--retries", "2", timeout=60)
+    assert out.returncode == 1
+    assert "3 attempt(s) of 0.5s each" in out.stderr and "s in all" in out.stderr, out.stderr
+
+
+def test_releases_lists_publishes_and_rollbacks_and_rollback_keeps_its_target(tmp_path) -> None:
+    """Milestone 1: no way to see what can be rolled back to; rollbacks counted against
+    --retain (the original v1 got pruned); a second publish of a label passed silently."""
+    from zmqmodels import HubClient
+
+    with Hub("tcp://127.0.0.1:0", Store(tmp_path / "store", retain=2)) as h:
+        c = HubClient(h.address)
+        for label, scale in (("v1", 1.0), ("v2", 2.0)):
+            c.publish(build_release(compile_model(Probe(scale), probe_examples()), "probe", label))
+        back = c.rollback("probe", "v1")
+        assert [(r.seq, r.label, r.rollback_of) for r in c.releases("probe")] == [
+            (1, "v1", 0), (2, "v2", 0), (back.seq, "v1", 1)]  # v1 kept: a rollback is no new content
+        out = _cli("releases", "probe", "--hub", h.address)
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.strip().splitlines()
+        assert lines[0].split()[:3] == ["MODEL", "SEQ", "LABEL"] and len(lines) == 4
+        assert lines[3].split()[:3] == ["probe", "3", "v1"] and "unsigned" in lines[3]
+        again = _cli("publish", "tests.models:make_probe", "--name", "probe", "--label", "v2",
+                     "--hub", h.address)
+        assert again.returncode == 0, again.stderr
+        assert "warning: label 'v2' is also on probe seq 2" in again.stdout
+        missing = _cli("releases", "nope", "--hub", h.address)
+        assert missing.returncode == 1 and "stores no release of 'nope'" in missing.stderr

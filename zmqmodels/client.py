@@ -107,7 +107,9 @@ class Client:
             if not sock.poll(int(timeout * 1000)):
                 self._reset()  # Lazy Pirate: a REQ socket that lost its reply is unusable
                 hint = " (CURVE: is this client's key allowed there?)" if self.curve else ""
-                last = DeadlineError(f"no reply from {self.server} within {timeout:g}s{hint}")
+                waited = time.perf_counter() - t0
+                last = DeadlineError(f"no reply from {self.server}: {attempt} attempt(s) of {timeout:g}s "
+                                     f"each, {waited:.1f}s in all{hint}")
                 continue
             hdr, tensors = P.unpack(sock.recv_multipart(copy=False))
             if isinstance(hdr, P.ErrorReply):

@@ -119,6 +119,8 @@ class Hub(IOThread):
         self.fleet = Fleet(self.limits.max_fleet_entries, lost_after_s=lost_after_s,
                            forget_after_s=forget_after_s)
         self._lost: set[tuple[str, str]] = set()
+        self._fleet_seq: dict[str, int] = {}  # name -> the highest seq any node reported
+        self._notes: dict[str, str] = {}  # name -> what the next PUBLISHED reply should say
         self._fleet_cond = threading.Condition()  # guards fleet and _latest for other threads
         self._next_beat = 0.0
         self.address = ""
@@ -128,6 +130,8 @@ class Hub(IOThread):
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, timeout: float = defaults.START_TIMEOUT_S) -> Hub:
+        for tmp in self.store.clean_temp():
+            log.warning("store: removed %s, left by an interrupted write", tmp)
         self._server_ctx.start()
         for name in self.store.names():
             latest = self.store.latest(name)
@@ -157,6 +161,7 @@ class Hub(IOThread):
         keeps the seq it was signed with."""
         self._check_running()
         if not release.signature and self.signing_key is not None:
+            self._raise_floor(release.manifest.name)
             release = self.signing_key.seal(release, self.store.reserve(release.manifest.name))
         stored = self._store_release(release.manifest_bytes, release.chunks, release.signature)
         self.call(lambda: self._broadcast(stored), timeout)
@@ -193,6 +198,8 @@ class Hub(IOThread):
         """Decode (once, here, off the I/O thread), check and store a release."""
         m = decode_manifest(raw, self.limits)
         self.trust.verify(m, raw, signature)  # before anything is hashed or written
+        if not m.seq:
+            self._raise_floor(m.name)
         if len(chunks) != m.chunk_count:
             raise ReleaseError(f"{len(chunks)} chunks, manifest says {m.chunk_count}")
         checked = Release(m, chunks, raw, signature)
@@ -202,6 +209,8 @@ class Hub(IOThread):
 
     def _rollback(self, name: str, to: str, signed: tuple[Any, bytes] | None = None) -> Release:
         """``signed``: ``(manifest bytes, signature)`` made by the publisher for this rollback."""
+        if signed is None:
+            self._raise_floor(name)
         old = self.store.find(name, to)
         if signed is not None:
             raw, signature = signed
@@ -219,7 +228,22 @@ class Hub(IOThread):
         stored = self.store.put(again)
         return self.store.read(name, stored.manifest.seq)
 
+    def _raise_floor(self, name: str) -> None:
+        """Nodes already hold a seq above this store's newest (a store restored from backup, a
+        new hub): move the store past it, or nodes would drop what it publishes as old."""
+        with self._fleet_cond:
+            held = self._fleet_seq.get(name, 0)
+        if not held:
+            return
+        floor = self.store.raise_floor(name, held)
+        if floor < held:
+            note = (f"the store's newest {name} seq was {floor} but nodes hold seq {held}: "
+                    f"numbering continues after {held}")
+            log.warning("%s", note)
+            self._notes[name] = note
+
     def _reserve(self, req: P.Reserve) -> tuple[str, int, Any]:
+        self._raise_floor(req.name)
         base = self.store.find(req.name, req.base).manifest_bytes if req.base else b""
         return req.name, self.store.reserve(req.name), base
 
@@ -332,6 +356,8 @@ class Hub(IOThread):
                     self._in_pool(ident, lambda: self._rollback(msg.name, msg.to, signed))
                 case P.Reserve():
                     self._in_pool(ident, lambda: self._reserve(msg), self._reserved)
+                case P.ReleasesRequest():
+                    self._in_pool(ident, lambda: self._stored(msg.name), self._releases)
                 case _:
                     raise ProtocolError(f"unexpected {kind[:32]!r} with {len(frames) - 1} frame(s)")
         except ZmqModelsError as exc:
@@ -385,6 +411,8 @@ class Hub(IOThread):
         with self._fleet_cond:
             evicted = self.fleet.evicted
             prev = self.fleet.report(report, time.monotonic())
+            if report.seq > self._fleet_seq.get(report.model, 0):
+                self._fleet_seq[report.model] = report.seq
             self.stats["fleet_evicted"] += self.fleet.evicted - evicted
             self._fleet_cond.notify_all()
         if prev is None or (prev.report.state, prev.report.seq) != (report.state, report.seq):
@@ -400,7 +428,32 @@ class Hub(IOThread):
     def _published(self, ident: bytes, rel: Release) -> None:
         self._broadcast(rel)
         m = rel.manifest
-        self._reply(ident, *P.pack(P.Published(m.name, m.seq, m.label, m.archive_sha256)))
+        self._reply(ident, *P.pack(P.Published(m.name, m.seq, m.label, m.archive_sha256,
+                                               note=self._notes.pop(m.name, ""))))
+
+    def _stored(self, name: str) -> list[Manifest]:
+        """Store side: the manifests of every stored release of ``name`` (or of all models)."""
+        names = [name] if name else self.store.names()
+        if name and not self.store.seqs(name):
+            raise ReleaseError(f"the hub stores no release of {name!r}")
+        return [m for n in names for m in self.store.manifests(n)]
+
+    def releases(self, name: str = "") -> list[P.ReleaseInfo]:
+        """The stored releases of ``name`` (all models if empty), oldest first, with how many
+        live nodes serve each."""
+        return self._release_infos(self._stored(name))
+
+    def _release_infos(self, manifests: list[Manifest]) -> list[P.ReleaseInfo]:
+        rows = self.status().nodes
+        return [P.ReleaseInfo(m.name, m.seq, m.label, m.created_at, m.archive_bytes, m.compressed_bytes,
+                              f"{m.codec.name}/{m.codec.filter}", m.signer,
+                              int(m.metadata.get("rollback_of", "0") or 0),
+                              sum(r.model == m.name and r.seq == m.seq and r.state == "serving"
+                                  for r in rows))
+                for m in manifests]
+
+    def _releases(self, ident: bytes, manifests: list[Manifest]) -> None:
+        self._reply(ident, *P.pack(P.ReleasesReply(self._release_infos(manifests))))
 
     def _reserved(self, ident: bytes, result: tuple[str, int, Any]) -> None:
         name, seq, base = result
@@ -424,6 +477,8 @@ class Hub(IOThread):
                 try:
                     rel = fut.result()
                 except (ZmqModelsError, StoreError) as exc:
+                    if isinstance(exc, StoreError):
+                        log.error("store: %s", exc)
                     self._error(ident, exc.code, str(exc))
                     return
                 except Exception as exc:

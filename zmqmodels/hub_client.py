@@ -82,6 +82,10 @@ class HubClient:
             signed = (sealed.manifest_bytes, sealed.signature)
         return self._request(P.pack(P.Rollback(name, to), *signed), P.Published, timeout)
 
+    def releases(self, name: str = "", timeout: float | None = None) -> list[P.ReleaseInfo]:
+        """The stored releases of ``name`` (every model if empty), oldest first."""
+        return self._request(P.pack(P.ReleasesRequest(name)), P.ReleasesReply, timeout).releases
+
     def status(self, timeout: float | None = None) -> P.StatusReply:
         return self._request(P.pack(P.StatusRequest()), P.StatusReply, timeout)
 

@@ -24,6 +24,7 @@ ROUTER (hub) <-> DEALER (node or CLI)::
     PUBLISH        Publish, manifest, chunk x n -> PUBLISHED | ERROR
     ROLLBACK       Rollback (, manifest, signature) -> PUBLISHED | ERROR
     STATUS         StatusRequest            -> STATUS_REPLY | ERROR
+    RELEASES       ReleasesRequest          -> RELEASES_REPLY | ERROR
 
 Inference (client REQ -> node ROUTER): ``INFER InferRequest, tensor x n`` -> ``OK InferReply,
 tensor x n`` | ``ERROR ErrorReply``.
@@ -66,6 +67,9 @@ __all__ = [
     "NodeStatus",
     "ModelStatus",
     "StatusReply",
+    "ReleasesRequest",
+    "ReleaseInfo",
+    "ReleasesReply",
     "ErrorReply",
     "rollout",
     "InferRequest",
@@ -189,6 +193,7 @@ class Published(msgspec.Struct, frozen=True):
     label: str
     sha256: str
     v: int = V
+    note: str = ""  # something the publisher should know (e.g. the store's seq floor was raised)
 
 
 class Rollback(msgspec.Struct, frozen=True):
@@ -198,6 +203,31 @@ class Rollback(msgspec.Struct, frozen=True):
 
 
 class StatusRequest(msgspec.Struct, frozen=True):
+    v: int = V
+
+
+class ReleasesRequest(msgspec.Struct, frozen=True):
+    """``[b"RELEASES", ReleasesRequest]``: the stored releases of ``name`` ("" = every model)."""
+
+    name: str = ""
+    v: int = V
+
+
+class ReleaseInfo(msgspec.Struct, frozen=True):
+    name: str
+    seq: NonNeg
+    label: str
+    created_at: float
+    archive_bytes: NonNeg
+    compressed_bytes: NonNeg
+    codec: str  # "zstd/shuffle", "none/none"
+    signer: str  # hex public key, "" = unsigned
+    rollback_of: NonNeg  # the seq whose content this restores, 0 = none
+    serving: NonNeg  # nodes reporting it serving (lost nodes not counted)
+
+
+class ReleasesReply(msgspec.Struct, frozen=True):
+    releases: list[ReleaseInfo]
     v: int = V
 
 
@@ -384,6 +414,8 @@ FRAMING: tuple[Framing, ...] = (
     Framing(b"ROLLBACK", Rollback, True, 0, 2),
     Framing(b"STATUS", StatusRequest, True),
     Framing(b"STATUS_REPLY", StatusReply, True),
+    Framing(b"RELEASES", ReleasesRequest, True),
+    Framing(b"RELEASES_REPLY", ReleasesReply, True),
     Framing(b"ERROR", ErrorReply, True),
     Framing(b"INFER", InferRequest, True, 0, None),
     Framing(b"OK", InferReply, True, 0, None),

@@ -155,6 +155,24 @@ class Store:
             atomic_write(d / "SEQ", str(seq).encode())
         return seq
 
+    def raise_floor(self, name: str, seq: int) -> int:
+        """Make the next seq of ``name`` greater than ``seq`` (nodes already hold ``seq``: a store
+        restored from an old backup, or a new hub); return the floor it had (== ``seq``: none
+        was needed)."""
+        with self._locked(validate_name(name)) as d:
+            last, newest = self._seq_state(d, name)
+            floor = max(last, newest)
+            if floor < seq:
+                atomic_write(d / "SEQ", str(seq).encode())
+        return floor
+
+    def clean_temp(self) -> list[Path]:
+        """Remove the temp files of writes a crash interrupted; return them."""
+        gone = [p for p in self.root.glob("*/.tmp-*") if p.is_file()]
+        for p in gone:
+            p.unlink(missing_ok=True)
+        return gone
+
     def _seq_state(self, d: Path, name: str) -> tuple[int, int]:
         """(highest seq handed out, per the SEQ file; newest seq stored), read under the lock."""
         seq_file = d / "SEQ"
@@ -184,9 +202,26 @@ class Store:
                 stored = release
             atomic_write(d / "SEQ", str(max(seq, last)).encode())
             write_release_file(self.path(name, seq), stored)
-            for old in self.seqs(name)[: -self.retain] if self.retain > 0 else []:
-                self.path(name, old).unlink(missing_ok=True)
+            self._prune(name)
         return stored
+
+    def _prune(self, name: str) -> None:
+        """Keep every release whose content is among the newest ``retain`` distinct archives:
+        a rollback (old content under a new seq) does not push out the release it restored."""
+        if self.retain <= 0:
+            return
+        kept: list[str] = []
+        for seq in reversed(self.seqs(name)):
+            try:
+                sha = self.read(name, seq).manifest.archive_sha256
+            except (StoreError, ReleaseError):
+                continue
+            if sha in kept:
+                continue
+            if len(kept) < self.retain:
+                kept.append(sha)
+            else:
+                self.path(name, seq).unlink(missing_ok=True)
 
     @contextmanager
     def _locked(self, name: str) -> Iterator[Path]:

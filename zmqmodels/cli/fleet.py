@@ -71,14 +71,55 @@ def hub(bind_addr: str, store_dir: str, heartbeat: float, lost_after: float, for
 @click.option("--hub", "hub_addr", required=True)
 @click.option("--timeout", type=float, default=5.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--watch", is_flag=True, help="Redraw the table every --interval seconds until Ctrl-C.")
+@click.option("--interval", type=float, default=1.0, show_default=True)
 @curve_options(server=False, client=True)
-def status(hub_addr: str, timeout: float, as_json: bool, curve_key: str | None,
-           curve_server: str | None) -> None:
+def status(hub_addr: str, timeout: float, as_json: bool, watch: bool, interval: float,
+           curve_key: str | None, curve_server: str | None) -> None:
     """Print the fleet table: what every node serves, its state and its last error."""
-    from ..control import HubClient
+    import time
 
-    st = HubClient(hub_addr, timeout=timeout, curve=curve_from(curve_key, curve_server)).status()
+    from ..hub_client import HubClient
+
+    client = HubClient(hub_addr, timeout=timeout, curve=curve_from(curve_key, curve_server))
+    while True:
+        st = client.status()
+        if as_json:
+            emit_json(status_json(st))
+        elif watch:
+            click.clear()
+            click.echo(f"{time.strftime('%H:%M:%S')}  (every {interval:g}s; Ctrl-C stops)\n{fleet_table(st)}")
+        else:
+            click.echo(fleet_table(st))
+        if not watch:
+            return
+        time.sleep(interval)
+
+
+@cli.command()
+@click.argument("name", required=False, default="")
+@click.option("--hub", "hub_addr", required=True)
+@click.option("--timeout", type=float, default=10.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@curve_options(server=False, client=True)
+def releases(name: str, hub_addr: str, timeout: float, as_json: bool, curve_key: str | None,
+             curve_server: str | None) -> None:
+    """List the stored releases (of NAME, or of every model): what can be rolled back to."""
+    import datetime
+
+    import msgspec
+
+    from ..hub_client import HubClient
+
+    rows = HubClient(hub_addr, timeout=timeout, curve=curve_from(curve_key, curve_server)).releases(name)
     if as_json:
-        emit_json(status_json(st))
-    else:
-        click.echo(fleet_table(st))
+        emit_json(msgspec.to_builtins(rows))
+        return
+    table = [("MODEL", "SEQ", "LABEL", "CREATED", "ARCHIVE", "CODEC", "SIGNER", "ROLLBACK OF", "SERVING")]
+    for r in rows:
+        created = datetime.datetime.fromtimestamp(r.created_at).strftime("%Y-%m-%d %H:%M:%S")
+        table.append((r.name, str(r.seq), r.label or "-", created, f"{r.archive_bytes / 2**20:.1f} MiB",
+                      r.codec, r.signer[:16] or "unsigned", str(r.rollback_of or "-"), str(r.serving)))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())

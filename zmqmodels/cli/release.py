@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -128,18 +129,37 @@ def publish(hub_addr: str | None, bind_addr: str | None, store_dir: str, wait_fo
         raise click.UsageError("--curve-server is for --hub; with --bind this process is the hub")
     key = load_signing_key(signing_key)
     say = (lambda msg: click.echo(msg, err=True)) if as_json else click.echo
-    t0 = time.monotonic()
-    release = build_from_options(**opts, progress=say)
-    say(f"built in {time.monotonic() - t0:.2f}s; sending")
-    if hub_addr:
-        from ..control import HubClient
+    client = None
+    if hub_addr:  # before compiling: a hub that does not answer is an error in seconds, not minutes
+        from ..hub_client import HubClient
 
         client = HubClient(hub_addr, timeout=timeout, curve=curve_from(curve_key, curve_server))
-        done = client.publish(release, timeout=timeout, signing_key=key)
+        try:
+            client.status(timeout=min(timeout, 5.0))
+        except ZmqModelsError as exc:
+            raise ZmqModelsError(f"hub {hub_addr} does not answer ({exc}); nothing was compiled") from None
+    t0 = time.monotonic()
+    release = build_from_options(**opts, progress=say)
+    m = release.manifest
+    say(f"built in {time.monotonic() - t0:.2f}s; sending {m.compressed_bytes / 2**20:.1f} MiB "
+        f"in {m.chunk_count} chunk(s)")
+    if client is not None:
+        try:
+            done = client.publish(release, timeout=timeout, signing_key=key)
+        except KeyboardInterrupt:
+            say(f"interrupted while sending: {_accepted(client, m)}")
+            sys.exit(130)
         name, seq, label = done.name, done.seq, done.label
-        say(f"hub stored {name} seq {seq}; broadcasting")
-        ok, status = (client.wait_for(name, seq, wait_for, timeout) if wait_for
-                      else (True, client.status()))
+        say(f"hub stored {name} seq {seq} in {time.monotonic() - t0:.2f}s; broadcasting")
+        if done.note:
+            say(f"note: {done.note}")
+        _warn_reused_label(client, name, seq, label, say)
+        try:
+            ok, status = (_wait_with_progress(client, name, seq, wait_for, timeout, say) if wait_for
+                          else (True, client.status()))
+        except KeyboardInterrupt:
+            say(f"interrupted while waiting: the hub had stored {name} seq {seq}; it keeps rolling it out")
+            sys.exit(130)
         finish_publish(ok, status, name, seq, label, wait_for, as_json, say)
         return
     from ..hub import Hub
@@ -160,6 +180,54 @@ def publish(hub_addr: str | None, bind_addr: str | None, store_dir: str, wait_fo
         finish_publish(ok, status, m.name, m.seq, m.label, wait_for, as_json, say)
 
 
+def _accepted(client: Any, m: Any) -> str:
+    """After Ctrl-C during a publish: did the hub store it? (asked, not assumed)"""
+    try:
+        stored = [r for r in client.releases(m.name, timeout=3.0)
+                  if r.archive_bytes == m.archive_bytes and r.created_at >= m.created_at - 1]
+    except (ZmqModelsError, KeyboardInterrupt):
+        return "the hub did not answer; it may or may not have stored the release"
+    if stored:
+        r = stored[-1]
+        return f"the hub had already stored {r.name} seq {r.seq}; it is rolling it out"
+    return "the hub has not stored it; nothing was published"
+
+
+def _warn_reused_label(client: Any, name: str, seq: int, label: str, say: Any) -> None:
+    if not label:
+        return
+    try:
+        same = [r.seq for r in client.releases(name, timeout=5.0) if r.label == label and r.seq != seq]
+    except ZmqModelsError:
+        return
+    if same:
+        say(f"warning: label {label!r} is also on {name} seq {', '.join(map(str, same))}; "
+            f"`rollback --to {label}` takes the newest")
+
+
+def _wait_with_progress(client: Any, name: str, seq: int, count: int, timeout: float,
+                        say: Any) -> tuple[bool, Any]:
+    """Poll the fleet until ``count`` nodes serve ``seq``, printing each change of the tally."""
+    import time
+
+    from ..fleet import rollout
+
+    deadline, last = time.monotonic() + timeout, None
+    while True:
+        st = client.status()
+        rows = [n for n in st.nodes if n.model == name]
+        serving, rejected = rollout(st, name, seq)
+        tally = (serving, sum(n.seq == seq and n.state in ("receiving", "verified", "loading") for n in rows),
+                 len(rejected), sum(n.state in ("lost", "error") for n in rows))
+        if tally != last:
+            say(f"rollout: {serving}/{count} serving seq {seq}, {tally[1]} on the way, "
+                f"{tally[2]} rejected, {tally[3]} lost or in error")
+            last = tally
+        if rejected or serving >= count or time.monotonic() >= deadline:
+            return serving >= count and not rejected, st
+        time.sleep(0.2)
+
+
 @cli.command()
 @click.argument("name")
 @click.option("--to", "to", required=True, help="The label or seq of a stored release.")
@@ -172,7 +240,7 @@ def publish(hub_addr: str | None, bind_addr: str | None, store_dir: str, wait_fo
 def rollback(name: str, to: str, hub_addr: str, wait_for: int, timeout: float, as_json: bool,
              signing_key: str | None, curve_key: str | None, curve_server: str | None) -> None:
     """Re-broadcast stored content of NAME under a new seq (signed anew with --signing-key)."""
-    from ..control import HubClient
+    from ..hub_client import HubClient
 
     client = HubClient(hub_addr, timeout=timeout, curve=curve_from(curve_key, curve_server))
     done = client.rollback(name, to, timeout=timeout, signing_key=load_signing_key(signing_key))
