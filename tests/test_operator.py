@@ -321,3 +321,48 @@ def test_releases_lists_publishes_and_rollbacks_and_rollback_keeps_its_target(tm
         assert "warning: label 'v2' is also on probe seq 2" in again.stdout
         missing = _cli("releases", "nope", "--hub", h.address)
         assert missing.returncode == 1 and "stores no release of 'nope'" in missing.stderr
+
+
+# -- metrics -------------------------------------------------------------------------------------
+def _scrape(port: int) -> dict[str, float]:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            key = s.name + "{" + ",".join(f"{k}={v}" for k, v in sorted(s.labels.items())) + "}"
+            out[key] = s.value
+    return out
+
+
+def test_metrics_parse_as_prometheus_and_count_requests(tmp_path, probe) -> None:
+    """Milestone 1 had no metrics to alert on."""
+    hub_port, node_port = _free_port(), _free_port()
+    with Hub("tcp://127.0.0.1:0", Store(tmp_path / "s"), metrics=f"127.0.0.1:{hub_port}") as h:
+        node = Node(h.address, ["probe"], "tcp://127.0.0.1:0", workers=1, cache=tmp_path / "c",
+                    metrics=f"127.0.0.1:{node_port}").start()
+        try:
+            m = h.publish(probe)
+            assert h.wait_for("probe", m.seq, 1, 60)[0]
+            key = f"zmqmodels_requests_total{{code=ok,model=probe,seq={m.seq}}}"
+            before = _scrape(node_port).get(key, 0.0)
+            with Client(node.address, timeout=10) as c:
+                for _ in range(5):
+                    c.infer("probe", torch.ones(1, 4))
+                with pytest.raises(Exception):  # noqa: B017 (any refusal; counted by its code)
+                    c.infer("probe", torch.ones(2, 5))
+            after = _scrape(node_port)
+            assert after[key] == before + 5
+            assert after[f"zmqmodels_requests_total{{code=bad_input,model=probe,seq={m.seq}}}"] == 1
+            assert after["zmqmodels_request_seconds_count{model=probe}"] >= 6
+            assert after["zmqmodels_serving_seq{model=probe}"] == m.seq
+            assert after["zmqmodels_workers{state=idle}"] == 1
+            assert after["zmqmodels_bytes_received_total{}"] > 0
+            hub_metrics = _scrape(hub_port)
+            assert hub_metrics["zmqmodels_hub_nodes{model=probe,state=serving}"] == 1
+            assert hub_metrics["zmqmodels_hub_broadcasts_total{}"] >= 1
+        finally:
+            node.close()

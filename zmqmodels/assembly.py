@@ -198,12 +198,14 @@ class Assembler:
                     # the hub's own copy is bad (or a path rewrites it): stop asking
                     self._drop(st)
                     st.rejected.add(hdr.seq)
+                    self.stats["rejected_corrupt_at_source"] += 1
                     return self._rejection(st, asm.manifest, f"{exc}, from the hub "
                                            f"{asm.corrupt_fetches} times: corrupt at its source")
                 asm.repairing = True
             else:
                 asm.missing.discard(i)
                 asm.last_progress = now
+                self.stats["bytes_received"] += len(payload)
                 self.stats["chunks_fetched" if fetched else "chunks_broadcast"] += 1
                 asm.hash_prefix()
         if not asm.missing:
@@ -305,7 +307,9 @@ class Assembler:
                         device=self.device)
 
     def _refuse(self, st: Follow, m: Manifest, raw: bytes, exc: ZmqModelsError) -> list[Action]:
-        self.stats["untrusted" if isinstance(exc, SignatureError) else "too_large"] += 1
+        kind = "untrusted" if isinstance(exc, SignatureError) else "too_large"
+        self.stats[kind] += 1
+        self.stats[f"rejected_{kind}"] += 1
         digest = xxhash.xxh3_64_intdigest(raw)
         st.refused_release = (m.seq, m.archive_sha256)
         if digest == st.refused:

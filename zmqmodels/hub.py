@@ -96,6 +96,7 @@ class Hub(IOThread):
         control_keys: frozenset[bytes] | None = None,
         lost_after_s: float = defaults.NODE_LOST_AFTER_S,
         forget_after_s: float = defaults.NODE_FORGET_AFTER_S,
+        metrics: str | None = None,
     ) -> None:
         self.bind = bind
         self.store = store if isinstance(store, Store) else Store(store)
@@ -121,6 +122,7 @@ class Hub(IOThread):
         self._lost: set[tuple[str, str]] = set()
         self._fleet_seq: dict[str, int] = {}  # name -> the highest seq any node reported
         self._notes: dict[str, str] = {}  # name -> what the next PUBLISHED reply should say
+        self._metrics_spec, self._metrics_server = metrics, None
         self._fleet_cond = threading.Condition()  # guards fleet and _latest for other threads
         self._next_beat = 0.0
         self.address = ""
@@ -143,11 +145,23 @@ class Hub(IOThread):
             self._pool.shutdown(wait=True)
             self._server_ctx.close()
             raise ZmqModelsError(f"hub failed to start on {self.bind}: {exc}") from None
+        if self._metrics_spec:
+            from .metrics import HubMetrics, serve_metrics
+
+            try:
+                self._metrics_server = serve_metrics(HubMetrics(self).registry, self._metrics_spec)
+            except ZmqModelsError:
+                self.close()
+                raise
         log.info("hub %s: ROUTER %s, PUB %s, %d model(s)", self.hub_id, self.address,
                  self.pub_address, len(self._latest))
         return self
 
     def close(self) -> None:
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+            self._metrics_server = None
         was_running = self.state.value == "running"
         super().close()
         if was_running:

@@ -113,6 +113,7 @@ class Node(IOThread):
         context: zmq.Context | None = None,
         trust: Trust | None = None,
         curve: Curve | None = None,
+        metrics: str | None = None,
     ) -> None:
         try:
             policy = SwapPolicy(swap_policy)
@@ -149,6 +150,9 @@ class Node(IOThread):
         self._sub: Follower | None = None
         self._reported: dict[str, tuple[str, int]] = {}
         self._draining = False
+        self._metrics_spec = metrics
+        self.metrics: Any = None  # NodeMetrics once started with metrics=
+        self._metrics_server: Any = None
         self.address = ""
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -179,6 +183,15 @@ class Node(IOThread):
                                  trust=self.trust, curve=self.curve, context=self._ctx)
             self._sub.start()
             self.post(lambda: [self._report(n) for n in self.models])  # workers may be up already
+        if self._metrics_spec:
+            from .metrics import NodeMetrics, serve_metrics
+
+            self.metrics = NodeMetrics(self)
+            try:
+                self._metrics_server = serve_metrics(self.metrics.registry, self._metrics_spec)
+            except ZmqModelsError:
+                self.close(drain_s=0)
+                raise
         log.info("node %s serving %s on %s with %d worker(s)", self.node_id, self.models,
                  self.address, len(self._procs))
         return self
@@ -186,6 +199,10 @@ class Node(IOThread):
     def close(self, drain_s: float = defaults.NODE_DRAIN_S) -> None:
         """Stop: refuse new requests (retryable ``unavailable``), answer those queued and in
         flight for up to ``drain_s``, then stop the workers."""
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+            self._metrics_server = None
         if self._sub is not None:
             self._sub.close()
         if self.state.value == "running" and drain_s > 0:
@@ -227,6 +244,10 @@ class Node(IOThread):
 
     def __enter__(self) -> Node:
         return self.start() if self.state.value == "new" else self
+
+    def follower_stats(self) -> dict[str, int]:
+        """The counters of this node's subscriber (bytes received, repairs, refusals)."""
+        return dict(self._sub.stats) if self._sub is not None else {}
 
     def worker_pids(self) -> dict[str, int]:
         """``worker id -> pid`` of the worker processes running now."""
@@ -301,7 +322,10 @@ class Node(IOThread):
                     received_ns, expires_ns, frames = req.payload
                     work = P.Work(req.client, received_ns, expires_ns)
                     self._back.send_multipart([wid.encode(), *P.pack(work, *frames)], copy=False)
-                    self.supervisor.seen(wid, time.monotonic(), Activity.BUSY)
+                    now = time.monotonic()
+                    self.supervisor.seen(wid, now, Activity.BUSY)
+                    if self.metrics is not None:
+                        self.metrics.queue_wait.labels(req.model).observe(now - req.received)
                 case Load(wid, target, unload_first):
                     cmd = P.LoadCommand(target.name, target.seq, target.path, unload_first=unload_first)
                     self._back.send_multipart([wid.encode(), *P.pack(cmd)])
@@ -326,6 +350,8 @@ class Node(IOThread):
     # clients ---------------------------------------------------------------------------------
     def _error(self, client: Any, code: str, message: str, rid: str = "", model: str = "") -> None:
         self.stats[f"error_{code}"] += 1
+        if self.metrics is not None:
+            self.metrics.requests[(model, "0", code)] += 1
         err = P.ErrorReply(code, message[:4000], model, 0, P.SERVING_CODES.get(code, False), id=rid)
         self._front.send_multipart([client, b"", *P.pack(err)])
 
@@ -371,6 +397,11 @@ class Node(IOThread):
             case P.WorkerBeat():
                 self.supervisor.seen(wid, now)
             case P.Done(client=client, served=served):
+                slot = self.broker.workers[wid]
+                if self.metrics is not None and slot.busy is not None and served:
+                    req = slot.busy
+                    self.metrics.requests[(req.model, str(slot.busy_seq), msg.code or "ok")] += 1
+                    self.metrics.latency.labels(req.model).observe(now - req.received)
                 if served:
                     self._front.send_multipart([client, b"", *payload], copy=False)
                     self.stats["replies"] += 1
@@ -389,12 +420,15 @@ class Node(IOThread):
                 if ok:
                     log.info("worker %s: %s seq %d swapped in (load %.3fs, check %.3fs)", wid, name,
                              seq, msg.load_s, msg.check_s)
+                    if self.metrics is not None:
+                        self.metrics.load.labels(name).observe(msg.load_s + msg.check_s)
                 self._carry(self.broker.loaded(wid, name, seq, label, ok, reason, now, corrupt=msg.corrupt))
             case _:
                 self.stats["dropped_bad_worker_message"] += 1
 
     def _rejected(self, name: str, seq: int, reason: str) -> None:
         log.warning("%s seq %d rejected: %s", name, seq, reason)
+        self.stats["rejected_load_or_check"] += 1
         self.cache.discard(name, seq)  # a restarted worker must not pick it up
         if self._sub is not None:
             self._sub.report(name, "rejected", seq=seq, reason=reason)

@@ -334,6 +334,7 @@ class Done(msgspec.Struct, frozen=True):
     client: bytes
     served: bool = True
     v: int = V
+    code: str = ""  # the ERROR reply's code, "" = OK
 
 
 class WorkerBeat(msgspec.Struct, frozen=True):

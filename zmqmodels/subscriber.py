@@ -317,6 +317,7 @@ class Follower(IOThread):
         m = asm.manifest
         if digest != m.archive_sha256:
             self.stats["archive_corrupt"] += 1
+            self.stats["rejected_digest"] += 1
             self.reject(m, "archive sha256 mismatch")
             return
         self.stats["verified"] += 1

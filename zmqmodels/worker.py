@@ -46,6 +46,7 @@ class Worker:
         self.cache = Cache(cache)
         self.slots = {name: ModelSlot() for name in models}
         self.errors: dict[str, list[Any]] = {}  # name -> [seq, reason]: cached releases unusable
+        self.last_error_code = ""  # of the last request answered ("" = OK)
 
     # -- loading -----------------------------------------------------------------------------
     def load_cached(self, names: Collection[str] | None = None, exclude: Collection[int] = ()) -> None:
@@ -119,6 +120,7 @@ class Worker:
         ERROR reply with a stable code. Runs inside the inference mode :meth:`run` enters once."""
         t0 = time.monotonic_ns()
         req: P.InferRequest | None = None
+        self.last_error_code = ""
         try:
             try:
                 req, tensors = P.unpack(frames)
@@ -157,10 +159,12 @@ class Worker:
                                  round((t2 - t1) / 1e6, 3))
             return P.pack(reply, *bufs)
         except ServingError as exc:
+            self.last_error_code = exc.code
             err = P.ErrorReply(exc.code, str(exc)[:4000], req.model if req else "", 0,
                                P.SERVING_CODES.get(exc.code, False), id=req.id if req else "")
             return P.pack(err)
         except ZmqModelsError as exc:
+            self.last_error_code = "bad_request"
             err = P.ErrorReply("bad_request", str(exc)[:4000], id=req.id if req else "")
             return P.pack(err)
 
@@ -198,7 +202,8 @@ class Worker:
                             sock.send_multipart(P.pack(P.Done(client, served=False)))
                             continue  # its client has given up: do not spend the model on it
                         reply = self.infer(payload, received)
-                        sock.send_multipart(P.pack(P.Done(client), *reply), copy=False)
+                        code = self.last_error_code
+                        sock.send_multipart(P.pack(P.Done(client, code=code), *reply), copy=False)
                     case P.LoadCommand():
                         sock.send_multipart(P.pack(self.load(msg)))
                     case P.StopWorker():

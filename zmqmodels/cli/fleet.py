@@ -31,6 +31,8 @@ __all__: list[str] = []
               help="Seconds without a report after which a node shows as lost (never counted).")
 @click.option("--forget-after", type=float, default=defaults.NODE_FORGET_AFTER_S, show_default=True,
               help="Seconds without a report after which a node leaves the fleet table.")
+@click.option("--metrics", "metrics", metavar="[HOST:]PORT",
+              help="Serve Prometheus metrics on /metrics at this port.")
 @click.option("--retain", type=int, default=defaults.RETAIN_PER_NAME, show_default=True,
               help="Releases kept per model.")
 @signing_option
@@ -40,7 +42,7 @@ __all__: list[str] = []
               help="Only these CURVE keys may publish, roll back or reserve (else: any admitted).")
 @limit_option
 def hub(bind_addr: str, store_dir: str, heartbeat: float, lost_after: float, forget_after: float,
-        retain: int, signing_key: str | None,
+        metrics: str | None, retain: int, signing_key: str | None,
         trust: tuple[str, ...], curve_key: str | None, curve_allow: tuple[str, ...],
         curve_publishers: tuple[str, ...], limits: tuple[str, ...]) -> None:
     """Run a hub: store releases, broadcast them, repair nodes, collect fleet status."""
@@ -59,7 +61,7 @@ def hub(bind_addr: str, store_dir: str, heartbeat: float, lost_after: float, for
         control = public_keys(curve_publishers)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     with Hub(bind_addr, Store(store_dir, retain=retain), heartbeat_interval_s=heartbeat,
-             lost_after_s=lost_after, forget_after_s=forget_after,
+             lost_after_s=lost_after, forget_after_s=forget_after, metrics=metrics,
              signing_key=load_signing_key(signing_key), trust=load_trust(trust), curve=curve,
              control_keys=control, limits=parse_limits(limits)) as h:
         click.echo(f"hub {h.hub_id} listening on {h.address} (PUB {h.pub_address}); Ctrl-C stops",

@@ -1,0 +1,138 @@
+"""Prometheus metrics for a hub or a node (``--metrics PORT`` or ``HOST:PORT``).
+
+Counters and gauges are read from the shell's own state when Prometheus scrapes (a custom
+collector: nothing is added to the request path but a dict increment); latencies are
+histograms observed as requests finish. Each hub or node has its own registry, so several can
+live in one process (the tests do).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from .errors import ZmqModelsError
+
+__all__ = ["NodeMetrics", "HubMetrics", "parse_listen", "serve_metrics"]
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+_LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+
+
+def parse_listen(spec: str) -> tuple[str, int]:
+    """``"9100"`` -> ("0.0.0.0", 9100); ``"127.0.0.1:9100"`` -> ("127.0.0.1", 9100)."""
+    host, _, port = spec.rpartition(":")
+    try:
+        return host or "0.0.0.0", int(port)
+    except ValueError:
+        raise ZmqModelsError(f"--metrics {spec!r}: give PORT or HOST:PORT") from None
+
+
+def serve_metrics(registry: CollectorRegistry, spec: str) -> Any:
+    """Serve ``/metrics`` for ``registry`` on ``spec``; returns the server (``.shutdown()``)."""
+    host, port = parse_listen(spec)
+    try:
+        server, _thread = start_http_server(port, host, registry)
+    except OSError as exc:
+        raise ZmqModelsError(f"--metrics {spec}: cannot listen: {exc.strerror or exc}") from None
+    return server
+
+
+def _counter(name: str, doc: str, labels: list[str], values: dict[tuple[str, ...], float]) -> Any:
+    m = CounterMetricFamily(name, doc, labels=labels)
+    for key, v in values.items():
+        m.add_metric(list(key), v)
+    return m
+
+
+def _gauge(name: str, doc: str, labels: list[str], values: dict[tuple[str, ...], float]) -> Any:
+    m = GaugeMetricFamily(name, doc, labels=labels)
+    for key, v in values.items():
+        m.add_metric(list(key), v)
+    return m
+
+
+def _copy(counter: Counter[Any]) -> dict[Any, int]:
+    for _ in range(5):  # another thread may add a key while we copy
+        try:
+            return dict(counter)
+        except RuntimeError:
+            continue
+    return {}
+
+
+class NodeMetrics(Collector):
+    """Metrics of a :class:`~zmqmodels.node.Node`: requests by model, seq and code; latency and
+    queue-wait histograms; queue depth; workers by state; load durations; the seq served per
+    model; the subscriber's bytes, repairs and rejections."""
+
+    def __init__(self, node: Any) -> None:
+        self.node = node
+        self.registry = CollectorRegistry()
+        self.requests: Counter[tuple[str, str, str]] = Counter()  # (model, seq, code)
+        self._lock = threading.Lock()
+        kw = {"registry": self.registry, "labelnames": ["model"]}
+        self.latency = Histogram("zmqmodels_request_seconds", "Node receipt to reply, per request",
+                                 buckets=_LATENCY_BUCKETS, **kw)
+        self.queue_wait = Histogram("zmqmodels_queue_wait_seconds", "Node receipt to a worker taking it",
+                                    buckets=_LATENCY_BUCKETS, **kw)
+        self.load = Histogram("zmqmodels_load_seconds", "A worker's load, example check and swap",
+                              buckets=_LOAD_BUCKETS, **kw)
+        self.registry.register(self)
+
+    def collect(self) -> Iterator[Any]:
+        node = self.node
+        yield _counter("zmqmodels_requests", "Inference requests answered, by model, seq and code",
+                       ["model", "seq", "code"], _copy(self.requests))
+        broker = node.broker
+        yield _gauge("zmqmodels_queue_depth", "Requests waiting for a worker", [],
+                     {(): len(broker.pending)})
+        states: Counter[str] = Counter()
+        for w in list(broker.workers.values()):
+            states["loading" if w.loading else "busy" if w.busy else "idle" if w.ready else "down"] += 1
+        yield _gauge("zmqmodels_workers", "Worker processes by state", ["state"],
+                     {(s,): states.get(s, 0) for s in ("idle", "busy", "loading", "down")})
+        yield _gauge("zmqmodels_serving_seq", "The seq every ready worker serves (lowest while rolling)",
+                     ["model"], {(m,): broker.report(m)[1] for m in node.models})
+        stats = _copy(node.stats)
+        sub = node.follower_stats()
+        yield _counter("zmqmodels_bytes_received", "Chunk payload bytes received", [],
+                       {(): sub.get("bytes_received", 0)})
+        yield _counter("zmqmodels_chunks_repaired", "Chunks fetched from the hub after a loss", [],
+                       {(): sub.get("chunks_fetched", 0)})
+        rejected = {(k.removeprefix("rejected_"),): v for k, v in {**sub, **stats}.items()
+                    if k.startswith("rejected_")}
+        yield _counter("zmqmodels_releases_rejected", "Releases rejected, by reason", ["reason"], rejected)
+        yield _counter("zmqmodels_worker_restarts", "Worker processes restarted", [],
+                       {(): stats.get("worker_restarts", 0)})
+
+
+class HubMetrics(Collector):
+    """Metrics of a :class:`~zmqmodels.hub.Hub`: broadcasts, fetches served, publishes, nodes
+    by state (lost included)."""
+
+    def __init__(self, hub: Any) -> None:
+        self.hub = hub
+        self.registry = CollectorRegistry()
+        self.registry.register(self)
+
+    def collect(self) -> Iterator[Any]:
+        stats = _copy(self.hub.stats)
+        yield _counter("zmqmodels_hub_broadcasts", "Releases broadcast", [], {(): stats.get("broadcasts", 0)})
+        yield _counter("zmqmodels_hub_fetches", "Fetch requests served, by kind", ["kind"],
+                       {("manifest",): stats.get("fetch_manifest", 0),
+                        ("chunks",): stats.get("fetch_chunks", 0)})
+        yield _counter("zmqmodels_hub_errors", "Error replies, by code", ["code"],
+                       {(k.removeprefix("error_"),): v for k, v in stats.items() if k.startswith("error_")})
+        status = self.hub.status()
+        by: Counter[tuple[str, str]] = Counter((n.model, n.state) for n in status.nodes)
+        yield _gauge("zmqmodels_hub_nodes", "Nodes by model and state", ["model", "state"],
+                     {k: float(v) for k, v in by.items()})
+        yield _gauge("zmqmodels_hub_latest_seq", "The newest stored seq per model", ["model"],
+                     {(m.name,): m.seq for m in status.models})
