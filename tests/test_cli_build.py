@@ -95,3 +95,22 @@ def test_bad_input_gives_one_line_errors(tmp_path) -> None:
 def test_version_flag() -> None:
     out = run("--version")
     assert out.returncode == 0 and "zmqmodels, version" in out.stdout
+
+
+def test_weights_from_a_training_checkpoint_are_unwrapped_and_said(tmp_path) -> None:
+    """A training checkpoint nests the state dict and DDP prefixes its keys: both are undone,
+    and the build says so."""
+    import torch
+
+    from tests.models import make_affine
+    from zmqmodels.build import build_from_source
+
+    module, _ = make_affine()
+    ckpt = tmp_path / "ckpt.pt"
+    state = {f"module.{k}": v * 0 + 7 for k, v in module.state_dict().items()}
+    torch.save({"epoch": 3, "model": state}, ckpt)
+    said: list[str] = []
+    rel = build_from_source("tests.models:make_affine", "affine", "v1", weights=str(ckpt),
+                            progress=said.append)
+    assert any("under 'model'" in s for s in said) and any("'module.' prefix" in s for s in said)
+    assert rel.manifest.parameter_count == 8

@@ -366,3 +366,35 @@ def test_metrics_parse_as_prometheus_and_count_requests(tmp_path, probe) -> None
             assert hub_metrics["zmqmodels_hub_broadcasts_total{}"] >= 1
         finally:
             node.close()
+
+
+def test_node_says_its_hub_is_unreachable(tmp_path) -> None:
+    """Milestone 1: a wrong --hub address started, said it was serving, showed `idle` and every
+    infer answered `not_ready … yet` with no word of the hub."""
+    node = Node(f"tcp://127.0.0.1:{_free_port()}", ["probe"], "tcp://127.0.0.1:0", workers=1,
+                cache=tmp_path / "c", hub_unreachable_s=1.0).start()
+    try:
+        wait_until(lambda: node.health()["hub_unreachable"], 10, what="the hub counted unreachable")
+        from zmqmodels.errors import RemoteError
+
+        def refusal() -> str:
+            with Client(node.address, timeout=10, retries=0) as c, pytest.raises(RemoteError) as err:
+                c.infer("probe", torch.ones(1, 4))
+            return err.value.message
+
+        msg = wait_until(lambda: "not heard from" in (m := refusal()) and m, 30, what="the refusal")
+        assert f"hub {node.hub} not heard from for" in msg
+    finally:
+        node.close()
+
+
+def test_worker_that_cannot_start_shows_as_error_not_idle(hub, tmp_path) -> None:
+    """Milestone 1: a node whose workers could not start showed `idle` with no error."""
+    node = Node(hub.address, ["probe"], "tcp://127.0.0.1:0", workers=1, cache=tmp_path / "c",
+                threads_per_worker=0).start()  # torch.set_num_threads(0) fails in the worker
+    try:
+        row = wait_until(lambda: next((n for n in hub.status().nodes if n.state == "error"), None), 60,
+                         what="the node reporting error")
+        assert "exits before it is ready" in row.reason, row
+    finally:
+        node.close()

@@ -54,7 +54,7 @@ def build_from_source(
 
     say = progress or (lambda _msg: None)
     say(f"loading {source}")
-    module, examples = load_source(source, weights=weights)
+    module, examples = load_source(source, weights=weights, say=say)
     if example_file:
         examples = load_example_file(example_file)
     elif example_specs:

@@ -16,6 +16,7 @@ __all__ = [
     "NODE_LOST_AFTER_S",
     "NODE_FORGET_AFTER_S",
     "HUB_TTL_S",
+    "HUB_UNREACHABLE_S",
     "REPAIR_IDLE_S",
     "FETCH_CREDIT",
     "FETCH_TIMEOUT_S",
@@ -51,6 +52,7 @@ HEARTBEAT_INTERVAL_S = 0.5
 NODE_LOST_AFTER_S = 5.0  # a node not heard from for this long shows as `lost` (10 missed reports)
 NODE_FORGET_AFTER_S = 600.0  # ... and is dropped from the fleet table after this
 HUB_TTL_S = 3.0  # silence after which a subscriber re-asks the hub
+HUB_UNREACHABLE_S = 30.0  # silence after which a node says its hub is unreachable
 REPAIR_IDLE_S = 0.25  # no chunk for this long during assembly -> fetch what is missing
 FETCH_CREDIT = 8  # chunks a subscriber may have requested and not yet received
 SUB_RCVHWM = 16  # broadcast messages a node buffers ahead of its reader (chunks are 4 MiB)

@@ -109,6 +109,9 @@ class NodeMetrics(Collector):
         rejected = {(k.removeprefix("rejected_"),): v for k, v in {**sub, **stats}.items()
                     if k.startswith("rejected_")}
         yield _counter("zmqmodels_releases_rejected", "Releases rejected, by reason", ["reason"], rejected)
+        health = node.health()
+        yield _gauge("zmqmodels_hub_unreachable", "1 if the hub has not been heard from for "
+                     "hub_unreachable_s", [], {(): float(health["hub_unreachable"])})
         yield _counter("zmqmodels_worker_restarts", "Worker processes restarted", [],
                        {(): stats.get("worker_restarts", 0)})
 

@@ -114,6 +114,7 @@ class Node(IOThread):
         trust: Trust | None = None,
         curve: Curve | None = None,
         metrics: str | None = None,
+        hub_unreachable_s: float = defaults.HUB_UNREACHABLE_S,
     ) -> None:
         try:
             policy = SwapPolicy(swap_policy)
@@ -150,6 +151,11 @@ class Node(IOThread):
         self._sub: Follower | None = None
         self._reported: dict[str, tuple[str, int]] = {}
         self._draining = False
+        self.hub_unreachable_s = hub_unreachable_s
+        self._started_at = time.monotonic()
+        self._hub_down_logged = False
+        self._start_failures: dict[str, int] = dict.fromkeys(self._procs, 0)
+        self._worker_error = ""  # why workers cannot start, while they cannot
         self._metrics_spec = metrics
         self.metrics: Any = None  # NodeMetrics once started with metrics=
         self._metrics_server: Any = None
@@ -245,6 +251,23 @@ class Node(IOThread):
     def __enter__(self) -> Node:
         return self.start() if self.state.value == "new" else self
 
+    def hub_silence(self, now: float | None = None) -> float:
+        """Seconds since the hub was last heard from (since start if never; 0 without a hub)."""
+        if not self.hub:
+            return 0.0
+        now = time.monotonic() if now is None else now
+        seen = self._sub.hub_seen if self._sub is not None else 0.0
+        return now - (seen or self._started_at)
+
+    def health(self) -> dict[str, Any]:
+        """What an operator's probe wants: is the hub reachable, are workers up, what is served."""
+        silent = self.hub_silence()
+        return {"node": self.node_id, "hub": self.hub or "", "hub_silent_s": round(silent, 1),
+                "hub_unreachable": bool(self.hub) and silent > self.hub_unreachable_s,
+                "workers_ready": sum(w.ready for w in self.broker.workers.values()),
+                "workers": len(self.broker.workers),
+                "serving": {m: self.broker.report(m)[1] for m in self.models}}
+
     def follower_stats(self) -> dict[str, int]:
         """The counters of this node's subscriber (bytes received, repairs, refusals)."""
         return dict(self._sub.stats) if self._sub is not None else {}
@@ -292,6 +315,15 @@ class Node(IOThread):
                     if proc is not None:
                         proc.kill()
         self._carry(self.broker.tick(now))
+        if self.hub:
+            down = self.hub_silence(now) > self.hub_unreachable_s
+            if down != self._hub_down_logged:
+                self._hub_down_logged = down
+                if down:
+                    log.warning("node %s: hub %s not heard from for %.0fs", self.node_id, self.hub,
+                                self.hub_silence(now))
+                else:
+                    log.info("node %s: hub %s heard again", self.node_id, self.hub)
         return 0.1
 
     def _teardown(self) -> None:
@@ -312,6 +344,15 @@ class Node(IOThread):
         log.warning("worker %s exited (%s); restarting", wid, code)
         self.stats["worker_restarts"] += 1
         self._procs[wid] = None
+        if not self.broker.workers[wid].ready:
+            self._start_failures[wid] += 1
+            n = self._start_failures[wid]
+            if n >= 3:  # a crash loop before READY: shown as an error, never as idle
+                self._worker_error = (f"worker {wid} exits before it is ready (exit code {code}, {n} "
+                                      "times in a row); see the node's log")
+                if n == 3:
+                    log.error("node %s: %s", self.node_id, self._worker_error)
+                self._reported.clear()
         self.supervisor.exited(wid, now)
         self._carry(self.broker.worker_lost(wid, now))
 
@@ -332,6 +373,10 @@ class Node(IOThread):
                     self.supervisor.seen(wid, time.monotonic(), Activity.LOADING)
                     log.info("worker %s: loading %s seq %d", wid, target.name, target.seq)
                 case Refuse(req, code, message):
+                    if code == "not_ready" and self.hub:
+                        silent = self.hub_silence()
+                        if silent > self.hub_unreachable_s:
+                            message += f"; hub {self.hub} not heard from for {silent:.0f}s"
                     self._error(req.client, code, message, req.rid, req.model)
                 case Expire(req):
                     self.stats["expired"] += 1  # the client gave up: nobody to answer
@@ -411,6 +456,9 @@ class Node(IOThread):
                 self._carry(self.broker.done(wid, now))
             case P.WorkerReady(pid=pid, device=device, serving=serving, errors=errors):
                 self.supervisor.seen(wid, now, Activity.IDLE)
+                self._start_failures[wid] = 0
+                if not any(n >= 3 for n in self._start_failures.values()):
+                    self._worker_error = ""
                 log.info("worker %s ready (pid %d, %s): %s", wid, pid, device, serving)
                 versions = {n: Version(int(v[0]), str(v[1])) for n, v in serving.items()}
                 damaged = {n: (int(e[0]), str(e[1])) for n, e in errors.items()}
@@ -439,6 +487,9 @@ class Node(IOThread):
         if self._sub is None:
             return
         state, seq, label = self.broker.report(name)
+        reason = ""
+        if self._worker_error and state == "idle":
+            state, reason = "error", self._worker_error
         if self._reported.get(name) != (state, seq):
             self._reported[name] = (state, seq)
-            self._sub.report(name, state, seq=seq, label=label)
+            self._sub.report(name, state, seq=seq, label=label, reason=reason)

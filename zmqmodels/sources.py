@@ -29,7 +29,7 @@ __all__ = ["load_source", "load_weights", "parse_example_spec", "load_example_fi
 _SPEC = re.compile(r"^(\d+(?:x\d+)*|scalar)(?::(\w+))?$")
 
 
-def load_source(source: str, *, weights: str | None = None) -> tuple[Any, Any]:
+def load_source(source: str, *, weights: str | None = None, say: Any = None) -> tuple[Any, Any]:
     """Return ``(module, example_inputs_or_None)`` for a SOURCE string."""
     path = Path(source)
     if source.endswith((".pt", ".pth", ".ts", ".torchscript")) and ":" not in source:
@@ -55,7 +55,7 @@ def load_source(source: str, *, weights: str | None = None) -> tuple[Any, Any]:
     if not isinstance(module, torch.nn.Module):
         raise SourceError(f"factory {source} returned {type(module).__name__}, not an nn.Module")
     if weights:
-        load_weights(module, weights)
+        load_weights(module, weights, say)
     return module, examples
 
 
@@ -79,18 +79,33 @@ def _import(target: str) -> Any:
         raise SourceError(f"cannot import {target}: {type(exc).__name__}: {_first_line(exc)}") from exc
 
 
-def load_weights(module: torch.nn.Module, ckpt: str) -> None:
-    """Load a state_dict checkpoint strictly; name missing and unexpected keys on mismatch."""
+def load_weights(module: torch.nn.Module, ckpt: str, say: Any = None) -> list[str]:
+    """Load a state_dict checkpoint strictly; name missing and unexpected keys on mismatch.
+
+    A training checkpoint that nests the state dict (``{"model": ...}`` or
+    ``{"state_dict": ...}``) and the ``module.`` prefix DataParallel/DDP adds are unwrapped;
+    what was done is returned (and passed to ``say``), so nothing happens silently."""
     try:
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise SourceError(f"no such checkpoint: {ckpt}") from None
     except Exception as exc:
         raise SourceError(f"cannot load checkpoint {ckpt}: {_first_line(exc)}") from exc
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
+    done: list[str] = []
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict) and not any(
+                isinstance(v, torch.Tensor) for v in state.values()):
+            state = state[key]
+            done.append(f"took the state dict under {key!r}")
+            break
     if not isinstance(state, dict):
         raise SourceError(f"{ckpt} holds a {type(state).__name__}, not a state_dict")
+    if state and all(isinstance(k, str) and k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        done.append("stripped the 'module.' prefix (a DataParallel/DDP checkpoint)")
+    for line in done:
+        if say is not None:
+            say(f"--weights {ckpt}: {line}")
     result = module.load_state_dict(state, strict=False)
     problems = []
     if result.missing_keys:
@@ -99,6 +114,7 @@ def load_weights(module: torch.nn.Module, ckpt: str) -> None:
         problems.append(f"unexpected keys {result.unexpected_keys}")
     if problems:
         raise SourceError(f"{ckpt} does not fit the model: " + "; ".join(problems))
+    return done
 
 
 def parse_example_spec(spec: str, *, seed: int = 0) -> tuple[torch.Tensor, ...]:
