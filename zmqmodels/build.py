@@ -40,13 +40,15 @@ def build_from_source(
     allow_trace: bool = True,
     metadata: dict[str, str] | None = None,
     progress: Callable[[str], None] | None = None,
+    chunk_progress: Callable[[int, int], None] | None = None,
 ) -> Release:
     """Load ``source`` (``module:factory``, a ``.py`` file with a factory, or a TorchScript
     file), compile it on its examples and build a release named ``name``.
 
     Examples come from ``example_file`` (a ``torch.save``'d tensor, tuple or list), else from
     ``example_specs`` (``DIMxDIM[:dtype]``, comma-joined per argument), else from the factory
-    returning ``(module, examples)``. ``progress`` receives one line per step.
+    returning ``(module, examples)``. ``progress`` receives one line per step,
+    ``chunk_progress(done, total)`` each compressed chunk.
     """
     from .compile import compile_model
     from .release import build_release
@@ -70,7 +72,7 @@ def build_from_source(
         say(f"warning: {w}")
     say("compressing")
     release = build_release(compiled, name, label, codec=codec, chunk_bytes=chunk_bytes,
-                            metadata=metadata or {})
+                            metadata=metadata or {}, progress=chunk_progress)
     m = release.manifest
     say(f"archive {m.archive_bytes:,} B -> {m.compressed_bytes:,} B in {m.chunk_count} chunk(s), "
         f"codec {m.codec.name}/{m.codec.filter}")

@@ -13,7 +13,7 @@ import hashlib
 import io
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -261,15 +261,22 @@ def decompress_chunk(m: Manifest, index: int, payload: Any, archive: Any) -> Non
         raise IntegrityError(f"chunk {index}: blosc2 failed ({exc})") from None
 
 
-def compress_archive(archive: Any, codec: CodecSpec, chunk_bytes: int) -> list[bytes | memoryview]:
-    """Cut the archive into chunks and compress each one independently."""
+def compress_archive(archive: Any, codec: CodecSpec, chunk_bytes: int,
+                     progress: Callable[[int, int], None] | None = None) -> list[bytes | memoryview]:
+    """Cut the archive into chunks and compress each one independently (``progress(done,
+    total)`` after each chunk)."""
     view = memoryview(archive).cast("B")
     pieces = [view[i:i + chunk_bytes] for i in range(0, len(view), chunk_bytes)]
     if codec.name == "none":
         return list(pieces)
     kw = dict(codec=CODECS[codec.name], clevel=codec.clevel, filters=[FILTERS[codec.filter]],
               filters_meta=[0], typesize=codec.typesize, nthreads=2)
-    return [blosc2.compress2(p, **kw) for p in pieces]
+    out = []
+    for p in pieces:
+        out.append(blosc2.compress2(p, **kw))
+        if progress is not None:
+            progress(len(out), len(pieces))
+    return out
 
 
 def choose_codec(archive: Any, typesize: int, chunk_bytes: int = defaults.CHUNK_BYTES) -> CodecSpec:
@@ -299,6 +306,7 @@ def build_release(
     codec: str | CodecSpec = "auto",
     chunk_bytes: int = defaults.CHUNK_BYTES,
     metadata: dict[str, str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Release:
     """Save ``compiled`` into memory and build its release (``seq`` 0 until stored).
 
@@ -328,7 +336,7 @@ def build_release(
             raise ReleaseError(f"unknown codec {codec!r}; use auto or one of {sorted(CODECS)}")
     else:
         spec = codec
-    chunks = compress_archive(archive, spec, chunk_bytes)
+    chunks = compress_archive(archive, spec, chunk_bytes, progress)
     params = list(compiled.module.parameters())
     manifest = Manifest(
         name=name,

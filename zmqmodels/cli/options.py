@@ -125,9 +125,16 @@ def build_from_options(source: str, name: str, label: str, weights: str | None,
         metadata = parse_metadata(meta)
     except SourceError as exc:
         raise click.BadParameter(str(exc), param_hint="--meta") from None
+    import sys
+
+    def chunk_bar(done: int, total: int) -> None:  # a live counter on a terminal only
+        if progress is not None and sys.stderr.isatty() and total > 1:
+            click.echo(f"\r  compressed {done}/{total} chunks", nl=done == total, err=True)
+
     return build_from_source(source, name, label, weights=weights, example_specs=example_specs,
                              example_file=example_file, codec=codec, chunk_bytes=int(chunk_mb * 2**20),
-                             allow_trace=not no_trace, metadata=metadata, progress=progress)
+                             allow_trace=not no_trace, metadata=metadata, progress=progress,
+                             chunk_progress=chunk_bar)
 
 
 def run_until_signalled(stop_check: Any = None) -> None:

@@ -144,11 +144,15 @@ def publish(hub_addr: str | None, bind_addr: str | None, store_dir: str, wait_fo
     say(f"built in {time.monotonic() - t0:.2f}s; sending {m.compressed_bytes / 2**20:.1f} MiB "
         f"in {m.chunk_count} chunk(s)")
     if client is not None:
+        ticker = _Ticker("sending and waiting for the hub to verify and store it")
         try:
             done = client.publish(release, timeout=timeout, signing_key=key)
         except KeyboardInterrupt:
+            ticker.stop()
             say(f"interrupted while sending: {_accepted(client, m)}")
             sys.exit(130)
+        finally:
+            ticker.stop()
         name, seq, label = done.name, done.seq, done.label
         say(f"hub stored {name} seq {seq} in {time.monotonic() - t0:.2f}s; broadcasting")
         if done.note:
@@ -178,6 +182,33 @@ def publish(hub_addr: str | None, bind_addr: str | None, store_dir: str, wait_fo
             run_until_signalled(lambda: time.monotonic() > deadline)
             ok, status = True, pub.status()
         finish_publish(ok, status, m.name, m.seq, m.label, wait_for, as_json, say)
+
+
+class _Ticker:
+    """On a terminal, a live line with the seconds spent in a step that reports no progress of
+    its own (ZeroMQ hands a whole PUBLISH to its I/O thread; the hub answers once stored)."""
+
+    def __init__(self, what: str) -> None:
+        import threading
+        import time
+
+        self._stop = threading.Event()
+        self._thread = None
+        if sys.stderr.isatty():
+            t0 = time.monotonic()
+
+            def run() -> None:
+                while not self._stop.wait(0.5):
+                    click.echo(f"\r  {what}: {time.monotonic() - t0:.1f}s", nl=False, err=True)
+
+            self._thread = threading.Thread(target=run, daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None and not self._stop.is_set():
+            self._stop.set()
+            self._thread.join()
+            click.echo("", err=True)
 
 
 def _accepted(client: Any, m: Any) -> str:
