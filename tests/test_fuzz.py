@@ -88,6 +88,27 @@ def test_headers_reject_garbage_cleanly(kind: bytes, data: st.DataObject) -> Non
         pass
 
 
+@pytest.mark.parametrize("kind", [f.kind for f in P.FRAMING], ids=lambda k: k.decode())
+@fuzz
+@given(data=st.data())
+def test_unpack_of_every_kind_raises_only_protocol_errors(kind: bytes, data: st.DataObject) -> None:
+    """``unpack`` (the framing table) on a real kind with a garbage, mutated or valid header
+    and any number of payload frames: a message, or a ProtocolError; nothing else escapes."""
+    from zmqmodels.errors import ProtocolError
+
+    valid = VALID.get(kind, b"")
+    how = data.draw(st.integers(0, 3))
+    header = (valid if how == 0 else mutate(valid, data.draw(edits)) if how == 1
+              else msgspec.msgpack.encode(data.draw(msgpack_values)) if how == 2
+              else data.draw(st.binary(max_size=64)))
+    frames = [kind, header, *data.draw(st.lists(st.binary(max_size=32), max_size=4))]
+    try:
+        msg, payload = P.unpack(frames)
+    except ProtocolError:
+        return
+    assert P.kind_of(msg) == kind and isinstance(payload, list)
+
+
 @fuzz
 @given(data=st.data())
 def test_manifest_rejects_garbage_cleanly(data: st.DataObject) -> None:
