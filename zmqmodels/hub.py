@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -28,10 +28,11 @@ from . import defaults
 from . import protocol as P
 from .curve import Curve, ServerContext
 from .defaults import Limits
-from .errors import ProtocolError, ReleaseError, SignatureError, StoreError, ZmqModelsError
+from .errors import ProtocolError, StoreError, ZmqModelsError
 from .fleet import Fleet, rollout
+from .hub_store import ReleaseDesk
 from .ioloop import IOThread
-from .release import Manifest, Release, decode_manifest, rollback_manifest
+from .release import Manifest, Release
 from .signing import SigningKey, Trust
 from .store import Store
 from .tuning import trim_heap
@@ -121,7 +122,7 @@ class Hub(IOThread):
                            forget_after_s=forget_after_s)
         self._lost: set[tuple[str, str]] = set()
         self._fleet_seq: dict[str, int] = {}  # name -> the highest seq any node reported
-        self._notes: dict[str, str] = {}  # name -> what the next PUBLISHED reply should say
+        self.desk = ReleaseDesk(self.store, self.limits, self.trust, signing_key, self._held)
         self._metrics_spec, self._metrics_server = metrics, None
         self._fleet_cond = threading.Condition()  # guards fleet and _latest for other threads
         self._next_beat = 0.0
@@ -174,10 +175,8 @@ class Hub(IOThread):
         next seq (and is signed as that seq if this hub has a ``signing_key``); signed, it
         keeps the seq it was signed with."""
         self._check_running()
-        if not release.signature and self.signing_key is not None:
-            self._raise_floor(release.manifest.name)
-            release = self.signing_key.seal(release, self.store.reserve(release.manifest.name))
-        stored = self._store_release(release.manifest_bytes, release.chunks, release.signature)
+        release = self.desk.seal(release)
+        stored = self.desk.put(release.manifest_bytes, release.chunks, release.signature)
         self.call(lambda: self._broadcast(stored), timeout)
         return stored.manifest
 
@@ -186,7 +185,7 @@ class Hub(IOThread):
         """Re-broadcast stored content of ``name`` (by label or seq) under a new seq. ``signed``
         is a manifest for it signed elsewhere (its chunks are ignored)."""
         self._check_running()
-        stored = self._rollback(name, to, (signed.manifest_bytes, signed.signature) if signed else None)
+        stored = self.desk.rollback(name, to, (signed.manifest_bytes, signed.signature) if signed else None)
         self.call(lambda: self._broadcast(stored), timeout)
         return stored.manifest
 
@@ -206,60 +205,6 @@ class Hub(IOThread):
                 if rejected or serving >= count or left <= 0:
                     return serving >= count and not rejected, status
                 self._fleet_cond.wait(min(left, 0.5))
-
-    # -- internals: store side (executor or caller thread) -----------------------------------
-    def _store_release(self, raw: Any, chunks: Sequence[Any], signature: bytes) -> Release:
-        """Decode (once, here, off the I/O thread), check and store a release."""
-        m = decode_manifest(raw, self.limits)
-        self.trust.verify(m, raw, signature)  # before anything is hashed or written
-        if not m.seq:
-            self._raise_floor(m.name)
-        if len(chunks) != m.chunk_count:
-            raise ReleaseError(f"{len(chunks)} chunks, manifest says {m.chunk_count}")
-        checked = Release(m, chunks, raw, signature)
-        checked.verify()  # every chunk and the archive sha256, streamed
-        stored = self.store.put(checked)
-        return self.store.read(m.name, stored.manifest.seq)  # serve from the page cache (mmap)
-
-    def _rollback(self, name: str, to: str, signed: tuple[Any, bytes] | None = None) -> Release:
-        """``signed``: ``(manifest bytes, signature)`` made by the publisher for this rollback."""
-        if signed is None:
-            self._raise_floor(name)
-        old = self.store.find(name, to)
-        if signed is not None:
-            raw, signature = signed
-            m = decode_manifest(raw, self.limits)
-            if _content(m) != _content(old.manifest):
-                raise ReleaseError(f"the signed rollback manifest does not describe {name} {to!r}")
-            self.trust.verify(m, raw, signature)
-            again = Release(m, old.chunks, raw, signature)
-        else:
-            again = Release(rollback_manifest(old.manifest), old.chunks)
-            if self.signing_key is not None:
-                again = self.signing_key.seal(again, self.store.reserve(name))
-            elif self.trust.required:
-                raise SignatureError("this hub takes signed releases only: roll back with a signing key")
-        stored = self.store.put(again)
-        return self.store.read(name, stored.manifest.seq)
-
-    def _raise_floor(self, name: str) -> None:
-        """Nodes already hold a seq above this store's newest (a store restored from backup, a
-        new hub): move the store past it, or nodes would drop what it publishes as old."""
-        with self._fleet_cond:
-            held = self._fleet_seq.get(name, 0)
-        if not held:
-            return
-        floor = self.store.raise_floor(name, held)
-        if floor < held:
-            note = (f"the store's newest {name} seq was {floor} but nodes hold seq {held}: "
-                    f"numbering continues after {held}")
-            log.warning("%s", note)
-            self._notes[name] = note
-
-    def _reserve(self, req: P.Reserve) -> tuple[str, int, Any]:
-        self._raise_floor(req.name)
-        base = self.store.find(req.name, req.base).manifest_bytes if req.base else b""
-        return req.name, self.store.reserve(req.name), base
 
     # -- internals: I/O thread ---------------------------------------------------------------
     def _check_running(self) -> None:
@@ -367,11 +312,11 @@ class Hub(IOThread):
                     self._on_publish(ident, msg, payload)
                 case P.Rollback() if len(payload) in (0, 2):
                     signed = (payload[0].bytes, payload[1].bytes) if payload else None
-                    self._in_pool(ident, lambda: self._rollback(msg.name, msg.to, signed))
+                    self._in_pool(ident, lambda: self.desk.rollback(msg.name, msg.to, signed))
                 case P.Reserve():
-                    self._in_pool(ident, lambda: self._reserve(msg), self._reserved)
+                    self._in_pool(ident, lambda: self.desk.reserve(msg), self._reserved)
                 case P.ReleasesRequest():
-                    self._in_pool(ident, lambda: self._stored(msg.name), self._releases)
+                    self._in_pool(ident, lambda: self.desk.manifests(msg.name), self._releases)
                 case _:
                     raise ProtocolError(f"unexpected {kind[:32]!r} with {len(frames) - 1} frame(s)")
         except ZmqModelsError as exc:
@@ -421,6 +366,11 @@ class Hub(IOThread):
             self._reply(ident, *P.pack(P.ChunkHeader(req.name, req.seq, i), rel.chunks[i]))
         self.stats["fetch_chunks"] += len(req.indices)
 
+    def _held(self, name: str) -> int:
+        """The highest seq of ``name`` any node has reported (store side, any thread)."""
+        with self._fleet_cond:
+            return self._fleet_seq.get(name, 0)
+
     def _on_report(self, report: P.Report) -> None:
         with self._fleet_cond:
             evicted = self.fleet.evicted
@@ -437,25 +387,18 @@ class Hub(IOThread):
         # the manifest is decoded, the signature, every chunk and the archive sha256 checked
         # once, in the pool: a large manifest never stalls fetches or heartbeats
         chunks = [f.buffer for f in frames[1:]]
-        self._in_pool(ident, lambda: self._store_release(frames[0].buffer, chunks, hdr.signature))
+        self._in_pool(ident, lambda: self.desk.put(frames[0].buffer, chunks, hdr.signature))
 
     def _published(self, ident: bytes, rel: Release) -> None:
         self._broadcast(rel)
         m = rel.manifest
         self._reply(ident, *P.pack(P.Published(m.name, m.seq, m.label, m.archive_sha256,
-                                               note=self._notes.pop(m.name, ""))))
-
-    def _stored(self, name: str) -> list[Manifest]:
-        """Store side: the manifests of every stored release of ``name`` (or of all models)."""
-        names = [name] if name else self.store.names()
-        if name and not self.store.seqs(name):
-            raise ReleaseError(f"the hub stores no release of {name!r}")
-        return [m for n in names for m in self.store.manifests(n)]
+                                               note=self.desk.note(m.name))))
 
     def releases(self, name: str = "") -> list[P.ReleaseInfo]:
         """The stored releases of ``name`` (all models if empty), oldest first, with how many
         live nodes serve each."""
-        return self._release_infos(self._stored(name))
+        return self._release_infos(self.desk.manifests(name))
 
     def _release_infos(self, manifests: list[Manifest]) -> list[P.ReleaseInfo]:
         rows = self.status().nodes
@@ -520,10 +463,4 @@ class Hub(IOThread):
 Publisher = Hub  # the name before milestone 2
 
 _CONTROL = (P.Publish, P.Rollback, P.Reserve)
-
-
-def _content(m: Manifest) -> tuple[Any, ...]:
-    """What must match for a manifest to describe stored chunks."""
-    return (m.name, m.archive_sha256, m.archive_bytes, m.compressed_bytes, m.codec, m.chunk_bytes,
-            m.chunk_sizes, m.chunk_xxh3)
 
