@@ -142,10 +142,8 @@ class Hub(IOThread):
                 self._latest[name] = latest
         try:
             super().start(timeout)
-        except ZmqModelsError as exc:
-            self._pool.shutdown(wait=True)
-            self._server_ctx.close()
-            raise ZmqModelsError(f"hub failed to start on {self.bind}: {exc}") from None
+        except ZmqModelsError as exc:  # start() closed us (pool, context) already
+            raise ZmqModelsError(f"hub failed to start on {self.bind}: {self._start_error or exc}") from None
         if self._metrics_spec:
             from .metrics import HubMetrics, serve_metrics
 

@@ -109,6 +109,12 @@ class IOThread(abc.ABC):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def serving(self) -> bool:
+        """Started, its loop up and still running (not closing, not failed)."""
+        return (self.state is LoopState.RUNNING and self._start_error is None and self._ready.is_set()
+                and self._thread is not None and self._thread.is_alive())
+
     # -- other threads -----------------------------------------------------------------------
     def post(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the I/O thread soon."""

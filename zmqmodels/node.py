@@ -38,7 +38,7 @@ from .cache import Cache
 from .curve import Curve, ServerContext
 from .defaults import Limits
 from .errors import ProtocolError, ZmqModelsError
-from .ioloop import IOThread
+from .ioloop import IOThread, LoopState
 from .release import Manifest, validate_name
 from .rollout import SwapPolicy, Target, Version
 from .signing import Trust
@@ -176,11 +176,11 @@ class Node(IOThread):
             found = self.cache.latest(name, trust=self.trust)
             if found is not None:
                 known[name] = found[0].seq
+        self._started_at = time.monotonic()
         try:
             super().start(timeout)  # workers are spawned (and respawned) by the I/O thread alone
-        except ZmqModelsError as exc:
-            self._cleanup()
-            raise ZmqModelsError(f"node failed to start on {self.bind}: {exc}") from None
+        except ZmqModelsError as exc:  # start() closed us (and so cleaned up) already
+            raise ZmqModelsError(f"node failed to start on {self.bind}: {self._start_error or exc}") from None
         if self.hub:
             devices = ",".join(sorted(set(self._devices.values())))
             self._sub = Follower(self.hub, self.models, on_release=self._on_release,
@@ -204,14 +204,16 @@ class Node(IOThread):
 
     def close(self, drain_s: float = defaults.NODE_DRAIN_S) -> None:
         """Stop: refuse new requests (retryable ``unavailable``), answer those queued and in
-        flight for up to ``drain_s``, then stop the workers."""
+        flight for up to ``drain_s``, then stop the workers. Idempotent."""
+        if self.state is LoopState.CLOSED:
+            return
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
             self._metrics_server = None
         if self._sub is not None:
             self._sub.close()
-        if self.state.value == "running" and drain_s > 0:
+        if self.serving and drain_s > 0:
             self._drain(drain_s)
         super().close()
         self._cleanup()
@@ -249,7 +251,7 @@ class Node(IOThread):
         self._server_ctx.close()
 
     def __enter__(self) -> Node:
-        return self.start() if self.state.value == "new" else self
+        return self.start() if self.state is LoopState.NEW else self
 
     def hub_silence(self, now: float | None = None) -> float:
         """Seconds since the hub was last heard from (since start if never; 0 without a hub)."""

@@ -150,7 +150,7 @@ class Follower(IOThread):
         try:
             super().start(timeout)
         except ZmqModelsError as exc:
-            raise ZmqModelsError(f"subscriber failed to start: {exc}") from None
+            raise ZmqModelsError(f"subscriber failed to start: {self._start_error or exc}") from None
         return self
 
     def close(self) -> None:
