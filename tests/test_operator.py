@@ -398,3 +398,26 @@ def test_worker_that_cannot_start_shows_as_error_not_idle(hub, tmp_path) -> None
         assert "exits before it is ready" in row.reason, row
     finally:
         node.close()
+
+
+def test_ctrl_c_while_sending_says_whether_the_hub_stored_it(tmp_path) -> None:
+    """Milestone 1: Ctrl-C during "sending" printed `interrupted` although the hub had stored
+    and rolled out the release. Now the command asks the hub and says which it was."""
+    from zmqmodels import HubClient
+
+    with Hub("tcp://127.0.0.1:0", Store(tmp_path / "store")) as h:
+        p = subprocess.Popen([sys.executable, "-m", "zmqmodels", "publish", "tests.models:make_heavy",
+                              "--name", "heavy", "--codec", "none", "--hub", h.address],
+                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert p.stdout is not None
+        for line in p.stdout:  # interrupt as soon as it starts sending
+            if line.startswith("built in"):
+                p.send_signal(signal.SIGINT)
+                break
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 130, (out, err)
+        stored = HubClient(h.address).releases() if h.store.seqs("heavy") else []
+        if stored:
+            assert f"the hub had already stored heavy seq {stored[-1].seq}" in out + err, out + err
+        else:
+            assert "the hub has not stored it; nothing was published" in out + err, out + err

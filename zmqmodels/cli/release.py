@@ -212,12 +212,19 @@ class _Ticker:
 
 
 def _accepted(client: Any, m: Any) -> str:
-    """After Ctrl-C during a publish: did the hub store it? (asked, not assumed)"""
+    """After Ctrl-C during a publish: did the hub store it? (asked, not assumed). The hub
+    answers RELEASES after any store job already under way, so the answer is final."""
+    from ..errors import RemoteError
+
     try:
-        stored = [r for r in client.releases(m.name, timeout=3.0)
-                  if r.archive_bytes == m.archive_bytes and r.created_at >= m.created_at - 1]
+        rows = client.releases(m.name, timeout=30.0)
+    except RemoteError as exc:
+        if exc.code != "bad_release":  # bad_release: it stores nothing of that name
+            return f"the hub answered {exc}; it may or may not have stored the release"
+        rows = []
     except (ZmqModelsError, KeyboardInterrupt):
         return "the hub did not answer; it may or may not have stored the release"
+    stored = [r for r in rows if r.archive_bytes == m.archive_bytes and r.created_at >= m.created_at - 1]
     if stored:
         r = stored[-1]
         return f"the hub had already stored {r.name} seq {r.seq}; it is rolling it out"
