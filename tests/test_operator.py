@@ -421,3 +421,24 @@ def test_ctrl_c_while_sending_says_whether_the_hub_stored_it(tmp_path) -> None:
             assert f"the hub had already stored heavy seq {stored[-1].seq}" in out + err, out + err
         else:
             assert "the hub has not stored it; nothing was published" in out + err, out + err
+
+
+def test_each_stage_of_a_rollout_is_timed_in_the_fleet_table(hub, tmp_path, probe) -> None:
+    """Issue 12's critical path: receive, cache write, load, check and roll per node, in its
+    reports, `status --json` and the table."""
+    from zmqmodels.cli.render import fleet_table
+
+    node = Node(hub.address, ["probe"], "tcp://127.0.0.1:0", workers=2, cache=tmp_path / "c").start()
+    try:  # workers up first: a worker that starts after the release loads it from the cache
+        wait_until(lambda: node.health()["workers_ready"] == 2, 60, what="both workers up")
+        m = hub.publish(probe)
+        assert hub.wait_for("probe", m.seq, 1, 60)[0]
+        row = wait_until(lambda: next((n for n in hub.status().nodes if "roll" in n.stages), None), 10,
+                         what="the roll stage reported")
+        assert row.stages_seq == m.seq
+        assert set(row.stages) == {"receive", "cache_write", "load", "check", "roll"}
+        assert all(v >= 0 for v in row.stages.values())
+        assert row.stages["roll"] >= row.stages["load"]  # two loads, one after the other
+        assert f"seq {m.seq}: recv " in fleet_table(hub.status())
+    finally:
+        node.close()

@@ -58,6 +58,8 @@ class Assembly:
     repairing: bool = False
     corrupt_fetches: int = 0  # fetched (not broadcast) chunks that failed their digest
     hashed: int = 0  # chunks [0, hashed) are in the running sha256
+    started: float = 0.0  # when its manifest was accepted
+    receive_s: float = 0.0  # manifest -> last chunk in and hashed
 
     def __post_init__(self) -> None:
         self.view = memoryview(self.buf)
@@ -92,6 +94,8 @@ class Follow:
     seq: int = 0
     label: str = ""
     reason: str = ""
+    stages: dict[str, float] = field(default_factory=dict)  # of release ``stages_seq``
+    stages_seq: int = 0
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,7 @@ class Assembler:
         self.trust = trust or Trust()
         self.repair_idle_s, self.hub_ttl_s, self.fetch_timeout_s = repair_idle_s, hub_ttl_s, fetch_timeout_s
         self.hub_seen = 0.0  # when the hub was last heard from (0: never)
+        self._now = 0.0  # the time of the event being handled
         self.stats: Counter[str] = Counter()
 
     # -- events ------------------------------------------------------------------------------
@@ -152,6 +157,7 @@ class Assembler:
 
     def on_manifest(self, m: Manifest, raw: bytes, signature: bytes, now: float, *,
                     fetched: bool = False) -> list[Action]:
+        self._now = now
         st = self.follow(m.name)
         if fetched:
             st.asked_seq = -1
@@ -165,7 +171,7 @@ class Assembler:
             return self._refuse(st, m, raw, exc)
         self._drop(st)
         st.asm = Assembly(m, raw, signature, self._take(m.name, m.archive_bytes),
-                          set(range(m.chunk_count)), last_progress=now)
+                          set(range(m.chunk_count)), last_progress=now, started=now)
         self.stats["manifests"] += 1
         st.state, st.seq, st.label, st.reason = ModelState.RECEIVING, m.seq, m.label, ""
         out: list[Action] = [Send(self._report(st))]
@@ -174,6 +180,7 @@ class Assembler:
         return out
 
     def on_chunk(self, hdr: P.ChunkHeader, payload: Any, now: float, *, fetched: bool) -> list[Action]:
+        self._now = now
         st = self.follow(hdr.name)
         asm = st.asm
         if asm is None or asm.manifest.seq != hdr.seq:
@@ -297,6 +304,14 @@ class Assembler:
             st.label = label
         return [Send(self._report(st))]
 
+    def stage(self, name: str, seq: int, **seconds: float) -> None:
+        """Record how long stages of release ``seq`` took (a newer seq starts afresh)."""
+        st = self.follow(name)
+        if seq > st.stages_seq:
+            st.stages, st.stages_seq = {}, seq
+        if seq == st.stages_seq:
+            st.stages.update({k: round(v, 4) for k, v in seconds.items()})
+
     def reports(self) -> list[Action]:
         return [Send(self._report(st)) for st in self.models.values()]
 
@@ -304,7 +319,7 @@ class Assembler:
     def _report(self, st: Follow) -> P.Report:
         return P.Report(node=self.node_id, model=st.name, state=st.state.value, seq=st.seq,
                         label=st.label, reason=st.reason[:500], host=self.host, pid=self.pid,
-                        device=self.device)
+                        device=self.device, stages=dict(st.stages), stages_seq=st.stages_seq)
 
     def _refuse(self, st: Follow, m: Manifest, raw: bytes, exc: ZmqModelsError) -> list[Action]:
         kind = "untrusted" if isinstance(exc, SignatureError) else "too_large"
@@ -365,4 +380,6 @@ class Assembler:
         asm.hash_prefix()
         digest = asm.sha.hexdigest()
         asm.view.release()
+        asm.receive_s = max(0.0, self._now - asm.started)
+        self.stage(st.name, asm.manifest.seq, receive=asm.receive_s)
         return [Deliver(st.name, asm, digest)]

@@ -156,6 +156,7 @@ class Node(IOThread):
         self._hub_down_logged = False
         self._start_failures: dict[str, int] = dict.fromkeys(self._procs, 0)
         self._worker_error = ""  # why workers cannot start, while they cannot
+        self._rolling_since: dict[tuple[str, int], float] = {}  # (name, seq) -> verified at
         self._metrics_spec = metrics
         self.metrics: Any = None  # NodeMetrics once started with metrics=
         self._metrics_server: Any = None
@@ -282,7 +283,13 @@ class Node(IOThread):
     def _on_release(self, m: Manifest, archive: Any) -> None:
         """Subscriber delivery thread: the verified archive is in the cache; roll it out."""
         target = Target(m.name, m.seq, str(self.cache.path(m.name, m.seq)), m.label)
-        self.post(lambda: self._carry(self.broker.target(target, time.monotonic())))
+
+        def roll() -> None:
+            now = time.monotonic()
+            self._rolling_since[(m.name, m.seq)] = now
+            self._carry(self.broker.target(target, now))
+
+        self.post(roll)
 
     # -- I/O thread --------------------------------------------------------------------------
     def _open(self) -> list[tuple[zmq.Socket, Any]]:
@@ -472,6 +479,8 @@ class Node(IOThread):
                              seq, msg.load_s, msg.check_s)
                     if self.metrics is not None:
                         self.metrics.load.labels(name).observe(msg.load_s + msg.check_s)
+                    if self._sub is not None and (name, seq) in self._rolling_since:
+                        self._sub.stage(name, seq, load=msg.load_s, check=msg.check_s)
                 self._carry(self.broker.loaded(wid, name, seq, label, ok, reason, now, corrupt=msg.corrupt))
             case _:
                 self.stats["dropped_bad_worker_message"] += 1
@@ -479,6 +488,7 @@ class Node(IOThread):
     def _rejected(self, name: str, seq: int, reason: str) -> None:
         log.warning("%s seq %d rejected: %s", name, seq, reason)
         self.stats["rejected_load_or_check"] += 1
+        self._rolling_since.pop((name, seq), None)
         self.cache.discard(name, seq)  # a restarted worker must not pick it up
         if self._sub is not None:
             self._sub.report(name, "rejected", seq=seq, reason=reason)
@@ -489,6 +499,9 @@ class Node(IOThread):
         if self._sub is None:
             return
         state, seq, label = self.broker.report(name)
+        since = self._rolling_since.pop((name, seq), None) if state == "serving" else None
+        if since is not None:
+            self._sub.stage(name, seq, roll=time.monotonic() - since)
         reason = ""
         if self._worker_error and state == "idle":
             state, reason = "error", self._worker_error

@@ -164,6 +164,10 @@ class Report(msgspec.Struct, frozen=True):
     pid: NonNeg = 0
     device: str = ""
     v: int = V
+    # seconds per stage of the newest release this node took in (``stages_seq``): receive,
+    # cache_write, load, check (example check and warm-up), roll (verified -> all serving)
+    stages: dict[str, float] = {}
+    stages_seq: NonNeg = 0
 
 
 class Publish(msgspec.Struct, frozen=True):
@@ -244,6 +248,8 @@ class NodeStatus(msgspec.Struct, frozen=True):
     age_s: float
     rejected_seq: int = 0  # the last seq this node rejected for this model, 0 = none
     last_error: str = ""
+    stages: dict[str, float] = {}  # Report.stages of the release ``stages_seq``
+    stages_seq: int = 0
 
 
 class ModelStatus(msgspec.Struct, frozen=True):

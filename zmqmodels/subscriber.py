@@ -178,6 +178,10 @@ class Follower(IOThread):
         self.post(lambda: self._carry(self.assembler.set_state(name, ModelState(state), seq=seq,
                                                                label=label, reason=reason)))
 
+    def stage(self, name: str, seq: int, **seconds: float) -> None:
+        """Record stage timings of release ``seq`` (sent with every report)."""
+        self.post(lambda: self.assembler.stage(name, seq, **seconds))
+
     def refetch(self, name: str, seq: int) -> None:
         """This node's copy of ``seq`` is damaged or gone: fetch it from the hub again."""
         self.post(lambda: self._carry(self.assembler.forget(name, seq, time.monotonic())))
@@ -326,11 +330,13 @@ class Follower(IOThread):
             if self._accept is not None and self._accept(m) is False:
                 raise ZmqModelsError("declined by swap_when")
             if self.cache is not None:  # signed bytes and all, before anything loads it
+                t0 = time.monotonic()
                 try:
                     self.cache.put(m, archive, asm.raw, asm.signature)
                 except StoreError as exc:
                     self._store_failed(m, exc)
                     return
+                self.stage(m.name, m.seq, cache_write=time.monotonic() - t0)
                 self.post(lambda: self.assembler.stored(m.name))
             self._on_release(m, archive)
         except Exception as exc:

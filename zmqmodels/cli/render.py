@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-__all__ = ["emit_json", "fleet_table", "status_json", "to_jsonable", "finish_publish"]
+__all__ = ["emit_json", "fleet_table", "stages_text", "status_json", "to_jsonable", "finish_publish"]
 
 
 def emit_json(obj: Any) -> None:
@@ -17,20 +17,35 @@ def emit_json(obj: Any) -> None:
 
 def fleet_table(status: Any, name: str | None = None) -> str:
     """The fleet as text: one row per (node, model)."""
-    head = ("NODE", "HOST", "PID", "DEVICE", "MODEL", "VERSION", "SEQ", "STATE", "AGE", "LAST ERROR")
+    head = ("NODE", "HOST", "PID", "DEVICE", "MODEL", "VERSION", "SEQ", "STATE", "AGE",
+            "LAST ROLLOUT (s)", "LAST ERROR")
     rows = [head]
     for n in status.nodes:
         if name is not None and n.model != name:
             continue
-        err = n.last_error or n.reason
-        if n.rejected_seq:
-            err = f"seq {n.rejected_seq}: {err}"
+        if n.state in ("error", "lost") or not n.rejected_seq:
+            err = n.reason  # what is wrong now comes before an older rejection
+        else:
+            err = f"seq {n.rejected_seq}: {n.last_error}"
         rows.append((n.node, n.host, str(n.pid), n.device or "-", n.model, n.label or "-",
-                     str(n.seq), n.state, f"{n.age_s:.1f}s", err or "-"))
+                     str(n.seq), n.state, f"{n.age_s:.1f}s", stages_text(n), err or "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     models = ", ".join(f"{m.name} seq {m.seq} ({m.label or '-'})" for m in status.models)
     return f"hub {status.hub}: {models or 'no models'}\n" + "\n".join(lines)
+
+
+_STAGE_NAMES = (("receive", "recv"), ("cache_write", "write"), ("load", "load"), ("check", "check"),
+                ("roll", "roll"))
+
+
+def stages_text(n: Any) -> str:
+    """``seq 4: recv 0.12 write 0.05 load 0.15 check 0.02 roll 0.40`` (what each stage of the
+    node's newest release took), or ``-``."""
+    if not n.stages:
+        return "-"
+    parts = [f"{short} {n.stages[key]:.2f}" for key, short in _STAGE_NAMES if key in n.stages]
+    return f"seq {n.stages_seq}: " + " ".join(parts)
 
 
 def status_json(status: Any) -> Any:
