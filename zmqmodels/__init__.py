@@ -32,6 +32,7 @@ _EXPORTS = {
     "Hub": "hub",
     "Publisher": "hub",
     "HubClient": "hub_client",
+    "Relay": "relay",
     "Subscriber": "embedded",
     "Follower": "subscriber",
     "Node": "node",

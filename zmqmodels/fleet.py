@@ -39,7 +39,7 @@ class FleetEntry:
             reason = f"not heard from for {age:.0f}s (last: {r.state} seq {r.seq})"
         return P.NodeStatus(r.node, r.model, state, r.seq, r.label, reason, r.host, r.pid,
                             r.device, round(age, 3), self.rejected_seq, self.rejected_reason,
-                            r.stages, r.stages_seq)
+                            r.stages, r.stages_seq, r.via)
 
 
 class Fleet:

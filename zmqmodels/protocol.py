@@ -136,6 +136,7 @@ class Heartbeat(msgspec.Struct, frozen=True):
     sha256: str = ""
     label: str = ""
     v: int = V
+    path: list[str] = []  # the hub's own beat: the relays it passed, root first (loop check)
 
 
 class FetchManifest(msgspec.Struct, frozen=True):
@@ -168,6 +169,7 @@ class Report(msgspec.Struct, frozen=True):
     # cache_write, load, check (example check and warm-up), roll (verified -> all serving)
     stages: dict[str, float] = {}
     stages_seq: NonNeg = 0
+    via: list[str] = []  # the relays the report came through, the node's own first
 
 
 class Publish(msgspec.Struct, frozen=True):
@@ -250,6 +252,7 @@ class NodeStatus(msgspec.Struct, frozen=True):
     last_error: str = ""
     stages: dict[str, float] = {}  # Report.stages of the release ``stages_seq``
     stages_seq: int = 0
+    via: list[str] = []  # the relays between this node and the hub
 
 
 class ModelStatus(msgspec.Struct, frozen=True):

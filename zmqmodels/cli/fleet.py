@@ -125,3 +125,35 @@ def releases(name: str, hub_addr: str, timeout: float, as_json: bool, curve_key:
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+@cli.command()
+@click.option("--hub", "hub_addr", required=True, help="The upstream: the root hub or another relay.")
+@click.option("--bind", "bind_addr", required=True, help="Where nodes (or relays) connect: tcp://HOST:PORT "
+              "(PUB on PORT+1) or ipc://PATH.")
+@click.option("--store", "store_dir", required=True, type=click.Path(file_okay=False),
+              help="Where complete releases are kept (served at once after a restart).")
+@click.option("--model", "models", multiple=True, help="Model to relay; repeatable (default: every model).")
+@click.option("--relay-id", help="Name in the fleet table's VIA (default relay-HOST-PID-…).")
+@trust_option
+@curve_options(server=True, client=True)
+@limit_option
+def relay(hub_addr: str, bind_addr: str, store_dir: str, models: tuple[str, ...], relay_id: str | None,
+          trust: tuple[str, ...], curve_key: str | None, curve_server: str | None,
+          curve_allow: tuple[str, ...], limits: tuple[str, ...]) -> None:
+    """Subscribe to a hub once and republish its releases, chunk by chunk, to nodes behind it.
+
+    CURVE: --curve-key is this relay's certificate (server to its nodes, client upstream),
+    --curve-server the upstream's, --curve-allow the nodes admitted."""
+    import logging
+
+    from ..relay import Relay
+
+    up = curve_from(curve_key, curve_server) if curve_server else None
+    down = curve_from(curve_key, None, curve_allow) if curve_key else None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    with Relay(hub_addr, bind_addr, store_dir, list(models), relay_id=relay_id, limits=parse_limits(limits),
+               trust=load_trust(trust), curve=down, upstream_curve=up) as r:
+        click.echo(f"relay {r.relay_id}: following {hub_addr}, serving on {r.address} (PUB "
+                   f"{r.pub_address}); Ctrl-C stops", err=True)
+        run_until_signalled()

@@ -27,7 +27,8 @@ def fleet_table(status: Any, name: str | None = None) -> str:
             err = n.reason  # what is wrong now comes before an older rejection
         else:
             err = f"seq {n.rejected_seq}: {n.last_error}"
-        rows.append((n.node, n.host, str(n.pid), n.device or "-", n.model, n.label or "-",
+        node = n.node + (f" (via {', '.join(n.via)})" if n.via else "")
+        rows.append((node, n.host, str(n.pid), n.device or "-", n.model, n.label or "-",
                      str(n.seq), n.state, f"{n.age_s:.1f}s", stages_text(n), err or "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
