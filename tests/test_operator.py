@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from tests.conftest import wait_until
+from tests.conftest import free_port, free_port_pair, wait_until
 from tests.models import Probe, probe_examples
 from zmqmodels import Client, Hub, build_release, compile_model
 from zmqmodels.store import Store
@@ -117,7 +117,7 @@ def test_kill9_of_the_front_leaves_no_worker(tmp_path, probe) -> None:
 
 def test_sigterm_answers_the_request_in_flight_then_exits(hub, tmp_path, probe) -> None:
     """Milestone 1: SIGTERM dropped the requests in flight."""
-    port = _free_port()
+    port = free_port()
     node = Serve(tmp_path, hub, "--workers", "1", bind=f"tcp://127.0.0.1:{port}")
     try:
         m = hub.publish(probe)
@@ -140,14 +140,6 @@ def test_sigterm_answers_the_request_in_flight_then_exits(hub, tmp_path, probe) 
         assert node.p.wait(30) == 0
     finally:
         node.stop()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- the cache ---------------------------------------------------------------------------------
@@ -237,7 +229,7 @@ def test_full_cache_reports_error_keeps_serving_and_recovers(hub, tmp_path, smal
 def test_hub_restored_on_an_empty_store_publishes_past_what_nodes_hold(tmp_path, probe) -> None:
     """Milestone 1: nodes holding seq 3 silently dropped a new hub's seq 1, and the publisher
     printed a bare FAILED."""
-    port = _free_port_pair()
+    port = free_port_pair()
     addr = f"tcp://127.0.0.1:{port}"
     with Hub(addr, Store(tmp_path / "old-store")) as old:
         node = Node(addr, ["probe"], "tcp://127.0.0.1:0", workers=1, cache=tmp_path / "c").start()
@@ -258,20 +250,6 @@ def test_hub_restored_on_an_empty_store_publishes_past_what_nodes_hold(tmp_path,
         node.close()
 
 
-def _free_port_pair() -> int:
-    import socket
-
-    for _ in range(50):
-        port = _free_port()
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-    raise AssertionError("no free port pair")
-
-
 # -- honest commands -------------------------------------------------------------------------------
 def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "zmqmodels", *args], env=ENV, capture_output=True,
@@ -282,7 +260,7 @@ def test_publish_with_no_hub_fails_fast_before_compiling(tmp_path) -> None:
     """Milestone 1: `publish` with no hub compiled, then sat silent for 120 s."""
     t0 = time.monotonic()
     out = _cli("publish", "tests.models:make_probe", "--name", "probe", "--hub",
-               f"tcp://127.0.0.1:{_free_port()}", timeout=60)
+               f"tcp://127.0.0.1:{free_port()}", timeout=60)
     assert out.returncode == 1
     assert time.monotonic() - t0 < 10
     lines = out.stderr.strip().splitlines()
@@ -292,7 +270,7 @@ def test_publish_with_no_hub_fails_fast_before_compiling(tmp_path) -> None:
 
 def test_infer_to_a_dead_address_says_how_long_it_waited(tmp_path) -> None:
     """Milestone 1: `infer` to a dead address said "within 5s" but took 21 s."""
-    out = _cli("infer", "--server", f"tcp://127.0.0.1:{_free_port()}", "--model", "m", "--input", "1x4",
+    out = _cli("infer", "--server", f"tcp://127.0.0.1:{free_port()}", "--model", "m", "--input", "1x4",
                "--timeout", "0.5", "--retries", "2", timeout=60)
     assert out.returncode == 1
     assert "3 attempt(s) of 0.5s each" in out.stderr and "s in all" in out.stderr, out.stderr
@@ -340,7 +318,7 @@ def _scrape(port: int) -> dict[str, float]:
 
 def test_metrics_parse_as_prometheus_and_count_requests(tmp_path, probe) -> None:
     """Milestone 1 had no metrics to alert on."""
-    hub_port, node_port = _free_port(), _free_port()
+    hub_port, node_port = free_port(), free_port()
     with Hub("tcp://127.0.0.1:0", Store(tmp_path / "s"), metrics=f"127.0.0.1:{hub_port}") as h:
         node = Node(h.address, ["probe"], "tcp://127.0.0.1:0", workers=1, cache=tmp_path / "c",
                     metrics=f"127.0.0.1:{node_port}").start()
@@ -371,7 +349,7 @@ def test_metrics_parse_as_prometheus_and_count_requests(tmp_path, probe) -> None
 def test_node_says_its_hub_is_unreachable(tmp_path) -> None:
     """Milestone 1: a wrong --hub address started, said it was serving, showed `idle` and every
     infer answered `not_ready … yet` with no word of the hub."""
-    node = Node(f"tcp://127.0.0.1:{_free_port()}", ["probe"], "tcp://127.0.0.1:0", workers=1,
+    node = Node(f"tcp://127.0.0.1:{free_port()}", ["probe"], "tcp://127.0.0.1:0", workers=1,
                 cache=tmp_path / "c", hub_unreachable_s=1.0).start()
     try:
         wait_until(lambda: node.health()["hub_unreachable"], 10, what="the hub counted unreachable")

@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from tests.conftest import wait_until
+from tests.conftest import free_port_pair, wait_until
 from tests.helpers import raw_release
 from tests.models import Probe, probe_examples
 from zmqmodels import Client, Hub, Node, Relay, build_release, compile_model
@@ -116,22 +116,7 @@ def test_relay_serves_its_store_at_once_after_a_restart(hub, tmp_path) -> None:
 
 
 def test_a_relay_loop_is_detected_and_refused(tmp_path) -> None:
-    import socket
-
-    def pair() -> int:
-        for _ in range(50):
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-            return port
-        raise AssertionError("no port pair")
-
-    a, b = f"tcp://127.0.0.1:{pair()}", f"tcp://127.0.0.1:{pair()}"
+    a, b = f"tcp://127.0.0.1:{free_port_pair()}", f"tcp://127.0.0.1:{free_port_pair()}"
     with Relay(b, a, tmp_path / "a", ["m"], relay_id="A") as ra, \
             Relay(a, b, tmp_path / "b", ["m"], relay_id="B") as rb:
         wait_until(lambda: ra.forwarder.loop or rb.forwarder.loop, 15, what="the loop detected")
@@ -140,13 +125,10 @@ def test_a_relay_loop_is_detected_and_refused(tmp_path) -> None:
 
 def test_zmqmodels_relay_command(hub, tmp_path) -> None:
     import os
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port_pair()
     log = open(tmp_path / "relay.log", "w")  # noqa: SIM115 (closed below)
     p = subprocess.Popen([sys.executable, "-m", "zmqmodels", "relay", "--hub", hub.address, "--bind",
                           f"tcp://127.0.0.1:{port}", "--store", str(tmp_path / "rs"), "--model", "m",

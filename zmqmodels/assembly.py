@@ -41,7 +41,7 @@ from .protocol import ModelState
 from .release import Manifest, decompress_chunk
 from .signing import Trust
 
-__all__ = ["Assembly", "Follow", "Send", "Deliver", "Assembler"]
+__all__ = ["Assembly", "Follow", "Send", "Deliver", "Assembler", "next_fetch"]
 
 
 @dataclass
@@ -96,6 +96,21 @@ class Follow:
     reason: str = ""
     stages: dict[str, float] = field(default_factory=dict)  # of release ``stages_seq``
     stages_seq: int = 0
+
+
+def next_fetch(missing: set[int], requested: dict[int, float], now: float, credit: int,
+               timeout_s: float) -> list[int]:
+    """Credit-bounded repair, shared by nodes and relays: forget requests unanswered for
+    ``timeout_s``, then ask for the lowest missing chunks not in flight, keeping at most
+    ``credit`` in flight; marks them requested at ``now``."""
+    for i, asked in list(requested.items()):
+        if now - asked > timeout_s:
+            del requested[i]
+    room = credit - len(requested)
+    want = [i for i in sorted(missing) if i not in requested][:max(0, room)]
+    for i in want:
+        requested[i] = now
+    return want
 
 
 @dataclass(frozen=True)
@@ -358,17 +373,9 @@ class Assembler:
         asm = st.asm
         if asm is None:
             return []
-        for i, asked in list(asm.requested.items()):
-            if now - asked > self.fetch_timeout_s:
-                del asm.requested[i]
-        room = self.limits.fetch_credit - len(asm.requested)
-        if room <= 0:
-            return []
-        want = [i for i in sorted(asm.missing) if i not in asm.requested][:room]
+        want = next_fetch(asm.missing, asm.requested, now, self.limits.fetch_credit, self.fetch_timeout_s)
         if not want:
             return []
-        for i in want:
-            asm.requested[i] = now
         self.stats["fetch_chunks"] += len(want)
         return [Send(P.FetchChunks(st.name, asm.manifest.seq, want))]
 

@@ -23,6 +23,7 @@ import xxhash
 
 from . import defaults
 from . import protocol as P
+from .assembly import next_fetch
 from .defaults import Limits
 from .errors import LimitError, ProtocolError, SignatureError
 from .release import Manifest
@@ -271,16 +272,8 @@ class Forwarder:
         return [Up(P.FetchManifest(name, seq))]
 
     def _pump(self, c: Carried, now: float) -> list[Action]:
-        for i, asked in list(c.requested.items()):
-            if now - asked > self.fetch_timeout_s:
-                del c.requested[i]
-        room = self.limits.fetch_credit - len(c.requested)
-        want = [i for i in sorted(c.missing) if i not in c.requested][:max(0, room)]
-        if not want:
-            return []
-        for i in want:
-            c.requested[i] = now
-        return [Up(P.FetchChunks(c.manifest.name, c.manifest.seq, want))]
+        want = next_fetch(c.missing, c.requested, now, self.limits.fetch_credit, self.fetch_timeout_s)
+        return [Up(P.FetchChunks(c.manifest.name, c.manifest.seq, want))] if want else []
 
     def _complete(self, c: Carried) -> list[Action]:
         self.stats["complete"] += 1
