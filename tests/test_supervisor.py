@@ -74,3 +74,18 @@ def test_backoff_grows_in_a_crash_loop_and_resets_after_a_healthy_run() -> None:
     assert s.exited("w0", 100.0) == 100.0  # it ran healthily for 97 s: no back-off
     assert not [a for a in s.tick(99.9) if a == Spawn("w0")]
     assert Spawn("w0") in s.tick(100.0)
+
+
+def test_exits_before_ready_three_times_is_a_start_error_until_one_comes_up() -> None:
+    s = make()
+    for n in range(3):
+        s.spawned("w0", float(n))
+        assert s.start_error() == ""
+        s.exited("w0", float(n) + 0.5, code=1)
+    assert s.start_error() == "worker w0 exits before it is ready (exit code 1, 3 times in a row); " \
+        "see the node's log"
+    s.spawned("w0", 5.0)
+    s.ready("w0", 6.0)
+    assert s.start_error() == ""
+    s.exited("w0", 7.0, code=-9)  # dying after READY is not a start failure
+    assert s.start_error() == ""

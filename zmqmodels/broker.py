@@ -142,7 +142,6 @@ class Broker:
         self.queue_max = queue_max
         self.queue_timeout_s = queue_timeout_s
         self._path_for = path_for
-        self._labels: dict[tuple[str, int], str] = {}
         self.loading: str | None = None  # the worker loading now (one at a time)
         self._unsettled = True  # a worker may be stale: schedule loads (else skip that scan)
 
@@ -181,8 +180,7 @@ class Broker:
         self._unsettled = True
         w.serving = {n: v for n, v in serving.items() if n in self.rollout.floor}
         for name, v in w.serving.items():
-            self._labels[(name, v.seq)] = v.label
-            self.rollout.loaded(name, v.seq)
+            self.rollout.loaded(name, v.seq, v.label)
         return [*out, *(Changed(n) for n in self.models), *self._step(now)]
 
     def worker_lost(self, wid: str, now: float) -> list[Action]:
@@ -198,11 +196,7 @@ class Broker:
             self.loading = None
         self.workers[wid] = WorkerSlot(wid)
         for name in self.models:
-            if not any(x.serving.get(name) and x.serving[name].seq >= self.rollout.floor[name]
-                       for x in self.workers.values()) and self._floor_unreachable(name):
-                held = max((x.serving[name].seq for x in self.workers.values() if name in x.serving),
-                           default=0)
-                self.rollout.lower_floor(name, held)
+            self._settle_floor(name)
         return [*out, *(Changed(n) for n in self.models), *self._step(now)]
 
     def loaded(self, wid: str, name: str, seq: int, label: str, ok: bool, reason: str,
@@ -215,8 +209,7 @@ class Broker:
         out: list[Action] = []
         if ok:
             w.serving[name] = Version(seq, label)
-            self._labels[(name, seq)] = label
-            self.rollout.loaded(name, seq)
+            self.rollout.loaded(name, seq, label)
         elif corrupt:
             out.append(self._refetch(name, seq, reason))
         else:
@@ -233,7 +226,6 @@ class Broker:
                 return [Changed(target.name), *self._step(now)]
         elif not self.rollout.offer(target):
             return []
-        self._labels[(target.name, target.seq)] = target.label
         self._unsettled = True
         return [Changed(target.name), *self._step(now)]
 
@@ -288,15 +280,20 @@ class Broker:
         return Refetch(name, seq, reason)
 
     def _reject(self, name: str, seq: int, reason: str) -> list[Action]:
-        self.rollout.reject(name, seq, reason)
+        self.rollout.reject(name, seq)
         return [Rejected(name, seq, reason)]
 
-    def _floor_unreachable(self, name: str) -> bool:
+    def _settle_floor(self, name: str) -> None:
+        """After a worker died: if no live worker holds the floor and none can get it (every
+        worker is up, and no target at or above it), fall back to the newest version held. A
+        worker still coming up loads the newest cached release, so we wait for it."""
         floor = self.rollout.floor[name]
-        if any(not w.ready for w in self.workers.values()):
-            return False  # a worker coming up loads the newest cached release: wait for it
+        held = [w.serving[name] for w in self.workers.values() if name in w.serving]
+        if any(v.seq >= floor for v in held) or any(not w.ready for w in self.workers.values()):
+            return
         t = self.rollout.targets.get(name)
-        return t is None or t.seq < floor
+        if t is None or t.seq < floor:
+            self.rollout.lower_floor(name, max(held, default=None))
 
     def _step(self, now: float) -> list[Action]:
         out: list[Action] = []
@@ -325,8 +322,8 @@ class Broker:
             if w is None:
                 continue  # the next of them to finish its request is taken (this runs first)
             t = self.rollout.targets.get(name)
-            if t is None or t.seq != goal:
-                t = Target(name, goal, self._path_for(name, goal), self._labels.get((name, goal), ""))
+            if t is None or t.seq != goal:  # goal is the floor: another worker holds it already
+                t = self.rollout.floor_target(name, self._path_for(name, goal))
             w.loading, self.loading = t, w.wid
             out.append(Load(w.wid, t, self.rollout.policy is SwapPolicy.UNLOAD_FIRST))
             out.append(Changed(name))

@@ -154,8 +154,6 @@ class Node(IOThread):
         self.hub_unreachable_s = hub_unreachable_s
         self._started_at = time.monotonic()
         self._hub_down_logged = False
-        self._start_failures: dict[str, int] = dict.fromkeys(self._procs, 0)
-        self._worker_error = ""  # why workers cannot start, while they cannot
         self._rolling_since: dict[tuple[str, int], float] = {}  # (name, seq) -> verified at
         self._metrics_spec = metrics
         self.metrics: Any = None  # NodeMetrics once started with metrics=
@@ -286,6 +284,8 @@ class Node(IOThread):
 
         def roll() -> None:
             now = time.monotonic()
+            for key in [k for k in self._rolling_since if k[0] == m.name and k[1] < m.seq]:
+                del self._rolling_since[key]  # superseded before it served: no stage to time
             self._rolling_since[(m.name, m.seq)] = now
             self._carry(self.broker.target(target, now))
 
@@ -353,16 +353,10 @@ class Node(IOThread):
         log.warning("worker %s exited (%s); restarting", wid, code)
         self.stats["worker_restarts"] += 1
         self._procs[wid] = None
-        if not self.broker.workers[wid].ready:
-            self._start_failures[wid] += 1
-            n = self._start_failures[wid]
-            if n >= 3:  # a crash loop before READY: shown as an error, never as idle
-                self._worker_error = (f"worker {wid} exits before it is ready (exit code {code}, {n} "
-                                      "times in a row); see the node's log")
-                if n == 3:
-                    log.error("node %s: %s", self.node_id, self._worker_error)
-                self._reported.clear()
-        self.supervisor.exited(wid, now)
+        failing = self.supervisor.start_error()
+        self.supervisor.exited(wid, now, code)
+        if self.supervisor.start_error() and not failing:  # a crash loop: error, never idle
+            log.error("node %s: %s", self.node_id, self.supervisor.start_error())
         self._carry(self.broker.worker_lost(wid, now))
 
     def _carry(self, actions: list[Action]) -> None:
@@ -464,10 +458,7 @@ class Node(IOThread):
                 self.supervisor.seen(wid, now, Activity.IDLE)
                 self._carry(self.broker.done(wid, now))
             case P.WorkerReady(pid=pid, device=device, serving=serving, errors=errors):
-                self.supervisor.seen(wid, now, Activity.IDLE)
-                self._start_failures[wid] = 0
-                if not any(n >= 3 for n in self._start_failures.values()):
-                    self._worker_error = ""
+                self.supervisor.ready(wid, now)
                 log.info("worker %s ready (pid %d, %s): %s", wid, pid, device, serving)
                 versions = {n: Version(int(v[0]), str(v[1])) for n, v in serving.items()}
                 damaged = {n: (int(e[0]), str(e[1])) for n, e in errors.items()}
@@ -502,9 +493,9 @@ class Node(IOThread):
         since = self._rolling_since.pop((name, seq), None) if state == "serving" else None
         if since is not None:
             self._sub.stage(name, seq, roll=time.monotonic() - since)
-        reason = ""
-        if self._worker_error and state == "idle":
-            state, reason = "error", self._worker_error
+        reason = self.supervisor.start_error() if state == "idle" else ""
+        if reason:
+            state = "error"
         if self._reported.get(name) != (state, seq):
             self._reported[name] = (state, seq)
             self._sub.report(name, state, seq=seq, label=label, reason=reason)

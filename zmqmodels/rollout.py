@@ -49,8 +49,10 @@ class Rollout:
     def __init__(self, models: list[str], policy: SwapPolicy = SwapPolicy.AVAILABILITY) -> None:
         self.policy = SwapPolicy(policy)
         self.targets: dict[str, Target] = {}
-        self.rejected: dict[str, dict[int, str]] = {m: {} for m in models}
+        # seqs above the floor that failed to load (older ones can never be offered again)
+        self.rejected: dict[str, set[int]] = {m: set() for m in models}
         self.floor: dict[str, int] = dict.fromkeys(models, 0)
+        self.floor_label: dict[str, str] = dict.fromkeys(models, "")
         self.missing: dict[str, int] = {}  # name -> a seq whose cache file is being fetched again
 
     def offer(self, target: Target) -> bool:
@@ -77,17 +79,24 @@ class Rollout:
             return held.seq == pin
         return held.seq >= self.floor[name] and not older_in_flight
 
-    def loaded(self, name: str, seq: int) -> None:
+    def loaded(self, name: str, seq: int, label: str) -> None:
         """A worker now holds ``seq`` (a load, or a worker that came up with it cached)."""
-        self.floor[name] = max(self.floor[name], seq)  # the target stays until every worker holds it
+        if seq > self.floor[name]:  # the target stays until every worker holds it
+            self.floor[name], self.floor_label[name] = seq, label
+            self.rejected[name] = {s for s in self.rejected[name] if s > seq}  # bounded
 
-    def reject(self, name: str, seq: int, reason: str) -> None:
-        self.rejected[name][seq] = reason
+    def floor_target(self, name: str, path: str) -> Target:
+        """The floor as a target: what a worker that came up on an older release loads."""
+        return Target(name, self.floor[name], path, self.floor_label[name])
+
+    def reject(self, name: str, seq: int) -> None:
+        self.rejected[name].add(seq)
         t = self.targets.get(name)
         if t is not None and t.seq == seq:
             del self.targets[name]
 
-    def lower_floor(self, name: str, held: int) -> None:
+    def lower_floor(self, name: str, held: Version | None) -> None:
         """Nobody can hold the floor any more (its only holders died and the cache lost it):
-        fall back to the newest seq still held, rather than refusing everything."""
-        self.floor[name] = held
+        fall back to the newest version still held, rather than refusing everything."""
+        self.floor[name] = held.seq if held else 0
+        self.floor_label[name] = held.label if held else ""

@@ -9,6 +9,8 @@ Two rules milestone 1 lacked:
 - **A paused node is not a dead worker.** Silence is measured on the loop's own clock: when a
   tick comes late (the node was stopped, swapped out or starved; SIGSTOP/SIGCONT), the gap is
   forgiven for every worker, which gets a full TTL from the resumed tick.
+- **A crash loop is an error**: a worker that exits before it is ready ``START_FAILURES``
+  times in a row makes :meth:`Supervisor.start_error` say so (the node reports ``error``).
 - **Back-off resets**: a worker that ran healthily for ``healthy_s`` restarts at once the next
   time it dies; a crash loop backs off exponentially up to ``max_backoff_s``.
 """
@@ -18,7 +20,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-__all__ = ["Activity", "Spawn", "Kill", "Supervisor", "WorkerHealth"]
+__all__ = ["Activity", "Spawn", "Kill", "Supervisor", "WorkerHealth", "START_FAILURES"]
+
+START_FAILURES = 3  # exits before READY in a row after which the node reports an error
 
 
 class Activity(str, enum.Enum):
@@ -48,6 +52,9 @@ class WorkerHealth:
     restarts: int = 0  # consecutive unhealthy deaths (back-off exponent)
     restart_at: float = 0.0
     killing: bool = False
+    was_ready: bool = False  # said READY since it was spawned
+    early_exits: int = 0  # consecutive exits before READY
+    last_code: int | None = None
 
 
 class Supervisor:
@@ -66,6 +73,21 @@ class Supervisor:
     def spawned(self, wid: str, now: float) -> None:
         h = self.workers[wid]
         h.alive, h.killing, h.activity, h.last_seen, h.started = True, False, Activity.IDLE, now, now
+        h.was_ready = False
+
+    def ready(self, wid: str, now: float) -> None:
+        """The worker said READY: it can start."""
+        h = self.workers[wid]
+        h.was_ready, h.early_exits, h.last_seen, h.activity = True, 0, now, Activity.IDLE
+
+    def start_error(self) -> str:
+        """Why workers cannot start ("" while they can): one that exited before READY
+        ``START_FAILURES`` times in a row."""
+        h = next((h for h in self.workers.values() if h.early_exits >= START_FAILURES), None)
+        if h is None:
+            return ""
+        return (f"worker {h.wid} exits before it is ready (exit code {h.last_code}, {h.early_exits} "
+                "times in a row); see the node's log")
 
     def seen(self, wid: str, now: float, activity: Activity | None = None) -> None:
         h = self.workers[wid]
@@ -73,10 +95,12 @@ class Supervisor:
         if activity is not None:
             h.activity = activity
 
-    def exited(self, wid: str, now: float) -> float:
+    def exited(self, wid: str, now: float, code: int | None = None) -> float:
         """The process is gone; returns when it will be spawned again."""
         h = self.workers[wid]
-        h.alive, h.killing = False, False
+        h.alive, h.killing, h.last_code = False, False, code
+        if not h.was_ready:
+            h.early_exits += 1
         self.restarts_total += 1
         if now - h.started >= self.healthy_s:
             h.restarts = 0  # it had been healthy: not a crash loop
