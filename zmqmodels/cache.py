@@ -92,6 +92,7 @@ class Cache:
                     sig = path.with_suffix(".sig")
                     (trust or Trust()).verify(m, raw, sig.read_bytes() if sig.exists() else b"")
                     self.verify(m, path)
+                    self._stamp(path)  # hashed now: workers need not hash it again
                 return m, path
             except (OSError, ReleaseError) as exc:
                 log.warning("cache: discarding %s seq %d: %s", name, seq, exc)

@@ -81,6 +81,11 @@ class Fleet:
         self.forgotten += len(gone)
         return [self._entries.pop(k) for k in gone]
 
+    def highest_seq(self, model: str) -> int:
+        """The highest seq of ``model`` any node in the table has reported (held, arriving or
+        refused): a store behind it must number past it."""
+        return max((e.report.seq for (_, m), e in self._entries.items() if m == model), default=0)
+
     def lost(self, now: float) -> list[FleetEntry]:
         return [e for e in self._entries.values() if now - e.seen > self.lost_after_s]
 

@@ -42,7 +42,7 @@ class Carried:
     chunks: list[Any]  # payloads as sent; None where missing
     missing: set[int]
     requested: dict[int, float] = field(default_factory=dict)
-    waiters: dict[int, list[bytes]] = field(default_factory=dict)  # index -> downstream peers
+    waiters: dict[int, set[bytes]] = field(default_factory=dict)  # index -> downstream peers
     last_progress: float = 0.0
     repairing: bool = False
     corrupt_fetches: int = 0
@@ -145,14 +145,14 @@ class Forwarder:
                 self.stats["corrupt_at_source"] += 1
                 return []
             return self._pump(c, now)
-        data = bytes(payload)
+        data = payload  # kept as received (the frame's buffer): no copy of model-sized bytes
         c.chunks[i] = data
         c.missing.discard(i)
         c.last_progress = now
         self.stats["chunks_fetched" if fetched else "chunks_broadcast"] += 1
         frames = P.pack(P.ChunkHeader(m.name, m.seq, i), data)
         out: list[Action] = [Down(m.name, frames)]
-        out += [Reply(peer, frames) for peer in c.waiters.pop(i, [])]
+        out += [Reply(peer, frames) for peer in sorted(c.waiters.pop(i, ()))]
         if not c.missing:
             out += self._complete(c)
         elif c.repairing:
@@ -241,7 +241,7 @@ class Forwarder:
         out: list[Action] = []
         for i in req.indices:
             if c.chunks[i] is None:  # not here yet: answer when it comes
-                c.waiters.setdefault(i, []).append(peer)
+                c.waiters.setdefault(i, set()).add(peer)  # one answer per peer and chunk
             else:
                 out.append(Reply(peer, P.pack(P.ChunkHeader(req.name, req.seq, i), c.chunks[i])))
         self.stats["fetch_chunks"] += len(req.indices)

@@ -121,7 +121,6 @@ class Hub(IOThread):
         self.fleet = Fleet(self.limits.max_fleet_entries, lost_after_s=lost_after_s,
                            forget_after_s=forget_after_s)
         self._lost: set[tuple[str, str]] = set()
-        self._fleet_seq: dict[str, int] = {}  # name -> the highest seq any node reported
         self.desk = ReleaseDesk(self.store, self.limits, self.trust, signing_key, self._held)
         self._metrics_spec, self._metrics_server = metrics, None
         self._fleet_cond = threading.Condition()  # guards fleet and _latest for other threads
@@ -367,14 +366,12 @@ class Hub(IOThread):
     def _held(self, name: str) -> int:
         """The highest seq of ``name`` any node has reported (store side, any thread)."""
         with self._fleet_cond:
-            return self._fleet_seq.get(name, 0)
+            return self.fleet.highest_seq(name)
 
     def _on_report(self, report: P.Report) -> None:
         with self._fleet_cond:
             evicted = self.fleet.evicted
             prev = self.fleet.report(report, time.monotonic())
-            if report.seq > self._fleet_seq.get(report.model, 0):
-                self._fleet_seq[report.model] = report.seq
             self.stats["fleet_evicted"] += self.fleet.evicted - evicted
             self._fleet_cond.notify_all()
         if prev is None or (prev.report.state, prev.report.seq) != (report.state, report.seq):
