@@ -401,7 +401,7 @@ class Hub(IOThread):
                               f"{m.codec.name}/{m.codec.filter}", m.signer,
                               int(m.metadata.get("rollback_of", "0") or 0),
                               sum(r.model == m.name and r.seq == m.seq and r.state == "serving"
-                                  for r in rows))
+                                  for r in rows), m.archive_sha256)
                 for m in manifests]
 
     def _releases(self, ident: bytes, manifests: list[Manifest]) -> None:

@@ -18,13 +18,16 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
 from . import defaults
 from .errors import DeadlineError, ZmqModelsError
 from .mailbox import Mailbox
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11
 
 __all__ = ["IOThread", "LoopState", "Handler"]
 
@@ -82,7 +85,7 @@ class IOThread(abc.ABC):
         return s
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def start(self, timeout: float = defaults.START_TIMEOUT_S) -> Any:
+    def start(self, timeout: float = defaults.START_TIMEOUT_S) -> Self:
         if self.state is not LoopState.NEW:
             raise ZmqModelsError(f"a {type(self).__name__} can be started once")
         self.state = LoopState.RUNNING
@@ -103,7 +106,7 @@ class IOThread(abc.ABC):
             self.mailbox.wake()
             self._thread.join(timeout=10)
 
-    def __enter__(self) -> Any:
+    def __enter__(self) -> Self:
         return self.start() if self.state is LoopState.NEW else self
 
     def __exit__(self, *exc: object) -> None:

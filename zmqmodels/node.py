@@ -249,9 +249,6 @@ class Node(IOThread):
         self.cache.unlock()
         self._server_ctx.close()
 
-    def __enter__(self) -> Node:
-        return self.start() if self.state is LoopState.NEW else self
-
     def hub_silence(self, now: float | None = None) -> float:
         """Seconds since the hub was last heard from (since start if never; 0 without a hub)."""
         if not self.hub:
@@ -399,7 +396,9 @@ class Node(IOThread):
     def _error(self, client: Any, code: str, message: str, rid: str = "", model: str = "") -> None:
         self.stats[f"error_{code}"] += 1
         if self.metrics is not None:
-            self.metrics.requests[(model, "0", code)] += 1
+            # a refused request's model name is the client's: only names served here become
+            # labels, so a client cannot grow the metric's cardinality
+            self.metrics.requests[(model if model in self.models else "", "0", code)] += 1
         err = P.ErrorReply(code, message[:4000], model, 0, P.SERVING_CODES.get(code, False), id=rid)
         self._front.send_multipart([client, b"", *P.pack(err)])
 
@@ -448,7 +447,8 @@ class Node(IOThread):
                 slot = self.broker.workers[wid]
                 if self.metrics is not None and slot.busy is not None and served:
                     req = slot.busy
-                    self.metrics.requests[(req.model, str(slot.busy_seq), msg.code or "ok")] += 1
+                    code = msg.code if msg.code in P.SERVING_CODES else "ok" if not msg.code else "other"
+                    self.metrics.requests[(req.model, str(slot.busy_seq), code)] += 1
                     self.metrics.latency.labels(req.model).observe(now - req.received)
                 if served:
                     self._front.send_multipart([client, b"", *payload], copy=False)

@@ -230,6 +230,7 @@ class ReleaseInfo(msgspec.Struct, frozen=True):
     signer: str  # hex public key, "" = unsigned
     rollback_of: NonNeg  # the seq whose content this restores, 0 = none
     serving: NonNeg  # nodes reporting it serving (lost nodes not counted)
+    sha256: str = ""  # the archive's sha256
 
 
 class ReleasesReply(msgspec.Struct, frozen=True):

@@ -224,7 +224,7 @@ def _accepted(client: Any, m: Any) -> str:
         rows = []
     except (ZmqModelsError, KeyboardInterrupt):
         return "the hub did not answer; it may or may not have stored the release"
-    stored = [r for r in rows if r.archive_bytes == m.archive_bytes and r.created_at >= m.created_at - 1]
+    stored = [r for r in rows if r.sha256 == m.archive_sha256 and r.created_at >= m.created_at]
     if stored:
         r = stored[-1]
         return f"the hub had already stored {r.name} seq {r.seq}; it is rolling it out"
