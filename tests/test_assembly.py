@@ -142,3 +142,16 @@ def test_any_loss_order_and_corruption_ends_in_one_verified_delivery(order, lost
         out = [*delivered(out), *a.tick(now)]
     (d,) = delivered(out)
     assert d.digest == r.manifest.archive_sha256
+
+
+def test_hub_silence_is_measured_from_the_last_message_not_the_last_reask() -> None:
+    """A re-ask every TTL must not count as hearing from the hub: a node whose hub went away
+    after it was heard has to be able to say so after 30 s (Node.hub_silence reads this)."""
+    a = make(hub_ttl_s=3.0)
+    a.start(0.0)
+    a.heard(1.0)
+    for t in range(2, 40):
+        a.tick(float(t))
+    assert a.hub_seen == 1.0
+    asks = sum(len(sends(a.tick(40.0 + 3.1 * k), P.FetchManifest)) for k in range(1, 4))
+    assert asks == 3  # still one re-ask per TTL of silence

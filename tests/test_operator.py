@@ -420,3 +420,23 @@ def test_each_stage_of_a_rollout_is_timed_in_the_fleet_table(hub, tmp_path, prob
         assert f"seq {m.seq}: recv " in fleet_table(hub.status())
     finally:
         node.close()
+
+
+def test_node_whose_hub_goes_away_says_so_past_the_reask_ttl(tmp_path, probe) -> None:
+    """The silence must count from the hub's last message: re-asking every 3 s is not hearing
+    from it (found reading the change: the re-ask reset the clock, so the 30 s default never
+    fired for a hub that had been heard once)."""
+    hub = Hub("tcp://127.0.0.1:0", Store(tmp_path / "s")).start()
+    node = Node(hub.address, ["probe"], "tcp://127.0.0.1:0", workers=1, cache=tmp_path / "c",
+                hub_unreachable_s=5.0).start()
+    try:
+        m = hub.publish(probe)
+        assert hub.wait_for("probe", m.seq, 1, 60)[0]
+        assert not node.health()["hub_unreachable"]
+        hub.close()
+        health = wait_until(lambda: (h := node.health())["hub_unreachable"] and h, 20,
+                            what="the hub counted unreachable")
+        assert health["hub_silent_s"] >= 5.0
+    finally:
+        node.close()
+        hub.close()

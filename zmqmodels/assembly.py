@@ -153,6 +153,7 @@ class Assembler:
         self.trust = trust or Trust()
         self.repair_idle_s, self.hub_ttl_s, self.fetch_timeout_s = repair_idle_s, hub_ttl_s, fetch_timeout_s
         self.hub_seen = 0.0  # when the hub was last heard from (0: never)
+        self._reasked = 0.0  # when silence last made us ask again
         self._now = 0.0  # the time of the event being handled
         self.stats: Counter[str] = Counter()
 
@@ -276,8 +277,8 @@ class Assembler:
                     self.stats["repairs"] += 1
                 if asm.repairing:
                     out += self._pump(st, now)
-        if self.hub_seen and now - self.hub_seen > self.hub_ttl_s:
-            self.hub_seen = now  # ask once per TTL of silence, not on every tick
+        if self.hub_seen and now - max(self.hub_seen, self._reasked) > self.hub_ttl_s:
+            self._reasked = now  # ask once per TTL of silence, not on every tick
             self.stats["hub_silent"] += 1
             for st in self.models.values():
                 out += self._ask_manifest(st, 0, now)

@@ -90,6 +90,7 @@ class Forwarder:
         self._asked: dict[str, tuple[int, float]] = {}
         self.repair_idle_s, self.hub_ttl_s, self.fetch_timeout_s = repair_idle_s, hub_ttl_s, fetch_timeout_s
         self.hub_seen = 0.0
+        self._reasked = 0.0
         self.upstream_path: list[str] = []  # relays between the root hub and us
         self.loop = ""  # why this relay refuses to forward (its upstream leads back to it)
         self.stats: Counter[str] = Counter()
@@ -201,8 +202,8 @@ class Forwarder:
                 self.stats["repairs"] += 1
             if c.repairing:
                 out += self._pump(c, now)
-        if self.hub_seen and now - self.hub_seen > self.hub_ttl_s:
-            self.hub_seen = now
+        if self.hub_seen and now - max(self.hub_seen, self._reasked) > self.hub_ttl_s:
+            self._reasked = now  # once per TTL of silence; hub_seen stays the last message
             for n in self.models:
                 out += self._ask(n, 0, now)
         return out

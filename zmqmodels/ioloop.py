@@ -42,8 +42,8 @@ class LoopState(str, enum.Enum):
 
 
 class IOThread(abc.ABC):
-    """Subclass and implement :meth:`_open` and :meth:`_tick` (and optionally :meth:`_after`
-    and :meth:`_teardown`). ``burst``: messages taken from one socket before the others get a
+    """Subclass and implement :meth:`_open` and :meth:`_tick` (and optionally
+    :meth:`_teardown`). ``burst``: messages taken from one socket before the others get a
     turn."""
 
     kind = "io"  # for thread names and messages
@@ -69,10 +69,6 @@ class IOThread(abc.ABC):
     def _tick(self, now: float) -> float:
         """I/O thread: timers; return the seconds until the next tick."""
         return 0.1  # overridden by every shell; a plain poll period otherwise
-
-    def _after(self, now: float) -> None:
-        """I/O thread: after each round of messages (e.g. let a core act on what arrived)."""
-        return None  # noqa: B027 (an optional hook)
 
     def _teardown(self) -> None:
         """I/O thread: last words before the sockets close."""
@@ -189,7 +185,6 @@ class IOThread(abc.ABC):
                         except zmq.Again:
                             break
                         self._contain(handler, frames)
-                self._contain(self._after, time.monotonic())
         finally:
             self._contain(self._teardown)
             for s in [*self._sockets, wake]:
