@@ -7,6 +7,7 @@ Each request opens its own DEALER, waits for one reply under a deadline and clos
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -90,12 +91,15 @@ class HubClient:
         return self._request(P.pack(P.StatusRequest()), P.StatusReply, timeout)
 
     def wait_for(self, name: str, seq: int, count: int, timeout: float,
-                 poll_s: float = 0.2) -> tuple[bool, P.StatusReply]:
+                 poll_s: float = 0.2, *,
+                 on_status: Callable[[P.StatusReply], None] | None = None) -> tuple[bool, P.StatusReply]:
         """Poll status until ``count`` nodes serve ``name`` at ``seq``; False on a rejection or
-        at the deadline (the same rule as :meth:`Hub.wait_for`)."""
+        at the deadline (the same rule as :meth:`Hub.wait_for`). ``on_status`` sees each poll."""
         deadline = time.monotonic() + timeout
         while True:
             st = self.status()
+            if on_status is not None:
+                on_status(st)
             serving, rejected = rollout(st, name, seq)
             if rejected or serving >= count or time.monotonic() >= deadline:
                 return serving >= count and not rejected, st

@@ -46,7 +46,6 @@ class Worker:
         self.cache = Cache(cache)
         self.slots = {name: ModelSlot() for name in models}
         self.errors: dict[str, list[Any]] = {}  # name -> [seq, reason]: cached releases unusable
-        self.last_error_code = ""  # of the last request answered ("" = OK)
 
     # -- loading -----------------------------------------------------------------------------
     def load_cached(self, names: Collection[str] | None = None, exclude: Collection[int] = ()) -> None:
@@ -115,12 +114,12 @@ class Worker:
         return out
 
     # -- inference ---------------------------------------------------------------------------
-    def infer(self, frames: list[zmq.Frame], received_ns: int) -> list[Any]:
-        """Answer one request (``frames``: ``[INFER, header, tensors...]``); every failure becomes an
-        ERROR reply with a stable code. Runs inside the inference mode :meth:`run` enters once."""
+    def infer(self, frames: list[zmq.Frame], received_ns: int) -> tuple[list[Any], str]:
+        """Answer one request (``frames``: ``[INFER, header, tensors...]``): ``(reply frames,
+        error code or "")``. Every failure becomes an ERROR reply with a stable code. Runs
+        inside the inference mode :meth:`run` enters once."""
         t0 = time.monotonic_ns()
         req: P.InferRequest | None = None
-        self.last_error_code = ""
         try:
             try:
                 req, tensors = P.unpack(frames)
@@ -157,16 +156,13 @@ class Worker:
             reply = P.InferReply(req.id, req.model, cur.manifest.label, cur.manifest.seq,
                                  self.worker_id, spec, round((t0 - received_ns) / 1e6, 3),
                                  round((t2 - t1) / 1e6, 3))
-            return P.pack(reply, *bufs)
+            return P.pack(reply, *bufs), ""
         except ServingError as exc:
-            self.last_error_code = exc.code
             err = P.ErrorReply(exc.code, str(exc)[:4000], req.model if req else "", 0,
                                P.SERVING_CODES.get(exc.code, False), id=req.id if req else "")
-            return P.pack(err)
         except ZmqModelsError as exc:
-            self.last_error_code = "bad_request"
             err = P.ErrorReply("bad_request", str(exc)[:4000], id=req.id if req else "")
-            return P.pack(err)
+        return P.pack(err), err.code
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> None:
@@ -201,8 +197,7 @@ class Worker:
                         if expires and time.monotonic_ns() > expires:
                             sock.send_multipart(P.pack(P.Done(client, served=False)))
                             continue  # its client has given up: do not spend the model on it
-                        reply = self.infer(payload, received)
-                        code = self.last_error_code
+                        reply, code = self.infer(payload, received)
                         sock.send_multipart(P.pack(P.Done(client, code=code), *reply), copy=False)
                     case P.LoadCommand():
                         sock.send_multipart(P.pack(self.load(msg)))

@@ -245,25 +245,20 @@ def _warn_reused_label(client: Any, name: str, seq: int, label: str, say: Any) -
 
 def _wait_with_progress(client: Any, name: str, seq: int, count: int, timeout: float,
                         say: Any) -> tuple[bool, Any]:
-    """Poll the fleet until ``count`` nodes serve ``seq``, printing each change of the tally."""
-    import time
+    """:meth:`HubClient.wait_for`, printing the tally each time it changes."""
+    last: list[Any] = [None]
 
-    from ..fleet import rollout
-
-    deadline, last = time.monotonic() + timeout, None
-    while True:
-        st = client.status()
+    def progress(st: Any) -> None:
         rows = [n for n in st.nodes if n.model == name]
-        serving, rejected = rollout(st, name, seq)
-        tally = (serving, sum(n.seq == seq and n.state in ("receiving", "verified", "loading") for n in rows),
-                 len(rejected), sum(n.state in ("lost", "error") for n in rows))
-        if tally != last:
-            say(f"rollout: {serving}/{count} serving seq {seq}, {tally[1]} on the way, "
+        tally = (sum(n.seq == seq and n.state == "serving" for n in rows),
+                 sum(n.seq == seq and n.state in ("receiving", "verified", "loading") for n in rows),
+                 sum(n.rejected_seq == seq for n in rows), sum(n.state in ("lost", "error") for n in rows))
+        if tally != last[0]:
+            last[0] = tally
+            say(f"rollout: {tally[0]}/{count} serving seq {seq}, {tally[1]} on the way, "
                 f"{tally[2]} rejected, {tally[3]} lost or in error")
-            last = tally
-        if rejected or serving >= count or time.monotonic() >= deadline:
-            return serving >= count and not rejected, st
-        time.sleep(0.2)
+
+    return client.wait_for(name, seq, count, timeout, on_status=progress)
 
 
 @cli.command()
