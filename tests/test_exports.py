@@ -27,7 +27,7 @@ def test_hub_and_subscriber_do_not_import_torch() -> None:
     assert out.stdout.strip() == "False", out.stderr
 
 
-CORES = ("broker", "rollout", "supervisor", "assembly", "fleet", "forward")
+CORES = ("broker", "rollout", "supervisor", "assembly", "fleet", "forward", "waves")
 
 
 def test_cores_do_no_io() -> None:

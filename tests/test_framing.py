@@ -18,6 +18,8 @@ pytestmark = pytest.mark.timeout(60)
 SAMPLES = {
     P.ChunkHeader: (P.ChunkHeader("m", 3, 1), [b"payload"]),
     P.Heartbeat: (P.Heartbeat("hub", "m", 3, "a" * 64, "v1"), []),
+    P.Activate: (P.Activate("m", 3, ["n1"]), []),
+    P.Activated: (P.Activated("m", 3, ["n1"]), []),
     P.FetchManifest: (P.FetchManifest("m", 2), []),
     P.FetchChunks: (P.FetchChunks("m", 2, [0, 1]), []),
     P.Report: (P.Report("n", "m", "serving", 2, "v1"), []),

@@ -20,6 +20,10 @@ Rules (docs/protocol.md §Subscriber):
   same release (seq and sha256) no longer trigger a fetch.
 - Chunks fetched from the hub that fail their digest ``CORRUPT_FETCHES_MAX`` times: the hub's
   own copy is bad; the release is rejected rather than fetched forever.
+- A *staged* release is received, verified and cached like any other, then held (reported
+  as ``staged``, the state stays what is served) until it is activated: an ACTIVATE naming
+  this node (or every node) for its seq, or a heartbeat whose ``active`` reaches it. Then
+  :class:`Unstage` hands it on.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from .protocol import ModelState
 from .release import Manifest, decompress_chunk
 from .signing import Trust
 
-__all__ = ["Assembly", "Follow", "Send", "Deliver", "Assembler", "next_fetch"]
+__all__ = ["Assembly", "Follow", "Send", "Deliver", "Unstage", "Assembler", "next_fetch"]
 
 
 @dataclass
@@ -96,6 +100,10 @@ class Follow:
     reason: str = ""
     stages: dict[str, float] = field(default_factory=dict)  # of release ``stages_seq``
     stages_seq: int = 0
+    staged: int = 0  # a verified, cached staged release held until activated (0: none)
+    active: int = 0  # staged releases up to this seq are activated for this node
+    requests: int = 0  # what the host answered (Report.requests / errors)
+    errors: int = 0
 
 
 def next_fetch(missing: set[int], requested: dict[int, float], now: float, credit: int,
@@ -129,7 +137,15 @@ class Deliver:
     digest: str
 
 
-Action = Send | Deliver
+@dataclass(frozen=True)
+class Unstage:
+    """The held staged release ``seq`` of ``name`` is activated: hand it on now."""
+
+    name: str
+    seq: int
+
+
+Action = Send | Deliver | Unstage
 
 
 class Assembler:
@@ -140,6 +156,7 @@ class Assembler:
                  take: Callable[[str, int], Any], give: Callable[[str, Any], None],
                  limits: Limits | None = None, trust: Trust | None = None,
                  known: dict[str, int] | None = None,
+                 staged: dict[str, int] | None = None, labels: Sequence[str] = (),
                  repair_idle_s: float = defaults.REPAIR_IDLE_S,
                  hub_ttl_s: float = defaults.HUB_TTL_S,
                  fetch_timeout_s: float = defaults.FETCH_TIMEOUT_S) -> None:
@@ -147,6 +164,11 @@ class Assembler:
         for name, seq in (known or {}).items():
             if name in self.models:
                 self.models[name].done_seq = self.models[name].seq = seq
+        for name, seq in (staged or {}).items():  # held in the cache across a restart
+            if name in self.models:
+                st = self.models[name]
+                st.staged, st.done_seq = seq, max(st.done_seq, seq)
+        self.labels = list(labels)
         self.node_id, self.host, self.pid, self.device = node_id, host, pid, device
         self._take, self._give = take, give
         self.limits = limits or Limits()
@@ -189,8 +211,10 @@ class Assembler:
         st.asm = Assembly(m, raw, signature, self._take(m.name, m.archive_bytes),
                           set(range(m.chunk_count)), last_progress=now, started=now)
         self.stats["manifests"] += 1
-        st.state, st.seq, st.label, st.reason = ModelState.RECEIVING, m.seq, m.label, ""
-        out: list[Action] = [Send(self._report(st))]
+        out: list[Action] = []
+        if not m.staged:  # a staged release does not change what this node says it serves
+            st.state, st.seq, st.label, st.reason = ModelState.RECEIVING, m.seq, m.label, ""
+            out.append(Send(self._report(st)))
         if not st.asm.missing:
             out += self._complete(st)
         return out
@@ -241,10 +265,36 @@ class Assembler:
             return []
         if (beat.seq, beat.sha256) == st.refused_release:
             return []  # the release this node refused: beats naming it do not ask again
+        out: list[Action] = []
+        if beat.active > st.active:
+            st.active = beat.active
+            out += self._unstage(st)
         if beat.seq > st.done_seq and beat.seq not in st.rejected and (
                 st.asm is None or st.asm.manifest.seq < beat.seq):
-            return self._ask_manifest(st, beat.seq, now)
-        return []
+            out += self._ask_manifest(st, beat.seq, now)
+        return out
+
+    def on_activate(self, msg: P.Activate) -> list[Action]:
+        """ACTIVATE from the hub: if it names this node (or every node), serve ``msg.seq``."""
+        st = self.models.get(msg.name)
+        if st is None or (msg.nodes and self.node_id not in msg.nodes) or msg.seq <= st.active:
+            return []
+        st.active = msg.seq
+        self.stats["activations"] += 1
+        return self._unstage(st)
+
+    def held(self, name: str, seq: int) -> list[Action]:
+        """Staged release ``seq`` is verified and cached: hold it until it is activated."""
+        st = self.follow(name)
+        if seq <= st.seq and st.state == ModelState.SERVING:
+            return []
+        st.staged = max(st.staged, seq)
+        return [*self._unstage(st), Send(self._report(st))]
+
+    def count(self, name: str, requests: int, errors: int) -> None:
+        """What the host has answered for ``name`` so far (reported to the hub)."""
+        st = self.follow(name)
+        st.requests, st.errors = requests, errors
 
     def on_error(self, err: P.ErrorReply, now: float) -> list[Action]:
         """The hub answered a fetch with an error: stop waiting for that answer; a release the
@@ -332,10 +382,17 @@ class Assembler:
         return [Send(self._report(st)) for st in self.models.values()]
 
     # -- internals ---------------------------------------------------------------------------
+    def _unstage(self, st: Follow) -> list[Action]:
+        if not st.staged or st.staged > st.active:
+            return []
+        seq, st.staged = st.staged, 0
+        return [Unstage(st.name, seq)]
+
     def _report(self, st: Follow) -> P.Report:
         return P.Report(node=self.node_id, model=st.name, state=st.state.value, seq=st.seq,
                         label=st.label, reason=st.reason[:500], host=self.host, pid=self.pid,
-                        device=self.device, stages=dict(st.stages), stages_seq=st.stages_seq)
+                        device=self.device, stages=dict(st.stages), stages_seq=st.stages_seq,
+                        staged=st.staged, labels=self.labels, requests=st.requests, errors=st.errors)
 
     def _refuse(self, st: Follow, m: Manifest, raw: bytes, exc: ZmqModelsError) -> list[Action]:
         kind = "untrusted" if isinstance(exc, SignatureError) else "too_large"

@@ -4,6 +4,8 @@ Layout: ``DIR/<name>/<seq:012d>.pt`` (the TorchScript archive) beside ``<seq:012
 (its msgpack manifest, byte for byte as received) and ``<seq:012d>.sig`` (its signature, when
 signed). All are written atomically, the manifest last, so a manifest names a whole archive.
 On restart the signature and the archive's sha256 are checked again before anything loads it.
+A release published *staged* is cached like any other but served only once activated, which
+an empty ``<seq:012d>.active`` marker records (so a restarted node serves what it served).
 
 Before a worker loads an archive it calls :meth:`Cache.check`: the archive's (inode, mtime,
 size) against the stamp written when the verified bytes were stored (``.stamp``), and a full
@@ -58,15 +60,36 @@ class Cache:
             path.with_suffix(".sig").unlink(missing_ok=True)
         atomic_write(path.with_suffix(".manifest"), encode_manifest(manifest) if raw is None else raw)
         self._stamp(path)
+        serving = self.newest_active(manifest.name)
         for old in self.seqs(manifest.name)[: -self.keep]:
-            self.discard(manifest.name, old)
+            if old != serving:  # staged releases never push out the one being served
+                self.discard(manifest.name, old)
         return path
+
+    def activate(self, name: str, seq: int) -> None:
+        """Staged release ``seq`` is to be served (kept across restarts)."""
+        atomic_write(self.path(name, seq).with_suffix(".active"), b"")
+
+    def is_active(self, m: Manifest) -> bool:
+        return not m.staged or self.path(m.name, m.seq).with_suffix(".active").exists()
+
+    def newest_active(self, name: str) -> int:
+        """The newest cached seq of ``name`` that may be served (manifests read, not verified)."""
+        for seq in reversed(self.seqs(name)):
+            try:
+                raw = self.path(name, seq).with_suffix(".manifest").read_bytes()
+                if self.is_active(decode_manifest(raw)):
+                    return seq
+            except (OSError, ReleaseError):
+                continue
+        return 0
 
     def discard(self, name: str, seq: int) -> None:
         """Forget a release that failed to load, so no restarted worker picks it up."""
         self.path(name, seq).with_suffix(".stamp").unlink(missing_ok=True)
         self.path(name, seq).with_suffix(".manifest").unlink(missing_ok=True)
         self.path(name, seq).with_suffix(".sig").unlink(missing_ok=True)
+        self.path(name, seq).with_suffix(".active").unlink(missing_ok=True)
         self.path(name, seq).unlink(missing_ok=True)
 
     def seqs(self, name: str) -> list[int]:
@@ -76,11 +99,12 @@ class Cache:
         return sorted(int(p.stem) for p in d.glob("*.manifest") if p.stem.isdigit())
 
     def latest(self, name: str, *, verify: bool = True, exclude: Collection[int] = (),
-               trust: Trust | None = None) -> tuple[Manifest, Path] | None:
+               trust: Trust | None = None, staged: bool = False) -> tuple[Manifest, Path] | None:
         """The newest cached release of ``name`` (not in ``exclude``) whose manifest reads and,
         with ``verify``, whose signature ``trust`` accepts and whose archive matches its
         sha256. A damaged or untrusted entry is discarded, so whoever looks next (a worker
-        that relies on this check) cannot pick it up."""
+        that relies on this check) cannot pick it up. Staged releases not activated are
+        skipped unless ``staged``."""
         for seq in reversed(self.seqs(name)):
             if seq in exclude:
                 continue
@@ -88,6 +112,8 @@ class Cache:
             try:
                 raw = path.with_suffix(".manifest").read_bytes()
                 m = decode_manifest(raw)
+                if not staged and not self.is_active(m):
+                    continue
                 if verify:
                     sig = path.with_suffix(".sig")
                     (trust or Trust()).verify(m, raw, sig.read_bytes() if sig.exists() else b"")

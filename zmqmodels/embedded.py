@@ -70,6 +70,7 @@ class Subscriber:
         background_nice: int = 0,
         trust: Trust | None = None,
         curve: Curve | None = None,
+        labels: Sequence[str] = (),
     ) -> None:
         self.device = device or "cpu"
         self.cache = Cache(cache) if isinstance(cache, str | Path) else cache
@@ -84,7 +85,7 @@ class Subscriber:
             node_id=node_id, device=self.device, limits=limits, context=context, rcvhwm=rcvhwm,
             report_interval_s=report_interval_s, hub_ttl_s=hub_ttl_s, repair_idle_s=repair_idle_s,
             cache=self.cache, tune_malloc=tune_malloc, background_nice=background_nice,
-            trust=self.trust, curve=curve)
+            trust=self.trust, curve=curve, labels=labels)
         self._hub = hub
         self.follower: Follower | None = None
 

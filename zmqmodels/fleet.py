@@ -39,7 +39,8 @@ class FleetEntry:
             reason = f"not heard from for {age:.0f}s (last: {r.state} seq {r.seq})"
         return P.NodeStatus(r.node, r.model, state, r.seq, r.label, reason, r.host, r.pid,
                             r.device, round(age, 3), self.rejected_seq, self.rejected_reason,
-                            r.stages, r.stages_seq, r.via)
+                            r.stages, r.stages_seq, r.via, r.staged, r.labels, r.requests,
+                            r.errors)
 
 
 class Fleet:
@@ -84,7 +85,8 @@ class Fleet:
     def highest_seq(self, model: str) -> int:
         """The highest seq of ``model`` any node in the table has reported (held, arriving or
         refused): a store behind it must number past it."""
-        return max((e.report.seq for (_, m), e in self._entries.items() if m == model), default=0)
+        return max((max(e.report.seq, e.report.staged) for (_, m), e in self._entries.items() if m == model),
+                   default=0)
 
     def lost(self, now: float) -> list[FleetEntry]:
         return [e for e in self._entries.values() if now - e.seen > self.lost_after_s]

@@ -92,6 +92,7 @@ class Forwarder:
         self.hub_seen = 0.0
         self._reasked = 0.0
         self.upstream_path: list[str] = []  # relays between the root hub and us
+        self.active: dict[str, int] = {}  # per model: the upstream's fleet-wide active seq
         self.loop = ""  # why this relay refuses to forward (its upstream leads back to it)
         self.stats: Counter[str] = Counter()
 
@@ -168,9 +169,17 @@ class Forwarder:
                              f"({' -> '.join([*beat.path, self.relay_id])})")
                 self.stats["loop"] += 1
             return []
+        if beat.active > self.active.get(beat.name, 0) and self._follows(beat.name):
+            self.active[beat.name] = beat.active  # passed on in this relay's own beats
         if self._follows(beat.name) and beat.seq > self.done_seq(beat.name) and not self.loop:
             return self._ask(beat.name, beat.seq, now)
         return []
+
+    def on_activate(self, msg: P.Activate) -> list[Action]:
+        """Activations pass straight down (the nodes they name may be behind this relay)."""
+        if not self._follows(msg.name) or self.loop:
+            return []
+        return [Down(msg.name, P.pack(msg))]
 
     def on_error(self, err: P.ErrorReply) -> list[Action]:
         self._asked.pop(err.name, None)
@@ -218,7 +227,8 @@ class Forwarder:
             if c is not None:
                 m = c.manifest
                 out.append(Down(name, P.pack(P.Heartbeat(hub=hub_id, name=name, seq=m.seq,
-                                                         sha256=m.archive_sha256, label=m.label))))
+                                                         sha256=m.archive_sha256, label=m.label,
+                                                         active=self.active.get(name, 0)))))
         return out
 
     # -- downstream --------------------------------------------------------------------------

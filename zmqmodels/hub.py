@@ -32,10 +32,12 @@ from .errors import ProtocolError, StoreError, ZmqModelsError
 from .fleet import Fleet, rollout
 from .hub_store import ReleaseDesk
 from .ioloop import IOThread
-from .release import Manifest, Release
+from .release import Manifest, Release, stage_release
 from .signing import SigningKey, Trust
 from .store import Store
 from .tuning import trim_heap
+from .waves import ActivateNodes, Finish, Halt, WaveRollout
+from .waves import plan as wave_plan
 
 __all__ = ["Hub", "Publisher", "bind_hub_sockets"]
 
@@ -125,6 +127,11 @@ class Hub(IOThread):
         self._metrics_spec, self._metrics_server = metrics, None
         self._fleet_cond = threading.Condition()  # guards fleet and _latest for other threads
         self._next_beat = 0.0
+        # staged rollouts: the seq active fleet-wide per model, the activations not yet
+        # confirmed by their nodes (re-broadcast every beat), and each model's wave rollout
+        self._active: dict[str, int] = {}
+        self._activating: dict[str, tuple[int, set[str]]] = {}
+        self._waves: dict[str, WaveRollout] = {}
         self.address = ""
         self.pub_address = ""
 
@@ -139,6 +146,7 @@ class Hub(IOThread):
             latest = self.store.latest(name)
             if latest is not None:
                 self._latest[name] = latest
+                self._active[name] = self.store.active(name)
         try:
             super().start(timeout)
         except ZmqModelsError as exc:  # start() closed us (pool, context) already
@@ -167,15 +175,31 @@ class Hub(IOThread):
             self._server_ctx.close()
 
     # -- API for other threads ---------------------------------------------------------------
-    def publish(self, release: Release, timeout: float = 60.0) -> Manifest:
+    def publish(self, release: Release, timeout: float = 60.0, *, staged: bool = False,
+                waves: list[str] | None = None, wave_wait_s: float = 0.0,
+                halt_on: list[str] | None = None, confirm_s: float = 120.0) -> Manifest:
         """Verify, store and broadcast ``release``; return its manifest. Unsigned, it gets the
         next seq (and is signed as that seq if this hub has a ``signing_key``); signed, it
-        keeps the seq it was signed with."""
+        keeps the seq it was signed with.
+
+        ``staged``: nodes receive and cache it but keep serving what they serve until it is
+        activated (:meth:`activate`). ``waves`` (implies staged): activate it wave by wave,
+        as ``zmqmodels publish --waves`` does; :meth:`status` shows the rollout."""
         self._check_running()
+        plan = wave_plan(waves or [], wave_wait_s, halt_on or [], confirm_s)
+        if staged or plan:
+            release = stage_release(release)
         release = self.desk.seal(release)
         stored = self.desk.put(release.manifest_bytes, release.chunks, release.signature)
-        self.call(lambda: self._broadcast(stored), timeout)
+        self.call(lambda: self._release(stored, plan), timeout)
         return stored.manifest
+
+    def activate(self, name: str, seq: int, nodes: list[str] | None = None,
+                 labels: list[str] | None = None, timeout: float = 10.0) -> P.Activated:
+        """Serve staged release ``seq`` of ``name`` on ``nodes`` and on nodes carrying any of
+        ``labels``; with neither, on every node, for good (nodes that join later included)."""
+        self._check_running()
+        return self.call(lambda: self._activate(P.Activate(name, seq, nodes or [], labels or [])), timeout)
 
     def rollback(self, name: str, to: str, timeout: float = 60.0, *,
                  signed: Release | None = None) -> Manifest:
@@ -229,6 +253,7 @@ class Hub(IOThread):
             self._heartbeat()
             self._next_beat = now + self.heartbeat_interval_s
             self._check_liveness(now)
+            self._step_waves(now)
         return self._next_beat - now
 
     def _check_liveness(self, now: float) -> None:
@@ -249,8 +274,10 @@ class Hub(IOThread):
         for name, rel in self._latest.items():
             m = rel.manifest
             beat = P.Heartbeat(hub=self.hub_id, name=name, seq=m.seq, sha256=m.archive_sha256,
-                               label=m.label)
+                               label=m.label, active=self._active.get(name, 0))
             self._pub.send_multipart([P.topic(name), *P.pack(beat)])
+        for name, (seq, nodes) in self._activating.items():
+            self._pub.send_multipart([P.topic(name), *P.pack(P.Activate(name, seq, sorted(nodes)))])
 
     def _broadcast(self, release: Release) -> None:
         m = release.manifest
@@ -258,6 +285,12 @@ class Hub(IOThread):
             current = self._latest.get(m.name)
             if current is None or current.manifest.seq < m.seq:
                 self._latest[m.name] = release
+                if not m.staged:
+                    self._active[m.name] = m.seq
+                    self._activating.pop(m.name, None)
+                wave = self._waves.get(m.name)
+                if wave is not None and wave.state == "running":
+                    wave.state, wave.reason = "halted", f"superseded by seq {m.seq}"
         t = P.topic(m.name)
         self._pub.send_multipart([t, *P.pack(P.ManifestFrames(), release.manifest_bytes, release.signature)])
         for i, payload in enumerate(release.chunks):
@@ -314,6 +347,8 @@ class Hub(IOThread):
                     self._in_pool(ident, lambda: self.desk.reserve(msg), self._reserved)
                 case P.ReleasesRequest():
                     self._in_pool(ident, lambda: self.desk.manifests(msg.name), self._releases)
+                case P.Activate():
+                    self._reply(ident, *P.pack(self._activate(msg)))
                 case _:
                     raise ProtocolError(f"unexpected {kind[:32]!r} with {len(frames) - 1} frame(s)")
         except ZmqModelsError as exc:
@@ -381,14 +416,129 @@ class Hub(IOThread):
     def _on_publish(self, ident: Any, hdr: P.Publish, frames: list[zmq.Frame]) -> None:
         # the manifest is decoded, the signature, every chunk and the archive sha256 checked
         # once, in the pool: a large manifest never stalls fetches or heartbeats
+        plan = wave_plan(hdr.waves, hdr.wave_wait_s, hdr.halt_on, hdr.confirm_s)
         chunks = [f.buffer for f in frames[1:]]
-        self._in_pool(ident, lambda: self.desk.put(frames[0].buffer, chunks, hdr.signature))
+        self._in_pool(ident, lambda: self.desk.put(frames[0].buffer, chunks, hdr.signature,
+                                                   staged=bool(plan)),
+                      lambda i, rel: self._published(i, rel, plan))
 
-    def _published(self, ident: bytes, rel: Release) -> None:
+    def _release(self, rel: Release, plan: dict[str, Any] | None) -> None:
+        """Broadcast a stored release and, for a staged rollout in waves, start it."""
         self._broadcast(rel)
+        if not plan:
+            return
+        m = rel.manifest
+        now = time.monotonic()
+        with self._fleet_cond:
+            rows = [r for r in self.fleet.rows(now) if r.model == m.name and r.state != P.ModelState.LOST]
+            wave = WaveRollout(m.name, m.seq, plan["waves"], [(r.node, r.labels) for r in rows], now,
+                               wave_wait_s=plan["wave_wait_s"], error_rate=plan["error_rate"],
+                               confirm_s=plan["confirm_s"], started_at=time.time(),
+                               before=self._active.get(m.name, 0))
+            self._waves[m.name] = wave
+        log.info("%s seq %d: rolling out in waves of %s nodes", m.name, m.seq, wave.counts)
+        self._carry_waves(wave.start(now))
+
+    def _published(self, ident: bytes, rel: Release, plan: dict[str, Any] | None = None) -> None:
+        self._release(rel, plan)
         m = rel.manifest
         self._reply(ident, *P.pack(P.Published(m.name, m.seq, m.label, m.archive_sha256,
                                                note=self.desk.note(m.name))))
+
+    # -- staged rollouts ----------------------------------------------------------------------
+    def _activate(self, req: P.Activate) -> P.Activated:
+        """ACTIVATE from an operator: resolve labels to the nodes that carry them now."""
+        rel = self._latest.get(req.name)
+        if rel is None or req.seq not in self.store.seqs(req.name) and req.seq != rel.manifest.seq:
+            raise ZmqModelsError(f"the hub has no release {req.name} seq {req.seq}")
+        if not req.nodes and not req.labels:
+            self._activate_fleet(req.name, req.seq)
+            return P.Activated(req.name, req.seq, [], fleet=True)
+        with self._fleet_cond:
+            rows = [r for r in self.fleet.rows(time.monotonic()) if r.model == req.name]
+        nodes = set(req.nodes) | {r.node for r in rows if set(r.labels) & set(req.labels)}
+        if not nodes:
+            raise ZmqModelsError(f"no node of {req.name} carries label(s) {', '.join(req.labels)}")
+        self._activate_nodes(req.name, req.seq, nodes)
+        return P.Activated(req.name, req.seq, sorted(nodes))
+
+    def _activate_nodes(self, name: str, seq: int, nodes: set[str] | tuple[str, ...]) -> None:
+        seq0, pending = self._activating.get(name, (0, set()))
+        pending = set(nodes) | (pending if seq0 == seq else set())
+        self._activating[name] = (seq, pending)
+        self._pub.send_multipart([P.topic(name), *P.pack(P.Activate(name, seq, sorted(pending)))])
+        log.info("%s seq %d: activating on %s", name, seq, ", ".join(sorted(nodes)))
+
+    def _activate_fleet(self, name: str, seq: int) -> None:
+        self.store.activate(name, seq)
+        with self._fleet_cond:
+            self._active[name] = max(self._active.get(name, 0), seq)
+        self._activating.pop(name, None)
+        self._heartbeat()
+        log.info("%s seq %d: active on every node", name, seq)
+
+    def _step_waves(self, now: float) -> None:
+        # activations stop repeating once their nodes serve the seq (or refused it)
+        rows = self.fleet.rows(now)
+        for name, (seq, nodes) in list(self._activating.items()):
+            done = {r.node for r in rows if r.model == name and (r.seq >= seq or r.rejected_seq == seq)}
+            if nodes - done:
+                self._activating[name] = (seq, nodes - done)
+            else:
+                del self._activating[name]
+        for wave in list(self._waves.values()):
+            if wave.state == "running":
+                with self._fleet_cond:
+                    actions = wave.step(now, rows)
+                self._carry_waves(actions)
+
+    def _carry_waves(self, actions: list[Any]) -> None:
+        for action in actions:
+            match action:
+                case ActivateNodes(name, seq, nodes):
+                    self._activate_nodes(name, seq, nodes)
+                case Finish(name, seq, fleet):
+                    log.info("%s seq %d: every wave serves it", name, seq)
+                    if fleet:
+                        self._activate_fleet(name, seq)
+                case Halt(name, seq, reason, failed, back):
+                    self._activating.pop(name, None)
+                    log.error("%s seq %d: rollout halted: %s; %s", name, seq, reason,
+                              "; ".join(f"{n}: {why}" for n, why in sorted(failed.items())))
+                    if back:
+                        self._roll_back(self._waves[name], back)
+            with self._fleet_cond:
+                self._fleet_cond.notify_all()
+
+    def _roll_back(self, wave: WaveRollout, nodes: tuple[str, ...]) -> None:
+        """Nodes of a halted wave serve (or load) its release: publish the content the fleet
+        served before under a new seq, so they go back and no node steps back in seq."""
+        before = wave.before
+        if not before:
+            wave.reason += "; nothing to roll back to (no earlier release was active)"
+            return
+
+        def work() -> Release:
+            return self.desk.rollback(wave.name, str(before))
+
+        def done(fut: concurrent.futures.Future[Release]) -> None:
+            def finish() -> None:
+                try:
+                    rel = fut.result()
+                except (ZmqModelsError, StoreError) as exc:
+                    wave.reason += f"; rollback to seq {before} failed: {exc}"
+                    log.error("%s: rollback to seq %d failed: %s", wave.name, before, exc)
+                    return
+                wave.rollback_seq = rel.manifest.seq
+                self._broadcast(rel)
+                log.warning("%s: rolled back %s to seq %d's content as seq %d", wave.name,
+                            ", ".join(nodes), before, rel.manifest.seq)
+                with self._fleet_cond:
+                    self._fleet_cond.notify_all()
+
+            self.post(finish)
+
+        self._pool.submit(work).add_done_callback(done)
 
     def releases(self, name: str = "") -> list[P.ReleaseInfo]:
         """The stored releases of ``name`` (all models if empty), oldest first, with how many
@@ -452,10 +602,11 @@ class Hub(IOThread):
     def _status_locked(self) -> P.StatusReply:
         models = [P.ModelStatus(n, r.manifest.seq, r.manifest.label, r.manifest.archive_sha256,
                                 r.manifest.archive_bytes) for n, r in sorted(self._latest.items())]
-        return P.StatusReply(self.hub_id, models, self.fleet.rows(time.monotonic()), dict(self.stats))
+        return P.StatusReply(self.hub_id, models, self.fleet.rows(time.monotonic()), dict(self.stats),
+                             rollouts=[w.status() for _, w in sorted(self._waves.items())])
 
 
 Publisher = Hub  # the name before milestone 2
 
-_CONTROL = (P.Publish, P.Rollback, P.Reserve)
+_CONTROL = (P.Publish, P.Rollback, P.Reserve, P.Activate)
 

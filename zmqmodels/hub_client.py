@@ -15,7 +15,7 @@ import zmq
 from . import protocol as P
 from .errors import DeadlineError, ProtocolError, RemoteError
 from .fleet import rollout
-from .release import Release, decode_manifest, rollback_manifest
+from .release import Release, decode_manifest, rollback_manifest, stage_release
 
 if TYPE_CHECKING:
     from .curve import Curve
@@ -64,13 +64,42 @@ class HubClient:
         return hdr.seq, raw
 
     def publish(self, release: Release, timeout: float | None = 120.0, *,
-                signing_key: SigningKey | None = None) -> P.Published:
+                signing_key: SigningKey | None = None, staged: bool = False,
+                waves: list[str] | None = None, wave_wait_s: float = 0.0,
+                halt_on: list[str] | None = None, confirm_s: float = 120.0) -> P.Published:
         """Hand a release to the hub, which verifies, stores and broadcasts it. With
-        ``signing_key`` it is signed first, as the seq the hub reserves for it."""
+        ``signing_key`` it is signed first, as the seq the hub reserves for it. ``staged``:
+        nodes cache it but serve it only once activated; ``waves`` (implies staged): the hub
+        activates it wave by wave (watch it with :meth:`wait_rollout`)."""
+        if staged or waves:
+            release = stage_release(release)
         if signing_key is not None and not release.signature:
             release = signing_key.seal(release, self.reserve(release.manifest.name)[0])
-        frames = P.pack(P.Publish(release.signature), release.manifest_bytes, *release.chunks)
+        hdr = P.Publish(release.signature, waves=list(waves or []), wave_wait_s=wave_wait_s,
+                        halt_on=list(halt_on or []), confirm_s=confirm_s)
+        frames = P.pack(hdr, release.manifest_bytes, *release.chunks)
         return self._request(frames, P.Published, timeout)
+
+    def activate(self, name: str, seq: int, *, nodes: list[str] | None = None,
+                 labels: list[str] | None = None, timeout: float | None = None) -> P.Activated:
+        """Serve staged release ``seq`` on ``nodes`` / nodes carrying ``labels`` (neither: all)."""
+        return self._request(P.pack(P.Activate(name, seq, list(nodes or []), list(labels or []))),
+                             P.Activated, timeout)
+
+    def wait_rollout(self, name: str, seq: int, timeout: float, poll_s: float = 0.2, *,
+                     on_status: Callable[[P.StatusReply], None] | None = None
+                     ) -> tuple[P.WaveStatus | None, P.StatusReply]:
+        """Poll status until the wave rollout of ``name`` ``seq`` is done or halted, or the
+        deadline; returns its last :class:`~zmqmodels.protocol.WaveStatus` (None: unknown)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.status()
+            if on_status is not None:
+                on_status(st)
+            wave = next((w for w in st.rollouts if w.name == name and w.seq == seq), None)
+            if (wave is not None and wave.state != "running") or time.monotonic() >= deadline:
+                return wave, st
+            time.sleep(poll_s)
 
     def rollback(self, name: str, to: str, timeout: float | None = 60.0, *,
                  signing_key: SigningKey | None = None) -> P.Published:

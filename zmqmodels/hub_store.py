@@ -61,10 +61,14 @@ class ReleaseDesk:
         self.raise_floor(release.manifest.name)
         return self.signing_key.seal(release, self.store.reserve(release.manifest.name))
 
-    def put(self, raw: Any, chunks: Sequence[Any], signature: bytes) -> Release:
-        """Decode (once, here), check and store a release; return it as stored (mapped)."""
+    def put(self, raw: Any, chunks: Sequence[Any], signature: bytes, *, staged: bool = False) -> Release:
+        """Decode (once, here), check and store a release; return it as stored (mapped).
+        ``staged``: it is to be rolled out in waves, so it must have been published staged."""
         m = decode_manifest(raw, self.limits)
         self.trust.verify(m, raw, signature)  # before anything is hashed or written
+        if staged and not m.staged:
+            raise ReleaseError(f"{m.name}: a rollout in waves needs a release built staged "
+                               "(zmqmodels.release.stage_release, before it is signed)")
         if not m.seq:
             self.raise_floor(m.name)
         if len(chunks) != m.chunk_count:

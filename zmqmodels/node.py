@@ -49,6 +49,9 @@ __all__ = ["Node", "SWAP_POLICIES", "SwapPolicy", "check_devices"]
 
 log = logging.getLogger("zmqmodels.node")
 SWAP_POLICIES = tuple(p.value for p in SwapPolicy)
+# error codes that count against a release in a wave's error rate (the client's own mistakes,
+# and a node that is busy or draining, do not)
+SERVER_ERRORS = frozenset({"model_error", "internal", "worker_lost"})
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
@@ -115,6 +118,7 @@ class Node(IOThread):
         curve: Curve | None = None,
         metrics: str | None = None,
         hub_unreachable_s: float = defaults.HUB_UNREACHABLE_S,
+        labels: Sequence[str] = (),
     ) -> None:
         try:
             policy = SwapPolicy(swap_policy)
@@ -126,6 +130,10 @@ class Node(IOThread):
             raise ZmqModelsError(f"give one device, or one per worker ({workers}), not {len(devices)}")
         self.hub = hub
         self.models = [validate_name(m) for m in models]
+        self.labels = list(labels)
+        # per model and seq: [requests answered, of those with a server-side error]: what a
+        # wave's error rate is measured on (the newest few seqs only)
+        self.answered: dict[str, dict[int, list[int]]] = {m: {} for m in self.models}
         self.bind = bind
         self.node_id = node_id or f"{socket.gethostname()}-{os.getpid()}"
         self.swap_policy = policy
@@ -170,9 +178,12 @@ class Node(IOThread):
             raise
         self._server_ctx.start()
         # verify the cache before any worker starts: workers load from it without hashing again
-        known = {}
+        known, staged = {}, {}
         for name in self.models:
-            found = self.cache.latest(name, trust=self.trust)
+            found = self.cache.latest(name, trust=self.trust, staged=True)
+            if found is not None and not self.cache.is_active(found[0]):
+                staged[name] = found[0]  # held until the hub activates it
+                found = self.cache.latest(name, trust=self.trust, exclude={found[0].seq})
             if found is not None:
                 known[name] = found[0].seq
         self._started_at = time.monotonic()
@@ -185,7 +196,9 @@ class Node(IOThread):
             self._sub = Follower(self.hub, self.models, on_release=self._on_release,
                                  node_id=self.node_id, device=devices, known=known,
                                  limits=self.limits, background_nice=10, cache=self.cache,
-                                 trust=self.trust, curve=self.curve, context=self._ctx)
+                                 trust=self.trust, curve=self.curve, context=self._ctx,
+                                 labels=self.labels, staged=staged,
+                                 counts=self._counts)
             self._sub.start()
             self.post(lambda: [self._report(n) for n in self.models])  # workers may be up already
         if self._metrics_spec:
@@ -395,6 +408,8 @@ class Node(IOThread):
     # clients ---------------------------------------------------------------------------------
     def _error(self, client: Any, code: str, message: str, rid: str = "", model: str = "") -> None:
         self.stats[f"error_{code}"] += 1
+        if model in self.answered:
+            self._count(model, self.broker.report(model)[1], code)
         if self.metrics is not None:
             # a refused request's model name is the client's: only names served here become
             # labels, so a client cannot grow the metric's cardinality
@@ -450,6 +465,8 @@ class Node(IOThread):
                     code = msg.code if msg.code in P.SERVING_CODES else "ok" if not msg.code else "other"
                     self.metrics.requests[(req.model, str(slot.busy_seq), code)] += 1
                     self.metrics.latency.labels(req.model).observe(now - req.received)
+                if served and slot.busy is not None:
+                    self._count(slot.busy.model, slot.busy_seq, msg.code)
                 if served:
                     self._front.send_multipart([client, b"", *payload], copy=False)
                     self.stats["replies"] += 1
@@ -475,6 +492,19 @@ class Node(IOThread):
                 self._carry(self.broker.loaded(wid, name, seq, label, ok, reason, now, corrupt=msg.corrupt))
             case _:
                 self.stats["dropped_bad_worker_message"] += 1
+
+    def _count(self, model: str, seq: int, code: str) -> None:
+        by_seq = self.answered[model]
+        counts = by_seq.setdefault(seq, [0, 0])
+        counts[0] += 1
+        counts[1] += code in SERVER_ERRORS
+        if len(by_seq) > 4:
+            del by_seq[min(by_seq)]
+
+    def _counts(self, name: str) -> tuple[int, int]:
+        """(requests, errors) answered by the seq this node reports serving (Report.requests)."""
+        counts = self.answered[name].get(self.broker.report(name)[1], (0, 0))
+        return counts[0], counts[1]
 
     def _rejected(self, name: str, seq: int, reason: str) -> None:
         log.warning("%s seq %d rejected: %s", name, seq, reason)

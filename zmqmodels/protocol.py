@@ -14,6 +14,7 @@ PUB (hub -> nodes), after the topic ``name + b"\\0"`` (``b"\\0"`` alone for the 
     MANIFEST   (no header)      manifest, signature
     CHUNK      ChunkHeader      payload
     HEARTBEAT  Heartbeat
+    ACTIVATE   Activate         (serve a staged release: these nodes, or all)
 
 ROUTER (hub) <-> DEALER (node or CLI)::
 
@@ -25,6 +26,7 @@ ROUTER (hub) <-> DEALER (node or CLI)::
     ROLLBACK       Rollback (, manifest, signature) -> PUBLISHED | ERROR
     STATUS         StatusRequest            -> STATUS_REPLY | ERROR
     RELEASES       ReleasesRequest          -> RELEASES_REPLY | ERROR
+    ACTIVATE       Activate                 -> ACTIVATED Activated | ERROR
 
 Inference (client REQ -> node ROUTER): ``INFER InferRequest, tensor x n`` -> ``OK InferReply,
 tensor x n`` | ``ERROR ErrorReply``.
@@ -55,6 +57,9 @@ __all__ = [
     "NonNeg",
     "ChunkHeader",
     "Heartbeat",
+    "Activate",
+    "Activated",
+    "WaveStatus",
     "FetchManifest",
     "FetchChunks",
     "Report",
@@ -137,6 +142,31 @@ class Heartbeat(msgspec.Struct, frozen=True):
     label: str = ""
     v: int = V
     path: list[str] = []  # the hub's own beat: the relays it passed, root first (loop check)
+    # staged releases up to this seq are active on every node (0: nothing staged is active
+    # fleet-wide; a release published without ``staged`` is active on arrival regardless)
+    active: NonNeg = 0
+
+
+class Activate(msgspec.Struct, frozen=True):
+    """Serve staged release ``seq`` of ``name``. On the PUB (hub -> nodes, the model's topic):
+    ``nodes`` are the node ids it applies to (empty: every node). On the ROUTER (CLI -> hub):
+    ``nodes`` and ``labels`` select (none: every node, fleet-wide); the hub answers ACTIVATED."""
+
+    name: str
+    seq: NonNeg
+    nodes: list[str] = []
+    labels: list[str] = []
+    v: int = V
+
+
+class Activated(msgspec.Struct, frozen=True):
+    """The hub's answer to ACTIVATE: the nodes it now activates (``fleet``: all, for good)."""
+
+    name: str
+    seq: NonNeg
+    nodes: list[str]
+    fleet: bool = False
+    v: int = V
 
 
 class FetchManifest(msgspec.Struct, frozen=True):
@@ -170,11 +200,21 @@ class Report(msgspec.Struct, frozen=True):
     stages: dict[str, float] = {}
     stages_seq: NonNeg = 0
     via: list[str] = []  # the relays the report came through, the node's own first
+    staged: NonNeg = 0  # a verified, cached release this node holds but does not serve yet
+    labels: list[str] = []  # the node's labels (``serve --label``), for waves and ACTIVATE
+    requests: NonNeg = 0  # requests answered by ``seq`` since the node started
+    errors: NonNeg = 0  # of those, with a server-side error (model_error, internal, worker_lost)
 
 
 class Publish(msgspec.Struct, frozen=True):
     signature: bytes = b""  # of the manifest frame that follows; empty = unsigned
     v: int = V
+    # a staged rollout: activate the release in these cumulative waves ("1", "10%", ...),
+    # waiting ``wave_wait_s`` after each wave serves, halting on ``halt_on`` conditions
+    waves: list[str] = []
+    wave_wait_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    halt_on: list[str] = []  # "rejected" (always), "error-rate>1%"
+    confirm_s: Annotated[float, msgspec.Meta(gt=0)] = 120.0  # a wave node must serve within this
 
 
 class Reserve(msgspec.Struct, frozen=True):
@@ -254,6 +294,27 @@ class NodeStatus(msgspec.Struct, frozen=True):
     stages: dict[str, float] = {}  # Report.stages of the release ``stages_seq``
     stages_seq: int = 0
     via: list[str] = []  # the relays between this node and the hub
+    staged: int = 0  # a release it holds but does not serve yet
+    labels: list[str] = []
+    requests: int = 0  # Report.requests / errors, as last reported
+    errors: int = 0
+
+
+class WaveStatus(msgspec.Struct, frozen=True):
+    """A staged rollout in waves, as the hub runs it (``StatusReply.rollouts``)."""
+
+    name: str
+    seq: int
+    state: str  # "running", "done", "halted"
+    wave: int  # the wave being activated or watched, 1-based (== waves when done)
+    waves: list[int]  # cumulative node counts of each wave
+    activated: list[str]  # nodes told to serve seq
+    serving: list[str]  # of those, nodes reporting seq serving
+    failed: dict[str, str] = {}  # node -> why it failed the wave
+    reason: str = ""  # why it halted
+    rollback_seq: int = 0  # the release published to undo it (0: none was needed)
+    started_at: float = 0.0  # wall-clock
+    v: int = V
 
 
 class ModelStatus(msgspec.Struct, frozen=True):
@@ -270,6 +331,7 @@ class StatusReply(msgspec.Struct, frozen=True):
     nodes: list[NodeStatus]
     stats: dict[str, int] = {}
     v: int = V
+    rollouts: list[WaveStatus] = []
 
 
 class ErrorReply(msgspec.Struct, frozen=True):
@@ -415,6 +477,8 @@ FRAMING: tuple[Framing, ...] = (
     Framing(b"MANIFEST", ManifestFrames, False, 1, 2),
     Framing(b"CHUNK", ChunkHeader, True, 1, 1),
     Framing(b"HEARTBEAT", Heartbeat, True),
+    Framing(b"ACTIVATE", Activate, True),
+    Framing(b"ACTIVATED", Activated, True),
     Framing(b"FETCH_MANIFEST", FetchManifest, True),
     Framing(b"FETCH_CHUNKS", FetchChunks, True),
     Framing(b"REPORT", Report, True),

@@ -188,6 +188,8 @@ class Relay(IOThread):
                 self._carry(self.forwarder.on_chunk(msg, payload[0].buffer, now, fetched=fetched))
             case P.Heartbeat():
                 self._carry(self.forwarder.on_beat(msg, now))
+            case P.Activate():
+                self._carry(self.forwarder.on_activate(msg))
             case _:
                 raise ProtocolError(f"unexpected {type(msg).__name__} from upstream")
 

@@ -36,6 +36,7 @@ __all__ = [
     "FILTERS",
     "validate_name",
     "build_release",
+    "stage_release",
     "choose_codec",
     "compress_archive",
     "decompress_chunk",
@@ -103,6 +104,7 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
     expected: TensorPack | None = None  # the compiled module's output on each example
     metadata: dict[str, str] = {}
     signer: str = ""  # hex Ed25519 public key that signs these bytes; empty = unsigned
+    staged: bool = False  # distribute and cache, but serve only once activated (ACTIVATE)
 
     def check(self, limits: Any = None) -> Manifest:
         """Raise :class:`ReleaseError`/:class:`LimitError` unless sizes are consistent and bounded."""
@@ -163,7 +165,20 @@ def rollback_manifest(old: Manifest) -> Manifest:
     """The manifest of a rollback to ``old``: the same content, a new time, seq 0 until stored
     or sealed, unsigned, and ``rollback_of`` naming the seq it restores."""
     meta = {**old.metadata, "rollback_of": str(old.seq)}
-    return msgspec.structs.replace(old, seq=0, created_at=time.time(), metadata=meta, signer="")
+    return msgspec.structs.replace(old, seq=0, created_at=time.time(), metadata=meta, signer="",
+                                   staged=False)
+
+
+def stage_release(release: Release) -> Release:
+    """``release`` published *staged*: nodes receive, verify and cache it, and serve it only
+    once activated. The flag is part of the signed manifest, so a signed release must have
+    been signed staged."""
+    if release.manifest.staged:
+        return release
+    if release.signature:
+        raise ReleaseError(f"{release.manifest.name}: a signed release cannot be staged afterwards: "
+                           "sign it staged (publish --staged with --key)")
+    return Release(msgspec.structs.replace(release.manifest, staged=True), release.chunks)
 
 
 def pack_tensors(tree: Any) -> TensorPack:

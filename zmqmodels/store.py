@@ -166,6 +166,29 @@ class Store:
                 atomic_write(d / "SEQ", str(seq).encode())
         return floor
 
+    def active(self, name: str) -> int:
+        """The newest seq of ``name`` active fleet-wide: the newest release not published
+        staged, or a staged one activated for every node since (:meth:`activate`)."""
+        marked = 0
+        try:
+            marked = int((self.root / validate_name(name) / "ACTIVE").read_text() or 0)
+        except (OSError, ValueError):
+            pass
+        for seq in reversed(self.seqs(name)):
+            if seq <= marked:
+                break
+            try:
+                if not self.read(name, seq).manifest.staged:
+                    return seq
+            except (StoreError, ReleaseError):
+                continue
+        return marked
+
+    def activate(self, name: str, seq: int) -> None:
+        """Record that staged release ``seq`` of ``name`` is now active fleet-wide."""
+        with self._locked(validate_name(name)) as d:
+            atomic_write(d / "ACTIVE", str(seq).encode())
+
     def clean_temp(self) -> list[Path]:
         """Remove the temp files of writes a crash interrupted; return them."""
         gone = [p for p in self.root.glob("*/.tmp-*") if p.is_file()]

@@ -27,7 +27,7 @@ import zmq
 
 from . import defaults
 from . import protocol as P
-from .assembly import Assembler, Assembly, Deliver, Send
+from .assembly import Assembler, Assembly, Deliver, Send, Unstage
 from .cache import Cache
 from .curve import Curve
 from .defaults import Limits
@@ -88,6 +88,12 @@ class Follower(IOThread):
     refused before a byte of its archive is allocated, and the hub hears why. ``cache``
     keeps every verified release (signature included) before it is handed on. ``curve``
     connects both sockets with CURVE to the hub's key.
+
+    A release published *staged* is verified and cached, then held until the hub activates
+    it for this node (``labels`` are what the hub selects on); only then does
+    ``on_release`` see it. ``staged`` names releases held in the cache across a restart.
+    ``counts(name) -> (requests, errors)`` is what the host answered, sent with each report
+    (the hub's waves halt on error rates).
     """
 
     kind = "sub"
@@ -113,6 +119,9 @@ class Follower(IOThread):
         background_nice: int = 0,
         trust: Trust | None = None,
         curve: Curve | None = None,
+        labels: Sequence[str] = (),
+        staged: dict[str, Manifest] | None = None,
+        counts: Callable[[str], tuple[int, int]] | None = None,
     ) -> None:
         super().__init__(context or zmq.Context.instance())
         self.hub = hub
@@ -134,9 +143,17 @@ class Follower(IOThread):
                                    host=socket.gethostname(), pid=os.getpid(), device=self.device,
                                    take=self._pool.take, give=self._pool.give, limits=self.limits,
                                    trust=self.trust, known=known, repair_idle_s=repair_idle_s,
-                                   hub_ttl_s=hub_ttl_s)
+                                   hub_ttl_s=hub_ttl_s, labels=labels,
+                                   staged={n: m.seq for n, m in (staged or {}).items()})
         self.assembler.stats = self.stats  # one counter for the shell and its core
-        self._mailbox: dict[str, tuple[Assembly, str]] = {}
+        self.labels = list(labels)
+        self._counts = counts
+        # staged releases held until activated: the manifest (the archive is in the cache),
+        # and without a cache a copy of the archive
+        self._held: dict[str, tuple[Manifest, bytes | None]] = {
+            n: (m, None) for n, m in (staged or {}).items()}
+        self._held_lock = threading.Lock()
+        self._mailbox: dict[str, tuple[Assembly, str] | Manifest] = {}
         self._mail_cond = threading.Condition()
         self._deliverer: threading.Thread | None = None
         self._next_report = 0.0
@@ -215,6 +232,9 @@ class Follower(IOThread):
     def _tick(self, now: float) -> float:
         self._carry(self.assembler.tick(now))
         if now >= self._next_report:
+            if self._counts is not None:
+                for name in self.assembler.models:
+                    self.assembler.count(name, *self._counts(name))
             self._carry(self.assembler.reports())
             self._next_report = now + self._report_interval_s
         return 0.05
@@ -229,7 +249,20 @@ class Follower(IOThread):
                         older = self._mailbox.get(name)
                         self._mailbox[name] = (asm, digest)  # replaces an older, undelivered one
                         self._mail_cond.notify()
-                    if older is not None:
+                    if isinstance(older, tuple):
+                        self._pool.give(name, older[0].buf)
+                case Unstage(name, seq):
+                    with self._held_lock:
+                        held = self._held.get(name)
+                    if held is None or held[0].seq != seq:
+                        continue
+                    with self._mail_cond:
+                        older = self._mailbox.get(name)
+                        if isinstance(older, tuple) and older[0].manifest.seq > seq:
+                            continue  # a newer release is being delivered already
+                        self._mailbox[name] = held[0]
+                        self._mail_cond.notify()
+                    if isinstance(older, tuple):
                         self._pool.give(name, older[0].buf)
 
     def _on_sub(self, frames: list[zmq.Frame]) -> None:
@@ -260,6 +293,10 @@ class Follower(IOThread):
             case P.Heartbeat():
                 if msg.name == name:
                     self._carry(self.assembler.on_beat(msg, now))
+            case P.Activate():
+                if msg.name != name:
+                    raise ProtocolError(f"activation for {msg.name!r} on topic {name!r}")
+                self._carry(self.assembler.on_activate(msg))
             case _:
                 raise ProtocolError(f"unexpected broadcast {type(msg).__name__}")
 
@@ -291,7 +328,11 @@ class Follower(IOThread):
                 if self._stop.is_set():
                     return
                 name = next(iter(self._mailbox))
-                asm, digest = self._mailbox.pop(name)
+                item = self._mailbox.pop(name)
+            if isinstance(item, Manifest):
+                self._deliver_held(item)
+                continue
+            asm, digest = item
             m, buf = asm.manifest, asm.buf
             archive = memoryview(buf)[: m.archive_bytes]
             try:
@@ -325,7 +366,8 @@ class Follower(IOThread):
             self.reject(m, "archive sha256 mismatch")
             return
         self.stats["verified"] += 1
-        self.report(m.name, ModelState.VERIFIED, seq=m.seq, label=m.label)
+        if not m.staged:
+            self.report(m.name, ModelState.VERIFIED, seq=m.seq, label=m.label)
         try:
             if self._accept is not None and self._accept(m) is False:
                 raise ZmqModelsError("declined by swap_when")
@@ -338,9 +380,40 @@ class Follower(IOThread):
                     return
                 self.stage(m.name, m.seq, cache_write=time.monotonic() - t0)
                 self.post(lambda: self.assembler.stored(m.name))
+            if m.staged:  # held until the hub activates it here
+                with self._held_lock:
+                    self._held[m.name] = (m, None if self.cache is not None else bytes(archive))
+                self.post(lambda: self._carry(self.assembler.held(m.name, m.seq)))
+                log.info("%s: %s seq %d staged (served once activated)", self.node_id, m.name, m.seq)
+                return
             self._on_release(m, archive)
         except Exception as exc:
             if not isinstance(exc, ZmqModelsError):
+                log.exception("%s: consumer failed on %s seq %d", self.node_id, m.name, m.seq)
+            self.reject(m, f"{type(exc).__name__}: {exc}")
+
+
+    def _deliver_held(self, m: Manifest) -> None:
+        """A staged release was activated: record it in the cache and hand it on."""
+        with self._held_lock:
+            held = self._held.pop(m.name, None)
+        if held is None or held[0].seq != m.seq:
+            return
+        log.info("%s: %s seq %d activated", self.node_id, m.name, m.seq)
+        try:
+            if self.cache is None:
+                self._on_release(m, memoryview(held[1] or b""))
+                return
+            self.cache.activate(m.name, m.seq)
+            path = self.cache.path(m.name, m.seq)
+            with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                view = memoryview(mm)
+                try:
+                    self._on_release(m, view)
+                finally:
+                    view.release()
+        except Exception as exc:
+            if not isinstance(exc, ZmqModelsError | OSError):
                 log.exception("%s: consumer failed on %s seq %d", self.node_id, m.name, m.seq)
             self.reject(m, f"{type(exc).__name__}: {exc}")
 

@@ -60,6 +60,8 @@ class Worker:
                 path = self.cache.path(name, seq)
                 try:
                     m = decode_manifest(path.with_suffix(".manifest").read_bytes())
+                    if not self.cache.is_active(m):
+                        continue  # staged, not activated: not to be served yet
                     self.cache.check(m, path)
                     self.slots[name].swap(load_release(m, path, self.device))
                     break

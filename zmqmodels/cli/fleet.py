@@ -1,6 +1,9 @@
-"""Commands that run or read the hub: hub, status."""
+"""Commands that run or read the hub: hub, status, releases, activate, relay."""
 
 from __future__ import annotations
+
+from time import monotonic as time_now
+from time import sleep
 
 import click
 
@@ -96,6 +99,55 @@ def status(hub_addr: str, timeout: float, as_json: bool, watch: bool, interval: 
         if not watch:
             return
         time.sleep(interval)
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--seq", type=int, required=True, help="The staged release to serve.")
+@click.option("--hub", "hub_addr", required=True)
+@click.option("--nodes", "nodes", default="", metavar="ID,ID", help="Only these nodes.")
+@click.option("--label", "labels", multiple=True, help="Only nodes carrying this label. Repeatable.")
+@click.option("--wait", "wait", is_flag=True, help="Wait until the activated nodes serve it.")
+@click.option("--timeout", type=float, default=60.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@curve_options(server=False, client=True)
+def activate(name: str, seq: int, hub_addr: str, nodes: str, labels: tuple[str, ...], wait: bool,
+             timeout: float, as_json: bool, curve_key: str | None, curve_server: str | None) -> None:
+    """Serve staged release SEQ of NAME: on --nodes / --label, or (neither) on every node."""
+    import sys
+
+    import msgspec
+
+    from ..hub_client import HubClient
+
+    client = HubClient(hub_addr, timeout=timeout, curve=curve_from(curve_key, curve_server))
+    picked = [n for n in nodes.split(",") if n.strip()]
+    done = client.activate(name, seq, nodes=picked, labels=list(labels))
+    say = (lambda msg: click.echo(msg, err=True)) if as_json else click.echo
+    who = "every node" if done.fleet else ", ".join(done.nodes)
+    say(f"activated {name} seq {seq} on {who}")
+    ok, st = True, None
+    if wait:
+        want = None if done.fleet else set(done.nodes)
+        deadline = time_now() + timeout
+        while True:
+            st = client.status()
+            rows = [r for r in st.nodes if r.model == name and r.state != "lost"
+                    and (want is None or r.node in want)]
+            bad = [r for r in rows if r.rejected_seq == seq]
+            serving = [r for r in rows if r.seq >= seq and r.state == "serving"]
+            if bad or (rows and len(serving) == len(rows)) or time_now() > deadline:
+                ok = not bad and bool(rows) and len(serving) == len(rows)
+                break
+            sleep(0.2)
+        for r in bad:
+            say(f"  {r.node} rejected seq {seq}: {r.last_error}")
+        say(f"{'ok' if ok else 'FAILED'}: {len(serving)}/{len(rows)} activated node(s) serve seq {seq}")
+    if as_json:
+        emit_json({"ok": ok, "activated": msgspec.to_builtins(done),
+                   "status": status_json(st) if st is not None else None})
+    if not ok:
+        sys.exit(1)
 
 
 @cli.command()

@@ -114,17 +114,43 @@ def build(store_dir: str, as_json: bool, signing_key: str | None, **opts: Any) -
 @click.option("--wait-for", "wait_for", type=int, default=0,
               help="Return once this many nodes serve the new release (a rejection fails).")
 @click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds to wait.")
+@click.option("--staged", is_flag=True,
+              help="Nodes receive, verify and cache it but keep serving what they serve until "
+                   "`zmqmodels activate` (or --waves).")
+@click.option("--waves", default="", metavar="1,10%,50%,100%",
+              help="Activate it in cumulative waves of nodes (counts or shares; canary-labelled "
+                   "nodes first), halting on a failure. Implies --staged.")
+@click.option("--wave-wait", "wave_wait", type=float, default=30.0, show_default=True,
+              help="Seconds to watch each wave once it serves, before the next.")
+@click.option("--halt-on", "halt_on", multiple=True, metavar="rejected|error-rate>1%",
+              help="Halt the waves on this (rejected is always on). Repeatable.")
+@click.option("--confirm-timeout", "confirm_s", type=float, default=120.0, show_default=True,
+              help="Seconds a wave's node has to serve it before the wave fails.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable result on stdout.")
 @signing_option
 @curve_options(server=False, client=True)
 def publish(hub_addr: str | None, bind_addr: str | None, store_dir: str, wait_for: int,
-            timeout: float, as_json: bool, signing_key: str | None, curve_key: str | None,
+            timeout: float, staged: bool, waves: str, wave_wait: float, halt_on: tuple[str, ...],
+            confirm_s: float, as_json: bool, signing_key: str | None, curve_key: str | None,
             curve_server: str | None, **opts: Any) -> None:
     """Compile SOURCE, build a release and broadcast it; optionally wait for the rollout."""
     import time
 
     if bool(hub_addr) == bool(bind_addr):
         raise click.UsageError("give exactly one of --hub ADDR or --bind ADDR")
+    wave_list = [w for w in waves.split(",") if w.strip()]
+    if wave_list and wait_for:
+        raise click.UsageError("--waves waits for its own waves; drop --wait-for")
+    if halt_on and not wave_list:
+        raise click.UsageError("--halt-on needs --waves")
+    plan = {"staged": staged or bool(wave_list), "waves": wave_list, "wave_wait_s": wave_wait,
+            "halt_on": list(halt_on), "confirm_s": confirm_s}
+    if wave_list:
+        from ..waves import plan as check_plan
+
+        check_plan(wave_list, wave_wait, list(halt_on), confirm_s)  # bad syntax fails before compiling
+    else:
+        plan["wave_wait_s"] = 0.0
     if bind_addr and curve_server:
         raise click.UsageError("--curve-server is for --hub; with --bind this process is the hub")
     key = load_signing_key(signing_key)
@@ -146,7 +172,7 @@ def publish(hub_addr: str | None, bind_addr: str | None, store_dir: str, wait_fo
     if client is not None:
         ticker = _Ticker("sending and waiting for the hub to verify and store it")
         try:
-            done = client.publish(release, timeout=timeout, signing_key=key)
+            done = client.publish(release, timeout=timeout, signing_key=key, **plan)
         except KeyboardInterrupt:
             ticker.stop()
             say(f"interrupted while sending: {_accepted(client, m)}")
@@ -158,6 +184,12 @@ def publish(hub_addr: str | None, bind_addr: str | None, store_dir: str, wait_fo
         if done.note:
             say(f"note: {done.note}")
         _warn_reused_label(client, name, seq, label, say)
+        if wave_list:
+            _watch_waves(client.status, name, seq, timeout, as_json, say)
+            return
+        if plan["staged"]:
+            say(f"staged: nodes cache seq {seq} and serve it once activated "
+                f"(zmqmodels activate {name} --seq {seq} --hub {hub_addr})")
         try:
             ok, status = (_wait_with_progress(client, name, seq, wait_for, timeout, say) if wait_for
                           else (True, client.status()))
@@ -172,8 +204,11 @@ def publish(hub_addr: str | None, bind_addr: str | None, store_dir: str, wait_fo
     curve = curve_from(curve_key) if curve_key else None
     with Hub(bind_addr, Store(store_dir), signing_key=key,  # type: ignore[arg-type]
              curve=curve) as pub:
-        m = pub.publish(release, timeout=timeout)
+        m = pub.publish(release, timeout=timeout, **plan)
         say(f"publishing {m.name} seq {m.seq} on {pub.address} (PUB {pub.pub_address})")
+        if wave_list:
+            _watch_waves(pub.status, m.name, m.seq, timeout, as_json, say)
+            return
         if wait_for:
             ok, status = pub.wait_for(m.name, m.seq, wait_for, timeout)
         else:
@@ -182,6 +217,38 @@ def publish(hub_addr: str | None, bind_addr: str | None, store_dir: str, wait_fo
             run_until_signalled(lambda: time.monotonic() > deadline)
             ok, status = True, pub.status()
         finish_publish(ok, status, m.name, m.seq, m.label, wait_for, as_json, say)
+
+
+def _watch_waves(status: Any, name: str, seq: int, timeout: float, as_json: bool, say: Any) -> None:
+    """Follow the hub's wave rollout of ``name`` ``seq`` to its end, printing each change;
+    exit 1 if it halted (the failed nodes and why are printed) or did not end in time."""
+    import time
+
+    from .render import rollout_text, status_json
+
+    deadline, last, wave, st = time.monotonic() + timeout, "", None, None
+    while time.monotonic() < deadline:
+        st = status()
+        wave = next((w for w in st.rollouts if w.name == name and w.seq == seq), None)
+        text = rollout_text(wave) if wave is not None else f"rollout {name} seq {seq}: not started"
+        if text != last:
+            say(text)
+            last = text
+        if wave is not None and wave.state != "running":
+            break
+        time.sleep(0.2)
+    ok = wave is not None and wave.state == "done"
+    if as_json:
+        import msgspec
+
+        emit_json({"ok": ok, "name": name, "seq": seq, "rollout": msgspec.to_builtins(wave) if wave else None,
+                   "status": status_json(st)})
+    elif wave is None or wave.state == "running":
+        say(f"FAILED: the rollout of {name} seq {seq} did not end within {timeout:.0f}s")
+    else:
+        say(("ok: " if ok else "FAILED: ") + rollout_text(wave))
+    if not ok:
+        sys.exit(1)
 
 
 class _Ticker:

@@ -8,7 +8,8 @@ from typing import Any
 
 import click
 
-__all__ = ["emit_json", "fleet_table", "stages_text", "status_json", "to_jsonable", "finish_publish"]
+__all__ = ["emit_json", "fleet_table", "rollout_text", "stages_text", "status_json", "to_jsonable",
+           "finish_publish"]
 
 
 def emit_json(obj: Any) -> None:
@@ -17,8 +18,8 @@ def emit_json(obj: Any) -> None:
 
 def fleet_table(status: Any, name: str | None = None) -> str:
     """The fleet as text: one row per (node, model)."""
-    head = ("NODE", "HOST", "PID", "DEVICE", "MODEL", "VERSION", "SEQ", "STATE", "AGE",
-            "LAST ROLLOUT (s)", "LAST ERROR")
+    head = ("NODE", "HOST", "PID", "DEVICE", "LABELS", "MODEL", "VERSION", "SEQ", "STAGED", "STATE",
+            "AGE", "LAST ROLLOUT (s)", "LAST ERROR")
     rows = [head]
     for n in status.nodes:
         if name is not None and n.model != name:
@@ -28,12 +29,28 @@ def fleet_table(status: Any, name: str | None = None) -> str:
         else:
             err = f"seq {n.rejected_seq}: {n.last_error}"
         node = n.node + (f" (via {', '.join(n.via)})" if n.via else "")
-        rows.append((node, n.host, str(n.pid), n.device or "-", n.model, n.label or "-",
-                     str(n.seq), n.state, f"{n.age_s:.1f}s", stages_text(n), err or "-"))
+        rows.append((node, n.host, str(n.pid), n.device or "-", ",".join(n.labels) or "-", n.model,
+                     n.label or "-", str(n.seq), str(n.staged) if n.staged else "-", n.state,
+                     f"{n.age_s:.1f}s", stages_text(n), err or "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     models = ", ".join(f"{m.name} seq {m.seq} ({m.label or '-'})" for m in status.models)
-    return f"hub {status.hub}: {models or 'no models'}\n" + "\n".join(lines)
+    waves = [rollout_text(w) for w in status.rollouts if name is None or w.name == name]
+    return f"hub {status.hub}: {models or 'no models'}\n" + "\n".join(lines + waves)
+
+
+def rollout_text(w: Any) -> str:
+    """One staged rollout: ``rollout m seq 5: running, wave 2/4 (4 of 40 nodes), 3 serving``."""
+    total = w.waves[-1] if w.waves else 0
+    line = (f"rollout {w.name} seq {w.seq}: {w.state}, wave {w.wave}/{len(w.waves)} "
+            f"({len(w.activated)} of {total} node(s) activated, {len(w.serving)} serving)")
+    if w.reason:
+        line += f"; {w.reason}"
+    if w.rollback_seq:
+        line += f"; rolled back as seq {w.rollback_seq}"
+    for node, why in sorted(w.failed.items()):
+        line += f"\n  failed {node}: {why}"
+    return line
 
 
 _STAGE_NAMES = (("receive", "recv"), ("cache_write", "write"), ("load", "load"), ("check", "check"),

@@ -41,13 +41,16 @@ __all__: list[str] = []
 @click.option("--threads", type=int, default=1, show_default=True, help="torch threads per worker.")
 @click.option("--metrics", "metrics", metavar="[HOST:]PORT",
               help="Serve Prometheus metrics on /metrics at this port.")
+@click.option("--label", "labels", multiple=True, metavar="LABEL",
+              help="A label waves and `activate --label` select on (canary, zone=a). Repeatable.")
 @trust_option
 @curve_options(server=True, client=True)
 @limit_option
 def serve(hub_addr: str | None, models: tuple[str, ...], bind_addr: str, workers: int,
           devices: tuple[str, ...], cache_dir: str, node_id: str | None, swap_policy: str,
-          threads: int, metrics: str | None, trust: tuple[str, ...], curve_key: str | None,
-          curve_server: str | None, curve_allow: tuple[str, ...], limits: tuple[str, ...]) -> None:
+          threads: int, metrics: str | None, labels: tuple[str, ...], trust: tuple[str, ...],
+          curve_key: str | None, curve_server: str | None, curve_allow: tuple[str, ...],
+          limits: tuple[str, ...]) -> None:
     """Serve inference (REQ/REP) with the newest valid release of each model.
 
     CURVE: --curve-key is this node's certificate, --curve-server the hub's, --curve-allow
@@ -64,7 +67,7 @@ def serve(hub_addr: str | None, models: tuple[str, ...], bind_addr: str, workers
               cache=cache_dir, node_id=node_id, swap_policy=swap_policy,
               threads_per_worker=threads, trust=load_trust(trust),
               curve=curve_from(curve_key, curve_server, curve_allow), limits=parse_limits(limits),
-              metrics=metrics) as node:
+              metrics=metrics, labels=list(labels)) as node:
         click.echo(f"node {node.node_id} serving {', '.join(models)} on {node.address}; "
                    "Ctrl-C stops", err=True)
         run_until_signalled()

@@ -1,0 +1,164 @@
+"""Staged rollouts on real processes: distribution apart from activation, waves, halts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import wait_until
+from tests.models import Explodes, Probe, probe_examples
+from zmqmodels import Client, Hub, Node, Relay, build_release, compile_model
+from zmqmodels.store import Store
+
+pytestmark = pytest.mark.timeout(180)
+ENV = {**os.environ, "PYTHONPATH": os.getcwd()}
+
+
+def probe(scale: float, label: str):
+    torch.manual_seed(0)
+    return build_release(compile_model(Probe(scale), probe_examples()), "probe", label)
+
+
+@pytest.fixture
+def hub(tmp_path):
+    with Hub("tcp://127.0.0.1:0", Store(tmp_path / "hub"), heartbeat_interval_s=0.25) as h:
+        yield h
+
+
+def node(hub_addr: str, tmp_path, name: str, labels=(), **kw) -> Node:
+    return Node(hub_addr, ["probe"], "tcp://127.0.0.1:0", workers=1, cache=tmp_path / name,
+                node_id=name, labels=list(labels), **kw).start()
+
+
+def answer(n: Node, x: torch.Tensor | None = None):
+    with Client(n.address, timeout=10) as c:
+        return c.infer("probe", torch.ones(1, 4) if x is None else x)
+
+
+def row(hub: Hub, name: str):
+    return next((r for r in hub.status().nodes if r.node == name and r.model == "probe"), None)
+
+
+def rollout(hub: Hub, seq: int, state: str):
+    return next((w for w in hub.status().rollouts if w.seq == seq and w.state == state), None)
+
+
+def serving(hub: Hub, name: str, seq: int) -> bool:
+    r = row(hub, name)
+    return r is not None and r.state == "serving" and r.seq == seq
+
+
+def test_staged_publish_leaves_every_node_on_the_old_version_until_activate(hub, tmp_path) -> None:
+    a = node(hub.address, tmp_path, "a", ["canary"])
+    b = node(hub.address, tmp_path, "b", ["zone=b"])
+    try:
+        v1 = hub.publish(probe(1.0, "v1")).seq
+        assert hub.wait_for("probe", v1, 2, 60)[0]
+        v2 = hub.publish(probe(2.0, "v2"), staged=True).seq
+        wait_until(lambda: all((row(hub, n) or row).staged == v2 for n in "ab"), 30, what="both staged")
+        for n in (a, b):  # received, verified, cached: still serving v1
+            r = answer(n)
+            assert (r.seq, r.label) == (v1, "v1") and torch.equal(r.outputs, torch.ones(1, 4))
+        assert (tmp_path / "a" / "probe" / f"{v2:012d}.pt").exists()
+        # a node restarted now serves what it served, not the staged release in its cache
+        b.close()
+        b = node(hub.address, tmp_path, "b", ["zone=b"])
+        assert answer(b).seq == v1
+        wait_until(lambda: (row(hub, "b") or row).staged == v2 and serving(hub, "b", v1), 30, what="b back")
+        # by label: the canary only
+        done = hub.activate("probe", v2, labels=["canary"])
+        assert done.nodes == ["a"] and not done.fleet
+        wait_until(lambda: serving(hub, "a", v2), 30, what="canary on v2")
+        assert torch.equal(answer(a).outputs, torch.full((1, 4), 2.0))
+        assert answer(b).seq == v1 and row(hub, "b").staged == v2
+        # fleet-wide
+        assert hub.activate("probe", v2).fleet
+        wait_until(lambda: serving(hub, "b", v2), 30, what="b on v2")
+        assert (answer(b).seq, row(hub, "b").staged) == (v2, 0)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_waves_halt_when_the_canary_rejects_and_the_others_never_load_it(hub, tmp_path) -> None:
+    nodes = [node(hub.address, tmp_path, "c0", ["canary"]), node(hub.address, tmp_path, "c1"),
+             node(hub.address, tmp_path, "c2")]
+    try:
+        v1 = hub.publish(probe(1.0, "v1")).seq
+        assert hub.wait_for("probe", v1, 3, 60)[0]
+        bad = hub.publish(build_release(compile_model(Explodes(), [torch.ones(1, 4)]), "probe", "nan"),
+                          waves=["1", "100%"], wave_wait_s=0.5).seq
+
+        def ended():
+            w = next((w for w in hub.status().rollouts if w.seq == bad), None)
+            return w if w is not None and w.state != "running" else None
+
+        wave = wait_until(ended, 60, what="the rollout to end")
+        assert wave.state == "halted" and wave.activated == ["c0"] and list(wave.failed) == ["c0"]
+        assert "NaN or Inf" in wave.failed["c0"] and wave.rollback_seq == 0
+        for n in nodes[1:]:  # received it, never loaded it, still serve v1
+            assert n.stats["rejected_load_or_check"] == 0
+            r = row(hub, n.node_id)
+            assert (r.staged, r.rejected_seq) == (bad, 0) and answer(n).seq == v1
+        assert answer(nodes[0]).seq == v1
+    finally:
+        for n in nodes:
+            n.close()
+
+
+def test_waves_roll_out_in_order_and_an_error_rate_halts_and_rolls_back(hub, tmp_path) -> None:
+    nodes = [node(hub.address, tmp_path, f"e{i}", ["canary"] if i == 0 else []) for i in range(3)]
+    try:
+        v1 = hub.publish(probe(1.0, "v1")).seq
+        assert hub.wait_for("probe", v1, 3, 60)[0]
+        # a good release goes through every wave
+        v2 = hub.publish(probe(2.0, "v2"), waves=["1", "100%"], wave_wait_s=0.5).seq
+        wave = wait_until(lambda: rollout(hub, v2, "done"), 60, what="v2 done")
+        assert wave.activated[0] == "e0" and sorted(wave.serving) == ["e0", "e1", "e2"]
+        assert all(answer(n).seq == v2 for n in nodes)
+        # v3 errors on the canary's traffic: the wave halts and the canary goes back to v2's content
+        v3 = hub.publish(probe(3.0, "v3"), waves=["1", "100%"], wave_wait_s=30,
+                         halt_on=["error-rate>10%"]).seq
+        wait_until(lambda: serving(hub, "e0", v3), 30, what="canary on v3")
+        with Client(nodes[0].address, timeout=10) as c:
+            for _ in range(5):
+                with pytest.raises(Exception, match="probe asked to fail"):
+                    c.infer("probe", torch.full((1, 4), -1.0))
+        w = wait_until(lambda: (w := rollout(hub, v3, "halted")) and w.rollback_seq and w, 30,
+                       what="halted and rolled back")
+        assert "error rate" in w.reason and "e0" in w.failed and w.rollback_seq > v3
+        wait_until(lambda: all(serving(hub, n.node_id, w.rollback_seq) for n in nodes), 60,
+                   what="rolled back")
+        for n in nodes:  # v2's outputs under the rollback's seq; versions never stepped back
+            r = answer(n)
+            assert r.seq == w.rollback_seq and torch.equal(r.outputs, torch.full((1, 4), 2.0))
+        assert all(row(hub, f"e{i}").seq != v3 for i in (1, 2))
+    finally:
+        for n in nodes:
+            n.close()
+
+
+def test_status_shows_labels_staged_seqs_and_relays_and_activate_by_cli(hub, tmp_path) -> None:
+    with Relay(hub.address, "tcp://127.0.0.1:0", tmp_path / "relay", ["probe"], relay_id="r1") as relay:
+        n = node(relay.address, tmp_path, "behind", ["zone=a"])
+        try:
+            v1 = hub.publish(probe(1.0, "v1")).seq
+            assert hub.wait_for("probe", v1, 1, 60)[0]
+            v2 = hub.publish(probe(2.0, "v2"), staged=True).seq
+            wait_until(lambda: (row(hub, "behind") or row).staged == v2, 30, what="staged via relay")
+            out = subprocess.run([sys.executable, "-m", "zmqmodels", "status", "--hub", hub.address],
+                                 env=ENV, capture_output=True, text=True, timeout=60)
+            line = next(x for x in out.stdout.splitlines() if x.startswith("behind"))
+            assert "(via r1)" in line and "zone=a" in line and f" {v2} " in line, out.stdout
+            out = subprocess.run([sys.executable, "-m", "zmqmodels", "activate", "probe", "--seq", str(v2),
+                                  "--label", "zone=a", "--wait", "--hub", hub.address],
+                                 env=ENV, capture_output=True, text=True, timeout=60)
+            assert out.returncode == 0, out.stderr
+            assert "activated probe seq" in out.stdout and "1/1 activated node(s) serve" in out.stdout
+            assert answer(n).seq == v2
+        finally:
+            n.close()
