@@ -148,3 +148,34 @@ def test_zmqmodels_relay_command(hub, tmp_path) -> None:
         p.terminate()
         p.wait(15)
         log.close()
+
+
+def test_curve_per_hop_admits_the_fleet_and_refuses_a_stranger(tmp_path, short_tmp) -> None:
+    """Hub -> relay -> follower, each hop CURVE-encrypted with its own server key and allowlist;
+    a follower whose key the relay does not admit receives nothing."""
+    from zmqmodels.curve import Curve, generate_curve_keys
+
+    generate_curve_keys(tmp_path / "fleet", ["hub", "relay", "node"])
+    generate_curve_keys(tmp_path / "other", ["stranger"])
+    pub = tmp_path / "fleet" / "public_keys"
+
+    def key(name: str, server: str | None = None, allow=()) -> Curve:  # noqa: ANN001
+        base = tmp_path / ("other" if name == "stranger" else "fleet") / "private_keys"
+        return Curve.load(base / f"{name}.key_secret", pub / f"{server}.key" if server else None, allow)
+
+    with Hub(f"ipc://{short_tmp}/hub", Store(tmp_path / "hub"), curve=key("hub", allow=[pub])) as hub, \
+            Relay(hub.address, f"ipc://{short_tmp}/relay", tmp_path / "relay", ["m"], relay_id="r1",
+                  curve=key("relay", allow=[pub]), upstream_curve=key("relay", "hub")) as relay:
+        got: list[int] = []
+        ok = Follower(relay.address, ["m"], on_release=lambda m, a: got.append(m.seq), node_id="n",
+                      curve=key("node", "relay")).start()
+        stranger = Follower(relay.address, ["m"], on_release=lambda m, a: got.append(-m.seq),
+                            node_id="x", curve=key("stranger", "relay")).start()
+        try:
+            m = hub.publish(raw_release("m", bytes(range(256)) * 8192))
+            wait_until(lambda: got == [m.seq], 30, what="the admitted follower")
+            wait_until(lambda: {n.node for n in hub.status().nodes} == {"n"}, 10, what="its report")
+            assert stranger.hub_seen == 0.0 and stranger.stats["bytes_received"] == 0
+        finally:
+            ok.close()
+            stranger.close()

@@ -13,7 +13,11 @@ Rules (docs/protocol.md §Subscriber):
   dropped; a seq that was rejected here is never fetched again.
 - A gap - a missed manifest, lost or corrupt chunks, a heartbeat announcing a newer seq, a
   hub silent for longer than its TTL - is repaired by asking for exactly what is missing, at
-  most ``fetch_credit`` chunks in flight.
+  most ``fetch_credit`` chunks in flight. The broadcast comes in index order, so a chunk that
+  skips indices means those were dropped: they are fetched at once, and nothing the broadcast
+  has yet to bring. Only a broadcast that stalls (:class:`Pace`) fetches all that is missing:
+  a slow link or a large fan-out is not a loss, and fetching what is on its way would double
+  the hub's traffic.
 - A manifest over the limits or without a trusted signature is refused before anything is
   allocated for it, reported once per distinct manifest, and does not mark its seq rejected
   (a forged manifest must not block the genuine release of that seq); heartbeats naming that
@@ -45,7 +49,35 @@ from .protocol import ModelState
 from .release import Manifest, decompress_chunk
 from .signing import Trust
 
-__all__ = ["Assembly", "Follow", "Send", "Deliver", "Unstage", "Assembler", "next_fetch"]
+__all__ = ["Assembly", "Pace", "Follow", "Send", "Deliver", "Unstage", "Assembler", "next_fetch"]
+
+
+@dataclass
+class Pace:
+    """How a release's broadcast is arriving: when a gap means loss, when silence a stall."""
+
+    started: float
+    received: int = 0  # chunks taken in
+    next_bcast: int = 0  # the index the in-order broadcast brings next
+    stalled: bool = False  # silent for longer than the pace allows: fetch everything missing
+    broadcast_manifest: bool = True  # its chunks follow it on the same pipe (not a fetched one)
+
+    def broadcast(self, index: int) -> bool:
+        """A broadcast chunk arrived: True if it skipped indices (dropped: fetch them now)."""
+        gap = index > self.next_bcast
+        self.next_bcast = max(self.next_bcast, index + 1)
+        return gap
+
+    def stalls(self, now: float, last_progress: float, idle_s: float) -> bool:
+        """No chunk for ``idle_s`` or four times the mean interval so far, whichever is longer
+        (before the first chunk of a broadcast, four times ``idle_s``)."""
+        if not self.received:
+            return now - last_progress > (4 * idle_s if self.broadcast_manifest else idle_s)
+        mean = (last_progress - self.started) / self.received
+        return now - last_progress > max(idle_s, 4 * mean)
+
+    def fetch_below(self, chunk_count: int) -> int:
+        return chunk_count if self.stalled else self.next_bcast
 
 
 @dataclass
@@ -68,6 +100,7 @@ class Assembly:
     def __post_init__(self) -> None:
         self.view = memoryview(self.buf)
         self.sha = hashlib.sha256()
+        self.pace = Pace(self.started)
 
     def hash_prefix(self) -> None:
         """Extend the archive sha256 over every chunk that now completes the in-order prefix,
@@ -107,15 +140,17 @@ class Follow:
 
 
 def next_fetch(missing: set[int], requested: dict[int, float], now: float, credit: int,
-               timeout_s: float) -> list[int]:
+               timeout_s: float, below: int | None = None) -> list[int]:
     """Credit-bounded repair, shared by nodes and relays: forget requests unanswered for
-    ``timeout_s``, then ask for the lowest missing chunks not in flight, keeping at most
-    ``credit`` in flight; marks them requested at ``now``."""
+    ``timeout_s``, then ask for the lowest missing chunks (under ``below``) not in flight,
+    keeping at most ``credit`` in flight; marks them requested at ``now``."""
     for i, asked in list(requested.items()):
         if now - asked > timeout_s:
             del requested[i]
     room = credit - len(requested)
-    want = [i for i in sorted(missing) if i not in requested][:max(0, room)]
+    if room <= 0:
+        return []
+    want = [i for i in sorted(missing) if i not in requested and (below is None or i < below)][:room]
     for i in want:
         requested[i] = now
     return want
@@ -210,6 +245,7 @@ class Assembler:
         self._drop(st)
         st.asm = Assembly(m, raw, signature, self._take(m.name, m.archive_bytes),
                           set(range(m.chunk_count)), last_progress=now, started=now)
+        st.asm.pace.broadcast_manifest = not fetched
         self.stats["manifests"] += 1
         out: list[Action] = []
         if not m.staged:  # a staged release does not change what this node says it serves
@@ -232,6 +268,9 @@ class Assembler:
         i = hdr.index
         if i >= asm.manifest.chunk_count:
             raise ProtocolError(f"chunk {i} of {hdr.name} seq {hdr.seq} out of range")
+        if not fetched and asm.pace.broadcast(i):
+            asm.repairing = True  # the broadcast skipped chunks: they were dropped
+            self.stats["broadcast_gaps"] += 1
         asm.requested.pop(i, None)
         if i not in asm.missing:
             self.stats["chunk_duplicate"] += 1
@@ -252,6 +291,7 @@ class Assembler:
             else:
                 asm.missing.discard(i)
                 asm.last_progress = now
+                asm.pace.received += 1
                 self.stats["bytes_received"] += len(payload)
                 self.stats["chunks_fetched" if fetched else "chunks_broadcast"] += 1
                 asm.hash_prefix()
@@ -322,8 +362,8 @@ class Assembler:
                 out += self._ask_manifest(st, st.retry_seq, now)
             asm = st.asm
             if asm is not None:
-                if not asm.repairing and now - asm.last_progress > self.repair_idle_s:
-                    asm.repairing = True  # the broadcast stopped short: fetch the rest
+                if not asm.pace.stalled and asm.pace.stalls(now, asm.last_progress, self.repair_idle_s):
+                    asm.pace.stalled = asm.repairing = True  # the broadcast stopped short: fetch the rest
                     self.stats["repairs"] += 1
                 if asm.repairing:
                     out += self._pump(st, now)
@@ -431,7 +471,8 @@ class Assembler:
         asm = st.asm
         if asm is None:
             return []
-        want = next_fetch(asm.missing, asm.requested, now, self.limits.fetch_credit, self.fetch_timeout_s)
+        want = next_fetch(asm.missing, asm.requested, now, self.limits.fetch_credit, self.fetch_timeout_s,
+                          asm.pace.fetch_below(asm.manifest.chunk_count))
         if not want:
             return []
         self.stats["fetch_chunks"] += len(want)

@@ -23,7 +23,7 @@ import xxhash
 
 from . import defaults
 from . import protocol as P
-from .assembly import next_fetch
+from .assembly import Pace, next_fetch
 from .defaults import Limits
 from .errors import LimitError, ProtocolError, SignatureError
 from .release import Manifest
@@ -46,6 +46,7 @@ class Carried:
     last_progress: float = 0.0
     repairing: bool = False
     corrupt_fetches: int = 0
+    pace: Pace = field(default_factory=lambda: Pace(0.0))
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,8 @@ class Forwarder:
         cur = self.receiving.get(name)
         return max(held.manifest.seq if held else 0, cur.manifest.seq if cur else 0)
 
-    def on_manifest(self, m: Manifest, raw: bytes, signature: bytes, now: float) -> list[Action]:
+    def on_manifest(self, m: Manifest, raw: bytes, signature: bytes, now: float, *,
+                    fetched: bool = False) -> list[Action]:
         if not self._follows(m.name) or self.loop:
             return []
         self._asked.pop(m.name, None)
@@ -119,7 +121,8 @@ class Forwarder:
             self.stats["refused"] += 1
             self.stats[f"refused_{exc.code}"] += 1
             return []
-        c = Carried(m, raw, signature, [None] * m.chunk_count, set(range(m.chunk_count)), last_progress=now)
+        c = Carried(m, raw, signature, [None] * m.chunk_count, set(range(m.chunk_count)), last_progress=now,
+                    pace=Pace(now, broadcast_manifest=not fetched))
         self.receiving[m.name] = c
         out: list[Action] = [Down(m.name, P.pack(P.ManifestFrames(), raw, signature))]
         return out + (self._complete(c) if not c.missing else [])
@@ -134,6 +137,8 @@ class Forwarder:
         m, i = c.manifest, hdr.index
         if i >= m.chunk_count:
             raise ProtocolError(f"chunk {i} of {m.name} seq {m.seq} out of range")
+        if not fetched and c.pace.broadcast(i):
+            c.repairing = True  # the broadcast skipped chunks: they were dropped
         c.requested.pop(i, None)
         if i not in c.missing:
             self.stats["chunk_duplicate"] += 1
@@ -151,6 +156,7 @@ class Forwarder:
         c.chunks[i] = data
         c.missing.discard(i)
         c.last_progress = now
+        c.pace.received += 1
         self.stats["chunks_fetched" if fetched else "chunks_broadcast"] += 1
         frames = P.pack(P.ChunkHeader(m.name, m.seq, i), data)
         out: list[Action] = [Down(m.name, frames)]
@@ -206,8 +212,8 @@ class Forwarder:
         for c in list(self.receiving.values()):
             if not c.missing:
                 continue
-            if not c.repairing and now - c.last_progress > self.repair_idle_s:
-                c.repairing = True
+            if not c.pace.stalled and c.pace.stalls(now, c.last_progress, self.repair_idle_s):
+                c.pace.stalled = c.repairing = True
                 self.stats["repairs"] += 1
             if c.repairing:
                 out += self._pump(c, now)
@@ -283,7 +289,8 @@ class Forwarder:
         return [Up(P.FetchManifest(name, seq))]
 
     def _pump(self, c: Carried, now: float) -> list[Action]:
-        want = next_fetch(c.missing, c.requested, now, self.limits.fetch_credit, self.fetch_timeout_s)
+        want = next_fetch(c.missing, c.requested, now, self.limits.fetch_credit, self.fetch_timeout_s,
+                          c.pace.fetch_below(c.manifest.chunk_count))
         return [Up(P.FetchChunks(c.manifest.name, c.manifest.seq, want))] if want else []
 
     def _complete(self, c: Carried) -> list[Action]:

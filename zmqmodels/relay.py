@@ -183,7 +183,7 @@ class Relay(IOThread):
             case P.ManifestFrames():
                 m = decode_manifest(payload[0].buffer, self.limits, check=False)
                 sig = payload[1].bytes if len(payload) > 1 else b""
-                self._carry(self.forwarder.on_manifest(m, payload[0].bytes, sig, now))
+                self._carry(self.forwarder.on_manifest(m, payload[0].bytes, sig, now, fetched=fetched))
             case P.ChunkHeader():
                 self._carry(self.forwarder.on_chunk(msg, payload[0].buffer, now, fetched=fetched))
             case P.Heartbeat():
