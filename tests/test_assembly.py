@@ -70,7 +70,8 @@ def test_gap_repairs_with_bounded_credit_and_reasks_after_timeout() -> None:
     a.on_manifest(r.manifest, encode_manifest(r.manifest), b"", 0.0)
     a.on_chunk(P.ChunkHeader("m", 1, 0), r.chunks[0], 0.0, fetched=False)
     assert a.tick(0.1) == []
-    (fetch,) = sends(a.tick(0.3), P.FetchChunks)  # idle past repair_idle_s
+    beat = P.Heartbeat("hub", "m", 1, r.manifest.archive_sha256)  # the broadcast is over
+    (fetch,) = sends(a.on_beat(beat, 0.3), P.FetchChunks)
     assert fetch.indices == [1, 2, 3, 4]
     assert sends(a.tick(0.4), P.FetchChunks) == []  # credit used up
     (again,) = sends(a.tick(2.5), P.FetchChunks)  # unanswered past fetch timeout
@@ -90,8 +91,19 @@ def test_a_slow_steady_broadcast_is_not_a_loss_and_a_skip_fetches_only_the_skipp
     out = a.on_chunk(P.ChunkHeader("m", 1, 6), r.chunks[6], t + 0.4, fetched=False)  # 4 and 5 dropped
     assert [f.indices for f in sends(out, P.FetchChunks)] == [[4, 5]]
     assert a.stats["broadcast_gaps"] == 1
-    (stall,) = sends(a.tick(t + 0.4 + 4 * 0.45), P.FetchChunks)  # then silence: fetch the rest
-    assert stall.indices == [7, 8, 9]
+    assert sends(a.tick(t + 1.5), P.FetchChunks) == []  # silent, but the broadcast may be on its way
+    beat = P.Heartbeat("hub", "m", 1, r.manifest.archive_sha256)  # sent after every chunk: the rest was lost
+    (tail,) = sends(a.on_beat(beat, t + 1.6), P.FetchChunks)
+    assert tail.indices == [7, 8, 9]
+
+
+def test_a_broadcast_silent_for_long_is_fetched_without_the_beat() -> None:
+    a, r = make(), release()
+    a.on_manifest(r.manifest, encode_manifest(r.manifest), b"", 0.0)
+    a.on_chunk(P.ChunkHeader("m", 1, 0), r.chunks[0], 0.1, fetched=False)
+    assert sends(a.tick(1.9), P.FetchChunks) == []
+    (fetch,) = sends(a.tick(2.2), P.FetchChunks)  # 2 s with nothing: fetch what is missing
+    assert fetch.indices == list(range(1, 9))
 
 
 def test_beat_for_a_newer_seq_asks_for_its_manifest() -> None:

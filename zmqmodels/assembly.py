@@ -13,11 +13,13 @@ Rules (docs/protocol.md §Subscriber):
   dropped; a seq that was rejected here is never fetched again.
 - A gap - a missed manifest, lost or corrupt chunks, a heartbeat announcing a newer seq, a
   hub silent for longer than its TTL - is repaired by asking for exactly what is missing, at
-  most ``fetch_credit`` chunks in flight. The broadcast comes in index order, so a chunk that
-  skips indices means those were dropped: they are fetched at once, and nothing the broadcast
-  has yet to bring. Only a broadcast that stalls (:class:`Pace`) fetches all that is missing:
-  a slow link or a large fan-out is not a loss, and fetching what is on its way would double
-  the hub's traffic.
+  most ``fetch_credit`` chunks in flight. The broadcast comes in index order on one pipe, so a
+  chunk that skips indices means those were dropped: they are fetched at once, and nothing
+  the broadcast has yet to bring. The sender's heartbeat naming the release follows all its
+  chunks on that pipe, so once it arrives whatever is still missing was lost (a dropped tail)
+  and is fetched. A slow link or a large fan-out is not a loss: fetching what is on its way
+  would double the hub's traffic. Only a broadcast silent for 2 s and 8 times its mean chunk
+  interval (:class:`Pace`) is fetched without that marker.
 - A manifest over the limits or without a trusted signature is refused before anything is
   allocated for it, reported once per distinct manifest, and does not mark its seq rejected
   (a forged manifest must not block the genuine release of that seq); heartbeats naming that
@@ -69,12 +71,13 @@ class Pace:
         return gap
 
     def stalls(self, now: float, last_progress: float, idle_s: float) -> bool:
-        """No chunk for ``idle_s`` or four times the mean interval so far, whichever is longer
-        (before the first chunk of a broadcast, four times ``idle_s``)."""
-        if not self.received:
-            return now - last_progress > (4 * idle_s if self.broadcast_manifest else idle_s)
-        mean = (last_progress - self.started) / self.received
-        return now - last_progress > max(idle_s, 4 * mean)
+        """No chunk for 8 x ``idle_s`` (2 s) or 8 x the mean interval so far, whichever is
+        longer (a fetched manifest's chunks are not coming by broadcast: ``idle_s``). The
+        sender's heartbeat usually says so sooner (:meth:`Assembler.on_beat`)."""
+        if not self.broadcast_manifest:
+            return now - last_progress > idle_s
+        mean = (last_progress - self.started) / self.received if self.received else 0.0
+        return now - last_progress > max(8 * idle_s, 8 * mean)
 
     def fetch_below(self, chunk_count: int) -> int:
         return chunk_count if self.stalled else self.next_bcast
@@ -309,6 +312,12 @@ class Assembler:
         if beat.active > st.active:
             st.active = beat.active
             out += self._unstage(st)
+        asm = st.asm
+        if asm is not None and beat.seq == asm.manifest.seq and not asm.pace.stalled and asm.missing:
+            # the sender beats only after broadcasting every chunk of it: what is missing was lost
+            asm.pace.stalled = asm.repairing = True
+            self.stats["repairs"] += 1
+            out += self._pump(st, now)
         if beat.seq > st.done_seq and beat.seq not in st.rejected and (
                 st.asm is None or st.asm.manifest.seq < beat.seq):
             out += self._ask_manifest(st, beat.seq, now)

@@ -177,6 +177,10 @@ class Forwarder:
             return []
         if beat.active > self.active.get(beat.name, 0) and self._follows(beat.name):
             self.active[beat.name] = beat.active  # passed on in this relay's own beats
+        c = self.receiving.get(beat.name)
+        if c is not None and beat.seq == c.manifest.seq and c.missing and not c.pace.stalled:
+            c.pace.stalled = c.repairing = True  # the upstream beats after all its chunks: lost
+            self.stats["repairs"] += 1
         if self._follows(beat.name) and beat.seq > self.done_seq(beat.name) and not self.loop:
             return self._ask(beat.name, beat.seq, now)
         return []
@@ -225,11 +229,12 @@ class Forwarder:
 
     def beats(self, hub_id: str) -> list[Action]:
         """Heartbeats for downstream: the relay's own (with the path of relays), then per model
-        the newest release it can serve."""
+        the newest release it holds whole. Never one it is still forwarding: a beat naming a
+        release tells downstream every chunk of it was sent before (docs/protocol.md)."""
         out: list[Action] = [Down("", P.pack(P.Heartbeat(hub=hub_id, path=[*self.upstream_path,
                                                                         self.relay_id])))]
-        for name in sorted({*self.models, *self.latest, *self.receiving}):
-            c = self.receiving.get(name) or self.latest.get(name)
+        for name in sorted({*self.models, *self.latest}):
+            c = self.latest.get(name)
             if c is not None:
                 m = c.manifest
                 out.append(Down(name, P.pack(P.Heartbeat(hub=hub_id, name=name, seq=m.seq,
