@@ -85,13 +85,16 @@ def tx_bytes() -> int:
     return total
 
 
+def cpu_sample() -> tuple[int, int]:
+    """(all jiffies, idle jiffies) of the whole machine."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return sum(v), v[3] + v[4]
+
+
 def cpu_idle(threshold: float = 0.15, settle_s: float = 1.0, timeout: float = 120) -> None:
     """Wait until the machine's CPU use over ``settle_s`` is below ``threshold``."""
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        return sum(v), v[3] + v[4]
-
+    sample = cpu_sample
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         t0, i0 = sample()
@@ -126,13 +129,14 @@ def role_hub(bind: str, n: int, size: int, out: str) -> None:
             while nodes() < n and time.monotonic() < deadline:
                 time.sleep(0.2)
             cpu_idle()
-            sent0, t0 = tx_bytes(), time.monotonic()
+            sent0, t0, cpu0 = tx_bytes(), time.monotonic(), cpu_sample()
             seq = hub.publish(Release(m, chunks)).seq
             ok, _ = hub.wait_for("bench", seq, n, 300)
             elapsed = time.monotonic() - t0
-            sent = tx_bytes() - sent0
+            sent, cpu1 = tx_bytes() - sent0, cpu_sample()
+        busy = 1 - (cpu1[1] - cpu0[1]) / max(1, cpu1[0] - cpu0[0])
         with open(out, "w") as f:
-            json.dump({"ok": ok, "seconds": elapsed, "hub_tx": sent}, f)
+            json.dump({"ok": ok, "seconds": elapsed, "hub_tx": sent, "cpu_busy": busy}, f)
     finally:
         shutil.rmtree(store, ignore_errors=True)
 
@@ -270,12 +274,13 @@ def net_main(args: argparse.Namespace) -> None:
         cleanup()
     print(f"\n{args.size_mb} MB release, every link {args.rate} each way (tc tbf), "
           f"{platform.node()}, {os.cpu_count()} CPUs\n")
-    print("| shape | N | to all (s) | predicted (s) | hub sent (MB) | predicted (MB) | copies from the hub |")
-    print("|---|---|---|---|---|---|---|")
+    print("| shape | N | to all (s) | predicted (s) | hub sent (MB) | predicted (MB) | copies from the hub "
+          "| CPU busy |")
+    print("|---|---|---|---|---|---|---|---|")
     for shape, n, got, p_s, p_tx in rows:
         ok = "" if got["ok"] else " (INCOMPLETE)"
         print(f"| {shape} | {n} | {got['seconds']:.2f}{ok} | {p_s:.2f} | {got['hub_tx'] / 1e6:.0f} | "
-              f"{p_tx / 1e6:.0f} | {got['hub_tx'] / size:.1f} |")
+              f"{p_tx / 1e6:.0f} | {got['hub_tx'] / size:.1f} | {got['cpu_busy']:.0%} |")
 
 
 # -- the 8-node local rollout vs the seed's serial TCP -------------------------------------------

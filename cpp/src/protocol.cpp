@@ -404,7 +404,7 @@ struct Decoder {
       if (bufs[f].second != need)
         throw Error("bad_request", "tensor buffer " + std::to_string(f) + " has " + std::to_string(bufs[f].second) +
                                        " bytes, its spec needs " + std::to_string(need));
-      at::Tensor x = torch::empty(shape, torch::TensorOptions().dtype(dt));
+      at::Tensor x = at::empty(shape, at::TensorOptions().dtype(dt));
       if (need) std::memcpy(x.data_ptr(), bufs[f].first, need);
       out = x;
     } else if (t == "tuple" || t == "list") {
@@ -438,7 +438,8 @@ struct Decoder {
         xs.push_back(node(items->via.array.ptr[i]));
         all_tensors = all_tensors && xs.back().isTensor();
       }
-      c10::impl::GenericDict d(c10::StringType::get(), all_tensors ? c10::TensorType::get() : c10::AnyType::get());
+      c10::TypePtr value_type = all_tensors ? c10::TypePtr(c10::TensorType::get()) : c10::TypePtr(c10::AnyType::get());
+      c10::impl::GenericDict d(c10::StringType::get(), value_type);
       for (size_t i = 0; i < keys.size(); ++i) d.insert(keys[i], xs[i]);
       out = d;
     } else if (t == "bool") {

@@ -1,0 +1,142 @@
+// Following a hub (docs/protocol.md §Node behaviour): the assembly and repair rules of
+// zmqmodels/assembly.py, fed events and the clock, returning what to send; and the node's
+// cache directory (the Python node's layout, so either node can take over the other's).
+#pragma once
+
+#include "protocol.hpp"
+
+#include <deque>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <optional>
+#include <set>
+#include <string>
+#include <vector>
+
+namespace zm {
+
+using Frames = std::vector<std::string>;
+
+struct Completed {
+  std::shared_ptr<Manifest> manifest;
+  std::string raw, signature;
+  std::shared_ptr<uint8_t[]> archive;
+  std::string digest;  // sha256 of the assembled archive (to check against the manifest)
+  double receive_s = 0;
+};
+
+// One release being received into its archive buffer.
+struct Assembly {
+  std::shared_ptr<Manifest> m;
+  std::string raw, signature;
+  std::shared_ptr<uint8_t[]> buf;
+  std::set<uint64_t> missing;
+  std::map<uint64_t, double> requested;
+  double started = 0, last_progress = 0;
+  bool repairing = false, stalled = false, broadcast_manifest = true;
+  uint64_t received = 0, next_bcast = 0, hashed = 0;
+  int corrupt_fetches = 0;
+  std::unique_ptr<Sha256> sha = std::make_unique<Sha256>();
+};
+
+struct Follow {
+  std::string name;
+  uint64_t done_seq = 0;
+  std::set<uint64_t> rejected;
+  uint64_t refused = 0;                            // XXH3 of the last refused manifest
+  std::pair<uint64_t, std::string> refused_release;  // (seq, sha256) of that manifest
+  std::unique_ptr<Assembly> as;
+  int64_t asked_seq = -1;
+  double asked_at = 0, retry_at = 0;
+  uint64_t retry_seq = 0;
+  int retries = 0;
+  // what is reported
+  std::string state = "idle", label, reason;
+  uint64_t seq = 0, staged = 0, active = 0, requests = 0, errors = 0;
+  std::map<std::string, double> stages;
+  uint64_t stages_seq = 0;
+};
+
+struct Config {
+  std::string node_id, host, device;
+  int64_t pid = 0;
+  std::vector<std::string> labels;
+  Limits limits;
+  Trust trust;
+  double repair_idle_s = 0.25, hub_ttl_s = 3.0, fetch_timeout_s = 2.0;
+};
+
+class Follower {
+ public:
+  Follower(const std::vector<std::string>& models, Config config);
+
+  // -- events (each appends to `sends`, `completed`, `unstaged`) --
+  void start(double now);
+  void heard(double now) { hub_seen = now; }
+  void on_manifest(std::shared_ptr<Manifest> m, std::string raw, std::string signature, double now, bool fetched);
+  void on_chunk(const std::string& name, uint64_t seq, uint64_t index, const void* payload, size_t len, double now,
+                bool fetched);
+  void on_beat(const std::string& name, uint64_t seq, const std::string& sha256, uint64_t active, double now);
+  void on_activate(const std::string& name, uint64_t seq, const std::vector<std::string>& nodes);
+  void on_error(const std::string& code, const std::string& name, uint64_t seq, const std::vector<uint64_t>& indices);
+  void tick(double now);
+
+  // -- what became of a release --
+  void set_state(const std::string& name, const std::string& state, uint64_t seq, const std::string& label,
+                 const std::string& reason = "");
+  void reject(const std::string& name, uint64_t seq, const std::string& label, const std::string& reason);
+  void held(const std::string& name, uint64_t seq);  // a staged release is cached: hold it
+  void store_failed(const std::string& name, uint64_t seq, const std::string& label, const std::string& why, double now);
+  void stage(const std::string& name, uint64_t seq, const std::string& key, double seconds);
+  void count(const std::string& name, uint64_t requests, uint64_t errors);
+  void known(const std::string& name, uint64_t seq, const std::string& label);  // served from the cache
+  void report_all();
+  Follow& follow(const std::string& name);
+  bool follows(const std::string& name) const { return models_.count(name) > 0; }
+
+  std::vector<Frames> sends;                                // to the hub (DEALER)
+  std::vector<Completed> completed;                         // assembled: verify, cache, load
+  std::vector<std::pair<std::string, uint64_t>> unstaged;   // held staged releases now activated
+  std::map<std::string, uint64_t> stats;
+  double hub_seen = 0;
+
+ private:
+  Frames report(const Follow& st) const;
+  void ask_manifest(Follow& st, uint64_t seq, double now);
+  void pump(Follow& st, double now);
+  void complete(Follow& st, double now);
+  void refuse(Follow& st, const Manifest& m, const std::string& raw, const std::string& why);
+  void rejection(Follow& st, uint64_t seq, const std::string& label, const std::string& reason);
+  void unstage(Follow& st);
+  bool stalls(const Assembly& a, double now) const;
+
+  std::map<std::string, Follow> models_;
+  Config cfg_;
+  double reasked_ = 0;
+};
+
+// The node's cache: DIR/<name>/<seq:012d>.pt, .sig, .manifest (and .active for an activated
+// staged release), written atomically in that order.
+class Cache {
+ public:
+  explicit Cache(std::filesystem::path root) : root_(std::move(root)) {}
+  std::filesystem::path path(const std::string& name, uint64_t seq) const;
+  void put(const Completed& c, size_t keep = 2);  // throws Error("store") on a failed write
+  void activate(const std::string& name, uint64_t seq);
+  void discard(const std::string& name, uint64_t seq);
+  std::vector<uint64_t> seqs(const std::string& name) const;
+  // The newest entry of `name` that may be served (staged ones only once activated, unless
+  // `staged`), whose signature `trust` accepts and whose archive matches its sha256.
+  std::optional<std::pair<std::shared_ptr<Manifest>, std::string>> latest(const std::string& name, const Trust& trust,
+                                                                           const Limits& limits, bool staged = false);
+  bool is_active(const Manifest& m) const;
+
+ private:
+  std::filesystem::path root_;
+};
+
+std::string read_all(const std::filesystem::path& p);
+std::string pub_endpoint(const std::string& addr);
+
+}  // namespace zm

@@ -1,0 +1,252 @@
+#include "model.hpp"
+
+#include <ATen/Parallel.h>
+#include <torch/cuda.h>
+
+#include <cmath>
+#include <iomanip>
+#include <regex>
+#include <sstream>
+
+namespace zm {
+
+namespace {
+
+double now_perf() { return now_s(); }
+
+c10::IValue to_device(const c10::IValue& v, const c10::Device& d) {
+  if (v.isTensor()) return v.toTensor().to(d);
+  if (v.isTuple()) {
+    std::vector<c10::IValue> xs;
+    for (auto& x : v.toTupleRef().elements()) xs.push_back(to_device(x, d));
+    return c10::ivalue::Tuple::create(std::move(xs));
+  }
+  if (v.isTensorList()) {
+    c10::List<at::Tensor> l;
+    for (const at::Tensor& t : v.toTensorList()) l.push_back(t.to(d));
+    return l;
+  }
+  if (v.isList()) {
+    auto src = v.toList();
+    c10::impl::GenericList l(src.elementType());
+    for (const auto& x : src) l.push_back(to_device(x, d));
+    return l;
+  }
+  if (v.isGenericDict()) {
+    auto src = v.toGenericDict();
+    c10::impl::GenericDict out(src.keyType(), src.valueType());
+    for (const auto& e : src) out.insert(e.key(), to_device(e.value(), d));
+    return out;
+  }
+  return v;
+}
+
+void check_finite(const c10::IValue& v, const std::string& path) {
+  if (v.isTensor()) {
+    auto t = v.toTensor();
+    if ((t.is_floating_point() || t.is_complex()) && !at::isfinite(t).all().item<bool>())
+      throw Error("check", path + ": NaN or Inf in the output");
+  } else if (v.isTuple()) {
+    auto& xs = v.toTupleRef().elements();
+    for (size_t i = 0; i < xs.size(); ++i) check_finite(xs[i], path + "[" + std::to_string(i) + "]");
+  } else if (v.isList()) {
+    size_t i = 0;
+    for (const auto& x : v.toListRef()) check_finite(x, path + "[" + std::to_string(i++) + "]");
+  } else if (v.isGenericDict()) {
+    for (const auto& e : v.toGenericDict()) check_finite(e.value(), path + "['" + e.key().toStringRef() + "']");
+  }
+}
+
+std::string shape_str(const at::Tensor& t) {
+  std::ostringstream s;
+  s << dtype_name(t.scalar_type()) << "[";
+  for (int64_t i = 0; i < t.dim(); ++i) s << (i ? ", " : "") << t.size(i);
+  s << "]";
+  return s.str();
+}
+
+std::vector<c10::IValue> items(const c10::IValue& v) {
+  std::vector<c10::IValue> out;
+  if (v.isTuple()) {
+    for (auto& x : v.toTupleRef().elements()) out.push_back(x);
+  } else if (v.isList()) {
+    for (const auto& x : v.toListRef()) out.push_back(x);
+  }
+  return out;
+}
+
+std::string kind(const c10::IValue& v) { return v.tagKind(); }
+
+}  // namespace
+
+void compare_outputs(const c10::IValue& want, const c10::IValue& got, const std::string& path, bool gpu) {
+  if (want.isTensor()) {
+    if (!got.isTensor()) throw Error("check", path + ": expected a tensor, got " + kind(got));
+    at::Tensor a = want.toTensor().cpu(), b = got.toTensor().cpu();
+    if (a.scalar_type() != b.scalar_type() || a.sizes() != b.sizes())
+      throw Error("check", path + ": expected " + shape_str(a) + ", got " + shape_str(b));
+    if (a.numel() == 0) return;
+    if (!(a.is_floating_point() || a.is_complex())) {
+      if (!at::equal(a, b)) throw Error("check", path + ": integer outputs differ");
+      return;
+    }
+    std::string name = dtype_name(a.scalar_type());
+    double rt = 1e-5, at = 1e-6;
+    if (name == "float64") rt = 1e-7, at = 1e-9;
+    else if (name == "float16") rt = 1e-3, at = 1e-3;
+    else if (name == "bfloat16") rt = 1.6e-2, at = 1e-2;
+    if (gpu) rt = at = 1e-3;
+    if (!at::equal(at::isnan(a), at::isnan(b))) throw Error("check", path + ": NaN in different positions");
+    auto wide = a.is_complex() ? at::kComplexDouble : at::kDouble;
+    at::Tensor a64 = a.to(wide), b64 = b.to(wide);
+    at::Tensor inf = at::isinf(a64) | at::isinf(b64);
+    if (!at::equal(a64.index({inf}), b64.index({inf})))
+      throw Error("check", path + ": Inf in different positions or signs");
+    at::Tensor finite = ~(at::isnan(a64) | inf);
+    at::Tensor d = (a64 - b64).abs().index({finite});
+    double diff = d.numel() ? d.max().item<double>() : 0.0;
+    if (std::isnan(diff) || !at::allclose(a64.index({finite}), b64.index({finite}), rt, at)) {
+      std::ostringstream s;
+      s << path << ": max abs diff " << std::setprecision(3) << diff << " exceeds rtol=" << rt << ", atol=" << at;
+      throw Error("check", s.str());
+    }
+    return;
+  }
+  if (want.isTuple() || want.isList()) {
+    auto w = items(want), g = items(got);
+    if (!(got.isTuple() || got.isList()) || w.size() != g.size())
+      throw Error("check", path + ": expected a sequence of " + std::to_string(w.size()) + ", got " + kind(got));
+    for (size_t i = 0; i < w.size(); ++i) compare_outputs(w[i], g[i], path + "[" + std::to_string(i) + "]", gpu);
+    return;
+  }
+  if (want.isGenericDict()) {
+    if (!got.isGenericDict()) throw Error("check", path + ": expected a dict, got " + kind(got));
+    auto w = want.toGenericDict(), g = got.toGenericDict();
+    if (w.size() != g.size()) throw Error("check", path + ": dict keys differ");
+    for (const auto& e : w) {
+      auto it = g.find(e.key());
+      if (it == g.end()) throw Error("check", path + ": dict keys differ");
+      compare_outputs(e.value(), it->value(), path + "['" + e.key().toStringRef() + "']", gpu);
+    }
+    return;
+  }
+  if (want != got) throw Error("check", path + ": expected " + kind(want) + " value differs");
+}
+
+std::shared_ptr<const Loaded> load_release(const std::shared_ptr<Manifest>& m, const std::string& path,
+                                           const void* data, size_t len, const c10::Device& device, int warmup) {
+  auto out = std::make_shared<Loaded>();
+  out->manifest = m;
+  out->device = device;
+  double t0 = now_perf();
+  try {
+    if (!path.empty()) {
+      out->module = torch::jit::load(path, device);
+    } else {
+      std::istringstream in(std::string(static_cast<const char*>(data), len));
+      out->module = torch::jit::load(in, device);
+    }
+  } catch (const std::exception& e) {
+    std::string what = e.what();
+    throw Error("check", "torch.jit.load failed: " + what.substr(0, what.find('\n')));
+  }
+  out->module.eval();
+  double t1 = now_perf();
+  bool gpu = !device.is_cpu();
+  c10::InferenceMode guard;
+  std::vector<c10::IValue> examples, expected;
+  if (m->examples) examples = items(decode_pack(*m->examples));
+  if (m->expected) expected = items(decode_pack(*m->expected));
+  for (size_t i = 0; i < examples.size() && i < expected.size(); ++i) {
+    std::string where = "example " + std::to_string(i) + " out";
+    c10::IValue got;
+    try {
+      got = out->module.forward(items(to_device(examples[i], device)));
+    } catch (const std::exception& e) {
+      std::string what = e.what();
+      throw Error("check", "example " + std::to_string(i) + ": model raised: " + what.substr(0, 300));
+    }
+    got = to_device(got, at::kCPU);
+    check_finite(got, where);
+    compare_outputs(expected[i], got, where, gpu);
+  }
+  for (int w = 0; w < (examples.empty() ? 0 : warmup); ++w) out->module.forward(items(to_device(examples[0], device)));
+  if (gpu) torch::cuda::synchronize(device.index() < 0 ? 0 : device.index());
+  out->load_s = t1 - t0;
+  out->check_s = now_perf() - t1;
+  return out;
+}
+
+void check_inputs(const Manifest& m, const std::vector<c10::IValue>& args) {
+  if (m.inputs.empty()) return;
+  if (args.size() != m.inputs.size())
+    throw Error("bad_input", m.name + " takes " + std::to_string(m.inputs.size()) + " input(s), got " +
+                                 std::to_string(args.size()));
+  for (size_t i = 0; i < args.size(); ++i) {
+    const InputSig& s = m.inputs[i];
+    if (!s.tensor) continue;
+    std::string pre = "input " + std::to_string(i) + ": ";
+    if (!args[i].isTensor()) throw Error("bad_input", pre + "expected a " + s.dtype + " tensor");
+    at::Tensor t = args[i].toTensor();
+    std::ostringstream got, want;
+    got << dtype_name(t.scalar_type()) << " [";
+    for (int64_t d = 0; d < t.dim(); ++d) got << (d ? ", " : "") << t.size(d);
+    got << "]";
+    bool bad = dtype_name(t.scalar_type()) != s.dtype || t.dim() != s.rank;
+    if (!s.shape.empty()) {
+      want << s.dtype << " [";
+      for (size_t d = 0; d < s.shape.size(); ++d) {
+        int64_t dim = d == 0 ? -1 : s.shape[d];  // the leading (batch) dimension is never fixed
+        want << (d ? ", " : "") << (dim < 0 ? std::string("*") : std::to_string(dim));
+        if (!bad && dim >= 0 && static_cast<int64_t>(d) < t.dim() && t.size(static_cast<int64_t>(d)) != dim) bad = true;
+      }
+      want << "]";
+    } else {
+      want << s.dtype << " of rank " << s.rank;
+    }
+    if (bad) throw Error("bad_input", pre + "expected " + want.str() + ", got " + got.str());
+  }
+}
+
+std::string model_error_line(const std::string& text) {
+  std::vector<std::string> lines;
+  std::istringstream in(text);
+  for (std::string ln; std::getline(in, ln);) {
+    auto b = ln.find_first_not_of(" \t\r"), e = ln.find_last_not_of(" \t\r");
+    if (b != std::string::npos) lines.push_back(ln.substr(b, e - b + 1));
+  }
+  if (lines.empty()) return "RuntimeError";
+  static const std::regex err_re(R"(^[\w.]*(Error|Exception)\b.*:)");
+  static const std::regex where_re(R"xx(^File "([^"]+)", line (\d+), in (\w+))xx");
+  std::string message;
+  for (auto it = lines.rbegin(); it != lines.rend(); ++it)
+    if (std::regex_search(*it, err_re)) {
+      message = *it;
+      break;
+    }
+  if (message.empty()) message = text.find("Traceback of TorchScript") != std::string::npos ? lines.back() : lines.front();
+  if (message.rfind("builtins.", 0) == 0) message = message.substr(9);
+  for (auto& ln : lines) {
+    std::smatch m;
+    if (std::regex_search(ln, m, where_re)) {
+      message += " (at " + m[1].str() + ":" + m[2].str() + " in " + m[3].str() + ")";
+      break;
+    }
+  }
+  return message.substr(0, 1000);
+}
+
+void list_parameters(const std::string& path, std::ostream& out) {
+  torch::jit::Module module = torch::jit::load(path, at::kCPU);
+  size_t n = 0, bytes = 0;
+  for (const auto& p : module.named_parameters(/*recurse=*/true)) {
+    out << p.name << "\t" << dtype_name(p.value.scalar_type()) << "\t[";
+    for (int64_t d = 0; d < p.value.dim(); ++d) out << (d ? ", " : "") << p.value.size(d);
+    out << "]\n";
+    ++n;
+    bytes += p.value.numel() * p.value.element_size();
+  }
+  out << n << " parameter(s), " << bytes << " bytes\n";
+}
+
+}  // namespace zm
