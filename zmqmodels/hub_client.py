@@ -34,6 +34,12 @@ class HubClient:
         self.curve = curve
         self._ctx = context or zmq.Context.instance()
 
+    def __enter__(self) -> HubClient:
+        return self  # each request has its own socket: nothing to open or close
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
     def _request(self, frames: list[Any], expect: type, timeout: float | None, *,
                  extra: int = 0) -> Any:
         timeout = self.timeout if timeout is None else timeout

@@ -5,6 +5,8 @@
 #include "model.hpp"
 
 #include <signal.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <ATen/Parallel.h>
@@ -177,24 +179,15 @@ class Node {
   }
 
   int run() {
-    zmq::socket_t sub(ctx_, zmq::socket_type::sub), dealer(ctx_, zmq::socket_type::dealer);
     zmq::socket_t front(ctx_, zmq::socket_type::router), back(ctx_, zmq::socket_type::router);
-    zmq::socket_t wake(ctx_, zmq::socket_type::pull);
-    for (auto* s : {&sub, &dealer, &front, &back, &wake}) s->set(zmq::sockopt::linger, 0);
-    sub.set(zmq::sockopt::maxmsgsize, static_cast<int64_t>(limits_.max_frame_bytes()));
-    dealer.set(zmq::sockopt::maxmsgsize, static_cast<int64_t>(limits_.max_frame_bytes()));
+    for (auto* s : {&front, &back}) s->set(zmq::sockopt::linger, 0);
     front.set(zmq::sockopt::maxmsgsize, static_cast<int64_t>(limits_.max_request_bytes + (1 << 20)));
-    sub.set(zmq::sockopt::rcvhwm, 16);
-    sub.set(zmq::sockopt::subscribe, std::string(1, '\0'));
-    for (const auto& m : args_.models) sub.set(zmq::sockopt::subscribe, m + std::string(1, '\0'));
     back.bind("inproc://workers");
-    wake.bind("inproc://loaded");
     front.bind(args_.bind);
     std::string bound = front.get(zmq::sockopt::last_endpoint);
-    if (!args_.hub.empty()) {
-      sub.connect(pub_endpoint(args_.hub));
-      dealer.connect(args_.hub);
-    }
+    // receiving (hashing, copying chunks) and loading run on their own threads, below the
+    // serving threads' priority: a release never delays the thread that routes requests
+    std::thread follower([this] { follow_loop(); });
     std::thread loader([this] { load_loop(); });
     std::vector<std::thread> workers;
     for (int i = 0; i < args_.threads; ++i) workers.emplace_back([this, i] { serve_loop("w" + std::to_string(i)); });
@@ -203,9 +196,7 @@ class Node {
     std::printf("%s\n", bound.c_str());
     std::fflush(stdout);
 
-    double now = now_s(), next_report = 0, drain_until = 0;
-    follower_->start(now);
-    follower_->report_all();
+    double now = now_s(), drain_until = 0;
     std::deque<std::string> idle;
     std::set<std::string> busy;
     struct Pending {
@@ -215,11 +206,7 @@ class Node {
       int64_t received_ns;
     };
     std::deque<Pending> queue;
-    std::vector<zmq_pollitem_t> items = {{sub.handle(), 0, ZMQ_POLLIN, 0},
-                                         {dealer.handle(), 0, ZMQ_POLLIN, 0},
-                                         {front.handle(), 0, ZMQ_POLLIN, 0},
-                                         {back.handle(), 0, ZMQ_POLLIN, 0},
-                                         {wake.handle(), 0, ZMQ_POLLIN, 0}};
+    std::vector<zmq_pollitem_t> items = {{front.handle(), 0, ZMQ_POLLIN, 0}, {back.handle(), 0, ZMQ_POLLIN, 0}};
     auto send_client = [&](std::string client, std::vector<zmq::message_t> reply) {
       front.send(zmq::buffer(client), zmq::send_flags::sndmore);
       front.send(zmq::message_t(), zmq::send_flags::sndmore);
@@ -238,23 +225,11 @@ class Node {
       }
       now = now_s();
       std::vector<zmq::message_t> msg;
-      for (int n = 0; (items[0].revents & ZMQ_POLLIN) && n < 256; ++n) {  // broadcasts
-        msg.clear();
-        if (!zmq::recv_multipart(sub, std::back_inserter(msg), zmq::recv_flags::dontwait)) break;
-        follower_->heard(now);
-        guarded("broadcast", [&] { on_broadcast(msg, now); });
-      }
-      for (int n = 0; (items[1].revents & ZMQ_POLLIN) && n < 256; ++n) {  // fetch replies
-        msg.clear();
-        if (!zmq::recv_multipart(dealer, std::back_inserter(msg), zmq::recv_flags::dontwait)) break;
-        follower_->heard(now);
-        guarded("reply", [&] { on_reply(msg, now); });
-      }
-      for (int n = 0; (items[2].revents & ZMQ_POLLIN) && n < 1024; ++n) {  // clients
+      for (int n = 0; (items[0].revents & ZMQ_POLLIN) && n < 1024; ++n) {  // clients
         msg.clear();
         if (!zmq::recv_multipart(front, std::back_inserter(msg), zmq::recv_flags::dontwait)) break;
         if (msg.size() < 3 || msg[1].size() != 0) {
-          ++stats_["dropped_not_req"];  // not a REQ envelope: nowhere to answer
+          ++dropped_not_req_;  // not a REQ envelope: nowhere to answer
           continue;
         }
         std::string client = str(msg[0]), id, model;
@@ -278,8 +253,7 @@ class Node {
           if (drain_until > 0) throw Error("unavailable", "node " + node_id_ + " is shutting down");
           if (queue.size() >= args_.queue_max) throw Error("unavailable", "queue full");
         } catch (const Error& e) {
-          ++stats_["error_" + e.code];
-          if (slots_.count(model)) counts_[model].requests++;
+          if (slots_.count(model)) counts_.at(model).requests++;
           send_client(client, error_reply(e.code == "bad_message" ? "bad_request" : e.code, e.what(), model, id));
           continue;
         }
@@ -289,7 +263,7 @@ class Node {
         for (size_t i = 2; i < msg.size(); ++i) p.frames.emplace_back(std::move(msg[i]));
         queue.push_back(std::move(p));
       }
-      for (int n = 0; (items[3].revents & ZMQ_POLLIN) && n < 1024; ++n) {  // serving threads
+      for (int n = 0; (items[1].revents & ZMQ_POLLIN) && n < 1024; ++n) {  // serving threads
         msg.clear();
         if (!zmq::recv_multipart(back, std::back_inserter(msg), zmq::recv_flags::dontwait)) break;
         std::string wid = str(msg[0]);
@@ -298,24 +272,17 @@ class Node {
           std::vector<zmq::message_t> reply;
           for (size_t i = 2; i < msg.size(); ++i) reply.emplace_back(std::move(msg[i]));
           send_client(client, std::move(reply));
-        } else if (msg.size() == 2 && str(msg[1]) != "READY") {
-          ++stats_["expired"];  // the client had given up: no reply
         }
         busy.erase(wid);
         idle.push_back(wid);
       }
-      if (items[4].revents & ZMQ_POLLIN) {
-        while (wake.recv(msg.emplace_back(), zmq::recv_flags::dontwait)) {
-        }
-        on_results(now);
-      }
-      // queued requests: expire those nobody waits for any more, hand the rest to free threads
+      // queued requests: drop those nobody waits for any more, hand the rest to free threads
       while (!queue.empty() && (queue.front().expires < now || now - queue.front().received > args_.queue_timeout_s)) {
         Pending& p = queue.front();
-        if (p.expires < now) ++stats_["expired"];
-        else send_client(str(p.frames[0]), error_reply("unavailable", "queued for longer than " +
-                                                           std::to_string(static_cast<int>(args_.queue_timeout_s)) + "s",
-                                                       p.model, p.id));
+        if (p.expires >= now)
+          send_client(str(p.frames[0]), error_reply("unavailable", "queued for longer than " +
+                                                        std::to_string(static_cast<int>(args_.queue_timeout_s)) + "s",
+                                                    p.model, p.id));
         queue.pop_front();
       }
       while (!idle.empty() && !queue.empty()) {
@@ -330,20 +297,81 @@ class Node {
           back.send(std::move(p.frames[i]), i + 1 < p.frames.size() ? zmq::send_flags::sndmore : zmq::send_flags::none);
         busy.insert(wid);
       }
-      follower_->tick(now);
-      if (now >= next_report) {
-        next_report = now + 0.5;
-        for (const auto& m : args_.models) follower_->count(m, counts_[m].requests, counts_[m].errors);
-        follower_->report_all();
-      }
-      carry(dealer);
     }
     log("node %s stopped", node_id_.c_str());
     stopping_ = true;
     jobs_cv_.notify_all();
     for (auto& t : workers) t.join();
     loader.join();
+    follower.join();
     return 0;
+  }
+
+  // -- the follower thread: the hub's broadcasts and replies, reports, loader results ------------
+  void follow_loop() {
+    lower_priority();
+    zmq::socket_t sub(ctx_, zmq::socket_type::sub), dealer(ctx_, zmq::socket_type::dealer);
+    zmq::socket_t wake(ctx_, zmq::socket_type::pull);
+    for (auto* s : {&sub, &dealer, &wake}) s->set(zmq::sockopt::linger, 0);
+    sub.set(zmq::sockopt::maxmsgsize, static_cast<int64_t>(limits_.max_frame_bytes()));
+    dealer.set(zmq::sockopt::maxmsgsize, static_cast<int64_t>(limits_.max_frame_bytes()));
+    sub.set(zmq::sockopt::rcvhwm, 16);
+    sub.set(zmq::sockopt::subscribe, std::string(1, '\0'));
+    for (const auto& m : args_.models) sub.set(zmq::sockopt::subscribe, m + std::string(1, '\0'));
+    wake.bind("inproc://loaded");
+    {
+      std::lock_guard<std::mutex> lk(jobs_mu_);
+      wake_bound_ = true;
+    }
+    jobs_cv_.notify_all();
+    if (!args_.hub.empty()) {
+      sub.connect(pub_endpoint(args_.hub));
+      dealer.connect(args_.hub);
+    }
+    double now = now_s(), next_report = 0;
+    follower_->start(now);
+    follower_->report_all();
+    std::vector<zmq_pollitem_t> items = {{sub.handle(), 0, ZMQ_POLLIN, 0},
+                                         {dealer.handle(), 0, ZMQ_POLLIN, 0},
+                                         {wake.handle(), 0, ZMQ_POLLIN, 0}};
+    std::vector<zmq::message_t> msg;
+    while (!stopping_) {
+      try {
+        zmq::poll(items.data(), items.size(), std::chrono::milliseconds(50));
+      } catch (const zmq::error_t& e) {
+        if (e.num() != EINTR) throw;
+      }
+      now = now_s();
+      for (int n = 0; (items[0].revents & ZMQ_POLLIN) && n < 64; ++n) {  // broadcasts
+        msg.clear();
+        if (!zmq::recv_multipart(sub, std::back_inserter(msg), zmq::recv_flags::dontwait)) break;
+        follower_->heard(now);
+        guarded("broadcast", [&] { on_broadcast(msg, now); });
+      }
+      for (int n = 0; (items[1].revents & ZMQ_POLLIN) && n < 64; ++n) {  // fetch replies
+        msg.clear();
+        if (!zmq::recv_multipart(dealer, std::back_inserter(msg), zmq::recv_flags::dontwait)) break;
+        follower_->heard(now);
+        guarded("reply", [&] { on_reply(msg, now); });
+      }
+      if (items[2].revents & ZMQ_POLLIN) {
+        zmq::message_t m;
+        while (wake.recv(m, zmq::recv_flags::dontwait)) {
+        }
+        on_results(now);
+      }
+      follower_->tick(now);
+      if (now >= next_report) {
+        next_report = now + 0.5;
+        for (const auto& m : args_.models) follower_->count(m, counts_.at(m).requests, counts_.at(m).errors);
+        follower_->report_all();
+      }
+      carry(dealer);
+    }
+  }
+
+  static void lower_priority() {  // this thread only (Linux: nice applies per thread id)
+    setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), 10);
   }
 
  private:
@@ -352,7 +380,6 @@ class Node {
     try {
       f();
     } catch (const std::exception& e) {
-      ++stats_[std::string("bad_") + what];
       log("dropped a %s: %s", what, e.what());
     }
   }
@@ -454,7 +481,6 @@ class Node {
           break;
         case Result::Rejected: {
           log("%s seq %llu rejected: %s", r.name.c_str(), static_cast<unsigned long long>(r.seq), r.reason.c_str());
-          ++stats_["rejected"];
           follower_->reject(r.name, r.seq, r.label, r.reason);
           auto cur = slots_[r.name].current();
           Follow& st = follower_->follow(r.name);
@@ -485,6 +511,11 @@ class Node {
 
   // -- the loader thread: verify, cache, load, check, swap ---------------------------------------
   void load_loop() {
+    lower_priority();
+    {
+      std::unique_lock<std::mutex> lk(jobs_mu_);
+      jobs_cv_.wait(lk, [this] { return wake_bound_ || stopping_; });
+    }
     zmq::socket_t push(ctx_, zmq::socket_type::push);
     push.set(zmq::sockopt::linger, 0);
     push.connect("inproc://loaded");
@@ -553,13 +584,18 @@ class Node {
   void load(const std::shared_ptr<Manifest>& m, const std::string& path, const uint8_t* data, Result& r) {
     try {
       auto loaded = load_release(m, path, data, m->archive_bytes, device_);
-      auto cur = slots_[m->name].current();
-      if (cur && cur->manifest->seq > m->seq) {  // a newer one got in first: never step back
+      if (auto cur = slots_[m->name].current(); cur && cur->manifest->seq > m->seq) {  // never step back
         r.kind = Result::Rejected, r.reason = "superseded by seq " + std::to_string(cur->manifest->seq);
         return post(r);
       }
-      slots_[m->name].swap(loaded);  // in-flight requests finish on the old one, which is freed after
+      auto old = slots_[m->name].swap(loaded);  // in-flight requests finish on the old one
       r.kind = Result::Loaded, r.load_s = loaded->load_s, r.check_s = loaded->check_s;
+      post(r);
+      // free the old version here, once its last request ends, not on a serving thread
+      for (int i = 0; old && old.use_count() > 1 && i < 30000 && !stopping_; ++i)
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      old.reset();
+      return;
     } catch (const Error& e) {
       r.kind = Result::Rejected, r.reason = e.what();
       cache_.discard(m->name, m->seq);
@@ -666,7 +702,6 @@ class Node {
   std::unique_ptr<Follower> follower_;
   std::map<std::string, Slot> slots_;
   std::map<std::string, Counts> counts_;
-  std::map<std::string, uint64_t> stats_;
   zmq::context_t ctx_;
   std::mutex jobs_mu_, results_mu_, push_mu_;
   std::condition_variable jobs_cv_;
@@ -674,6 +709,8 @@ class Node {
   std::deque<Result> results_;
   zmq::socket_t* push_ = nullptr;
   std::atomic<bool> stopping_{false};
+  std::atomic<uint64_t> dropped_not_req_{0};
+  bool wake_bound_ = false;
 };
 
 }  // namespace
