@@ -75,6 +75,18 @@ def probe(scale: float, label: str):
     return build_release(compile_model(Probe(scale), probe_examples()), "probe", label)
 
 
+def started(binary: Path, hub, tmp_path: Path, scale: float, *args: str) -> tuple[CppNode, int]:
+    """A C++ node serving ``probe`` at ``scale`` (label v1); its seq."""
+    cpp = CppNode(binary, hub.address, tmp_path / "cache", *args)
+    try:
+        seq = hub.publish(probe(scale, "v1")).seq
+        assert hub.wait_for("probe", seq, 1, 120)[0], cpp.stderr()
+    except BaseException:
+        cpp.close()
+        raise
+    return cpp, seq
+
+
 def row(hub, node: str, model: str = "probe"):
     return next((r for r in hub.status().nodes if r.node == node and r.model == model), None)
 
@@ -175,13 +187,10 @@ def test_unsigned_release_is_refused_under_trust(binary, hub, tmp_path) -> None:
 
 
 def test_swap_under_four_clients_fails_nothing_and_replies_name_their_version(binary, hub, tmp_path) -> None:
-    cpp = CppNode(binary, hub.address, tmp_path / "cache", "--threads", "2")
-    scales = {}
+    cpp, v1 = started(binary, hub, tmp_path, 2.0, "--threads", "2")
+    scales = {v1: 2.0}
+    stop, failures, seen = threading.Event(), [], []
     try:
-        v1 = hub.publish(probe(2.0, "v1")).seq
-        scales[v1] = 2.0
-        assert hub.wait_for("probe", v1, 1, 60)[0], cpp.stderr()
-        stop, failures, seen = threading.Event(), [], []
 
         def client() -> None:
             with Client(cpp.address, timeout=10) as c:
@@ -216,10 +225,8 @@ def test_swap_under_four_clients_fails_nothing_and_replies_name_their_version(bi
 
 
 def test_kill9_and_restart_serves_from_the_cache_before_the_hub_answers(binary, hub, tmp_path) -> None:
-    cpp = CppNode(binary, hub.address, tmp_path / "cache")
+    cpp, v1 = started(binary, hub, tmp_path, 5.0)
     try:
-        v1 = hub.publish(probe(5.0, "v1")).seq
-        assert hub.wait_for("probe", v1, 1, 60)[0], cpp.stderr()
         cpp.proc.send_signal(signal.SIGKILL)
         cpp.proc.wait(10)
         dead_hub = f"tcp://127.0.0.1:{free_port()}"
@@ -244,10 +251,8 @@ def test_kill9_and_restart_serves_from_the_cache_before_the_hub_answers(binary, 
 
 
 def test_garbage_frames_leave_it_serving(binary, hub, tmp_path) -> None:
-    cpp = CppNode(binary, hub.address, tmp_path / "cache")
+    cpp, v1 = started(binary, hub, tmp_path, 2.0)
     try:
-        v1 = hub.publish(probe(2.0, "v1")).seq
-        assert hub.wait_for("probe", v1, 1, 60)[0], cpp.stderr()
         dealer = zmq.Context.instance().socket(zmq.DEALER)
         dealer.linger = 0
         dealer.connect(cpp.address)
@@ -283,10 +288,8 @@ def test_garbage_frames_leave_it_serving(binary, hub, tmp_path) -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_device_serves_and_matches_cpu(binary, hub, tmp_path) -> None:
-    cpp = CppNode(binary, hub.address, tmp_path / "cache", "--device", "cuda:0")
+    cpp, _ = started(binary, hub, tmp_path, 2.0, "--device", "cuda:0")
     try:
-        v1 = hub.publish(probe(2.0, "v1")).seq
-        assert hub.wait_for("probe", v1, 1, 120)[0], cpp.stderr()
         assert row(hub, "cpp").device == "cuda:0"
         with Client(cpp.address, timeout=10) as c:
             assert torch.equal(c.infer("probe", torch.ones(1, 4)).outputs, torch.full((1, 4), 2.0))

@@ -23,6 +23,7 @@ def test_silent_idle_worker_is_killed_once() -> None:
     s = make()
     for w in ("w0", "w1"):
         s.spawned(w, 0.0)
+        s.ready(w, 0.0)
     for t in range(1, 6):
         s.seen("w1", float(t))
         assert s.tick(float(t)) == []
@@ -32,12 +33,26 @@ def test_silent_idle_worker_is_killed_once() -> None:
     assert s.tick(5.7) == []  # not twice
 
 
+def test_a_starting_worker_gets_the_start_timeout_not_the_idle_ttl() -> None:
+    """bench_fleet --local: eight nodes of two workers starting on two cores take 15-20 s to
+    import torch; killed after the 5 s idle TTL, workers were restarted forever and no node
+    ever served (the rollout's roll stage read 219 s)."""
+    s = make(start_timeout_s=60.0)
+    for w in ("w0", "w1"):
+        s.spawned(w, 0.0)
+    for t in range(1, 120):
+        assert s.tick(t * 0.5) == []  # silent while starting: not hung
+    s.ready("w1", 59.0)
+    assert s.tick(60.5) == [Kill("w0", "silent for 60.5s while starting (limit 60s)")]
+
+
 def test_pause_of_the_node_is_not_a_dead_worker() -> None:
     """Milestone 1: after SIGSTOP/SIGCONT of a node, the idle check fired on resume and killed
     a healthy worker. The loop's own gap is forgiven."""
     s = make()
     for w in ("w0", "w1"):
         s.spawned(w, 0.0)
+        s.ready(w, 0.0)
     s.tick(0.1)
     assert s.tick(30.0) == []  # the loop itself did not run for 30 s
     assert s.pauses_forgiven == 1

@@ -32,6 +32,7 @@ __all__ = [
     "NODE_QUEUE_MAX",
     "NODE_QUEUE_TIMEOUT_S",
     "WORKER_TTL_S",
+    "WORKER_START_TIMEOUT_S",
     "REQUEST_TIMEOUT_S",
     "LOAD_TIMEOUT_S",
     "NODE_DRAIN_S",
@@ -69,6 +70,7 @@ MAX_REQUEST_TENSORS = 64
 NODE_QUEUE_MAX = 1024  # requests a node holds while no worker is free
 NODE_QUEUE_TIMEOUT_S = 10.0  # a queued request gets `unavailable` after this
 WORKER_TTL_S = 5.0  # an idle worker silent this long is killed and restarted
+WORKER_START_TIMEOUT_S = 120.0  # a spawned worker has this long to say READY (imports torch)
 REQUEST_TIMEOUT_S = 120.0  # a worker busy on one request this long is taken for hung
 LOAD_TIMEOUT_S = 600.0
 NODE_DRAIN_S = 10.0  # a stopping node answers what it holds for at most this long

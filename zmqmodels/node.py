@@ -111,6 +111,7 @@ class Node(IOThread):
         queue_max: int = defaults.NODE_QUEUE_MAX,
         queue_timeout_s: float = defaults.NODE_QUEUE_TIMEOUT_S,
         worker_ttl_s: float = defaults.WORKER_TTL_S,
+        worker_start_timeout_s: float = defaults.WORKER_START_TIMEOUT_S,
         request_timeout_s: float = defaults.REQUEST_TIMEOUT_S,
         load_timeout_s: float = defaults.LOAD_TIMEOUT_S,
         context: zmq.Context | None = None,
@@ -152,7 +153,8 @@ class Node(IOThread):
         self._procs: dict[str, subprocess.Popen[bytes] | None] = dict.fromkeys(wids)
         self.broker = Broker(self.models, wids, path_for=lambda n, s: str(self.cache.path(n, s)),
                              policy=policy, queue_max=queue_max, queue_timeout_s=queue_timeout_s)
-        self.supervisor = Supervisor(wids, ttl_s=worker_ttl_s, request_timeout_s=request_timeout_s,
+        self.supervisor = Supervisor(wids, ttl_s=worker_ttl_s, start_timeout_s=worker_start_timeout_s,
+                                     request_timeout_s=request_timeout_s,
                                      load_timeout_s=load_timeout_s)
         self._dir = tempfile.mkdtemp(prefix="zmqm-node-", dir="/tmp")  # ipc paths must be short
         self._backend_addr = f"ipc://{self._dir}/workers"
@@ -502,8 +504,9 @@ class Node(IOThread):
             del by_seq[min(by_seq)]
 
     def _counts(self, name: str) -> tuple[int, int]:
-        """(requests, errors) answered by the seq this node reports serving (Report.requests)."""
-        counts = self.answered[name].get(self.broker.report(name)[1], (0, 0))
+        """(requests, errors) answered by the seq this node reports serving (Report.requests).
+        Runs on the follower's thread: reads only what the node last reported, not the broker."""
+        counts = self.answered[name].get(self._reported.get(name, ("", 0))[1], (0, 0))
         return counts[0], counts[1]
 
     def _rejected(self, name: str, seq: int, reason: str) -> None:

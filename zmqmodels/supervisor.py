@@ -11,6 +11,9 @@ Two rules milestone 1 lacked:
   forgiven for every worker, which gets a full TTL from the resumed tick.
 - **A crash loop is an error**: a worker that exits before it is ready ``START_FAILURES``
   times in a row makes :meth:`Supervisor.start_error` say so (the node reports ``error``).
+- **Starting is not hanging**: a worker is not heard from until it has imported torch and
+  loaded its cache, which on a busy machine (eight nodes starting on two cores) takes far
+  longer than the idle TTL; it gets ``start_timeout_s`` to say READY.
 - **Back-off resets**: a worker that ran healthily for ``healthy_s`` restarts at once the next
   time it dies; a crash loop backs off exponentially up to ``max_backoff_s``.
 """
@@ -26,6 +29,7 @@ START_FAILURES = 3  # exits before READY in a row after which the node reports a
 
 
 class Activity(str, enum.Enum):
+    STARTING = "starting"  # spawned, not READY yet (importing torch, loading the cache)
     IDLE = "idle"  # waiting for work: sends a beat every second
     BUSY = "busy"  # serving a request
     LOADING = "loading"  # loading a release
@@ -59,11 +63,11 @@ class WorkerHealth:
 
 class Supervisor:
     def __init__(self, workers: list[str], *, ttl_s: float, request_timeout_s: float,
-                 load_timeout_s: float, healthy_s: float = 30.0, max_backoff_s: float = 5.0,
-                 first_backoff_s: float = 0.1, gap_s: float = 1.0) -> None:
+                 load_timeout_s: float, start_timeout_s: float = 120.0, healthy_s: float = 30.0,
+                 max_backoff_s: float = 5.0, first_backoff_s: float = 0.1, gap_s: float = 1.0) -> None:
         self.workers = {w: WorkerHealth(w) for w in workers}
-        self._limits = {Activity.IDLE: ttl_s, Activity.BUSY: request_timeout_s,
-                        Activity.LOADING: load_timeout_s}
+        self._limits = {Activity.STARTING: start_timeout_s, Activity.IDLE: ttl_s,
+                        Activity.BUSY: request_timeout_s, Activity.LOADING: load_timeout_s}
         self.healthy_s, self.max_backoff_s, self.first_backoff_s = healthy_s, max_backoff_s, first_backoff_s
         self.gap_s = gap_s  # a tick later than this after the last one is a pause of the node
         self._last_tick: float | None = None
@@ -72,7 +76,7 @@ class Supervisor:
 
     def spawned(self, wid: str, now: float) -> None:
         h = self.workers[wid]
-        h.alive, h.killing, h.activity, h.last_seen, h.started = True, False, Activity.IDLE, now, now
+        h.alive, h.killing, h.activity, h.last_seen, h.started = True, False, Activity.STARTING, now, now
         h.was_ready = False
 
     def ready(self, wid: str, now: float) -> None:
