@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 import torch
 import zmq
@@ -23,6 +24,7 @@ from tests.test_fuzz import _drain, frame_lists, live_fuzz
 from zmqmodels import Client, Hub, Node, build_release, compile_model
 from zmqmodels import protocol as P
 from zmqmodels.errors import RemoteError
+from zmqmodels.release import encode_manifest
 from zmqmodels.signing import SigningKey, Trust, generate_signing_key
 from zmqmodels.store import Store
 
@@ -58,7 +60,7 @@ class CppNode:
         self.node_id = node_id
 
     def stderr(self) -> str:
-        return self.log.read_text()
+        return self.log.read_text(errors="replace")
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -284,6 +286,57 @@ def test_garbage_frames_leave_it_serving(binary, hub, tmp_path) -> None:
         assert (r.label, r.seq, float(r.outputs[0, 0])) == ("v1", v1, 2.0)
     finally:
         cpp.close()
+
+
+def test_garbage_from_a_fake_hub_leaves_it_following(binary, tmp_path, short_tmp) -> None:
+    """A fake hub feeds the node's SUB and DEALER the Python tests' fuzz frames, then a real
+    release: the node takes it and serves it."""
+    ctx = zmq.Context.instance()
+    addr = f"ipc://{short_tmp}/fake"
+    router, pub = ctx.socket(zmq.ROUTER), ctx.socket(zmq.PUB)
+    for sock in (router, pub):
+        sock.linger = 0
+    router.bind(addr)
+    pub.bind(P.pub_endpoint(addr))
+    cpp = CppNode(binary, addr, tmp_path / "cache")
+    try:
+        assert router.poll(30_000), cpp.stderr()
+        ident = router.recv_multipart()[0]  # its first FETCH_MANIFEST: now it can be answered
+        time.sleep(0.3)  # the SUB's subscriptions reach the PUB
+
+        @live_fuzz
+        @given(frames=frame_lists(), topic=st.sampled_from([b"probe\0", b"\0", b"x\0", b"probe"]),
+               on_pub=st.booleans())
+        def send(frames: list[bytes], topic: bytes, on_pub: bool) -> None:
+            if on_pub:
+                pub.send_multipart([topic, *frames])
+            else:
+                router.send_multipart([ident, *frames])
+            time.sleep(0.0005)
+
+        send()
+        assert cpp.proc.poll() is None, cpp.stderr()
+        rel = probe(6.0, "after")
+        m = msgspec.structs.replace(rel.manifest, seq=10**6)
+        pub.send_multipart([b"probe\0", b"MANIFEST", encode_manifest(m), b""])
+        for i, c in enumerate(rel.chunks):
+            pub.send_multipart([b"probe\0", b"CHUNK", P.encode(P.ChunkHeader("probe", m.seq, i)), bytes(c)])
+
+        def answered():
+            with Client(cpp.address, timeout=2, retries=0) as c:
+                try:
+                    return c.infer("probe", torch.ones(1, 4))
+                except Exception:  # noqa: BLE001 (not loaded yet)
+                    return None
+
+        r = wait_until(answered, 60, interval=0.2, what="the real release after the garbage")
+        assert (r.seq, r.label, float(r.outputs[0, 0])) == (10**6, "after", 6.0)
+        log = cpp.stderr()
+        assert "dropped a broadcast" in log and log.isascii()  # peers' bytes are escaped in the log
+    finally:
+        cpp.close()
+        router.close()
+        pub.close()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -39,7 +39,18 @@ void log(const char* fmt, ...) {
   va_start(ap, fmt);
   std::vsnprintf(buf, sizeof buf, fmt, ap);
   va_end(ap);
-  std::fprintf(stderr, "zmqmodels-node: %s\n", buf);
+  std::string line;  // one line of printable ASCII: peers' bytes are escaped, never echoed raw
+  for (const char* p = buf; *p; ++p) {
+    auto c = static_cast<unsigned char>(*p);
+    if (c >= 0x20 && c < 0x7f) {
+      line += static_cast<char>(c);
+    } else {
+      char esc[5];
+      std::snprintf(esc, sizeof esc, "\\x%02x", c);
+      line += esc;
+    }
+  }
+  std::fprintf(stderr, "zmqmodels-node: %s\n", line.c_str());
 }
 
 struct Args {
