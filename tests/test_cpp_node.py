@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import free_port, wait_until
 from tests.models import DictTuple, Probe, probe_examples
-from tests.test_fuzz import _drain, frame_lists, live_fuzz
+from tests.test_fuzz import _drain, frame_lists, fuzz_as_hub, live_fuzz
 from zmqmodels import Client, Hub, Node, build_release, compile_model
 from zmqmodels import protocol as P
 from zmqmodels.errors import RemoteError
@@ -87,6 +87,15 @@ def started(binary: Path, hub, tmp_path: Path, scale: float, *args: str) -> tupl
         cpp.close()
         raise
     return cpp, seq
+
+
+def answer_or_none(address: str):
+    """A reply to ``probe(ones(1, 4))``, or None while the node cannot answer yet."""
+    with Client(address, timeout=2, retries=0) as c:
+        try:
+            return c.infer("probe", torch.ones(1, 4))
+        except Exception:  # noqa: BLE001 (not up, or not loaded, yet)
+            return None
 
 
 def row(hub, node: str, model: str = "probe"):
@@ -234,14 +243,7 @@ def test_kill9_and_restart_serves_from_the_cache_before_the_hub_answers(binary, 
         dead_hub = f"tcp://127.0.0.1:{free_port()}"
         again = CppNode(binary, dead_hub, tmp_path / "cache", node_id="cpp2")
         try:
-            def answered():
-                with Client(again.address, timeout=2, retries=0) as c:
-                    try:
-                        return c.infer("probe", torch.ones(1, 4))
-                    except Exception:  # noqa: BLE001 (not up yet)
-                        return None
-
-            r = wait_until(answered, 60, interval=0.2, what="the restarted node")
+            r = wait_until(lambda: answer_or_none(again.address), 60, interval=0.2, what="the restarted node")
             assert (r.seq, r.label, float(r.outputs[0, 0])) == (v1, "v1", 5.0)
         finally:
             again.close()
@@ -303,18 +305,7 @@ def test_garbage_from_a_fake_hub_leaves_it_following(binary, tmp_path, short_tmp
         assert router.poll(30_000), cpp.stderr()
         ident = router.recv_multipart()[0]  # its first FETCH_MANIFEST: now it can be answered
         time.sleep(0.3)  # the SUB's subscriptions reach the PUB
-
-        @live_fuzz
-        @given(frames=frame_lists(), topic=st.sampled_from([b"probe\0", b"\0", b"x\0", b"probe"]),
-               on_pub=st.booleans())
-        def send(frames: list[bytes], topic: bytes, on_pub: bool) -> None:
-            if on_pub:
-                pub.send_multipart([topic, *frames])
-            else:
-                router.send_multipart([ident, *frames])
-            time.sleep(0.0005)
-
-        send()
+        fuzz_as_hub(router, pub, ident, b"probe")
         assert cpp.proc.poll() is None, cpp.stderr()
         rel = probe(6.0, "after")
         m = msgspec.structs.replace(rel.manifest, seq=10**6)
@@ -322,14 +313,8 @@ def test_garbage_from_a_fake_hub_leaves_it_following(binary, tmp_path, short_tmp
         for i, c in enumerate(rel.chunks):
             pub.send_multipart([b"probe\0", b"CHUNK", P.encode(P.ChunkHeader("probe", m.seq, i)), bytes(c)])
 
-        def answered():
-            with Client(cpp.address, timeout=2, retries=0) as c:
-                try:
-                    return c.infer("probe", torch.ones(1, 4))
-                except Exception:  # noqa: BLE001 (not loaded yet)
-                    return None
-
-        r = wait_until(answered, 60, interval=0.2, what="the real release after the garbage")
+        r = wait_until(lambda: answer_or_none(cpp.address), 60, interval=0.2,
+                       what="the real release after the garbage")
         assert (r.seq, r.label, float(r.outputs[0, 0])) == (10**6, "after", 6.0)
         log = cpp.stderr()
         assert "dropped a broadcast" in log and log.isascii()  # peers' bytes are escaped in the log

@@ -218,6 +218,23 @@ def test_live_hub_keeps_serving_after_fuzzed_frames(short_tmp, tmp_path) -> None
         assert hub.stats["fetch_manifest"] >= 0 and hub._thread.is_alive()
 
 
+def fuzz_as_hub(router: zmq.Socket, pub: zmq.Socket, ident: bytes, model: bytes) -> None:
+    """Send a subscriber, from a fake hub, fuzzed frames on both sockets: broadcasts on its
+    model's topic, the hub topic, a stranger's and an unterminated one; replies to its DEALER."""
+
+    @live_fuzz
+    @given(frames=frame_lists(), topic=st.sampled_from([model + b"\0", b"\0", b"x\0", model]),
+           on_pub=st.booleans())
+    def send(frames: list[bytes], topic: bytes, on_pub: bool) -> None:
+        if on_pub:
+            pub.send_multipart([topic, *frames])
+        else:
+            router.send_multipart([ident, *frames])
+        time.sleep(0.0005)  # stay under the SUB's high-water mark
+
+    send()
+
+
 def test_live_subscriber_keeps_receiving_after_fuzzed_frames(short_tmp) -> None:
     """A fake hub feeds the subscriber garbage on both sockets, then a real release."""
     ctx = zmq.Context.instance()
@@ -235,18 +252,7 @@ def test_live_subscriber_keeps_receiving_after_fuzzed_frames(short_tmp) -> None:
         ident = router.recv_multipart()[0]  # its first FETCH_MANIFEST: now we can answer it
         wait_until(lambda: pub.poll(0, zmq.POLLOUT), 5)
         time.sleep(0.2)  # the SUB's subscription reaches the PUB
-
-        @live_fuzz
-        @given(frames=frame_lists(), topic=st.sampled_from([b"m\0", b"\0", b"x\0", b"m"]),
-               on_pub=st.booleans())
-        def send(frames: list[bytes], topic: bytes, on_pub: bool) -> None:
-            if on_pub:
-                pub.send_multipart([topic, *frames])
-            else:
-                router.send_multipart([ident, *frames])
-            time.sleep(0.0005)  # stay under the SUB's high-water mark
-
-        send()
+        fuzz_as_hub(router, pub, ident, b"m")
         wait_until(lambda: sum(v for k, v in sub.stats.items() if k.startswith("dropped_")) > 0, 10)
         archive = os.urandom(3000)
         rel = raw_release("m", archive, chunk_bytes=1000)
