@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import free_port, wait_until
 from tests.models import DictTuple, Probe, probe_examples
-from tests.test_fuzz import _drain, frame_lists, fuzz_as_hub, live_fuzz
+from tests.test_fuzz import _drain, fake_hub, frame_lists, fuzz_as_hub, live_fuzz
 from zmqmodels import Client, Hub, Node, build_release, compile_model
 from zmqmodels import protocol as P
 from zmqmodels.errors import RemoteError
@@ -293,13 +293,8 @@ def test_garbage_frames_leave_it_serving(binary, hub, tmp_path) -> None:
 def test_garbage_from_a_fake_hub_leaves_it_following(binary, tmp_path, short_tmp) -> None:
     """A fake hub feeds the node's SUB and DEALER the Python tests' fuzz frames, then a real
     release: the node takes it and serves it."""
-    ctx = zmq.Context.instance()
     addr = f"ipc://{short_tmp}/fake"
-    router, pub = ctx.socket(zmq.ROUTER), ctx.socket(zmq.PUB)
-    for sock in (router, pub):
-        sock.linger = 0
-    router.bind(addr)
-    pub.bind(P.pub_endpoint(addr))
+    router, pub = fake_hub(addr)
     cpp = CppNode(binary, addr, tmp_path / "cache")
     try:
         assert router.poll(30_000), cpp.stderr()

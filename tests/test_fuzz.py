@@ -218,6 +218,17 @@ def test_live_hub_keeps_serving_after_fuzzed_frames(short_tmp, tmp_path) -> None
         assert hub.stats["fetch_manifest"] >= 0 and hub._thread.is_alive()
 
 
+def fake_hub(addr: str) -> tuple[zmq.Socket, zmq.Socket]:
+    """A hub's two sockets at ``addr`` (ROUTER) and its PUB, driven by the test itself."""
+    ctx = zmq.Context.instance()
+    router, pub = ctx.socket(zmq.ROUTER), ctx.socket(zmq.PUB)
+    for sock in (router, pub):
+        sock.linger = 0
+    router.bind(addr)
+    pub.bind(P.pub_endpoint(addr))
+    return router, pub
+
+
 def fuzz_as_hub(router: zmq.Socket, pub: zmq.Socket, ident: bytes, model: bytes) -> None:
     """Send a subscriber, from a fake hub, fuzzed frames on both sockets: broadcasts on its
     model's topic, the hub topic, a stranger's and an unterminated one; replies to its DEALER."""
@@ -237,13 +248,8 @@ def fuzz_as_hub(router: zmq.Socket, pub: zmq.Socket, ident: bytes, model: bytes)
 
 def test_live_subscriber_keeps_receiving_after_fuzzed_frames(short_tmp) -> None:
     """A fake hub feeds the subscriber garbage on both sockets, then a real release."""
-    ctx = zmq.Context.instance()
     addr = f"ipc://{short_tmp}/fake"
-    router, pub = ctx.socket(zmq.ROUTER), ctx.socket(zmq.PUB)
-    for s in (router, pub):
-        s.linger = 0
-    router.bind(addr)
-    pub.bind(P.pub_endpoint(addr))
+    router, pub = fake_hub(addr)
     got: list[tuple[int, str]] = []
     sub = Subscriber(addr, ["m"], on_release=lambda m, a: got.append((m.seq, hashlib.sha256(a).hexdigest())),
                      load=False, hub_ttl_s=60)
