@@ -93,9 +93,9 @@ def test_a_lost_node_halts_the_wave() -> None:
     assert isinstance(halt, Halt) and halt.failed["n01"].startswith("lost")
 
 
-def test_no_live_node_is_an_error() -> None:
-    with pytest.raises(ZmqModelsError, match="no live node"):
-        WaveRollout("m", 2, ["100%"], [], 0.0)
+def test_no_live_node_halts_at_once_with_the_reason() -> None:
+    w = WaveRollout("m", 2, ["100%"], [], 0.0)
+    assert w.start(0.0) == [] and w.status().state == "halted" and "no live node" in w.status().reason
 
 
 # -- property: any order of reports ------------------------------------------------------------

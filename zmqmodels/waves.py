@@ -131,14 +131,14 @@ class WaveRollout:
     def __post_init__(self) -> None:
         canary = sorted(n for n, labels in self.nodes if CANARY in labels)
         self.order = canary + sorted(n for n, _ in self.nodes if n not in set(canary))
-        if not self.order:
-            raise ZmqModelsError(f"no live node follows {self.name!r}: nothing to roll out to")
-        self.counts = wave_counts(self.specs, len(self.order))
+        self.counts = wave_counts(self.specs, max(1, len(self.order)))
         self._since = self.now
+        if not self.order:  # halted before it starts: the publisher is told why, nothing hangs
+            self.state, self.reason = HALTED, f"no live node follows {self.name!r}: nothing to roll out to"
 
     # -- events ------------------------------------------------------------------------------
     def start(self, now: float) -> list[Action]:
-        return self._next_wave(now)
+        return self._next_wave(now) if self.state == RUNNING else []
 
     def step(self, now: float, rows: Sequence[P.NodeStatus]) -> list[Action]:
         """The fleet table's rows (any models) at ``now``."""
