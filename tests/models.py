@@ -176,3 +176,8 @@ class Heavy(nn.Module):
 def make_heavy() -> tuple[nn.Module, list[torch.Tensor]]:
     torch.manual_seed(0)
     return Heavy(2.0), [torch.ones(1, 4), torch.full((1, 4), 0.5)]
+
+
+def make_explodes() -> tuple[nn.Module, list[torch.Tensor]]:
+    """A release every node rejects (NaN/Inf on its example), named ``probe`` by the test."""
+    return Explodes(), [torch.ones(1, 4)]

@@ -162,3 +162,23 @@ def test_status_shows_labels_staged_seqs_and_relays_and_activate_by_cli(hub, tmp
             assert answer(n).seq == v2
         finally:
             n.close()
+
+
+def test_cli_publish_in_waves_reports_each_wave_and_exits_1_on_a_halt(hub, tmp_path) -> None:
+    n = node(hub.address, tmp_path, "k0", ["canary"])
+    try:
+        def publish(factory: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "zmqmodels", "publish", factory, "--name", "probe",
+                                   "--hub", hub.address, "--waves", "1,100%", "--wave-wait", "0.5",
+                                   "--timeout", "120"], env=ENV, capture_output=True, text=True, timeout=180)
+
+        good = publish("tests.models:make_probe")
+        assert good.returncode == 0, good.stdout + good.stderr
+        assert "rollout probe seq 1: done, wave 1/1 (1 of 1 node(s) activated, 1 serving)" in good.stdout
+        bad = publish("tests.models:make_explodes")
+        assert bad.returncode == 1, bad.stdout + bad.stderr
+        assert "FAILED: rollout probe seq 2: halted" in bad.stdout
+        assert "failed k0: rejected seq 2:" in bad.stdout and "NaN or Inf" in bad.stdout
+        assert answer(n).seq == 1
+    finally:
+        n.close()
