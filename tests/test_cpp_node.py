@@ -46,6 +46,15 @@ def binary() -> Path:
     return BINARY
 
 
+def test_core_unit_tests(binary) -> None:
+    """The C++ library's own tests: repair rules, manifest limits, staging, the tensor codec,
+    and the slot's ordering across serving threads (cpp/tests/core_tests.cpp)."""
+    out = subprocess.run([str(binary.parent / "zmqmodels-core-tests")], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "0 failure(s)" in out.stdout and out.stdout.count("ok  ") == 6
+
+
 class CppNode:
     def __init__(self, binary: Path, hub: str, cache: Path, *args: str, node_id: str = "cpp",
                  models: tuple[str, ...] = ("probe",)) -> None:
@@ -201,9 +210,10 @@ def test_swap_under_four_clients_fails_nothing_and_replies_name_their_version(bi
     cpp, v1 = started(binary, hub, tmp_path, 2.0, "--threads", "2")
     scales = {v1: 2.0}
     stop, failures, seen = threading.Event(), [], []
+    per_client: list[list[int]] = [[] for _ in range(4)]
     try:
 
-        def client() -> None:
+        def client(mine: list[int]) -> None:
             with Client(cpp.address, timeout=10) as c:
                 while not stop.is_set():
                     try:
@@ -212,8 +222,9 @@ def test_swap_under_four_clients_fails_nothing_and_replies_name_their_version(bi
                         failures.append(repr(exc))
                         continue
                     seen.append((r.seq, float(r.outputs[0, 0])))
+                    mine.append(r.seq)
 
-        threads = [threading.Thread(target=client) for _ in range(4)]
+        threads = [threading.Thread(target=client, args=(per_client[i],)) for i in range(4)]
         for t in threads:
             t.start()
         time.sleep(0.5)
@@ -230,6 +241,7 @@ def test_swap_under_four_clients_fails_nothing_and_replies_name_their_version(bi
         assert failures == []
         assert {s for s, _ in seen} == set(scales)
         assert all(out == scales[s] for s, out in seen)  # each reply names the version it came from
+        assert all(seqs == sorted(seqs) for seqs in per_client)  # no client saw a version step back
     finally:
         stop.set()
         cpp.close()

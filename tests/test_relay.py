@@ -74,15 +74,17 @@ def test_hub_relay_relay_node_serves(hub, tmp_path) -> None:
             node.close()
 
 
-def test_follower_behind_a_relay_that_restarts_mid_release_completes(tmp_path) -> None:
+def test_follower_behind_a_relay_that_restarts_mid_release_completes(tmp_path, short_tmp) -> None:
     dropped = threading.Event()
 
     def fault(name, seq, index, payload):  # the hub's broadcast loses chunks 3.. once
         return payload if index < 3 or dropped.is_set() else b"x"
 
     with Hub("tcp://127.0.0.1:0", Store(tmp_path / "hub"), fault=fault) as hub:
-        relay = Relay(hub.address, "tcp://127.0.0.1:0", tmp_path / "relay", ["m"], relay_id="r1").start()
-        address = relay.address
+        # ipc: a restart rebinds the same address, and a TCP port pair in the ephemeral range
+        # can be taken by an outgoing connection in between
+        address = f"ipc://{short_tmp}/relay"
+        relay = Relay(hub.address, address, tmp_path / "relay", ["m"], relay_id="r1").start()
         subs, got = followers(address, 1)
         try:
             data = bytes(range(256)) * 4096 * 8

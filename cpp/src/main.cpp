@@ -172,7 +172,7 @@ class Node {
       if (serve) {
         try {
           auto loaded = load_release(serve->first, serve->second, nullptr, 0, device_);
-          slots_[name].swap(loaded);
+          slots_[name].offer(loaded);
           follower_->known(name, serve->first->seq, serve->first->label);
           log("serving cached %s seq %llu", name.c_str(), static_cast<unsigned long long>(serve->first->seq));
         } catch (const Error& e) {
@@ -493,7 +493,7 @@ class Node {
         case Result::Rejected: {
           log("%s seq %llu rejected: %s", r.name.c_str(), static_cast<unsigned long long>(r.seq), r.reason.c_str());
           follower_->reject(r.name, r.seq, r.label, r.reason);
-          auto cur = slots_[r.name].current();
+          auto cur = slots_[r.name].newest();
           Follow& st = follower_->follow(r.name);
           st.state = cur ? "serving" : "idle", st.seq = cur ? cur->manifest->seq : 0;
           st.label = cur ? cur->manifest->label : "", st.reason = "";
@@ -595,11 +595,11 @@ class Node {
   void load(const std::shared_ptr<Manifest>& m, const std::string& path, const uint8_t* data, Result& r) {
     try {
       auto loaded = load_release(m, path, data, m->archive_bytes, device_);
-      if (auto cur = slots_[m->name].current(); cur && cur->manifest->seq > m->seq) {  // never step back
+      if (auto cur = slots_[m->name].newest(); cur && cur->manifest->seq > m->seq) {  // never step back
         r.kind = Result::Rejected, r.reason = "superseded by seq " + std::to_string(cur->manifest->seq);
         return post(r);
       }
-      auto old = slots_[m->name].swap(loaded);  // in-flight requests finish on the old one
+      auto old = slots_[m->name].offer(loaded);  // in-flight requests finish on the old one
       r.kind = Result::Loaded, r.load_s = loaded->load_s, r.check_s = loaded->check_s;
       post(r);
       // free the old version here, once its last request ends, not on a serving thread
@@ -652,7 +652,13 @@ class Node {
       if (timeout_ms > 0 && t0 > received_ns + static_cast<int64_t>(timeout_ms * 1e6)) return {};  // given up
       auto it = slots_.find(model);
       if (it == slots_.end()) throw Error("unknown_model", "this node does not serve '" + model + "'");
-      auto cur = it->second.current();
+      auto cur = it->second.begin();
+      struct End {  // the slot counts the request until its reply is built
+        Slot* slot;
+        ~End() {
+          if (slot) slot->end();
+        }
+      } end{cur ? &it->second : nullptr};
       if (!cur) throw Error("not_ready", "no version of '" + model + "' loaded yet");
       if (pin && pin != cur->manifest->seq)
         throw Error("version_unavailable", model + " seq " + std::to_string(pin) + " is not served by this node");

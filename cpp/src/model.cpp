@@ -236,6 +236,43 @@ std::string model_error_line(const std::string& text) {
   return message.substr(0, 1000);
 }
 
+std::shared_ptr<const Loaded> Slot::begin() {
+  std::unique_lock<std::mutex> lk(mu_);
+  cv_.wait(lk, [this] { return !next_ || running_ == 0; });  // older requests finish first
+  if (next_) promote();
+  if (cur_) ++running_;
+  return cur_;
+}
+
+void Slot::end() {
+  std::lock_guard<std::mutex> lk(mu_);
+  if (--running_ == 0) {
+    if (next_) promote();
+    cv_.notify_all();
+  }
+}
+
+void Slot::promote() {
+  retired_ = std::move(cur_);
+  cur_ = std::move(next_);
+  next_.reset();
+  cv_.notify_all();
+}
+
+std::shared_ptr<const Loaded> Slot::offer(std::shared_ptr<const Loaded> next, double timeout_s) {
+  std::unique_lock<std::mutex> lk(mu_);
+  next_ = std::move(next);
+  if (running_ == 0) promote();
+  cv_.notify_all();
+  cv_.wait_for(lk, std::chrono::duration<double>(timeout_s), [this] { return !next_; });
+  return std::move(retired_);
+}
+
+std::shared_ptr<const Loaded> Slot::newest() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return next_ ? next_ : cur_;
+}
+
 void list_parameters(const std::string& path, std::ostream& out) {
   torch::jit::Module module = torch::jit::load(path, at::kCPU);
   size_t n = 0, bytes = 0;

@@ -5,6 +5,7 @@
 #include "protocol.hpp"
 
 #include <atomic>
+#include <condition_variable>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -35,15 +36,27 @@ void check_inputs(const Manifest& m, const std::vector<c10::IValue>& args);
 // One line for a model's exception: its `...Error: message` line and where in the model code.
 std::string model_error_line(const std::string& what);
 
-// The served version of one model: swapped atomically; requests hold a reference, so the
-// old version is freed when the last request on it ends.
+// The served version of one model. A new version is offered by the loader and becomes
+// current as soon as no request is running on the old one (requests that arrive meanwhile
+// wait for that, at most one request's time): so no reply is older than one already sent,
+// with any number of serving threads (docs/protocol.md §Serving order). Requests hold a
+// reference; the loader frees the old version once the last one ends.
 class Slot {
  public:
-  std::shared_ptr<const Loaded> current() const { return std::atomic_load(&cur_); }
-  std::shared_ptr<const Loaded> swap(std::shared_ptr<const Loaded> next) { return std::atomic_exchange(&cur_, next); }
+  // A request starts: the version to run it on (null: none loaded). Pair with end().
+  std::shared_ptr<const Loaded> begin();
+  void end();
+  // The loader: offer the next version; returns the one it replaces (null: none) once that
+  // is no longer current, waiting at most `timeout_s`.
+  std::shared_ptr<const Loaded> offer(std::shared_ptr<const Loaded> next, double timeout_s = 30.0);
+  std::shared_ptr<const Loaded> newest() const;  // the offered or current version
 
  private:
-  std::shared_ptr<const Loaded> cur_;
+  void promote();  // under mu_, with running_ == 0
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::shared_ptr<const Loaded> cur_, next_, retired_;
+  int running_ = 0;
 };
 
 // `zmqmodels-node --list PATH`: an archive's parameters, one per line.
