@@ -14,13 +14,10 @@ from pathlib import Path
 import msgspec
 import pytest
 import torch
-import zmq
-from hypothesis import given
-from hypothesis import strategies as st
 
 from tests.conftest import free_port, wait_until
 from tests.models import DictTuple, Probe, probe_examples
-from tests.test_fuzz import _drain, fake_hub, frame_lists, fuzz_as_hub, live_fuzz
+from tests.test_fuzz import fake_hub, fuzz_as_hub, fuzz_front
 from zmqmodels import Client, Hub, Node, build_release, compile_model
 from zmqmodels import protocol as P
 from zmqmodels.errors import RemoteError
@@ -269,31 +266,7 @@ def test_kill9_and_restart_serves_from_the_cache_before_the_hub_answers(binary, 
 def test_garbage_frames_leave_it_serving(binary, hub, tmp_path) -> None:
     cpp, v1 = started(binary, hub, tmp_path, 2.0)
     try:
-        dealer = zmq.Context.instance().socket(zmq.DEALER)
-        dealer.linger = 0
-        dealer.connect(cpp.address)
-        infer = P.encode(P.InferRequest("probe", "1", {"t": "tuple", "items": [
-            {"t": "tensor", "dtype": "float32", "shape": [1, 4], "f": 0}]}))
-        codes: list[str] = []
-
-        @live_fuzz
-        @given(frames=frame_lists([b"INFER", b"OK", b""]), envelope=st.booleans(),
-               tensors=st.lists(st.binary(max_size=32), max_size=2), valid=st.booleans())
-        def send(frames: list[bytes], envelope: bool, tensors: list[bytes], valid: bool) -> None:
-            if valid:
-                frames = [b"INFER", infer, *tensors]
-            dealer.send_multipart(([b""] if envelope else []) + frames)
-            while dealer.poll(20):
-                reply = dealer.recv_multipart()
-                if len(reply) >= 3 and reply[1] == b"ERROR":
-                    codes.append(P.unpack(reply[1:])[0].code)
-
-        try:
-            send()
-            time.sleep(0.5)
-            _drain(dealer)
-        finally:
-            dealer.close()
+        codes = fuzz_front(cpp.address)
         assert "bad_request" in codes and cpp.proc.poll() is None
         with Client(cpp.address, timeout=10) as c:
             r = c.infer("probe", torch.ones(1, 4))
