@@ -187,7 +187,8 @@ def test_dropped_chunk_is_repaired(binary, tmp_path) -> None:
 def test_unsigned_release_is_refused_under_trust(binary, hub, tmp_path) -> None:
     generate_signing_key(tmp_path / "keys")
     key = SigningKey.load(tmp_path / "keys" / "signing.key")
-    cpp = CppNode(binary, hub.address, tmp_path / "cache", "--trust", str(tmp_path / "keys" / "signing.pub"))
+    # --trust takes a key, a key file or (here) a directory of .pub files, as the Python node does
+    cpp = CppNode(binary, hub.address, tmp_path / "cache", "--trust", str(tmp_path / "keys"))
     try:
         unsigned = hub.publish(probe(2.0, "unsigned"))
         wait_until(lambda: (r := row(hub, "cpp")) is not None and r.rejected_seq == unsigned.seq, 60,

@@ -64,7 +64,8 @@ struct Args {
 [[noreturn]] void usage(const std::string& why) {
   std::fprintf(stderr,
                "%s\nusage: zmqmodels-node --hub ADDR --model NAME [--model ...] --bind ADDR [--device cpu|cuda:N]\n"
-               "                      [--cache DIR] [--node-id ID] [--trust PUBKEY ...] [--threads N] [--label L ...]\n"
+               "                      [--cache DIR] [--node-id ID] [--trust PUBKEY|FILE|DIR ...] [--threads N]\n"
+               "                      [--label L ...]\n"
                "                      [--load-from file|memory]\n"
                "       zmqmodels-node --list PATH\n",
                why.c_str());
@@ -153,7 +154,16 @@ class Node {
     cfg.node_id = args_.node_id.empty() ? std::string(host) + "-" + std::to_string(getpid()) : args_.node_id;
     cfg.device = args_.device;
     cfg.labels = args_.labels;
-    for (const auto& t : args_.trust) cfg.trust.keys.insert(Trust::load_key(t));
+    for (const auto& t : args_.trust) {  // a key, a key file, or a directory of *.pub files
+      if (!fs::is_directory(t)) {
+        cfg.trust.keys.insert(Trust::load_key(t));
+        continue;
+      }
+      size_t before = cfg.trust.keys.size();
+      for (const auto& e : fs::directory_iterator(t))
+        if (e.path().extension() == ".pub") cfg.trust.keys.insert(Trust::load_key(e.path().string()));
+      if (cfg.trust.keys.size() == before) throw Error("bad_request", "no *.pub keys in " + t);
+    }
     trust_ = cfg.trust;
     node_id_ = cfg.node_id;
     follower_ = std::make_unique<Follower>(args_.models, cfg);
