@@ -12,6 +12,7 @@ import torch
 from tests.conftest import wait_until
 from tests.models import Explodes, Probe, probe_examples
 from zmqmodels import Client, Hub, Node, Relay, build_release, compile_model
+from zmqmodels.errors import ZmqModelsError
 from zmqmodels.store import Store
 
 pytestmark = pytest.mark.timeout(180)
@@ -70,6 +71,8 @@ def test_staged_publish_leaves_every_node_on_the_old_version_until_activate(hub,
         assert answer(b).seq == v1
         wait_until(lambda: (row(hub, "b") or row).staged == v2 and serving(hub, "b", v1), 30, what="b back")
         # by label: the canary only
+        with pytest.raises(ZmqModelsError, match="no node ghost follows probe"):
+            hub.activate("probe", v2, nodes=["ghost"])  # a typo is refused, not repeated forever
         done = hub.activate("probe", v2, labels=["canary"])
         assert done.nodes == ["a"] and not done.fleet
         wait_until(lambda: serving(hub, "a", v2), 30, what="canary on v2")

@@ -456,6 +456,9 @@ class Hub(IOThread):
             return P.Activated(req.name, req.seq, [], fleet=True)
         with self._fleet_cond:
             rows = [r for r in self.fleet.rows(time.monotonic()) if r.model == req.name]
+        unknown = set(req.nodes) - {r.node for r in rows}
+        if unknown:
+            raise ZmqModelsError(f"no node {', '.join(sorted(unknown))} follows {req.name} (see status)")
         nodes = set(req.nodes) | {r.node for r in rows if set(r.labels) & set(req.labels)}
         if not nodes:
             raise ZmqModelsError(f"no node of {req.name} carries label(s) {', '.join(req.labels)}")
@@ -478,19 +481,24 @@ class Hub(IOThread):
         log.info("%s seq %d: active on every node", name, seq)
 
     def _step_waves(self, now: float) -> None:
-        # activations stop repeating once their nodes serve the seq (or refused it)
+        running = [w for w in self._waves.values() if w.state == "running"]
+        if not running and not self._activating:
+            return  # the common case: no fleet table to build every beat
         rows = self.fleet.rows(now)
+        # an activation is repeated until each of its nodes serves the seq or refused it; a node
+        # that left the table is dropped too, so the set stays bounded by the fleet
         for name, (seq, nodes) in list(self._activating.items()):
+            listed = {r.node for r in rows if r.model == name}
             done = {r.node for r in rows if r.model == name and (r.seq >= seq or r.rejected_seq == seq)}
-            if nodes - done:
-                self._activating[name] = (seq, nodes - done)
+            left = (nodes & listed) - done
+            if left:
+                self._activating[name] = (seq, left)
             else:
                 del self._activating[name]
-        for wave in list(self._waves.values()):
-            if wave.state == "running":
-                with self._fleet_cond:
-                    actions = wave.step(now, rows)
-                self._carry_waves(actions)
+        for wave in running:
+            with self._fleet_cond:  # status() reads the wave from other threads
+                actions = wave.step(now, rows)
+            self._carry_waves(actions)
 
     def _carry_waves(self, actions: list[Any]) -> None:
         for action in actions:
