@@ -185,3 +185,19 @@ def test_cli_publish_in_waves_reports_each_wave_and_exits_1_on_a_halt(hub, tmp_p
         assert answer(n).seq == 1
     finally:
         n.close()
+
+
+def test_an_embedded_subscriber_without_a_cache_holds_a_staged_release_until_activated(hub) -> None:
+    from zmqmodels import Subscriber
+
+    with Subscriber(hub.address, ["probe"], node_id="emb") as sub:
+        v1 = hub.publish(probe(1.0, "v1")).seq
+        sub.wait_until_serving("probe", timeout=60)
+        v2 = hub.publish(probe(2.0, "v2"), staged=True).seq
+        wait_until(lambda: (row(hub, "emb") or row).staged == v2, 30, what="held in memory")
+        assert sub.version("probe") == ("v1", v1)
+        assert torch.equal(sub.predict("probe", torch.ones(1, 4)), torch.ones(1, 4))
+        hub.activate("probe", v2, nodes=["emb"])
+        wait_until(lambda: sub.version("probe") == ("v2", v2), 30, what="v2 after activation")
+        assert torch.equal(sub.predict("probe", torch.ones(1, 4)), torch.full((1, 4), 2.0))
+        wait_until(lambda: serving(hub, "emb", v2) and row(hub, "emb").staged == 0, 10, what="the report")

@@ -415,6 +415,8 @@ class Assembler:
         st.state, st.reason = ModelState(state), reason
         if seq is not None:
             st.seq = seq
+            if st.state == ModelState.SERVING and seq >= st.staged:
+                st.staged = 0  # serving it or newer: nothing is held any more
         if label is not None:
             st.label = label
         return [Send(self._report(st))]

@@ -29,7 +29,7 @@ from .errors import ProtocolError, ZmqModelsError
 from .forward import Carried, Down, Forwarder, Keep, Reply, Up
 from .hub import bind_hub_sockets
 from .ioloop import IOThread
-from .release import Release, decode_manifest, validate_name
+from .release import Release, manifest_frames, validate_name
 from .signing import Trust
 from .store import Store
 
@@ -181,9 +181,8 @@ class Relay(IOThread):
     def _upstream(self, msg: Any, payload: list[Any], now: float, *, fetched: bool) -> None:
         match msg:
             case P.ManifestFrames():
-                m = decode_manifest(payload[0].buffer, self.limits, check=False)
-                sig = payload[1].bytes if len(payload) > 1 else b""
-                self._carry(self.forwarder.on_manifest(m, payload[0].bytes, sig, now, fetched=fetched))
+                m, raw, sig = manifest_frames(payload, self.limits)
+                self._carry(self.forwarder.on_manifest(m, raw, sig, now, fetched=fetched))
             case P.ChunkHeader():
                 self._carry(self.forwarder.on_chunk(msg, payload[0].buffer, now, fetched=fetched))
             case P.Heartbeat():

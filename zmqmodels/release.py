@@ -36,6 +36,7 @@ __all__ = [
     "FILTERS",
     "validate_name",
     "build_release",
+    "manifest_frames",
     "stage_release",
     "choose_codec",
     "compress_archive",
@@ -159,6 +160,14 @@ def decode_manifest(data: Any, limits: Any = None, *, check: bool = True) -> Man
     except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
         raise ReleaseError(f"bad manifest: {exc}") from None
     return m.check(limits) if check else m
+
+
+def manifest_frames(payload: Sequence[Any], limits: Any = None) -> tuple[Manifest, bytes, bytes]:
+    """``(manifest, its bytes as received, signature)`` from a MANIFEST message's payload
+    frames (``zmq.Frame``), decoded under ``limits``; the receiver checks it before it
+    allocates anything for the release."""
+    m = decode_manifest(payload[0].buffer, limits, check=False)
+    return m, payload[0].bytes, payload[1].bytes if len(payload) > 1 else b""
 
 
 def rollback_manifest(old: Manifest) -> Manifest:

@@ -34,7 +34,7 @@ from .defaults import Limits
 from .errors import ProtocolError, StoreError, ZmqModelsError
 from .ioloop import IOThread
 from .protocol import ModelState
-from .release import Manifest, decode_manifest, validate_name
+from .release import Manifest, manifest_frames, validate_name
 from .signing import Trust
 from .tuning import lower_thread_priority, tune_malloc
 
@@ -149,9 +149,8 @@ class Follower(IOThread):
         self.labels = list(labels)
         self._counts = counts
         # staged releases held until activated: the manifest (the archive is in the cache),
-        # and without a cache a copy of the archive
-        self._held: dict[str, tuple[Manifest, bytes | None]] = {
-            n: (m, None) for n, m in (staged or {}).items()}
+        # and without a cache the assembly buffer it is in (kept out of the pool, not copied)
+        self._held: dict[str, tuple[Manifest, Any]] = {n: (m, None) for n, m in (staged or {}).items()}
         self._held_lock = threading.Lock()
         self._mailbox: dict[str, tuple[Assembly, str] | Manifest] = {}
         self._mail_cond = threading.Condition()
@@ -245,25 +244,25 @@ class Follower(IOThread):
                 case Send(msg):
                     self._dealer.send_multipart(P.pack(msg))
                 case Deliver(name, asm, digest):
-                    with self._mail_cond:
-                        older = self._mailbox.get(name)
-                        self._mailbox[name] = (asm, digest)  # replaces an older, undelivered one
-                        self._mail_cond.notify()
-                    if isinstance(older, tuple):
-                        self._pool.give(name, older[0].buf)
+                    self._mail(name, (asm, digest))
                 case Unstage(name, seq):
                     with self._held_lock:
                         held = self._held.get(name)
-                    if held is None or held[0].seq != seq:
-                        continue
-                    with self._mail_cond:
-                        older = self._mailbox.get(name)
-                        if isinstance(older, tuple) and older[0].manifest.seq > seq:
-                            continue  # a newer release is being delivered already
-                        self._mailbox[name] = held[0]
-                        self._mail_cond.notify()
-                    if isinstance(older, tuple):
-                        self._pool.give(name, older[0].buf)
+                    if held is not None and held[0].seq == seq:
+                        self._mail(name, held[0])
+
+    def _mail(self, name: str, item: tuple[Assembly, str] | Manifest) -> None:
+        """Hand ``item`` (an assembled release, or a held one now activated) to the delivery
+        thread; it replaces an older undelivered one of the same model, whose buffer goes
+        back to the pool. An activated release never replaces a newer assembled one."""
+        with self._mail_cond:
+            older = self._mailbox.get(name)
+            if isinstance(item, Manifest) and isinstance(older, tuple) and older[0].manifest.seq > item.seq:
+                return
+            self._mailbox[name] = item
+            self._mail_cond.notify()
+        if isinstance(older, tuple):
+            self._pool.give(name, older[0].buf)
 
     def _on_sub(self, frames: list[zmq.Frame]) -> None:
         if len(frames) < 2:
@@ -281,11 +280,10 @@ class Follower(IOThread):
             raise ProtocolError(f"broadcast on unsubscribed topic {topic[:64]!r}")
         match msg:
             case P.ManifestFrames():
-                m = decode_manifest(payload[0].buffer, self.limits, check=False)
+                m, raw, sig = manifest_frames(payload, self.limits)
                 if m.name != name:
                     raise ProtocolError(f"manifest for {m.name!r} on topic {name!r}")
-                sig = payload[1].bytes if len(payload) > 1 else b""
-                self._carry(self.assembler.on_manifest(m, payload[0].bytes, sig, now))
+                self._carry(self.assembler.on_manifest(m, raw, sig, now))
             case P.ChunkHeader():
                 if msg.name != name:
                     raise ProtocolError(f"chunk for {msg.name!r} on topic {name!r}")
@@ -306,9 +304,8 @@ class Follower(IOThread):
         msg, payload = P.unpack(frames)
         match msg:
             case P.ManifestFrames():
-                m = decode_manifest(payload[0].buffer, self.limits, check=False)
-                sig = payload[1].bytes if len(payload) > 1 else b""
-                self._carry(self.assembler.on_manifest(m, payload[0].bytes, sig, now, fetched=True))
+                m, raw, sig = manifest_frames(payload, self.limits)
+                self._carry(self.assembler.on_manifest(m, raw, sig, now, fetched=True))
             case P.ChunkHeader():
                 self._carry(self.assembler.on_chunk(msg, payload[0].buffer, now, fetched=True))
             case P.ErrorReply():
@@ -335,14 +332,16 @@ class Follower(IOThread):
             asm, digest = item
             m, buf = asm.manifest, asm.buf
             archive = memoryview(buf)[: m.archive_bytes]
+            kept = False
             try:
-                self._deliver_one(asm, archive, digest)
+                kept = self._deliver_one(asm, archive, digest)
             finally:
                 try:
                     archive.release()
                 except BufferError:  # the consumer kept a view, against the contract: don't reuse
                     continue
-                self._pool.give(m.name, buf)
+                if not kept:
+                    self._pool.give(m.name, buf)
 
     def _store_failed(self, m: Manifest, exc: StoreError) -> None:
         """Not a rejection: the release is fine, this node could not keep it. Say so with the
@@ -358,13 +357,14 @@ class Follower(IOThread):
 
         self.post(apply)
 
-    def _deliver_one(self, asm: Assembly, archive: memoryview, digest: str) -> None:
+    def _deliver_one(self, asm: Assembly, archive: memoryview, digest: str) -> bool:
+        """Check, cache and hand on one release; True if its buffer is kept (held, no cache)."""
         m = asm.manifest
         if digest != m.archive_sha256:
             self.stats["archive_corrupt"] += 1
             self.stats["rejected_digest"] += 1
             self.reject(m, "archive sha256 mismatch")
-            return
+            return False
         self.stats["verified"] += 1
         if not m.staged:
             self.report(m.name, ModelState.VERIFIED, seq=m.seq, label=m.label)
@@ -377,21 +377,35 @@ class Follower(IOThread):
                     self.cache.put(m, archive, asm.raw, asm.signature)
                 except StoreError as exc:
                     self._store_failed(m, exc)
-                    return
+                    return False
                 self.stage(m.name, m.seq, cache_write=time.monotonic() - t0)
                 self.post(lambda: self.assembler.stored(m.name))
             if m.staged:  # held until the hub activates it here
-                with self._held_lock:
-                    self._held[m.name] = (m, None if self.cache is not None else bytes(archive))
+                self._hold(m, None if self.cache is not None else asm.buf)
                 self.post(lambda: self._carry(self.assembler.held(m.name, m.seq)))
                 log.info("%s: %s seq %d staged (served once activated)", self.node_id, m.name, m.seq)
-                return
+                return self.cache is None  # without a cache its buffer is the held copy
             self._on_release(m, archive)
+            with self._held_lock:  # a held older staged release is superseded
+                held = self._held.get(m.name)
+                if held is not None and held[0].seq < m.seq:
+                    del self._held[m.name]
+            if held is not None and held[0].seq < m.seq and held[1] is not None:
+                self._pool.give(m.name, held[1])
         except Exception as exc:
             if not isinstance(exc, ZmqModelsError):
                 log.exception("%s: consumer failed on %s seq %d", self.node_id, m.name, m.seq)
             self.reject(m, f"{type(exc).__name__}: {exc}")
+        return False
 
+    def _hold(self, m: Manifest, buf: Any) -> None:
+        """Keep staged ``m`` (and, without a cache, the buffer it is in) until activated; a
+        release it supersedes gives its buffer back."""
+        with self._held_lock:
+            older = self._held.get(m.name)
+            self._held[m.name] = (m, buf)
+        if older is not None and older[1] is not None:
+            self._pool.give(m.name, older[1])
 
     def _deliver_held(self, m: Manifest) -> None:
         """A staged release was activated: record it in the cache and hand it on."""
@@ -402,7 +416,12 @@ class Follower(IOThread):
         log.info("%s: %s seq %d activated", self.node_id, m.name, m.seq)
         try:
             if self.cache is None:
-                self._on_release(m, memoryview(held[1] or b""))
+                view = memoryview(held[1])[: m.archive_bytes]
+                try:
+                    self._on_release(m, view)
+                finally:
+                    view.release()
+                    self._pool.give(m.name, held[1])
                 return
             self.cache.activate(m.name, m.seq)
             path = self.cache.path(m.name, m.seq)
