@@ -49,7 +49,7 @@ def test_core_unit_tests(binary) -> None:
     out = subprocess.run([str(binary.parent / "zmqmodels-core-tests")], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "0 failure(s)" in out.stdout and out.stdout.count("ok  ") == 6
+    assert "0 failure(s)" in out.stdout and out.stdout.count("ok  ") == 7
 
 
 class CppNode:
@@ -168,7 +168,7 @@ def test_dropped_chunk_is_repaired(binary, tmp_path) -> None:
         return b"" if index in (1, 5) else payload
 
     with Hub("tcp://127.0.0.1:0", Store(tmp_path / "hub"), fault=fault) as hub:
-        cpp = CppNode(binary, hub.address, tmp_path / "cache")
+        cpp = CppNode(binary, hub.address, tmp_path / "cache", "--load-from", "memory")
         try:
             torch.manual_seed(0)
             rel = build_release(compile_model(Probe(3.0, ballast_mb=8), probe_examples()), "probe", "big",

@@ -346,6 +346,20 @@ std::string read_all(const fs::path& p) {
   return ss.str();
 }
 
+// The file's size and sha256 against the manifest, read in 8 MiB blocks (never whole).
+static bool file_matches(const fs::path& path, const Manifest& m) {
+  std::error_code ec;
+  if (fs::file_size(path, ec) != m.archive_bytes || ec) return false;
+  std::ifstream f(path, std::ios::binary);
+  std::vector<char> block(8 << 20);
+  Sha256 h;
+  while (f) {
+    f.read(block.data(), static_cast<std::streamsize>(block.size()));
+    h.update(block.data(), static_cast<size_t>(f.gcount()));
+  }
+  return h.hex() == m.archive_sha256;
+}
+
 static void atomic_write(const fs::path& path, const void* data, size_t len) {
   fs::path tmp = path.parent_path() / (".tmp-" + path.filename().string() + "-" + std::to_string(getpid()));
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
@@ -446,9 +460,7 @@ std::optional<std::pair<std::shared_ptr<Manifest>, std::string>> Cache::latest(c
       fs::path sigp = fs::path(p).replace_extension(".sig");
       std::string sig = fs::exists(sigp) ? read_all(sigp) : std::string();
       trust.verify(*m, raw, sig);
-      std::string archive = read_all(p);
-      if (archive.size() != m->archive_bytes || sha256_hex(archive.data(), archive.size()) != m->archive_sha256)
-        throw Error("integrity", "cached " + p.string() + " does not match its manifest");
+      if (!file_matches(p, *m)) throw Error("integrity", "cached " + p.string() + " does not match its manifest");
       return std::make_pair(m, p.string());
     } catch (const Error& e) {
       std::fprintf(stderr, "cache: discarding %s seq %llu: %s\n", name.c_str(), static_cast<unsigned long long>(*it),

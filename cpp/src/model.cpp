@@ -14,6 +14,27 @@ namespace {
 
 double now_perf() { return now_s(); }
 
+// A read-only, seekable stream buffer over bytes in memory (what torch::jit::load reads from).
+class MemoryBuf : public std::streambuf {
+ public:
+  MemoryBuf(const char* p, size_t n) {
+    char* b = const_cast<char*>(p);  // never written: only the get area is set
+    setg(b, b, b + n);
+  }
+
+ protected:
+  pos_type seekoff(off_type off, std::ios_base::seekdir dir, std::ios_base::openmode) override {
+    char* base = dir == std::ios_base::beg ? eback() : dir == std::ios_base::cur ? gptr() : egptr();
+    char* to = base + off;
+    if (to < eback() || to > egptr()) return pos_type(off_type(-1));
+    setg(eback(), to, egptr());
+    return pos_type(to - eback());
+  }
+  pos_type seekpos(pos_type pos, std::ios_base::openmode mode) override {
+    return seekoff(off_type(pos), std::ios_base::beg, mode);
+  }
+};
+
 c10::IValue to_device(const c10::IValue& v, const c10::Device& d) {
   if (v.isTensor()) return v.toTensor().to(d);
   if (v.isTuple()) {
@@ -143,7 +164,8 @@ std::shared_ptr<const Loaded> load_release(const std::shared_ptr<Manifest>& m, c
     if (!path.empty()) {
       out->module = torch::jit::load(path, device);
     } else {
-      std::istringstream in(std::string(static_cast<const char*>(data), len));
+      MemoryBuf buf(static_cast<const char*>(data), len);  // read in place: no copy of the archive
+      std::istream in(&buf);
       out->module = torch::jit::load(in, device);
     }
   } catch (const std::exception& e) {
@@ -238,7 +260,8 @@ std::string model_error_line(const std::string& text) {
 
 std::shared_ptr<const Loaded> Slot::begin() {
   std::unique_lock<std::mutex> lk(mu_);
-  cv_.wait(lk, [this] { return !next_ || running_ == 0; });  // older requests finish first
+  // older requests finish first; one that hangs does not hold every other request for long
+  cv_.wait_for(lk, std::chrono::seconds(2), [this] { return !next_ || running_ == 0; });
   if (next_) promote();
   if (cur_) ++running_;
   return cur_;

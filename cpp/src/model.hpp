@@ -38,7 +38,7 @@ std::string model_error_line(const std::string& what);
 
 // The served version of one model. A new version is offered by the loader and becomes
 // current as soon as no request is running on the old one (requests that arrive meanwhile
-// wait for that, at most one request's time): so no reply is older than one already sent,
+// wait for that, at most one request's time, and 2 s if an old request hangs): so no reply is older than one already sent,
 // with any number of serving threads (docs/protocol.md §Serving order). Requests hold a
 // reference; the loader frees the old version once the last one ends.
 class Slot {

@@ -179,6 +179,20 @@ void test_the_slot_lets_older_requests_finish_before_a_newer_version_serves() {
   EXPECT(started && offered && got == v2 && retired == v1 && slot.newest() == v2);
 }
 
+void test_a_hung_old_request_does_not_hold_the_new_version_back_for_long() {
+  Slot slot;
+  auto v1 = std::make_shared<Loaded>(), v2 = std::make_shared<Loaded>();
+  slot.offer(v1);
+  auto hung = slot.begin();  // never ends
+  std::thread loader([&] { slot.offer(v2, 0.1); });
+  loader.join();
+  auto t0 = now_s();
+  auto got = slot.begin();
+  double waited = now_s() - t0;
+  EXPECT(got == v2 && waited > 1.5 && waited < 5.0);
+  slot.end();
+}
+
 }  // namespace
 
 int main() {
@@ -189,6 +203,7 @@ int main() {
       {"staged", test_staged_releases_wait_for_activation},
       {"codec", test_the_tensor_codec_round_trips},
       {"slot", test_the_slot_lets_older_requests_finish_before_a_newer_version_serves},
+      {"hung", test_a_hung_old_request_does_not_hold_the_new_version_back_for_long},
   };
   for (auto& [name, fn] : tests) {
     int before = failures;
