@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import platform
@@ -105,20 +104,12 @@ def cpu_idle(threshold: float = 0.15, settle_s: float = 1.0, timeout: float = 12
 
 
 def role_hub(bind: str, n: int, size: int, out: str) -> None:
-    import xxhash
-
+    from tests.helpers import raw_release
     from zmqmodels.hub import Hub
-    from zmqmodels.release import CodecSpec, Manifest, Release, compress_archive
     from zmqmodels.store import Store
 
-    data = os.urandom(size)  # incompressible: codec none, the network carries every byte
-    chunks = [bytes(c) for c in compress_archive(data, CodecSpec(), CHUNK)]
-    m = Manifest(name="bench", label="b", created_at=time.time(),
-                 archive_sha256=hashlib.sha256(data).hexdigest(), archive_bytes=size,
-                 compressed_bytes=size, codec=CodecSpec(), chunk_bytes=CHUNK,
-                 chunk_count=len(chunks), chunk_sizes=[len(c) for c in chunks],
-                 chunk_xxh3=[xxhash.xxh3_64_intdigest(c) for c in chunks], torch_version="n/a",
-                 compile_method="none")
+    # incompressible, codec none: the network carries every byte
+    release = raw_release("bench", os.urandom(size), chunk_bytes=CHUNK, label="b")
     store = tempfile.mkdtemp(prefix="zf-hub-", dir="/dev/shm")
     try:
         with Hub(bind, Store(store), sndhwm=100_000) as hub:
@@ -130,7 +121,7 @@ def role_hub(bind: str, n: int, size: int, out: str) -> None:
                 time.sleep(0.2)
             cpu_idle()
             sent0, t0, cpu0 = tx_bytes(), time.monotonic(), cpu_sample()
-            seq = hub.publish(Release(m, chunks)).seq
+            seq = hub.publish(release).seq
             ok, _ = hub.wait_for("bench", seq, n, 300)
             elapsed = time.monotonic() - t0
             sent, cpu1 = tx_bytes() - sent0, cpu_sample()
@@ -387,7 +378,7 @@ def local_main(args: argparse.Namespace) -> None:
     layers = max(1, args.size_mb * 1_000_000 // (width * width * 4))
     model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
     release = build_release(compile_model(model, [torch.randn(2, width)]), "bench", "v", codec="lz4")
-    archive = b"".join(bytes(c) for c in _archive_chunks(release))
+    archive = release.archive()
     print(f"model: {layers} x Linear({width}, {width}), archive {len(archive) / 1e6:.0f} MB", file=sys.stderr)
     results = []
     for _ in range(args.repeat):
@@ -402,17 +393,6 @@ def local_main(args: argparse.Namespace) -> None:
     print("|---|---|---|---|---|---|")
     for i, (seed, k1, k2) in enumerate(results, 1):
         print(f"| {i} | {seed:.2f} | {k1:.2f} | {k1 / seed:.2f}x | {k2:.2f} | {k2 / seed:.2f}x |")
-
-
-def _archive_chunks(release):  # noqa: ANN001, ANN202
-    """The uncompressed archive of ``release``, chunk by chunk."""
-    from zmqmodels.release import decompress_chunk
-
-    m = release.manifest
-    out = bytearray(m.archive_bytes)
-    for i, payload in enumerate(release.chunks):
-        decompress_chunk(m, i, payload, memoryview(out))
-    yield bytes(out)
 
 
 def main() -> None:
