@@ -526,27 +526,19 @@ class Hub(IOThread):
             wave.reason += "; nothing to roll back to (no earlier release was active)"
             return
 
-        def work() -> Release:
-            return self.desk.rollback(wave.name, str(before))
+        def rolled(rel: Release) -> None:
+            wave.rollback_seq = rel.manifest.seq
+            self._broadcast(rel)
+            log.warning("%s: rolled back %s to seq %d's content as seq %d", wave.name,
+                        ", ".join(nodes), before, rel.manifest.seq)
+            with self._fleet_cond:
+                self._fleet_cond.notify_all()
 
-        def done(fut: concurrent.futures.Future[Release]) -> None:
-            def finish() -> None:
-                try:
-                    rel = fut.result()
-                except (ZmqModelsError, StoreError) as exc:
-                    wave.reason += f"; rollback to seq {before} failed: {exc}"
-                    log.error("%s: rollback to seq %d failed: %s", wave.name, before, exc)
-                    return
-                wave.rollback_seq = rel.manifest.seq
-                self._broadcast(rel)
-                log.warning("%s: rolled back %s to seq %d's content as seq %d", wave.name,
-                            ", ".join(nodes), before, rel.manifest.seq)
-                with self._fleet_cond:
-                    self._fleet_cond.notify_all()
+        def failed(code: str, message: str) -> None:
+            wave.reason += f"; rollback to seq {before} failed: {message}"
+            log.error("%s: rollback to seq %d failed: %s", wave.name, before, message)
 
-            self.post(finish)
-
-        self._pool.submit(work).add_done_callback(done)
+        self._store_work(lambda: self.desk.rollback(wave.name, str(before)), rolled, failed)
 
     def releases(self, name: str = "") -> list[P.ReleaseInfo]:
         """The stored releases of ``name`` (all models if empty), oldest first, with how many
@@ -571,8 +563,8 @@ class Hub(IOThread):
 
     def _in_pool(self, ident: Any, work: Callable[[], Any],
                  then: Callable[[bytes, Any], None] | None = None) -> None:
-        """Run store work off the I/O thread; ``then`` (default: broadcast and reply PUBLISHED)
-        runs back on it with the result."""
+        """Store work a peer asked for (at most ``max_store_jobs`` at once, ``busy`` beyond);
+        ``then`` (default: broadcast and reply PUBLISHED) gets the result, errors are replied."""
         then = then or self._published
         ident = ident.bytes
         if self._store_jobs >= self.limits.max_store_jobs:
@@ -581,25 +573,38 @@ class Hub(IOThread):
             return
         self._store_jobs += 1
 
-        def done(fut: concurrent.futures.Future[Release]) -> None:
+        def ok(result: Any) -> None:
+            self._store_jobs -= 1
+            then(ident, result)
+
+        def failed(code: str, message: str) -> None:
+            self._store_jobs -= 1
+            self._error(ident, code, message)
+
+        self._store_work(work, ok, failed)
+
+    def _store_work(self, work: Callable[[], Any], then: Callable[[Any], None],
+                    fail: Callable[[str, str], None]) -> None:
+        """Run ``work`` on the store executor, never on the I/O thread; back on the I/O thread,
+        ``then(result)`` or ``fail(code, message)``."""
+        def done(fut: concurrent.futures.Future[Any]) -> None:
             def finish() -> None:
-                self._store_jobs -= 1
                 try:
-                    rel = fut.result()
+                    result = fut.result()
                 except (ZmqModelsError, StoreError) as exc:
                     if isinstance(exc, StoreError):
                         log.error("store: %s", exc)
-                    self._error(ident, exc.code, str(exc))
+                    fail(exc.code, str(exc))
                     return
                 except Exception as exc:
                     log.exception("store work failed")
-                    self._error(ident, "internal", f"{type(exc).__name__}: {exc}")
+                    fail("internal", f"{type(exc).__name__}: {exc}")
                     return
-                then(ident, rel)
+                then(result)
 
             self.post(finish)
 
-        def work_then_trim() -> Release:
+        def work_then_trim() -> Any:
             try:
                 return work()
             finally:
