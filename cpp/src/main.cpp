@@ -249,10 +249,7 @@ class Node {
       for (int n = 0; (items[0].revents & ZMQ_POLLIN) && n < 1024; ++n) {  // clients
         msg.clear();
         if (!zmq::recv_multipart(front, std::back_inserter(msg), zmq::recv_flags::dontwait)) break;
-        if (msg.size() < 3 || msg[1].size() != 0) {
-          ++dropped_not_req_;  // not a REQ envelope: nowhere to answer
-          continue;
-        }
+        if (msg.size() < 3 || msg[1].size() != 0) continue;  // not a REQ envelope: nowhere to answer
         std::string client = str(msg[0]), id, model;
         double timeout_ms = 0;
         try {
@@ -526,7 +523,6 @@ class Node {
       std::lock_guard<std::mutex> lk(results_mu_);
       results_.push_back(std::move(r));
     }
-    std::lock_guard<std::mutex> lk(push_mu_);
     push_->send(zmq::str_buffer("1"), zmq::send_flags::dontwait);
   }
 
@@ -730,13 +726,12 @@ class Node {
   std::map<std::string, Slot> slots_;
   std::map<std::string, Counts> counts_;
   zmq::context_t ctx_;
-  std::mutex jobs_mu_, results_mu_, push_mu_;
+  std::mutex jobs_mu_, results_mu_;
   std::condition_variable jobs_cv_;
   std::deque<Job> jobs_;
   std::deque<Result> results_;
-  zmq::socket_t* push_ = nullptr;
+  zmq::socket_t* push_ = nullptr;  // the loader thread's own (post() runs only there)
   std::atomic<bool> stopping_{false};
-  std::atomic<uint64_t> dropped_not_req_{0};
   bool wake_bound_ = false;
 };
 
