@@ -14,6 +14,7 @@ from pathlib import Path
 import msgspec
 import pytest
 import torch
+import zmq
 
 from tests.conftest import free_port, wait_until
 from tests.models import DictTuple, Probe, probe_examples
@@ -49,7 +50,7 @@ def test_core_unit_tests(binary) -> None:
     out = subprocess.run([str(binary.parent / "zmqmodels-core-tests")], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "0 failure(s)" in out.stdout and out.stdout.count("ok  ") == 7
+    assert "0 failure(s)" in out.stdout and out.stdout.count("ok  ") == 8
 
 
 class CppNode:
@@ -268,6 +269,19 @@ def test_garbage_frames_leave_it_serving(binary, hub, tmp_path) -> None:
     cpp, v1 = started(binary, hub, tmp_path, 2.0)
     try:
         codes = fuzz_front(cpp.address)
+        # a model name that is not UTF-8: refused, and the reply (which names it) still decodes
+        bad = P.encode(P.InferRequest("probe", "1", {"t": "tuple", "items": []}))
+        bad = bad.replace(b"probe", b"pr\xa3be")
+        dealer = zmq.Context.instance().socket(zmq.DEALER)
+        dealer.linger = 0
+        dealer.connect(cpp.address)
+        try:
+            dealer.send_multipart([b"", b"INFER", bad])
+            assert dealer.poll(10_000)
+            reply, _ = P.unpack(dealer.recv_multipart()[1:])
+            assert reply.code == "bad_request" and "UTF-8" in reply.message
+        finally:
+            dealer.close()
         assert "bad_request" in codes and cpp.proc.poll() is None
         with Client(cpp.address, timeout=10) as c:
             r = c.infer("probe", torch.ones(1, 4))

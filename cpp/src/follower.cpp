@@ -42,7 +42,7 @@ void Follower::known(const std::string& name, uint64_t seq, const std::string& l
 Frames Follower::report(const Follow& st) const {
   MapWriter w(17);
   w.kv("node", cfg_.node_id).kv("model", st.name).kv("state", st.state).kv("seq", st.seq).kv("label", st.label);
-  w.kv("reason", st.reason.substr(0, 500)).kv("host", cfg_.host).kv("pid", cfg_.pid).kv("device", cfg_.device);
+  w.kv("reason", utf8_prefix(st.reason, 500)).kv("host", cfg_.host).kv("pid", cfg_.pid).kv("device", cfg_.device);
   w.kv("v", V).kv("stages", st.stages).kv("stages_seq", st.stages_seq).kv("staged", st.staged);
   w.kv("labels", cfg_.labels).kv("requests", st.requests).kv("errors", st.errors);
   w.key("via").packer().pack_array(0);

@@ -257,8 +257,10 @@ class Node {
           auto oh = unpack_header(msg[3].data(), msg[3].size(), "INFER");
           Map h(oh.get(), "INFER header");
           auto* ido = h.get("id");
-          if (ido && ido->type == msgpack::type::STR) id = std::string(ido->via.str.ptr, ido->via.str.size);
-          else throw Error("bad_request", "bad INFER header: id must be a string");
+          if (ido && ido->type == msgpack::type::STR && is_utf8(ido->via.str.ptr, ido->via.str.size))
+            id = std::string(ido->via.str.ptr, ido->via.str.size);
+          else
+            throw Error("bad_request", "bad INFER header: id must be a string");
           model = h.str("model");
           timeout_ms = h.f64("timeout_ms", 0);
           size_t size = 0;

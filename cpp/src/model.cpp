@@ -186,7 +186,7 @@ std::shared_ptr<const Loaded> load_release(const std::shared_ptr<Manifest>& m, c
       got = out->module.forward(items(to_device(examples[i], device)));
     } catch (const std::exception& e) {
       std::string what = e.what();
-      throw Error("check", "example " + std::to_string(i) + ": model raised: " + what.substr(0, 300));
+      throw Error("check", "example " + std::to_string(i) + ": model raised: " + utf8_prefix(what, 300));
     }
     got = to_device(got, at::kCPU);
     check_finite(got, where);
@@ -255,7 +255,7 @@ std::string model_error_line(const std::string& text) {
       break;
     }
   }
-  return message.substr(0, 1000);
+  return utf8_prefix(message, 1000);
 }
 
 std::shared_ptr<const Loaded> Slot::begin() {

@@ -19,6 +19,28 @@ double now_s() {
   return duration<double>(steady_clock::now().time_since_epoch()).count();
 }
 
+bool is_utf8(const char* p, size_t n) {
+  const auto* u = reinterpret_cast<const unsigned char*>(p);
+  for (size_t i = 0; i < n;) {
+    unsigned char c = u[i];
+    size_t len = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xe ? 3 : (c >> 3) == 0x1e ? 4 : 0;
+    if (!len || i + len > n || (len == 2 && c < 0xc2)) return false;
+    for (size_t k = 1; k < len; ++k)
+      if ((u[i + k] & 0xc0) != 0x80) return false;
+    if (len == 3 && ((c == 0xe0 && u[i + 1] < 0xa0) || (c == 0xed && u[i + 1] >= 0xa0))) return false;
+    if (len == 4 && ((c == 0xf0 && u[i + 1] < 0x90) || c > 0xf4 || (c == 0xf4 && u[i + 1] >= 0x90))) return false;
+    i += len;
+  }
+  return true;
+}
+
+std::string utf8_prefix(const std::string& s, size_t max_bytes) {
+  if (s.size() <= max_bytes) return s;
+  size_t end = max_bytes;
+  while (end > 0 && (static_cast<unsigned char>(s[end]) & 0xc0) == 0x80) --end;  // not inside a character
+  return s.substr(0, end);
+}
+
 // -- Map ---------------------------------------------------------------------------------------
 Map::Map(const msgpack::object& o, const char* what) : obj_(&o), what_(what) {
   if (o.type != msgpack::type::MAP) throw Error("bad_message", what_ + " is not a map");
@@ -42,7 +64,8 @@ static Error bad_type(const std::string& what, const char* key, const char* want
 std::string Map::str(const char* key, const std::string& dflt) const {
   auto* o = get(key);
   if (!o) return dflt;
-  if (o->type != msgpack::type::STR) throw bad_type(what_, key, "a string");
+  if (o->type != msgpack::type::STR || !is_utf8(o->via.str.ptr, o->via.str.size))
+    throw bad_type(what_, key, "a UTF-8 string");
   return std::string(o->via.str.ptr, o->via.str.size);
 }
 
@@ -90,7 +113,8 @@ std::vector<std::string> Map::strs(const char* key) const {
   if (o->type != msgpack::type::ARRAY) throw bad_type(what_, key, "a list of strings");
   for (uint32_t i = 0; i < o->via.array.size; ++i) {
     const auto& e = o->via.array.ptr[i];
-    if (e.type != msgpack::type::STR) throw bad_type(what_, key, "a list of strings");
+    if (e.type != msgpack::type::STR || !is_utf8(e.via.str.ptr, e.via.str.size))
+      throw bad_type(what_, key, "a list of UTF-8 strings");
     out.emplace_back(e.via.str.ptr, e.via.str.size);
   }
   return out;

@@ -38,6 +38,11 @@ struct Limits {
 
 double now_s();  // monotonic seconds
 
+// msgpack str is UTF-8 (Python peers refuse anything else): check what peers send, and cut
+// what we send at a character boundary.
+bool is_utf8(const char* p, size_t n);
+std::string utf8_prefix(const std::string& s, size_t max_bytes);
+
 // -- reading msgpack maps --------------------------------------------------------------------
 // A decoded msgpack map: unknown keys are ignored, a key of the wrong type is bad_message.
 class Map {

@@ -193,6 +193,25 @@ void test_a_hung_old_request_does_not_hold_the_new_version_back_for_long() {
   slot.end();
 }
 
+void test_strings_sent_are_utf8_and_strings_taken_must_be() {
+  EXPECT(is_utf8("caf\xc3\xa9 \xe2\x80\xa6", 10));
+  EXPECT(!is_utf8("pr\xa3" "be", 5));
+  EXPECT(!is_utf8("\xc3", 1));          // cut short
+  EXPECT(!is_utf8("\xed\xa0\x80", 3));  // a surrogate
+  std::string dots = "ab\xe2\x80\xa6";  // "ab…"
+  EXPECT(utf8_prefix(dots, 4) == "ab" && utf8_prefix(dots, 5) == dots);
+  MapWriter w(1);
+  w.kv("model", std::string("pr\xa3" "be"));
+  auto oh = msgpack::unpack(w.bytes().data(), w.bytes().size());
+  bool refused = false;
+  try {
+    Map(oh.get()).str("model");
+  } catch (const Error& e) {
+    refused = e.code == "bad_message";
+  }
+  EXPECT(refused);
+}
+
 }  // namespace
 
 int main() {
@@ -204,6 +223,7 @@ int main() {
       {"codec", test_the_tensor_codec_round_trips},
       {"slot", test_the_slot_lets_older_requests_finish_before_a_newer_version_serves},
       {"hung", test_a_hung_old_request_does_not_hold_the_new_version_back_for_long},
+      {"utf8", test_strings_sent_are_utf8_and_strings_taken_must_be},
   };
   for (auto& [name, fn] : tests) {
     int before = failures;
