@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,12 +47,20 @@ class Client:
 
     ``curve``: this client's CURVE keys and the server's public key. A server that does not
     admit the key never completes the handshake: the call ends in :class:`DeadlineError`.
+    ``arrays``: outputs as torch tensors (``"torch"``) or numpy arrays (``"numpy"``: torch is
+    never imported; inputs may be either). ``on_retry(attempt, error)`` is called for each
+    failed attempt that will be retried (the CLI prints it, so a wrong port is not silent).
     """
 
     def __init__(self, server: str, *, timeout: float = 5.0, retries: int = 3,
                  backoff_s: float = 0.05, context: zmq.Context | None = None,
-                 curve: Curve | None = None) -> None:
+                 curve: Curve | None = None, arrays: str = "torch",
+                 on_retry: Callable[[int, Exception], None] | None = None) -> None:
+        if arrays not in ("torch", "numpy"):
+            raise ValueError(f"arrays must be 'torch' or 'numpy', not {arrays!r}")
         self.server = server
+        self.arrays = arrays
+        self.on_retry = on_retry
         self.curve = curve
         self.timeout = timeout
         self.retries = retries
@@ -110,11 +119,15 @@ class Client:
                 waited = time.perf_counter() - t0
                 last = DeadlineError(f"no reply from {self.server}: {attempt} attempt(s) of {timeout:g}s "
                                      f"each, {waited:.1f}s in all{hint}")
+                if self.on_retry is not None and attempt <= self.retries:
+                    self.on_retry(attempt, last)
                 continue
             hdr, tensors = P.unpack(sock.recv_multipart(copy=False))
             if isinstance(hdr, P.ErrorReply):
                 last = RemoteError(hdr.code, hdr.message, hdr.retryable)
                 if hdr.retryable and attempt <= self.retries:
+                    if self.on_retry is not None:
+                        self.on_retry(attempt, last)
                     time.sleep(self.backoff_s * attempt)
                     continue
                 raise last
@@ -122,7 +135,7 @@ class Client:
                 raise ProtocolError(f"unexpected reply {type(hdr).__name__} from {self.server}")
             if hdr.id != rid:
                 raise ProtocolError(f"reply for request {hdr.id!r}, expected {rid!r}")
-            outputs = decode(hdr.outputs, [f.buffer for f in tensors])
+            outputs = decode(hdr.outputs, [f.buffer for f in tensors], arrays=self.arrays)
             return Result(outputs, hdr.model, hdr.label, hdr.seq, hdr.worker, hdr.queue_ms,
                           hdr.infer_ms, (time.perf_counter() - t0) * 1000, attempt)
         assert last is not None

@@ -86,11 +86,11 @@ def load_release(manifest: Manifest, source: str | os.PathLike[str] | Any, devic
             module(*to_device(tuple(examples[0]), device))
         if gpu:
             torch.cuda.synchronize(device)
-    from .tensors import DTYPES
+    from .tensors import torch_dtype
 
     # (dtype, rank, dtype name, shape): -1 where the examples differ, and always for the
     # leading (batch) dimension, which one example cannot be taken to fix
-    sig = tuple((DTYPES.get(w.get("dtype")), w.get("rank", -1), w.get("dtype", ""),
+    sig = tuple((torch_dtype(w.get("dtype")), w.get("rank", -1), w.get("dtype", ""),
                  tuple([-1, *list(w.get("shape") or [])[1:]]) if w.get("shape") else ())
                 for w in manifest.inputs)
     return Loaded(module, manifest, device, t1 - t0, time.perf_counter() - t1, sig)

@@ -1,4 +1,4 @@
-"""Prometheus metrics for a hub or a node (``--metrics PORT`` or ``HOST:PORT``).
+"""Prometheus metrics for a hub, a relay or a node (``--metrics PORT`` or ``HOST:PORT``).
 
 Counters and gauges are read from the shell's own state when Prometheus scrapes (a custom
 collector: nothing is added to the request path but a dict increment); latencies are
@@ -19,7 +19,7 @@ from prometheus_client.registry import Collector
 
 from .errors import ZmqModelsError
 
-__all__ = ["NodeMetrics", "HubMetrics", "parse_listen", "serve_metrics"]
+__all__ = ["NodeMetrics", "HubMetrics", "RelayMetrics", "parse_listen", "serve_metrics"]
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 _LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
@@ -139,3 +139,34 @@ class HubMetrics(Collector):
                      {k: float(v) for k, v in by.items()})
         yield _gauge("zmqmodels_hub_latest_seq", "The newest stored seq per model", ["model"],
                      {(m.name,): m.seq for m in status.models})
+
+
+class RelayMetrics(Collector):
+    """Metrics of a :class:`~zmqmodels.relay.Relay`: chunks taken in (broadcast or fetched),
+    repairs asked upstream, fetches served downstream, refusals by code, releases complete,
+    and the newest complete seq it holds per model (a snapshot its I/O thread publishes)."""
+
+    def __init__(self, relay: Any) -> None:
+        self.relay = relay
+        self.registry = CollectorRegistry()
+        self.registry.register(self)
+
+    def collect(self) -> Iterator[Any]:
+        stats = _copy(self.relay.stats)
+        yield _counter("zmqmodels_relay_chunks", "Chunks received from upstream, by how", ["how"],
+                       {("broadcast",): stats.get("chunks_broadcast", 0),
+                        ("fetched",): stats.get("chunks_fetched", 0)})
+        yield _counter("zmqmodels_relay_corrupt_chunks", "Chunks that failed their digest (dropped)", [],
+                       {(): stats.get("chunk_corrupt", 0)})
+        yield _counter("zmqmodels_relay_repairs", "Repairs asked of upstream", [],
+                       {(): stats.get("repairs", 0)})
+        yield _counter("zmqmodels_relay_fetches", "Fetch requests served downstream, by kind", ["kind"],
+                       {("manifest",): stats.get("fetch_manifest", 0),
+                        ("chunks",): stats.get("fetch_chunks", 0)})
+        yield _counter("zmqmodels_relay_refused", "Releases refused, by code", ["code"],
+                       {(k.removeprefix("refused_"),): v for k, v in stats.items()
+                        if k.startswith("refused_")})
+        yield _counter("zmqmodels_relay_releases", "Releases received whole", [],
+                       {(): stats.get("complete", 0)})
+        yield _gauge("zmqmodels_relay_latest_seq", "The newest complete seq held per model", ["model"],
+                     {(name,): float(seq) for name, seq in self.relay.held_seqs.items()})

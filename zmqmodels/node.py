@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -44,6 +45,7 @@ from .rollout import SwapPolicy, Target, Version
 from .signing import Trust
 from .subscriber import Follower
 from .supervisor import Activity, Kill, Spawn, Supervisor
+from .worker_boot import command as worker_command
 
 __all__ = ["Node", "SWAP_POLICIES", "SwapPolicy", "check_devices"]
 
@@ -79,6 +81,28 @@ def check_devices(devices: Sequence[str]) -> None:
         if index >= count:
             raise ZmqModelsError(f"device {d!r}: this machine has {count} CUDA device(s), "
                                  f"cuda:0..cuda:{count - 1}")
+
+
+RUN_DIR_PREFIX = "zmqm-node-"
+
+
+def make_run_dir(tmp: str = "/tmp") -> tuple[str, Any]:
+    """A short directory for the node's ipc endpoints, held by a lock for the process's life;
+    first remove the ones whose node is gone (a node killed with -9 cannot remove its own)."""
+    import fcntl
+
+    for old in Path(tmp).glob(RUN_DIR_PREFIX + "*"):
+        try:
+            with open(old / ".lock", "rb") as f:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held while its node lives
+                shutil.rmtree(old, ignore_errors=True)
+                log.info("removed %s, left by a node that is gone", old)
+        except OSError:
+            continue  # in use, not ours, or no lock file (not a node's)
+    d = tempfile.mkdtemp(prefix=RUN_DIR_PREFIX, dir=tmp)
+    f = open(os.path.join(d, ".lock"), "wb")  # noqa: SIM115 (closed in close())
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return d, f
 
 
 class Node(IOThread):
@@ -156,7 +180,7 @@ class Node(IOThread):
         self.supervisor = Supervisor(wids, ttl_s=worker_ttl_s, start_timeout_s=worker_start_timeout_s,
                                      request_timeout_s=request_timeout_s,
                                      load_timeout_s=load_timeout_s)
-        self._dir = tempfile.mkdtemp(prefix="zmqm-node-", dir="/tmp")  # ipc paths must be short
+        self._dir, self._dir_lock = make_run_dir()
         self._backend_addr = f"ipc://{self._dir}/workers"
         self._sub: Follower | None = None
         self._reported: dict[str, tuple[str, int]] = {}
@@ -261,6 +285,7 @@ class Node(IOThread):
                 p.kill()
                 p.wait(5)
         shutil.rmtree(self._dir, ignore_errors=True)
+        self._dir_lock.close()
         self.cache.unlock()
         self._server_ctx.close()
 
@@ -353,11 +378,8 @@ class Node(IOThread):
                 self._back.send_multipart([wid.encode(), *P.pack(P.StopWorker())])
 
     def _spawn(self, wid: str, now: float) -> None:
-        args = [sys.executable, "-m", "zmqmodels.worker", "--backend", self._backend_addr,
-                "--id", wid, "--device", self._devices[wid], "--cache", str(self.cache.root),
-                "--threads", str(self._threads_per_worker), "--parent", str(os.getpid())]
-        for m in self.models:
-            args += ["--model", m]
+        args = worker_command(self._backend_addr, wid, self._devices[wid], str(self.cache.root),
+                              self._threads_per_worker, self.models, os.getpid())
         self._procs[wid] = subprocess.Popen(args, stdin=subprocess.DEVNULL)
         self.supervisor.spawned(wid, now)
 

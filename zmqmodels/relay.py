@@ -51,7 +51,7 @@ class Relay(IOThread):
                  limits: Limits | None = None, trust: Trust | None = None,
                  curve: Curve | None = None, upstream_curve: Curve | None = None,
                  heartbeat_interval_s: float = defaults.HEARTBEAT_INTERVAL_S,
-                 context: zmq.Context | None = None) -> None:
+                 metrics: str | None = None, context: zmq.Context | None = None) -> None:
         self.upstream = upstream
         self.bind = bind
         self.store = store if isinstance(store, Store) else Store(store)
@@ -68,6 +68,8 @@ class Relay(IOThread):
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="zmqmodels-relay-store")
         self._next_beat = 0.0
         self.address = self.pub_address = ""
+        self._metrics_spec, self._metrics_server = metrics, None
+        self.held_seqs: dict[str, int] = {}  # name -> newest complete seq; replaced whole each beat
 
     def _held(self, models: list[str]) -> dict[str, Carried]:
         """The newest stored release of each model: served before upstream answers."""
@@ -87,11 +89,23 @@ class Relay(IOThread):
         except ZmqModelsError as exc:
             why = self._start_error or exc
             raise ZmqModelsError(f"relay failed to start on {self.bind}: {why}") from None
+        if self._metrics_spec:
+            from .metrics import RelayMetrics, serve_metrics
+
+            try:
+                self._metrics_server = serve_metrics(RelayMetrics(self).registry, self._metrics_spec)
+            except ZmqModelsError:
+                self.close()
+                raise
         log.info("relay %s: following %s, serving on %s (PUB %s)", self.relay_id, self.upstream,
                  self.address, self.pub_address)
         return self
 
     def close(self) -> None:
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+            self._metrics_server = None
         was_running = self.state.value == "running"
         super().close()
         if was_running:
@@ -129,6 +143,7 @@ class Relay(IOThread):
         if now >= self._next_beat:
             self._next_beat = now + self.heartbeat_interval_s
             self._carry(self.forwarder.beats(self.relay_id))
+            self.held_seqs = {n: c.manifest.seq for n, c in self.forwarder.latest.items()}
             if self.forwarder.loop:
                 log.error("%s", self.forwarder.loop)
         return min(0.05, max(0.001, self._next_beat - now))

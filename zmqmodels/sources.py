@@ -14,20 +14,16 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import re
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import SourceError
-from .tensors import DTYPES
+from .errors import ProtocolError, SourceError
+from .tensors import parse_shape_spec, torch_dtype
 
 __all__ = ["load_source", "load_weights", "parse_example_spec", "load_example_file"]
-
-_SPEC = re.compile(r"^(\d+(?:x\d+)*|scalar)(?::(\w+))?$")
-
 
 def load_source(source: str, *, weights: str | None = None, say: Any = None) -> tuple[Any, Any]:
     """Return ``(module, example_inputs_or_None)`` for a SOURCE string."""
@@ -124,15 +120,13 @@ def parse_example_spec(spec: str, *, seed: int = 0) -> tuple[torch.Tensor, ...]:
     spec gives the same tensors.
     """
     gen = torch.Generator().manual_seed(seed)
+    try:
+        parts = parse_shape_spec(spec)
+    except ProtocolError as exc:
+        raise SourceError(str(exc).replace("input spec", "example-input spec")) from None
     args = []
-    for part in spec.split(","):
-        m = _SPEC.match(part.strip())
-        dtype = DTYPES.get(m.group(2) or "float32") if m else None
-        if not m or dtype is None:
-            raise SourceError(
-                f"bad example-input spec {part!r}: use DIMxDIM...[:dtype], e.g. 1x3x224x224:float32"
-            )
-        shape = [] if m.group(1) == "scalar" else [int(d) for d in m.group(1).split("x")]
+    for shape, name in parts:
+        dtype = torch_dtype(name)
         if dtype.is_floating_point or dtype.is_complex:
             t = torch.randn(shape, generator=gen).to(dtype)
         elif dtype == torch.bool:

@@ -16,47 +16,110 @@ read-only tensors; treat request tensors as inputs, not scratch space).
 
 from __future__ import annotations
 
+import re
+import sys
 from collections.abc import Sequence
+from functools import cache
 from typing import Any
 
-import torch
+import numpy as np
 
 from .errors import ProtocolError
 
-__all__ = ["DTYPES", "dtype_name", "encode", "decode", "signature", "tensor_bytes"]
+__all__ = ["DTYPE_NAMES", "torch_dtype", "dtype_name", "encode", "decode", "signature",
+           "tensor_bytes", "parse_shape_spec", "random_arrays"]
 
-DTYPES: dict[str, torch.dtype] = {
-    "float64": torch.float64,
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "int16": torch.int16,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
-    "complex64": torch.complex64,
-    "complex128": torch.complex128,
-}
-_NAMES = {v: k for k, v in DTYPES.items()}
-_ITEMSIZE = {k: torch.empty((), dtype=v).element_size() for k, v in DTYPES.items()}
+# wire name -> item size. numpy has no bfloat16: in numpy mode it decodes to float32 (exact).
+_ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4,
+             "int16": 2, "int8": 1, "uint8": 1, "bool": 1, "complex64": 8, "complex128": 16}
+DTYPE_NAMES = tuple(_ITEMSIZE)
+_NUMPY = {n: np.dtype(n).newbyteorder("<") for n in DTYPE_NAMES if n != "bfloat16"}
+_NUMPY_NAMES = {v: k for k, v in _NUMPY.items()}
 _MAX_DEPTH = 16
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    try:
-        return _NAMES[dtype]
-    except KeyError:
-        raise ProtocolError(f"dtype {dtype} cannot travel on the wire") from None
+_SPEC = re.compile(r"^(\d+(?:x\d+)*|scalar)(?::(\w+))?$")
 
 
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """The tensor's bytes as a memoryview (a copy only if it is not contiguous or not on CPU)."""
+def parse_shape_spec(spec: str) -> list[tuple[list[int], str]]:
+    """``1x3x224x224[:dtype]``, comma-joined per argument -> ``[(shape, dtype name), ...]``;
+    :class:`ProtocolError` naming the bad part."""
+    out = []
+    for part in spec.split(","):
+        m = _SPEC.match(part.strip())
+        name = (m.group(2) or "float32") if m else ""
+        if not m or name not in _ITEMSIZE:
+            raise ProtocolError(
+                f"bad input spec {part!r}: use DIMxDIM...[:dtype], e.g. 1x3x224x224:float32")
+        out.append(([] if m.group(1) == "scalar" else [int(d) for d in m.group(1).split("x")], name))
+    return out
+
+
+def random_arrays(spec: str, *, seed: int = 0) -> tuple[np.ndarray, ...]:
+    """Seeded random numpy arrays for a spec (floats standard normal, integers in [0, 10),
+    bools random) without importing torch; bfloat16 is not a numpy dtype and is refused."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for shape, name in parse_shape_spec(spec):
+        if name == "bfloat16":
+            raise ProtocolError("bfloat16 inputs need torch: pass a torch.save'd file instead")
+        dt = _NUMPY[name]
+        if dt.kind in "fc":
+            a = rng.standard_normal(shape).astype(dt)
+        elif dt.kind == "b":
+            a = rng.integers(0, 2, shape).astype(bool)
+        else:
+            a = rng.integers(0, 10, shape).astype(dt)
+        out.append(np.asarray(a))
+    return tuple(out)
+
+
+@cache
+def _torch_dtypes() -> dict[str, Any]:
+    import torch
+
+    return {n: getattr(torch, n) for n in DTYPE_NAMES}
+
+
+def torch_dtype(name: str) -> Any:
+    """The torch dtype of a wire dtype name, or None (imports torch)."""
+    return _torch_dtypes().get(name)
+
+
+def dtype_name(dtype: Any) -> str:
+    """The wire name of a torch or numpy dtype."""
+    if isinstance(dtype, np.dtype):
+        name = _NUMPY_NAMES.get(dtype.newbyteorder("<"))
+        if name is not None:
+            return name
+    else:
+        name = str(dtype).removeprefix("torch.")
+        if _torch_dtypes().get(name) == dtype:
+            return name
+    raise ProtocolError(f"dtype {dtype} cannot travel on the wire")
+
+
+def _is_torch_tensor(x: Any) -> bool:
+    torch = sys.modules.get("torch")  # never imported here: a caller with tensors has it
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def _little(a: np.ndarray) -> np.ndarray:
+    a = np.ascontiguousarray(a)
+    return a.astype(a.dtype.newbyteorder("<")) if a.dtype.byteorder == ">" else a
+
+
+def tensor_bytes(t: Any) -> memoryview:
+    """A torch tensor's or numpy array's bytes as a memoryview (a copy only if it is not
+    contiguous or not on the CPU)."""
+    if isinstance(t, np.ndarray):
+        return memoryview(_little(t).reshape(-1).view(np.uint8))
     if t.device.type != "cpu":
         t = t.cpu()
     if not t.is_contiguous():
         t = t.contiguous()
+    import torch
+
     return memoryview(t.detach().reshape(-1).view(torch.uint8).numpy())
 
 
@@ -67,7 +130,7 @@ def encode(tree: Any) -> tuple[Any, list[memoryview]]:
     def walk(x: Any, depth: int) -> Any:
         if depth > _MAX_DEPTH:
             raise ProtocolError("tensor tree nested too deeply")
-        if isinstance(x, torch.Tensor):
+        if isinstance(x, np.ndarray) or _is_torch_tensor(x):
             buffers.append(tensor_bytes(x))
             return {"t": "tensor", "dtype": dtype_name(x.dtype), "shape": list(x.shape),
                     "f": len(buffers) - 1}
@@ -93,11 +156,15 @@ def encode(tree: Any) -> tuple[Any, list[memoryview]]:
     return walk(tree, 0), buffers
 
 
-def decode(spec: Any, buffers: Sequence[Any], *, copy: bool = False) -> Any:
+def decode(spec: Any, buffers: Sequence[Any], *, copy: bool = False, arrays: str = "torch") -> Any:
     """Rebuild a tree from ``spec`` and ``buffers``; raise :class:`ProtocolError` if invalid.
 
     Every buffer must be used exactly once and hold exactly ``prod(shape) * itemsize`` bytes.
+    ``arrays``: ``"torch"`` (tensors; imports torch) or ``"numpy"`` (arrays; bfloat16 widens
+    to float32, which is exact).
     """
+    if arrays not in ("torch", "numpy"):
+        raise ValueError(f"arrays must be 'torch' or 'numpy', not {arrays!r}")
     used: set[int] = set()
 
     def walk(node: Any, depth: int) -> Any:
@@ -128,11 +195,10 @@ def decode(spec: Any, buffers: Sequence[Any], *, copy: bool = False) -> Any:
             raise ProtocolError(f"{kind} node with a {type(v).__name__} value")
         return float(v) if kind == "float" else v
 
-    def _tensor(node: dict) -> torch.Tensor:
+    def _tensor(node: dict) -> Any:
         name = node.get("dtype")
-        dtype = DTYPES.get(name)  # type: ignore[arg-type]
         shape, idx = node.get("shape"), node.get("f")
-        if dtype is None:
+        if not isinstance(name, str) or name not in _ITEMSIZE:
             raise ProtocolError(f"unknown dtype {name!r}")
         if not (isinstance(shape, list) and len(shape) <= 32
                 and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
@@ -144,11 +210,21 @@ def decode(spec: Any, buffers: Sequence[Any], *, copy: bool = False) -> Any:
         count = 1
         for d in shape:
             count *= d
-        itemsize = _ITEMSIZE[name]  # type: ignore[index]
+        itemsize = _ITEMSIZE[name]
         if count * itemsize != buf.nbytes:
             raise ProtocolError(
                 f"tensor {node.get('dtype')}{shape} needs {count * itemsize} bytes, got {buf.nbytes}"
             )
+        if arrays == "numpy":
+            if name == "bfloat16":  # the high half of a float32
+                wide = np.zeros(count, dtype="<u4")
+                wide[:] = np.frombuffer(buf, dtype="<u2")
+                return (wide << 16).view("<f4").reshape(shape)
+            a = np.frombuffer(buf, dtype=_NUMPY[name]).reshape(shape)
+            return a.copy() if copy else a
+        import torch
+
+        dtype = _torch_dtypes()[name]
         if count == 0:
             return torch.empty(shape, dtype=dtype)
         t = torch.frombuffer(bytearray(buf) if copy else buf, dtype=dtype)

@@ -1,6 +1,6 @@
 """A worker process: one :class:`ModelSlot` per model, serving one request at a time.
 
-Started by the node's front process (``python -m zmqmodels.worker ...``); talks to it over a
+Started by the node's front process through :mod:`zmqmodels.worker_boot`; talks to it over a
 DEALER on an ipc endpoint. It loads from the node's cache by *path* (2-8x faster than from
 memory), checks the manifest's examples, warms up and swaps. ``torch.jit.load`` holds the GIL,
 so a loading worker answers nothing; the front knows it is loading and routes around it.
@@ -8,12 +8,10 @@ so a loading worker answers nothing; the front knows it is loading and routes ar
 
 from __future__ import annotations
 
-import argparse
 import gc
 import logging
 import os
 import re
-import signal
 import time
 from collections.abc import Collection
 from pathlib import Path
@@ -30,7 +28,7 @@ from .release import decode_manifest
 from .slot import Loaded, ModelSlot
 from .tensors import decode, encode
 
-__all__ = ["Worker", "main"]
+__all__ = ["Worker", "run"]
 
 log = logging.getLogger("zmqmodels.worker")
 HEARTBEAT_S = 1.0
@@ -273,38 +271,9 @@ def model_error_line(exc: BaseException) -> str:
     return message[:1000]
 
 
-def die_with_parent(parent: int) -> None:
-    """Be killed when the node's front process dies (even by kill -9): Linux's parent-death
-    signal, armed before anything slow; then check the parent did not die before it was."""
-    if not parent:
-        return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass  # not Linux: the heartbeat loop's parent check still ends us
-    if os.getppid() != parent:
-        os._exit(1)
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m zmqmodels.worker")
-    ap.add_argument("--backend", required=True)
-    ap.add_argument("--id", required=True)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--cache", required=True)
-    ap.add_argument("--model", action="append", required=True)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--parent", type=int, default=0, help="the node's pid: exit when it is gone")
-    args = ap.parse_args(argv)
-    die_with_parent(args.parent)
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.id} %(message)s")
-    torch.set_num_threads(args.threads)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front stops us; Ctrl-C goes to it
-    Worker(args.backend, args.id, args.device, args.model, args.cache, parent=args.parent).run()
-
-
-if __name__ == "__main__":
-    main()
+def run(backend: str, worker_id: str, device: str, models: list[str], cache: str, threads: int,
+        parent: int) -> None:
+    """Serve until stopped (started by :mod:`zmqmodels.worker_boot`)."""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {worker_id} %(message)s")
+    torch.set_num_threads(threads)
+    Worker(backend, worker_id, device, models, cache, parent=parent).run()

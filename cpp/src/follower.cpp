@@ -1,6 +1,7 @@
 #include "follower.hpp"
 
 #include <fcntl.h>
+#include <sys/file.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -383,6 +384,33 @@ static void atomic_write(const fs::path& path, const void* data, size_t len) {
     ::unlink(tmp.c_str());
     throw Error("store", "cannot write " + path.string() + ": " + std::strerror(err));
   }
+}
+
+Cache::~Cache() {
+  if (lock_fd_ >= 0) ::close(lock_fd_);
+}
+
+void Cache::lock() {
+  std::error_code ec;
+  fs::create_directories(root_, ec);
+  if (ec) throw Error("store", "cannot create cache " + root_.string() + ": " + ec.message());
+  fs::path p = root_ / ".lock";
+  int fd = ::open(p.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (fd < 0) throw Error("store", "cannot open " + p.string() + ": " + std::strerror(errno));
+  if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    char buf[128] = {0};
+    ssize_t n = ::pread(fd, buf, sizeof buf - 1, 0);
+    ::close(fd);
+    std::string holder = n > 0 ? std::string(buf, static_cast<size_t>(n)) : "another process";
+    throw Error("store", "cache " + root_.string() + " is in use by " + holder + ": give each node its own --cache");
+  }
+  std::string me = "pid " + std::to_string(::getpid());
+  // the lock is what counts; the pid only names the holder in the other process's message
+  if (::ftruncate(fd, 0) == 0) {
+    ssize_t written = ::pwrite(fd, me.data(), me.size(), 0);
+    (void)written;
+  }
+  lock_fd_ = fd;
 }
 
 fs::path Cache::path(const std::string& name, uint64_t seq) const {

@@ -121,6 +121,12 @@ class Follower {
 class Cache {
  public:
   explicit Cache(std::filesystem::path root) : root_(std::move(root)) {}
+  ~Cache();
+  Cache(const Cache&) = delete;
+  Cache& operator=(const Cache&) = delete;
+  // Hold the directory for this process: flock(DIR/.lock), as the Python node does, so either
+  // refuses the other. Throws Error("store", "cache DIR is in use by pid N: ...").
+  void lock();
   std::filesystem::path path(const std::string& name, uint64_t seq) const;
   void put(const Completed& c, size_t keep = 2);  // throws Error("store") on a failed write
   void activate(const std::string& name, uint64_t seq);
@@ -134,6 +140,7 @@ class Cache {
 
  private:
   std::filesystem::path root_;
+  int lock_fd_ = -1;
 };
 
 std::string read_all(const std::filesystem::path& p);

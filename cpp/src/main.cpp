@@ -21,6 +21,7 @@
 #include <deque>
 #include <iostream>
 #include <mutex>
+#include <regex>
 #include <thread>
 #include <zmq.hpp>
 #include <zmq_addon.hpp>
@@ -61,15 +62,31 @@ struct Args {
   double queue_timeout_s = 10.0;
 };
 
-[[noreturn]] void usage(const std::string& why) {
-  std::fprintf(stderr,
-               "%s\nusage: zmqmodels-node --hub ADDR --model NAME [--model ...] --bind ADDR [--device cpu|cuda:N]\n"
-               "                      [--cache DIR] [--node-id ID] [--trust PUBKEY|FILE|DIR ...] [--threads N]\n"
-               "                      [--label L ...]\n"
-               "                      [--load-from file|memory]\n"
-               "       zmqmodels-node --list PATH\n",
-               why.c_str());
-  std::exit(2);
+const char* const kUsage =
+    "usage: zmqmodels-node --model NAME [--model ...] --bind ADDR [--hub ADDR] [--device cpu|cuda[:N]]\n"
+    "                      [--cache DIR] [--node-id ID] [--trust PUBKEY|FILE|DIR ...] [--threads N]\n"
+    "                      [--label L ...] [--load-from file|memory]\n"
+    "       zmqmodels-node --list PATH\n"
+    "ADDR: tcp://HOST:PORT (bind: tcp://*:PORT) or ipc://PATH\n";
+
+// A bad argument: one line and exit status 1, before anything is bound or printed.
+[[noreturn]] void bad_argument(const std::string& why) {
+  std::fprintf(stderr, "zmqmodels-node: error: %s (see --help)\n", why.c_str());
+  std::exit(1);
+}
+
+// "" if `addr` is an endpoint ZeroMQ takes, else why not (with the likely fix).
+std::string endpoint_problem(const std::string& opt, const std::string& addr) {
+  static const std::regex tcp(R"(^tcp://(\[[0-9A-Fa-f:.]+\]|[^:/\s\[\]]+):(\d{1,5})$)");
+  std::smatch m;
+  if (addr.rfind("ipc://", 0) == 0) return addr.size() > 6 ? "" : opt + " " + addr + ": ipc:// needs a path";
+  if (addr.rfind("tcp://", 0) == 0) {
+    if (!std::regex_match(addr, m, tcp) || std::stoi(m[2].str()) > 65535)
+      return opt + " " + addr + ": use tcp://HOST:PORT with a port of 0-65535";
+    return "";
+  }
+  if (addr.find("://") == std::string::npos) return opt + " " + addr + " has no scheme: did you mean tcp://" + addr + "?";
+  return opt + " " + addr + ": use tcp://HOST:PORT or ipc://PATH";
 }
 
 Args parse(int argc, char** argv) {
@@ -77,7 +94,7 @@ Args parse(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     std::string k = argv[i];
     auto val = [&]() -> std::string {
-      if (i + 1 >= argc) usage(k + " needs a value");
+      if (i + 1 >= argc) bad_argument(k + " needs a value");
       return argv[++i];
     };
     if (k == "--hub") a.hub = val();
@@ -88,15 +105,29 @@ Args parse(int argc, char** argv) {
     else if (k == "--node-id") a.node_id = val();
     else if (k == "--trust") a.trust.push_back(val());
     else if (k == "--label") a.labels.push_back(val());
-    else if (k == "--threads") a.threads = std::max(1, std::stoi(val()));
-    else if (k == "--load-from") a.load_from = val();
+    else if (k == "--threads") {
+      std::string v = val();
+      if (!std::regex_match(v, std::regex("^[1-9][0-9]{0,3}$"))) bad_argument("--threads " + v + ": a number from 1 to 9999");
+      a.threads = std::stoi(v);
+    } else if (k == "--load-from") a.load_from = val();
     else if (k == "--list") a.list = val();
-    else if (k == "-h" || k == "--help") usage("");
-    else usage("unknown option " + k);
+    else if (k == "-h" || k == "--help") {
+      std::fputs(kUsage, stdout);
+      std::exit(0);
+    } else bad_argument("unknown option " + k);
   }
   if (!a.list.empty()) return a;
-  if (a.models.empty() || a.bind.empty()) usage("--model and --bind are required");
-  if (a.load_from != "file" && a.load_from != "memory") usage("--load-from is file or memory");
+  if (a.models.empty()) bad_argument("--model is required");
+  if (a.bind.empty()) bad_argument("--bind is required");
+  static const std::regex name("^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$");
+  for (const auto& m : a.models)
+    if (!std::regex_match(m, name)) bad_argument("--model " + m + ": names are 1-128 of A-Z a-z 0-9 . _ - (no leading dot)");
+  for (const auto& [opt, addr] : {std::pair{"--bind", a.bind}, std::pair{"--hub", a.hub}})
+    if (!addr.empty())
+      if (auto why = endpoint_problem(opt, addr); !why.empty()) bad_argument(why);
+  if (a.load_from != "file" && a.load_from != "memory") bad_argument("--load-from " + a.load_from + ": file or memory");
+  if (!std::regex_match(a.device, std::regex("^(cpu|cuda(:[0-9]+)?)$")))
+    bad_argument("--device " + a.device + ": cpu, cuda or cuda:N");
   return a;
 }
 
@@ -140,6 +171,7 @@ struct Job {
 class Node {
  public:
   explicit Node(Args a) : args_(std::move(a)), cache_(args_.cache) {
+    cache_.lock();  // one node per cache directory, Python or C++
     device_ = c10::Device(args_.device);
     if (device_.is_cuda() && !torch::cuda::is_available())
       throw Error("bad_request", "device '" + args_.device + "': no CUDA device on this machine");

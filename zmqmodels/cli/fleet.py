@@ -10,6 +10,8 @@ import click
 from .. import defaults
 from . import cli
 from .options import (
+    bind_to,
+    connect_to,
     curve_from,
     curve_options,
     limit_option,
@@ -26,7 +28,8 @@ __all__: list[str] = []
 
 
 @cli.command()
-@click.option("--bind", "bind_addr", required=True, help="tcp://HOST:PORT or ipc://PATH (PUB: derived).")
+@click.option("--bind", "bind_addr", callback=bind_to,
+              required=True, help="tcp://HOST:PORT or ipc://PATH (PUB: derived).")
 @click.option("--store", "store_dir", required=True, type=click.Path(file_okay=False))
 @click.option("--heartbeat", type=float, default=defaults.HEARTBEAT_INTERVAL_S, show_default=True,
               help="Seconds between heartbeats.")
@@ -73,7 +76,7 @@ def hub(bind_addr: str, store_dir: str, heartbeat: float, lost_after: float, for
 
 
 @cli.command()
-@click.option("--hub", "hub_addr", required=True)
+@click.option("--hub", "hub_addr", callback=connect_to, required=True)
 @click.option("--timeout", type=float, default=5.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--watch", is_flag=True, help="Redraw the table every --interval seconds until Ctrl-C.")
@@ -87,24 +90,30 @@ def status(hub_addr: str, timeout: float, as_json: bool, watch: bool, interval: 
     from ..hub_client import HubClient
 
     client = HubClient(hub_addr, timeout=timeout, curve=curve_from(curve_key, curve_server))
-    while True:
-        st = client.status()
-        if as_json:
-            emit_json(status_json(st))
-        elif watch:
-            click.clear()
-            click.echo(f"{time.strftime('%H:%M:%S')}  (every {interval:g}s; Ctrl-C stops)\n{fleet_table(st)}")
-        else:
-            click.echo(fleet_table(st))
+    try:
+        while True:
+            st = client.status()
+            if as_json:
+                emit_json(status_json(st))
+            elif watch:
+                click.clear()
+                click.echo(f"{time.strftime('%H:%M:%S')}  (every {interval:g}s; Ctrl-C stops)\n"
+                           f"{fleet_table(st)}")
+            else:
+                click.echo(fleet_table(st))
+            if not watch:
+                return
+            time.sleep(interval)
+    except KeyboardInterrupt:
         if not watch:
-            return
-        time.sleep(interval)
+            raise
+        click.echo("", err=True)  # Ctrl-C is how a watch ends: not an error
 
 
 @cli.command()
 @click.argument("name")
 @click.option("--seq", type=int, required=True, help="The staged release to serve.")
-@click.option("--hub", "hub_addr", required=True)
+@click.option("--hub", "hub_addr", callback=connect_to, required=True)
 @click.option("--nodes", "nodes", default="", metavar="ID,ID", help="Only these nodes.")
 @click.option("--label", "labels", multiple=True, help="Only nodes carrying this label. Repeatable.")
 @click.option("--wait", "wait", is_flag=True, help="Wait until the activated nodes serve it.")
@@ -152,7 +161,7 @@ def activate(name: str, seq: int, hub_addr: str, nodes: str, labels: tuple[str, 
 
 @cli.command()
 @click.argument("name", required=False, default="")
-@click.option("--hub", "hub_addr", required=True)
+@click.option("--hub", "hub_addr", callback=connect_to, required=True)
 @click.option("--timeout", type=float, default=10.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @curve_options(server=False, client=True)
@@ -180,18 +189,22 @@ def releases(name: str, hub_addr: str, timeout: float, as_json: bool, curve_key:
 
 
 @cli.command()
-@click.option("--hub", "hub_addr", required=True, help="The upstream: the root hub or another relay.")
-@click.option("--bind", "bind_addr", required=True, help="Where nodes (or relays) connect: tcp://HOST:PORT "
+@click.option("--hub", "hub_addr", callback=connect_to,
+              required=True, help="The upstream: the root hub or another relay.")
+@click.option("--bind", "bind_addr", callback=bind_to,
+              required=True, help="Where nodes (or relays) connect: tcp://HOST:PORT "
               "(PUB on PORT+1) or ipc://PATH.")
 @click.option("--store", "store_dir", required=True, type=click.Path(file_okay=False),
               help="Where complete releases are kept (served at once after a restart).")
 @click.option("--model", "models", multiple=True, help="Model to relay; repeatable (default: every model).")
 @click.option("--relay-id", help="Name in the fleet table's VIA (default relay-HOST-PID-…).")
+@click.option("--metrics", "metrics", metavar="[HOST:]PORT",
+              help="Serve Prometheus metrics on /metrics at this port.")
 @trust_option
 @curve_options(server=True, client=True)
 @limit_option
 def relay(hub_addr: str, bind_addr: str, store_dir: str, models: tuple[str, ...], relay_id: str | None,
-          trust: tuple[str, ...], curve_key: str | None, curve_server: str | None,
+          metrics: str | None, trust: tuple[str, ...], curve_key: str | None, curve_server: str | None,
           curve_allow: tuple[str, ...], limits: tuple[str, ...]) -> None:
     """Subscribe to a hub once and republish its releases, chunk by chunk, to nodes behind it.
 
@@ -205,7 +218,7 @@ def relay(hub_addr: str, bind_addr: str, store_dir: str, models: tuple[str, ...]
     down = curve_from(curve_key, None, curve_allow) if curve_key else None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     with Relay(hub_addr, bind_addr, store_dir, list(models), relay_id=relay_id, limits=parse_limits(limits),
-               trust=load_trust(trust), curve=down, upstream_curve=up) as r:
+               trust=load_trust(trust), curve=down, upstream_curve=up, metrics=metrics) as r:
         click.echo(f"relay {r.relay_id}: following {hub_addr}, serving on {r.address} (PUB "
                    f"{r.pub_address}); Ctrl-C stops", err=True)
         run_until_signalled()

@@ -8,9 +8,28 @@ import click
 
 from .. import defaults
 
-__all__ = ["signing_option", "trust_option", "curve_options", "limit_option", "source_options",
+__all__ = ["connect_to", "bind_to",
+           "signing_option", "trust_option", "curve_options", "limit_option", "source_options",
            "curve_from", "load_signing_key", "load_trust", "parse_limits", "build_from_options",
            "run_until_signalled"]
+
+
+def _endpoint(bind: bool) -> Any:
+    def check(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        from ..endpoints import check_endpoint
+        from ..errors import ZmqModelsError
+
+        if value is None:
+            return value
+        try:
+            return check_endpoint(value, "address", bind=bind)
+        except ZmqModelsError as exc:
+            raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+    return check
+
+
+connect_to = _endpoint(bind=False)  # click callbacks: --hub, --server
+bind_to = _endpoint(bind=True)  # --bind
 
 
 def _apply(fn: Any, opts: list[Any]) -> Any:

@@ -12,7 +12,9 @@ import click
 from ..errors import ZmqModelsError
 from . import cli
 from .options import (
+    bind_to,
     build_from_options,
+    connect_to,
     curve_from,
     curve_options,
     load_signing_key,
@@ -107,8 +109,9 @@ def build(store_dir: str, as_json: bool, signing_key: str | None, **opts: Any) -
 
 @cli.command()
 @source_options
-@click.option("--hub", "hub_addr", help="Hand the release to the hub at this address.")
-@click.option("--bind", "bind_addr", help="No hub: publish from this process on this address.")
+@click.option("--hub", "hub_addr", callback=connect_to, help="Hand the release to the hub at this address.")
+@click.option("--bind", "bind_addr", callback=bind_to,
+              help="No hub: publish from this process on this address.")
 @click.option("--store", "store_dir", type=click.Path(file_okay=False), default=".zmqmodels/releases",
               show_default=True, help="Store for --bind mode.")
 @click.option("--wait-for", "wait_for", type=int, default=0,
@@ -331,7 +334,7 @@ def _wait_with_progress(client: Any, name: str, seq: int, count: int, timeout: f
 @cli.command()
 @click.argument("name")
 @click.option("--to", "to", required=True, help="The label or seq of a stored release.")
-@click.option("--hub", "hub_addr", required=True)
+@click.option("--hub", "hub_addr", callback=connect_to, required=True)
 @click.option("--wait-for", "wait_for", type=int, default=0)
 @click.option("--timeout", type=float, default=60.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)

@@ -73,9 +73,17 @@ def status_json(status: Any) -> Any:
 
 
 def to_jsonable(x: Any) -> Any:
-    import torch
+    """Outputs as JSON: each array as dtype, shape and nested lists (numpy arrays, or torch
+    tensors if the caller has torch)."""
+    import numpy as np
 
-    if isinstance(x, torch.Tensor):
+    if isinstance(x, np.ndarray):
+        if np.iscomplexobj(x):
+            return {"dtype": str(x.dtype), "shape": list(x.shape),
+                    "data": np.stack([x.real, x.imag], axis=-1).tolist()}
+        return {"dtype": str(x.dtype), "shape": list(x.shape), "data": x.tolist()}
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
         return {"dtype": str(x.dtype).removeprefix("torch."), "shape": list(x.shape),
                 "data": x.float().tolist() if x.dtype == torch.bfloat16 else x.tolist()}
     if isinstance(x, tuple | list):

@@ -10,6 +10,8 @@ import click
 from ..rollout import SwapPolicy
 from . import cli
 from .options import (
+    bind_to,
+    connect_to,
     curve_from,
     curve_options,
     limit_option,
@@ -24,9 +26,11 @@ __all__: list[str] = []
 
 
 @cli.command()
-@click.option("--hub", "hub_addr", help="The hub's address (omit to serve the cache alone).")
+@click.option("--hub", "hub_addr", callback=connect_to,
+              help="The hub's address (omit to serve the cache alone).")
 @click.option("--model", "models", multiple=True, required=True, help="Model name; repeatable.")
-@click.option("--bind", "bind_addr", required=True, help="Address clients (REQ) connect to.")
+@click.option("--bind", "bind_addr", callback=bind_to,
+              required=True, help="Address clients (REQ) connect to.")
 @click.option("--workers", type=int, default=2, show_default=True,
               help="Worker processes; with 2+ no request waits for a model load.")
 @click.option("--device", "devices", multiple=True, default=("cpu",), show_default=True,
@@ -74,23 +78,42 @@ def serve(hub_addr: str | None, models: tuple[str, ...], bind_addr: str, workers
 
 
 def parse_inputs(specs: tuple[str, ...]) -> tuple[Any, ...]:
-    from ..sources import load_example_file, parse_example_spec
+    """``--input`` values as arrays: a spec gives seeded random numpy arrays and a ``.npy``
+    file its array, without torch; any other file is read as a ``torch.save``'d tensor or
+    tuple (``weights_only``), which imports torch."""
+    from ..errors import ProtocolError, SourceError
+    from ..tensors import random_arrays
 
     args: list[Any] = []
     for i, spec in enumerate(specs):
         if Path(spec).is_file():
+            if spec.endswith(".npy"):
+                import numpy as np
+
+                try:
+                    args.append(np.load(spec, allow_pickle=False))
+                except ValueError as exc:
+                    raise SourceError(f"cannot read {spec}: {exc}") from None
+                continue
+            from ..sources import load_example_file
+
             data = load_example_file(spec)
             args.extend(data if isinstance(data, tuple) else [data])
         else:
-            args.extend(parse_example_spec(spec, seed=i))
+            try:
+                args.extend(random_arrays(spec, seed=i))
+            except ProtocolError as exc:
+                raise click.BadParameter(f"{exc} (or the path of a .npy or torch.save'd file)",
+                                         param_hint="--input") from None
     return tuple(args)
 
 
 @cli.command()
-@click.option("--server", required=True, help="A serving node's address.")
+@click.option("--server", callback=connect_to, required=True, help="A serving node's address.")
 @click.option("--model", required=True)
 @click.option("--input", "inputs", multiple=True, required=True,
-              help="DIMx...[:dtype] (random) or a torch.save'd tensor/tuple file; one per argument.")
+              help="DIMx...[:dtype] (random), a .npy file, or a torch.save'd tensor/tuple file; "
+                   "one per argument.")
 @click.option("--seq", "--version", "seq", type=int, default=0,
               help="Pin a release by seq (0: the newest served); --version is its old name.")
 @click.option("--timeout", type=float, default=5.0, show_default=True)
@@ -103,7 +126,11 @@ def infer(server: str, model: str, inputs: tuple[str, ...], seq: int, timeout: f
     from ..client import Client
 
     args = parse_inputs(inputs)
-    with Client(server, timeout=timeout, retries=retries,
+
+    def retrying(attempt: int, exc: Exception) -> None:
+        click.echo(f"attempt {attempt} of {retries + 1}: {exc}; retrying", err=True)
+
+    with Client(server, timeout=timeout, retries=retries, arrays="numpy", on_retry=retrying,
                 curve=curve_from(curve_key, curve_server)) as client:
         r = client.infer(model, *args, seq=seq)
     if as_json:
