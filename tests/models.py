@@ -31,6 +31,20 @@ class SignFlip(nn.Module):
         return -x
 
 
+class NumpyDouble(nn.Module):
+    """Computes in numpy inside ``forward``: unscriptable, and a trace of it returns the traced
+    example's output for every input (numpy values are constants to the tracer)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import numpy as np
+
+        return torch.from_numpy(np.asarray(x.detach().numpy()) * 2)
+
+
+def make_numpy_double() -> nn.Module:
+    return NumpyDouble()
+
+
 class ScriptableSignFlip(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if bool(x.max() >= 0):

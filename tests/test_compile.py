@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.models import BN, DictTuple, LeNet, Mixed, OnlyTraces, ScriptableSignFlip, SignFlip
+from tests.models import BN, DictTuple, LeNet, Mixed, NumpyDouble, OnlyTraces, ScriptableSignFlip, SignFlip
 from zmqmodels import CompileError, ParityError, compare_outputs, compile_model
 
 
@@ -24,7 +24,7 @@ def test_traced_frozen_branch_is_caught_by_second_example() -> None:
 
 
 def test_trace_fallback_records_why_and_tracer_warnings() -> None:
-    c = compile_model(SignFlip(), [torch.rand(3) + 0.1])
+    c = compile_model(SignFlip(), [torch.rand(3) + 0.1, torch.rand(3) + 0.2])
     assert c.method == "trace"
     assert any("script failed" in w for w in c.warnings)
     assert any("TracerWarning" in w for w in c.warnings)
@@ -84,7 +84,7 @@ def test_prescripted_module_passes_through() -> None:
 
 
 def test_plain_function_is_traced() -> None:
-    c = compile_model(lambda x: x * 2, [torch.ones(2)])
+    c = compile_model(lambda x: x * 2, [torch.ones(2), torch.zeros(2)])
     assert c.method == "trace"
     assert torch.equal(c.module(torch.ones(3)), torch.full((3,), 2.0))
 
@@ -112,3 +112,39 @@ def test_compare_outputs_names_the_path() -> None:
     assert compare_outputs(torch.tensor([inf, -inf, 1.0]), torch.tensor([inf, -inf, 1.0])) == 0
     with pytest.raises(ParityError, match="Inf"):
         compare_outputs(torch.tensor([inf]), torch.tensor([-inf]))
+
+
+def test_one_example_is_no_evidence_for_a_trace_fallback() -> None:
+    """A model computing in numpy fell back to tracing on one example, passed parity on that
+    same example and shipped a constant. One example now refuses the fallback, saying why and
+    showing the whole scripting error (its last lines say where)."""
+    with pytest.raises(CompileError) as err:
+        compile_model(NumpyDouble(), [torch.randn(2, 3)])
+    msg = str(err.value)
+    assert "a trace of one example proves nothing" in msg and "--trace" in msg
+    assert "<--- HERE" in msg and "np.asarray" in msg  # the scripting error, whole
+
+
+def test_examples_that_share_an_input_are_no_evidence_either() -> None:
+    x = torch.randn(2, 3)
+    with pytest.raises(CompileError, match="no example differs from example 0 in every"):
+        compile_model(NumpyDouble(), [x, x.clone()])
+
+
+def test_a_trace_that_froze_a_value_fails_parity_and_quotes_the_tracer_warnings() -> None:
+    with pytest.raises(ParityError) as err:
+        compile_model(NumpyDouble(), [torch.randn(2, 3), torch.randn(2, 3)])
+    msg = str(err.value)
+    assert "example 1" in msg and "does not generalise" in msg
+    assert "TracerWarning: Converting a tensor to a NumPy array" in msg  # printed, not "see warnings"
+
+
+def test_explicit_trace_takes_one_example() -> None:
+    c = compile_model(SignFlip(), [torch.rand(3) + 0.1], method="trace")
+    assert c.method == "trace"
+
+
+def test_no_trace_shows_the_whole_scripting_error() -> None:
+    with pytest.raises(CompileError) as err:
+        compile_model(NumpyDouble(), [torch.randn(2, 3)], allow_trace=False)
+    assert "<--- HERE" in str(err.value) and "Not falling back" not in str(err.value)

@@ -1,6 +1,6 @@
 """The C++ node (cpp/, `zmqmodels-node`) against the Python hub, node and client: same wire,
-same outputs, same codes. Builds it once per run when cpp/build is missing or stale; skips
-only if the build tools cannot be installed here."""
+same outputs, same codes. `scripts/test` builds it before pytest starts (never inside a test's
+timeout); here a missing binary skips, saying how to build it, and a stale one fails."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from tests.models import DictTuple, Probe, probe_examples
 from tests.test_fuzz import fake_hub, fuzz_as_hub, fuzz_front
 from zmqmodels import Client, Hub, Node, build_release, compile_model
 from zmqmodels import protocol as P
-from zmqmodels.errors import RemoteError
+from zmqmodels.errors import RemoteError, ZmqModelsError
 from zmqmodels.release import encode_manifest
 from zmqmodels.signing import SigningKey, Trust, generate_signing_key
 from zmqmodels.store import Store
@@ -31,17 +31,27 @@ ROOT = Path(__file__).resolve().parent.parent
 BINARY = ROOT / "cpp" / "build" / "zmqmodels-node"
 
 
+STARTED: list[subprocess.Popen] = []  # every C++ node these tests started
+
+
+def built_binary() -> Path | None:
+    """The built node, None if it was not built; fails if a source is newer than it."""
+    if not BINARY.exists():
+        return None
+    sources = [p for p in (ROOT / "cpp").rglob("*") if "build" not in p.parts
+               and (p.suffix in (".cpp", ".hpp") or p.name == "CMakeLists.txt")]
+    newest = max(sources, key=lambda p: p.stat().st_mtime)
+    assert newest.stat().st_mtime <= BINARY.stat().st_mtime, \
+        f"{BINARY} is older than {newest}: run scripts/build_cpp (scripts/test does)"
+    return BINARY
+
+
 @pytest.fixture(scope="session")
 def binary() -> Path:
-    sources = [p for p in (ROOT / "cpp").rglob("*") if p.is_file() and "build" not in p.parts]
-    stale = not BINARY.exists() or max(p.stat().st_mtime for p in sources) > BINARY.stat().st_mtime
-    if stale:
-        out = subprocess.run([str(ROOT / "scripts" / "build_cpp")], capture_output=True, text=True,
-                             timeout=1800)
-        if out.returncode == 2:  # the tools are missing and cannot be installed here
-            pytest.skip(f"cannot build the C++ node: {out.stderr.strip().splitlines()[-1]}")
-        assert out.returncode == 0, out.stderr[-4000:]
-    return BINARY
+    found = built_binary()
+    if found is None:
+        pytest.skip("the C++ node is not built: scripts/test builds it first (or run scripts/build_cpp)")
+    return found
 
 
 def test_core_unit_tests(binary) -> None:
@@ -64,6 +74,7 @@ class CppNode:
         self.log = cache.parent / f"{node_id}.log"
         with open(self.log, "w") as err:
             self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        STARTED.append(self.proc)
         self.node_id = node_id
 
     def stderr(self) -> str:
@@ -330,7 +341,85 @@ def test_cuda_device_serves_and_matches_cpu(binary, hub, tmp_path) -> None:
         cpp.close()
 
 
-def test_environment_has_no_stray_nodes() -> None:
-    """The C++ nodes above were all stopped (none left listening)."""
-    out = subprocess.run(["pgrep", "-f", "zmqmodels-node"], capture_output=True, text=True)
-    assert out.stdout.strip() == "" or all(int(p) == os.getpid() for p in out.stdout.split())
+@pytest.mark.parametrize("args,needle", [
+    (["--hub", "127.0.0.1:21000", "--model", "m", "--bind", "tcp://127.0.0.1:0"],
+     "--hub 127.0.0.1:21000 has no scheme: did you mean tcp://127.0.0.1:21000?"),
+    (["--model", "m", "--bind", "tcp://127.0.0.1:70000"], "port of 0-65535"),
+    (["--model", "m"], "--bind is required"),
+    (["--model", "a b", "--bind", "tcp://127.0.0.1:0"], "--model a b: names are"),
+    (["--model", "m", "--bind", "tcp://127.0.0.1:0", "--threads", "x"], "--threads x"),
+    (["--model", "m", "--bind", "tcp://127.0.0.1:0", "--device", "gpu"], "--device gpu"),
+    (["--model", "m", "--bind", "tcp://127.0.0.1:0", "--frobnicate"], "unknown option --frobnicate"),
+])
+def test_every_bad_argument_is_one_line_and_rc_1_before_anything_is_bound(binary, tmp_path, args,
+                                                                           needle) -> None:
+    """Before: `--hub 127.0.0.1:21000` printed "serving on ..." and then died with `terminate
+    called after throwing an instance of 'zm::Error'` (rc 134)."""
+    out = subprocess.run([str(binary), *args, "--cache", str(tmp_path / "c")], capture_output=True,
+                         text=True, timeout=60)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and len(lines) == 1 and needle in lines[0], out.stderr
+    assert out.stdout == "" and not (tmp_path / "c").exists()  # nothing bound, printed or created
+
+
+def test_one_cache_serves_one_node_of_either_kind(binary, hub, tmp_path) -> None:
+    """Before: two C++ nodes, or a C++ and a Python node, on one --cache were both accepted."""
+    cache = tmp_path / "shared"
+    first = CppNode(binary, hub.address, cache, node_id="first")
+    try:
+        wait_until(lambda: row(hub, "first") is not None, 60, what="the first node's report")
+        second = subprocess.run([str(binary), "--hub", hub.address, "--model", "probe", "--bind",
+                                 f"tcp://127.0.0.1:{free_port()}", "--cache", str(cache)],
+                                capture_output=True, text=True, timeout=60)
+        assert second.returncode == 1, second.stderr
+        assert f"is in use by pid {first.proc.pid}: give each node its own --cache" in second.stderr
+        with pytest.raises(ZmqModelsError, match=f"is in use by pid {first.proc.pid}"):
+            Node(hub.address, ["probe"], "tcp://127.0.0.1:0", workers=1, cache=cache).start()
+    finally:
+        first.close()
+    py = Node(hub.address, ["probe"], "tcp://127.0.0.1:0", workers=1, cache=cache, node_id="py").start()
+    try:
+        refused = subprocess.run([str(binary), "--hub", hub.address, "--model", "probe", "--bind",
+                                  f"tcp://127.0.0.1:{free_port()}", "--cache", str(cache)],
+                                 capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 1 and f"in use by pid {os.getpid()}" in refused.stderr, refused.stderr
+    finally:
+        py.close()
+
+
+def test_the_readme_says_where_the_binary_finds_libtorch(binary) -> None:
+    """Before: the binary's RUNPATH pointed into the checkout's .venv, and nothing said so."""
+    runpath = subprocess.run(["readelf", "-d", str(binary)], capture_output=True, text=True,
+                             timeout=60).stdout
+    line = next(x for x in runpath.splitlines() if "RUNPATH" in x)
+    assert str(ROOT / ".venv") in line and "torch/lib" in line
+    doc = (ROOT / "cpp" / "README.md").read_text()
+    assert "RUNPATH" in doc and "LD_LIBRARY_PATH" in doc and ".venv" in doc
+
+
+def stray_nodes(started: list[subprocess.Popen]) -> list[int]:
+    """The pids of the nodes in ``started`` still running: the processes these tests started,
+    never the machine's (anyone may run a zmqmodels-node beside the tests)."""
+    return [p.pid for p in started if p.poll() is None]
+
+
+def test_no_node_these_tests_started_is_left_running() -> None:
+    """The C++ nodes above were all stopped."""
+    assert stray_nodes(STARTED) == []
+
+
+def test_the_stray_check_sees_only_the_tests_own_nodes(tmp_path) -> None:
+    """It was `pgrep -f zmqmodels-node`, machine-wide: it failed on the compilers of a build
+    (their command lines name the target) and on anyone's node running beside the tests."""
+    foreign = subprocess.Popen(["bash", "-c", "exec -a zmqmodels-node sleep 60"])
+    ours = subprocess.Popen(["sleep", "60"])
+    try:
+        assert stray_nodes([ours]) == [ours.pid]  # one of ours still running: reported
+        ours.kill()
+        ours.wait(10)
+        assert stray_nodes([ours]) == []  # the foreign "zmqmodels-node" is not ours
+        assert foreign.poll() is None
+    finally:
+        for p in (foreign, ours):
+            p.kill()
+            p.wait(10)

@@ -201,3 +201,62 @@ def test_an_embedded_subscriber_without_a_cache_holds_a_staged_release_until_act
         wait_until(lambda: sub.version("probe") == ("v2", v2), 30, what="v2 after activation")
         assert torch.equal(sub.predict("probe", torch.ones(1, 4)), torch.full((1, 4), 2.0))
         wait_until(lambda: serving(hub, "emb", v2) and row(hub, "emb").staged == 0, 10, what="the report")
+
+
+def _activate_cli(hub: Hub, seq: int) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "zmqmodels", "activate", "probe", "--seq", str(seq),
+                           "--hub", hub.address], env=ENV, capture_output=True, text=True, timeout=60)
+
+
+def test_activation_never_goes_backwards_by_accident(tmp_path) -> None:
+    """Before: `activate tiny --seq 3` after seq 7 was active everywhere printed `activated tiny
+    seq 3 on every node`, rc 0, and lowered the hub's recorded active seq; after a hub restart a
+    node with an empty cache held seq 7 staged and never served (`not_ready`)."""
+    store = Store(tmp_path / "hub")
+    with Hub("tcp://127.0.0.1:0", store, heartbeat_interval_s=0.25) as hub:
+        a = node(hub.address, tmp_path, "a")
+        try:
+            v1 = hub.publish(probe(1.0, "v1")).seq
+            wait_until(lambda: serving(hub, "a", v1), 60, what="v1 served")
+            out = _activate_cli(hub, v1)  # never staged: there is nothing to activate
+            assert out.returncode == 1 and "was not published staged" in out.stderr, out
+            v2 = hub.publish(probe(2.0, "v2"), staged=True).seq
+            hub.activate("probe", v2)
+            wait_until(lambda: serving(hub, "a", v2), 60, what="v2 served fleet-wide")
+            out = _activate_cli(hub, v1)
+            assert out.returncode == 1, out
+            lines = out.stderr.strip().splitlines()
+            assert len(lines) == 1 and f"older than the active seq {v2}" in lines[0], out.stderr
+            assert f"zmqmodels rollback probe --to {v1}" in lines[0]
+            with pytest.raises(ZmqModelsError, match="never steps back"):
+                hub.activate("probe", v1, nodes=["a"])  # per node too
+            assert store.active("probe") == v2
+            assert answer(a).seq == v2
+        finally:
+            a.close()
+    store.activate("probe", v1)  # the store itself keeps the active seq monotonic
+    assert store.active("probe") == v2
+    with Hub("tcp://127.0.0.1:0", Store(tmp_path / "hub"), heartbeat_interval_s=0.25) as hub:
+        fresh = node(hub.address, tmp_path, "fresh")  # an empty cache, after the restart
+        try:
+            wait_until(lambda: serving(hub, "fresh", v2), 60, what="the fresh node serving v2")
+            assert answer(fresh).seq == v2
+        finally:
+            fresh.close()
+
+
+def test_a_node_that_joins_after_a_staged_publish_serves_the_active_release(hub, tmp_path) -> None:
+    """A node with an empty cache that joined while seq 2 was staged took seq 2 (the newest),
+    held it, and served nothing; it now fetches the active seq 1 as well and serves it."""
+    v1 = hub.publish(probe(1.0, "v1")).seq
+    v2 = hub.publish(probe(2.0, "v2"), staged=True).seq
+    late = node(hub.address, tmp_path, "late")
+    try:
+        wait_until(lambda: serving(hub, "late", v1) and row(hub, "late").staged == v2, 60,
+                   what="the late node serving v1 and holding v2")
+        assert answer(late).seq == v1
+        hub.activate("probe", v2)
+        wait_until(lambda: serving(hub, "late", v2), 60, what="v2 once activated")
+        assert answer(late).seq == v2
+    finally:
+        late.close()

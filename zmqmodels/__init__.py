@@ -9,7 +9,10 @@ hub, a node's front process) never pay for importing torch.
 from __future__ import annotations
 
 import importlib
+import time
 from typing import Any
+
+IMPORTED_AT = time.perf_counter()  # when this process began importing zmqmodels (CLI timings)
 
 __version__ = "0.1.0"
 

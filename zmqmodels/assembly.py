@@ -30,6 +30,9 @@ Rules (docs/protocol.md §Subscriber):
   as ``staged``, the state stays what is served) until it is activated: an ACTIVATE naming
   this node (or every node) for its seq, or a heartbeat whose ``active`` reaches it. Then
   :class:`Unstage` hands it on.
+- A node that serves nothing as new as the fleet's ``active`` seq, while what it holds is
+  newer (staged, not activated: a node that joined after a staged publish), fetches the
+  active release itself, so it converges on what the fleet serves instead of serving nothing.
 """
 
 from __future__ import annotations
@@ -51,7 +54,8 @@ from .protocol import ModelState
 from .release import Manifest, decompress_chunk
 from .signing import Trust
 
-__all__ = ["Assembly", "Pace", "Follow", "Send", "Deliver", "Unstage", "Assembler", "next_fetch"]
+__all__ = ["Assembly", "Pace", "Follow", "Send", "Deliver", "Unstage", "RetryStore", "Assembler",
+           "next_fetch"]
 
 
 @dataclass
@@ -99,6 +103,7 @@ class Assembly:
     hashed: int = 0  # chunks [0, hashed) are in the running sha256
     started: float = 0.0  # when its manifest was accepted
     receive_s: float = 0.0  # manifest -> last chunk in and hashed
+    store_failures: int = 0  # failed cache writes of it (the host kept it to write again)
 
     def __post_init__(self) -> None:
         self.view = memoryview(self.buf)
@@ -127,7 +132,7 @@ class Follow:
     asm: Assembly | None = None
     asked_seq: int = -1
     asked_at: float = 0.0
-    retry_at: float = 0.0  # when to fetch ``retry_seq`` again (a cache write that failed)
+    retry_at: float = 0.0  # when to write ``retry_seq`` to the cache again (a write that failed)
     retry_seq: int = 0
     retries: int = 0
     state: ModelState = ModelState.IDLE
@@ -138,6 +143,7 @@ class Follow:
     stages_seq: int = 0
     staged: int = 0  # a verified, cached staged release held until activated (0: none)
     active: int = 0  # staged releases up to this seq are activated for this node
+    want: int = 0  # an older seq to fetch all the same: the active one, behind a held staged one
     requests: int = 0  # what the host answered (Report.requests / errors)
     errors: int = 0
 
@@ -183,7 +189,16 @@ class Unstage:
     seq: int
 
 
-Action = Send | Deliver | Unstage
+@dataclass(frozen=True)
+class RetryStore:
+    """Writing ``seq`` of ``name`` to the cache failed earlier: write it again now, from the
+    verified bytes the host kept (it is not fetched again)."""
+
+    name: str
+    seq: int
+
+
+Action = Send | Deliver | Unstage | RetryStore
 
 
 class Assembler:
@@ -237,7 +252,9 @@ class Assembler:
         st = self.follow(m.name)
         if fetched:
             st.asked_seq = -1
-        if m.seq <= st.done_seq or m.seq in st.rejected or (st.asm and st.asm.manifest.seq >= m.seq):
+        wanted = m.seq == st.want and st.asm is None
+        if not wanted and (m.seq <= st.done_seq or m.seq in st.rejected
+                           or (st.asm and st.asm.manifest.seq >= m.seq)):
             self.stats["stale_manifest"] += 1  # replays of older releases end here
             return []
         try:  # before anything is allocated for it
@@ -246,6 +263,8 @@ class Assembler:
         except (LimitError, SignatureError) as exc:
             return self._refuse(st, m, raw, exc)
         self._drop(st)
+        if st.retry_seq and st.retry_seq < m.seq:
+            st.retry_at, st.retry_seq, st.retries = 0.0, 0, 0  # superseded: its write is moot
         st.asm = Assembly(m, raw, signature, self._take(m.name, m.archive_bytes),
                           set(range(m.chunk_count)), last_progress=now, started=now)
         st.asm.pace.broadcast_manifest = not fetched
@@ -312,6 +331,12 @@ class Assembler:
         if beat.active > st.active:
             st.active = beat.active
             out += self._unstage(st)
+        if (st.seq < st.active < st.done_seq and st.staged > st.active and st.active not in st.rejected
+                and st.asm is None):
+            st.want = st.active  # serves older than the fleet, holds newer: take the active one
+            asked = self._ask_manifest(st, st.active, now, older=True)
+            self.stats["fetch_active"] += len(asked)
+            out += asked
         asm = st.asm
         if asm is not None and beat.seq == asm.manifest.seq and not asm.pace.stalled and asm.missing:
             # the sender beats only after broadcasting every chunk of it: what is missing was lost
@@ -366,9 +391,9 @@ class Assembler:
         out: list[Action] = []
         for st in self.models.values():
             if st.retry_at and now >= st.retry_at:
-                st.retry_at, st.asked_seq = 0.0, -1
+                st.retry_at = 0.0
                 self.stats["store_retries"] += 1
-                out += self._ask_manifest(st, st.retry_seq, now)
+                out.append(RetryStore(st.name, st.retry_seq))
             asm = st.asm
             if asm is not None:
                 if not asm.pace.stalled and asm.pace.stalls(now, asm.last_progress, self.repair_idle_s):
@@ -392,10 +417,12 @@ class Assembler:
         return self._ask_manifest(st, seq, now)
 
     def store_failed(self, name: str, seq: int, now: float) -> float:
-        """Writing ``seq`` to the cache failed (a full disk, EIO): fetch it again later, with
-        back-off (1 s doubling to 60 s); returns the delay."""
+        """Writing ``seq`` to the cache failed (a full disk, EIO): the host keeps the verified
+        bytes and writes them again on :class:`RetryStore`, with back-off (1 s doubling to
+        60 s); nothing is fetched again. Returns the delay."""
         st = self.follow(name)
-        st.done_seq = min(st.done_seq, seq - 1)
+        if st.asm is not None and st.asm.manifest.seq > seq:
+            return 0.0  # a newer release is on its way: it supersedes this one
         delay = min(60.0, 2.0 ** st.retries)
         st.retries += 1
         st.retry_at, st.retry_seq = now + delay, seq
@@ -470,8 +497,9 @@ class Assembler:
             self._give(st.name, st.asm.buf)
             st.asm = None
 
-    def _ask_manifest(self, st: Follow, seq: int, now: float) -> list[Action]:
-        if st.asked_seq >= seq and now - st.asked_at < self.fetch_timeout_s:
+    def _ask_manifest(self, st: Follow, seq: int, now: float, *, older: bool = False) -> list[Action]:
+        pending = st.asked_seq == seq if older else st.asked_seq >= seq
+        if pending and now - st.asked_at < self.fetch_timeout_s:
             return []
         st.asked_seq, st.asked_at = seq, now
         self.stats["fetch_manifest"] += 1
@@ -493,7 +521,9 @@ class Assembler:
         asm = st.asm
         assert asm is not None
         st.asm = None
-        st.done_seq = asm.manifest.seq
+        st.done_seq = max(st.done_seq, asm.manifest.seq)  # an older wanted seq leaves it
+        if st.want == asm.manifest.seq:
+            st.want = 0
         asm.hash_prefix()
         digest = asm.sha.hexdigest()
         asm.view.release()

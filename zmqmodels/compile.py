@@ -1,14 +1,16 @@
 """Module -> TorchScript, with a parity proof against eager.
 
-``torch.jit.script`` is tried first: it keeps control flow. Tracing records only the branch
-the example took (a data-dependent ``if`` is silently frozen), so it is a fallback, its
-TracerWarnings are recorded, and parity is checked on *every* example: give at least two,
-covering each branch, to catch a frozen one.
+``torch.jit.script`` is tried first: it keeps control flow. Tracing records only what the
+example did (a data-dependent ``if`` is frozen; a value computed outside torch, with numpy
+say, becomes a constant), so it is a fallback that needs evidence: at least two examples that
+differ in every input, the first traced and parity checked on the others, or an explicit
+``method="trace"``. Its TracerWarnings are recorded and quoted in any parity error.
 """
 
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,6 +37,8 @@ class Compiled:
     examples: tuple[Example, ...]
     outputs: tuple[Any, ...]  # the compiled module's output on each example
     max_abs_diff: float
+    compile_s: float = 0.0  # scripting or tracing
+    parity_s: float = 0.0  # eager and compiled on every example
 
 
 class _FunctionModule(torch.nn.Module):
@@ -99,10 +103,13 @@ def compile_model(
     elif not callable(module):
         raise CompileError(f"cannot compile a {type(module).__name__}")
     notes: list[str] = []
+    t0 = time.perf_counter()
     if isinstance(module, torch.jit.ScriptModule):
         compiled, how = module, "prescripted"
     else:
         compiled, how = _compile(module, examples, allow_trace, method, notes)
+    warned = "".join(f"\n  {n}" for n in notes)
+    t1 = time.perf_counter()
     compiled.eval()
     outputs, worst = [], 0.0
     with torch.inference_mode():
@@ -118,10 +125,13 @@ def compile_model(
             try:
                 worst = max(worst, compare_outputs(eager, got, rtol=rtol, atol=atol))
             except ParityError as exc:
-                hint = " (tracing froze a branch? see warnings)" if how == "trace" else ""
+                hint = (f"\n  the trace of example 0 does not generalise (a frozen branch, or a value "
+                        f"computed outside torch?){warned or ' (the tracer warned of nothing)'}"
+                        if how == "trace" else "")
                 raise ParityError(f"example {i}: {exc}{hint}") from None
             outputs.append(got)
-    return Compiled(compiled, how, tuple(notes), examples, tuple(outputs), worst)
+    return Compiled(compiled, how, tuple(notes), examples, tuple(outputs), worst, t1 - t0,
+                    time.perf_counter() - t1)
 
 
 def _compile(
@@ -132,12 +142,17 @@ def _compile(
         try:
             return torch.jit.script(target), "script"
         except Exception as exc:  # scripting raises many types (frontend, OSError, RuntimeError)
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = str(exc).strip() or type(exc).__name__  # whole: the useful part is at the end
             if method == "script" or not allow_trace:
-                raise CompileError(f"torch.jit.script failed: {reason}") from exc
-            notes.append(f"script failed, traced instead: {reason}")
+                raise CompileError(f"torch.jit.script failed:\n{reason}") from exc
+            if why := _untraceable(examples):
+                raise CompileError(f"torch.jit.script failed:\n{reason}\n"
+                                   f"Not falling back to tracing: {why}") from exc
+            notes.append(f"script failed, traced instead: {reason.splitlines()[0]}")
     elif method == "script" or not allow_trace:
         raise CompileError("only nn.Module instances can be scripted; allow tracing for functions")
+    elif method == "auto" and (why := _untraceable(examples)):
+        raise CompileError(f"a plain function can only be traced, and {why}")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", torch.jit.TracerWarning)
         try:
@@ -148,6 +163,34 @@ def _compile(
         f"TracerWarning: {w.message}" for w in caught if issubclass(w.category, torch.jit.TracerWarning)
     )
     return traced, "trace"
+
+
+def _untraceable(examples: tuple[Example, ...]) -> str:
+    """Why these examples cannot prove a trace ("" if they can): a trace is checked on the
+    examples it was not made from, so there must be another one, differing in every input."""
+    if len(examples) < 2:
+        return ("a trace of one example proves nothing (it is checked against the example it "
+                "was made from); give at least two examples that differ in every input, or ask "
+                "for tracing explicitly (--trace)")
+    first = _leaves(examples[0])
+    for ex in examples[1:]:
+        other = _leaves(ex)
+        if len(other) != len(first) or not any(
+                a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+                for a, b in zip(first, other, strict=True)):
+            return ""
+    return ("no example differs from example 0 in every tensor input, so parity could not catch "
+            "a value the trace froze; give examples whose inputs all differ, or --trace")
+
+
+def _leaves(x: Any) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, tuple | list):
+        return [t for i in x for t in _leaves(i)]
+    if isinstance(x, dict):
+        return [t for v in x.values() for t in _leaves(v)]
+    return []  # a scalar is a constant of the trace either way
 
 
 def compare_outputs(

@@ -36,7 +36,7 @@ from .release import Manifest, Release, stage_release
 from .signing import SigningKey, Trust
 from .store import Store
 from .tuning import trim_heap
-from .waves import ActivateNodes, Finish, Halt, WaveRollout
+from .waves import ActivateNodes, Finish, Halt, WaveRollout, activation_refusal
 from .waves import plan as wave_plan
 
 __all__ = ["Hub", "Publisher", "bind_hub_sockets"]
@@ -418,9 +418,13 @@ class Hub(IOThread):
         # once, in the pool: a large manifest never stalls fetches or heartbeats
         plan = wave_plan(hdr.waves, hdr.wave_wait_s, hdr.halt_on, hdr.confirm_s)
         chunks = [f.buffer for f in frames[1:]]
-        self._in_pool(ident, lambda: self.desk.put(frames[0].buffer, chunks, hdr.signature,
-                                                   staged=bool(plan)),
-                      lambda i, rel: self._published(i, rel, plan))
+
+        def store() -> tuple[Release, float]:
+            t0 = time.perf_counter()
+            rel = self.desk.put(frames[0].buffer, chunks, hdr.signature, staged=bool(plan))
+            return rel, time.perf_counter() - t0
+
+        self._in_pool(ident, store, lambda i, done: self._published(i, done[0], plan, store_s=done[1]))
 
     def _release(self, rel: Release, plan: dict[str, Any] | None) -> None:
         """Broadcast a stored release and, for a staged rollout in waves, start it."""
@@ -439,18 +443,23 @@ class Hub(IOThread):
         log.info("%s seq %d: rolling out in waves of %s nodes", m.name, m.seq, wave.counts)
         self._carry_waves(wave.start(now))
 
-    def _published(self, ident: bytes, rel: Release, plan: dict[str, Any] | None = None) -> None:
+    def _published(self, ident: bytes, rel: Release, plan: dict[str, Any] | None = None, *,
+                   store_s: float = 0.0) -> None:
+        t0 = time.perf_counter()
         self._release(rel, plan)
         m = rel.manifest
         self._reply(ident, *P.pack(P.Published(m.name, m.seq, m.label, m.archive_sha256,
-                                               note=self.desk.note(m.name))))
+                                               note=self.desk.note(m.name), store_s=round(store_s, 6),
+                                               broadcast_s=round(time.perf_counter() - t0, 6))))
 
     # -- staged rollouts ----------------------------------------------------------------------
     def _activate(self, req: P.Activate) -> P.Activated:
         """ACTIVATE from an operator: resolve labels to the nodes that carry them now."""
-        rel = self._latest.get(req.name)
-        if rel is None or req.seq not in self.store.seqs(req.name) and req.seq != rel.manifest.seq:
-            raise ZmqModelsError(f"the hub has no release {req.name} seq {req.seq}")
+        rel = self._find(req.name, req.seq) if req.seq else None
+        why = activation_refusal(req.name, req.seq, self._active.get(req.name, 0),
+                                 rel.manifest.staged if rel is not None else None)
+        if why:
+            raise ZmqModelsError(why)
         if not req.nodes and not req.labels:
             self._activate_fleet(req.name, req.seq)
             return P.Activated(req.name, req.seq, [], fleet=True)
@@ -473,9 +482,9 @@ class Hub(IOThread):
         log.info("%s seq %d: activating on %s", name, seq, ", ".join(sorted(nodes)))
 
     def _activate_fleet(self, name: str, seq: int) -> None:
-        self.store.activate(name, seq)
+        active = self.store.activate(name, seq)
         with self._fleet_cond:
-            self._active[name] = max(self._active.get(name, 0), seq)
+            self._active[name] = max(self._active.get(name, 0), active)
         self._activating.pop(name, None)
         self._heartbeat()
         log.info("%s seq %d: active on every node", name, seq)

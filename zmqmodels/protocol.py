@@ -240,6 +240,8 @@ class Published(msgspec.Struct, frozen=True):
     sha256: str
     v: int = V
     note: str = ""  # something the publisher should know (e.g. the store's seq floor was raised)
+    store_s: float = 0.0  # the hub verifying and storing it
+    broadcast_s: float = 0.0  # the hub queueing it on its PUB socket
 
 
 class Rollback(msgspec.Struct, frozen=True):

@@ -337,8 +337,11 @@ def build_release(
     chunk_bytes: int = defaults.CHUNK_BYTES,
     metadata: dict[str, str] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    timings: dict[str, float] | None = None,
 ) -> Release:
     """Save ``compiled`` into memory and build its release (``seq`` 0 until stored).
+    ``timings`` receives the seconds spent saving the archive (``build``) and choosing a codec
+    and compressing (``compress``).
 
     ``codec`` is ``"auto"``, a codec name (``lz4``, ``zstd``, ``blosclz``, ``none``, ...) or a
     :class:`CodecSpec` for full control of filter and typesize.
@@ -348,6 +351,7 @@ def build_release(
     from .tensors import signature
 
     validate_name(name)
+    t0 = time.perf_counter()
     buf = io.BytesIO()
     torch.jit.save(compiled.module, buf)
     archive = buf.getbuffer()
@@ -356,6 +360,7 @@ def build_release(
     for t in state:
         by_size[t.element_size()] = by_size.get(t.element_size(), 0) + t.numel() * t.element_size()
     typesize = max(by_size, key=by_size.__getitem__) if by_size else 4
+    t1 = time.perf_counter()
     if isinstance(codec, str):
         if codec == "auto":
             spec = choose_codec(archive, typesize, chunk_bytes)
@@ -367,6 +372,10 @@ def build_release(
     else:
         spec = codec
     chunks = compress_archive(archive, spec, chunk_bytes, progress)
+    if timings is not None:
+        timings["build"] = timings.get("build", 0.0) + t1 - t0
+        timings["compress"] = time.perf_counter() - t1
+    t2 = time.perf_counter()
     params = list(compiled.module.parameters())
     manifest = Manifest(
         name=name,
@@ -391,7 +400,10 @@ def build_release(
         expected=pack_tensors(list(compiled.outputs)),
         metadata=dict(metadata or {}),
     )
-    return Release(manifest.check(), chunks)
+    release = Release(manifest.check(), chunks)
+    if timings is not None:  # the manifest: digests, example and expected tensors
+        timings["build"] += time.perf_counter() - t2
+    return release
 
 
 def _input_signature(examples: Sequence[tuple[Any, ...]]) -> list[Any]:

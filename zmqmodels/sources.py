@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,8 @@ def _import(target: str) -> Any:
             sys.modules[name] = mod  # dataclasses and TorchScript look modules up by name
             spec.loader.exec_module(mod)
             return mod
+        if "" not in sys.path and os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())  # as `python -m` would: the console script does not
         return importlib.import_module(target)
     except SourceError:
         raise

@@ -184,10 +184,17 @@ class Store:
                 continue
         return marked
 
-    def activate(self, name: str, seq: int) -> None:
-        """Record that staged release ``seq`` of ``name`` is now active fleet-wide."""
+    def activate(self, name: str, seq: int) -> int:
+        """Record that staged release ``seq`` of ``name`` is now active fleet-wide; return the
+        active seq, which never goes down (a rollback publishes old content as a new seq)."""
         with self._locked(validate_name(name)) as d:
-            atomic_write(d / "ACTIVE", str(seq).encode())
+            try:
+                marked = int((d / "ACTIVE").read_text() or 0)
+            except (OSError, ValueError):
+                marked = 0
+            if seq > marked:
+                atomic_write(d / "ACTIVE", str(seq).encode())
+        return max(seq, self.active(name))
 
     def clean_temp(self) -> list[Path]:
         """Remove the temp files of writes a crash interrupted; return them."""

@@ -27,7 +27,7 @@ import zmq
 
 from . import defaults
 from . import protocol as P
-from .assembly import Assembler, Assembly, Deliver, Send, Unstage
+from .assembly import Assembler, Assembly, Deliver, RetryStore, Send, Unstage
 from .cache import Cache
 from .curve import Curve
 from .defaults import Limits
@@ -152,6 +152,8 @@ class Follower(IOThread):
         # and without a cache the assembly buffer it is in (kept out of the pool, not copied)
         self._held: dict[str, tuple[Manifest, Any]] = {n: (m, None) for n, m in (staged or {}).items()}
         self._held_lock = threading.Lock()
+        # verified releases whose cache write failed, kept to be written again (RetryStore)
+        self._unstored: dict[str, tuple[Assembly, str]] = {}
         self._mailbox: dict[str, tuple[Assembly, str] | Manifest] = {}
         self._mail_cond = threading.Condition()
         self._deliverer: threading.Thread | None = None
@@ -250,6 +252,13 @@ class Follower(IOThread):
                         held = self._held.get(name)
                     if held is not None and held[0].seq == seq:
                         self._mail(name, held[0])
+                case RetryStore(name, seq):
+                    with self._held_lock:
+                        kept = self._unstored.pop(name, None)
+                    if kept is not None and kept[0].manifest.seq == seq:
+                        self._mail(name, kept)  # delivered again: checked, written, served
+                    elif kept is not None:
+                        self._pool.give(name, kept[0].buf)
 
     def _mail(self, name: str, item: tuple[Assembly, str] | Manifest) -> None:
         """Hand ``item`` (an assembled release, or a held one now activated) to the delivery
@@ -343,14 +352,24 @@ class Follower(IOThread):
                 if not kept:
                     self._pool.give(m.name, buf)
 
-    def _store_failed(self, m: Manifest, exc: StoreError) -> None:
-        """Not a rejection: the release is fine, this node could not keep it. Say so with the
-        whole reason, keep serving what it has, and fetch it again later."""
+    def _store_failed(self, asm: Assembly, digest: str, exc: StoreError) -> None:
+        """Not a rejection: the release is fine, this node could not write it. Keep the
+        verified bytes, say so with the whole reason (the state stays ``error`` until a write
+        succeeds), keep serving what it has, and write it again later: never fetch it again."""
+        m = asm.manifest
+        asm.store_failures += 1
         self.stats["store_failed"] += 1
+        with self._held_lock:
+            older = self._unstored.get(m.name)
+            self._unstored[m.name] = (asm, digest)
+        if older is not None and older[0] is not asm:
+            self._pool.give(m.name, older[0].buf)
 
         def apply() -> None:
             delay = self.assembler.store_failed(m.name, m.seq, time.monotonic())
-            reason = f"cache write failed: {exc}; retrying in {delay:.0f}s"
+            if not delay:
+                return  # a newer release supersedes it
+            reason = f"cache write failed: {exc}; kept in memory, writing again in {delay:.0f}s"
             log.error("%s: %s seq %d: %s", self.node_id, m.name, m.seq, reason)
             self._carry(self.assembler.set_state(m.name, ModelState.ERROR, seq=m.seq, label=m.label,
                                                  reason=reason))
@@ -360,13 +379,19 @@ class Follower(IOThread):
     def _deliver_one(self, asm: Assembly, archive: memoryview, digest: str) -> bool:
         """Check, cache and hand on one release; True if its buffer is kept (held, no cache)."""
         m = asm.manifest
+        with self._held_lock:  # a newer release supersedes one whose write failed
+            stale = self._unstored.get(m.name)
+            if stale is not None and stale[0].manifest.seq < m.seq:
+                del self._unstored[m.name]
+        if stale is not None and stale[0].manifest.seq < m.seq:
+            self._pool.give(m.name, stale[0].buf)
         if digest != m.archive_sha256:
             self.stats["archive_corrupt"] += 1
             self.stats["rejected_digest"] += 1
             self.reject(m, "archive sha256 mismatch")
             return False
         self.stats["verified"] += 1
-        if not m.staged:
+        if not m.staged and not asm.store_failures:  # a retried write stays `error` until it works
             self.report(m.name, ModelState.VERIFIED, seq=m.seq, label=m.label)
         try:
             if self._accept is not None and self._accept(m) is False:
@@ -376,11 +401,14 @@ class Follower(IOThread):
                 try:
                     self.cache.put(m, archive, asm.raw, asm.signature)
                 except StoreError as exc:
-                    self._store_failed(m, exc)
-                    return False
+                    self._store_failed(asm, digest, exc)
+                    return True  # the kept bytes are written again on RetryStore
                 self.stage(m.name, m.seq, cache_write=time.monotonic() - t0)
                 self.post(lambda: self.assembler.stored(m.name))
-            if m.staged:  # held until the hub activates it here
+            active = m.staged and m.seq <= self.assembler.models[m.name].active  # fetched as such
+            if active and self.cache is not None:
+                self.cache.activate(m.name, m.seq)
+            if m.staged and not active:  # held until the hub activates it here
                 self._hold(m, None if self.cache is not None else asm.buf)
                 self.post(lambda: self._carry(self.assembler.held(m.name, m.seq)))
                 log.info("%s: %s seq %d staged (served once activated)", self.node_id, m.name, m.seq)

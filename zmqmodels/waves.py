@@ -32,7 +32,7 @@ from . import protocol as P
 from .errors import ZmqModelsError
 
 __all__ = ["ActivateNodes", "Finish", "Halt", "WaveRollout", "wave_counts", "parse_halt_on", "plan",
-           "CANARY"]
+           "CANARY", "activation_refusal"]
 
 CANARY = "canary"
 RUNNING, DONE, HALTED = "running", "done", "halted"
@@ -229,3 +229,18 @@ def plan(waves: list[str], wave_wait_s: float, halt_on: list[str],
     return {"waves": list(waves), "wave_wait_s": wave_wait_s, "error_rate": parse_halt_on(halt_on),
             "confirm_s": confirm_s}
 
+
+
+def activation_refusal(name: str, seq: int, active: int, staged: bool | None) -> str:
+    """Why activating ``name`` ``seq`` must be refused ("" if it may go ahead): activation
+    never goes backwards by accident. ``active``: the seq active fleet-wide; ``staged``: whether
+    that release was published staged (None: the hub does not have it)."""
+    if staged is None:
+        return f"the hub has no release {name} seq {seq}"
+    if seq < active:
+        return (f"{name} seq {seq} is older than the active seq {active}, and activation never "
+                f"steps back; to serve its content again, publish it as a new seq: "
+                f"zmqmodels rollback {name} --to {seq} --hub HUB")
+    if not staged:
+        return f"{name} seq {seq} was not published staged: nodes serve it without activation"
+    return ""

@@ -11,6 +11,7 @@ from .. import defaults
 __all__ = ["connect_to", "bind_to",
            "signing_option", "trust_option", "curve_options", "limit_option", "source_options",
            "curve_from", "load_signing_key", "load_trust", "parse_limits", "build_from_options",
+           "built_release",
            "run_until_signalled"]
 
 
@@ -111,11 +112,23 @@ def parse_limits(pairs: tuple[str, ...]) -> Any:
         raise click.BadParameter(str(exc), param_hint="--limit") from None
 
 
+def _model_name(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """Checked when parsed: a bad name is refused before anything is loaded or compiled."""
+    from ..errors import ZmqModelsError
+    from ..release import validate_name
+
+    try:
+        return validate_name(value) if value is not None else value
+    except ZmqModelsError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+
+
 def source_options(fn: Any) -> Any:
     """The options that say what to compile; shared by ``build`` and ``publish``."""
     opts = [
         click.argument("source"),
-        click.option("--name", required=True, help="Model name (topic and store key)."),
+        click.option("--name", callback=_model_name,
+                     help="Model name (topic and store key); required to compile SOURCE."),
         click.option("--label", "--version", "label", default="",
                      help="Your label for this release, e.g. v2 or a git sha (--version: old name)."),
         click.option("--weights", type=click.Path(dir_okay=False), help="state_dict checkpoint."),
@@ -127,6 +140,9 @@ def source_options(fn: Any) -> Any:
                      help="auto, none, lz4, lz4hc, zstd, blosclz or zlib."),
         click.option("--chunk-mb", type=float, default=defaults.CHUNK_BYTES / 2**20, show_default=True),
         click.option("--no-trace", is_flag=True, help="Fail rather than fall back to tracing."),
+        click.option("--trace", is_flag=True,
+                     help="Compile by tracing, not scripting (one example suffices; a fallback "
+                          "to tracing needs two that differ in every input)."),
         click.option("--meta", multiple=True, help="KEY=VALUE metadata; repeatable."),
     ]
     return _apply(fn, opts)
@@ -134,12 +150,16 @@ def source_options(fn: Any) -> Any:
 
 def build_from_options(source: str, name: str, label: str, weights: str | None,
                        example_specs: tuple[str, ...], example_file: str | None, codec: str,
-                       chunk_mb: float, no_trace: bool, meta: tuple[str, ...],
-                       progress: Any = None) -> Any:
+                       chunk_mb: float, no_trace: bool, trace: bool, meta: tuple[str, ...],
+                       progress: Any = None, timings: dict[str, float] | None = None) -> Any:
     """:func:`zmqmodels.build.build_from_source` from CLI options."""
     from ..build import build_from_source, parse_metadata
     from ..errors import SourceError
 
+    if trace and no_trace:
+        raise click.UsageError("--trace and --no-trace contradict each other")
+    if not name:
+        raise click.UsageError("--name is required to compile SOURCE")
     try:
         metadata = parse_metadata(meta)
     except SourceError as exc:
@@ -152,8 +172,42 @@ def build_from_options(source: str, name: str, label: str, weights: str | None,
 
     return build_from_source(source, name, label, weights=weights, example_specs=example_specs,
                              example_file=example_file, codec=codec, chunk_bytes=int(chunk_mb * 2**20),
-                             allow_trace=not no_trace, metadata=metadata, progress=progress,
-                             chunk_progress=chunk_bar)
+                             allow_trace=not no_trace, method="trace" if trace else "auto",
+                             metadata=metadata, progress=progress,
+                             chunk_progress=chunk_bar, timings=timings)
+
+
+def built_release(source: str, name: str | None, **compile_opts: Any) -> Any:
+    """The release in ``source`` if it is a built release file (``zmqmodels build`` wrote it),
+    else None. Reading one imports neither torch nor blosc2: it is sent as it was built. An
+    unsigned one takes the next seq where it is published; a signed one keeps its seq."""
+    from pathlib import Path
+
+    from ..store import MAGIC, read_release_file
+
+    p = Path(source)
+    try:
+        with open(p, "rb") as f:
+            if f.read(len(MAGIC)) != MAGIC:
+                return None
+    except OSError:
+        return None
+    flags = {"example_specs": "--example-input", "example_file": "--example-inputs"}
+    given = [flags.get(k, f"--{k.replace('_', '-')}") for k, v in compile_opts.items()
+             if v not in (None, "", (), False, "auto", defaults.CHUNK_BYTES / 2**20)]
+    if given:
+        raise click.UsageError(f"{', '.join(given)}: SOURCE is a built release; these apply to compiling")
+    release = read_release_file(p)
+    m = release.manifest
+    if name and name != m.name:
+        raise click.UsageError(f"--name {name}: {source} is a release of {m.name!r}")
+    if not release.signature and m.seq:
+        import msgspec
+
+        from ..release import Release
+
+        release = Release(msgspec.structs.replace(m, seq=0), release.chunks)
+    return release
 
 
 def run_until_signalled(stop_check: Any = None) -> None:

@@ -14,6 +14,7 @@ from . import cli
 from .options import (
     bind_to,
     build_from_options,
+    built_release,
     connect_to,
     curve_from,
     curve_options,
@@ -136,8 +137,13 @@ def publish(hub_addr: str | None, bind_addr: str | None, store_dir: str, wait_fo
             timeout: float, staged: bool, waves: str, wave_wait: float, halt_on: tuple[str, ...],
             confirm_s: float, as_json: bool, signing_key: str | None, curve_key: str | None,
             curve_server: str | None, **opts: Any) -> None:
-    """Compile SOURCE, build a release and broadcast it; optionally wait for the rollout."""
+    """Compile SOURCE (or take a release `build` stored) and broadcast it; optionally wait
+    for the rollout. --json adds the seconds of each step under "timings"."""
     import time
+
+    from .. import IMPORTED_AT
+
+    timings = {"cli_import": time.perf_counter() - IMPORTED_AT}
 
     if bool(hub_addr) == bool(bind_addr):
         raise click.UsageError("give exactly one of --hub ADDR or --bind ADDR")
@@ -158,6 +164,9 @@ def publish(hub_addr: str | None, bind_addr: str | None, store_dir: str, wait_fo
         raise click.UsageError("--curve-server is for --hub; with --bind this process is the hub")
     key = load_signing_key(signing_key)
     say = (lambda msg: click.echo(msg, err=True)) if as_json else click.echo
+    t0 = time.monotonic()
+    release = built_release(**opts)  # a release `build` stored: checked before the hub is asked
+    timings["read"] = time.monotonic() - t0
     client = None
     if hub_addr:  # before compiling: a hub that does not answer is an error in seconds, not minutes
         from ..hub_client import HubClient
@@ -168,12 +177,19 @@ def publish(hub_addr: str | None, bind_addr: str | None, store_dir: str, wait_fo
         except ZmqModelsError as exc:
             raise ZmqModelsError(f"hub {hub_addr} does not answer ({exc}); nothing was compiled") from None
     t0 = time.monotonic()
-    release = build_from_options(**opts, progress=say)
-    m = release.manifest
-    say(f"built in {time.monotonic() - t0:.2f}s; sending {m.compressed_bytes / 2**20:.1f} MiB "
-        f"in {m.chunk_count} chunk(s)")
+    if release is None:
+        del timings["read"]
+        release = build_from_options(**opts, progress=say, timings=timings)
+        m = release.manifest
+        say(f"built in {time.monotonic() - t0:.2f}s; sending {m.compressed_bytes / 2**20:.1f} MiB "
+            f"in {m.chunk_count} chunk(s)")
+    else:
+        m = release.manifest
+        say(f"read {opts['source']}: {m.name} {m.label or '-'}, "
+            f"{m.compressed_bytes / 2**20:.1f} MiB in {m.chunk_count} chunk(s)")
     if client is not None:
         ticker = _Ticker("sending and waiting for the hub to verify and store it")
+        t1 = time.perf_counter()
         try:
             done = client.publish(release, timeout=timeout, signing_key=key, **plan)
         except KeyboardInterrupt:
@@ -182,6 +198,8 @@ def publish(hub_addr: str | None, bind_addr: str | None, store_dir: str, wait_fo
             sys.exit(130)
         finally:
             ticker.stop()
+        timings["hub_store"], timings["broadcast"] = done.store_s, done.broadcast_s
+        timings["send"] = max(0.0, time.perf_counter() - t1 - done.store_s - done.broadcast_s)
         name, seq, label = done.name, done.seq, done.label
         say(f"hub stored {name} seq {seq} in {time.monotonic() - t0:.2f}s; broadcasting")
         if done.note:
@@ -193,13 +211,17 @@ def publish(hub_addr: str | None, bind_addr: str | None, store_dir: str, wait_fo
         if plan["staged"]:
             say(f"staged: nodes cache seq {seq} and serve it once activated "
                 f"(zmqmodels activate {name} --seq {seq} --hub {hub_addr})")
+        t2 = time.perf_counter()
         try:
             ok, status = (_wait_with_progress(client, name, seq, wait_for, timeout, say) if wait_for
                           else (True, client.status()))
         except KeyboardInterrupt:
             say(f"interrupted while waiting: the hub had stored {name} seq {seq}; it keeps rolling it out")
             sys.exit(130)
-        finish_publish(ok, status, name, seq, label, wait_for, as_json, say)
+        timings["wait"] = time.perf_counter() - t2
+        timings["total"] = time.perf_counter() - IMPORTED_AT
+        finish_publish(ok, status, name, seq, label, wait_for, as_json, say, staged=plan["staged"],
+                       timings=timings)
         return
     from ..hub import Hub
     from ..store import Store
@@ -219,7 +241,7 @@ def publish(hub_addr: str | None, bind_addr: str | None, store_dir: str, wait_fo
             deadline = time.monotonic() + timeout
             run_until_signalled(lambda: time.monotonic() > deadline)
             ok, status = True, pub.status()
-        finish_publish(ok, status, m.name, m.seq, m.label, wait_for, as_json, say)
+        finish_publish(ok, status, m.name, m.seq, m.label, wait_for, as_json, say, staged=plan["staged"])
 
 
 def _watch_waves(status: Any, name: str, seq: int, timeout: float, as_json: bool, say: Any) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 __all__ = ["emit_json", "fleet_table", "rollout_text", "stages_text", "status_json", "to_jsonable",
-           "finish_publish"]
+           "failed_nodes", "finish_publish"]
 
 
 def emit_json(obj: Any) -> None:
@@ -93,19 +93,43 @@ def to_jsonable(x: Any) -> Any:
     return x
 
 
+def failed_nodes(status: Any, name: str, seq: int) -> dict[str, str]:
+    """Each node of ``name`` that failed ``seq`` (rejected it, or is in error or lost while not
+    serving it), with why, as the node reported it."""
+    out = {}
+    for n in status.nodes:
+        if n.model != name or (n.seq == seq and n.state == "serving"):
+            continue
+        if n.rejected_seq == seq:
+            out[n.node] = f"rejected: {n.last_error or n.reason or 'no reason given'}"
+        elif n.state in ("error", "lost"):
+            out[n.node] = f"{n.state}: {n.reason or 'no reason given'}"
+    return out
+
+
 def finish_publish(ok: bool, status: Any, name: str, seq: int, label: str, wait_for: int,
-                    as_json: bool, say: Any) -> None:
+                    as_json: bool, say: Any, *, staged: bool = False,
+                    timings: dict[str, float] | None = None) -> None:
     from ..protocol import rollout
 
     serving, rejected = rollout(status, name, seq)
+    failed = failed_nodes(status, name, seq)
+    held = sum(n.model == name and n.staged == seq for n in status.nodes)
     if as_json:
         emit_json({"ok": ok, "name": name, "seq": seq, "label": label, "serving": serving,
-                    "rejected": rejected, "wait_for": wait_for, "status": status_json(status)})
+                    "rejected": rejected, "failed": failed, "staged": staged, "holding": held,
+                    "wait_for": wait_for, "status": status_json(status),
+                    **({"timings": {k: round(v, 4) for k, v in timings.items()}} if timings else {})})
     else:
         say(fleet_table(status, name))
         verdict = "ok" if ok else "FAILED"
-        say(f"{verdict}: {name} seq {seq} serving on {serving} node(s)"
-            + (f", wanted {wait_for}" if wait_for else "")
-            + (f"; rejected by {', '.join(rejected)}" if rejected else ""))
+        if staged and not wait_for:
+            say(f"{verdict}: {name} seq {seq} staged: {held} node(s) hold it so far, {serving} serve it "
+                f"(it is served once activated)")
+        else:
+            say(f"{verdict}: {name} seq {seq} serving on {serving} node(s)"
+                + (f", wanted {wait_for}" if wait_for else ""))
+        for node, why in sorted(failed.items()):
+            say(f"  {node}: {why}")
     if not ok:
         sys.exit(1)
