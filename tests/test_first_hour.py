@@ -48,7 +48,7 @@ def probe_release():
 def test_the_hub_and_the_commands_that_run_no_model_never_import_torch(tmp_path, probe_release) -> None:
     """Before: `publish` of a built release took 4.7 s (`import torch` alone 2.8 s), `infer` 3-5 s
     for a 5 ms request, `status` 0.8-2.4 s. Here torch cannot be imported at all: the hub, status,
-    releases, publish of a built release, activate, rollback and infer must work regardless."""
+    releases, inspect, publish of a built release, activate, rollback and infer work regardless."""
     env = poisoned(tmp_path)
     store = Store(tmp_path / "built")
     built = store.path("probe", store.put(probe_release).manifest.seq)
@@ -75,6 +75,8 @@ def test_the_hub_and_the_commands_that_run_no_model_never_import_torch(tmp_path,
         assert reply["seq"] == seq and reply["outputs"]["shape"] == [1, 4]
         assert cli("status", "--hub", addr, env=env).stdout.count("serving") == 1
         assert cli("releases", "probe", "--hub", addr, env=env).returncode == 0
+        out = cli("inspect", str(built), env=env)
+        assert out.returncode == 0 and "total: 4 parameters" in out.stdout, out.stdout + out.stderr
         out = cli("activate", "probe", "--seq", str(seq), "--hub", addr, env=env)
         assert out.returncode == 1 and "not published staged" in out.stderr  # refused, not a crash
         out = cli("rollback", "probe", "--to", str(seq), "--hub", addr, "--wait-for", "1", env=env)

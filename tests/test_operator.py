@@ -115,6 +115,39 @@ def test_kill9_of_the_front_leaves_no_worker(tmp_path, probe) -> None:
         node.stop()
 
 
+def test_a_worker_whose_node_dies_while_it_imports_torch_exits_at_once(tmp_path) -> None:
+    """Before: workers imported torch before arming the parent-death signal, so a node killed
+    while its workers started left them running until the import ended (and the kill -9 test
+    above timed out on a loaded machine). Here a stand-in torch takes 120 s to import."""
+    slow = tmp_path / "slow" / "torch"
+    slow.mkdir(parents=True)
+    (slow / "__init__.py").write_text("import time\ntime.sleep(120)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**ENV, "PYTHONPATH": f"{slow.parent}{os.pathsep}{root}"}
+    code = ("import os, subprocess, sys, time\n"
+            "from zmqmodels.worker_boot import command\n"
+            "p = subprocess.Popen(command('ipc:///nonexistent/w', 'n/w0', 'cpu', sys.argv[1], 1, ['m'],"
+            " os.getpid()))\n"
+            "print(p.pid, flush=True)\n"
+            "time.sleep(120)\n")
+    node = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "cache")], env=env,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert node.stdout is not None
+        worker = int(node.stdout.readline())
+        time.sleep(1.0)  # it is importing the stand-in torch now
+        assert alive(worker)
+        node.kill()
+        node.wait(10)
+        wait_until(lambda: not alive(worker), 20, what="the worker to die with its node")
+    finally:
+        if node.poll() is None:
+            node.kill()
+            node.wait(10)
+        if node.stdout is not None:
+            node.stdout.close()
+
+
 def test_sigterm_answers_the_request_in_flight_then_exits(hub, tmp_path, probe) -> None:
     """Milestone 1: SIGTERM dropped the requests in flight."""
     port = free_port()
@@ -221,6 +254,53 @@ def test_full_cache_reports_error_keeps_serving_and_recovers(hub, tmp_path, smal
         subprocess.run(["mount", "-o", "remount,size=64m", str(small_fs)], check=True)
         ok, status = hub.wait_for("probe", second.seq, 1, 60)
         assert ok, status
+    finally:
+        node.close()
+
+
+def test_a_failed_cache_write_keeps_the_release_stays_error_and_publish_names_why(hub, tmp_path, small_fs,
+                                                                                 probe) -> None:
+    """Before: each retry of a failed cache write fetched the whole release again (88 MB a
+    retry), the state flipped between `error` and `receiving`, and `publish --wait-for` ended
+    `FAILED: ... serving on 0 node(s)` over a table whose LAST ERROR was `-`."""
+    node = Node(hub.address, ["probe"], "tcp://127.0.0.1:0", workers=1, cache=small_fs / "cache",
+                node_id="full").start()
+    try:
+        first = hub.publish(probe)
+        assert hub.wait_for("probe", first.seq, 1, 60)[0]
+        big = build_release(compile_model(Probe(3.0, ballast_mb=16), probe_examples()), "probe", "big",
+                            codec="none")
+        local = Store(tmp_path / "built")
+        built = local.path("probe", local.put(big).manifest.seq)
+        seen: list[tuple[str, int, str]] = []
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.wait(0.05):
+                seen.extend((n.state, n.seq, n.reason) for n in hub.status().nodes if n.node == "full")
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            out = _cli("publish", str(built), "--hub", hub.address, "--wait-for", "1", "--timeout", "8")
+        finally:
+            stop.set()
+            watcher.join()
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert "full: error: cache write failed:" in out.stdout and "No space left on device" in out.stdout
+        assert node.follower_stats()["store_failed"] >= 2  # the write was tried again
+        fetched = hub.stats["fetch_manifest"], hub.stats["fetch_chunks"]
+        states = [s for s, seq, _ in seen if seq > first.seq]
+        assert "error" in states
+        after = states[states.index("error"):]
+        assert set(after) == {"error"}, after  # no flapping back to receiving
+        assert all("No space left on device" in why for s, seq, why in seen if s == "error")
+        with Client(node.address, timeout=10) as c:
+            assert c.infer("probe", torch.ones(1, 4)).seq == first.seq  # still serving seq 1
+        subprocess.run(["mount", "-o", "remount,size=64m", str(small_fs)], check=True)
+        ok, status = hub.wait_for("probe", first.seq + 1, 1, 60)
+        assert ok, status
+        assert (hub.stats["fetch_manifest"], hub.stats["fetch_chunks"]) == fetched  # from memory
     finally:
         node.close()
 

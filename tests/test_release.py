@@ -92,3 +92,45 @@ def test_streaming_verify_accepts_good_and_rejects_bad(lenet_compiled) -> None:
     bad = msgspec.structs.replace(r.manifest, archive_sha256="0" * 64)
     with pytest.raises(IntegrityError, match="sha256"):
         type(r)(bad, r.chunks).verify()
+
+
+def test_the_tensor_table_is_read_without_torch_and_matches_torch() -> None:
+    """`inspect` imported torch (2.8 s) to list an archive's parameters; the table is now read
+    from the zip with an unpickler that runs nothing, and says what torch says."""
+    import io
+
+    import torch
+
+    from tests.models import BN, DictTuple, LeNet, Mixed, OnlyTraces
+    from zmqmodels.archive import tensor_table
+
+    modules = [torch.jit.script(m.eval()) for m in (LeNet(), BN(), Mixed(), DictTuple())]
+    modules += [torch.jit.trace(OnlyTraces(), torch.randn(2, 4)),
+                torch.jit.script(torch.nn.Sequential(torch.nn.Linear(2, 3).half(), torch.nn.BatchNorm1d(3)))]
+    for s in modules:
+        buf = io.BytesIO()
+        torch.jit.save(s, buf)
+        got = [(t.name, t.kind, t.dtype, list(t.shape), t.nbytes) for t in tensor_table(buf.getvalue())]
+        want = [(n, kind, str(t.dtype).removeprefix("torch."), list(t.shape), t.numel() * t.element_size())
+                for kind, named in (("parameter", s.named_parameters()), ("buffer", s.named_buffers()))
+                for n, t in named]
+        assert got == want, s.original_name
+
+
+def test_the_tensor_table_refuses_a_pickle_that_would_run_code() -> None:
+    import io
+    import pickle
+    import zipfile
+
+    from zmqmodels.archive import tensor_table
+    from zmqmodels.errors import ReleaseError
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("m/data.pkl", pickle.dumps(Evil(), protocol=2))
+    with pytest.raises(ReleaseError, match="unexpected global __builtin__.print"):
+        tensor_table(buf.getvalue())

@@ -96,7 +96,7 @@ def make_run_dir(tmp: str = "/tmp") -> tuple[str, Any]:
             with open(old / ".lock", "rb") as f:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held while its node lives
                 shutil.rmtree(old, ignore_errors=True)
-                log.info("removed %s, left by a node that is gone", old)
+                log.debug("removed %s, left by a node that is gone", old)
         except OSError:
             continue  # in use, not ours, or no lock file (not a node's)
     d = tempfile.mkdtemp(prefix=RUN_DIR_PREFIX, dir=tmp)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,10 +31,11 @@ __all__: list[str] = []
 @click.argument("path", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def inspect(path: str, as_json: bool) -> None:
-    """Print a TorchScript file's or stored release's headers and parameters."""
+    """Print a TorchScript file's or stored release's headers and parameters (without torch:
+    the archive's tensor table is read from its zip, nothing in it runs)."""
     import msgspec
-    import torch
 
+    from ..archive import tensor_table
     from ..store import MAGIC, read_release_file
 
     p = Path(path)
@@ -51,19 +51,14 @@ def inspect(path: str, as_json: bool) -> None:
             pack = headers.pop(key, None)
             headers[f"{key}_count"] = len(pack["spec"]["items"]) if pack else 0
         headers["signature"] = release.signature.hex() or "(unsigned)"
-        module = torch.jit.load(io.BytesIO(release.archive()), map_location="cpu")
+        table = tensor_table(release.archive())
     else:
         try:
-            module = torch.jit.load(str(p), map_location="cpu")
-        except Exception as exc:
-            raise ZmqModelsError(f"{path} is neither a release nor a TorchScript archive: "
-                                 f"{str(exc).strip().splitlines()[0]}") from exc
-    rows = [{"name": n, "kind": "parameter", "shape": list(t.shape),
-             "dtype": str(t.dtype).removeprefix("torch."), "numel": t.numel(),
-             "bytes": t.numel() * t.element_size()} for n, t in module.named_parameters()]
-    rows += [{"name": n, "kind": "buffer", "shape": list(t.shape),
-              "dtype": str(t.dtype).removeprefix("torch."), "numel": t.numel(),
-              "bytes": t.numel() * t.element_size()} for n, t in module.named_buffers()]
+            table = tensor_table(str(p))
+        except ZmqModelsError as exc:
+            raise ZmqModelsError(f"{path} is neither a release nor a TorchScript archive: {exc}") from None
+    rows = [{"name": t.name, "kind": t.kind, "shape": list(t.shape), "dtype": t.dtype, "numel": t.numel,
+             "bytes": t.nbytes} for t in table]
     params = [r for r in rows if r["kind"] == "parameter"]
     totals = {"parameters": sum(r["numel"] for r in params),
               "parameter_bytes": sum(r["bytes"] for r in params),

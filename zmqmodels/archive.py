@@ -1,0 +1,166 @@
+"""What a TorchScript archive holds, read without torch: each parameter's and buffer's name,
+dtype, shape and where its bytes are.
+
+An archive is a zip: ``data.pkl`` pickles the module tree (objects of the scripted classes,
+tensors as ``torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)``, storages
+as persistent ids ``('storage', torch.FloatStorage, key, location, numel)`` whose bytes are
+``data/KEY``), and ``code/`` holds each class's source, which lists its ``__parameters__``
+and ``__buffers__``. The pickle is read with an unpickler that builds only inert stand-ins
+for those few globals and refuses every other one: nothing in the archive runs.
+"""
+
+from __future__ import annotations
+
+import ast
+import collections
+import io
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ReleaseError
+
+__all__ = ["TensorInfo", "tensor_table"]
+
+_STORAGE_DTYPES = {
+    "FloatStorage": "float32", "DoubleStorage": "float64", "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
+    "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8", "BoolStorage": "bool",
+    "ComplexFloatStorage": "complex64", "ComplexDoubleStorage": "complex128",
+}
+_ITEMSIZE = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4,
+             "int16": 2, "int8": 1, "uint8": 1, "bool": 1, "complex64": 8, "complex128": 16}
+_CLASS = re.compile(r"^class (\w+)\(Module\):\n((?:  .*\n)*)", re.M)
+_LIST = re.compile(r"^  __(parameters|buffers)__ = (\[.*\])$", re.M)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str  # dotted, as named_parameters() says it
+    kind: str  # "parameter" or "buffer"
+    dtype: str
+    shape: tuple[int, ...]
+    storage: str  # the archive entry of its bytes (data/KEY)
+    offset: int  # in elements, into that storage
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * _ITEMSIZE[self.dtype]
+
+
+class _Storage:
+    def __init__(self, dtype: str, key: str) -> None:
+        self.dtype, self.key = dtype, key
+
+
+class _Tensor:
+    def __init__(self, storage: _Storage, offset: int, size: tuple[int, ...], *_rest: Any) -> None:
+        self.storage, self.offset, self.size = storage, offset, tuple(size)
+
+
+class _Object:
+    """An instance of a scripted class; ``qualname`` names it, ``state`` holds its attributes."""
+
+    qualname = ""
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state if isinstance(state, dict) else {}
+
+
+class _StorageType:
+    def __init__(self, dtype: str) -> None:
+        self.dtype = dtype
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, data: bytes) -> None:
+        super().__init__(io.BytesIO(data))
+        self._classes: dict[str, type] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
+            return _Tensor
+        if module == "torch._utils" and name == "_rebuild_parameter":
+            return lambda data, requires_grad, hooks: data
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _StorageType(_STORAGE_DTYPES[name])
+        if module == "torch.jit._pickle" and name.startswith("build_") and name.endswith("list"):
+            return list  # typed lists: build_intlist, build_tensorlist, ...
+        if module == "torch.jit._pickle" and name == "restore_type_tag":
+            return lambda value, _type: value
+        if module == "collections" and name == "OrderedDict":
+            return collections.OrderedDict
+        if module.startswith("__torch__"):
+            qual = f"{module}.{name}"
+            if qual not in self._classes:
+                self._classes[qual] = type(name, (_Object,), {"qualname": qual})
+            return self._classes[qual]
+        raise pickle.UnpicklingError(f"unexpected global {module}.{name} in a TorchScript archive")
+
+    def persistent_load(self, pid: Any) -> Any:
+        if not (isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage"
+                and isinstance(pid[1], _StorageType)):
+            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r:.80}")
+        return _Storage(pid[1].dtype, str(pid[2]))
+
+
+def _members(z: zipfile.ZipFile, prefix: str) -> dict[str, tuple[list[str], list[str]]]:
+    """qualname -> (parameters, buffers), from the classes' source in ``code/``."""
+    out: dict[str, tuple[list[str], list[str]]] = {}
+    for entry in z.namelist():
+        if not (entry.startswith(prefix + "code/") and entry.endswith(".py")):
+            continue
+        module = entry[len(prefix + "code/"):-3].replace("/", ".")
+        for m in _CLASS.finditer(z.read(entry).decode("utf-8", "replace")):
+            lists = {k: ast.literal_eval(v) for k, v in _LIST.findall(m.group(2))}
+            out[f"{module}.{m.group(1)}"] = (list(lists.get("parameters", [])),
+                                             list(lists.get("buffers", [])))
+    return out
+
+
+def tensor_table(archive: Any) -> list[TensorInfo]:
+    """The parameters, then the buffers, of a TorchScript archive (bytes, a buffer or a path),
+    in ``named_parameters()`` / ``named_buffers()`` order. :class:`ReleaseError` if it is not
+    one this reader understands."""
+    source = archive if isinstance(archive, str) else io.BytesIO(bytes(archive))
+    try:
+        with zipfile.ZipFile(source) as z:
+            pkl = next((n for n in z.namelist() if n.endswith("/data.pkl") and n.count("/") == 1), None)
+            if pkl is None:
+                raise ReleaseError("not a TorchScript archive: no data.pkl")
+            prefix = pkl[: -len("data.pkl")]
+            root = _Unpickler(z.read(pkl)).load()
+            members = _members(z, prefix)
+    except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, ValueError, SyntaxError) as exc:
+        raise ReleaseError(f"not a TorchScript archive this reader understands: {exc}") from None
+    params: list[TensorInfo] = []
+    buffers: list[TensorInfo] = []
+
+    def walk(obj: _Object, path: str, depth: int) -> None:
+        if depth > 64:
+            raise ReleaseError("module tree nested too deeply")
+        own_p, own_b = members.get(obj.qualname, ([], []))
+        state = getattr(obj, "state", {})
+        for names, kind, out in ((own_p, "parameter", params), (own_b, "buffer", buffers)):
+            for n in names:
+                t = state.get(n)
+                if isinstance(t, _Tensor):  # None: an optional parameter left unset
+                    out.append(TensorInfo(path + n, kind, t.storage.dtype, t.size,
+                                          f"{prefix}data/{t.storage.key}", t.offset))
+        for n, v in state.items():
+            if isinstance(v, _Object):
+                walk(v, f"{path}{n}.", depth + 1)
+
+    if not isinstance(root, _Object):
+        raise ReleaseError("not a TorchScript module archive")
+    walk(root, "", 0)
+    return params + buffers
