@@ -340,3 +340,14 @@ def test_scripts_test_builds_the_cpp_node_before_pytest_never_inside_a_test(tmp_
         assert test_cpp_node.built_binary() is None  # the fixture skips; it never builds
     finally:
         test_cpp_node.BINARY = saved
+
+
+def test_hub_relay_node_front_and_client_modules_import_no_torch(tmp_path) -> None:
+    """What each role needs, as the README says it: only compiling and the node's workers
+    import torch."""
+    code = ("import sys; import zmqmodels.hub, zmqmodels.relay, zmqmodels.node, zmqmodels.client, "
+            "zmqmodels.hub_client, zmqmodels.archive, zmqmodels.cli.fleet, zmqmodels.cli.serving, "
+            "zmqmodels.cli.release; assert 'torch' not in sys.modules")
+    out = subprocess.run([sys.executable, "-c", code], env=poisoned(tmp_path), capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
