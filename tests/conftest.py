@@ -52,6 +52,22 @@ def short_tmp() -> Iterator[str]:
         shutil.rmtree(d, ignore_errors=True)
 
 
+@pytest.fixture
+def small_fs(tmp_path):
+    """An 8 MiB tmpfs: a cache that fills up (remount it larger to free it)."""
+    import subprocess
+
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
 @pytest.fixture(autouse=True)
 def _torch_threads() -> None:
     torch.set_num_threads(1)

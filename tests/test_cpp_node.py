@@ -387,6 +387,36 @@ def test_one_cache_serves_one_node_of_either_kind(binary, hub, tmp_path) -> None
         py.close()
 
 
+def test_a_failed_cache_write_is_written_again_from_memory_and_stays_error(binary, hub, tmp_path,
+                                                                          small_fs) -> None:
+    """The C++ mirror of the Python node's rule: before, each retry fetched the whole release
+    again and the state flipped between `error` and `receiving`."""
+    cpp = CppNode(binary, hub.address, small_fs / "cache", node_id="cfull")
+    try:
+        v1 = hub.publish(probe(2.0, "v1")).seq
+        assert hub.wait_for("probe", v1, 1, 120)[0], cpp.stderr()
+        big = build_release(compile_model(Probe(3.0, ballast_mb=16), probe_examples()), "probe", "big",
+                            codec="none")
+        v2 = hub.publish(big).seq
+        first = wait_until(lambda: (r := row(hub, "cfull")) is not None and r.state == "error" and r, 60,
+                           what="the node reporting error")
+        assert first.seq == v2 and "No space left on device" in first.reason, first
+        fetched = hub.stats["fetch_manifest"], hub.stats["fetch_chunks"]
+        states = []
+        deadline = time.monotonic() + 5  # back-off 1, 2, 4 s: two writes again at least
+        while time.monotonic() < deadline:
+            states.append(row(hub, "cfull").state)
+            time.sleep(0.05)
+        assert set(states) == {"error"}, states
+        assert (hub.stats["fetch_manifest"], hub.stats["fetch_chunks"]) == fetched
+        assert answer_or_none(cpp.address).seq == v1  # still serving v1
+        subprocess.run(["mount", "-o", "remount,size=64m", str(small_fs)], check=True)
+        wait_until(lambda: serving(hub, "cfull", v2), 120, what="v2 written from memory and served")
+        assert (hub.stats["fetch_manifest"], hub.stats["fetch_chunks"]) == fetched
+    finally:
+        cpp.close()
+
+
 def test_the_readme_says_where_the_binary_finds_libtorch(binary) -> None:
     """Before: the binary's RUNPATH pointed into the checkout's .venv, and nothing said so."""
     runpath = subprocess.run(["readelf", "-d", str(binary)], capture_output=True, text=True,

@@ -223,19 +223,6 @@ def test_cache_damaged_after_start_is_never_served_and_is_fetched_again(hub, tmp
         node.close()
 
 
-@pytest.fixture
-def small_fs(tmp_path):
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-
-
 def test_full_cache_reports_error_keeps_serving_and_recovers(hub, tmp_path, small_fs, probe) -> None:
     """Milestone 1: with the cache full, status said `rejected seq 2` (cut at 60 characters,
     hiding "No space left on device") while the node served seq 1, and nothing retried."""

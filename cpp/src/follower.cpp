@@ -113,6 +113,7 @@ void Follower::on_manifest(std::shared_ptr<Manifest> m, std::string raw, std::st
   for (uint64_t i = 0; i < m->chunk_count; ++i) a->missing.insert(i);
   a->started = a->last_progress = now;
   a->broadcast_manifest = !fetched;
+  if (st.retry_seq && st.retry_seq < m->seq) st.retry_at = 0, st.retry_seq = 0, st.retries = 0;  // superseded
   st.as = std::move(a);
   ++stats["manifests"];
   if (!m->staged) {
@@ -255,9 +256,8 @@ void Follower::tick(double now) {
   for (auto& [n, st] : models_) {
     if (st.retry_at > 0 && now >= st.retry_at) {
       st.retry_at = 0;
-      st.asked_seq = -1;
       ++stats["store_retries"];
-      ask_manifest(st, st.retry_seq, now);
+      rewrites.emplace_back(st.name, st.retry_seq);
     }
     if (Assembly* a = st.as.get()) {
       if (!a->stalled && stalls(*a, now)) {
@@ -312,19 +312,15 @@ void Follower::reject(const std::string& name, uint64_t seq, const std::string& 
 void Follower::store_failed(const std::string& name, uint64_t seq, const std::string& label, const std::string& why,
                             double now) {
   Follow& st = follow(name);
-  st.done_seq = std::min(st.done_seq, seq - 1);
+  if (st.as && st.as->m->seq > seq) return;  // a newer release is on its way: it supersedes this one
   double delay = std::min(60.0, static_cast<double>(1u << std::min(st.retries, 6)));
   ++st.retries;
   st.retry_at = now + delay;
   st.retry_seq = seq;
   std::ostringstream r;
-  r << "cache write failed: " << why << "; retrying in " << static_cast<int>(delay) << "s";
-  st.reason = r.str();
-  std::string prev = st.state;
-  st.state = "error";
+  r << "cache write failed: " << why << "; kept in memory, writing again in " << static_cast<int>(delay) << "s";
+  st.state = "error", st.seq = seq, st.label = label, st.reason = r.str();
   sends.push_back(report(st));
-  st.state = prev;
-  st.reason.clear();
 }
 
 void Follower::stage(const std::string& name, uint64_t seq, const std::string& key, double seconds) {

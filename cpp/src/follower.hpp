@@ -87,6 +87,9 @@ class Follower {
                  const std::string& reason = "");
   void reject(const std::string& name, uint64_t seq, const std::string& label, const std::string& reason);
   void held(const std::string& name, uint64_t seq);  // a staged release is cached: hold it
+  // A cache write failed: the host keeps the verified release and writes it again when
+  // `rewrites` names it (back-off 1 s doubling to 60 s); it is not fetched again, and the
+  // state stays "error" with `why` until a write succeeds (as zmqmodels/assembly.py).
   void store_failed(const std::string& name, uint64_t seq, const std::string& label, const std::string& why, double now);
   void stage(const std::string& name, uint64_t seq, const std::string& key, double seconds);
   void count(const std::string& name, uint64_t requests, uint64_t errors);
@@ -98,6 +101,7 @@ class Follower {
   std::vector<Frames> sends;                                // to the hub (DEALER)
   std::vector<Completed> completed;                         // assembled: verify, cache, load
   std::vector<std::pair<std::string, uint64_t>> unstaged;   // held staged releases now activated
+  std::vector<std::pair<std::string, uint64_t>> rewrites;   // failed cache writes to try again
   std::map<std::string, uint64_t> stats;
   double hub_seen = 0;
 

@@ -159,6 +159,7 @@ struct Result {
   std::string name, label, reason;
   uint64_t seq = 0;
   double load_s = 0, check_s = 0, cache_write_s = 0;
+  Completed kept{};  // StoreFailed: the verified release, to be written again
 };
 
 struct Job {
@@ -445,11 +446,22 @@ class Node {
     std::vector<Job> jobs;
     for (auto& c : follower_->completed) {
       if (!c.manifest->staged) follower_->set_state(c.manifest->name, "loading", c.manifest->seq, c.manifest->label);
+      if (auto it = unstored_.find(c.manifest->name); it != unstored_.end() && it->second.manifest->seq < c.manifest->seq)
+        unstored_.erase(it);  // superseded
       Job j;
       j.c = std::move(c);
       jobs.push_back(std::move(j));
     }
     follower_->completed.clear();
+    for (auto& [name, seq] : follower_->rewrites) {
+      auto it = unstored_.find(name);
+      if (it == unstored_.end() || it->second.manifest->seq != seq) continue;
+      Job j;
+      j.c = std::move(it->second);  // written again; the state stays "error" until that succeeds
+      unstored_.erase(it);
+      jobs.push_back(std::move(j));
+    }
+    follower_->rewrites.clear();
     for (auto& [name, seq] : follower_->unstaged) {
       Job j;
       j.activate = true, j.name = name, j.seq = seq;
@@ -547,6 +559,7 @@ class Node {
         case Result::StoreFailed:
           log("%s seq %llu: cache write failed: %s", r.name.c_str(), static_cast<unsigned long long>(r.seq), r.reason.c_str());
           follower_->store_failed(r.name, r.seq, r.label, r.reason, now);
+          unstored_[r.name] = std::move(r.kept);
           break;
       }
     }
@@ -603,6 +616,7 @@ class Node {
       cache_.put(j.c);
     } catch (const Error& e) {
       r.kind = Result::StoreFailed, r.reason = e.what();
+      r.kept = std::move(j.c);
       return post(r);
     }
     r.cache_write_s = now_s() - t0;
@@ -764,6 +778,7 @@ class Node {
   std::condition_variable jobs_cv_;
   std::deque<Job> jobs_;
   std::deque<Result> results_;
+  std::map<std::string, Completed> unstored_;  // I/O thread: verified releases whose cache write failed
   zmq::socket_t* push_ = nullptr;  // the loader thread's own (post() runs only there)
   std::atomic<bool> stopping_{false};
   bool wake_bound_ = false;
