@@ -47,7 +47,7 @@ def secure_opts(keys: str | None, role: str) -> dict:
 
 
 def role_sub(hub: str, node: str, keys: str | None = None) -> None:
-    from zmqmodels.subscriber import Subscriber
+    from zmqmodels import Subscriber
 
     sub: Subscriber
 

@@ -50,7 +50,7 @@ PORT = 5555
 
 # -- roles (child processes, each in its namespace) ----------------------------------------------
 def role_sub(hub: str, node: str) -> None:
-    from zmqmodels.subscriber import Follower
+    from zmqmodels.follower import Follower
 
     f: Follower
 

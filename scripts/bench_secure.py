@@ -94,7 +94,7 @@ def infer_rtt(keys: Path, secure: bool, tmp: str, requests: int) -> tuple[float,
     import torch
 
     from tests.models import Probe, probe_examples
-    from zmqmodels import Client, Publisher, build_release, compile_model
+    from zmqmodels import Client, Hub, build_release, compile_model
     from zmqmodels.curve import Curve
     from zmqmodels.store import Store
 
@@ -112,7 +112,7 @@ def infer_rtt(keys: Path, secure: bool, tmp: str, requests: int) -> tuple[float,
     node = subprocess.Popen(args, env={**os.environ, "PYTHONPATH": ROOT}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
-        with Publisher(hub_addr, Store(f"{tmp}/store-{tag}"), **hub_kw) as hub:
+        with Hub(hub_addr, Store(f"{tmp}/store-{tag}"), **hub_kw) as hub:
             m = hub.publish(build_release(compile_model(Probe(2.0), probe_examples()), "probe", "v1"))
             if not hub.wait_for("probe", m.seq, 1, 120)[0]:
                 raise SystemExit("node did not serve")

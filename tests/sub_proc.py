@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 
-from zmqmodels.subscriber import Subscriber
+from zmqmodels import Subscriber
 
 
 def main() -> None:

@@ -9,14 +9,14 @@ import sys
 
 import pytest
 import zmq
+from zmqmodels.control import HubClient
 
 from tests.conftest import wait_until
 from tests.fleet import ROOT, Proc, subscriber
 from tests.helpers import raw_release
 from zmqmodels import protocol as P
-from zmqmodels.control import HubClient
 from zmqmodels.errors import RemoteError
-from zmqmodels.hub import Publisher
+from zmqmodels.hub import Hub
 from zmqmodels.store import Store
 
 pytestmark = pytest.mark.timeout(180)
@@ -32,7 +32,7 @@ def procs():
 
 def test_four_processes_receive_the_same_release_bit_identically(tmp_path, procs) -> None:
     data = os.urandom(12 << 20)
-    with Publisher("tcp://127.0.0.1:0", Store(tmp_path)) as hub:
+    with Hub("tcp://127.0.0.1:0", Store(tmp_path)) as hub:
         procs += [subscriber(hub.address, "m", node_id=f"n{i}") for i in range(4)]
         for p in procs:
             p.wait_event(event="started")
@@ -48,7 +48,7 @@ def test_four_processes_receive_the_same_release_bit_identically(tmp_path, procs
 
 def test_late_joiner_catches_up_by_fetch_over_ipc(short_tmp, tmp_path, procs) -> None:
     data = os.urandom(5 << 20)
-    with Publisher(f"ipc://{short_tmp}/hub", Store(tmp_path)) as hub:
+    with Hub(f"ipc://{short_tmp}/hub", Store(tmp_path)) as hub:
         m = hub.publish(raw_release("m", data, chunk_bytes=1 << 20))
         procs.append(subscriber(hub.address, "m"))
         e = procs[0].wait_event(event="release", seq=m.seq)
@@ -58,7 +58,7 @@ def test_late_joiner_catches_up_by_fetch_over_ipc(short_tmp, tmp_path, procs) ->
 
 def test_tiny_rcvhwm_loses_chunks_and_still_completes(tmp_path, procs) -> None:
     data = os.urandom(24 << 20)
-    with Publisher("tcp://127.0.0.1:0", Store(tmp_path), sndhwm=2) as hub:
+    with Hub("tcp://127.0.0.1:0", Store(tmp_path), sndhwm=2) as hub:
         procs.append(subscriber(hub.address, "m", rcvhwm=1))
         procs[0].wait_event(event="started")
         wait_until(lambda: hub.status().nodes, 30, what="the node reporting")
@@ -78,7 +78,7 @@ def test_chunk_corrupted_in_flight_is_fetched_again(tmp_path, procs) -> None:
         return bytes(bad)
 
     data = os.urandom(6 << 20)
-    with Publisher("tcp://127.0.0.1:0", Store(tmp_path), fault=corrupt) as hub:
+    with Hub("tcp://127.0.0.1:0", Store(tmp_path), fault=corrupt) as hub:
         procs.append(subscriber(hub.address, "m"))
         procs[0].wait_event(event="started")
         wait_until(lambda: hub.status().nodes, 30, what="the node reporting")
@@ -90,11 +90,11 @@ def test_chunk_corrupted_in_flight_is_fetched_again(tmp_path, procs) -> None:
 
 def test_restarted_hub_keeps_seq_and_serves_stored_releases(tmp_path, procs) -> None:
     store = tmp_path / "store"
-    with Publisher("tcp://127.0.0.1:0", Store(store)) as hub:
+    with Hub("tcp://127.0.0.1:0", Store(store)) as hub:
         hub.publish(raw_release("m", b"one" * 1000))
         second = hub.publish(raw_release("m", b"two" * 1000, label="v2"))
     assert second.seq == 2
-    with Publisher("tcp://127.0.0.1:0", Store(store)) as hub:
+    with Hub("tcp://127.0.0.1:0", Store(store)) as hub:
         procs.append(subscriber(hub.address, "m"))
         e = procs[0].wait_event(event="release")
         assert (e["seq"], e["label"], e["sha256"]) == (2, "v2", second.archive_sha256)
@@ -102,7 +102,7 @@ def test_restarted_hub_keeps_seq_and_serves_stored_releases(tmp_path, procs) -> 
 
 
 def test_two_models_never_cross(tmp_path, procs) -> None:
-    with Publisher("tcp://127.0.0.1:0", Store(tmp_path)) as hub:
+    with Hub("tcp://127.0.0.1:0", Store(tmp_path)) as hub:
         procs += [subscriber(hub.address, "ab"), subscriber(hub.address, "abc")]
         for p in procs:
             p.wait_event(event="started")
@@ -121,13 +121,13 @@ def test_two_models_never_cross(tmp_path, procs) -> None:
 
 
 def test_publish_wait_for_fails_when_too_few_nodes_report(tmp_path, procs) -> None:
-    with Publisher("tcp://127.0.0.1:0", Store(tmp_path / "store")) as hub:
+    with Hub("tcp://127.0.0.1:0", Store(tmp_path / "store")) as hub:
         procs.append(subscriber(hub.address, "lenet", load=True))
         procs[0].wait_event(event="started")
         cli = [sys.executable, "-m", "zmqmodels", "publish", "tests.models:make_lenet",
                "--name", "lenet", "--hub", hub.address, "--json"]
         env = {**os.environ, "PYTHONPATH": ROOT}
-        ok = subprocess.run([*cli, "--version", "v1", "--wait-for", "1", "--timeout", "60"],
+        ok = subprocess.run([*cli, "--label", "v1", "--wait-for", "1", "--timeout", "60"],
                             capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
         assert ok.returncode == 0, ok.stderr
         assert '"serving": 1' in ok.stdout
@@ -141,7 +141,7 @@ def test_publish_wait_for_fails_when_too_few_nodes_report(tmp_path, procs) -> No
 
 
 def test_rollback_rebroadcasts_old_content_under_a_new_seq(tmp_path, procs) -> None:
-    with Publisher("tcp://127.0.0.1:0", Store(tmp_path)) as hub:
+    with Hub("tcp://127.0.0.1:0", Store(tmp_path)) as hub:
         v1 = hub.publish(raw_release("m", b"1" * 10_000, label="v1"))
         hub.publish(raw_release("m", b"2" * 10_000, label="v2"))
         procs.append(subscriber(hub.address, "m"))
@@ -156,7 +156,7 @@ def test_rollback_rebroadcasts_old_content_under_a_new_seq(tmp_path, procs) -> N
 
 def test_hub_answers_bad_requests_and_keeps_running(tmp_path) -> None:
     ctx = zmq.Context.instance()
-    with Publisher("tcp://127.0.0.1:0", Store(tmp_path)) as hub:
+    with Hub("tcp://127.0.0.1:0", Store(tmp_path)) as hub:
         hub.publish(raw_release("m", b"x" * 1000))
         s = ctx.socket(zmq.DEALER)
         s.linger = 0
@@ -193,7 +193,7 @@ def test_hub_refuses_more_concurrent_store_jobs_than_its_limit(tmp_path) -> None
     from zmqmodels.defaults import Limits
 
     big = raw_release("m", os.urandom(64 << 20), chunk_bytes=4 << 20)
-    with Publisher("tcp://127.0.0.1:0", Store(tmp_path), limits=Limits(max_store_jobs=1)) as hub:
+    with Hub("tcp://127.0.0.1:0", Store(tmp_path), limits=Limits(max_store_jobs=1)) as hub:
         results: list[object] = []
 
         def send() -> None:
@@ -216,7 +216,7 @@ def test_fleet_table_is_bounded_against_invented_node_ids(tmp_path) -> None:
     from zmqmodels.defaults import Limits
 
     ctx = zmq.Context.instance()
-    with Publisher("tcp://127.0.0.1:0", Store(tmp_path), limits=Limits(max_fleet_entries=5)) as hub:
+    with Hub("tcp://127.0.0.1:0", Store(tmp_path), limits=Limits(max_fleet_entries=5)) as hub:
         s = ctx.socket(zmq.DEALER)
         s.linger = 0
         s.connect(hub.address)

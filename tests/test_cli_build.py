@@ -35,7 +35,7 @@ def test_inspect_torchscript_file_lists_lenet_parameters(tmp_path) -> None:
 
 def test_build_then_inspect_release(tmp_path) -> None:
     store = tmp_path / "store"
-    out = run("build", "tests.models:make_lenet", "--name", "lenet", "--version", "v1",
+    out = run("build", "tests.models:make_lenet", "--name", "lenet", "--label", "v1",
               "--store", str(store), "--meta", "run=42", "--json")
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)

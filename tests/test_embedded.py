@@ -11,8 +11,8 @@ from tests.conftest import wait_until
 from tests.models import Explodes, Probe, probe_examples
 from zmqmodels import (
     DeadlineError,
+    Hub,
     NotReadyError,
-    Publisher,
     Subscriber,
     build_release,
     compile_model,
@@ -27,7 +27,7 @@ def release(scale: float, label: str):
 
 
 def test_predict_version_model_and_on_swap(tmp_path) -> None:
-    with Publisher("tcp://127.0.0.1:0", Store(tmp_path / "s")) as hub:
+    with Hub("tcp://127.0.0.1:0", Store(tmp_path / "s")) as hub:
         swaps: list[tuple[str, int, int | None]] = []
         with Subscriber(hub.address, ["probe"]) as sub:
             sub.on_swap(lambda name, new, old: swaps.append((name, new.seq, old.seq if old else None)))
@@ -52,7 +52,7 @@ def test_predict_version_model_and_on_swap(tmp_path) -> None:
 
 
 def test_bad_release_is_rejected_and_previous_keeps_serving(tmp_path) -> None:
-    with Publisher("tcp://127.0.0.1:0", Store(tmp_path / "s")) as hub, \
+    with Hub("tcp://127.0.0.1:0", Store(tmp_path / "s")) as hub, \
             Subscriber(hub.address, ["probe"]) as sub:
         m1 = hub.publish(release(2.0, "v1"))
         sub.wait_until_serving("probe", 30, seq=m1.seq)
@@ -73,7 +73,7 @@ def test_swap_when_defers_and_declines(tmp_path) -> None:
         gate.wait(30)  # e.g. wait for a quiet moment between batches
         return True
 
-    with Publisher("tcp://127.0.0.1:0", Store(tmp_path / "s")) as hub, \
+    with Hub("tcp://127.0.0.1:0", Store(tmp_path / "s")) as hub, \
             Subscriber(hub.address, ["probe"], swap_when=swap_when) as sub:
         m1 = hub.publish(release(2.0, "v1"))
         with pytest.raises(DeadlineError):
@@ -88,7 +88,7 @@ def test_swap_when_defers_and_declines(tmp_path) -> None:
 
 def test_cache_serves_at_once_after_restart_without_a_hub(tmp_path, short_tmp) -> None:
     addr = f"ipc://{short_tmp}/hub"
-    with Publisher(addr, Store(tmp_path / "s")) as hub, \
+    with Hub(addr, Store(tmp_path / "s")) as hub, \
             Subscriber(addr, ["probe"], cache=tmp_path / "cache") as sub:
         m = hub.publish(release(2.0, "v1"))
         sub.wait_until_serving("probe", 30, seq=m.seq)

@@ -20,7 +20,7 @@ def test_hub_and_subscriber_do_not_import_torch() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, zmqmodels, zmqmodels.hub, zmqmodels.subscriber, zmqmodels.hub_client, "
+    code = ("import sys, zmqmodels, zmqmodels.hub, zmqmodels.follower, zmqmodels.hub_client, "
             "zmqmodels.node, zmqmodels.embedded, zmqmodels.cli, zmqmodels.store; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -56,3 +56,63 @@ def test_only_the_cli_package_imports_click() -> None:
     users = [p.relative_to(pkg).as_posix() for p in pkg.rglob("*.py")
              if re.search(r"^\s*import click|^\s*from click", p.read_text(), re.M)]
     assert users and all(u.startswith("cli/") for u in users), users
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """zmqmodels module -> the zmqmodels modules it imports, anywhere in it (a lazy import in a
+    function is still a dependency)."""
+    import ast
+    from pathlib import Path
+
+    pkg = Path(zmqmodels.__file__).parent
+    graph: dict[str, set[str]] = {}
+    for path in pkg.rglob("*.py"):
+        rel = path.relative_to(pkg).with_suffix("").parts
+        name = ".".join(("zmqmodels", *rel)).removesuffix(".__init__")
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = package
+                for _ in range(max(0, node.level - 1)):
+                    base = base.rsplit(".", 1)[0]
+                target = f"{base}.{node.module}" if node.level and node.module else (node.module or base)
+                for alias in node.names:  # `from . import protocol` imports a module
+                    sub = f"{target}.{alias.name}"
+                    deps.add(sub if (pkg.parent / (sub.replace(".", "/") + ".py")).exists() else target)
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names)
+        graph[name] = {d for d in deps if d.startswith("zmqmodels") and d != name}
+    return graph
+
+
+def test_the_package_has_no_import_circle() -> None:
+    """There were two (subscriber <-> embedded through a compatibility alias, protocol <-> fleet)."""
+    graph = _import_graph()
+    seen: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(m: str, path: list[str]) -> None:
+        seen[m] = 1
+        for d in sorted(graph.get(m, ())):
+            if d == "zmqmodels" or d not in graph:
+                continue  # the package's lazy re-exports are names, not a dependency
+            assert seen.get(d) != 1, " -> ".join([*path, m, d])
+            if d not in seen:
+                visit(d, [*path, m])
+        seen[m] = 2
+
+    for m in sorted(graph):
+        if m not in seen:
+            visit(m, [])
+
+
+SHELLS = ("hub", "relay", "node", "embedded", "worker", "follower")
+
+
+def test_no_shell_reaches_into_another_for_its_helpers() -> None:
+    """The relay imported `bind_hub_sockets` from the hub shell. Shells compose the Follower (the
+    intake shell) and nothing else of each other."""
+    graph = _import_graph()
+    for shell in SHELLS:
+        others = {f"zmqmodels.{s}" for s in SHELLS if s != shell} - {"zmqmodels.follower"}
+        assert not graph[f"zmqmodels.{shell}"] & others, (shell, graph[f"zmqmodels.{shell}"] & others)

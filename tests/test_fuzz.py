@@ -13,17 +13,16 @@ import torch
 import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from zmqmodels.control import HubClient
 
 from tests.conftest import wait_until
 from tests.helpers import raw_release
 from tests.models import Probe, probe_examples
-from zmqmodels import Client, Node, Publisher, build_release, compile_model
+from zmqmodels import Client, Hub, Node, Subscriber, build_release, compile_model
 from zmqmodels import protocol as P
-from zmqmodels.control import HubClient
 from zmqmodels.errors import ZmqModelsError
 from zmqmodels.release import decode_manifest, decompress_chunk, encode_manifest
 from zmqmodels.store import Store
-from zmqmodels.subscriber import Subscriber
 from zmqmodels.tensors import decode
 
 SLOW = os.environ.get("ZMQM_FUZZ_SLOW") == "1"
@@ -190,7 +189,7 @@ def _drain(sock: zmq.Socket) -> int:
 def test_live_hub_keeps_serving_after_fuzzed_frames(short_tmp, tmp_path) -> None:
     addr = f"ipc://{short_tmp}/hub"
     rel = raw_release("m", os.urandom(5000), chunk_bytes=1000)
-    with Publisher(addr, Store(tmp_path)) as hub:
+    with Hub(addr, Store(tmp_path)) as hub:
         seq = hub.publish(rel).seq
         dealer = zmq.Context.instance().socket(zmq.DEALER)
         dealer.linger = 0
@@ -311,7 +310,7 @@ def fuzz_front(address: str) -> list[str]:
 @pytest.mark.timeout(180)
 def test_live_node_keeps_serving_after_fuzzed_requests(short_tmp, tmp_path) -> None:
     hub_addr, node_addr = f"ipc://{short_tmp}/hub", f"ipc://{short_tmp}/node"
-    with Publisher(hub_addr, Store(tmp_path / "store")) as hub, \
+    with Hub(hub_addr, Store(tmp_path / "store")) as hub, \
             Node(hub_addr, ["probe"], node_addr, workers=1, cache=tmp_path / "cache") as node:
         m = hub.publish(build_release(compile_model(Probe(2.0), probe_examples()), "probe", "v1"))
         assert hub.wait_for("probe", m.seq, 1, 90)[0]

@@ -14,7 +14,7 @@ import torch
 from tests.conftest import wait_until
 from tests.fleet import ROOT
 from tests.models import Probe, probe_examples
-from zmqmodels import Client, Publisher, RemoteError, build_release, compile_model
+from zmqmodels import Client, Hub, RemoteError, build_release, compile_model
 from zmqmodels.store import Store
 
 pytestmark = pytest.mark.timeout(240)
@@ -55,7 +55,7 @@ def test_node_killed_mid_download_restarts_from_cache_then_catches_up(short_tmp,
     big = release(3.0, "v2", ballast_mb=400)
     node = serve(hub_addr, node_addr, cache)
     try:
-        with Publisher(hub_addr, store, sndhwm=8) as hub:
+        with Hub(hub_addr, store, sndhwm=8) as hub:
             v1 = hub.publish(release(2.0, "v1"))
             assert hub.wait_for("probe", v1.seq, 1, 90)[0]
             assert infer_label(node_addr) == "v1"
@@ -67,7 +67,7 @@ def test_node_killed_mid_download_restarts_from_cache_then_catches_up(short_tmp,
         # the hub is down now; the restarted node serves v1 from its cache at once
         node = serve(hub_addr, node_addr, cache)
         assert infer_label(node_addr, timeout=30) == "v1"
-        with Publisher(hub_addr, store) as hub:  # the hub comes back: the node catches up
+        with Hub(hub_addr, store) as hub:  # the hub comes back: the node catches up
             ok, status = hub.wait_for("probe", v2.seq, 1, 120)
             assert ok, status
         assert infer_label(node_addr) == "v2"
@@ -80,7 +80,7 @@ def test_infer_cli_prints_outputs_and_version(short_tmp, tmp_path) -> None:
     node_addr = f"ipc://{short_tmp}/node"
     node = serve(hub_addr, node_addr, str(tmp_path / "cache"))
     try:
-        with Publisher(hub_addr, Store(tmp_path / "store")) as hub:
+        with Hub(hub_addr, Store(tmp_path / "store")) as hub:
             m = hub.publish(release(2.0, "v1"))
             assert hub.wait_for("probe", m.seq, 1, 90)[0]
             env = {**os.environ, "PYTHONPATH": ROOT}

@@ -12,8 +12,8 @@ from tests.conftest import free_port_pair, wait_until
 from tests.helpers import raw_release
 from tests.models import Probe, probe_examples
 from zmqmodels import Client, Hub, Node, Relay, build_release, compile_model
+from zmqmodels.follower import Follower
 from zmqmodels.store import Store
-from zmqmodels.subscriber import Follower
 
 pytestmark = pytest.mark.timeout(120)
 

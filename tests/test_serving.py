@@ -14,7 +14,7 @@ import zmq
 
 from tests.conftest import wait_until
 from tests.models import Explodes, Probe, probe_examples
-from zmqmodels import Client, Node, Publisher, RemoteError, build_release, compile_model
+from zmqmodels import Client, Hub, Node, RemoteError, build_release, compile_model
 from zmqmodels import protocol as P
 from zmqmodels.defaults import Limits
 from zmqmodels.store import Store
@@ -29,7 +29,7 @@ def probe_release(scale: float, label: str, ballast_mb: int = 0):
 
 @pytest.fixture
 def hub(tmp_path):
-    with Publisher("tcp://127.0.0.1:0", Store(tmp_path / "store")) as h:
+    with Hub("tcp://127.0.0.1:0", Store(tmp_path / "store")) as h:
         yield h
 
 
@@ -209,8 +209,8 @@ def test_every_serving_error_code(hub, tmp_path) -> None:
 
         assert code_of("nope", torch.ones(1, 4)) == "unknown_model"
         assert code_of("later", torch.ones(1, 4)) == "not_ready"
-        assert code_of("probe", torch.ones(1, 4), version=seq + 7) == "version_unavailable"
-        assert c.infer("probe", torch.ones(1, 4), version=seq).seq == seq
+        assert code_of("probe", torch.ones(1, 4), seq=seq + 7) == "version_unavailable"
+        assert c.infer("probe", torch.ones(1, 4), seq=seq).seq == seq
         assert code_of("probe", torch.ones(4)) == "bad_input"  # rank
         assert code_of("probe", torch.ones(1, 4, dtype=torch.int32)) == "bad_input"  # dtype
         assert code_of("probe", torch.ones(1, 4), torch.ones(1, 4)) == "bad_input"  # count

@@ -11,10 +11,10 @@ import zmq
 
 from tests.conftest import wait_until
 from tests.helpers import raw_release
+from zmqmodels import Subscriber
 from zmqmodels import protocol as P
 from zmqmodels.defaults import Limits
 from zmqmodels.release import encode_manifest
-from zmqmodels.subscriber import Subscriber
 
 
 @pytest.fixture

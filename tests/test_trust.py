@@ -13,21 +13,20 @@ import msgspec
 import pytest
 import torch
 from click.testing import CliRunner
+from zmqmodels.control import HubClient
 
 from tests.conftest import wait_until
 from tests.fleet import ROOT
 from tests.helpers import raw_release
 from tests.models import Probe, probe_examples
-from zmqmodels import Client, Publisher, build_release, compile_model
+from zmqmodels import Client, Hub, Subscriber, build_release, compile_model
 from zmqmodels.cache import Cache
 from zmqmodels.cli import cli
-from zmqmodels.control import HubClient
 from zmqmodels.curve import Curve, generate_curve_keys, public_keys
 from zmqmodels.errors import DeadlineError, RemoteError, SignatureError, StoreError
 from zmqmodels.release import Release, encode_manifest
 from zmqmodels.signing import SigningKey, Trust, generate_signing_key
 from zmqmodels.store import Store
-from zmqmodels.subscriber import Subscriber
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +137,7 @@ def test_hub_with_trust_refuses_unsigned_and_forbids_control_to_plain_peers(keys
     fleet = keys / "fleet"
     hub_curve = curve(keys, "hub", allow=[fleet / "public_keys"])
     control = public_keys([fleet / "public_keys" / "client.key"])
-    with Publisher(addr, Store(tmp_path), trust=trusted(keys), curve=hub_curve, control_keys=control):
+    with Hub(addr, Store(tmp_path), trust=trusted(keys), curve=hub_curve, control_keys=control):
         client = HubClient(addr, timeout=10, curve=curve(keys, "client", "hub"))
         node = HubClient(addr, timeout=10, curve=curve(keys, "node", "hub"))
         rel = raw_release("m", os.urandom(3000), chunk_bytes=1000)
@@ -193,7 +192,7 @@ def test_secured_fleet_serves_only_trusted_releases(keys, short_tmp, tmp_path) -
         r = client.infer("probe", torch.ones(1, 4))
         return r.label, r.seq, float(r.outputs[0, 0])
 
-    hub = Publisher(hub_addr, store, curve=hub_curve).start()
+    hub = Hub(hub_addr, store, curve=hub_curve).start()
     try:
         v1 = ctl.publish(probe(2.0, "v1"), signing_key=signer(keys))
         ok, status = ctl.wait_for("probe", v1.seq, 1, 120)
@@ -221,7 +220,7 @@ def test_secured_fleet_serves_only_trusted_releases(keys, short_tmp, tmp_path) -
         good = signer(keys).seal(probe(5.0, "v5"), store.reserve("probe"))
         forged = msgspec.structs.replace(good.manifest, label="v5-forged")
         store.put(Release(forged, good.chunks, encode_manifest(forged), good.signature))
-        hub = Publisher(hub_addr, store, curve=hub_curve).start()
+        hub = Hub(hub_addr, store, curve=hub_curve).start()
         rejected_with(ctl, forged.seq, "does not verify")
 
         # a tampered chunk in the hub's store, under a valid signature: the digest refuses it
@@ -230,7 +229,7 @@ def test_secured_fleet_serves_only_trusted_releases(keys, short_tmp, tmp_path) -
         chunks = [bytes(c) for c in good.chunks]
         chunks[0] = bytes([chunks[0][0] ^ 0xFF]) + chunks[0][1:]
         store.put(Release(good.manifest, chunks, good.raw, good.signature))
-        hub = Publisher(hub_addr, store, curve=hub_curve).start()
+        hub = Hub(hub_addr, store, curve=hub_curve).start()
         rejected_with(ctl, good.manifest.seq, "corrupt at its source")
         assert served() == ("v1", v1.seq, 2.0)
 
@@ -246,7 +245,7 @@ def test_secured_fleet_serves_only_trusted_releases(keys, short_tmp, tmp_path) -
         old_store = tmp_path / "old"
         (old_store / "probe").mkdir(parents=True)
         shutil.copy(store.path("probe", v1.seq), old_store / "probe")
-        hub = Publisher(hub_addr, Store(old_store), curve=hub_curve).start()
+        hub = Hub(hub_addr, Store(old_store), curve=hub_curve).start()
         wait_until(lambda: any(n.seq == rb.seq and n.state == "serving" and n.age_s < 0.5
                                for n in ctl.status().nodes), 30, what="the node reporting to the old hub")
         assert served() == ("v1", rb.seq, 2.0)
@@ -276,9 +275,9 @@ def test_cli_publishes_signed_over_curve_and_reads_status(keys, short_tmp, tmp_p
     client_opts = ["--curve-key", str(fleet / "private_keys" / "client.key_secret"),
                    "--curve-server", str(fleet / "public_keys" / "hub.key")]
     store = Store(tmp_path)
-    with Publisher(addr, store, trust=trusted(keys), curve=curve(keys, "hub", allow=[fleet / "public_keys"])):
+    with Hub(addr, store, trust=trusted(keys), curve=curve(keys, "hub", allow=[fleet / "public_keys"])):
         run = CliRunner().invoke
-        out = run(cli, ["publish", "tests/models.py:make_probe", "--name", "probe", "--version", "v1",
+        out = run(cli, ["publish", "tests/models.py:make_probe", "--name", "probe", "--label", "v1",
                         "--hub", addr, "--signing-key", str(fleet / "signing.key"), "--json", *client_opts])
         assert out.exit_code == 0, out.output
         rel = store.latest("probe")
@@ -304,7 +303,7 @@ def test_a_hub_with_a_signing_key_signs_its_own_publishes_and_rollbacks(keys, sh
                                                                         tmp_path) -> None:  # noqa: ANN001
     addr = f"ipc://{short_tmp}/hub"
     store = Store(tmp_path)
-    with Publisher(addr, store, signing_key=signer(keys), trust=trusted(keys)) as hub:
+    with Hub(addr, store, signing_key=signer(keys), trust=trusted(keys)) as hub:
         v1 = hub.publish(raw_release("m", os.urandom(3000), label="v1", chunk_bytes=1000))
         hub.publish(raw_release("m", os.urandom(3000), label="v2", chunk_bytes=1000))
         done = HubClient(addr, timeout=10).rollback("m", "v1")  # the operator holds no key
@@ -314,7 +313,7 @@ def test_a_hub_with_a_signing_key_signs_its_own_publishes_and_rollbacks(keys, sh
         back = store.read("m", done.seq).manifest
         assert (back.label, back.archive_sha256, back.metadata["rollback_of"]) == \
             ("v1", v1.archive_sha256, str(v1.seq))
-    with Publisher(addr, store, trust=trusted(keys)), \
+    with Hub(addr, store, trust=trusted(keys)), \
             pytest.raises(RemoteError, match="signed releases only"):
         HubClient(addr, timeout=10).rollback("m", "v1")  # no key anywhere: refused, not unsigned
 
@@ -322,7 +321,7 @@ def test_a_hub_with_a_signing_key_signs_its_own_publishes_and_rollbacks(keys, sh
 def test_embedded_subscriber_trusts_and_rechecks_its_cache(keys, short_tmp, tmp_path) -> None:  # noqa: ANN001
     addr = f"ipc://{short_tmp}/hub"
     cache = tmp_path / "cache"
-    with Publisher(addr, Store(tmp_path / "store")) as hub:
+    with Hub(addr, Store(tmp_path / "store")) as hub:
         with Subscriber(addr, ["probe"], trust=trusted(keys), cache=cache) as sub:
             hub.publish(probe(3.0, "unsigned"))
             wait_until(lambda: sub.stats["untrusted"] >= 1, 30, what="the unsigned release refused")

@@ -95,15 +95,14 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def infer(self, model: str, *inputs: Any, timeout: float | None = None, seq: int = 0,
-              version: int = 0) -> Result:
+    def infer(self, model: str, *inputs: Any, timeout: float | None = None, seq: int = 0) -> Result:
         """Run ``model`` on ``inputs`` (tensors, or nested tuples/lists/dicts of them).
 
-        ``seq`` pins a release (``version`` is its old name). ``timeout`` bounds each attempt;
+        ``seq`` pins a release (0: the newest the node serves). ``timeout`` bounds each attempt;
         the node is told it, and drops the request unanswered if it is still queued then."""
         spec, bufs = encode(tuple(inputs))
         rid = f"{os.getpid()}-{next(_ids)}"
-        return self._call(lambda ms: P.pack(P.InferRequest(model, rid, spec, seq or version, timeout_ms=ms),
+        return self._call(lambda ms: P.pack(P.InferRequest(model, rid, spec, seq, timeout_ms=ms),
                                             *bufs), rid, timeout)
 
     def _call(self, frames_for: Any, rid: str, timeout: float | None) -> Result:

@@ -1,4 +1,4 @@
-"""The embedded model host: a :class:`~zmqmodels.subscriber.Follower` plus one
+"""The embedded model host: a :class:`~zmqmodels.follower.Follower` plus one
 :class:`~zmqmodels.slot.ModelSlot` per model, inside any process (a worker, a notebook).
 
 Each verified release is loaded (``torch.jit.load``, example check, warm-up) on the follower's
@@ -28,11 +28,11 @@ from .cache import Cache
 from .curve import Curve
 from .defaults import Limits
 from .errors import DeadlineError, NotReadyError, ZmqModelsError
+from .follower import Follower, ReleaseCallback
 from .protocol import ModelState
 from .release import Manifest, validate_name
 from .signing import Trust
 from .slot import Loaded, ModelSlot
-from .subscriber import Follower, ReleaseCallback
 
 __all__ = ["Subscriber"]
 
@@ -45,7 +45,7 @@ class Subscriber:
     ``on_release(manifest, archive)``, if given, also runs for every verified release (before
     it is loaded; ``load=False`` skips loading: a receive-only follower). ``device`` is where
     models load (``cpu``, ``cuda:0``). ``cache``, ``trust``, ``curve``, ``limits`` and the
-    timing options are the :class:`~zmqmodels.subscriber.Follower`'s.
+    timing options are the :class:`~zmqmodels.follower.Follower`'s.
     """
 
     def __init__(

@@ -1,15 +1,19 @@
-"""ZeroMQ endpoints as users type them: checked before a socket sees them, so a missing scheme
+"""ZeroMQ endpoints: as users type them (checked before a socket sees them, so a missing scheme
 or a host that does not resolve is one line with the likely fix, not ``ZMQError: Invalid
-argument`` (or, for a connect, silence until a timeout)."""
+argument`` or, for a connect, silence until a timeout), and as a hub or relay binds them (a
+ROUTER and its PUB on the derived address)."""
 
 from __future__ import annotations
 
 import re
 import socket
 
-from .errors import ZmqModelsError
+import zmq
 
-__all__ = ["check_endpoint"]
+from .errors import ZmqModelsError
+from .protocol import pub_endpoint
+
+__all__ = ["check_endpoint", "bind_hub_sockets"]
 
 _TCP = re.compile(r"^tcp://(\[[0-9A-Fa-f:.]+\]|[^:/\s\[\]]+):(\d{1,5})$")
 
@@ -38,4 +42,22 @@ def check_endpoint(addr: str, what: str = "address", *, bind: bool = False) -> s
     except (socket.gaierror, UnicodeError) as exc:
         raise ZmqModelsError(f"{what} {addr}: host {host!r} does not resolve ({exc.strerror or exc})") \
             from None
+    return addr
+
+
+def bind_hub_sockets(router: zmq.Socket, pub: zmq.Socket, addr: str) -> str:
+    """Bind ``router`` to ``addr`` and ``pub`` to its derived address; return the ROUTER's
+    actual endpoint. ``tcp://HOST:0`` retries until a free pair (P, P+1) is found."""
+    if addr.startswith("tcp://") and addr.endswith(":0"):
+        host = addr[len("tcp://"):-2]
+        for _ in range(50):
+            port = router.bind_to_random_port(f"tcp://{host}")
+            try:
+                pub.bind(f"tcp://{host}:{port + 1}")
+                return f"tcp://{host}:{port}"
+            except zmq.ZMQError:
+                router.unbind(f"tcp://{host}:{port}")
+        raise ZmqModelsError(f"no free port pair on {host}")
+    router.bind(addr)
+    pub.bind(pub_endpoint(addr))
     return addr

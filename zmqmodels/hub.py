@@ -28,6 +28,7 @@ from . import defaults
 from . import protocol as P
 from .curve import Curve, ServerContext
 from .defaults import Limits
+from .endpoints import bind_hub_sockets
 from .errors import ProtocolError, StoreError, ZmqModelsError
 from .fleet import Fleet, rollout
 from .hub_store import ReleaseDesk
@@ -39,28 +40,10 @@ from .tuning import trim_heap
 from .waves import ActivateNodes, Finish, Halt, WaveRollout, activation_refusal
 from .waves import plan as wave_plan
 
-__all__ = ["Hub", "Publisher", "bind_hub_sockets"]
+__all__ = ["Hub"]
 
 log = logging.getLogger("zmqmodels.hub")
 _NOT_FOUND = "not_found"
-
-
-def bind_hub_sockets(router: zmq.Socket, pub: zmq.Socket, addr: str) -> str:
-    """Bind ``router`` to ``addr`` and ``pub`` to its derived address; return the ROUTER's
-    actual endpoint. ``tcp://HOST:0`` retries until a free pair (P, P+1) is found."""
-    if addr.startswith("tcp://") and addr.endswith(":0"):
-        host = addr[len("tcp://"):-2]
-        for _ in range(50):
-            port = router.bind_to_random_port(f"tcp://{host}")
-            try:
-                pub.bind(f"tcp://{host}:{port + 1}")
-                return f"tcp://{host}:{port}"
-            except zmq.ZMQError:
-                router.unbind(f"tcp://{host}:{port}")
-        raise ZmqModelsError(f"no free port pair on {host}")
-    router.bind(addr)
-    pub.bind(P.pub_endpoint(addr))
-    return addr
 
 
 class Hub(IOThread):
@@ -628,7 +611,6 @@ class Hub(IOThread):
                              rollouts=[w.status() for _, w in sorted(self._waves.items())])
 
 
-Publisher = Hub  # the name before milestone 2
 
 _CONTROL = (P.Publish, P.Rollback, P.Reserve, P.Activate)
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import zmq
 
-__all__ = ["Mailbox", "Commands"]
+__all__ = ["Mailbox"]
 
 
 class Mailbox:
@@ -59,4 +59,3 @@ class Mailbox:
             run(fn)
 
 
-Commands = Mailbox  # the name before milestone 2

@@ -6,7 +6,7 @@ monotonic-version rules) and :class:`~zmqmodels.supervisor.Supervisor` (spawn, h
 back-off). Its one I/O thread owns a ROUTER for clients (plain ZeroMQ REQ) and a ROUTER for
 its workers (DEALER, over ipc), feeds the cores what arrives and carries out what they return.
 
-Its :class:`~zmqmodels.subscriber.Follower` receives each release once per node, verifies it
+Its :class:`~zmqmodels.follower.Follower` receives each release once per node, verifies it
 and writes it atomically into the cache; the broker then **rolls** it through the workers one
 at a time (``LOAD`` -> load by path, example check, warm-up, swap -> ``LOADED``). A loading
 worker serves nobody (``torch.jit.load`` holds its GIL), so with two or more workers no
@@ -39,18 +39,17 @@ from .cache import Cache
 from .curve import Curve, ServerContext
 from .defaults import Limits
 from .errors import ProtocolError, ZmqModelsError
+from .follower import Follower
 from .ioloop import IOThread, LoopState
 from .release import Manifest, validate_name
 from .rollout import SwapPolicy, Target, Version
 from .signing import Trust
-from .subscriber import Follower
 from .supervisor import Activity, Kill, Spawn, Supervisor
 from .worker_boot import command as worker_command
 
-__all__ = ["Node", "SWAP_POLICIES", "SwapPolicy", "check_devices"]
+__all__ = ["Node", "SwapPolicy", "check_devices"]
 
 log = logging.getLogger("zmqmodels.node")
-SWAP_POLICIES = tuple(p.value for p in SwapPolicy)
 # error codes that count against a release in a wave's error rate (the client's own mistakes,
 # and a node that is busy or draining, do not)
 SERVER_ERRORS = frozenset({"model_error", "internal", "worker_lost"})
@@ -148,7 +147,8 @@ class Node(IOThread):
         try:
             policy = SwapPolicy(swap_policy)
         except ValueError:
-            raise ZmqModelsError(f"swap policy must be one of {SWAP_POLICIES}, not {swap_policy!r}") from None
+            raise ZmqModelsError(f"swap policy must be one of {[p.value for p in SwapPolicy]}, "
+                                 f"not {swap_policy!r}") from None
         if workers < 1:
             raise ZmqModelsError("a node needs at least one worker")
         if len(devices) not in (1, workers):

@@ -76,7 +76,6 @@ __all__ = [
     "ReleaseInfo",
     "ReleasesReply",
     "ErrorReply",
-    "rollout",
     "InferRequest",
     "InferReply",
     "WorkerReady",
@@ -558,14 +557,6 @@ def unpack(frames: Sequence[Any]) -> tuple[Any, list[Any]]:
                             f"{'a header and ' if f.has_header else ''}{span} payload frame(s)")
     msg = decode_header(kind, _buffer(frames[1])) if f.has_header else _HEADERLESS[kind]
     return msg, list(frames[first:])
-
-
-def rollout(status: StatusReply, name: str, seq: int) -> tuple[int, list[str]]:
-    """``(nodes serving name at seq, nodes that rejected that seq)``: the one rule behind
-    ``publish --wait-for`` (see :func:`zmqmodels.fleet.rollout`)."""
-    from .fleet import rollout as fleet_rollout
-
-    return fleet_rollout(status, name, seq)
 
 
 def encode(msg: msgspec.Struct) -> bytes:

@@ -25,9 +25,9 @@ from . import defaults
 from . import protocol as P
 from .curve import Curve, ServerContext
 from .defaults import Limits
+from .endpoints import bind_hub_sockets
 from .errors import ProtocolError, ZmqModelsError
 from .forward import Carried, Down, Forwarder, Keep, Reply, Up
-from .hub import bind_hub_sockets
 from .ioloop import IOThread
 from .release import Release, manifest_frames, validate_name
 from .signing import Trust

@@ -8,7 +8,7 @@ from time import sleep
 import click
 
 from .. import defaults
-from . import cli
+from .group import cli
 from .options import (
     bind_to,
     connect_to,

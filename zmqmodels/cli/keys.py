@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..errors import ZmqModelsError
-from . import cli
+from .group import cli
 
 __all__: list[str] = []
 

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from ..errors import ZmqModelsError
-from . import cli
+from .group import cli
 from .options import (
     bind_to,
     build_from_options,

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from ..rollout import SwapPolicy
-from . import cli
+from .group import cli
 from .options import (
     bind_to,
     connect_to,
@@ -114,8 +114,8 @@ def parse_inputs(specs: tuple[str, ...]) -> tuple[Any, ...]:
 @click.option("--input", "inputs", multiple=True, required=True,
               help="DIMx...[:dtype] (random), a .npy file, or a torch.save'd tensor/tuple file; "
                    "one per argument.")
-@click.option("--seq", "--version", "seq", type=int, default=0,
-              help="Pin a release by seq (0: the newest served); --version is its old name.")
+@click.option("--seq", "seq", type=int, default=0,
+              help="Pin a release by seq (0: the newest served).")
 @click.option("--timeout", type=float, default=5.0, show_default=True)
 @click.option("--retries", type=int, default=3, show_default=True)
 @click.option("--json", "as_json", is_flag=True)

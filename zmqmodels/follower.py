@@ -40,7 +40,7 @@ from .tuning import lower_thread_priority, tune_malloc
 
 __all__ = ["Follower", "ReleaseCallback"]  # and Subscriber, lazily (below)
 
-log = logging.getLogger("zmqmodels.subscriber")
+log = logging.getLogger("zmqmodels.follower")
 ReleaseCallback = Callable[[Manifest, Any], None]  # archive: a buffer of manifest.archive_bytes
 
 
@@ -464,10 +464,3 @@ class Follower(IOThread):
                 log.exception("%s: consumer failed on %s seq %d", self.node_id, m.name, m.seq)
             self.reject(m, f"{type(exc).__name__}: {exc}")
 
-
-def __getattr__(name: str) -> Any:
-    if name == "Subscriber":  # the embedded host lives beside, composed on a Follower
-        from .embedded import Subscriber
-
-        return Subscriber
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
