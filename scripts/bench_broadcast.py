@@ -130,7 +130,7 @@ def tcp_naive(data: memoryview, n: int) -> float:
 def zmq_fanout(release, n: int, store_dir: str, keys: str | None = None) -> dict[str, float]:  # noqa: ANN001
     """``keys``: a `keys generate` directory: CURVE on every socket, releases signed by the
     publisher and checked by every subscriber."""
-    from zmqmodels.control import HubClient
+    from zmqmodels.hub_client import HubClient
 
     sock = f"/tmp/zmqm-bench-{os.getpid()}"
     addr = f"ipc://{sock}"

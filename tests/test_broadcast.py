@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import zmq
-from zmqmodels.control import HubClient
 
 from tests.conftest import wait_until
 from tests.fleet import ROOT, Proc, subscriber
@@ -17,6 +16,7 @@ from tests.helpers import raw_release
 from zmqmodels import protocol as P
 from zmqmodels.errors import RemoteError
 from zmqmodels.hub import Hub
+from zmqmodels.hub_client import HubClient
 from zmqmodels.store import Store
 
 pytestmark = pytest.mark.timeout(180)

@@ -13,7 +13,6 @@ import torch
 import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from zmqmodels.control import HubClient
 
 from tests.conftest import wait_until
 from tests.helpers import raw_release
@@ -21,6 +20,7 @@ from tests.models import Probe, probe_examples
 from zmqmodels import Client, Hub, Node, Subscriber, build_release, compile_model
 from zmqmodels import protocol as P
 from zmqmodels.errors import ZmqModelsError
+from zmqmodels.hub_client import HubClient
 from zmqmodels.release import decode_manifest, decompress_chunk, encode_manifest
 from zmqmodels.store import Store
 from zmqmodels.tensors import decode

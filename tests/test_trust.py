@@ -13,7 +13,6 @@ import msgspec
 import pytest
 import torch
 from click.testing import CliRunner
-from zmqmodels.control import HubClient
 
 from tests.conftest import wait_until
 from tests.fleet import ROOT
@@ -24,6 +23,7 @@ from zmqmodels.cache import Cache
 from zmqmodels.cli import cli
 from zmqmodels.curve import Curve, generate_curve_keys, public_keys
 from zmqmodels.errors import DeadlineError, RemoteError, SignatureError, StoreError
+from zmqmodels.hub_client import HubClient
 from zmqmodels.release import Release, encode_manifest
 from zmqmodels.signing import SigningKey, Trust, generate_signing_key
 from zmqmodels.store import Store
