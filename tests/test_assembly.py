@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from tests.helpers import raw_release
 from zmqmodels import protocol as P
-from zmqmodels.assembly import Assembler, Deliver, Send
+from zmqmodels.core.assembly import Assembler, Deliver, Send
 from zmqmodels.defaults import Limits
 from zmqmodels.release import Release, decode_manifest, encode_manifest
 

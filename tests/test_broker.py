@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from zmqmodels.broker import Broker, Changed, Dispatch, Expire, Load, Refuse, Rejected, Request
-from zmqmodels.rollout import SwapPolicy, Target, Version
+from zmqmodels.core.broker import Broker, Changed, Dispatch, Expire, Load, Refuse, Rejected, Request
+from zmqmodels.core.swap import SwapPolicy, Target, Version
 
 pytestmark = pytest.mark.timeout(120)
 

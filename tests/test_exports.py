@@ -27,25 +27,36 @@ def test_hub_and_subscriber_do_not_import_torch() -> None:
     assert out.stdout.strip() == "False", out.stderr
 
 
-CORES = ("broker", "rollout", "supervisor", "assembly", "fleet", "forward", "waves")
+def _cores() -> list[str]:
+    from pathlib import Path
+
+    pkg = Path(zmqmodels.__file__).parent / "core"
+    return sorted(p.stem for p in pkg.glob("*.py") if p.stem != "__init__")
 
 
-def test_cores_do_no_io() -> None:
+def test_cores_live_in_the_core_package_and_do_no_io() -> None:
     """The deciding code takes events and time and returns actions: no zmq, torch, threads or
-    processes, so a unit test reaches every branch."""
+    processes, so a unit test reaches every branch. The file tree says which modules those are:
+    every sans-I/O class is under ``zmqmodels/core/``, every shell outside it."""
     import re
     import subprocess
     import sys
     from pathlib import Path
 
+    cores = _cores()
+    assert {"intake", "serve", "hub", "assembly", "forward", "waves", "fleet", "broker", "swap",
+            "supervisor"} <= set(cores), cores
     pkg = Path(zmqmodels.__file__).parent
-    for core in CORES:
-        text = (pkg / f"{core}.py").read_text()
+    for core in cores:
+        text = (pkg / "core" / f"{core}.py").read_text()
         assert not re.search(r"^\s*(import|from) (zmq|torch|threading|subprocess|socket)\b", text, re.M), core
-    code = (f"import sys; import {', '.join('zmqmodels.' + c for c in CORES)}; "
+    code = (f"import sys; import {', '.join('zmqmodels.core.' + c for c in cores)}; "
             "print('zmq' in sys.modules, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == ["False", "False"], out.stderr
+    for shell in SHELLS:
+        text = (pkg / f"{shell}.py").read_text()
+        assert re.search(r"^\s*(import|from) (zmq|\.ioloop|\.mailbox)\b", text, re.M), shell
 
 
 def test_only_the_cli_package_imports_click() -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from zmqmodels import protocol as P
+from zmqmodels.core.fleet import Fleet, rollout
 from zmqmodels.errors import ProtocolError
-from zmqmodels.fleet import Fleet, rollout
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -6,7 +6,9 @@ import pytest
 
 from tests.helpers import raw_release
 from zmqmodels import protocol as P
-from zmqmodels.forward import Down, Forwarder, Keep, Reply, Up
+from zmqmodels.core.forward import Forwarder, Keep
+from zmqmodels.core.intake import Send
+from zmqmodels.core.serve import Broadcast, Reply
 
 pytestmark = pytest.mark.timeout(30)
 DATA = bytes(range(256)) * 4096 * 3  # 3 MiB, 3 chunks of 1 MiB
@@ -28,10 +30,10 @@ def raw(m):
 def test_chunks_pass_straight_through_and_the_complete_release_is_kept() -> None:
     f, (m, chunks) = Forwarder(["m"], "r1"), release()
     out = f.on_manifest(m, raw(m), b"", 0.0)
-    assert isinstance(out[0], Down) and P.unpack(out[0].frames)[0] == P.ManifestFrames()
+    assert isinstance(out[0], Broadcast) and P.unpack(out[0].frames)[0] == P.ManifestFrames()
     for i, c in enumerate(chunks):
         out = f.on_chunk(P.ChunkHeader("m", 4, i), c, 0.1, fetched=False)
-        assert isinstance(out[0], Down)  # forwarded as it came, not after the whole release
+        assert isinstance(out[0], Broadcast)  # forwarded as it came, not after the whole release
     assert isinstance(out[-1], Keep) and out[-1].carried.chunks == [bytes(c) for c in chunks]
 
 
@@ -40,9 +42,9 @@ def test_a_corrupt_chunk_is_never_forwarded_and_is_fetched_again() -> None:
     f.on_manifest(m, raw(m), b"", 0.0)
     bad = bytes(len(chunks[1]))
     out = f.on_chunk(P.ChunkHeader("m", 4, 1), bad, 0.1, fetched=False)
-    assert not [a for a in out if isinstance(a, Down)]
+    assert not [a for a in out if isinstance(a, Broadcast)]
     # chunk 0 was skipped and 1 is corrupt: both fetched; 2 is still on its way, not fetched
-    assert [a.msg for a in out if isinstance(a, Up)] == [P.FetchChunks("m", 4, [0, 1])]
+    assert [a.msg for a in out if isinstance(a, Send)] == [P.FetchChunks("m", 4, [0, 1])]
 
 
 def test_downstream_repairs_are_answered_now_or_when_the_chunk_arrives() -> None:

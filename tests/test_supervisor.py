@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from zmqmodels.supervisor import Activity, Kill, Spawn, Supervisor
+from zmqmodels.core.supervisor import Activity, Kill, Spawn, Supervisor
 
 pytestmark = pytest.mark.timeout(30)
 

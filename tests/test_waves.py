@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from zmqmodels import protocol as P
+from zmqmodels.core.waves import ActivateNodes, Finish, Halt, WaveRollout, parse_halt_on, wave_counts
 from zmqmodels.errors import ZmqModelsError
-from zmqmodels.waves import ActivateNodes, Finish, Halt, WaveRollout, parse_halt_on, wave_counts
 
 
 def row(node: str, state: str = "serving", seq: int = 1, *, rejected: int = 0, why: str = "",

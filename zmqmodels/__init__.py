@@ -60,7 +60,7 @@ _EXPORTS = {
     "RemoteError": "errors",
     "ServingError": "errors",
     "CheckError": "errors",
-    "SwapPolicy": "rollout",
+    "SwapPolicy": "core.swap",
     "ModelState": "protocol",
 }
 

@@ -1,6 +1,6 @@
 """The subscriber's network side: receive, repair and verify releases (the *follower*).
 
-A shell around :class:`~zmqmodels.assembly.Assembler`: one I/O thread owns a SUB (broadcasts)
+A shell around :class:`~zmqmodels.core.assembly.Assembler`: one I/O thread owns a SUB (broadcasts)
 and a DEALER (fetches and reports), feeds the core what arrives and sends what it asks for.
 A second thread checks each complete archive's sha256, writes it to the cache (signed bytes
 and all) and hands it to ``on_release(manifest, archive)``, newest first: a consumer slower
@@ -27,8 +27,8 @@ import zmq
 
 from . import defaults
 from . import protocol as P
-from .assembly import Assembler, Assembly, Deliver, RetryStore, Send, Unstage
 from .cache import Cache
+from .core.assembly import Assembler, Assembly, Deliver, RetryStore, Send, Unstage
 from .curve import Curve
 from .defaults import Limits
 from .errors import ProtocolError, StoreError, ZmqModelsError
@@ -145,7 +145,7 @@ class Follower(IOThread):
                                    trust=self.trust, known=known, repair_idle_s=repair_idle_s,
                                    hub_ttl_s=hub_ttl_s, labels=labels,
                                    staged={n: m.seq for n, m in (staged or {}).items()})
-        self.assembler.stats = self.stats  # one counter for the shell and its core
+        self.assembler.use_stats(self.stats)  # one counter for the shell and its core
         self.labels = list(labels)
         self._counts = counts
         # staged releases held until activated: the manifest (the archive is in the cache),

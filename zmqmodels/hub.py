@@ -26,19 +26,19 @@ import zmq
 
 from . import defaults
 from . import protocol as P
+from .core.fleet import Fleet, rollout
+from .core.waves import ActivateNodes, Finish, Halt, WaveRollout, activation_refusal
+from .core.waves import plan as wave_plan
 from .curve import Curve, ServerContext
 from .defaults import Limits
 from .endpoints import bind_hub_sockets
 from .errors import ProtocolError, StoreError, ZmqModelsError
-from .fleet import Fleet, rollout
 from .hub_store import ReleaseDesk
 from .ioloop import IOThread
 from .release import Manifest, Release, stage_release
 from .signing import SigningKey, Trust
 from .store import Store
 from .tuning import trim_heap
-from .waves import ActivateNodes, Finish, Halt, WaveRollout, activation_refusal
-from .waves import plan as wave_plan
 
 __all__ = ["Hub"]
 

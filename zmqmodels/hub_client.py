@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from . import protocol as P
+from .core.fleet import rollout
 from .errors import DeadlineError, ProtocolError, RemoteError
-from .fleet import rollout
 from .release import Release, decode_manifest, rollback_manifest, stage_release
 
 if TYPE_CHECKING:

@@ -1,8 +1,8 @@
 """A serving node: the front process (torch-free) and its worker processes.
 
-The front is a shell around three cores: :class:`~zmqmodels.broker.Broker` (who serves each
-request, when a worker loads; with :class:`~zmqmodels.rollout.Rollout`'s fairness and
-monotonic-version rules) and :class:`~zmqmodels.supervisor.Supervisor` (spawn, health,
+The front is a shell around three cores: :class:`~zmqmodels.core.broker.Broker` (who serves each
+request, when a worker loads; with :class:`~zmqmodels.core.swap.Swaps`'s fairness and
+monotonic-version rules) and :class:`~zmqmodels.core.supervisor.Supervisor` (spawn, health,
 back-off). Its one I/O thread owns a ROUTER for clients (plain ZeroMQ REQ) and a ROUTER for
 its workers (DEALER, over ipc), feeds the cores what arrives and carries out what they return.
 
@@ -34,17 +34,17 @@ import zmq
 
 from . import defaults
 from . import protocol as P
-from .broker import Action, Broker, Changed, Dispatch, Expire, Load, Refetch, Refuse, Rejected, Request
 from .cache import Cache
+from .core.broker import Action, Broker, Changed, Dispatch, Expire, Load, Refetch, Refuse, Rejected, Request
+from .core.supervisor import Activity, Kill, Spawn, Supervisor
+from .core.swap import SwapPolicy, Target, Version
 from .curve import Curve, ServerContext
 from .defaults import Limits
 from .errors import ProtocolError, ZmqModelsError
 from .follower import Follower
 from .ioloop import IOThread, LoopState
 from .release import Manifest, validate_name
-from .rollout import SwapPolicy, Target, Version
 from .signing import Trust
-from .supervisor import Activity, Kill, Spawn, Supervisor
 from .worker_boot import command as worker_command
 
 __all__ = ["Node", "SwapPolicy", "check_devices"]

@@ -1,7 +1,7 @@
 """A relay: subscribe to a hub (or another relay) once, republish downstream chunk by chunk.
 
 ``hub -> relay -> nodes``: the hub sends each release once per relay, not once per node. The
-shell around :class:`~zmqmodels.forward.Forwarder` owns four sockets in one I/O thread: an
+shell around :class:`~zmqmodels.core.forward.Forwarder` owns four sockets in one I/O thread: an
 upstream SUB and DEALER (as a node has) and a downstream PUB and ROUTER (as a hub has, on the
 same one-address convention), so nodes and other relays point ``--hub`` at it unchanged.
 Complete releases go to its store on a worker thread (the store format is the hub's), so a
@@ -23,11 +23,13 @@ import zmq
 
 from . import defaults
 from . import protocol as P
+from .core.forward import Carried, Forwarder, Keep
+from .core.intake import Send
+from .core.serve import Broadcast, Reply
 from .curve import Curve, ServerContext
 from .defaults import Limits
 from .endpoints import bind_hub_sockets
 from .errors import ProtocolError, ZmqModelsError
-from .forward import Carried, Down, Forwarder, Keep, Reply, Up
 from .ioloop import IOThread
 from .release import Release, manifest_frames, validate_name
 from .signing import Trust
@@ -64,7 +66,7 @@ class Relay(IOThread):
         models = [validate_name(m) for m in models]
         self.forwarder = Forwarder(models, self.relay_id, limits=self.limits, trust=trust,
                                    held=self._held(models))
-        self.forwarder.stats = self.stats
+        self.forwarder.use_stats(self.stats)
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="zmqmodels-relay-store")
         self._next_beat = 0.0
         self.address = self.pub_address = ""
@@ -77,8 +79,8 @@ class Relay(IOThread):
         for name in models or self.store.names():
             rel = self.store.latest(name)
             if rel is not None:
-                out[name] = Carried(rel.manifest, bytes(rel.manifest_bytes), rel.signature,
-                                    list(rel.chunks), set())
+                out[name] = Carried(rel.manifest, bytes(rel.manifest_bytes), rel.signature, 0.0,
+                                    chunks=list(rel.chunks))
         return out
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -151,9 +153,9 @@ class Relay(IOThread):
     def _carry(self, actions: list[Any]) -> None:
         for action in actions:
             match action:
-                case Up(msg):
+                case Send(msg):
                     self._up.send_multipart(P.pack(msg))
-                case Down(name, frames):
+                case Broadcast(name, frames):
                     self._pub.send_multipart([P.topic(name) if name else P.HUB_TOPIC, *frames], copy=False)
                 case Reply(peer, frames):
                     self._router.send_multipart([peer, *frames], copy=False)
@@ -178,13 +180,13 @@ class Relay(IOThread):
         if len(frames) < 2:
             raise ProtocolError(f"broadcast of {len(frames)} frame(s)")
         now = time.monotonic()
-        self.forwarder.hub_seen = now
+        self.forwarder.heard(now)
         msg, payload = P.unpack(frames[1:])
         self._upstream(msg, payload, now, fetched=False)
 
     def _on_up_dealer(self, frames: list[zmq.Frame]) -> None:
         now = time.monotonic()
-        self.forwarder.hub_seen = now
+        self.forwarder.heard(now)
         msg, payload = P.unpack(frames)
         if isinstance(msg, P.ErrorReply):
             if msg.code != "not_found":

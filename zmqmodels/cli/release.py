@@ -150,7 +150,7 @@ def publish(hub_addr: str | None, bind_addr: str | None, store_dir: str, wait_fo
     plan = {"staged": staged or bool(wave_list), "waves": wave_list, "wave_wait_s": wave_wait,
             "halt_on": list(halt_on), "confirm_s": confirm_s}
     if wave_list:
-        from ..waves import plan as check_plan
+        from ..core.waves import plan as check_plan
 
         check_plan(wave_list, wave_wait, list(halt_on), confirm_s)  # bad syntax fails before compiling
     else:

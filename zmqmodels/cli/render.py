@@ -110,7 +110,7 @@ def failed_nodes(status: Any, name: str, seq: int) -> dict[str, str]:
 def finish_publish(ok: bool, status: Any, name: str, seq: int, label: str, wait_for: int,
                     as_json: bool, say: Any, *, staged: bool = False,
                     timings: dict[str, float] | None = None) -> None:
-    from ..fleet import rollout
+    from ..core.fleet import rollout
 
     serving, rejected = rollout(status, name, seq)
     failed = failed_nodes(status, name, seq)

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from ..rollout import SwapPolicy
+from ..core.swap import SwapPolicy
 from .group import cli
 from .options import (
     bind_to,

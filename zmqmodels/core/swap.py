@@ -1,4 +1,4 @@
-"""Rollout policy of one node, sans I/O: which seq each model is headed for, which workers are
+"""The swap policy of one node, sans I/O: which seq each model is headed for, which workers are
 stale, and which may answer a request.
 
 Rules (docs/protocol.md §Serving):
@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-__all__ = ["SwapPolicy", "Version", "Target", "Rollout"]
+__all__ = ["SwapPolicy", "Version", "Target", "Swaps"]
 
 
 class SwapPolicy(str, enum.Enum):
@@ -45,7 +45,7 @@ class Target:
     label: str = ""
 
 
-class Rollout:
+class Swaps:
     def __init__(self, models: list[str], policy: SwapPolicy = SwapPolicy.AVAILABILITY) -> None:
         self.policy = SwapPolicy(policy)
         self.targets: dict[str, Target] = {}

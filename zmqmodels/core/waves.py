@@ -28,8 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import protocol as P
-from .errors import ZmqModelsError
+from .. import protocol as P
+from ..errors import ZmqModelsError
 
 __all__ = ["ActivateNodes", "Finish", "Halt", "WaveRollout", "wave_counts", "parse_halt_on", "plan",
            "CANARY", "activation_refusal"]

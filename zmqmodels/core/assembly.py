@@ -7,25 +7,17 @@ and the clock, and returns actions: :class:`Send` (a message for the hub's ROUTE
 verified (XXH3 of the payload) and decompressed straight into one preallocated buffer per
 release; the archive's sha256 is extended over the in-order prefix as chunks land.
 
-Rules (docs/protocol.md §Subscriber):
+Rules (docs/protocol.md §Subscriber); the repair rules (gap, end-of-broadcast beat, stall,
+corrupt at source, re-ask, credit) are the :mod:`.intake`'s, shared with relays:
 
 - Clone semantics: a release whose seq is not newer than the one held (or assembling) is
   dropped; a seq that was rejected here is never fetched again.
-- A gap - a missed manifest, lost or corrupt chunks, a heartbeat announcing a newer seq, a
-  hub silent for longer than its TTL - is repaired by asking for exactly what is missing, at
-  most ``fetch_credit`` chunks in flight. The broadcast comes in index order on one pipe, so a
-  chunk that skips indices means those were dropped: they are fetched at once, and nothing
-  the broadcast has yet to bring. The sender's heartbeat naming the release follows all its
-  chunks on that pipe, so once it arrives whatever is still missing was lost (a dropped tail)
-  and is fetched. A slow link or a large fan-out is not a loss: fetching what is on its way
-  would double the hub's traffic. Only a broadcast silent for 2 s and 8 times its mean chunk
-  interval (:class:`Pace`) is fetched without that marker.
 - A manifest over the limits or without a trusted signature is refused before anything is
   allocated for it, reported once per distinct manifest, and does not mark its seq rejected
   (a forged manifest must not block the genuine release of that seq); heartbeats naming that
   same release (seq and sha256) no longer trigger a fetch.
-- Chunks fetched from the hub that fail their digest ``CORRUPT_FETCHES_MAX`` times: the hub's
-  own copy is bad; the release is rejected rather than fetched forever.
+- Chunks fetched from the hub that fail their digest ``CORRUPT_FETCHES_MAX`` times: the
+  release is rejected rather than fetched forever.
 - A *staged* release is received, verified and cached like any other, then held (reported
   as ``staged``, the state stays what is served) until it is activated: an ACTIVATE naming
   this node (or every node) for its seq, or a heartbeat whose ``active`` reaches it. Then
@@ -43,72 +35,46 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
 import xxhash
 
-from . import defaults
-from . import protocol as P
-from .defaults import Limits
-from .errors import IntegrityError, LimitError, ProtocolError, SignatureError, ZmqModelsError
-from .protocol import ModelState
-from .release import Manifest, decompress_chunk
-from .signing import Trust
+from .. import defaults
+from .. import protocol as P
+from ..defaults import Limits
+from ..errors import LimitError, ProtocolError, SignatureError, ZmqModelsError
+from ..protocol import ModelState
+from ..release import Manifest, decompress_chunk
+from ..signing import Trust
+from .intake import Incoming, Intake, Pace, Send, Taken, next_fetch
 
 __all__ = ["Assembly", "Pace", "Follow", "Send", "Deliver", "Unstage", "RetryStore", "Assembler",
            "next_fetch"]
 
 
 @dataclass
-class Pace:
-    """How a release's broadcast is arriving: when a gap means loss, when silence a stall."""
+class Assembly(Incoming):
+    """One release being received into ``buf``, decompressed chunk by chunk."""
 
-    started: float
-    received: int = 0  # chunks taken in
-    next_bcast: int = 0  # the index the in-order broadcast brings next
-    stalled: bool = False  # silent for longer than the pace allows: fetch everything missing
-    broadcast_manifest: bool = True  # its chunks follow it on the same pipe (not a fetched one)
-
-    def broadcast(self, index: int) -> bool:
-        """A broadcast chunk arrived: True if it skipped indices (dropped: fetch them now)."""
-        gap = index > self.next_bcast
-        self.next_bcast = max(self.next_bcast, index + 1)
-        return gap
-
-    def stalls(self, now: float, last_progress: float, idle_s: float) -> bool:
-        """No chunk for 8 x ``idle_s`` (2 s) or 8 x the mean interval so far, whichever is
-        longer (a fetched manifest's chunks are not coming by broadcast: ``idle_s``). The
-        sender's heartbeat usually says so sooner (:meth:`Assembler.on_beat`)."""
-        if not self.broadcast_manifest:
-            return now - last_progress > idle_s
-        mean = (last_progress - self.started) / self.received if self.received else 0.0
-        return now - last_progress > max(8 * idle_s, 8 * mean)
-
-    def fetch_below(self, chunk_count: int) -> int:
-        return chunk_count if self.stalled else self.next_bcast
-
-
-@dataclass
-class Assembly:
-    """One release being received into ``buf``."""
-
-    manifest: Manifest
-    raw: bytes  # the manifest as received (what its signature covers)
-    signature: bytes
-    buf: Any  # a writable buffer of at least manifest.archive_bytes
-    missing: set[int]
-    requested: dict[int, float] = field(default_factory=dict)  # index -> when asked
-    last_progress: float = 0.0
-    repairing: bool = False
-    corrupt_fetches: int = 0  # fetched (not broadcast) chunks that failed their digest
+    buf: Any = None  # a writable buffer of at least manifest.archive_bytes
+    give: Callable[[str, Any], None] | None = None  # hands ``buf`` back when let go unfinished
     hashed: int = 0  # chunks [0, hashed) are in the running sha256
-    started: float = 0.0  # when its manifest was accepted
     receive_s: float = 0.0  # manifest -> last chunk in and hashed
     store_failures: int = 0  # failed cache writes of it (the host kept it to write again)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.view = memoryview(self.buf)
         self.sha = hashlib.sha256()
-        self.pace = Pace(self.started)
+
+    def accept(self, index: int, payload: Any) -> None:
+        decompress_chunk(self.manifest, index, payload, self.view)
+        self.missing.discard(index)  # (the intake does so too) so the prefix can extend now
+        self.hash_prefix()
+
+    def close(self) -> None:
+        """Abandoned or superseded: the buffer goes back to the pool."""
+        self.view.release()
+        if self.give is not None:
+            self.give(self.manifest.name, self.buf)
 
     def hash_prefix(self) -> None:
         """Extend the archive sha256 over every chunk that now completes the in-order prefix,
@@ -129,9 +95,6 @@ class Follow:
     rejected: set[int] = field(default_factory=set)
     refused: int = -1  # XXH3 of the last manifest refused (signature, limits): quiets repeats
     refused_release: tuple[int, str] = (0, "")  # (seq, archive sha256) of that manifest
-    asm: Assembly | None = None
-    asked_seq: int = -1
-    asked_at: float = 0.0
     retry_at: float = 0.0  # when to write ``retry_seq`` to the cache again (a write that failed)
     retry_seq: int = 0
     retries: int = 0
@@ -146,30 +109,6 @@ class Follow:
     want: int = 0  # an older seq to fetch all the same: the active one, behind a held staged one
     requests: int = 0  # what the host answered (Report.requests / errors)
     errors: int = 0
-
-
-def next_fetch(missing: set[int], requested: dict[int, float], now: float, credit: int,
-               timeout_s: float, below: int | None = None) -> list[int]:
-    """Credit-bounded repair, shared by nodes and relays: forget requests unanswered for
-    ``timeout_s``, then ask for the lowest missing chunks (under ``below``) not in flight,
-    keeping at most ``credit`` in flight; marks them requested at ``now``."""
-    for i, asked in list(requested.items()):
-        if now - asked > timeout_s:
-            del requested[i]
-    room = credit - len(requested)
-    if room <= 0:
-        return []
-    want = [i for i in sorted(missing) if i not in requested and (below is None or i < below)][:room]
-    for i in want:
-        requested[i] = now
-    return want
-
-
-@dataclass(frozen=True)
-class Send:
-    """Send ``msg`` to the hub (over the DEALER)."""
-
-    msg: msgspec.Struct
 
 
 @dataclass(frozen=True)
@@ -224,21 +163,42 @@ class Assembler:
         self.labels = list(labels)
         self.node_id, self.host, self.pid, self.device = node_id, host, pid, device
         self._take, self._give = take, give
-        self.limits = limits or Limits()
-        self.trust = trust or Trust()
-        self.repair_idle_s, self.hub_ttl_s, self.fetch_timeout_s = repair_idle_s, hub_ttl_s, fetch_timeout_s
-        self.hub_seen = 0.0  # when the hub was last heard from (0: never)
-        self._reasked = 0.0  # when silence last made us ask again
-        self._now = 0.0  # the time of the event being handled
         self.stats: Counter[str] = Counter()
+        self.intake = Intake(limits=limits, trust=trust, stats=self.stats, repair_idle_s=repair_idle_s,
+                             hub_ttl_s=hub_ttl_s, fetch_timeout_s=fetch_timeout_s)
+        self._now = 0.0  # the time of the event being handled
+
+    @property
+    def hub_seen(self) -> float:
+        return self.intake.hub_seen
+
+    @property
+    def limits(self) -> Limits:
+        return self.intake.limits
+
+    @limits.setter
+    def limits(self, limits: Limits) -> None:
+        self.intake.limits = limits
+
+    @property
+    def trust(self) -> Trust:
+        return self.intake.trust
+
+    def use_stats(self, stats: Counter[str]) -> None:
+        """Count into ``stats`` (the shell's counter) from now on."""
+        self.stats = self.intake.stats = stats
+
+    def asm(self, name: str) -> Assembly | None:
+        """The release of ``name`` being received (None: none)."""
+        return self.intake.coming.get(name)  # type: ignore[return-value]
 
     # -- events ------------------------------------------------------------------------------
     def start(self, now: float) -> list[Action]:
         """Late joiner: ask for every model's snapshot at once, do not wait for a broadcast."""
-        return [a for st in self.models.values() for a in self._ask_manifest(st, 0, now)]
+        return [a for n in self.models for a in self.intake.ask(n, 0, now)]
 
     def heard(self, now: float) -> None:
-        self.hub_seen = now
+        self.intake.hub_seen = now
 
     def follow(self, name: str) -> Follow:
         st = self.models.get(name)
@@ -251,75 +211,52 @@ class Assembler:
         self._now = now
         st = self.follow(m.name)
         if fetched:
-            st.asked_seq = -1
-        wanted = m.seq == st.want and st.asm is None
-        if not wanted and (m.seq <= st.done_seq or m.seq in st.rejected
-                           or (st.asm and st.asm.manifest.seq >= m.seq)):
+            self.intake.answered(m.name)
+        coming = self.intake.coming_seq(m.name)
+        wanted = m.seq == st.want and not coming
+        if not wanted and (m.seq <= st.done_seq or m.seq in st.rejected or coming >= m.seq):
             self.stats["stale_manifest"] += 1  # replays of older releases end here
             return []
         try:  # before anything is allocated for it
-            m.check(self.limits)
-            self.trust.verify(m, raw, signature)
+            self.intake.admit(m, raw, signature)
         except (LimitError, SignatureError) as exc:
             return self._refuse(st, m, raw, exc)
-        self._drop(st)
         if st.retry_seq and st.retry_seq < m.seq:
             st.retry_at, st.retry_seq, st.retries = 0.0, 0, 0  # superseded: its write is moot
-        st.asm = Assembly(m, raw, signature, self._take(m.name, m.archive_bytes),
-                          set(range(m.chunk_count)), last_progress=now, started=now)
-        st.asm.pace.broadcast_manifest = not fetched
+        asm = Assembly(m, raw, signature, now, buf=self._take(m.name, m.archive_bytes), give=self._give)
+        self.intake.begin(asm, fetched=fetched)
         self.stats["manifests"] += 1
         out: list[Action] = []
         if not m.staged:  # a staged release does not change what this node says it serves
             st.state, st.seq, st.label, st.reason = ModelState.RECEIVING, m.seq, m.label, ""
             out.append(Send(self._report(st)))
-        if not st.asm.missing:
-            out += self._complete(st)
+        if not asm.missing:
+            self.intake.coming.pop(m.name)
+            out += self._complete(st, asm)
         return out
 
     def on_chunk(self, hdr: P.ChunkHeader, payload: Any, now: float, *, fetched: bool) -> list[Action]:
         self._now = now
         st = self.follow(hdr.name)
-        asm = st.asm
-        if asm is None or asm.manifest.seq != hdr.seq:
-            self.stats["chunk_unexpected"] += 1
-            if hdr.seq > st.done_seq and hdr.seq not in st.rejected and (
-                    asm is None or hdr.seq > asm.manifest.seq):
-                return self._ask_manifest(st, hdr.seq, now)  # missed the manifest: ask for it
-            return []
-        i = hdr.index
-        if i >= asm.manifest.chunk_count:
-            raise ProtocolError(f"chunk {i} of {hdr.name} seq {hdr.seq} out of range")
-        if not fetched and asm.pace.broadcast(i):
-            asm.repairing = True  # the broadcast skipped chunks: they were dropped
-            self.stats["broadcast_gaps"] += 1
-        asm.requested.pop(i, None)
-        if i not in asm.missing:
-            self.stats["chunk_duplicate"] += 1
-        else:
-            try:
-                decompress_chunk(asm.manifest, i, payload, asm.view)
-            except IntegrityError as exc:
-                self.stats["chunk_corrupt"] += 1
-                asm.corrupt_fetches += fetched
-                if asm.corrupt_fetches >= defaults.CORRUPT_FETCHES_MAX:
-                    # the hub's own copy is bad (or a path rewrites it): stop asking
-                    self._drop(st)
-                    st.rejected.add(hdr.seq)
-                    self.stats["rejected_corrupt_at_source"] += 1
-                    return self._rejection(st, asm.manifest, f"{exc}, from the hub "
-                                           f"{asm.corrupt_fetches} times: corrupt at its source")
-                asm.repairing = True
-            else:
-                asm.missing.discard(i)
-                asm.last_progress = now
-                asm.pace.received += 1
-                self.stats["bytes_received"] += len(payload)
-                self.stats["chunks_fetched" if fetched else "chunks_broadcast"] += 1
-                asm.hash_prefix()
-        if not asm.missing:
-            return self._complete(st)
-        return self._pump(st, now) if asm.repairing else []
+        asm = self.asm(hdr.name)
+        taken, asks = self.intake.chunk(hdr, payload, now, fetched=fetched)
+        match taken:
+            case Taken.UNEXPECTED:
+                if hdr.seq > st.done_seq and hdr.seq not in st.rejected and self.intake.coming_seq(
+                        hdr.name) < hdr.seq:
+                    return [*self.intake.ask(hdr.name, hdr.seq, now)]  # missed the manifest: ask
+                return []
+            case Taken.COMPLETE:
+                assert asm is not None
+                return self._complete(st, asm)
+            case Taken.CORRUPT_AT_SOURCE:  # the hub's own copy is bad (or a path rewrites it)
+                assert asm is not None
+                asm.close()
+                st.rejected.add(hdr.seq)
+                self.stats["rejected_corrupt_at_source"] += 1
+                return self._rejection(st, asm.manifest, f"{asm.fault}, from the hub "
+                                       f"{asm.corrupt_fetches} times: corrupt at its source")
+        return [*asks]
 
     def on_beat(self, beat: P.Heartbeat, now: float) -> list[Action]:
         st = self.models.get(beat.name)
@@ -331,21 +268,16 @@ class Assembler:
         if beat.active > st.active:
             st.active = beat.active
             out += self._unstage(st)
+        coming = self.intake.coming_seq(st.name)
         if (st.seq < st.active < st.done_seq and st.staged > st.active and st.active not in st.rejected
-                and st.asm is None):
+                and not coming):
             st.want = st.active  # serves older than the fleet, holds newer: take the active one
-            asked = self._ask_manifest(st, st.active, now, older=True)
+            asked = self.intake.ask(st.name, st.active, now, exact=True)
             self.stats["fetch_active"] += len(asked)
             out += asked
-        asm = st.asm
-        if asm is not None and beat.seq == asm.manifest.seq and not asm.pace.stalled and asm.missing:
-            # the sender beats only after broadcasting every chunk of it: what is missing was lost
-            asm.pace.stalled = asm.repairing = True
-            self.stats["repairs"] += 1
-            out += self._pump(st, now)
-        if beat.seq > st.done_seq and beat.seq not in st.rejected and (
-                st.asm is None or st.asm.manifest.seq < beat.seq):
-            out += self._ask_manifest(st, beat.seq, now)
+        out += self.intake.beat(st.name, beat.seq, now)
+        if beat.seq > st.done_seq and beat.seq not in st.rejected and coming < beat.seq:
+            out += self.intake.ask(st.name, beat.seq, now)
         return out
 
     def on_activate(self, msg: P.Activate) -> list[Action]:
@@ -371,20 +303,12 @@ class Assembler:
         st.requests, st.errors = requests, errors
 
     def on_error(self, err: P.ErrorReply, now: float) -> list[Action]:
-        """The hub answered a fetch with an error: stop waiting for that answer; a release the
-        hub no longer has is abandoned (a newer one is on its way)."""
+        """The hub answered a fetch with an error (see :meth:`Intake.error`)."""
         self.stats[f"hub_error_{err.code}"] += 1
-        st = self.models.get(err.name)
-        if st is None:
-            return []
-        st.asked_seq = -1
-        if st.asm is not None and err.seq == st.asm.manifest.seq:
-            if err.code == "not_found":
-                self.stats["abandoned"] += 1
-                self._drop(st)
-            else:
-                for i in err.indices:  # not coming: free their credit, ask again on the next tick
-                    st.asm.requested.pop(i, None)
+        if err.name in self.models:
+            gone = self.intake.error(err)
+            if gone is not None:
+                gone.close()
         return []
 
     def tick(self, now: float) -> list[Action]:
@@ -394,34 +318,22 @@ class Assembler:
                 st.retry_at = 0.0
                 self.stats["store_retries"] += 1
                 out.append(RetryStore(st.name, st.retry_seq))
-            asm = st.asm
-            if asm is not None:
-                if not asm.pace.stalled and asm.pace.stalls(now, asm.last_progress, self.repair_idle_s):
-                    asm.pace.stalled = asm.repairing = True  # the broadcast stopped short: fetch the rest
-                    self.stats["repairs"] += 1
-                if asm.repairing:
-                    out += self._pump(st, now)
-        if self.hub_seen and now - max(self.hub_seen, self._reasked) > self.hub_ttl_s:
-            self._reasked = now  # ask once per TTL of silence, not on every tick
-            self.stats["hub_silent"] += 1
-            for st in self.models.values():
-                out += self._ask_manifest(st, 0, now)
-        return out
+        return [*out, *self.intake.tick(now, self.models)]
 
     def forget(self, name: str, seq: int, now: float) -> list[Action]:
         """The node lost its copy of ``seq`` (a damaged cache file): take it again."""
         st = self.follow(name)
         st.rejected.discard(seq)
         st.done_seq = min(st.done_seq, seq - 1)
-        st.asked_seq = -1
-        return self._ask_manifest(st, seq, now)
+        self.intake.answered(name)
+        return [*self.intake.ask(name, seq, now)]
 
     def store_failed(self, name: str, seq: int, now: float) -> float:
         """Writing ``seq`` to the cache failed (a full disk, EIO): the host keeps the verified
         bytes and writes them again on :class:`RetryStore`, with back-off (1 s doubling to
         60 s); nothing is fetched again. Returns the delay."""
         st = self.follow(name)
-        if st.asm is not None and st.asm.manifest.seq > seq:
+        if self.intake.coming_seq(name) > seq:
             return 0.0  # a newer release is on its way: it supersedes this one
         delay = min(60.0, 2.0 ** st.retries)
         st.retries += 1
@@ -467,7 +379,7 @@ class Assembler:
         return [Unstage(st.name, seq)]
 
     def _report(self, st: Follow) -> P.Report:
-        return P.Report(node=self.node_id, model=st.name, state=st.state.value, seq=st.seq,
+        return P.Report(node=self.node_id, model=st.name, state=st.state, seq=st.seq,
                         label=st.label, reason=st.reason[:500], host=self.host, pid=self.pid,
                         device=self.device, stages=dict(st.stages), stages_seq=st.stages_seq,
                         staged=st.staged, labels=self.labels, requests=st.requests, errors=st.errors)
@@ -491,36 +403,7 @@ class Assembler:
         st.state, st.seq, st.label, st.reason = held
         return [*out, Send(self._report(st))]
 
-    def _drop(self, st: Follow) -> None:
-        if st.asm is not None:
-            st.asm.view.release()
-            self._give(st.name, st.asm.buf)
-            st.asm = None
-
-    def _ask_manifest(self, st: Follow, seq: int, now: float, *, older: bool = False) -> list[Action]:
-        pending = st.asked_seq == seq if older else st.asked_seq >= seq
-        if pending and now - st.asked_at < self.fetch_timeout_s:
-            return []
-        st.asked_seq, st.asked_at = seq, now
-        self.stats["fetch_manifest"] += 1
-        return [Send(P.FetchManifest(st.name, seq))]
-
-    def _pump(self, st: Follow, now: float) -> list[Action]:
-        """Keep up to ``fetch_credit`` missing chunks requested; re-ask ones that timed out."""
-        asm = st.asm
-        if asm is None:
-            return []
-        want = next_fetch(asm.missing, asm.requested, now, self.limits.fetch_credit, self.fetch_timeout_s,
-                          asm.pace.fetch_below(asm.manifest.chunk_count))
-        if not want:
-            return []
-        self.stats["fetch_chunks"] += len(want)
-        return [Send(P.FetchChunks(st.name, asm.manifest.seq, want))]
-
-    def _complete(self, st: Follow) -> list[Action]:
-        asm = st.asm
-        assert asm is not None
-        st.asm = None
+    def _complete(self, st: Follow, asm: Assembly) -> list[Action]:
         st.done_seq = max(st.done_seq, asm.manifest.seq)  # an older wanted seq leaves it
         if st.want == asm.manifest.seq:
             st.want = 0

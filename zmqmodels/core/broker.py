@@ -11,7 +11,7 @@ once a model has a newer target, the next stale worker that becomes free is take
 load, not handed the next queued request, so a load is issued within one request's service
 time under any load (the starvation of milestone 1: a saturated node never rolled). Then
 queued requests go, oldest first, to the least recently used free worker that may answer
-them (:meth:`Rollout.eligible`).
+them (:meth:`Swaps.eligible`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .rollout import Rollout, SwapPolicy, Target, Version
+from .swap import SwapPolicy, Swaps, Target, Version
 
 __all__ = [
     "Request",
@@ -136,7 +136,7 @@ class Broker:
                  path_for: Callable[[str, int], str], policy: SwapPolicy = SwapPolicy.AVAILABILITY,
                  queue_max: int = 1024, queue_timeout_s: float = 10.0) -> None:
         self.models = list(models)
-        self.rollout = Rollout(self.models, policy)
+        self.swaps = Swaps(self.models, policy)
         self.workers = {w: WorkerSlot(w) for w in workers}
         self.pending: collections.deque[Request] = collections.deque()
         self.queue_max = queue_max
@@ -147,7 +147,7 @@ class Broker:
 
     # -- events ------------------------------------------------------------------------------
     def request(self, req: Request, now: float) -> list[Action]:
-        if req.model not in self.rollout.floor:
+        if req.model not in self.swaps.floor:
             return [Refuse(req, "unknown_model", f"this node serves {self.models}, not {req.model!r}")]
         if len(self.pending) >= self.queue_max:
             return [Refuse(req, "unavailable", f"queue full ({self.queue_max})")]
@@ -175,12 +175,12 @@ class Broker:
         """``damaged``: cached releases the worker found unusable (name -> (seq, reason))."""
         w = self.workers[wid]
         out: list[Action] = [self._refetch(n, seq, why) for n, (seq, why) in (damaged or {}).items()
-                             if n in self.rollout.floor]
+                             if n in self.swaps.floor]
         w.ready, w.busy, w.loading, w.free_since = True, None, None, now
         self._unsettled = True
-        w.serving = {n: v for n, v in serving.items() if n in self.rollout.floor}
+        w.serving = {n: v for n, v in serving.items() if n in self.swaps.floor}
         for name, v in w.serving.items():
-            self.rollout.loaded(name, v.seq, v.label)
+            self.swaps.loaded(name, v.seq, v.label)
         return [*out, *(Changed(n) for n in self.models), *self._step(now)]
 
     def worker_lost(self, wid: str, now: float) -> list[Action]:
@@ -209,7 +209,7 @@ class Broker:
         out: list[Action] = []
         if ok:
             w.serving[name] = Version(seq, label)
-            self.rollout.loaded(name, seq, label)
+            self.swaps.loaded(name, seq, label)
         elif corrupt:
             out.append(self._refetch(name, seq, reason))
         else:
@@ -217,14 +217,14 @@ class Broker:
         return [*out, Changed(name), *self._step(now)]
 
     def target(self, target: Target, now: float) -> list[Action]:
-        if target.name not in self.rollout.floor:
+        if target.name not in self.swaps.floor:
             return []
-        if self.rollout.missing.get(target.name) == target.seq:  # fetched again: loadable
-            del self.rollout.missing[target.name]
+        if self.swaps.missing.get(target.name) == target.seq:  # fetched again: loadable
+            del self.swaps.missing[target.name]
             self._unsettled = True
-            if not self.rollout.offer(target):
+            if not self.swaps.offer(target):
                 return [Changed(target.name), *self._step(now)]
-        elif not self.rollout.offer(target):
+        elif not self.swaps.offer(target):
             return []
         self._unsettled = True
         return [Changed(target.name), *self._step(now)]
@@ -249,7 +249,7 @@ class Broker:
     # -- what the shell reads ----------------------------------------------------------------
     def rolling(self, name: str) -> Target | None:
         """The target still being rolled through the workers, if any."""
-        return self.rollout.targets.get(name)
+        return self.swaps.targets.get(name)
 
     def report(self, name: str) -> tuple[str, int, str]:
         """``(state, seq, label)`` of ``name`` as the hub should see it."""
@@ -267,33 +267,33 @@ class Broker:
 
     # -- the decision ------------------------------------------------------------------------
     def _older_in_flight(self, name: str) -> bool:
-        floor = self.rollout.floor[name]
+        floor = self.swaps.floor[name]
         return any(w.busy is not None and w.busy.model == name and not w.busy.seq
                    and w.busy_seq < floor for w in self.workers.values())
 
     def _refetch(self, name: str, seq: int, reason: str) -> Refetch:
-        self.rollout.missing[name] = seq  # no load of it until it is in the cache again
-        t = self.rollout.targets.get(name)
+        self.swaps.missing[name] = seq  # no load of it until it is in the cache again
+        t = self.swaps.targets.get(name)
         if t is not None and t.seq == seq:
-            del self.rollout.targets[name]
+            del self.swaps.targets[name]
         self._unsettled = True
         return Refetch(name, seq, reason)
 
     def _reject(self, name: str, seq: int, reason: str) -> list[Action]:
-        self.rollout.reject(name, seq)
+        self.swaps.reject(name, seq)
         return [Rejected(name, seq, reason)]
 
     def _settle_floor(self, name: str) -> None:
         """After a worker died: if no live worker holds the floor and none can get it (every
         worker is up, and no target at or above it), fall back to the newest version held. A
         worker still coming up loads the newest cached release, so we wait for it."""
-        floor = self.rollout.floor[name]
+        floor = self.swaps.floor[name]
         held = [w.serving[name] for w in self.workers.values() if name in w.serving]
         if any(v.seq >= floor for v in held) or any(not w.ready for w in self.workers.values()):
             return
-        t = self.rollout.targets.get(name)
+        t = self.swaps.targets.get(name)
         if t is None or t.seq < floor:
-            self.rollout.lower_floor(name, max(held, default=None))
+            self.swaps.lower_floor(name, max(held, default=None))
 
     def _step(self, now: float) -> list[Action]:
         out: list[Action] = []
@@ -306,14 +306,14 @@ class Broker:
             return
         settled = self.loading is None and all(w.ready for w in self.workers.values())
         for name in self.models:
-            goal = self.rollout.goal(name)
-            if not goal or self.rollout.missing.get(name) == goal:
+            goal = self.swaps.goal(name)
+            if not goal or self.swaps.missing.get(name) == goal:
                 continue  # nothing to roll, or its cache file is being fetched again
             stale = [w for w in self.workers.values()
-                     if w.ready and self.rollout.stale(name, w.serving.get(name))]
+                     if w.ready and self.swaps.stale(name, w.serving.get(name))]
             settled = settled and not stale
             if not stale:
-                if self.rollout.targets.pop(name, None) is not None:
+                if self.swaps.targets.pop(name, None) is not None:
                     out.append(Changed(name))  # every ready worker holds it
                 continue
             if self.loading is not None:
@@ -321,11 +321,11 @@ class Broker:
             w = next((s for s in sorted(stale, key=lambda s: s.free_since) if s.free), None)
             if w is None:
                 continue  # the next of them to finish its request is taken (this runs first)
-            t = self.rollout.targets.get(name)
+            t = self.swaps.targets.get(name)
             if t is None or t.seq != goal:  # goal is the floor: another worker holds it already
-                t = self.rollout.floor_target(name, self._path_for(name, goal))
+                t = self.swaps.floor_target(name, self._path_for(name, goal))
             w.loading, self.loading = t, w.wid
-            out.append(Load(w.wid, t, self.rollout.policy is SwapPolicy.UNLOAD_FIRST))
+            out.append(Load(w.wid, t, self.swaps.policy is SwapPolicy.UNLOAD_FIRST))
             out.append(Changed(name))
             settled = False
         self._unsettled = not settled
@@ -353,7 +353,7 @@ class Broker:
         older = self._older_in_flight(req.model) if not req.seq else False
         best: WorkerSlot | None = None
         for w in free:
-            if self.rollout.eligible(req.model, w.serving.get(req.model), req.seq, older) and (
+            if self.swaps.eligible(req.model, w.serving.get(req.model), req.seq, older) and (
                     best is None or w.free_since < best.free_since):
                 best = w
         return best
@@ -367,17 +367,17 @@ class Broker:
         name, live = req.model, [w for w in self.workers.values() if w.ready]
         if req.seq:
             held = any(w.serving.get(name) == Version(req.seq) for w in live)
-            t = self.rollout.targets.get(name)
+            t = self.swaps.targets.get(name)
             if not held and not (t is not None and t.seq == req.seq):
                 return Refuse(req, "version_unavailable", f"{name} seq {req.seq} is not served by this node")
         unloaded = [w for w in live if w.loading is not None and w.loading.name == name
-                    and self.rollout.policy is SwapPolicy.UNLOAD_FIRST]  # holds nothing now
-        if any(self.rollout.eligible(name, w.serving.get(name), req.seq, False)
+                    and self.swaps.policy is SwapPolicy.UNLOAD_FIRST]  # holds nothing now
+        if any(self.swaps.eligible(name, w.serving.get(name), req.seq, False)
                for w in live if w not in unloaded):
             return None  # all busy, or the swap is settling: one will take it
         if unloaded:
             return Refuse(req, "unavailable", f"{name} is reloading (unload-first); retry shortly")
         if (len(live) < len(self.workers) or self.loading is not None
-                or any(self.rollout.stale(name, w.serving.get(name)) for w in live)):
+                or any(self.swaps.stale(name, w.serving.get(name)) for w in live)):
             return None
         return Refuse(req, "not_ready", f"no version of {name!r} is loaded on this node yet")

@@ -14,9 +14,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from . import defaults
-from . import protocol as P
-from .errors import ProtocolError
+from .. import defaults
+from .. import protocol as P
+from ..errors import ProtocolError
 
 __all__ = ["FleetEntry", "Fleet", "rollout"]
 

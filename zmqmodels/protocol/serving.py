@@ -1,0 +1,139 @@
+"""Inference (client REQ <-> node ROUTER) and a node's front <-> worker messages (ipc)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+
+from .messages import NonNeg, V
+
+__all__ = [
+    "InferRequest",
+    "InferReply",
+    "WorkerReady",
+    "Work",
+    "Done",
+    "WorkerBeat",
+    "StopWorker",
+    "ManifestFrames",
+    "LoadCommand",
+    "LoadResult",
+    "SERVING_CODES",
+]
+
+# -- inference: client REQ <-> node ROUTER (docs/protocol.md §Inference) -------------------
+class InferRequest(msgspec.Struct, frozen=True):
+    """``[b"INFER", InferRequest, tensor buffer x n]``; ``inputs`` is the tensor-tree spec of
+    the positional arguments (a tuple node). ``id`` is a string, echoed in the reply.
+
+    ``seq`` pins a release (wire name ``version`` since protocol v1; 0 = whatever the node
+    serves newest). ``timeout_ms`` is how long the client will still wait for this answer
+    (0 = no limit): a node drops a request still queued when it passes, unanswered, since the
+    client has given up or sent it again."""
+
+    model: str
+    id: str
+    inputs: Any
+    seq: NonNeg = msgspec.field(default=0, name="version")
+    v: int = V
+    timeout_ms: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+
+class InferReply(msgspec.Struct, frozen=True):
+    """``[b"OK", InferReply, tensor buffer x n]``."""
+
+    id: str
+    model: str
+    label: str
+    seq: NonNeg
+    worker: str
+    outputs: Any
+    queue_ms: float = 0.0  # node receipt -> worker start
+    infer_ms: float = 0.0  # the model call, inputs to outputs on CPU
+    v: int = V
+
+
+# -- front <-> its worker processes (ipc, same host) ---------------------------------------
+class WorkerReady(msgspec.Struct, frozen=True):
+    """``[b"READY", WorkerReady]`` on start."""
+
+    worker: str
+    pid: NonNeg
+    device: str
+    serving: dict[str, list[Any]]  # name -> [seq, label]
+    v: int = V
+    errors: dict[str, list[Any]] = {}  # name -> [seq, reason]: a cached release it could not use
+
+
+class Work(msgspec.Struct, frozen=True):
+    """``[b"WORK", Work, b"INFER", InferRequest, tensor x n]``: serve one request for ``client`` (its
+    ROUTER identity). Times are the host's CLOCK_MONOTONIC in ns, shared by its processes;
+    ``expires_ns`` 0 = the client gave no deadline."""
+
+    client: bytes
+    received_ns: NonNeg
+    expires_ns: NonNeg = 0
+    v: int = V
+
+
+class Done(msgspec.Struct, frozen=True):
+    """``[b"DONE", Done, reply frames...]``: the reply (``OK ...`` or ``ERROR ...``) for
+    ``client``; ``served`` is False when the worker dropped an expired request unanswered."""
+
+    client: bytes
+    served: bool = True
+    v: int = V
+    code: str = ""  # the ERROR reply's code, "" = OK
+
+
+class WorkerBeat(msgspec.Struct, frozen=True):
+    """``[b"HB"]`` (no header): an idle worker is alive."""
+
+
+class StopWorker(msgspec.Struct, frozen=True):
+    """``[b"STOP"]`` (no header): finish the request in hand and exit."""
+
+
+class ManifestFrames(msgspec.Struct, frozen=True):
+    """``[b"MANIFEST", manifest, signature]`` (no header): the manifest frame is decoded by
+    :func:`zmqmodels.release.decode_manifest` under the receiver's limits."""
+
+
+class LoadCommand(msgspec.Struct, frozen=True):
+    """``[b"LOAD", LoadCommand]``: load the cached archive at ``path`` and swap it in."""
+
+    name: str
+    seq: NonNeg
+    path: str
+    unload_first: bool = False
+    v: int = V
+
+
+class LoadResult(msgspec.Struct, frozen=True):
+    """``[b"LOADED", LoadResult]``."""
+
+    worker: str
+    name: str
+    seq: NonNeg
+    label: str
+    ok: bool
+    reason: str = ""
+    load_s: float = 0.0
+    check_s: float = 0.0
+    v: int = V
+    corrupt: bool = False  # the cached file was damaged or gone: fetch it again, not a rejection
+
+
+# Inference error codes: code -> retryable (docs/protocol.md §Inference errors)
+SERVING_CODES: dict[str, bool] = {
+    "unknown_model": False,  # the node does not serve that name
+    "not_ready": True,  # known, but no version loaded yet
+    "version_unavailable": False,  # the pinned seq is not served here
+    "bad_request": False,  # malformed frames or header
+    "bad_input": False,  # wrong count, dtype or rank for the model's signature
+    "too_large": False,  # over max request bytes or tensor count
+    "model_error": False,  # the model raised; message carries its exception
+    "worker_lost": True,  # the worker died with the request in flight
+    "unavailable": True,  # draining for a reload, queue full or queue wait over
+    "internal": False,
+}
