@@ -183,7 +183,7 @@ def test_properties_over_random_event_orders(events, workers, policy) -> None:
         if b.loading is None:  # fairness: nothing went to a stale worker while no load was running
             for a in actions:
                 if isinstance(a, Dispatch):
-                    assert not b.rollout.stale("m", b.workers[a.wid].serving.get("m")), "request before load"
+                    assert not b.swaps.stale("m", b.workers[a.wid].serving.get("m")), "request before load"
         for a in actions:
             match a:
                 case Dispatch(wid, r):
@@ -223,9 +223,9 @@ def test_properties_over_random_event_orders(events, workers, policy) -> None:
             wid = sorted(loading)[0]
             t = loading.pop(wid)
             # a release fails for the first worker that tries it (a bad release), not later
-            ok = kind == "loaded" or t.seq <= b.rollout.floor["m"]
+            ok = kind == "loaded" or t.seq <= b.swaps.floor["m"]
             if not ok and cache == t.seq:
-                cache = max((s for s in range(1, t.seq) if s not in b.rollout.rejected["m"]), default=1)
+                cache = max((s for s in range(1, t.seq) if s not in b.swaps.rejected["m"]), default=1)
             carry(b.loaded(wid, "m", t.seq, "", ok, "" if ok else "bad", now))
         elif kind == "lost":
             wid = sorted(b.workers)[pick % workers]
@@ -249,7 +249,7 @@ def test_properties_over_random_event_orders(events, workers, policy) -> None:
         for w in b.workers.values():
             assert not (w.busy and w.loading)
         if b.loading is None:  # fairness: a free stale worker is never left without its load
-            assert not [w for w in b.workers.values() if w.free and b.rollout.stale("m", w.serving.get("m"))]
+            assert not [w for w in b.workers.values() if w.free and b.swaps.stale("m", w.serving.get("m"))]
     # nothing lost: every request has one outcome, or is still queued or running
     open_ids = {r.rid for r in b.pending} | {r.rid for r, _ in inflight.values()}
     assert not open_ids & set(outcome)

@@ -185,7 +185,7 @@ def test_relay_has_metrics(tmp_path, probe_release) -> None:
             Relay(hub.address, "tcp://127.0.0.1:0", tmp_path / "relay", ["probe"],
                   metrics=f"127.0.0.1:{port}") as relay:
         hub.publish(probe_release)
-        wait_until(lambda: relay.held_seqs.get("probe") == 1, 30, what="the relay holding seq 1")
+        wait_until(lambda: relay.metrics_view()["held"].get("probe") == 1, 30, what="the relay holding seq 1")
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     assert 'zmqmodels_relay_latest_seq{model="probe"} 1.0' in text
     assert 'zmqmodels_relay_chunks_total{how="broadcast"}' in text
@@ -194,7 +194,7 @@ def test_relay_has_metrics(tmp_path, probe_release) -> None:
 
 def test_a_killed_nodes_run_directory_is_removed_by_the_next_one(tmp_path) -> None:
     """Before: kill -9 of a node left its `zmqm-node-*` directory in /tmp for ever."""
-    code = ("import sys, time; from zmqmodels.node import make_run_dir; "
+    code = ("import sys, time; from zmqmodels.host import make_run_dir; "
             "d, _ = make_run_dir(sys.argv[1]); print(d, flush=True); time.sleep(120)")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     killed = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True,
@@ -207,7 +207,7 @@ def test_a_killed_nodes_run_directory_is_removed_by_the_next_one(tmp_path) -> No
         killed.kill()
         killed.wait(10)
         assert dead_dir.is_dir()
-        from zmqmodels.node import make_run_dir
+        from zmqmodels.host import make_run_dir
 
         mine, lock = make_run_dir(str(tmp_path))
         lock.close()

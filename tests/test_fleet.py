@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from zmqmodels import protocol as P
-from zmqmodels.core.fleet import Fleet, rollout
+from zmqmodels.core.fleet import Fleet, tally
 from zmqmodels.errors import ProtocolError
 
 pytestmark = pytest.mark.timeout(30)
@@ -25,8 +25,9 @@ def test_rows_ages_and_rejection_kept_after_recovery() -> None:
     b = rows["b"]
     assert (b.state, b.rejected_seq, b.last_error) == ("serving", 2, "example 0 differs")
     status = P.StatusReply("hub", [], f.rows(3.0))
-    assert rollout(status, "m", 1) == (2, [])
-    assert rollout(status, "m", 2) == (0, ["b"])
+    one, two = tally(status.nodes, "m", 1), tally(status.nodes, "m", 2)
+    assert (one.serving, one.rejected) == (2, [])
+    assert (two.serving, two.rejected) == (0, ["b"])
 
 
 def test_bounded_forgets_the_longest_silent() -> None:
@@ -38,8 +39,10 @@ def test_bounded_forgets_the_longest_silent() -> None:
 
 
 def test_unknown_state_is_a_protocol_error() -> None:
-    with pytest.raises(ProtocolError):
-        Fleet().report(rep("a", "dancing", 1), 0.0)
+    """States are an enum on the wire struct: a report naming another is refused as it is
+    decoded, before any table sees it."""
+    with pytest.raises(ProtocolError, match="dancing"):
+        P.unpack(P.pack(rep("a", "dancing", 1)))
     with pytest.raises(ProtocolError):
         Fleet().report(rep("a", "lost", 1), 0.0)  # the hub's verdict, never a node's
 
@@ -54,7 +57,7 @@ def test_silent_node_turns_lost_is_not_counted_and_is_forgotten() -> None:
     assert rows["a"].state == "lost" and rows["a"].age_s == 6.0
     assert rows["a"].reason == "not heard from for 6s (last: serving seq 3)"
     assert rows["b"].state == "serving"
-    assert rollout(P.StatusReply("hub", [], f.rows(6.0)), "m", 3) == (1, [])
+    assert tally(f.rows(6.0), "m", 3).serving == 1
     assert f.prune(59.0) == [] and [e.report.node for e in f.prune(61.0)] == ["a"]
     assert [r.node for r in f.rows(61.0)] == ["b"]
     f.report(rep("b", "serving", 3), 62.0)  # heard again: no longer lost

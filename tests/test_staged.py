@@ -12,6 +12,7 @@ import torch
 from tests.conftest import wait_until
 from tests.models import Explodes, Probe, probe_examples
 from zmqmodels import Client, Hub, Node, Relay, build_release, compile_model
+from zmqmodels import protocol as P
 from zmqmodels.errors import ZmqModelsError
 from zmqmodels.store import Store
 
@@ -94,7 +95,7 @@ def test_waves_halt_when_the_canary_rejects_and_the_others_never_load_it(hub, tm
         v1 = hub.publish(probe(1.0, "v1")).seq
         assert hub.wait_for("probe", v1, 3, 60)[0]
         bad = hub.publish(build_release(compile_model(Explodes(), [torch.ones(1, 4)]), "probe", "nan"),
-                          waves=["1", "100%"], wave_wait_s=0.5).seq
+                          plan=P.WavePlan(["1", "100%"], wave_wait_s=0.5)).seq
 
         def ended():
             w = next((w for w in hub.status().rollouts if w.seq == bad), None)
@@ -119,13 +120,13 @@ def test_waves_roll_out_in_order_and_an_error_rate_halts_and_rolls_back(hub, tmp
         v1 = hub.publish(probe(1.0, "v1")).seq
         assert hub.wait_for("probe", v1, 3, 60)[0]
         # a good release goes through every wave
-        v2 = hub.publish(probe(2.0, "v2"), waves=["1", "100%"], wave_wait_s=0.5).seq
+        v2 = hub.publish(probe(2.0, "v2"), plan=P.WavePlan(["1", "100%"], wave_wait_s=0.5)).seq
         wave = wait_until(lambda: rollout(hub, v2, "done"), 60, what="v2 done")
         assert wave.activated[0] == "e0" and sorted(wave.serving) == ["e0", "e1", "e2"]
         assert all(answer(n).seq == v2 for n in nodes)
         # v3 errors on the canary's traffic: the wave halts and the canary goes back to v2's content
-        v3 = hub.publish(probe(3.0, "v3"), waves=["1", "100%"], wave_wait_s=30,
-                         halt_on=["error-rate>10%"]).seq
+        v3 = hub.publish(probe(3.0, "v3"), plan=P.WavePlan(["1", "100%"], wave_wait_s=30,
+                                         halt_on=["error-rate>10%"])).seq
         wait_until(lambda: serving(hub, "e0", v3), 30, what="canary on v3")
         with Client(nodes[0].address, timeout=10) as c:
             for _ in range(5):

@@ -39,7 +39,7 @@ def test_halt_on_parses_percent_and_fraction() -> None:
 
 
 def test_canary_goes_first_and_waves_follow_once_each_serves_and_waited() -> None:
-    w = WaveRollout("m", 2, ["1", "50%", "100%"], fleet(4, canary=("n03",)), 0.0, wave_wait_s=5)
+    w = WaveRollout("m", 2, P.WavePlan(["1", "50%", "100%"], wave_wait_s=5), fleet(4, canary=("n03",)), 0.0)
     assert w.start(0.0) == [ActivateNodes("m", 2, ("n03",))]
     assert w.step(1.0, [row("n03", "loading", 2)]) == []
     assert w.step(2.0, [row("n03", seq=2)]) == []  # confirmed: now watched for 5 s
@@ -55,7 +55,7 @@ def test_canary_goes_first_and_waves_follow_once_each_serves_and_waited() -> Non
 
 
 def test_a_canary_that_rejects_halts_without_touching_the_others() -> None:
-    w = WaveRollout("m", 2, ["1", "100%"], fleet(3), 0.0)
+    w = WaveRollout("m", 2, P.WavePlan(["1", "100%"]), fleet(3), 0.0)
     assert w.start(0.0) == [ActivateNodes("m", 2, ("n00",))]
     out = w.step(1.0, [row("n00", "serving", 1, rejected=2, why="example 0 differs"),
                        row("n01", seq=1), row("n02", seq=1)])
@@ -65,7 +65,7 @@ def test_a_canary_that_rejects_halts_without_touching_the_others() -> None:
 
 
 def test_a_wave_node_that_never_serves_fails_with_its_last_state() -> None:
-    w = WaveRollout("m", 2, ["100%"], fleet(2), 0.0, confirm_s=10)
+    w = WaveRollout("m", 2, P.WavePlan(["100%"], confirm_s=10), fleet(2), 0.0)
     w.start(0.0)
     rows = [row("n00", seq=2), P.NodeStatus("n01", "m", "error", 1, "", "cache write failed: ENOSPC", "h",
                                             1, "cpu", 0.1)]
@@ -76,7 +76,8 @@ def test_a_wave_node_that_never_serves_fails_with_its_last_state() -> None:
 
 
 def test_error_rate_over_the_threshold_halts_and_names_the_nodes() -> None:
-    w = WaveRollout("m", 2, ["1", "100%"], fleet(3), 0.0, wave_wait_s=30, error_rate=0.01)
+    plan = P.WavePlan(["1", "100%"], wave_wait_s=30, halt_on=["error-rate>1%"])
+    w = WaveRollout("m", 2, plan, fleet(3), 0.0)
     w.start(0.0)
     assert w.step(1.0, [row("n00", seq=1, requests=500, errors=300)]) == []  # seq 1's: not counted
     assert w.step(5.0, [row("n00", seq=2, requests=200, errors=1)]) == []  # 1/200 = 0.5 %
@@ -87,14 +88,14 @@ def test_error_rate_over_the_threshold_halts_and_names_the_nodes() -> None:
 
 
 def test_a_lost_node_halts_the_wave() -> None:
-    w = WaveRollout("m", 2, ["100%"], fleet(2), 0.0)
+    w = WaveRollout("m", 2, P.WavePlan(["100%"]), fleet(2), 0.0)
     w.start(0.0)
     [halt] = w.step(1.0, [row("n00", seq=2), row("n01", "lost", 1)])
     assert isinstance(halt, Halt) and halt.failed["n01"].startswith("lost")
 
 
 def test_no_live_node_halts_at_once_with_the_reason() -> None:
-    w = WaveRollout("m", 2, ["100%"], [], 0.0)
+    w = WaveRollout("m", 2, P.WavePlan(["100%"]), [], 0.0)
     assert w.start(0.0) == [] and w.status().state == "halted" and "no live node" in w.status().reason
 
 
@@ -109,7 +110,7 @@ event = st.tuples(st.integers(0, 5), st.sampled_from(["loading", "serving", "rej
        events=st.lists(event, max_size=40))
 def test_waves_activate_in_order_and_stop_for_good_on_a_failure(n, specs, events) -> None:
     nodes = fleet(n)
-    w = WaveRollout("m", 2, specs, nodes, 0.0, wave_wait_s=2, confirm_s=15)
+    w = WaveRollout("m", 2, P.WavePlan(specs, wave_wait_s=2, confirm_s=15), nodes, 0.0)
     actions = w.start(0.0)
     state: dict[str, P.NodeStatus] = {f"n{i:02d}": row(f"n{i:02d}", seq=1) for i in range(n)}
     now = 0.0

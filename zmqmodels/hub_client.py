@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from . import protocol as P
-from .core.fleet import rollout
+from .core.fleet import tally
+from .core.waves import check_plan
 from .errors import DeadlineError, ProtocolError, RemoteError
 from .release import Release, decode_manifest, rollback_manifest, stage_release
 
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from .curve import Curve
     from .signing import SigningKey
 
-__all__ = ["HubClient"]
+__all__ = ["HubClient", "wait_rollout"]
 
 
 class HubClient:
@@ -71,18 +72,17 @@ class HubClient:
 
     def publish(self, release: Release, timeout: float | None = 120.0, *,
                 signing_key: SigningKey | None = None, staged: bool = False,
-                waves: list[str] | None = None, wave_wait_s: float = 0.0,
-                halt_on: list[str] | None = None, confirm_s: float = 120.0) -> P.Published:
+                plan: P.WavePlan | None = None) -> P.Published:
         """Hand a release to the hub, which verifies, stores and broadcasts it. With
         ``signing_key`` it is signed first, as the seq the hub reserves for it. ``staged``:
-        nodes cache it but serve it only once activated; ``waves`` (implies staged): the hub
+        nodes cache it but serve it only once activated; ``plan`` (implies staged): the hub
         activates it wave by wave (watch it with :meth:`wait_rollout`)."""
-        if staged or waves:
+        check_plan(plan)
+        if staged or plan:
             release = stage_release(release)
         if signing_key is not None and not release.signature:
             release = signing_key.seal(release, self.reserve(release.manifest.name)[0])
-        hdr = P.Publish(release.signature, waves=list(waves or []), wave_wait_s=wave_wait_s,
-                        halt_on=list(halt_on or []), confirm_s=confirm_s)
+        hdr = P.Publish(release.signature, plan=plan)
         frames = P.pack(hdr, release.manifest_bytes, *release.chunks)
         return self._request(frames, P.Published, timeout)
 
@@ -95,17 +95,8 @@ class HubClient:
     def wait_rollout(self, name: str, seq: int, timeout: float, poll_s: float = 0.2, *,
                      on_status: Callable[[P.StatusReply], None] | None = None
                      ) -> tuple[P.WaveStatus | None, P.StatusReply]:
-        """Poll status until the wave rollout of ``name`` ``seq`` is done or halted, or the
-        deadline; returns its last :class:`~zmqmodels.protocol.WaveStatus` (None: unknown)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            st = self.status()
-            if on_status is not None:
-                on_status(st)
-            wave = next((w for w in st.rollouts if w.name == name and w.seq == seq), None)
-            if (wave is not None and wave.state != "running") or time.monotonic() >= deadline:
-                return wave, st
-            time.sleep(poll_s)
+        """:func:`wait_rollout` on this hub."""
+        return wait_rollout(self.status, name, seq, timeout, poll_s, on_status=on_status)
 
     def rollback(self, name: str, to: str, timeout: float | None = 60.0, *,
                  signing_key: SigningKey | None = None) -> P.Published:
@@ -129,13 +120,31 @@ class HubClient:
                  poll_s: float = 0.2, *,
                  on_status: Callable[[P.StatusReply], None] | None = None) -> tuple[bool, P.StatusReply]:
         """Poll status until ``count`` nodes serve ``name`` at ``seq``; False on a rejection or
-        at the deadline (the same rule as :meth:`Hub.wait_for`). ``on_status`` sees each poll."""
+        at the deadline (the rule of :class:`~zmqmodels.core.fleet.Tally`, as :meth:`Hub.wait_for`).
+        ``on_status`` sees each poll."""
         deadline = time.monotonic() + timeout
         while True:
             st = self.status()
             if on_status is not None:
                 on_status(st)
-            serving, rejected = rollout(st, name, seq)
-            if rejected or serving >= count or time.monotonic() >= deadline:
-                return serving >= count and not rejected, st
+            t = tally(st.nodes, name, seq)
+            if t.rejected or t.reached(count) or time.monotonic() >= deadline:
+                return t.reached(count), st
             time.sleep(poll_s)
+
+
+def wait_rollout(status: Callable[[], P.StatusReply], name: str, seq: int, timeout: float,
+                 poll_s: float = 0.2, *, on_status: Callable[[P.StatusReply], None] | None = None
+                 ) -> tuple[P.WaveStatus | None, P.StatusReply]:
+    """Poll ``status`` (a hub's or a :class:`HubClient`'s) until the rollout in waves of
+    ``name`` ``seq`` is done or halted, or the deadline; returns its last
+    :class:`~zmqmodels.protocol.WaveStatus` (None: the hub has none) and the last status."""
+    deadline = time.monotonic() + timeout
+    while True:
+        st = status()
+        if on_status is not None:
+            on_status(st)
+        wave = next((w for w in st.rollouts if w.name == name and w.seq == seq), None)
+        if (wave is not None and wave.state != P.WaveState.RUNNING) or time.monotonic() >= deadline:
+            return wave, st
+        time.sleep(poll_s)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import abc
 import concurrent.futures
-import enum
 import logging
 import threading
 import time
@@ -25,6 +24,7 @@ import zmq
 from . import defaults
 from .errors import DeadlineError, ZmqModelsError
 from .mailbox import Mailbox
+from .protocol.messages import Word
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self from Python 3.11
@@ -35,7 +35,7 @@ log = logging.getLogger("zmqmodels.ioloop")
 Handler = Callable[[list[zmq.Frame]], None]
 
 
-class LoopState(str, enum.Enum):
+class LoopState(Word):
     NEW = "new"  # constructed; start() not called
     RUNNING = "running"  # started (its thread polls)
     CLOSED = "closed"  # closed, or its start failed; cannot be started again

@@ -1,14 +1,13 @@
 """Prometheus metrics for a hub, a relay or a node (``--metrics PORT`` or ``HOST:PORT``).
 
-Counters and gauges are read from the shell's own state when Prometheus scrapes (a custom
-collector: nothing is added to the request path but a dict increment); latencies are
+Counters and gauges are read when Prometheus scrapes, from a snapshot the shell's I/O thread
+makes (a custom collector: nothing is added to the request path but a dict increment); latencies are
 histograms observed as requests finish. Each hub or node has its own registry, so several can
 live in one process (the tests do).
 """
 
 from __future__ import annotations
 
-import threading
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -19,7 +18,7 @@ from prometheus_client.registry import Collector
 
 from .errors import ZmqModelsError
 
-__all__ = ["NodeMetrics", "HubMetrics", "RelayMetrics", "parse_listen", "serve_metrics"]
+__all__ = ["NodeMetrics", "HubMetrics", "RelayMetrics", "COLLECTORS", "parse_listen", "serve_metrics"]
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 _LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
@@ -58,13 +57,9 @@ def _gauge(name: str, doc: str, labels: list[str], values: dict[tuple[str, ...],
     return m
 
 
-def _copy(counter: Counter[Any]) -> dict[Any, int]:
-    for _ in range(5):  # another thread may add a key while we copy
-        try:
-            return dict(counter)
-        except RuntimeError:
-            continue
-    return {}
+def _snapshot(shell: Any) -> dict[str, Any]:
+    """The shell's state, made by its I/O thread (never read live from this HTTP thread)."""
+    return shell.call(shell.metrics_view, 5.0)
 
 
 class NodeMetrics(Collector):
@@ -75,8 +70,7 @@ class NodeMetrics(Collector):
     def __init__(self, node: Any) -> None:
         self.node = node
         self.registry = CollectorRegistry()
-        self.requests: Counter[tuple[str, str, str]] = Counter()  # (model, seq, code)
-        self._lock = threading.Lock()
+        self.requests: Counter[tuple[str, str, str]] = Counter()  # (model, seq, code): I/O thread's
         kw = {"registry": self.registry, "labelnames": ["model"]}
         self.latency = Histogram("zmqmodels_request_seconds", "Node receipt to reply, per request",
                                  buckets=_LATENCY_BUCKETS, **kw)
@@ -87,21 +81,16 @@ class NodeMetrics(Collector):
         self.registry.register(self)
 
     def collect(self) -> Iterator[Any]:
-        node = self.node
+        snap = _snapshot(self.node)
         yield _counter("zmqmodels_requests", "Inference requests answered, by model, seq and code",
-                       ["model", "seq", "code"], _copy(self.requests))
-        broker = node.broker
-        yield _gauge("zmqmodels_queue_depth", "Requests waiting for a worker", [],
-                     {(): len(broker.pending)})
-        states: Counter[str] = Counter()
-        for w in list(broker.workers.values()):
-            states["loading" if w.loading else "busy" if w.busy else "idle" if w.ready else "down"] += 1
+                       ["model", "seq", "code"], snap["requests"])
+        yield _gauge("zmqmodels_queue_depth", "Requests waiting for a worker", [], {(): snap["queue_depth"]})
+        states = snap["workers"]
         yield _gauge("zmqmodels_workers", "Worker processes by state", ["state"],
                      {(s,): states.get(s, 0) for s in ("idle", "busy", "loading", "down")})
         yield _gauge("zmqmodels_serving_seq", "The seq every ready worker serves (lowest while rolling)",
-                     ["model"], {(m,): broker.report(m)[1] for m in node.models})
-        stats = _copy(node.stats)
-        sub = node.follower_stats()
+                     ["model"], {(m,): seq for m, seq in snap["serving"].items()})
+        stats, sub = snap["stats"], snap["follower"]
         yield _counter("zmqmodels_bytes_received", "Chunk payload bytes received", [],
                        {(): sub.get("bytes_received", 0)})
         yield _counter("zmqmodels_chunks_repaired", "Chunks fetched from the hub after a loss", [],
@@ -109,9 +98,8 @@ class NodeMetrics(Collector):
         rejected = {(k.removeprefix("rejected_"),): v for k, v in {**sub, **stats}.items()
                     if k.startswith("rejected_")}
         yield _counter("zmqmodels_releases_rejected", "Releases rejected, by reason", ["reason"], rejected)
-        health = node.health()
         yield _gauge("zmqmodels_hub_unreachable", "1 if the hub has not been heard from for "
-                     "hub_unreachable_s", [], {(): float(health["hub_unreachable"])})
+                     "hub_unreachable_s", [], {(): float(snap["hub_unreachable"])})
         yield _counter("zmqmodels_worker_restarts", "Worker processes restarted", [],
                        {(): stats.get("worker_restarts", 0)})
 
@@ -126,15 +114,15 @@ class HubMetrics(Collector):
         self.registry.register(self)
 
     def collect(self) -> Iterator[Any]:
-        stats = _copy(self.hub.stats)
+        status = self.hub.status()  # made by the hub's I/O thread
+        stats = status.stats
         yield _counter("zmqmodels_hub_broadcasts", "Releases broadcast", [], {(): stats.get("broadcasts", 0)})
         yield _counter("zmqmodels_hub_fetches", "Fetch requests served, by kind", ["kind"],
                        {("manifest",): stats.get("fetch_manifest", 0),
                         ("chunks",): stats.get("fetch_chunks", 0)})
         yield _counter("zmqmodels_hub_errors", "Error replies, by code", ["code"],
                        {(k.removeprefix("error_"),): v for k, v in stats.items() if k.startswith("error_")})
-        status = self.hub.status()
-        by: Counter[tuple[str, str]] = Counter((n.model, n.state) for n in status.nodes)
+        by: Counter[tuple[str, str]] = Counter((n.model, str(n.state)) for n in status.nodes)
         yield _gauge("zmqmodels_hub_nodes", "Nodes by model and state", ["model", "state"],
                      {k: float(v) for k, v in by.items()})
         yield _gauge("zmqmodels_hub_latest_seq", "The newest stored seq per model", ["model"],
@@ -144,7 +132,7 @@ class HubMetrics(Collector):
 class RelayMetrics(Collector):
     """Metrics of a :class:`~zmqmodels.relay.Relay`: chunks taken in (broadcast or fetched),
     repairs asked upstream, fetches served downstream, refusals by code, releases complete,
-    and the newest complete seq it holds per model (a snapshot its I/O thread publishes)."""
+    and the newest complete seq it holds per model."""
 
     def __init__(self, relay: Any) -> None:
         self.relay = relay
@@ -152,7 +140,8 @@ class RelayMetrics(Collector):
         self.registry.register(self)
 
     def collect(self) -> Iterator[Any]:
-        stats = _copy(self.relay.stats)
+        snap = _snapshot(self.relay)
+        stats = snap["stats"]
         yield _counter("zmqmodels_relay_chunks", "Chunks received from upstream, by how", ["how"],
                        {("broadcast",): stats.get("chunks_broadcast", 0),
                         ("fetched",): stats.get("chunks_fetched", 0)})
@@ -169,4 +158,7 @@ class RelayMetrics(Collector):
         yield _counter("zmqmodels_relay_releases", "Releases received whole", [],
                        {(): stats.get("complete", 0)})
         yield _gauge("zmqmodels_relay_latest_seq", "The newest complete seq held per model", ["model"],
-                     {(name,): float(seq) for name, seq in self.relay.held_seqs.items()})
+                     {(name,): float(seq) for name, seq in snap["held"].items()})
+
+
+COLLECTORS = {"hub": HubMetrics, "relay": RelayMetrics, "node": NodeMetrics}

@@ -19,15 +19,10 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import socket
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import zmq
@@ -36,74 +31,24 @@ from . import defaults
 from . import protocol as P
 from .cache import Cache
 from .core.broker import Action, Broker, Changed, Dispatch, Expire, Load, Refetch, Refuse, Rejected, Request
+from .core.ledger import Ledger
 from .core.supervisor import Activity, Kill, Spawn, Supervisor
 from .core.swap import SwapPolicy, Target, Version
 from .curve import Curve, ServerContext
 from .defaults import Limits
 from .errors import ProtocolError, ZmqModelsError
+from .exporter import MetricsServer
 from .follower import Follower
+from .host import WorkerProcesses, check_devices, make_run_dir
 from .ioloop import IOThread, LoopState
+from .protocol import ModelState
 from .release import Manifest, validate_name
 from .signing import Trust
 from .worker_boot import command as worker_command
 
-__all__ = ["Node", "SwapPolicy", "check_devices"]
+__all__ = ["Node"]
 
 log = logging.getLogger("zmqmodels.node")
-# error codes that count against a release in a wave's error rate (the client's own mistakes,
-# and a node that is busy or draining, do not)
-SERVER_ERRORS = frozenset({"model_error", "internal", "worker_lost"})
-_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
-
-
-def check_devices(devices: Sequence[str]) -> None:
-    """Refuse, with one line, a device this machine cannot give a worker: an unknown name, CUDA
-    where there is none, or an index past the last GPU. (The front is torch-free: CUDA is asked
-    of a short-lived ``python -c "import torch"``, only when a CUDA device is named.)"""
-    for d in devices:
-        if not _DEVICE.match(d):
-            raise ZmqModelsError(f"unknown device {d!r}: use cpu, cuda or cuda:N")
-    cuda = [d for d in devices if d.startswith("cuda")]
-    if not cuda:
-        return
-    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
-                           capture_output=True, text=True, timeout=120)
-    try:
-        count = int(probe.stdout.strip() or "0")
-    except ValueError:
-        count = 0
-    if count == 0:
-        why = probe.stderr.strip().splitlines()[-1] if probe.returncode else "torch.cuda.device_count() is 0"
-        raise ZmqModelsError(f"device {cuda[0]!r}: no CUDA device on this machine ({why})")
-    for d in cuda:
-        index = int(d.partition(":")[2] or 0)
-        if index >= count:
-            raise ZmqModelsError(f"device {d!r}: this machine has {count} CUDA device(s), "
-                                 f"cuda:0..cuda:{count - 1}")
-
-
-RUN_DIR_PREFIX = "zmqm-node-"
-
-
-def make_run_dir(tmp: str = "/tmp") -> tuple[str, Any]:
-    """A short directory for the node's ipc endpoints, held by a lock for the process's life;
-    first remove the ones whose node is gone (a node killed with -9 cannot remove its own)."""
-    import fcntl
-
-    for old in Path(tmp).glob(RUN_DIR_PREFIX + "*"):
-        try:
-            with open(old / ".lock", "rb") as f:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held while its node lives
-                shutil.rmtree(old, ignore_errors=True)
-                log.debug("removed %s, left by a node that is gone", old)
-        except OSError:
-            continue  # in use, not ours, or no lock file (not a node's)
-    d = tempfile.mkdtemp(prefix=RUN_DIR_PREFIX, dir=tmp)
-    f = open(os.path.join(d, ".lock"), "wb")  # noqa: SIM115 (closed in close())
-    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    return d, f
-
-
 class Node(IOThread):
     """Serve ``models`` on ``bind`` with ``workers`` processes, following the hub at ``hub``.
 
@@ -156,9 +101,8 @@ class Node(IOThread):
         self.hub = hub
         self.models = [validate_name(m) for m in models]
         self.labels = list(labels)
-        # per model and seq: [requests answered, of those with a server-side error]: what a
-        # wave's error rate is measured on (the newest few seqs only)
-        self.answered: dict[str, dict[int, list[int]]] = {m: {} for m in self.models}
+        self.ledger = Ledger(self.models)  # what the hub is told: states, roll stages, error counts
+        self._counts: dict[str, tuple[int, int]] = {}  # the ledger's counts, for the follower thread
         self.bind = bind
         self.node_id = node_id or f"{socket.gethostname()}-{os.getpid()}"
         self.swap_policy = policy
@@ -174,7 +118,7 @@ class Node(IOThread):
         devs = list(devices) * (workers if len(devices) == 1 else 1)
         wids = [f"{self.node_id}/w{i}" for i in range(workers)]
         self._devices = dict(zip(wids, devs, strict=True))
-        self._procs: dict[str, subprocess.Popen[bytes] | None] = dict.fromkeys(wids)
+        self._procs = WorkerProcesses(wids)
         self.broker = Broker(self.models, wids, path_for=lambda n, s: str(self.cache.path(n, s)),
                              policy=policy, queue_max=queue_max, queue_timeout_s=queue_timeout_s)
         self.supervisor = Supervisor(wids, ttl_s=worker_ttl_s, start_timeout_s=worker_start_timeout_s,
@@ -183,15 +127,12 @@ class Node(IOThread):
         self._dir, self._dir_lock = make_run_dir()
         self._backend_addr = f"ipc://{self._dir}/workers"
         self._sub: Follower | None = None
-        self._reported: dict[str, tuple[str, int]] = {}
         self._draining = False
         self.hub_unreachable_s = hub_unreachable_s
         self._started_at = time.monotonic()
         self._hub_down_logged = False
-        self._rolling_since: dict[tuple[str, int], float] = {}  # (name, seq) -> verified at
-        self._metrics_spec = metrics
+        self._metrics = MetricsServer(metrics, "node", self)
         self.metrics: Any = None  # NodeMetrics once started with metrics=
-        self._metrics_server: Any = None
         self.address = ""
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -224,18 +165,11 @@ class Node(IOThread):
                                  limits=self.limits, background_nice=10, cache=self.cache,
                                  trust=self.trust, curve=self.curve, context=self._ctx,
                                  labels=self.labels, staged=staged,
-                                 counts=self._counts)
+                                 counts=lambda name: self._counts.get(name, (0, 0)))
             self._sub.start()
             self.post(lambda: [self._report(n) for n in self.models])  # workers may be up already
-        if self._metrics_spec:
-            from .metrics import NodeMetrics, serve_metrics
-
-            self.metrics = NodeMetrics(self)
-            try:
-                self._metrics_server = serve_metrics(self.metrics.registry, self._metrics_spec)
-            except ZmqModelsError:
-                self.close(drain_s=0)
-                raise
+        self._metrics.start(lambda: self.close(drain_s=0))
+        self.metrics = self._metrics.collector
         log.info("node %s serving %s on %s with %d worker(s)", self.node_id, self.models,
                  self.address, len(self._procs))
         return self
@@ -245,10 +179,7 @@ class Node(IOThread):
         flight for up to ``drain_s``, then stop the workers. Idempotent."""
         if self.state is LoopState.CLOSED:
             return
-        if self._metrics_server is not None:
-            self._metrics_server.shutdown()
-            self._metrics_server.server_close()
-            self._metrics_server = None
+        self._metrics.stop()
         if self._sub is not None:
             self._sub.close()
         if self.serving and drain_s > 0:
@@ -274,16 +205,7 @@ class Node(IOThread):
         log.warning("node %s: requests still in flight after %.0fs; stopping anyway", self.node_id, timeout)
 
     def _cleanup(self) -> None:
-        procs = [p for p in self._procs.values() if p is not None]
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+        self._procs.stop()
         shutil.rmtree(self._dir, ignore_errors=True)
         self._dir_lock.close()
         self.cache.unlock()
@@ -297,8 +219,23 @@ class Node(IOThread):
         seen = self._sub.hub_seen if self._sub is not None else 0.0
         return now - (seen or self._started_at)
 
-    def health(self) -> dict[str, Any]:
-        """What an operator's probe wants: is the hub reachable, are workers up, what is served."""
+    def health(self, timeout: float = 5.0) -> dict[str, Any]:
+        """What an operator's probe wants: is the hub reachable, are workers up, what is served
+        (as the I/O thread sees it now)."""
+        return self.call(self._health, timeout)
+
+    def metrics_view(self) -> dict[str, Any]:
+        """What metrics show (run on the I/O thread)."""
+        states = {"idle": 0, "busy": 0, "loading": 0, "down": 0}
+        for w in self.broker.workers.values():
+            states["loading" if w.loading else "busy" if w.busy else "idle" if w.ready else "down"] += 1
+        health = self._health()
+        return {"requests": dict(self.metrics.requests) if self.metrics is not None else {},
+                "queue_depth": len(self.broker.pending), "workers": states, "serving": health["serving"],
+                "stats": dict(self.stats), "follower": self.follower_stats(),
+                "hub_unreachable": health["hub_unreachable"]}
+
+    def _health(self) -> dict[str, Any]:
         silent = self.hub_silence()
         return {"node": self.node_id, "hub": self.hub or "", "hub_silent_s": round(silent, 1),
                 "hub_unreachable": bool(self.hub) and silent > self.hub_unreachable_s,
@@ -306,13 +243,15 @@ class Node(IOThread):
                 "workers": len(self.broker.workers),
                 "serving": {m: self.broker.report(m)[1] for m in self.models}}
 
-    def follower_stats(self) -> dict[str, int]:
-        """The counters of this node's subscriber (bytes received, repairs, refusals)."""
-        return dict(self._sub.stats) if self._sub is not None else {}
+    def follower_stats(self, timeout: float = 5.0) -> dict[str, int]:
+        """The counters of this node's subscriber (bytes received, repairs, refusals), as its
+        I/O thread sees them now."""
+        sub = self._sub
+        return sub.call(lambda: dict(sub.stats), timeout) if sub is not None else {}
 
     def worker_pids(self) -> dict[str, int]:
         """``worker id -> pid`` of the worker processes running now."""
-        return {w: p.pid for w, p in self._procs.items() if p is not None and p.poll() is None}
+        return self._procs.pids()
 
     # -- other threads -> I/O thread ---------------------------------------------------------
     def _on_release(self, m: Manifest, archive: Any) -> None:
@@ -321,9 +260,7 @@ class Node(IOThread):
 
         def roll() -> None:
             now = time.monotonic()
-            for key in [k for k in self._rolling_since if k[0] == m.name and k[1] < m.seq]:
-                del self._rolling_since[key]  # superseded before it served: no stage to time
-            self._rolling_since[(m.name, m.seq)] = now
+            self.ledger.rolling(m.name, m.seq, now)
             self._carry(self.broker.target(target, now))
 
         self.post(roll)
@@ -348,18 +285,15 @@ class Node(IOThread):
         return [(back, self._on_worker), (front, self._on_client)]
 
     def _tick(self, now: float) -> float:
-        for wid, proc in self._procs.items():
-            if proc is not None and proc.poll() is not None:
-                self._worker_died(wid, proc.returncode, now)
+        for wid, code in self._procs.exited():
+            self._worker_died(wid, code, now)
         for action in self.supervisor.tick(now):
             match action:
                 case Spawn(wid):
                     self._spawn(wid, now)
                 case Kill(wid, reason):
                     log.warning("worker %s %s; killing it", wid, reason)
-                    proc = self._procs[wid]
-                    if proc is not None:
-                        proc.kill()
+                    self._procs.kill(wid)
         self._carry(self.broker.tick(now))
         if self.hub:
             down = self.hub_silence(now) > self.hub_unreachable_s
@@ -380,13 +314,12 @@ class Node(IOThread):
     def _spawn(self, wid: str, now: float) -> None:
         args = worker_command(self._backend_addr, wid, self._devices[wid], str(self.cache.root),
                               self._threads_per_worker, self.models, os.getpid())
-        self._procs[wid] = subprocess.Popen(args, stdin=subprocess.DEVNULL)
+        self._procs.spawn(wid, args)
         self.supervisor.spawned(wid, now)
 
     def _worker_died(self, wid: str, code: int | None, now: float) -> None:
         log.warning("worker %s exited (%s); restarting", wid, code)
         self.stats["worker_restarts"] += 1
-        self._procs[wid] = None
         failing = self.supervisor.start_error()
         self.supervisor.exited(wid, now, code)
         if self.supervisor.start_error() and not failing:  # a crash loop: error, never idle
@@ -423,17 +356,18 @@ class Node(IOThread):
                     log.warning("%s seq %d: %s; fetching it again", name, seq, reason)
                     self.stats["cache_refetch"] += 1
                     if self._sub is not None:
-                        self._sub.report(name, "error", seq=seq, reason=f"{reason}; fetching it again")
+                        why = f"{reason}; fetching it again"
+                        self._sub.report(name, ModelState.ERROR, seq=seq, reason=why)
                         self._sub.refetch(name, seq)
-                    self._reported.pop(name, None)
+                    self.ledger.forget(name)
                 case Changed(name):
                     self._report(name)
 
     # clients ---------------------------------------------------------------------------------
     def _error(self, client: Any, code: str, message: str, rid: str = "", model: str = "") -> None:
         self.stats[f"error_{code}"] += 1
-        if model in self.answered:
-            self._count(model, self.broker.report(model)[1], code)
+        if model in self.models:
+            self._answered(model, self.broker.report(model)[1], code)
         if self.metrics is not None:
             # a refused request's model name is the client's: only names served here become
             # labels, so a client cannot grow the metric's cardinality
@@ -490,7 +424,7 @@ class Node(IOThread):
                     self.metrics.requests[(req.model, str(slot.busy_seq), code)] += 1
                     self.metrics.latency.labels(req.model).observe(now - req.received)
                 if served and slot.busy is not None:
-                    self._count(slot.busy.model, slot.busy_seq, msg.code)
+                    self._answered(slot.busy.model, slot.busy_seq, msg.code)
                 if served:
                     self._front.send_multipart([client, b"", *payload], copy=False)
                     self.stats["replies"] += 1
@@ -501,8 +435,8 @@ class Node(IOThread):
             case P.WorkerReady(pid=pid, device=device, serving=serving, errors=errors):
                 self.supervisor.ready(wid, now)
                 log.info("worker %s ready (pid %d, %s): %s", wid, pid, device, serving)
-                versions = {n: Version(int(v[0]), str(v[1])) for n, v in serving.items()}
-                damaged = {n: (int(e[0]), str(e[1])) for n, e in errors.items()}
+                versions = {n: Version(h.seq, h.label) for n, h in serving.items()}
+                damaged = {n: (e.seq, e.reason) for n, e in errors.items()}
                 self._carry(self.broker.worker_ready(wid, versions, now, damaged))
             case P.LoadResult(name=name, seq=seq, label=label, ok=ok, reason=reason):
                 self.supervisor.seen(wid, now, Activity.IDLE)
@@ -511,46 +445,34 @@ class Node(IOThread):
                              seq, msg.load_s, msg.check_s)
                     if self.metrics is not None:
                         self.metrics.load.labels(name).observe(msg.load_s + msg.check_s)
-                    if self._sub is not None and (name, seq) in self._rolling_since:
+                    if self._sub is not None and self.ledger.is_rolling(name, seq):
                         self._sub.stage(name, seq, load=msg.load_s, check=msg.check_s)
                 self._carry(self.broker.loaded(wid, name, seq, label, ok, reason, now, corrupt=msg.corrupt))
             case _:
                 self.stats["dropped_bad_worker_message"] += 1
 
-    def _count(self, model: str, seq: int, code: str) -> None:
-        by_seq = self.answered[model]
-        counts = by_seq.setdefault(seq, [0, 0])
-        counts[0] += 1
-        counts[1] += code in SERVER_ERRORS
-        if len(by_seq) > 4:
-            del by_seq[min(by_seq)]
-
-    def _counts(self, name: str) -> tuple[int, int]:
-        """(requests, errors) answered by the seq this node reports serving (Report.requests).
-        Runs on the follower's thread: reads only what the node last reported, not the broker."""
-        counts = self.answered[name].get(self._reported.get(name, ("", 0))[1], (0, 0))
-        return counts[0], counts[1]
+    def _answered(self, model: str, seq: int, code: str) -> None:
+        self.ledger.answer(model, seq, code)
+        self._counts = self.ledger.counts()  # replaced whole: the follower's thread reads it
 
     def _rejected(self, name: str, seq: int, reason: str) -> None:
         log.warning("%s seq %d rejected: %s", name, seq, reason)
         self.stats["rejected_load_or_check"] += 1
-        self._rolling_since.pop((name, seq), None)
+        self.ledger.rejected(name, seq)
         self.cache.discard(name, seq)  # a restarted worker must not pick it up
         if self._sub is not None:
-            self._sub.report(name, "rejected", seq=seq, reason=reason)
-        self._reported.pop(name, None)
+            self._sub.report(name, ModelState.REJECTED, seq=seq, reason=reason)
 
     def _report(self, name: str) -> None:
         """Tell the hub this node's state for ``name`` when it changed."""
         if self._sub is None:
             return
         state, seq, label = self.broker.report(name)
-        since = self._rolling_since.pop((name, seq), None) if state == "serving" else None
-        if since is not None:
-            self._sub.stage(name, seq, roll=time.monotonic() - since)
-        reason = self.supervisor.start_error() if state == "idle" else ""
-        if reason:
-            state = "error"
-        if self._reported.get(name) != (state, seq):
-            self._reported[name] = (state, seq)
-            self._sub.report(name, state, seq=seq, label=label, reason=reason)
+        tell = self.ledger.view(name, state, seq, label, self.supervisor.start_error(), time.monotonic())
+        if tell is None:
+            return
+        if tell.roll_s is not None:
+            self._sub.stage(name, seq, roll=tell.roll_s)
+        if tell.changed:
+            self._sub.report(name, tell.state, seq=seq, label=label, reason=tell.reason)
+            self._counts = self.ledger.counts()

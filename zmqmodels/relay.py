@@ -30,6 +30,7 @@ from .curve import Curve, ServerContext
 from .defaults import Limits
 from .endpoints import bind_hub_sockets
 from .errors import ProtocolError, ZmqModelsError
+from .exporter import MetricsServer
 from .ioloop import IOThread
 from .release import Release, manifest_frames, validate_name
 from .signing import Trust
@@ -70,8 +71,12 @@ class Relay(IOThread):
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="zmqmodels-relay-store")
         self._next_beat = 0.0
         self.address = self.pub_address = ""
-        self._metrics_spec, self._metrics_server = metrics, None
-        self.held_seqs: dict[str, int] = {}  # name -> newest complete seq; replaced whole each beat
+        self._metrics = MetricsServer(metrics, "relay", self)
+
+    def metrics_view(self) -> dict[str, Any]:
+        """What metrics show (run on the I/O thread)."""
+        held = {n: c.manifest.seq for n, c in self.forwarder.latest.items()}
+        return {"stats": dict(self.stats), "held": held}
 
     def _held(self, models: list[str]) -> dict[str, Carried]:
         """The newest stored release of each model: served before upstream answers."""
@@ -91,23 +96,13 @@ class Relay(IOThread):
         except ZmqModelsError as exc:
             why = self._start_error or exc
             raise ZmqModelsError(f"relay failed to start on {self.bind}: {why}") from None
-        if self._metrics_spec:
-            from .metrics import RelayMetrics, serve_metrics
-
-            try:
-                self._metrics_server = serve_metrics(RelayMetrics(self).registry, self._metrics_spec)
-            except ZmqModelsError:
-                self.close()
-                raise
+        self._metrics.start(self.close)
         log.info("relay %s: following %s, serving on %s (PUB %s)", self.relay_id, self.upstream,
                  self.address, self.pub_address)
         return self
 
     def close(self) -> None:
-        if self._metrics_server is not None:
-            self._metrics_server.shutdown()
-            self._metrics_server.server_close()
-            self._metrics_server = None
+        self._metrics.stop()
         was_running = self.state.value == "running"
         super().close()
         if was_running:
@@ -145,7 +140,6 @@ class Relay(IOThread):
         if now >= self._next_beat:
             self._next_beat = now + self.heartbeat_interval_s
             self._carry(self.forwarder.beats(self.relay_id))
-            self.held_seqs = {n: c.manifest.seq for n, c in self.forwarder.latest.items()}
             if self.forwarder.loop:
                 log.error("%s", self.forwarder.loop)
         return min(0.05, max(0.001, self._next_beat - now))

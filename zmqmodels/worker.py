@@ -43,7 +43,7 @@ class Worker:
         self.device = device
         self.cache = Cache(cache)
         self.slots = {name: ModelSlot() for name in models}
-        self.errors: dict[str, list[Any]] = {}  # name -> [seq, reason]: cached releases unusable
+        self.errors: dict[str, P.Unusable] = {}  # cached releases it could not use
 
     # -- loading -----------------------------------------------------------------------------
     def load_cached(self, names: Collection[str] | None = None, exclude: Collection[int] = ()) -> None:
@@ -65,7 +65,7 @@ class Worker:
                     break
                 except (OSError, ZmqModelsError) as exc:
                     log.warning("%s: cached %s seq %d unusable: %s", self.worker_id, name, seq, exc)
-                    self.errors[name] = [seq, f"cached seq {seq}: {exc}"]
+                    self.errors[name] = P.Unusable(seq, f"cached seq {seq}: {exc}")
                     if not isinstance(exc, IntegrityError):
                         self.cache.discard(name, seq)
 
@@ -105,12 +105,12 @@ class Worker:
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
 
-    def serving(self) -> dict[str, list[Any]]:
+    def serving(self) -> dict[str, P.Held]:
         out = {}
         for name, slot in self.slots.items():
             cur = slot.current()
             if cur is not None:
-                out[name] = [cur.manifest.seq, cur.manifest.label]
+                out[name] = P.Held(cur.manifest.seq, cur.manifest.label)
         return out
 
     # -- inference ---------------------------------------------------------------------------

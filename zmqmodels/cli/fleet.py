@@ -127,7 +127,9 @@ def activate(name: str, seq: int, hub_addr: str, nodes: str, labels: tuple[str, 
 
     import msgspec
 
+    from ..core.fleet import tally
     from ..hub_client import HubClient
+    from ..protocol import ModelState
 
     client = HubClient(hub_addr, timeout=timeout, curve=curve_from(curve_key, curve_server))
     picked = [n for n in nodes.split(",") if n.strip()]
@@ -141,17 +143,16 @@ def activate(name: str, seq: int, hub_addr: str, nodes: str, labels: tuple[str, 
         deadline = time_now() + timeout
         while True:
             st = client.status()
-            rows = [r for r in st.nodes if r.model == name and r.state != "lost"
-                    and (want is None or r.node in want)]
-            bad = [r for r in rows if r.rejected_seq == seq]
-            serving = [r for r in rows if r.seq >= seq and r.state == "serving"]
-            if bad or (rows and len(serving) == len(rows)) or time_now() > deadline:
-                ok = not bad and bool(rows) and len(serving) == len(rows)
+            live = [r for r in st.nodes if r.state != ModelState.LOST]
+            t = tally(live, name, seq, or_newer=True, nodes=want)
+            if t.rejected or (t.rows and t.serving == t.rows) or time_now() > deadline:
+                ok = not t.rejected and bool(t.rows) and t.serving == t.rows
                 break
             sleep(0.2)
-        for r in bad:
-            say(f"  {r.node} rejected seq {seq}: {r.last_error}")
-        say(f"{'ok' if ok else 'FAILED'}: {len(serving)}/{len(rows)} activated node(s) serve seq {seq}")
+        for r in live:
+            if r.model == name and r.node in t.rejected:
+                say(f"  {r.node} rejected seq {seq}: {r.last_error}")
+        say(f"{'ok' if ok else 'FAILED'}: {t.serving}/{t.rows} activated node(s) serve seq {seq}")
     if as_json:
         emit_json({"ok": ok, "activated": msgspec.to_builtins(done),
                    "status": status_json(st) if st is not None else None})

@@ -147,14 +147,14 @@ def publish(hub_addr: str | None, bind_addr: str | None, store_dir: str, wait_fo
         raise click.UsageError("--waves waits for its own waves; drop --wait-for")
     if halt_on and not wave_list:
         raise click.UsageError("--halt-on needs --waves")
-    plan = {"staged": staged or bool(wave_list), "waves": wave_list, "wave_wait_s": wave_wait,
-            "halt_on": list(halt_on), "confirm_s": confirm_s}
+    plan = None
     if wave_list:
-        from ..core.waves import plan as check_plan
+        from .. import protocol as P
+        from ..core.waves import check_plan
 
-        check_plan(wave_list, wave_wait, list(halt_on), confirm_s)  # bad syntax fails before compiling
-    else:
-        plan["wave_wait_s"] = 0.0
+        plan = P.WavePlan(wave_list, wave_wait, list(halt_on), confirm_s)
+        check_plan(plan)  # bad syntax fails before compiling
+    staged = staged or plan is not None
     if bind_addr and curve_server:
         raise click.UsageError("--curve-server is for --hub; with --bind this process is the hub")
     key = load_signing_key(signing_key)
@@ -186,7 +186,7 @@ def publish(hub_addr: str | None, bind_addr: str | None, store_dir: str, wait_fo
         ticker = _Ticker("sending and waiting for the hub to verify and store it")
         t1 = time.perf_counter()
         try:
-            done = client.publish(release, timeout=timeout, signing_key=key, **plan)
+            done = client.publish(release, timeout=timeout, signing_key=key, staged=staged, plan=plan)
         except KeyboardInterrupt:
             ticker.stop()
             say(f"interrupted while sending: {_accepted(client, m)}")
@@ -203,7 +203,7 @@ def publish(hub_addr: str | None, bind_addr: str | None, store_dir: str, wait_fo
         if wave_list:
             _watch_waves(client.status, name, seq, timeout, as_json, say)
             return
-        if plan["staged"]:
+        if staged:
             say(f"staged: nodes cache seq {seq} and serve it once activated "
                 f"(zmqmodels activate {name} --seq {seq} --hub {hub_addr})")
         t2 = time.perf_counter()
@@ -215,7 +215,7 @@ def publish(hub_addr: str | None, bind_addr: str | None, store_dir: str, wait_fo
             sys.exit(130)
         timings["wait"] = time.perf_counter() - t2
         timings["total"] = time.perf_counter() - IMPORTED_AT
-        finish_publish(ok, status, name, seq, label, wait_for, as_json, say, staged=plan["staged"],
+        finish_publish(ok, status, name, seq, label, wait_for, as_json, say, staged=staged,
                        timings=timings)
         return
     from ..hub import Hub
@@ -224,7 +224,7 @@ def publish(hub_addr: str | None, bind_addr: str | None, store_dir: str, wait_fo
     curve = curve_from(curve_key) if curve_key else None
     with Hub(bind_addr, Store(store_dir), signing_key=key,  # type: ignore[arg-type]
              curve=curve) as pub:
-        m = pub.publish(release, timeout=timeout, **plan)
+        m = pub.publish(release, timeout=timeout, staged=staged, plan=plan)
         say(f"publishing {m.name} seq {m.seq} on {pub.address} (PUB {pub.pub_address})")
         if wave_list:
             _watch_waves(pub.status, m.name, m.seq, timeout, as_json, say)
@@ -236,34 +236,34 @@ def publish(hub_addr: str | None, bind_addr: str | None, store_dir: str, wait_fo
             deadline = time.monotonic() + timeout
             run_until_signalled(lambda: time.monotonic() > deadline)
             ok, status = True, pub.status()
-        finish_publish(ok, status, m.name, m.seq, m.label, wait_for, as_json, say, staged=plan["staged"])
+        finish_publish(ok, status, m.name, m.seq, m.label, wait_for, as_json, say, staged=staged)
 
 
 def _watch_waves(status: Any, name: str, seq: int, timeout: float, as_json: bool, say: Any) -> None:
-    """Follow the hub's wave rollout of ``name`` ``seq`` to its end, printing each change;
-    exit 1 if it halted (the failed nodes and why are printed) or did not end in time."""
-    import time
-
+    """Follow the hub's rollout in waves of ``name`` ``seq`` to its end
+    (:func:`~zmqmodels.hub_client.wait_rollout`), printing each change; exit 1 if it halted
+    (the failed nodes and why are printed) or did not end in time."""
+    from .. import protocol as P
+    from ..hub_client import wait_rollout
     from .render import rollout_text, status_json
 
-    deadline, last, wave, st = time.monotonic() + timeout, "", None, None
-    while time.monotonic() < deadline:
-        st = status()
+    last = [""]
+
+    def show(st: Any) -> None:
         wave = next((w for w in st.rollouts if w.name == name and w.seq == seq), None)
         text = rollout_text(wave) if wave is not None else f"rollout {name} seq {seq}: not started"
-        if text != last:
+        if text != last[0]:
             say(text)
-            last = text
-        if wave is not None and wave.state != "running":
-            break
-        time.sleep(0.2)
-    ok = wave is not None and wave.state == "done"
+            last[0] = text
+
+    wave, st = wait_rollout(status, name, seq, timeout, on_status=show)
+    ok = wave is not None and wave.state == P.WaveState.DONE
     if as_json:
         import msgspec
 
         emit_json({"ok": ok, "name": name, "seq": seq, "rollout": msgspec.to_builtins(wave) if wave else None,
                    "status": status_json(st)})
-    elif wave is None or wave.state == "running":
+    elif wave is None or wave.state == P.WaveState.RUNNING:
         say(f"FAILED: the rollout of {name} seq {seq} did not end within {timeout:.0f}s")
     else:
         say(("ok: " if ok else "FAILED: ") + rollout_text(wave))
@@ -332,18 +332,18 @@ def _warn_reused_label(client: Any, name: str, seq: int, label: str, say: Any) -
 
 def _wait_with_progress(client: Any, name: str, seq: int, count: int, timeout: float,
                         say: Any) -> tuple[bool, Any]:
-    """:meth:`HubClient.wait_for`, printing the tally each time it changes."""
+    """:meth:`HubClient.wait_for`, printing the :class:`~zmqmodels.core.fleet.Tally` each
+    time it changes."""
+    from ..core.fleet import tally
+
     last: list[Any] = [None]
 
     def progress(st: Any) -> None:
-        rows = [n for n in st.nodes if n.model == name]
-        tally = (sum(n.seq == seq and n.state == "serving" for n in rows),
-                 sum(n.seq == seq and n.state in ("receiving", "verified", "loading") for n in rows),
-                 sum(n.rejected_seq == seq for n in rows), sum(n.state in ("lost", "error") for n in rows))
-        if tally != last[0]:
-            last[0] = tally
-            say(f"rollout: {tally[0]}/{count} serving seq {seq}, {tally[1]} on the way, "
-                f"{tally[2]} rejected, {tally[3]} lost or in error")
+        t = tally(st.nodes, name, seq)
+        if t != last[0]:
+            last[0] = t
+            say(f"rollout: {t.serving}/{count} serving seq {seq}, {t.on_the_way} on the way, "
+                f"{len(t.rejected)} rejected, {t.broken} lost or in error")
 
     return client.wait_for(name, seq, count, timeout, on_status=progress)
 

@@ -8,6 +8,8 @@ from typing import Any
 
 import click
 
+from ..protocol import ModelState
+
 __all__ = ["emit_json", "fleet_table", "rollout_text", "stages_text", "status_json", "to_jsonable",
            "failed_nodes", "finish_publish"]
 
@@ -98,11 +100,11 @@ def failed_nodes(status: Any, name: str, seq: int) -> dict[str, str]:
     serving it), with why, as the node reported it."""
     out = {}
     for n in status.nodes:
-        if n.model != name or (n.seq == seq and n.state == "serving"):
+        if n.model != name or (n.seq == seq and n.state == ModelState.SERVING):
             continue
         if n.rejected_seq == seq:
             out[n.node] = f"rejected: {n.last_error or n.reason or 'no reason given'}"
-        elif n.state in ("error", "lost"):
+        elif n.state in (ModelState.ERROR, ModelState.LOST):
             out[n.node] = f"{n.state}: {n.reason or 'no reason given'}"
     return out
 
@@ -110,9 +112,10 @@ def failed_nodes(status: Any, name: str, seq: int) -> dict[str, str]:
 def finish_publish(ok: bool, status: Any, name: str, seq: int, label: str, wait_for: int,
                     as_json: bool, say: Any, *, staged: bool = False,
                     timings: dict[str, float] | None = None) -> None:
-    from ..core.fleet import rollout
+    from ..core.fleet import tally
 
-    serving, rejected = rollout(status, name, seq)
+    t = tally(status.nodes, name, seq)
+    serving, rejected = t.serving, t.rejected
     failed = failed_nodes(status, name, seq)
     held = sum(n.model == name and n.staged == seq for n in status.nodes)
     if as_json:

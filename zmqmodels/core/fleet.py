@@ -1,7 +1,7 @@
 """The hub's fleet table, sans I/O: node reports in, rows and the rollout verdict out.
 
 A plain class fed ``(report, now)``; the hub's I/O thread owns one and reads it under a lock.
-:func:`rollout` is the one rule behind ``publish --wait-for`` (hub side and client side).
+:func:`tally` is the one rule behind ``publish --wait-for`` (hub side and client side).
 
 **Liveness**: a node sends a report for each model every heartbeat interval (0.5 s). A row not
 refreshed for ``lost_after_s`` is shown as ``lost`` (with its last state in the reason and
@@ -12,13 +12,14 @@ the time since it was heard in ``age_s``) and never counts as serving; after
 from __future__ import annotations
 
 import math
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 
 from .. import defaults
 from .. import protocol as P
 from ..errors import ProtocolError
 
-__all__ = ["FleetEntry", "Fleet", "rollout"]
+__all__ = ["FleetEntry", "Fleet", "Tally", "tally"]
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class FleetEntry:
         age = now - self.seen
         state, reason = r.state, r.reason
         if age > lost_after_s:
-            state = P.ModelState.LOST.value
+            state = P.ModelState.LOST
             reason = f"not heard from for {age:.0f}s (last: {r.state} seq {r.seq})"
         return P.NodeStatus(r.node, r.model, state, r.seq, r.label, reason, r.host, r.pid,
                             r.device, round(age, 3), self.rejected_seq, self.rejected_reason,
@@ -60,7 +61,7 @@ class Fleet:
 
     def report(self, report: P.Report, now: float) -> FleetEntry | None:
         """Record ``report``; return the entry it replaced (None for a new row)."""
-        if report.state not in P.STATES or report.state == P.ModelState.LOST:
+        if report.state == P.ModelState.LOST:
             raise ProtocolError(f"a node cannot report state {report.state!r}")
         key = (report.node, report.model)
         prev = self._entries.get(key)
@@ -92,8 +93,30 @@ class Fleet:
         return [e for e in self._entries.values() if now - e.seen > self.lost_after_s]
 
 
-def rollout(status: P.StatusReply, name: str, seq: int) -> tuple[int, list[str]]:
-    """``(nodes serving name at seq, nodes that rejected that seq)``."""
-    rows = [n for n in status.nodes if n.model == name]
-    serving = sum(n.seq == seq and n.state == P.ModelState.SERVING for n in rows)
-    return serving, [n.node for n in rows if n.rejected_seq == seq]
+@dataclass(frozen=True)
+class Tally:
+    """Where the fleet stands on one release: the one rule behind ``publish --wait-for``, the
+    hub's :meth:`~zmqmodels.hub.Hub.wait_for`, the CLI's progress line and ``releases``."""
+
+    serving: int  # nodes serving it (lost nodes never count)
+    on_the_way: int  # receiving, verified or loading it
+    rejected: list[str]  # nodes that rejected it
+    broken: int  # nodes lost or in error (whatever release)
+    rows: int  # nodes following the model
+
+    def reached(self, count: int) -> bool:
+        return self.serving >= count and not self.rejected
+
+
+_ON_THE_WAY = (P.ModelState.RECEIVING, P.ModelState.VERIFIED, P.ModelState.LOADING)
+
+
+def tally(rows: Sequence[P.NodeStatus], name: str, seq: int, *, or_newer: bool = False,
+          nodes: Collection[str] | None = None) -> Tally:
+    """The :class:`Tally` of ``name`` ``seq`` over fleet ``rows`` (of ``nodes`` only, if
+    given); ``or_newer``: a node serving a newer seq counts as serving it (activation)."""
+    mine = [r for r in rows if r.model == name and (nodes is None or r.node in nodes)]
+    at = [r for r in mine if r.state == P.ModelState.SERVING and (r.seq >= seq if or_newer else r.seq == seq)]
+    return Tally(len(at), sum(r.seq == seq and r.state in _ON_THE_WAY for r in mine),
+                 [r.node for r in mine if r.rejected_seq == seq],
+                 sum(r.state in (P.ModelState.LOST, P.ModelState.ERROR) for r in mine), len(mine))

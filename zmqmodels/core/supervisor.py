@@ -20,15 +20,16 @@ Two rules milestone 1 lacked:
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
+
+from ..protocol.messages import Word
 
 __all__ = ["Activity", "Spawn", "Kill", "Supervisor", "WorkerHealth", "START_FAILURES"]
 
 START_FAILURES = 3  # exits before READY in a row after which the node reports an error
 
 
-class Activity(str, enum.Enum):
+class Activity(Word):
     STARTING = "starting"  # spawned, not READY yet (importing torch, loading the cache)
     IDLE = "idle"  # waiting for work: sends a beat every second
     BUSY = "busy"  # serving a request

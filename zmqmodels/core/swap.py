@@ -14,13 +14,14 @@ Rules (docs/protocol.md §Serving):
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
+
+from ..protocol.messages import Word
 
 __all__ = ["SwapPolicy", "Version", "Target", "Swaps"]
 
 
-class SwapPolicy(str, enum.Enum):
+class SwapPolicy(Word):
     """How a worker replaces a model (``serve --swap-policy``)."""
 
     AVAILABILITY = "availability"  # load the new version beside the old, then swap: no gap

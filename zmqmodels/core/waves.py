@@ -26,16 +26,15 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from .. import protocol as P
 from ..errors import ZmqModelsError
 
-__all__ = ["ActivateNodes", "Finish", "Halt", "WaveRollout", "wave_counts", "parse_halt_on", "plan",
+__all__ = ["ActivateNodes", "Finish", "Halt", "WaveRollout", "wave_counts", "parse_halt_on", "check_plan",
            "CANARY", "activation_refusal"]
 
 CANARY = "canary"
-RUNNING, DONE, HALTED = "running", "done", "halted"
+RUNNING, DONE, HALTED = P.WaveState.RUNNING, P.WaveState.DONE, P.WaveState.HALTED
 _RATE = re.compile(r"^error-rate>(\d+(?:\.\d+)?)(%?)$")
 
 
@@ -108,17 +107,15 @@ class WaveRollout:
 
     name: str
     seq: int
-    specs: Sequence[str]
+    plan: P.WavePlan
     nodes: Sequence[tuple[str, Sequence[str]]]
     now: float
-    wave_wait_s: float = 0.0
-    error_rate: float | None = None
-    confirm_s: float = 120.0
     started_at: float = 0.0  # wall-clock, for the status
     before: int = 0  # the seq active fleet-wide when it started: what a halt rolls back to
     order: list[str] = field(init=False)
     counts: list[int] = field(init=False)
-    state: str = RUNNING
+    error_rate: float | None = field(init=False)
+    state: P.WaveState = RUNNING
     wave: int = 0  # waves activated so far
     activated: list[str] = field(default_factory=list)
     serving: set[str] = field(default_factory=set)
@@ -131,7 +128,8 @@ class WaveRollout:
     def __post_init__(self) -> None:
         canary = sorted(n for n, labels in self.nodes if CANARY in labels)
         self.order = canary + sorted(n for n, _ in self.nodes if n not in set(canary))
-        self.counts = wave_counts(self.specs, max(1, len(self.order)))
+        self.counts = wave_counts(self.plan.waves, max(1, len(self.order)))
+        self.error_rate = parse_halt_on(self.plan.halt_on)
         self._since = self.now
         if not self.order:  # halted before it starts: the publisher is told why, nothing hangs
             self.state, self.reason = HALTED, f"no live node follows {self.name!r}: nothing to roll out to"
@@ -158,15 +156,15 @@ class WaveRollout:
             return self._halt(f"{len(self.failed)} node(s) failed wave {self.wave}")
         if self._watch_until is None:
             if all(n in self.serving for n in current):
-                self._watch_until = now + self.wave_wait_s
-            elif now - self._since > self.confirm_s:
+                self._watch_until = now + self.plan.wave_wait_s
+            elif now - self._since > self.plan.confirm_s:
                 for n in current:
                     if n not in self.serving:
                         row = mine[n]
                         why = f": {row.reason}" if row.reason else ""
-                        self.failed[n] = (f"not serving seq {self.seq} after {self.confirm_s:.0f}s "
+                        self.failed[n] = (f"not serving seq {self.seq} after {self.plan.confirm_s:.0f}s "
                                           f"({row.state} seq {row.seq}{why})")
-                return self._halt(f"wave {self.wave} not serving after {self.confirm_s:.0f}s")
+                return self._halt(f"wave {self.wave} not serving after {self.plan.confirm_s:.0f}s")
         if self.error_rate is not None:
             halted = self._check_errors(mine)
             if halted:
@@ -174,6 +172,18 @@ class WaveRollout:
         if self._watch_until is not None and now >= self._watch_until:
             return self._next_wave(now)
         return []
+
+    def supersede(self, seq: int) -> None:
+        """A newer release ``seq`` of the model was published: this rollout stops here."""
+        if self.state == RUNNING:
+            self.state, self.reason = HALTED, f"superseded by seq {seq}"
+
+    def rolled_back(self, seq: int) -> None:
+        """The halt's rollback went out as ``seq``."""
+        self.rollback_seq = seq
+
+    def rollback_failed(self, why: str) -> None:
+        self.reason += f"; {why}"
 
     def status(self) -> P.WaveStatus:
         return P.WaveStatus(self.name, self.seq, self.state, self.wave, list(self.counts),
@@ -218,17 +228,13 @@ class WaveRollout:
         return [Halt(self.name, self.seq, reason, dict(self.failed), back)]
 
 
-def plan(waves: list[str], wave_wait_s: float, halt_on: list[str],
-         confirm_s: float) -> dict[str, Any] | None:
-    """A staged rollout's parameters, checked before anything is stored (None: no waves)."""
-    if not waves:
-        if halt_on or wave_wait_s:
-            raise ZmqModelsError("--halt-on and --wave-wait need --waves")
-        return None
-    wave_counts(waves, 1000)  # the syntax, whatever the fleet's size
-    return {"waves": list(waves), "wave_wait_s": wave_wait_s, "error_rate": parse_halt_on(halt_on),
-            "confirm_s": confirm_s}
-
+def check_plan(plan: P.WavePlan | None) -> None:
+    """Check a staged rollout's parameters before anything is stored (the syntax, whatever
+    the fleet's size)."""
+    if plan is None:
+        return
+    wave_counts(plan.waves, 1000)
+    parse_halt_on(plan.halt_on)
 
 
 def activation_refusal(name: str, seq: int, active: int, staged: bool | None) -> str:

@@ -11,6 +11,9 @@ import msgspec
 from .. import defaults
 
 __all__ = [
+    "Word",
+    "WaveState",
+    "WavePlan",
     "NonNeg",
     "V",
     "HUB_TOPIC",
@@ -46,7 +49,17 @@ V = defaults.PROTOCOL_VERSION
 HUB_TOPIC = b"\0"
 
 
-class ModelState(str, enum.Enum):
+class Word(str, enum.Enum):
+    """A string enum that prints as its value (``enum.StrEnum`` is Python 3.11+)."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+class ModelState(Word):
     """What a node reports for one model (``Report.state``)."""
 
     RECEIVING = "receiving"  # a release is arriving (``seq``: the one arriving)
@@ -61,6 +74,26 @@ class ModelState(str, enum.Enum):
 
 
 STATES = tuple(s.value for s in ModelState)
+
+
+class WaveState(Word):
+    """Where a staged rollout in waves stands (``WaveStatus.state``)."""
+
+    RUNNING = "running"  # a wave is being activated or watched
+    DONE = "done"  # every wave serves the release
+    HALTED = "halted"  # stopped; ``WaveStatus.reason`` says why
+
+
+class WavePlan(msgspec.Struct, frozen=True):
+    """A staged rollout in waves, one record from the CLI to the wire (``Publish.plan``) and
+    into the hub: activate the release in these cumulative ``waves`` (``"1"``, ``"10%"``, ...),
+    watching each for ``wave_wait_s`` once it serves, halting on ``halt_on`` conditions
+    (``"rejected"``, always on; ``"error-rate>1%"``); a wave node must serve within ``confirm_s``."""
+
+    waves: list[str]
+    wave_wait_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    halt_on: list[str] = []
+    confirm_s: Annotated[float, msgspec.Meta(gt=0)] = 120.0
 
 
 class ChunkHeader(msgspec.Struct, frozen=True):
@@ -125,7 +158,7 @@ class Report(msgspec.Struct, frozen=True):
 
     node: str
     model: str
-    state: str
+    state: ModelState
     seq: NonNeg = 0
     label: str = ""
     reason: str = ""
@@ -147,12 +180,7 @@ class Report(msgspec.Struct, frozen=True):
 class Publish(msgspec.Struct, frozen=True):
     signature: bytes = b""  # of the manifest frame that follows; empty = unsigned
     v: int = V
-    # a staged rollout: activate the release in these cumulative waves ("1", "10%", ...),
-    # waiting ``wave_wait_s`` after each wave serves, halting on ``halt_on`` conditions
-    waves: list[str] = []
-    wave_wait_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
-    halt_on: list[str] = []  # "rejected" (always), "error-rate>1%"
-    confirm_s: Annotated[float, msgspec.Meta(gt=0)] = 120.0  # a wave node must serve within this
+    plan: WavePlan | None = None  # a staged rollout in waves (the manifest must be staged)
 
 
 class Reserve(msgspec.Struct, frozen=True):
@@ -221,7 +249,7 @@ class ReleasesReply(msgspec.Struct, frozen=True):
 class NodeStatus(msgspec.Struct, frozen=True):
     node: str
     model: str
-    state: str
+    state: ModelState
     seq: int
     label: str
     reason: str
@@ -245,7 +273,7 @@ class WaveStatus(msgspec.Struct, frozen=True):
 
     name: str
     seq: int
-    state: str  # "running", "done", "halted"
+    state: WaveState
     wave: int  # the wave being activated or watched, 1-based (== waves when done)
     waves: list[int]  # cumulative node counts of each wave
     activated: list[str]  # nodes told to serve seq

@@ -9,6 +9,8 @@ import msgspec
 from .messages import NonNeg, V
 
 __all__ = [
+    "Held",
+    "Unusable",
     "InferRequest",
     "InferReply",
     "WorkerReady",
@@ -54,15 +56,29 @@ class InferReply(msgspec.Struct, frozen=True):
 
 
 # -- front <-> its worker processes (ipc, same host) ---------------------------------------
+class Held(msgspec.Struct, frozen=True, array_like=True):
+    """A release a worker holds (``[seq, label]`` on the wire)."""
+
+    seq: NonNeg
+    label: str
+
+
+class Unusable(msgspec.Struct, frozen=True, array_like=True):
+    """A cached release a worker could not use (``[seq, reason]`` on the wire)."""
+
+    seq: NonNeg
+    reason: str
+
+
 class WorkerReady(msgspec.Struct, frozen=True):
     """``[b"READY", WorkerReady]`` on start."""
 
     worker: str
     pid: NonNeg
     device: str
-    serving: dict[str, list[Any]]  # name -> [seq, label]
+    serving: dict[str, Held]
     v: int = V
-    errors: dict[str, list[Any]] = {}  # name -> [seq, reason]: a cached release it could not use
+    errors: dict[str, Unusable] = {}
 
 
 class Work(msgspec.Struct, frozen=True):
