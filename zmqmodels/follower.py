@@ -144,17 +144,12 @@ class Follower(IOThread):
                                    take=self._pool.take, give=self._pool.give, limits=self.limits,
                                    trust=self.trust, known=known, repair_idle_s=repair_idle_s,
                                    hub_ttl_s=hub_ttl_s, labels=labels,
-                                   staged={n: m.seq for n, m in (staged or {}).items()})
+                                   staged=staged)
         self.assembler.use_stats(self.stats)  # one counter for the shell and its core
         self.labels = list(labels)
         self._counts = counts
-        # staged releases held until activated: the manifest (the archive is in the cache),
-        # and without a cache the assembly buffer it is in (kept out of the pool, not copied)
-        self._held: dict[str, tuple[Manifest, Any]] = {n: (m, None) for n, m in (staged or {}).items()}
-        self._held_lock = threading.Lock()
-        # verified releases whose cache write failed, kept to be written again (RetryStore)
-        self._unstored: dict[str, tuple[Assembly, str]] = {}
-        self._mailbox: dict[str, tuple[Assembly, str] | Manifest] = {}
+        # what the delivery thread is to check and hand on, one per model (the newest)
+        self._mailbox: dict[str, tuple[Assembly, str] | Unstage] = {}
         self._mail_cond = threading.Condition()
         self._deliverer: threading.Thread | None = None
         self._next_report = 0.0
@@ -247,31 +242,30 @@ class Follower(IOThread):
                     self._dealer.send_multipart(P.pack(msg))
                 case Deliver(name, asm, digest):
                     self._mail(name, (asm, digest))
-                case Unstage(name, seq):
-                    with self._held_lock:
-                        held = self._held.get(name)
-                    if held is not None and held[0].seq == seq:
-                        self._mail(name, held[0])
-                case RetryStore(name, seq):
-                    with self._held_lock:
-                        kept = self._unstored.pop(name, None)
-                    if kept is not None and kept[0].manifest.seq == seq:
-                        self._mail(name, kept)  # delivered again: checked, written, served
-                    elif kept is not None:
-                        self._pool.give(name, kept[0].buf)
+                case Unstage(name):
+                    self._mail(name, action)
+                case RetryStore(name, asm, digest):
+                    self._mail(name, (asm, digest))  # delivered again: checked, written, served
 
-    def _mail(self, name: str, item: tuple[Assembly, str] | Manifest) -> None:
+    def _mail(self, name: str, item: tuple[Assembly, str] | Unstage) -> None:
         """Hand ``item`` (an assembled release, or a held one now activated) to the delivery
         thread; it replaces an older undelivered one of the same model, whose buffer goes
         back to the pool. An activated release never replaces a newer assembled one."""
+        seq = item.manifest.seq if isinstance(item, Unstage) else item[0].manifest.seq
         with self._mail_cond:
             older = self._mailbox.get(name)
-            if isinstance(item, Manifest) and isinstance(older, tuple) and older[0].manifest.seq > item.seq:
-                return
-            self._mailbox[name] = item
-            self._mail_cond.notify()
-        if isinstance(older, tuple):
-            self._pool.give(name, older[0].buf)
+            older_seq = (older.manifest.seq if isinstance(older, Unstage) else older[0].manifest.seq
+                         ) if older is not None else 0
+            if older_seq > seq:
+                new, older = item, None  # the item itself is let go
+            else:
+                self._mailbox[name] = item
+                self._mail_cond.notify()
+                new = older
+        if new is not None:
+            buf = new.buf if isinstance(new, Unstage) else new[0].buf
+            if buf is not None:
+                self._pool.give(name, buf)
 
     def _on_sub(self, frames: list[zmq.Frame]) -> None:
         if len(frames) < 2:
@@ -335,7 +329,7 @@ class Follower(IOThread):
                     return
                 name = next(iter(self._mailbox))
                 item = self._mailbox.pop(name)
-            if isinstance(item, Manifest):
+            if isinstance(item, Unstage):
                 self._deliver_held(item)
                 continue
             asm, digest = item
@@ -357,16 +351,10 @@ class Follower(IOThread):
         verified bytes, say so with the whole reason (the state stays ``error`` until a write
         succeeds), keep serving what it has, and write it again later: never fetch it again."""
         m = asm.manifest
-        asm.store_failures += 1
         self.stats["store_failed"] += 1
-        with self._held_lock:
-            older = self._unstored.get(m.name)
-            self._unstored[m.name] = (asm, digest)
-        if older is not None and older[0] is not asm:
-            self._pool.give(m.name, older[0].buf)
 
         def apply() -> None:
-            delay = self.assembler.store_failed(m.name, m.seq, time.monotonic())
+            delay = self.assembler.store_failed(asm, digest, time.monotonic())
             if not delay:
                 return  # a newer release supersedes it
             reason = f"cache write failed: {exc}; kept in memory, writing again in {delay:.0f}s"
@@ -379,12 +367,6 @@ class Follower(IOThread):
     def _deliver_one(self, asm: Assembly, archive: memoryview, digest: str) -> bool:
         """Check, cache and hand on one release; True if its buffer is kept (held, no cache)."""
         m = asm.manifest
-        with self._held_lock:  # a newer release supersedes one whose write failed
-            stale = self._unstored.get(m.name)
-            if stale is not None and stale[0].manifest.seq < m.seq:
-                del self._unstored[m.name]
-        if stale is not None and stale[0].manifest.seq < m.seq:
-            self._pool.give(m.name, stale[0].buf)
         if digest != m.archive_sha256:
             self.stats["archive_corrupt"] += 1
             self.stats["rejected_digest"] += 1
@@ -409,47 +391,30 @@ class Follower(IOThread):
             if active and self.cache is not None:
                 self.cache.activate(m.name, m.seq)
             if m.staged and not active:  # held until the hub activates it here
-                self._hold(m, None if self.cache is not None else asm.buf)
-                self.post(lambda: self._carry(self.assembler.held(m.name, m.seq)))
+                buf = None if self.cache is not None else asm.buf  # no cache: the buffer is the copy
+                self.post(lambda: self._carry(self.assembler.hold(m, buf)))
                 log.info("%s: %s seq %d staged (served once activated)", self.node_id, m.name, m.seq)
                 return self.cache is None  # without a cache its buffer is the held copy
             self._on_release(m, archive)
-            with self._held_lock:  # a held older staged release is superseded
-                held = self._held.get(m.name)
-                if held is not None and held[0].seq < m.seq:
-                    del self._held[m.name]
-            if held is not None and held[0].seq < m.seq and held[1] is not None:
-                self._pool.give(m.name, held[1])
+            self.post(lambda: self.assembler.served(m.name, m.seq))
         except Exception as exc:
             if not isinstance(exc, ZmqModelsError):
                 log.exception("%s: consumer failed on %s seq %d", self.node_id, m.name, m.seq)
             self.reject(m, f"{type(exc).__name__}: {exc}")
         return False
 
-    def _hold(self, m: Manifest, buf: Any) -> None:
-        """Keep staged ``m`` (and, without a cache, the buffer it is in) until activated; a
-        release it supersedes gives its buffer back."""
-        with self._held_lock:
-            older = self._held.get(m.name)
-            self._held[m.name] = (m, buf)
-        if older is not None and older[1] is not None:
-            self._pool.give(m.name, older[1])
-
-    def _deliver_held(self, m: Manifest) -> None:
+    def _deliver_held(self, held: Unstage) -> None:
         """A staged release was activated: record it in the cache and hand it on."""
-        with self._held_lock:
-            held = self._held.pop(m.name, None)
-        if held is None or held[0].seq != m.seq:
-            return
+        m = held.manifest
         log.info("%s: %s seq %d activated", self.node_id, m.name, m.seq)
         try:
             if self.cache is None:
-                view = memoryview(held[1])[: m.archive_bytes]
+                view = memoryview(held.buf)[: m.archive_bytes]
                 try:
                     self._on_release(m, view)
                 finally:
                     view.release()
-                    self._pool.give(m.name, held[1])
+                    self._pool.give(m.name, held.buf)
                 return
             self.cache.activate(m.name, m.seq)
             path = self.cache.path(m.name, m.seq)

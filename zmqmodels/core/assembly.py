@@ -107,6 +107,8 @@ class Follow:
     staged: int = 0  # a verified, cached staged release held until activated (0: none)
     active: int = 0  # staged releases up to this seq are activated for this node
     want: int = 0  # an older seq to fetch all the same: the active one, behind a held staged one
+    held: tuple[Manifest, Any] | None = None  # the staged release held (and its buffer, no cache)
+    unstored: tuple[Assembly, str] | None = None  # verified, its cache write failed: (it, digest)
     requests: int = 0  # what the host answered (Report.requests / errors)
     errors: int = 0
 
@@ -122,19 +124,22 @@ class Deliver:
 
 @dataclass(frozen=True)
 class Unstage:
-    """The held staged release ``seq`` of ``name`` is activated: hand it on now."""
+    """The held staged release ``manifest`` is activated: hand it on now (from ``buf``, the
+    buffer it was assembled in, when there is no cache; else from the cache)."""
 
     name: str
-    seq: int
+    manifest: Manifest
+    buf: Any = None
 
 
 @dataclass(frozen=True)
 class RetryStore:
-    """Writing ``seq`` of ``name`` to the cache failed earlier: write it again now, from the
-    verified bytes the host kept (it is not fetched again)."""
+    """Writing ``asm`` to the cache failed earlier: check and write it again now, from the
+    verified bytes kept here (it is not fetched again)."""
 
     name: str
-    seq: int
+    asm: Assembly
+    digest: str
 
 
 Action = Send | Deliver | Unstage | RetryStore
@@ -148,7 +153,7 @@ class Assembler:
                  take: Callable[[str, int], Any], give: Callable[[str, Any], None],
                  limits: Limits | None = None, trust: Trust | None = None,
                  known: dict[str, int] | None = None,
-                 staged: dict[str, int] | None = None, labels: Sequence[str] = (),
+                 staged: dict[str, Manifest] | None = None, labels: Sequence[str] = (),
                  repair_idle_s: float = defaults.REPAIR_IDLE_S,
                  hub_ttl_s: float = defaults.HUB_TTL_S,
                  fetch_timeout_s: float = defaults.FETCH_TIMEOUT_S) -> None:
@@ -156,10 +161,10 @@ class Assembler:
         for name, seq in (known or {}).items():
             if name in self.models:
                 self.models[name].done_seq = self.models[name].seq = seq
-        for name, seq in (staged or {}).items():  # held in the cache across a restart
+        for name, m in (staged or {}).items():  # held in the cache across a restart
             if name in self.models:
                 st = self.models[name]
-                st.staged, st.done_seq = seq, max(st.done_seq, seq)
+                st.staged, st.done_seq, st.held = m.seq, max(st.done_seq, m.seq), (m, None)
         self.labels = list(labels)
         self.node_id, self.host, self.pid, self.device = node_id, host, pid, device
         self._take, self._give = take, give
@@ -221,8 +226,6 @@ class Assembler:
             self.intake.admit(m, raw, signature)
         except (LimitError, SignatureError) as exc:
             return self._refuse(st, m, raw, exc)
-        if st.retry_seq and st.retry_seq < m.seq:
-            st.retry_at, st.retry_seq, st.retries = 0.0, 0, 0  # superseded: its write is moot
         asm = Assembly(m, raw, signature, now, buf=self._take(m.name, m.archive_bytes), give=self._give)
         self.intake.begin(asm, fetched=fetched)
         self.stats["manifests"] += 1
@@ -289,13 +292,27 @@ class Assembler:
         self.stats["activations"] += 1
         return self._unstage(st)
 
-    def held(self, name: str, seq: int) -> list[Action]:
-        """Staged release ``seq`` is verified and cached: hold it until it is activated."""
-        st = self.follow(name)
-        if seq <= st.seq and st.state == ModelState.SERVING:
+    def hold(self, m: Manifest, buf: Any = None) -> list[Action]:
+        """Staged release ``m`` is verified and cached (or, with no cache, kept in ``buf``):
+        hold it until it is activated. A held older one is let go."""
+        st = self.follow(m.name)
+        if m.seq <= st.seq and st.state == ModelState.SERVING:
+            self._let_go(m.name, buf)
             return []
-        st.staged = max(st.staged, seq)
+        if st.held is not None and st.held[0].seq > m.seq:
+            self._let_go(m.name, buf)
+            return []
+        if st.held is not None:
+            self._let_go(m.name, st.held[1])
+        st.held, st.staged = (m, buf), max(st.staged, m.seq)
         return [*self._unstage(st), Send(self._report(st))]
+
+    def served(self, name: str, seq: int) -> None:
+        """``seq`` was handed on to be served: a staged release held older than it is let go."""
+        st = self.follow(name)
+        if st.held is not None and st.held[0].seq < seq:
+            self._let_go(name, st.held[1])
+            st.held = None
 
     def count(self, name: str, requests: int, errors: int) -> None:
         """What the host has answered for ``name`` so far (reported to the hub)."""
@@ -314,10 +331,11 @@ class Assembler:
     def tick(self, now: float) -> list[Action]:
         out: list[Action] = []
         for st in self.models.values():
-            if st.retry_at and now >= st.retry_at:
+            if st.retry_at and now >= st.retry_at and st.unstored is not None:
                 st.retry_at = 0.0
                 self.stats["store_retries"] += 1
-                out.append(RetryStore(st.name, st.retry_seq))
+                (asm, digest), st.unstored = st.unstored, None
+                out.append(RetryStore(st.name, asm, digest))
         return [*out, *self.intake.tick(now, self.models)]
 
     def forget(self, name: str, seq: int, now: float) -> list[Action]:
@@ -328,16 +346,23 @@ class Assembler:
         self.intake.answered(name)
         return [*self.intake.ask(name, seq, now)]
 
-    def store_failed(self, name: str, seq: int, now: float) -> float:
-        """Writing ``seq`` to the cache failed (a full disk, EIO): the host keeps the verified
-        bytes and writes them again on :class:`RetryStore`, with back-off (1 s doubling to
-        60 s); nothing is fetched again. Returns the delay."""
-        st = self.follow(name)
-        if self.intake.coming_seq(name) > seq:
-            return 0.0  # a newer release is on its way: it supersedes this one
+    def store_failed(self, asm: Assembly, digest: str, now: float) -> float:
+        """Writing ``asm`` to the cache failed (a full disk, EIO): its verified bytes are kept
+        here and written again on :class:`RetryStore`, with back-off (1 s doubling to 60 s);
+        nothing is fetched again. Returns the delay (0: a newer release supersedes it, and it
+        is let go)."""
+        m = asm.manifest
+        st = self.follow(m.name)
+        asm.store_failures += 1
+        if self.intake.coming_seq(m.name) > m.seq or st.done_seq > m.seq:
+            self._let_go(m.name, asm.buf)
+            return 0.0
+        if st.unstored is not None and st.unstored[0] is not asm:
+            self._let_go(m.name, st.unstored[0].buf)
+        st.unstored = (asm, digest)
         delay = min(60.0, 2.0 ** st.retries)
         st.retries += 1
-        st.retry_at, st.retry_seq = now + delay, seq
+        st.retry_at, st.retry_seq = now + delay, m.seq
         return delay
 
     def stored(self, name: str) -> None:
@@ -375,8 +400,15 @@ class Assembler:
     def _unstage(self, st: Follow) -> list[Action]:
         if not st.staged or st.staged > st.active:
             return []
-        seq, st.staged = st.staged, 0
-        return [Unstage(st.name, seq)]
+        st.staged = 0
+        if st.held is None:
+            return []
+        (m, buf), st.held = st.held, None
+        return [Unstage(st.name, m, buf)]
+
+    def _let_go(self, name: str, buf: Any) -> None:
+        if buf is not None:
+            self._give(name, buf)
 
     def _report(self, st: Follow) -> P.Report:
         return P.Report(node=self.node_id, model=st.name, state=st.state, seq=st.seq,
@@ -404,6 +436,9 @@ class Assembler:
         return [*out, Send(self._report(st))]
 
     def _complete(self, st: Follow, asm: Assembly) -> list[Action]:
+        if st.unstored is not None and st.unstored[0].manifest.seq < asm.manifest.seq:
+            self._let_go(st.name, st.unstored[0].buf)  # superseded: its write is moot
+            st.unstored, st.retry_at, st.retry_seq, st.retries = None, 0.0, 0, 0
         st.done_seq = max(st.done_seq, asm.manifest.seq)  # an older wanted seq leaves it
         if st.want == asm.manifest.seq:
             st.want = 0
