@@ -26,7 +26,7 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from .errors import SourceError
 
-__all__ = ["Curve", "ServerContext", "generate_curve_keys", "public_keys"]
+__all__ = ["Curve", "ServerContext", "generate_curve_keys", "public_keys", "peer_allowed"]
 
 log = logging.getLogger("zmqmodels.curve")
 
@@ -171,3 +171,13 @@ def generate_curve_keys(out: str | os.PathLike[str], names: Iterable[str]) -> li
         os.replace(public, dest)
         written += [dest, Path(secret)]
     return written
+
+
+def peer_allowed(frame: zmq.Frame, keys: frozenset[bytes] | None) -> bool:
+    """Whether the CURVE peer that sent ``frame`` has one of ``keys`` (z85; None: anyone)."""
+    if keys is None:
+        return True
+    try:
+        return frame.get("User-Id").encode() in keys
+    except zmq.ZMQError:
+        return False

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from .curve import Curve
     from .signing import SigningKey
 
-__all__ = ["HubClient", "wait_rollout"]
+__all__ = ["HubClient", "wait_for", "wait_rollout"]
 
 
 class HubClient:
@@ -119,18 +119,29 @@ class HubClient:
     def wait_for(self, name: str, seq: int, count: int, timeout: float,
                  poll_s: float = 0.2, *,
                  on_status: Callable[[P.StatusReply], None] | None = None) -> tuple[bool, P.StatusReply]:
-        """Poll status until ``count`` nodes serve ``name`` at ``seq``; False on a rejection or
-        at the deadline (the rule of :class:`~zmqmodels.core.fleet.Tally`, as :meth:`Hub.wait_for`).
-        ``on_status`` sees each poll."""
-        deadline = time.monotonic() + timeout
-        while True:
-            st = self.status()
-            if on_status is not None:
-                on_status(st)
-            t = tally(st.nodes, name, seq)
-            if t.rejected or t.reached(count) or time.monotonic() >= deadline:
-                return t.reached(count), st
-            time.sleep(poll_s)
+        """:func:`wait_for` on this hub, polling every ``poll_s``."""
+        return wait_for(self.status, name, seq, count, timeout, pause=lambda s: time.sleep(min(s, poll_s)),
+                        on_status=on_status)
+
+
+def wait_for(status: Callable[[], P.StatusReply], name: str, seq: int, count: int, timeout: float, *,
+             pause: Callable[[float], None] = time.sleep,
+             on_status: Callable[[P.StatusReply], None] | None = None) -> tuple[bool, P.StatusReply]:
+    """Ask ``status`` (a hub's or a :class:`HubClient`'s) until ``count`` nodes serve ``name``
+    at ``seq`` (the rule of :class:`~zmqmodels.core.fleet.Tally`); ``(ok, last status)``, ok
+    False as soon as a node rejects that seq or at the deadline. ``pause(s)`` waits up to
+    ``s`` seconds between asks."""
+    deadline = time.monotonic() + timeout
+    while True:
+        st = status()
+        if on_status is not None:
+            on_status(st)
+        t = tally(st.nodes, name, seq)
+        left = deadline - time.monotonic()
+        if t.rejected or t.reached(count) or left <= 0:
+            return t.reached(count), st
+        pause(min(left, 0.5))
+
 
 
 def wait_rollout(status: Callable[[], P.StatusReply], name: str, seq: int, timeout: float,

@@ -59,6 +59,7 @@ class IOThread(abc.ABC):
         self._start_error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._sockets: list[zmq.Socket] = []
+        self._offloaded = concurrent.futures.ThreadPoolExecutor(1, f"zmqmodels-{self.kind}-work")
 
     # -- for subclasses ----------------------------------------------------------------------
     @abc.abstractmethod
@@ -101,6 +102,7 @@ class IOThread(abc.ABC):
         if self._thread is not None and self._thread is not threading.current_thread():
             self.mailbox.wake()
             self._thread.join(timeout=10)
+        self._offloaded.shutdown(wait=True)
 
     def __enter__(self) -> Self:
         return self.start() if self.state is LoopState.NEW else self
@@ -134,6 +136,19 @@ class IOThread(abc.ABC):
             return fut.result(timeout)
         except concurrent.futures.TimeoutError:
             raise DeadlineError(f"{self.kind} did not act within {timeout:g}s") from None
+
+    def offload(self, work: Callable[[], Any], then: Callable[[Any], None],
+                fail: Callable[[BaseException], None]) -> None:
+        """Run ``work`` on this shell's one worker thread (store and disk work never runs on
+        the I/O thread), then, back on the I/O thread, ``then(result)`` or ``fail(error)``."""
+        def done(fut: concurrent.futures.Future[Any]) -> None:
+            exc = fut.exception()
+            self.post(lambda: fail(exc) if exc is not None else then(fut.result()))
+
+        try:
+            self._offloaded.submit(work).add_done_callback(done)
+        except RuntimeError:  # closing: the work would outlive the loop
+            fail(ZmqModelsError(f"the {self.kind} is closing"))
 
     # -- the loop ----------------------------------------------------------------------------
     def _contain(self, fn: Callable[..., None], *args: Any) -> None:

@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .errors import ZmqModelsError
+from .protocol import SERVING_CODES
 
 __all__ = ["NodeMetrics", "HubMetrics", "RelayMetrics", "COLLECTORS", "parse_listen", "serve_metrics"]
 
@@ -57,9 +58,21 @@ def _gauge(name: str, doc: str, labels: list[str], values: dict[tuple[str, ...],
     return m
 
 
-def _snapshot(shell: Any) -> dict[str, Any]:
-    """The shell's state, made by its I/O thread (never read live from this HTTP thread)."""
-    return shell.call(shell.metrics_view, 5.0)
+def _snapshot(shell: Any, view: Any) -> dict[str, Any]:
+    """``view(shell)``, made by the shell's I/O thread (never read live from this HTTP thread)."""
+    return shell.call(lambda: view(shell), 5.0)
+
+
+def node_view(node: Any) -> dict[str, Any]:
+    """What a node's metrics show (run on its I/O thread)."""
+    states = {"idle": 0, "busy": 0, "loading": 0, "down": 0}
+    for w in node.broker.workers.values():
+        states["loading" if w.loading else "busy" if w.busy else "idle" if w.ready else "down"] += 1
+    health = node._health()
+    return {"requests": dict(node.metrics.requests), "queue_depth": len(node.broker.pending),
+            "workers": states, "serving": health["serving"], "stats": dict(node.stats),
+            "follower": dict(node._sub.stats) if node._sub is not None else {},
+            "hub_unreachable": health["hub_unreachable"]}
 
 
 class NodeMetrics(Collector):
@@ -80,8 +93,19 @@ class NodeMetrics(Collector):
                               buckets=_LOAD_BUCKETS, **kw)
         self.registry.register(self)
 
+    def answered(self, req: Any, seq: int, code: str, now: float) -> None:
+        """``req`` was answered by ``seq`` with ``code`` ("" = OK) at ``now`` (I/O thread)."""
+        code = code if code in SERVING_CODES else "ok" if not code else "other"
+        self.requests[(req.model, str(seq), code)] += 1
+        self.latency.labels(req.model).observe(now - req.received)
+
+    def refused(self, model: str, code: str) -> None:
+        """A request refused before any worker saw it. ``model`` is "" unless served here: a
+        client's names never become labels (it cannot grow the metric's cardinality)."""
+        self.requests[(model, "0", code)] += 1
+
     def collect(self) -> Iterator[Any]:
-        snap = _snapshot(self.node)
+        snap = _snapshot(self.node, node_view)
         yield _counter("zmqmodels_requests", "Inference requests answered, by model, seq and code",
                        ["model", "seq", "code"], snap["requests"])
         yield _gauge("zmqmodels_queue_depth", "Requests waiting for a worker", [], {(): snap["queue_depth"]})
@@ -140,7 +164,7 @@ class RelayMetrics(Collector):
         self.registry.register(self)
 
     def collect(self) -> Iterator[Any]:
-        snap = _snapshot(self.relay)
+        snap = _snapshot(self.relay, lambda relay: relay.metrics_view())
         stats = snap["stats"]
         yield _counter("zmqmodels_relay_chunks", "Chunks received from upstream, by how", ["how"],
                        {("broadcast",): stats.get("chunks_broadcast", 0),

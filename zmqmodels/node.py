@@ -102,7 +102,6 @@ class Node(IOThread):
         self.models = [validate_name(m) for m in models]
         self.labels = list(labels)
         self.ledger = Ledger(self.models)  # what the hub is told: states, roll stages, error counts
-        self._counts: dict[str, tuple[int, int]] = {}  # the ledger's counts, for the follower thread
         self.bind = bind
         self.node_id = node_id or f"{socket.gethostname()}-{os.getpid()}"
         self.swap_policy = policy
@@ -127,10 +126,8 @@ class Node(IOThread):
         self._dir, self._dir_lock = make_run_dir()
         self._backend_addr = f"ipc://{self._dir}/workers"
         self._sub: Follower | None = None
-        self._draining = False
         self.hub_unreachable_s = hub_unreachable_s
-        self._started_at = time.monotonic()
-        self._hub_down_logged = False
+        self._draining, self._hub_down_logged, self._started_at = False, False, time.monotonic()
         self._metrics = MetricsServer(metrics, "node", self)
         self.metrics: Any = None  # NodeMetrics once started with metrics=
         self.address = ""
@@ -165,7 +162,7 @@ class Node(IOThread):
                                  limits=self.limits, background_nice=10, cache=self.cache,
                                  trust=self.trust, curve=self.curve, context=self._ctx,
                                  labels=self.labels, staged=staged,
-                                 counts=lambda name: self._counts.get(name, (0, 0)))
+                                 counts=lambda name: self.ledger.counted.get(name, (0, 0)))
             self._sub.start()
             self.post(lambda: [self._report(n) for n in self.models])  # workers may be up already
         self._metrics.start(lambda: self.close(drain_s=0))
@@ -188,15 +185,11 @@ class Node(IOThread):
         self._cleanup()
 
     def _drain(self, timeout: float) -> None:
-        def start() -> None:
-            self._draining = True
-
-        self.post(start)
+        self.post(lambda: setattr(self, "_draining", True))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                busy = self.call(lambda: bool(self.broker.pending) or any(
-                    w.busy is not None for w in self.broker.workers.values()), 5.0)
+                busy = self.call(self.broker.busy, 5.0)
             except ZmqModelsError:
                 return
             if not busy:
@@ -223,17 +216,6 @@ class Node(IOThread):
         """What an operator's probe wants: is the hub reachable, are workers up, what is served
         (as the I/O thread sees it now)."""
         return self.call(self._health, timeout)
-
-    def metrics_view(self) -> dict[str, Any]:
-        """What metrics show (run on the I/O thread)."""
-        states = {"idle": 0, "busy": 0, "loading": 0, "down": 0}
-        for w in self.broker.workers.values():
-            states["loading" if w.loading else "busy" if w.busy else "idle" if w.ready else "down"] += 1
-        health = self._health()
-        return {"requests": dict(self.metrics.requests) if self.metrics is not None else {},
-                "queue_depth": len(self.broker.pending), "workers": states, "serving": health["serving"],
-                "stats": dict(self.stats), "follower": self.follower_stats(),
-                "hub_unreachable": health["hub_unreachable"]}
 
     def _health(self) -> dict[str, Any]:
         silent = self.hub_silence()
@@ -295,15 +277,11 @@ class Node(IOThread):
                     log.warning("worker %s %s; killing it", wid, reason)
                     self._procs.kill(wid)
         self._carry(self.broker.tick(now))
-        if self.hub:
-            down = self.hub_silence(now) > self.hub_unreachable_s
-            if down != self._hub_down_logged:
-                self._hub_down_logged = down
-                if down:
-                    log.warning("node %s: hub %s not heard from for %.0fs", self.node_id, self.hub,
-                                self.hub_silence(now))
-                else:
-                    log.info("node %s: hub %s heard again", self.node_id, self.hub)
+        down = bool(self.hub) and self.hub_silence(now) > self.hub_unreachable_s
+        if down != self._hub_down_logged:
+            self._hub_down_logged = down
+            log.log(logging.WARNING if down else logging.INFO, "node %s: hub %s %s", self.node_id, self.hub,
+                    f"not heard from for {self.hub_silence(now):.0f}s" if down else "heard again")
         return 0.1
 
     def _teardown(self) -> None:
@@ -367,11 +345,9 @@ class Node(IOThread):
     def _error(self, client: Any, code: str, message: str, rid: str = "", model: str = "") -> None:
         self.stats[f"error_{code}"] += 1
         if model in self.models:
-            self._answered(model, self.broker.report(model)[1], code)
+            self.ledger.answer(model, self.broker.report(model)[1], code)
         if self.metrics is not None:
-            # a refused request's model name is the client's: only names served here become
-            # labels, so a client cannot grow the metric's cardinality
-            self.metrics.requests[(model if model in self.models else "", "0", code)] += 1
+            self.metrics.refused(model if model in self.models else "", code)
         err = P.ErrorReply(code, message[:4000], model, 0, P.SERVING_CODES.get(code, False), id=rid)
         self._front.send_multipart([client, b"", *P.pack(err)])
 
@@ -418,13 +394,10 @@ class Node(IOThread):
                 self.supervisor.seen(wid, now)
             case P.Done(client=client, served=served):
                 slot = self.broker.workers[wid]
-                if self.metrics is not None and slot.busy is not None and served:
-                    req = slot.busy
-                    code = msg.code if msg.code in P.SERVING_CODES else "ok" if not msg.code else "other"
-                    self.metrics.requests[(req.model, str(slot.busy_seq), code)] += 1
-                    self.metrics.latency.labels(req.model).observe(now - req.received)
                 if served and slot.busy is not None:
-                    self._answered(slot.busy.model, slot.busy_seq, msg.code)
+                    self.ledger.answer(slot.busy.model, slot.busy_seq, msg.code)
+                    if self.metrics is not None:
+                        self.metrics.answered(slot.busy, slot.busy_seq, msg.code, now)
                 if served:
                     self._front.send_multipart([client, b"", *payload], copy=False)
                     self.stats["replies"] += 1
@@ -451,10 +424,6 @@ class Node(IOThread):
             case _:
                 self.stats["dropped_bad_worker_message"] += 1
 
-    def _answered(self, model: str, seq: int, code: str) -> None:
-        self.ledger.answer(model, seq, code)
-        self._counts = self.ledger.counts()  # replaced whole: the follower's thread reads it
-
     def _rejected(self, name: str, seq: int, reason: str) -> None:
         log.warning("%s seq %d rejected: %s", name, seq, reason)
         self.stats["rejected_load_or_check"] += 1
@@ -475,4 +444,3 @@ class Node(IOThread):
             self._sub.stage(name, seq, roll=tell.roll_s)
         if tell.changed:
             self._sub.report(name, tell.state, seq=seq, label=label, reason=tell.reason)
-            self._counts = self.ledger.counts()

@@ -10,7 +10,6 @@ restarted relay serves them at once; node reports go on upstream naming the rela
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import os
 import socket
@@ -68,7 +67,6 @@ class Relay(IOThread):
         self.forwarder = Forwarder(models, self.relay_id, limits=self.limits, trust=trust,
                                    held=self._held(models))
         self.forwarder.use_stats(self.stats)
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="zmqmodels-relay-store")
         self._next_beat = 0.0
         self.address = self.pub_address = ""
         self._metrics = MetricsServer(metrics, "relay", self)
@@ -106,7 +104,6 @@ class Relay(IOThread):
         was_running = self.state.value == "running"
         super().close()
         if was_running:
-            self._pool.shutdown(wait=True)
             self._server_ctx.close()
 
     # -- I/O thread --------------------------------------------------------------------------
@@ -157,18 +154,13 @@ class Relay(IOThread):
                     self._keep(carried)
 
     def _keep(self, c: Carried) -> None:
+        """Store a complete release off the I/O thread; serve it from the store once there."""
+        def failed(exc: BaseException) -> None:
+            m = c.manifest
+            log.error("relay %s: cannot store %s seq %d: %s", self.relay_id, m.name, m.seq, exc)
+
         release = Release(c.manifest, c.chunks, c.raw, c.signature)
-
-        def done(fut: concurrent.futures.Future[Any]) -> None:
-            try:
-                fut.result()
-            except ZmqModelsError as exc:
-                log.error("relay %s: cannot store %s seq %d: %s", self.relay_id, c.manifest.name,
-                          c.manifest.seq, exc)
-                return
-            self.post(lambda: self.forwarder.stored(c))
-
-        self._pool.submit(self.store.put, release).add_done_callback(done)
+        self.offload(lambda: self.store.put(release), lambda _stored: self.forwarder.stored(c), failed)
 
     def _on_up_sub(self, frames: list[zmq.Frame]) -> None:
         if len(frames) < 2:

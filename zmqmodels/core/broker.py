@@ -247,6 +247,10 @@ class Broker:
         return [*out, *self._step(now)]
 
     # -- what the shell reads ----------------------------------------------------------------
+    def busy(self) -> bool:
+        """Requests are queued or in a worker's hands."""
+        return bool(self.pending) or any(w.busy is not None for w in self.workers.values())
+
     def rolling(self, name: str) -> Target | None:
         """The target still being rolled through the workers, if any."""
         return self.swaps.targets.get(name)

@@ -46,6 +46,8 @@ class Ledger:
         self.answered: dict[str, dict[int, list[int]]] = {m: {} for m in models}  # seq -> [req, err]
         self.reported: dict[str, tuple[ModelState, int]] = {}
         self._rolling: dict[tuple[str, int], float] = {}  # (name, seq) -> verified at
+        # :meth:`counts` as of the last change, replaced whole (another thread may read it)
+        self.counted: dict[str, tuple[int, int]] = {}
 
     def answer(self, model: str, seq: int, code: str) -> None:
         """A request for ``model`` was answered by ``seq`` with ``code`` ("" = OK)."""
@@ -57,6 +59,7 @@ class Ledger:
         counts[1] += code in SERVER_ERRORS
         if len(by_seq) > KEEP_SEQS:
             del by_seq[min(by_seq)]
+        self.counted = self.counts()
 
     def counts(self) -> dict[str, tuple[int, int]]:
         """Per model: (requests, errors) answered by the seq last reported."""
@@ -97,4 +100,5 @@ class Ledger:
         if not changed and roll is None:
             return None
         self.reported[name] = (st, seq)
+        self.counted = self.counts()
         return Tell(name, st, seq, label, reason, roll, changed)
