@@ -127,3 +127,84 @@ def test_no_shell_reaches_into_another_for_its_helpers() -> None:
     for shell in SHELLS:
         others = {f"zmqmodels.{s}" for s in SHELLS if s != shell} - {"zmqmodels.follower"}
         assert not graph[f"zmqmodels.{shell}"] & others, (shell, graph[f"zmqmodels.{shell}"] & others)
+
+
+def test_no_module_over_450_lines_and_the_hub_class_at_most_250() -> None:
+    """Before: hub 625 lines (its class 554), protocol 610, node 534, assembly 502."""
+    import ast
+    from pathlib import Path
+
+    pkg = Path(zmqmodels.__file__).parent
+    sizes = {p.relative_to(pkg).as_posix(): len(p.read_text().splitlines()) for p in pkg.rglob("*.py")}
+    assert not {m: n for m, n in sizes.items() if n > 450}, sizes
+    tree = ast.parse((pkg / "hub.py").read_text())
+    (hub,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Hub"]
+    assert hub.end_lineno - hub.lineno + 1 <= 250
+
+
+def test_states_are_enums_on_the_wire_and_no_shell_compares_state_strings() -> None:
+    """Before: Report.state, NodeStatus.state and WaveStatus.state were str, Broker.report()
+    returned "loading"/"serving"/"idle", and about 20 state literals sat in node, broker, hub
+    and cli; WorkerReady.serving was dict[str, list]."""
+    import re
+    import typing
+    from pathlib import Path
+
+    import msgspec
+
+    from zmqmodels import protocol as P
+    from zmqmodels.core.broker import Broker
+
+    def field_type(struct: type, name: str) -> object:
+        return typing.get_type_hints(struct)[name]
+
+    assert field_type(P.Report, "state") is P.ModelState
+    assert field_type(P.NodeStatus, "state") is P.ModelState
+    assert field_type(P.WaveStatus, "state") is P.WaveState
+    assert field_type(P.WorkerReady, "serving") == dict[str, P.Held]
+    assert isinstance(Broker(["m"], ["w"], path_for=lambda n, s: "").report("m")[0], P.ModelState)
+    with __import__("pytest").raises(msgspec.ValidationError):
+        msgspec.msgpack.decode(msgspec.msgpack.encode({"node": "n", "model": "m", "state": "dancing"}),
+                               type=P.Report)
+    words = "receiving|verified|loading|loaded|serving|rejected|idle|lost|running|done|halted"
+    literal = re.compile(rf'(==|!=|\bin \(|\bin \[)\s*"({words})"')
+    pkg = Path(zmqmodels.__file__).parent
+    found = [f"{p.relative_to(pkg)}:{i}" for p in pkg.rglob("*.py") if p.parent.name != "protocol"
+             for i, line in enumerate(p.read_text().splitlines(), 1) if literal.search(line)]
+    assert found == []
+
+
+def test_the_wave_plan_is_one_record_from_the_cli_to_the_wire() -> None:
+    """Before: a CLI dict, waves.plan()'s dict, the Publish struct's four fields, and
+    HubClient.publish and Hub.publish keywords."""
+    import inspect
+    import typing
+
+    from zmqmodels import protocol as P
+    from zmqmodels.hub import Hub
+    from zmqmodels.hub_client import HubClient
+
+    assert typing.get_type_hints(P.Publish)["plan"] == P.WavePlan | None
+    assert not {"waves", "wave_wait_s", "halt_on", "confirm_s"} & set(P.Publish.__struct_fields__)
+    for publish in (Hub.publish, HubClient.publish):
+        params = inspect.signature(publish).parameters
+        assert "plan" in params and not {"waves", "wave_wait_s", "halt_on", "confirm_s"} & set(params)
+
+
+def test_one_meaning_per_word_and_one_tally() -> None:
+    """Before: "rollout" named the node's swap policy module, the hub's waves and the
+    --wait-for tally, which was written four times."""
+    import importlib.util
+    import inspect
+
+    from zmqmodels.core import fleet, swap
+    from zmqmodels.hub_client import HubClient
+
+    assert importlib.util.find_spec("zmqmodels.rollout") is None and hasattr(swap, "Swaps")
+    assert not hasattr(fleet, "rollout") and hasattr(fleet, "tally")
+    from zmqmodels.cli import release
+
+    for fn in (release._wait_with_progress, HubClient.wait_for, HubClient.wait_rollout, release._watch_waves):
+        src = inspect.getsource(fn)
+        assert "n.state" not in src and "r.state" not in src, fn  # no tally of its own
+        assert any(rule in src for rule in ("tally(", "wait_for(", "wait_rollout(")), fn

@@ -32,7 +32,7 @@ from .core.assembly import Assembler, Assembly, Deliver, RetryStore, Send, Unsta
 from .curve import Curve
 from .defaults import Limits
 from .errors import ProtocolError, StoreError, ZmqModelsError
-from .ioloop import IOThread
+from .ioloop import IOThread, LoopState
 from .protocol import ModelState
 from .release import Manifest, manifest_frames, validate_name
 from .signing import Trust
@@ -156,7 +156,7 @@ class Follower(IOThread):
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, timeout: float = defaults.START_TIMEOUT_S) -> Follower:
-        if self._tune_malloc and self.state.value == "new":
+        if self._tune_malloc and self.state is LoopState.NEW:
             tune_malloc()
         self._deliverer = threading.Thread(target=self._deliver, name="zmqmodels-sub-deliver", daemon=True)
         self._deliverer.start()

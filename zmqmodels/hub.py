@@ -38,7 +38,7 @@ from .exporter import MetricsServer
 from .hub_client import wait_for
 from .hub_jobs import StoreJobs
 from .hub_store import ReleaseDesk
-from .ioloop import IOThread
+from .ioloop import IOThread, LoopState
 from .release import Manifest, Release, stage_release
 from .signing import SigningKey, Trust
 from .store import Store
@@ -129,7 +129,7 @@ class Hub(IOThread):
 
     def close(self) -> None:
         self._metrics.stop()
-        was_running = self.state.value == "running"
+        was_running = self.state is LoopState.RUNNING
         super().close()
         if was_running:
             self._server_ctx.close()
@@ -200,7 +200,7 @@ class Hub(IOThread):
         return self.desk.put(release.manifest_bytes, release.chunks, release.signature)
 
     def _check_running(self) -> None:
-        if self.state.value != "running":
+        if self.state is not LoopState.RUNNING:
             raise ZmqModelsError("the hub is not running")
 
     def _open(self) -> list[tuple[zmq.Socket, Any]]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import protocol as P
 from .core.hub import Load, RollBack, StoreActive
@@ -17,16 +17,14 @@ from .errors import StoreError, ZmqModelsError
 from .release import Manifest, Release
 from .tuning import trim_heap
 
-if TYPE_CHECKING:
-    from .hub import Hub
-
 __all__ = ["StoreJobs"]
 
 log = logging.getLogger("zmqmodels.hub")
 
 
 class StoreJobs:
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, hub: Any) -> None:
+        """``hub``: the :class:`~zmqmodels.hub.Hub` whose I/O thread calls this."""
         self.hub = hub
         self.jobs = 0  # store jobs under way (I/O thread's counter)
 

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .core.broker import WorkerState
 from .errors import ZmqModelsError
 from .protocol import SERVING_CODES
 
@@ -65,9 +66,9 @@ def _snapshot(shell: Any, view: Any) -> dict[str, Any]:
 
 def node_view(node: Any) -> dict[str, Any]:
     """What a node's metrics show (run on its I/O thread)."""
-    states = {"idle": 0, "busy": 0, "loading": 0, "down": 0}
+    states = dict.fromkeys(WorkerState, 0)
     for w in node.broker.workers.values():
-        states["loading" if w.loading else "busy" if w.busy else "idle" if w.ready else "down"] += 1
+        states[w.state] += 1
     health = node._health()
     return {"requests": dict(node.metrics.requests), "queue_depth": len(node.broker.pending),
             "workers": states, "serving": health["serving"], "stats": dict(node.stats),
@@ -111,7 +112,7 @@ class NodeMetrics(Collector):
         yield _gauge("zmqmodels_queue_depth", "Requests waiting for a worker", [], {(): snap["queue_depth"]})
         states = snap["workers"]
         yield _gauge("zmqmodels_workers", "Worker processes by state", ["state"],
-                     {(s,): states.get(s, 0) for s in ("idle", "busy", "loading", "down")})
+                     {(str(s),): n for s, n in states.items()})
         yield _gauge("zmqmodels_serving_seq", "The seq every ready worker serves (lowest while rolling)",
                      ["model"], {(m,): seq for m, seq in snap["serving"].items()})
         stats, sub = snap["stats"], snap["follower"]

@@ -30,7 +30,7 @@ from .defaults import Limits
 from .endpoints import bind_hub_sockets
 from .errors import ProtocolError, ZmqModelsError
 from .exporter import MetricsServer
-from .ioloop import IOThread
+from .ioloop import IOThread, LoopState
 from .release import Release, manifest_frames, validate_name
 from .signing import Trust
 from .store import Store
@@ -101,7 +101,7 @@ class Relay(IOThread):
 
     def close(self) -> None:
         self._metrics.stop()
-        was_running = self.state.value == "running"
+        was_running = self.state is LoopState.RUNNING
         super().close()
         if was_running:
             self._server_ctx.close()

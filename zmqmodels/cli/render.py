@@ -26,7 +26,7 @@ def fleet_table(status: Any, name: str | None = None) -> str:
     for n in status.nodes:
         if name is not None and n.model != name:
             continue
-        if n.state in ("error", "lost") or not n.rejected_seq:
+        if n.state in (ModelState.ERROR, ModelState.LOST) or not n.rejected_seq:
             err = n.reason  # what is wrong now comes before an older rejection
         else:
             err = f"seq {n.rejected_seq}: {n.last_error}"

@@ -22,9 +22,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..protocol.messages import ModelState, Word
 from .swap import SwapPolicy, Swaps, Target, Version
 
 __all__ = [
+    "WorkerState",
     "Request",
     "WorkerSlot",
     "Dispatch",
@@ -55,6 +57,15 @@ class Request:
     payload: Any = None
 
 
+class WorkerState(Word):
+    """What a worker process is doing, as the broker sees it (the metrics' ``state`` label)."""
+
+    IDLE = "idle"
+    BUSY = "busy"
+    LOADING = "loading"
+    DOWN = "down"  # not started, starting, or dead
+
+
 @dataclass
 class WorkerSlot:
     wid: str
@@ -68,6 +79,14 @@ class WorkerSlot:
     @property
     def free(self) -> bool:
         return self.ready and self.busy is None and self.loading is None
+
+    @property
+    def state(self) -> WorkerState:
+        if self.loading:
+            return WorkerState.LOADING
+        if self.busy:
+            return WorkerState.BUSY
+        return WorkerState.IDLE if self.ready else WorkerState.DOWN
 
 
 @dataclass(frozen=True)
@@ -255,19 +274,19 @@ class Broker:
         """The target still being rolled through the workers, if any."""
         return self.swaps.targets.get(name)
 
-    def report(self, name: str) -> tuple[str, int, str]:
+    def report(self, name: str) -> tuple[ModelState, int, str]:
         """``(state, seq, label)`` of ``name`` as the hub should see it."""
         loading = self.rolling(name)
         if loading is None:
             loading = next((w.loading for w in self.workers.values()
                             if w.loading is not None and w.loading.name == name), None)
         if loading is not None:
-            return "loading", loading.seq, loading.label
+            return ModelState.LOADING, loading.seq, loading.label
         held = [w.serving[name] for w in self.workers.values() if w.ready and name in w.serving]
         if held:
             low = min(held)
-            return "serving", low.seq, low.label
-        return "idle", 0, ""
+            return ModelState.SERVING, low.seq, low.label
+        return ModelState.IDLE, 0, ""
 
     # -- the decision ------------------------------------------------------------------------
     def _older_in_flight(self, name: str) -> bool:

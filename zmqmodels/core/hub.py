@@ -93,7 +93,7 @@ class HubCore:
                  stats: Counter[str] | None = None) -> None:
         self.hub_id = hub_id
         self.limits = limits or Limits()
-        self.fleet = fleet or Fleet(self.limits.max_fleet_entries)
+        self.fleet = fleet if fleet is not None else Fleet(self.limits.max_fleet_entries)
         self.stats: Counter[str] = stats if stats is not None else Counter()
         self.server = ReleaseServer("hub", self.limits, self.stats)
         self.latest: dict[str, Release] = {}
@@ -191,8 +191,9 @@ class HubCore:
         return [Log(logging.INFO, f"node {report.node}: {report.model} seq {report.seq} {report.state}{why}")]
 
     def tick(self, now: float) -> list[Action]:
-        """Every heartbeat interval: beats, liveness, activations still pending, waves."""
-        return [*self.beats(), *self._liveness(now), *self._step(now)]
+        """Every heartbeat interval: liveness, activations still pending, waves, then the beats
+        (which repeat the activations still pending)."""
+        return [*self._liveness(now), *self._step(now), *self.beats()]
 
     def beats(self) -> list[Action]:
         whole = {n: r.manifest for n, r in self.latest.items()}

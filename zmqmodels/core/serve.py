@@ -77,7 +77,7 @@ class ReleaseServer:
     def manifest(self, peer: bytes, req: P.FetchManifest, rel: Servable | None) -> list[Reply]:
         """Answer FETCH_MANIFEST with ``rel``, the release the owner found for it (None: none)."""
         if rel is None:
-            what = f"seq {req.seq}" if req.seq else "any release"
+            what = f"seq {req.seq}" if req.seq else "release"
             return [self.error(peer, "not_found", f"{self.who} has no {what} of {req.name!r}", req)]
         self.stats["fetch_manifest"] += 1
         return [Reply(peer, P.pack(P.ManifestFrames(), rel.manifest_bytes, rel.signature))]

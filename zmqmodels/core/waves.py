@@ -34,6 +34,7 @@ __all__ = ["ActivateNodes", "Finish", "Halt", "WaveRollout", "wave_counts", "par
            "CANARY", "activation_refusal"]
 
 CANARY = "canary"
+HALT_ON_REJECTED = "rejected"  # always on
 RUNNING, DONE, HALTED = P.WaveState.RUNNING, P.WaveState.DONE, P.WaveState.HALTED
 _RATE = re.compile(r"^error-rate>(\d+(?:\.\d+)?)(%?)$")
 
@@ -92,7 +93,7 @@ def parse_halt_on(specs: Sequence[str]) -> float | None:
     rate = None
     for spec in specs:
         s = spec.replace(" ", "")
-        if s == "rejected":
+        if s == HALT_ON_REJECTED:
             continue
         m = _RATE.match(s)
         if not m:
