@@ -15,6 +15,20 @@ namespace zm {
 
 namespace fs = std::filesystem;
 
+const char* state_name(State s) {
+  switch (s) {
+    case State::Receiving: return "receiving";
+    case State::Verified: return "verified";
+    case State::Loading: return "loading";
+    case State::Loaded: return "loaded";
+    case State::Serving: return "serving";
+    case State::Rejected: return "rejected";
+    case State::Idle: return "idle";
+    case State::Error: return "error";
+  }
+  return "error";
+}
+
 Follower::Follower(const std::vector<std::string>& models, Config config) : cfg_(std::move(config)) {
   for (const auto& n : models) {
     validate_name(n);
@@ -37,17 +51,16 @@ void Follower::known(const std::string& name, uint64_t seq, const std::string& l
   st.done_seq = std::max(st.done_seq, seq);
   st.seq = seq;
   st.label = label;
-  st.state = "serving";
+  st.state = State::Serving;
 }
 
 Frames Follower::report(const Follow& st) const {
-  MapWriter w(17);
-  w.kv("node", cfg_.node_id).kv("model", st.name).kv("state", st.state).kv("seq", st.seq).kv("label", st.label);
-  w.kv("reason", utf8_prefix(st.reason, 500)).kv("host", cfg_.host).kv("pid", cfg_.pid).kv("device", cfg_.device);
-  w.kv("v", V).kv("stages", st.stages).kv("stages_seq", st.stages_seq).kv("staged", st.staged);
-  w.kv("labels", cfg_.labels).kv("requests", st.requests).kv("errors", st.errors);
-  w.key("via").packer().pack_array(0);
-  return {"REPORT", w.bytes()};
+  Report r;
+  r.node = cfg_.node_id, r.model = st.name, r.state = state_name(st.state), r.seq = st.seq, r.label = st.label;
+  r.reason = utf8_prefix(st.reason, 500), r.host = cfg_.host, r.pid = cfg_.pid, r.device = cfg_.device;
+  r.stages = st.stages, r.stages_seq = st.stages_seq, r.staged = st.staged, r.labels = cfg_.labels;
+  r.requests = st.requests, r.errors = st.errors;
+  return message(Kind::Report, r);
 }
 
 void Follower::report_all() {
@@ -59,9 +72,9 @@ void Follower::ask_manifest(Follow& st, uint64_t seq, double now) {
   st.asked_seq = static_cast<int64_t>(seq);
   st.asked_at = now;
   ++stats["fetch_manifest"];
-  MapWriter w(3);
-  w.kv("name", st.name).kv("seq", seq).kv("v", V);
-  sends.push_back({"FETCH_MANIFEST", w.bytes()});
+  FetchManifest req;
+  req.name = st.name, req.seq = seq;
+  sends.push_back(message(Kind::FetchManifest, req));
 }
 
 void Follower::refuse(Follow& st, const Manifest& m, const std::string& raw, const std::string& why) {
@@ -76,7 +89,7 @@ void Follower::refuse(Follow& st, const Manifest& m, const std::string& raw, con
 void Follower::rejection(Follow& st, uint64_t seq, const std::string& label, const std::string& reason) {
   Follow shown = Follow();
   shown.name = st.name;
-  shown.state = "rejected";
+  shown.state = State::Rejected;
   shown.seq = seq;
   shown.label = label;
   shown.reason = reason;
@@ -117,7 +130,7 @@ void Follower::on_manifest(std::shared_ptr<Manifest> m, std::string raw, std::st
   st.as = std::move(a);
   ++stats["manifests"];
   if (!m->staged) {
-    st.state = "receiving", st.seq = m->seq, st.label = m->label, st.reason = "";
+    st.state = State::Receiving, st.seq = m->seq, st.label = m->label, st.reason = "";
     sends.push_back(report(st));
   }
   if (st.as->missing.empty()) complete(st, now);
@@ -223,7 +236,7 @@ void Follower::unstage(Follow& st) {
 
 void Follower::held(const std::string& name, uint64_t seq) {
   Follow& st = follow(name);
-  if (seq <= st.seq && st.state == "serving") return;
+  if (seq <= st.seq && st.state == State::Serving) return;
   st.staged = std::max(st.staged, seq);
   unstage(st);
   sends.push_back(report(st));
@@ -291,12 +304,12 @@ void Follower::pump(Follow& st, double now) {
   }
   if (want.empty()) return;
   stats["fetch_chunks"] += want.size();
-  MapWriter w(4);
-  w.kv("name", st.name).kv("seq", a->m->seq).kv("indices", want).kv("v", V);
-  sends.push_back({"FETCH_CHUNKS", w.bytes()});
+  FetchChunks req;
+  req.name = st.name, req.seq = a->m->seq, req.indices = std::move(want);
+  sends.push_back(message(Kind::FetchChunks, req));
 }
 
-void Follower::set_state(const std::string& name, const std::string& state, uint64_t seq, const std::string& label,
+void Follower::set_state(const std::string& name, State state, uint64_t seq, const std::string& label,
                          const std::string& reason) {
   Follow& st = follow(name);
   st.state = state, st.seq = seq, st.label = label, st.reason = reason;
@@ -319,7 +332,7 @@ void Follower::store_failed(const std::string& name, uint64_t seq, const std::st
   st.retry_seq = seq;
   std::ostringstream r;
   r << "cache write failed: " << why << "; kept in memory, writing again in " << static_cast<int>(delay) << "s";
-  st.state = "error", st.seq = seq, st.label = label, st.reason = r.str();
+  st.state = State::Error, st.seq = seq, st.label = label, st.reason = r.str();
   sends.push_back(report(st));
 }
 

@@ -1,8 +1,12 @@
-// Following a hub (docs/protocol.md §Node behaviour): the assembly and repair rules of
-// zmqmodels/assembly.py, fed events and the clock, returning what to send; and the node's
-// cache directory (the Python node's layout, so either node can take over the other's).
+// Following a hub (docs/protocol.md §Node behaviour): the C++ twin of the Python cores
+// zmqmodels/core/intake.py (the intake and repair rules: stale drop, limits, trust, gap,
+// end-of-broadcast beat, stall, corrupt-fetch counting, re-ask, credit) and
+// zmqmodels/core/assembly.py (the node's follow state: staged hold, reports, cache-write
+// retries), fed events and the clock, returning what to send; and the node's cache directory
+// (the Python node's layout, so either node can take over the other's).
 #pragma once
 
+#include "frames.hpp"
 #include "protocol.hpp"
 
 #include <deque>
@@ -40,6 +44,10 @@ struct Assembly {
   std::unique_ptr<Sha256> sha = std::make_unique<Sha256>();
 };
 
+// What a node reports for one model (zmqmodels.protocol.ModelState; "lost" is the hub's).
+enum class State { Receiving, Verified, Loading, Loaded, Serving, Rejected, Idle, Error };
+const char* state_name(State s);
+
 struct Follow {
   std::string name;
   uint64_t done_seq = 0;
@@ -52,7 +60,8 @@ struct Follow {
   uint64_t retry_seq = 0;
   int retries = 0;
   // what is reported
-  std::string state = "idle", label, reason;
+  State state = State::Idle;
+  std::string label, reason;
   uint64_t seq = 0, staged = 0, active = 0, requests = 0, errors = 0;
   std::map<std::string, double> stages;
   uint64_t stages_seq = 0;
@@ -83,13 +92,13 @@ class Follower {
   void tick(double now);
 
   // -- what became of a release --
-  void set_state(const std::string& name, const std::string& state, uint64_t seq, const std::string& label,
+  void set_state(const std::string& name, State state, uint64_t seq, const std::string& label,
                  const std::string& reason = "");
   void reject(const std::string& name, uint64_t seq, const std::string& label, const std::string& reason);
   void held(const std::string& name, uint64_t seq);  // a staged release is cached: hold it
   // A cache write failed: the host keeps the verified release and writes it again when
   // `rewrites` names it (back-off 1 s doubling to 60 s); it is not fetched again, and the
-  // state stays "error" with `why` until a write succeeds (as zmqmodels/assembly.py).
+  // state stays Error with `why` until a write succeeds (as zmqmodels/core/assembly.py).
   void store_failed(const std::string& name, uint64_t seq, const std::string& label, const std::string& why, double now);
   void stage(const std::string& name, uint64_t seq, const std::string& key, double seconds);
   void count(const std::string& name, uint64_t requests, uint64_t errors);

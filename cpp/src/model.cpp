@@ -258,21 +258,38 @@ std::string model_error_line(const std::string& text) {
   return utf8_prefix(message, 1000);
 }
 
-std::shared_ptr<const Loaded> Slot::begin() {
-  std::unique_lock<std::mutex> lk(mu_);
-  // older requests finish first; one that hangs does not hold every other request for long
-  cv_.wait_for(lk, std::chrono::seconds(2), [this] { return !next_ || running_ == 0; });
-  if (next_) promote();
-  if (cur_) ++running_;
-  return cur_;
+Lease::~Lease() {
+  if (slot_ && p_) slot_->release(p_);
 }
 
-void Slot::end() {
+int Slot::count(const Loaded* v) const {
+  auto it = leases_.find(v);
+  return it == leases_.end() ? 0 : it->second;
+}
+
+int Slot::leases(const Loaded* v) const {
   std::lock_guard<std::mutex> lk(mu_);
-  if (--running_ == 0) {
-    if (next_) promote();
-    cv_.notify_all();
-  }
+  return count(v);
+}
+
+Lease Slot::begin() {
+  std::unique_lock<std::mutex> lk(mu_);
+  // older requests finish first; one that hangs does not hold every other request for long
+  cv_.wait_for(lk, std::chrono::seconds(2), [this] { return !next_ || count(cur_.get()) == 0; });
+  if (next_) promote();
+  if (!cur_) return Lease();
+  ++leases_[cur_.get()];
+  return Lease(this, cur_);
+}
+
+void Slot::release(std::shared_ptr<const Loaded>& p) {
+  std::lock_guard<std::mutex> lk(mu_);
+  const Loaded* v = p.get();
+  p.reset();  // before the count: at zero, nobody but the loader holds a retired version
+  auto it = leases_.find(v);
+  if (it != leases_.end() && --it->second == 0) leases_.erase(it);
+  if (next_ && count(cur_.get()) == 0) promote();
+  cv_.notify_all();
 }
 
 void Slot::promote() {
@@ -285,11 +302,17 @@ void Slot::promote() {
 std::shared_ptr<const Loaded> Slot::offer(std::shared_ptr<const Loaded> next, double timeout_s) {
   std::unique_lock<std::mutex> lk(mu_);
   next_ = std::move(next);
-  if (running_ == 0) promote();
+  if (count(cur_.get()) == 0) promote();
   cv_.notify_all();
   cv_.wait_for(lk, std::chrono::duration<double>(timeout_s), [this] { return !next_; });
   return std::move(retired_);
 }
+
+bool Slot::retire(std::shared_ptr<const Loaded> old, double timeout_s) {
+  if (!old) return true;
+  std::unique_lock<std::mutex> lk(mu_);
+  return cv_.wait_for(lk, std::chrono::duration<double>(timeout_s), [&] { return count(old.get()) == 0; });
+}  // `old` goes here, outside the lock (parameters end after the body)
 
 std::shared_ptr<const Loaded> Slot::newest() const {
   std::lock_guard<std::mutex> lk(mu_);

@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <condition_variable>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -36,27 +37,56 @@ void check_inputs(const Manifest& m, const std::vector<c10::IValue>& args);
 // One line for a model's exception: its `...Error: message` line and where in the model code.
 std::string model_error_line(const std::string& what);
 
+class Slot;
+
+// A request's hold on the version it runs on: the version stays alive, and counted, until the
+// lease ends (its reference is dropped before the count, so a retired version's last lease
+// leaves the loader the only owner).
+class Lease {
+ public:
+  Lease() = default;
+  Lease(Slot* slot, std::shared_ptr<const Loaded> p) : slot_(slot), p_(std::move(p)) {}
+  Lease(Lease&& o) noexcept : slot_(o.slot_), p_(std::move(o.p_)) { o.slot_ = nullptr; }
+  Lease& operator=(Lease&&) = delete;
+  Lease(const Lease&) = delete;
+  ~Lease();
+  explicit operator bool() const { return p_ != nullptr; }
+  const Loaded* operator->() const { return p_.get(); }
+  const Loaded& operator*() const { return *p_; }
+  const Loaded* get() const { return p_.get(); }
+
+ private:
+  Slot* slot_ = nullptr;
+  std::shared_ptr<const Loaded> p_;
+};
+
 // The served version of one model. A new version is offered by the loader and becomes
 // current as soon as no request is running on the old one (requests that arrive meanwhile
-// wait for that, at most one request's time, and 2 s if an old request hangs): so no reply is older than one already sent,
-// with any number of serving threads (docs/protocol.md §Serving order). Requests hold a
-// reference; the loader frees the old version once the last one ends.
+// wait for that, at most one request's time, and 2 s if an old request hangs): so no reply
+// is older than one already sent, with any number of serving threads (docs/protocol.md
+// §Serving order). Every wait is on one condition variable, never a poll.
 class Slot {
  public:
-  // A request starts: the version to run it on (null: none loaded). Pair with end().
-  std::shared_ptr<const Loaded> begin();
-  void end();
+  // A request starts: the version to run it on (empty: none loaded).
+  Lease begin();
   // The loader: offer the next version; returns the one it replaces (null: none) once that
   // is no longer current, waiting at most `timeout_s`.
   std::shared_ptr<const Loaded> offer(std::shared_ptr<const Loaded> next, double timeout_s = 30.0);
+  // The loader: wait until no request holds `old` (at most `timeout_s`), then drop it here,
+  // on the loader's thread, not on a serving thread. Returns false on the timeout.
+  bool retire(std::shared_ptr<const Loaded> old, double timeout_s = 30.0);
   std::shared_ptr<const Loaded> newest() const;  // the offered or current version
+  int leases(const Loaded* v) const;             // requests running on `v`
 
  private:
-  void promote();  // under mu_, with running_ == 0
+  friend class Lease;
+  void release(std::shared_ptr<const Loaded>& p);
+  void promote();  // under mu_, with no lease on cur_
+  int count(const Loaded* v) const;  // under mu_
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::shared_ptr<const Loaded> cur_, next_, retired_;
-  int running_ = 0;
+  std::map<const Loaded*, int> leases_;
 };
 
 // `zmqmodels-node --list PATH`: an archive's parameters, one per line.

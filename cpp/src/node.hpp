@@ -1,0 +1,177 @@
+// The C++ node, in the units its threads run: the request path (a client's INFER parsed once,
+// queued, answered by a serving thread), the load path (verify, cache, load, check, swap) and
+// the follow path (the hub's broadcasts and replies into the Follower, the loader's results
+// back). `Node` composes them with its sockets and threads; each unit is reachable from the
+// tests without them.
+#pragma once
+
+#include "follower.hpp"
+#include "frames.hpp"
+#include "model.hpp"
+
+#include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+#include <zmq.hpp>
+
+namespace zm {
+
+void log(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+
+struct Args {
+  std::string hub, bind, device = "cpu", cache = ".zmqmodels/cache", node_id, load_from = "file", list;
+  std::vector<std::string> models, trust, labels;
+  int threads = 1;
+  size_t queue_max = 1024;
+  double queue_timeout_s = 10.0;
+};
+
+struct Counts {
+  std::atomic<uint64_t> requests{0}, errors{0};
+};
+
+// What the node's units share: set up once, then read (slots and counts are thread-safe).
+struct NodeState {
+  explicit NodeState(Args a);
+  Args args;
+  Cache cache;
+  Limits limits;
+  Trust trust;
+  c10::Device device = at::kCPU;
+  std::string node_id;
+  Config follow_config;
+  std::map<std::string, Slot> slots;
+  std::map<std::string, Counts> counts;
+};
+
+// -- the request path ----------------------------------------------------------------------
+std::vector<zmq::message_t> error_reply(const std::string& code, const std::string& message, const std::string& model,
+                                        const std::string& id);
+
+struct Request {
+  std::string client;        // the ROUTER identity to answer
+  InferRequest header;       // parsed once, on the I/O thread
+  msgpack::object_handle keep;  // owns header.inputs
+  std::vector<zmq::message_t> tensors;
+  double received = 0, expires = 0;  // monotonic s; expires: the client's own deadline
+};
+
+class Requests {
+ public:
+  explicit Requests(NodeState& s) : s_(s) {}
+  // A client's message after the REQ envelope ([INFER, header, tensors...]): the request, or
+  // Error with the code to answer (bad_request, too_large).
+  Request admit(std::string client, std::vector<zmq::message_t>& frames, double now) const;
+  // Run `r` on the served version; the reply frames (empty: the client gave up, no reply).
+  std::vector<zmq::message_t> infer(Request& r, const std::string& worker);
+  // A refusal of a request for `model`: counted, and its reply.
+  std::vector<zmq::message_t> refuse(const Error& e, const std::string& model, const std::string& id);
+
+ private:
+  NodeState& s_;
+};
+
+// Requests waiting for a serving thread: bounded; a thread takes the oldest one still wanted.
+class WorkQueue {
+ public:
+  WorkQueue(size_t max, double timeout_s) : max_(max), timeout_s_(timeout_s) {}
+  bool push(Request r);  // false: full
+  // The next request, waiting up to `wait_s`; those past the queue timeout go to `stale`
+  // (answered `unavailable` by the caller), those past their client's deadline are dropped.
+  std::optional<Request> pop(double wait_s, std::vector<Request>& stale);
+  void done();  // a popped request was answered
+  bool idle() const;  // nothing queued, nothing in a serving thread's hands
+  void stop();
+
+ private:
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Request> q_;
+  size_t max_, busy_ = 0;
+  double timeout_s_;
+  bool stopped_ = false;
+};
+
+// -- the load path -------------------------------------------------------------------------
+struct Result {  // what the loader tells the follow path
+  enum Kind { Loaded, Rejected, Held, StoreFailed } kind;
+  std::string name, label, reason;
+  uint64_t seq = 0;
+  double load_s = 0, check_s = 0, cache_write_s = 0;
+  Completed kept{};  // StoreFailed: the verified release, to be written again
+};
+
+struct Job {
+  bool activate = false;  // a held staged release: load it from the cache
+  Completed c;
+  std::string name;
+  uint64_t seq = 0;
+};
+
+class Loads {
+ public:
+  Loads(NodeState& s, std::function<void(Result)> post) : s_(s), post_(std::move(post)) {}
+  void run(Job& j);  // deliver a completed release, or activate a held one
+  void deliver(Job& j);
+  void activate(Job& j);
+  // Load, check and swap in; the old version is freed here once its last request ends.
+  void load(const std::shared_ptr<Manifest>& m, const std::string& path, const uint8_t* data, Result& r);
+  std::atomic<bool> stopping{false};
+
+ private:
+  NodeState& s_;
+  std::function<void(Result)> post_;
+};
+
+// -- the follow path -----------------------------------------------------------------------
+class Follows {
+ public:
+  Follows(NodeState& s, Follower& f) : s_(s), f_(f) {}
+  void on_broadcast(std::vector<zmq::message_t>& msg, double now);  // [topic, kind, ...]
+  void on_reply(std::vector<zmq::message_t>& msg, double now);      // [kind, ...] from the hub
+  void on_results(std::deque<Result>& done, double now);            // from the loader
+  // Completed, activated and rewritten releases the loader is to take.
+  std::vector<Job> jobs();
+  std::map<std::string, Completed> unstored;  // verified releases whose cache write failed
+
+ private:
+  NodeState& s_;
+  Follower& f_;
+};
+
+// -- the node ------------------------------------------------------------------------------
+class Node {
+ public:
+  explicit Node(Args a);
+  void restore();  // serve the cache at once, before the hub answers
+  int run(const std::atomic<bool>& stop);
+
+ private:
+  void follow_loop();
+  void load_loop();
+  void serve_loop(const std::string& wid);
+  void post(Result r);
+
+  NodeState s_;
+  Follower follower_;
+  Requests requests_;
+  Loads loads_;
+  Follows follows_;
+  WorkQueue work_;
+  zmq::context_t ctx_;
+  std::mutex jobs_mu_, results_mu_;
+  std::condition_variable jobs_cv_;
+  std::deque<Job> jobs_;
+  std::deque<Result> results_;
+  zmq::socket_t* push_ = nullptr;  // the loader thread's own (post() runs only there)
+  std::atomic<bool> stopping_{false};
+  bool wake_bound_ = false;
+};
+
+}  // namespace zm
