@@ -2,9 +2,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,3 +97,21 @@ def free_port_pair() -> int:
                 continue
         return port
     raise AssertionError("no free port pair")
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+def stop_and_expect_gone(parent: subprocess.Popen, stop: Callable[[], None], child: int, what: str,
+                         timeout: float = 30.0) -> None:
+    """``child`` (a pid) runs; ``stop()`` ends ``parent``; then ``child`` is gone within ``timeout``."""
+    assert alive(child)
+    stop()
+    parent.wait(timeout)
+    wait_until(lambda: not alive(child), timeout, what=what)

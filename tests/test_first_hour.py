@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, wait_until
+from tests.conftest import alive, free_port, stop_and_expect_gone, wait_until
 from tests.models import Probe, probe_examples
 from zmqmodels import Hub, Node, Relay, build_release, compile_model
 from zmqmodels.store import Store
@@ -280,14 +280,6 @@ def _fake_tools(tmp_path: Path) -> Path:
     return bin_dir
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return False
-    return state != "Z"
-
-
 def test_a_stopped_build_stops_its_compilers(tmp_path) -> None:
     """Before: the test timeout killed `scripts/build_cpp`, and its compilers kept running (and
     starved the tests after it of CPU)."""
@@ -297,16 +289,13 @@ def test_a_stopped_build_stops_its_compilers(tmp_path) -> None:
     pid_file = tmp_path / "compiler.pid"
     try:
         wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(), 120, what="a compile")
-        compiler = int(pid_file.read_text())
-        assert _alive(compiler)
-        build.send_signal(signal.SIGTERM)
-        build.wait(30)
-        wait_until(lambda: not _alive(compiler), 30, what="the compiler to stop with the build")
+        stop_and_expect_gone(build, lambda: build.send_signal(signal.SIGTERM), int(pid_file.read_text()),
+                             "the compiler to stop with the build")
     finally:
         if build.poll() is None:
             build.kill()
             build.wait(10)
-        if pid_file.exists() and _alive(int(pid_file.read_text())):
+        if pid_file.exists() and alive(int(pid_file.read_text())):
             os.kill(int(pid_file.read_text()), signal.SIGKILL)
 
 

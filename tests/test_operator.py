@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from tests.conftest import free_port, free_port_pair, wait_until
+from tests.conftest import alive, free_port, free_port_pair, stop_and_expect_gone, wait_until
 from tests.models import Probe, probe_examples
 from zmqmodels import Client, Hub, build_release, compile_model
 from zmqmodels.store import Store
@@ -57,15 +57,6 @@ class Serve:
             self.p.kill()
             self.p.wait(10)
         self._log.close()
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split()[2] != "Z"
 
 
 def test_killed_node_turns_lost_and_is_not_counted(hub, tmp_path, probe) -> None:
@@ -136,10 +127,7 @@ def test_a_worker_whose_node_dies_while_it_imports_torch_exits_at_once(tmp_path)
         assert node.stdout is not None
         worker = int(node.stdout.readline())
         time.sleep(1.0)  # it is importing the stand-in torch now
-        assert alive(worker)
-        node.kill()
-        node.wait(10)
-        wait_until(lambda: not alive(worker), 20, what="the worker to die with its node")
+        stop_and_expect_gone(node, node.kill, worker, "the worker to die with its node")
     finally:
         if node.poll() is None:
             node.kill()

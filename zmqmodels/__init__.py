@@ -62,6 +62,7 @@ _EXPORTS = {
     "CheckError": "errors",
     "SwapPolicy": "core.swap",
     "ModelState": "protocol",
+    "WavePlan": "protocol",
 }
 
 __all__ = ["__version__", *_EXPORTS]
