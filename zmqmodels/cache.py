@@ -15,10 +15,12 @@ a cache directory at a time (:meth:`Cache.lock`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import mmap
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +93,28 @@ class Cache:
         self.path(name, seq).with_suffix(".sig").unlink(missing_ok=True)
         self.path(name, seq).with_suffix(".active").unlink(missing_ok=True)
         self.path(name, seq).unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def newest_archive(self, name: str) -> Iterator[memoryview | None]:
+        """The newest cached archive of ``name``, mapped read-only (None: none, or unreadable),
+        for a delta to reuse spans of. Not checked here: every span taken is checked against
+        the new manifest's digest, so a damaged file costs a fetch, never a wrong byte."""
+        seqs = self.seqs(name)
+        try:
+            f = open(self.path(name, seqs[-1]), "rb") if seqs else None  # noqa: SIM115 (closed below)
+        except OSError:
+            f = None
+        if f is None or os.fstat(f.fileno()).st_size == 0:
+            if f is not None:
+                f.close()
+            yield None
+            return
+        with f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            view = memoryview(mm)
+            try:
+                yield view
+            finally:
+                view.release()
 
     def seqs(self, name: str) -> list[int]:
         d = self.root / validate_name(name)

@@ -142,6 +142,7 @@ class Follower(IOThread):
         self.assembler = Assembler([validate_name(n) for n in models], node_id=self.node_id,
                                    host=socket.gethostname(), pid=os.getpid(), device=self.device,
                                    take=self._pool.take, give=self._pool.give, limits=self.limits,
+                                   base=self.cache.newest_archive if self.cache is not None else None,
                                    trust=self.trust, known=known, repair_idle_s=repair_idle_s,
                                    hub_ttl_s=hub_ttl_s, labels=labels,
                                    staged=staged)

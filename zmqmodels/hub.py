@@ -232,8 +232,8 @@ class Hub(IOThread):
                     self._pub.send_multipart([P.topic(name) if name else P.HUB_TOPIC, *frames])
                 case Reply(peer, frames):
                     self.reply(peer, frames)
-                case SendRelease(rel):
-                    self._send_release(rel)
+                case SendRelease(rel, skip):
+                    self._send_release(rel, skip)
                 case Load() | StoreActive() | RollBack():
                     self._jobs.carry(action)
                 case Log(level, message):
@@ -241,16 +241,17 @@ class Hub(IOThread):
         with self._changed:
             self._changed.notify_all()
 
-    def _send_release(self, release: Release) -> None:
+    def _send_release(self, release: Release, skip: frozenset[int]) -> None:
         m = release.manifest
         t = P.topic(m.name)
         self._pub.send_multipart([t, *P.pack(P.ManifestFrames(), release.manifest_bytes, release.signature)])
-        for i, payload in enumerate(release.chunks):
+        for i, payload in ((i, c) for i, c in enumerate(release.chunks) if i not in skip):
             if self._fault is not None:
                 payload = self._fault(m.name, m.seq, i, payload)
             self._pub.send_multipart([t, *P.pack(P.ChunkHeader(m.name, m.seq, i), payload)], copy=False)
-        log.info("broadcast %s seq %d (%s): %d chunks, %d bytes", m.name, m.seq, m.label or "-",
-                 m.chunk_count, m.compressed_bytes)
+        log.info("broadcast %s seq %d (%s): %d of %d chunks, %d of %d bytes (the rest as before)", m.name,
+                 m.seq, m.label or "-", m.chunk_count - len(skip), m.chunk_count,
+                 m.compressed_bytes - sum(m.chunk_sizes[i] for i in skip), m.compressed_bytes)
 
     # -- I/O thread: for StoreJobs ------------------------------------------------------
     def reply(self, peer: Any, frames: list[Any]) -> None:

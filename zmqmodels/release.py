@@ -39,6 +39,7 @@ __all__ = [
     "stage_release",
     "choose_codec",
     "compress_archive",
+    "span_digests",
     "decompress_chunk",
     "encode_manifest",
     "decode_manifest",
@@ -96,6 +97,9 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
     chunk_sizes: list[int]
     chunk_xxh3: list[int]
     torch_version: str
+    # XXH3-64 (seed 0) of each chunk's span of the *uncompressed* archive (empty: not given): a
+    # receiver that holds an archive with the same bytes in a span reuses them (§Deltas)
+    chunk_raw_xxh3: list[int] = []
     compile_method: str
     compile_warnings: list[str] = []
     inputs: list[Any] = []  # per positional argument: {"dtype", "rank", "shape" (-1 = varies)}
@@ -124,6 +128,8 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
             raise ReleaseError("chunk_count does not match archive_bytes / chunk_bytes")
         if len(self.chunk_sizes) != self.chunk_count or len(self.chunk_xxh3) != self.chunk_count:
             raise ReleaseError("chunk_sizes / chunk_xxh3 do not have chunk_count entries")
+        if self.chunk_raw_xxh3 and len(self.chunk_raw_xxh3) != self.chunk_count:
+            raise ReleaseError("chunk_raw_xxh3 does not have chunk_count entries")
         bound = self.chunk_bytes + 64 * 1024  # blosc2 never expands a chunk by more than its header
         if any(not 0 <= s <= bound for s in self.chunk_sizes) or sum(self.chunk_sizes) != \
                 self.compressed_bytes:
@@ -288,6 +294,12 @@ def decompress_chunk(m: Manifest, index: int, payload: Any, archive: Any) -> Non
         raise IntegrityError(f"chunk {index}: blosc2 failed ({exc})") from None
 
 
+def span_digests(archive: Any, chunk_bytes: int) -> list[int]:
+    """XXH3-64 of each ``chunk_bytes`` span of the uncompressed archive (``chunk_raw_xxh3``)."""
+    view = memoryview(archive).cast("B")
+    return [xxhash.xxh3_64_intdigest(view[i:i + chunk_bytes]) for i in range(0, len(view), chunk_bytes)]
+
+
 def compress_archive(archive: Any, codec: CodecSpec, chunk_bytes: int,
                      progress: Callable[[int, int], None] | None = None) -> list[bytes | memoryview]:
     """Cut the archive into chunks and compress each one independently (``progress(done,
@@ -389,6 +401,7 @@ def build_release(
         chunk_count=len(chunks),
         chunk_sizes=[len(c) for c in chunks],
         chunk_xxh3=[xxhash.xxh3_64_intdigest(c) for c in chunks],
+        chunk_raw_xxh3=span_digests(archive, chunk_bytes),
         torch_version=str(torch.__version__),
         compile_method=compiled.method,
         compile_warnings=list(compiled.warnings),

@@ -16,6 +16,11 @@ corrupt at source, re-ask, credit) are the :mod:`.intake`'s, shared with relays:
   allocated for it, reported once per distinct manifest, and does not mark its seq rejected
   (a forged manifest must not block the genuine release of that seq); heartbeats naming that
   same release (seq and sha256) no longer trigger a fetch.
+- **Deltas**: a manifest with ``chunk_raw_xxh3`` lets the node take every chunk whose span
+  of an archive it holds (``base``: its newest cached one) has that digest from there; the
+  sender does not broadcast chunks its previous release had too. What is missing is then a
+  gap like any other and is fetched, so a node without the base (or with a damaged copy)
+  converges on the same verified bytes through the repair path.
 - Chunks fetched from the hub that fail their digest ``CORRUPT_FETCHES_MAX`` times: the
   release is rejected rather than fetched forever.
 - A *staged* release is received, verified and cached like any other, then held (reported
@@ -64,6 +69,24 @@ class Assembly(Incoming):
         super().__post_init__()
         self.view = memoryview(self.buf)
         self.sha = hashlib.sha256()
+
+    def reuse(self, base: Any) -> int:
+        """Take every chunk whose span of ``base`` (an archive this node holds) has the digest
+        the manifest gives (``chunk_raw_xxh3``) from there instead of the network: copied, so
+        the archive sha256 still covers what is served. Returns the bytes reused."""
+        m, base = self.manifest, memoryview(base).cast("B")
+        reused = 0
+        for i, want in enumerate(m.chunk_raw_xxh3):
+            start, length = m.chunk_span(i)
+            if i in self.missing and start + length <= len(base):
+                span = base[start:start + length]
+                if xxhash.xxh3_64_intdigest(span) == want:
+                    self.view[start:start + length] = span
+                    self.missing.discard(i)
+                    reused += length
+        base.release()
+        self.hash_prefix()
+        return reused
 
     def accept(self, index: int, payload: Any) -> None:
         decompress_chunk(self.manifest, index, payload, self.view)
@@ -151,6 +174,7 @@ class Assembler:
 
     def __init__(self, models: Sequence[str], *, node_id: str, host: str, pid: int, device: str,
                  take: Callable[[str, int], Any], give: Callable[[str, Any], None],
+                 base: Callable[[str], Any] | None = None,
                  limits: Limits | None = None, trust: Trust | None = None,
                  known: dict[str, int] | None = None,
                  staged: dict[str, Manifest] | None = None, labels: Sequence[str] = (),
@@ -167,7 +191,7 @@ class Assembler:
                 st.staged, st.done_seq, st.held = m.seq, max(st.done_seq, m.seq), (m, None)
         self.labels = list(labels)
         self.node_id, self.host, self.pid, self.device = node_id, host, pid, device
-        self._take, self._give = take, give
+        self._take, self._give, self._base = take, give, base
         self.stats: Counter[str] = Counter()
         self.intake = Intake(limits=limits, trust=trust, stats=self.stats, repair_idle_s=repair_idle_s,
                              hub_ttl_s=hub_ttl_s, fetch_timeout_s=fetch_timeout_s)
@@ -229,6 +253,12 @@ class Assembler:
         asm = Assembly(m, raw, signature, now, buf=self._take(m.name, m.archive_bytes), give=self._give)
         self.intake.begin(asm, fetched=fetched)
         self.stats["manifests"] += 1
+        if m.chunk_raw_xxh3 and self._base is not None:
+            with self._base(m.name) as base:  # the archive this node holds, if any
+                if base is not None:
+                    reused = asm.reuse(base)
+                    self.stats["bytes_reused"] += reused
+                    self.stats["chunks_reused"] += m.chunk_count - len(asm.missing)
         out: list[Action] = []
         if not m.staged:  # a staged release does not change what this node says it serves
             st.state, st.seq, st.label, st.reason = ModelState.RECEIVING, m.seq, m.label, ""

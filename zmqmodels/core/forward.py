@@ -30,7 +30,7 @@ from ..errors import IntegrityError, LimitError, SignatureError
 from ..release import Manifest
 from ..signing import Trust
 from .intake import Incoming, Intake, Send, Taken
-from .serve import Broadcast, ReleaseServer, Reply
+from .serve import Broadcast, ReleaseServer, Reply, same_chunks
 
 __all__ = ["Carried", "Keep", "Forwarder"]
 
@@ -124,6 +124,12 @@ class Forwarder:
             self.stats[f"refused_{exc.code}"] += 1
             return []
         c = Carried(m, raw, signature, now)
+        held = self.latest.get(m.name) or self.keeping.get(m.name)
+        if held is not None and m.chunk_raw_xxh3:  # a delta: what it sends again is here already
+            for i in same_chunks(held.manifest, m):
+                c.chunks[i] = held.chunks[i]
+                c.missing.discard(i)
+            self.stats["chunks_reused"] += m.chunk_count - len(c.missing)
         self.intake.begin(c, fetched=fetched)
         out: list[Action] = [Broadcast(m.name, P.pack(P.ManifestFrames(), raw, signature))]
         if not c.missing:

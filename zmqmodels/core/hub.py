@@ -34,7 +34,7 @@ from ..defaults import Limits
 from ..errors import ZmqModelsError
 from ..release import Manifest, Release
 from .fleet import Fleet, tally
-from .serve import Broadcast, ReleaseServer, Reply
+from .serve import Broadcast, ReleaseServer, Reply, same_chunks
 from .waves import ActivateNodes, Finish, Halt, WaveRollout, activation_refusal
 
 __all__ = ["HubCore", "SendRelease", "Load", "StoreActive", "RollBack", "Log", "OLDER_KEPT"]
@@ -44,10 +44,12 @@ OLDER_KEPT = 4  # older releases kept in memory for fetches (per hub)
 
 @dataclass(frozen=True)
 class SendRelease:
-    """Put ``release`` on the PUB socket: its manifest, then every chunk in index order, then
-    the beats (so a beat naming it follows all its chunks on that pipe)."""
+    """Put ``release`` on the PUB socket: its manifest, then every chunk in index order but
+    those in ``skip`` (the previous release had the same bytes there: receivers reuse theirs
+    or fetch them), then the beats (so a beat naming it follows all its chunks on that pipe)."""
 
     release: Release
+    skip: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,7 @@ class HubCore:
         m = rel.manifest
         self.stored.setdefault(m.name, set()).add(m.seq)
         current = self.latest.get(m.name)
+        skip = same_chunks(current.manifest, m) if current is not None else frozenset()
         if current is None or current.manifest.seq < m.seq:
             self.latest[m.name] = rel
             if not m.staged:
@@ -129,7 +132,8 @@ class HubCore:
         else:
             self._keep_older(rel)
         self.stats["broadcasts"] += 1
-        out: list[Action] = [SendRelease(rel), *self.beats()]
+        self.stats["chunks_not_sent"] += len(skip)
+        out: list[Action] = [SendRelease(rel, skip), *self.beats()]
         if plan is None:
             return out
         rows = [r for r in self.fleet.rows(now) if r.model == m.name and r.state != P.ModelState.LOST]

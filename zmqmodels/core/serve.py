@@ -7,6 +7,9 @@ fetches and beat by (docs/protocol.md §Fetch, §Heartbeat).
   ERROR ``too_large``; a seq not held, seq 0, or an index out of range is ERROR ``not_found``
   (with the indexes, so the asker frees their credit). A relay still receiving the release
   answers the chunks it has and each other one when it arrives (:attr:`Answer.pending`).
+- Deltas: a release whose manifest gives ``chunk_raw_xxh3`` is broadcast without the chunks
+  the sender's previous release of the model had byte for byte (:func:`same_chunks`);
+  receivers reuse theirs or fetch them.
 - Beats: the sender's own beat (with the relays it came through), then one per model naming
   the newest release it holds **whole** (never one still being sent: a beat naming a release
   tells downstream every chunk of it was sent before) and the fleet-wide active seq.
@@ -26,7 +29,7 @@ from .. import protocol as P
 from ..defaults import Limits
 from ..release import Manifest
 
-__all__ = ["Servable", "Reply", "Broadcast", "Answer", "ReleaseServer"]
+__all__ = ["Servable", "Reply", "Broadcast", "Answer", "ReleaseServer", "same_chunks"]
 
 
 class Servable(Protocol):
@@ -127,3 +130,14 @@ class ReleaseServer:
                                                           sha256=m.archive_sha256, label=m.label,
                                                           active=active.get(name, 0)))))
         return out
+
+
+def same_chunks(base: Manifest, m: Manifest) -> frozenset[int]:
+    """The chunks of ``m`` that ``base`` has byte for byte (same span, same compressed bytes):
+    a release that says receivers may reuse spans (``chunk_raw_xxh3``) need not send those."""
+    if not m.chunk_raw_xxh3 or base.chunk_bytes != m.chunk_bytes or base.codec != m.codec:
+        return frozenset()
+    n = min(base.chunk_count, m.chunk_count)
+    return frozenset(i for i in range(n) if base.chunk_xxh3[i] == m.chunk_xxh3[i]
+                     and base.chunk_sizes[i] == m.chunk_sizes[i]
+                     and (not base.chunk_raw_xxh3 or base.chunk_raw_xxh3[i] == m.chunk_raw_xxh3[i]))

@@ -1,0 +1,157 @@
+"""Deltas by span: a release whose manifest carries ``chunk_raw_xxh3`` is broadcast without
+the chunks its previous release had byte for byte, and a node takes those spans from the
+archive it holds. Before: every update moved every byte (issue 18's first part)."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+import torch
+
+from tests.helpers import raw_release
+from zmqmodels import Client, Hub, Node, build_release, compile_model
+from zmqmodels import protocol as P
+from zmqmodels.core.assembly import Assembler, Deliver
+from zmqmodels.core.forward import Forwarder
+from zmqmodels.core.serve import same_chunks
+from zmqmodels.release import encode_manifest
+from zmqmodels.store import Store
+
+pytestmark = pytest.mark.timeout(240)
+CHUNK = 256 << 10
+
+
+def releases(n: int = 6) -> tuple:
+    """Two raw releases of ``n`` chunks that differ in the last chunk only."""
+    old = bytes(range(256)) * (CHUNK // 256) * n
+    new = old[:-10] + b"0123456789"
+    a, b = raw_release("m", old, chunk_bytes=CHUNK), raw_release("m", new, chunk_bytes=CHUNK)
+    first = (msgspec.structs.replace(a.manifest, seq=1), a.chunks, old)
+    return first, (msgspec.structs.replace(b.manifest, seq=2), b.chunks, new)
+
+
+class Base:
+    def __init__(self, data: bytes | None) -> None:
+        self.data = data
+
+    def __call__(self, name: str):
+        data = self.data
+
+        class Ctx:
+            def __enter__(self):
+                return memoryview(data) if data is not None else None
+
+            def __exit__(self, *exc):
+                return False
+
+        return Ctx()
+
+
+def assembler(base: bytes | None) -> Assembler:
+    return Assembler(["m"], node_id="n", host="h", pid=1, device="cpu", take=lambda _n, s: bytearray(s),
+                     give=lambda _n, _b: None, base=Base(base))
+
+
+def test_the_sender_skips_what_its_previous_release_had_and_the_node_reuses_it() -> None:
+    (m1, c1, old), (m2, c2, new) = releases()
+    assert same_chunks(m1, m2) == frozenset(range(5))
+    a = assembler(old)
+    a.on_manifest(m2, encode_manifest(m2), b"", 0.0)
+    assert a.stats["chunks_reused"] == 5 and a.stats["bytes_reused"] == 5 * CHUNK
+    out = a.on_chunk(P.ChunkHeader("m", 2, 5), c2[5], 0.1, fetched=False)  # the one chunk sent
+    (d,) = [x for x in out if isinstance(x, Deliver)]
+    assert d.digest == m2.archive_sha256 and bytes(d.asm.buf) == new
+    assert not [x for x in out if isinstance(getattr(x, "msg", None), P.FetchChunks)]
+
+
+def test_a_damaged_or_missing_base_costs_fetches_never_a_wrong_byte() -> None:
+    (m1, c1, old), (m2, c2, new) = releases()
+    damaged = bytearray(old)
+    damaged[CHUNK + 7] ^= 0xFF  # one flipped byte in chunk 1 of the held archive
+    a = assembler(bytes(damaged))
+    a.on_manifest(m2, encode_manifest(m2), b"", 0.0)
+    assert a.stats["chunks_reused"] == 4  # not chunk 1
+    out = a.on_chunk(P.ChunkHeader("m", 2, 5), c2[5], 0.1, fetched=False)
+    asks = [x.msg for x in out if isinstance(getattr(x, "msg", None), P.FetchChunks)]
+    beat = a.on_beat(P.Heartbeat("hub", "m", 2, m2.archive_sha256), 0.2)  # the sender is done
+    asks += [x.msg for x in beat if isinstance(getattr(x, "msg", None), P.FetchChunks)]
+    assert [i for f in asks for i in f.indices] == [1]
+    out = a.on_chunk(P.ChunkHeader("m", 2, 1), c2[1], 0.3, fetched=True)
+    (d,) = [x for x in out if isinstance(x, Deliver)]
+    assert d.digest == m2.archive_sha256 and bytes(d.asm.buf) == new
+    cold = assembler(None)  # a late joiner: holds nothing, fetches all that was not sent
+    cold.on_manifest(m2, encode_manifest(m2), b"", 0.0)
+    out = cold.on_chunk(P.ChunkHeader("m", 2, 5), c2[5], 0.1, fetched=False)
+    assert [i for x in out if isinstance(getattr(x, "msg", None), P.FetchChunks) for i in x.msg.indices] == \
+        [0, 1, 2, 3, 4][:cold.limits.fetch_credit]
+
+
+def test_a_relay_reuses_what_it_holds_and_forwards_only_what_came() -> None:
+    (m1, c1, old), (m2, c2, new) = releases()
+    f = Forwarder(["m"], "r")
+    f.on_manifest(m1, encode_manifest(m1), b"", 0.0)
+    for i, c in enumerate(c1):
+        for a in f.on_chunk(P.ChunkHeader("m", 1, i), c, 0.1, fetched=False):
+            if type(a).__name__ == "Keep":
+                f.stored(a.carried)
+    f.on_manifest(m2, encode_manifest(m2), b"", 1.0)
+    out = f.on_chunk(P.ChunkHeader("m", 2, 5), c2[5], 1.1, fetched=False)
+    keep = [a for a in out if type(a).__name__ == "Keep"]
+    assert keep and [bytes(c) for c in keep[0].carried.chunks] == [bytes(c) for c in c2]
+    assert f.stats["chunks_reused"] == 5
+
+
+class Wide(torch.nn.Module):
+    """~8 MB of weights; ``head`` is the part a fine-tune changes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Linear(256, 8192)
+        self.head = torch.nn.Linear(8192, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.body(x)))
+
+
+def test_a_head_only_update_moves_a_few_percent_and_every_node_serves_the_new_weights(tmp_path) -> None:
+    """Real processes: a node with the base takes only the changed spans; a node whose base
+    file was damaged takes the damaged span again; both serve outputs equal to eager."""
+    torch.manual_seed(0)
+    model = Wide().eval()
+    x = torch.randn(2, 256)
+
+    def release(label: str):
+        return build_release(compile_model(model, [(x,)]), "wide", label, chunk_bytes=CHUNK)
+
+    with Hub("tcp://127.0.0.1:0", Store(tmp_path / "hub"), heartbeat_interval_s=0.25) as hub:
+        nodes = [Node(hub.address, ["wide"], "tcp://127.0.0.1:0", workers=1, cache=tmp_path / n,
+                      node_id=n).start() for n in ("a", "b")]
+        try:
+            v1 = hub.publish(release("v1"))
+            assert hub.wait_for("wide", v1.seq, 2, 120)[0]
+            with torch.no_grad():
+                model.head.weight.add_(0.5)
+            want = model(x)
+            v2_release = release("v2")
+            cached = nodes[1].cache.path("wide", v1.seq)  # node b's base: flip one byte in it
+            data = bytearray(cached.read_bytes())
+            data[len(data) // 3] ^= 0xFF
+            cached.write_bytes(bytes(data))
+            before = [n.follower_stats().get("bytes_received", 0) for n in nodes]
+            v2 = hub.publish(v2_release)
+            assert hub.wait_for("wide", v2.seq, 2, 120)[0]
+            got = [n.follower_stats() for n in nodes]
+            archive = v2_release.manifest.archive_bytes
+            moved = [g["bytes_received"] - b for g, b in zip(got, before, strict=True)]
+            print(f"moved {moved} of {archive} bytes; reused {[g['bytes_reused'] for g in got]}")
+            assert moved[0] <= 0.05 * archive, (moved, archive)  # only the changed spans moved
+            assert moved[1] <= 0.05 * archive + CHUNK  # and the one it had damaged
+            assert got[0]["chunks_reused"] > 0 and got[1]["chunks_reused"] > 0
+            assert hub.status().stats["chunks_not_sent"] > 0
+            for n in nodes:
+                with Client(n.address, timeout=30) as c:
+                    r = c.infer("wide", x)
+                assert r.seq == v2.seq and torch.allclose(r.outputs, want, atol=1e-5)
+        finally:
+            for n in nodes:
+                n.close()
