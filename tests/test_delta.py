@@ -8,6 +8,7 @@ import msgspec
 import pytest
 import torch
 
+from tests.conftest import wait_until
 from tests.helpers import raw_release
 from zmqmodels import Client, Hub, Node, build_release, compile_model
 from zmqmodels import protocol as P
@@ -147,6 +148,8 @@ def test_a_head_only_update_moves_a_few_percent_and_every_node_serves_the_new_we
             assert moved[0] <= 0.05 * archive, (moved, archive)  # only the changed spans moved
             assert moved[1] <= 0.05 * archive + CHUNK  # and the one it had damaged
             assert got[0]["chunks_reused"] > 0 and got[1]["chunks_reused"] > 0
+            wait_until(lambda: all(n.stats["swaps_by_weights"] >= 1 for n in nodes), 30,
+                       what="each node's worker to apply the new weights without a load")
             assert hub.status().stats["chunks_not_sent"] > 0
             for n in nodes:
                 with Client(n.address, timeout=30) as c:
@@ -155,3 +158,42 @@ def test_a_head_only_update_moves_a_few_percent_and_every_node_serves_the_new_we
         finally:
             for n in nodes:
                 n.close()
+
+
+def test_same_code_new_weights_are_applied_without_a_load_and_other_code_is_loaded(tmp_path) -> None:
+    """A worker whose serving module has the release's code copies the new tensors into a copy
+    of it (no torch.jit.load) and checks it on the examples; other code is loaded as before."""
+    from zmqmodels.loader import apply_weights, load_release
+
+    torch.manual_seed(0)
+    model = Wide().eval()
+    x = torch.randn(2, 256)
+    r1 = build_release(compile_model(model, [(x,)]), "wide", "v1", chunk_bytes=CHUNK)
+    with torch.no_grad():
+        model.head.bias.add_(1.0)
+    r2 = build_release(compile_model(model, [(x,)]), "wide", "v2", chunk_bytes=CHUNK)
+    paths = []
+    for i, r in enumerate((r1, r2)):
+        p = tmp_path / f"{i}.pt"
+        p.write_bytes(_archive(r))
+        paths.append(p)
+    old = load_release(r1.manifest, paths[0])
+    new = apply_weights(old, r2.manifest, paths[1])
+    assert new is not None and new.how == "weights" and old.how == "load"
+    with torch.inference_mode():
+        assert torch.allclose(new.module(x), model(x), atol=1e-6)
+        assert not torch.allclose(old.module(x), model(x))  # the serving copy was not touched
+    smaller = torch.nn.Sequential(torch.nn.Linear(256, 4)).eval()
+    other = build_release(compile_model(smaller, [(x,)]), "wide", "o")
+    p = tmp_path / "other.pt"
+    p.write_bytes(_archive(other))
+    assert apply_weights(old, other.manifest, p) is None
+
+
+def _archive(r) -> bytes:
+    from zmqmodels.release import decompress_chunk
+
+    buf = bytearray(r.manifest.archive_bytes)
+    for i, c in enumerate(r.chunks):
+        decompress_chunk(r.manifest, i, c, memoryview(buf))
+    return bytes(buf)

@@ -22,7 +22,7 @@ from typing import Any
 
 from .errors import ReleaseError
 
-__all__ = ["TensorInfo", "tensor_table"]
+__all__ = ["TensorInfo", "tensor_table", "code_digest", "storages"]
 
 _STORAGE_DTYPES = {
     "FloatStorage": "float32", "DoubleStorage": "float64", "HalfStorage": "float16",
@@ -164,3 +164,36 @@ def tensor_table(archive: Any) -> list[TensorInfo]:
         raise ReleaseError("not a TorchScript module archive")
     walk(root, "", 0)
     return params + buffers
+
+
+def _is_data(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 3 and parts[1] == "data"
+
+
+def code_digest(archive: Any) -> str:
+    """sha256 over every entry of the archive but the tensor data (``ARCHIVE/data/KEY``) and
+    the per-save random ``.data/serialization_id``: the code, the module tree with every
+    tensor's dtype, shape and storage key, constants. Two archives with the same digest differ
+    only in the bytes of their parameters, buffers and other data tensors."""
+    import hashlib
+
+    source = archive if isinstance(archive, str) else io.BytesIO(bytes(archive))
+    h = hashlib.sha256()
+    try:
+        with zipfile.ZipFile(source) as z:
+            for info in sorted(z.infolist(), key=lambda i: i.filename):
+                if _is_data(info.filename) or info.filename.endswith(".data/serialization_id"):
+                    continue
+                h.update(info.filename.encode() + b"\0" + len(z.read(info)).to_bytes(8, "little"))
+                h.update(z.read(info))
+    except zipfile.BadZipFile as exc:
+        raise ReleaseError(f"not a TorchScript archive: {exc}") from None
+    return h.hexdigest()
+
+
+def storages(archive: Any) -> set[str]:
+    """The tensor data entries (``ARCHIVE/data/KEY``) of an archive."""
+    source = archive if isinstance(archive, str) else io.BytesIO(bytes(archive))
+    with zipfile.ZipFile(source) as z:
+        return {n for n in z.namelist() if _is_data(n)}

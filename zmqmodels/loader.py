@@ -7,15 +7,17 @@ from a ``BytesIO`` and it holds the GIL throughout, stalling every thread of the
 from __future__ import annotations
 
 import io
+import mmap
 import os
 import time
+import warnings
 from typing import Any
 
 from .errors import CheckError, ZmqModelsError
 from .release import Manifest, unpack_tensors
 from .slot import Loaded
 
-__all__ = ["load_release", "to_device", "CheckError", "check_finite"]
+__all__ = ["load_release", "apply_weights", "to_device", "CheckError", "check_finite"]
 
 
 def to_device(tree: Any, device: str) -> Any:
@@ -53,7 +55,6 @@ def load_release(manifest: Manifest, source: str | os.PathLike[str] | Any, devic
     """
     import torch
 
-    from .compile import compare_outputs
 
     t0 = time.perf_counter()
     try:
@@ -64,6 +65,70 @@ def load_release(manifest: Manifest, source: str | os.PathLike[str] | Any, devic
     except Exception as exc:
         raise CheckError(f"torch.jit.load failed: {str(exc).strip().splitlines()[0]}") from exc
     module.eval()
+    from .archive import code_digest
+
+    code = code_digest(os.fspath(source) if isinstance(source, str | os.PathLike) else source)
+    return _checked(module, manifest, device, time.perf_counter() - t0, code, "load", warmup)
+
+
+def apply_weights(previous: Loaded, manifest: Manifest, path: str | os.PathLike[str]) -> Loaded | None:
+    """``path`` holds the same code as ``previous`` (same module tree, dtypes, shapes), only
+    other tensor bytes: copy them into a copy of ``previous``'s module, without
+    ``torch.jit.load``, then check and warm it up as a load would. None if the code differs or
+    the archive has a data tensor that is not a parameter or buffer (a full load is needed)."""
+    import copy
+    import zipfile
+
+    import torch
+
+    from .archive import code_digest, storages, tensor_table
+    from .tensors import torch_dtype
+
+    t0 = time.perf_counter()
+    path = os.fspath(path)
+    try:
+        if not previous.code or code_digest(path) != previous.code:
+            return None
+        table = tensor_table(path)
+        if storages(path) != {t.storage for t in table}:
+            return None  # data no parameter or buffer holds: only a load puts it where it belongs
+        module = copy.deepcopy(previous.module)
+        own = dict(module.named_parameters())
+        own.update(dict(module.named_buffers()))
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm, \
+                zipfile.ZipFile(f) as z, torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # frombuffer: read-only memory, only read
+            for t in table:
+                target = own.get(t.name)
+                if target is None or tuple(target.shape) != t.shape:
+                    return None
+                start = _data_offset(mm, z.getinfo(t.storage))
+                src = torch.frombuffer(mm, dtype=torch_dtype(t.dtype), count=t.numel,
+                                       offset=start + t.offset * (t.nbytes // max(t.numel, 1)))
+                target.copy_(src.view(t.shape))  # host -> device directly on a GPU worker
+                del src
+    except (ZmqModelsError, RuntimeError, ValueError, KeyError, OSError, BufferError, zipfile.BadZipFile):
+        return None  # anything unexpected: the full load decides
+    return _checked(module, manifest, previous.device, time.perf_counter() - t0, previous.code, "weights")
+
+
+def _data_offset(mm: Any, info: Any) -> int:
+    """Where a stored (uncompressed) zip entry's bytes start in the file."""
+    import struct
+
+    if info.compress_type != 0:
+        raise ValueError(f"{info.filename} is compressed")
+    name_len, extra_len = struct.unpack_from("<HH", mm, info.header_offset + 26)
+    return info.header_offset + 30 + name_len + extra_len
+
+
+def _checked(module: Any, manifest: Manifest, device: str, load_s: float, code: str, how: str,
+             warmup: int = 2) -> Loaded:
+    """Check ``module`` on the manifest's examples and warm it up."""
+    import torch
+
+    from .compile import compare_outputs
+
     t1 = time.perf_counter()
     examples = unpack_tensors(manifest.examples) if manifest.examples else []
     expected = unpack_tensors(manifest.expected) if manifest.expected else []
@@ -93,4 +158,4 @@ def load_release(manifest: Manifest, source: str | os.PathLike[str] | Any, devic
     sig = tuple((torch_dtype(w.get("dtype")), w.get("rank", -1), w.get("dtype", ""),
                  tuple([-1, *list(w.get("shape") or [])[1:]]) if w.get("shape") else ())
                 for w in manifest.inputs)
-    return Loaded(module, manifest, device, t1 - t0, time.perf_counter() - t1, sig)
+    return Loaded(module, manifest, device, load_s, time.perf_counter() - t1, sig, code, how)

@@ -414,8 +414,9 @@ class Node(IOThread):
             case P.LoadResult(name=name, seq=seq, label=label, ok=ok, reason=reason):
                 self.supervisor.seen(wid, now, Activity.IDLE)
                 if ok:
-                    log.info("worker %s: %s seq %d swapped in (load %.3fs, check %.3fs)", wid, name,
-                             seq, msg.load_s, msg.check_s)
+                    log.info("worker %s: %s seq %d swapped in (%s %.3fs, check %.3fs)", wid, name,
+                             seq, msg.how, msg.load_s, msg.check_s)
+                    self.stats[f"swaps_by_{msg.how}"] += 1
                     if self.metrics is not None:
                         self.metrics.load.labels(name).observe(msg.load_s + msg.check_s)
                     if self._sub is not None and self.ledger.is_rolling(name, seq):

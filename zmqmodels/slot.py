@@ -27,6 +27,8 @@ class Loaded:
     # per positional input: (torch dtype or None, rank, dtype name, shape with -1 = any), from
     # manifest.inputs
     signature: tuple[tuple[Any, int, str, tuple[int, ...]], ...] = ()
+    code: str = ""  # the archive's code digest (archive.code_digest): same code, new weights
+    how: str = "load"  # "load" (torch.jit.load) or "weights" (new tensors into the old code)
 
     @property
     def version(self) -> tuple[str, int]:

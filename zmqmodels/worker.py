@@ -23,7 +23,7 @@ import zmq
 from . import protocol as P
 from .cache import Cache
 from .errors import IntegrityError, ProtocolError, ServingError, ZmqModelsError
-from .loader import load_release, to_device
+from .loader import apply_weights, load_release, to_device
 from .release import decode_manifest
 from .slot import Loaded, ModelSlot
 from .tensors import decode, encode
@@ -90,7 +90,10 @@ class Worker:
                 slot.clear()  # resource-preserving: free the old model before loading the new
                 del previous
                 self._free_memory()
-            loaded = _in_background(lambda: load_release(m, path, self.device))
+            # same code, new weights: copy them into the serving module's code, no jit.load
+            base = slot.current()  # None after unload-first
+            loaded = _in_background(lambda: (base is not None and apply_weights(base, m, path))
+                                    or load_release(m, path, self.device))
         except (OSError, ZmqModelsError) as exc:
             reason = str(exc)
             if slot.current() is None and cmd.unload_first:
@@ -98,7 +101,7 @@ class Worker:
             return P.LoadResult(self.worker_id, cmd.name, cmd.seq, label, False, reason)
         slot.swap(loaded)
         return P.LoadResult(self.worker_id, cmd.name, cmd.seq, label, True, "",
-                            round(loaded.load_s, 4), round(loaded.check_s, 4))
+                            round(loaded.load_s, 4), round(loaded.check_s, 4), how=loaded.how)
 
     def _free_memory(self) -> None:
         gc.collect()

@@ -176,23 +176,29 @@ def publish(hub_addr: str | None, bind_addr: str | None, store_dir: str, wait_fo
         del timings["read"]
         release = build_from_options(**opts, progress=say, timings=timings)
         m = release.manifest
-        say(f"built in {time.monotonic() - t0:.2f}s; sending {m.compressed_bytes / 2**20:.1f} MiB "
-            f"in {m.chunk_count} chunk(s)")
+        ready = (f"built in {time.monotonic() - t0:.2f}s; sending {m.compressed_bytes / 2**20:.1f} MiB "
+                 f"in {m.chunk_count} chunk(s)")
     else:
         m = release.manifest
-        say(f"read {opts['source']}: {m.name} {m.label or '-'}, "
-            f"{m.compressed_bytes / 2**20:.1f} MiB in {m.chunk_count} chunk(s)")
-    if client is not None:
-        ticker = _Ticker("sending and waiting for the hub to verify and store it")
+        ready = (f"read {opts['source']}: {m.name} {m.label or '-'}, "
+                 f"{m.compressed_bytes / 2**20:.1f} MiB in {m.chunk_count} chunk(s)")
+    if client is None:
+        say(ready)
+    else:
+        ticker = None
         t1 = time.perf_counter()
-        try:
+        try:  # from the moment it says it is sending, Ctrl-C asks the hub what became of it
+            say(ready)
+            ticker = _Ticker("sending and waiting for the hub to verify and store it")
             done = client.publish(release, timeout=timeout, signing_key=key, staged=staged, plan=plan)
         except KeyboardInterrupt:
-            ticker.stop()
+            if ticker is not None:
+                ticker.stop()
             say(f"interrupted while sending: {_accepted(client, m)}")
             sys.exit(130)
         finally:
-            ticker.stop()
+            if ticker is not None:
+                ticker.stop()
         timings["hub_store"], timings["broadcast"] = done.store_s, done.broadcast_s
         timings["send"] = max(0.0, time.perf_counter() - t1 - done.store_s - done.broadcast_s)
         name, seq, label = done.name, done.seq, done.label

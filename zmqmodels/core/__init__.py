@@ -7,7 +7,9 @@ sockets, threads and files and carry the actions out. Nothing here imports zmq, 
 threading, subprocess or socket, so a unit test reaches every branch.
 
 - :mod:`.intake`: one release coming in from upstream and its repair (nodes and relays)
-- :mod:`.assembly`: a node's follow state over the intake (staged hold, reports)
+- :mod:`.assembly`: a node's follow state over the intake (staged hold, reports, deltas)
+- :mod:`.receiving`: one archive being received into one buffer (reusing held spans)
+- :mod:`.ledger`: what a node tells the hub (states, roll stage, error counts)
 - :mod:`.forward`: a relay's forwarding over the intake
 - :mod:`.serve`: answering fetches and beating whole releases (hub and relay)
 - :mod:`.hub`: the hub's catalog, activations, waves and liveness

@@ -138,6 +138,7 @@ class LoadResult(msgspec.Struct, frozen=True):
     check_s: float = 0.0
     v: int = V
     corrupt: bool = False  # the cached file was damaged or gone: fetch it again, not a rejection
+    how: str = "load"  # "load": torch.jit.load; "weights": new tensors copied into the same code
 
 
 # Inference error codes: code -> retryable (docs/protocol.md §Inference errors)
