@@ -185,8 +185,9 @@ def code_digest(archive: Any) -> str:
             for info in sorted(z.infolist(), key=lambda i: i.filename):
                 if _is_data(info.filename) or info.filename.endswith(".data/serialization_id"):
                     continue
-                h.update(info.filename.encode() + b"\0" + len(z.read(info)).to_bytes(8, "little"))
-                h.update(z.read(info))
+                data = z.read(info)
+                h.update(info.filename.encode() + b"\0" + len(data).to_bytes(8, "little"))
+                h.update(data)
     except zipfile.BadZipFile as exc:
         raise ReleaseError(f"not a TorchScript archive: {exc}") from None
     return h.hexdigest()

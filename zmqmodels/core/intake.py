@@ -28,6 +28,7 @@ Actions out: :class:`Send` (a message for upstream's ROUTER).
 
 from __future__ import annotations
 
+import abc
 import enum
 from collections import Counter
 from collections.abc import Iterable
@@ -92,9 +93,10 @@ def next_fetch(missing: set[int], requested: dict[int, float], now: float, credi
 
 
 @dataclass
-class Incoming:
-    """One release being received. Subclasses say what taking a chunk means
-    (:meth:`accept`) and what letting the release go frees (:meth:`close`)."""
+class Incoming(abc.ABC):
+    """One release being received. Each receiver says what taking a chunk means
+    (:meth:`accept`: a node decompresses it into its archive buffer, a relay keeps the payload
+    as sent) and what letting the release go frees (:meth:`close`)."""
 
     manifest: Manifest
     raw: bytes  # the manifest as received (what its signature covers)
@@ -113,12 +115,12 @@ class Incoming:
         self.last_progress = self.started
         self.pace = Pace(self.started)
 
+    @abc.abstractmethod
     def accept(self, index: int, payload: Any) -> None:
         """Take chunk ``index``; raise :class:`IntegrityError` if it fails its size or digest."""
-        raise NotImplementedError
 
     def close(self) -> None:
-        """The release is let go (complete, superseded or abandoned)."""
+        """The release is let go (complete, superseded or abandoned); nothing by default."""  # noqa: B027
 
 
 @dataclass(frozen=True)
