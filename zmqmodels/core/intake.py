@@ -119,8 +119,8 @@ class Incoming(abc.ABC):
     def accept(self, index: int, payload: Any) -> None:
         """Take chunk ``index``; raise :class:`IntegrityError` if it fails its size or digest."""
 
-    def close(self) -> None:
-        """The release is let go (complete, superseded or abandoned); nothing by default."""  # noqa: B027
+    def close(self) -> None:  # noqa: B027 (an optional hook)
+        """The release is let go (complete, superseded or abandoned); nothing by default."""
 
 
 @dataclass(frozen=True)
