@@ -59,7 +59,7 @@ def test_a_release_is_broadcast_then_beaten_and_answers_fetches() -> None:
 
 def test_an_older_stored_release_is_read_off_the_io_thread_then_answered() -> None:
     c = core()
-    c.restore(rel(3), 3, {1, 2, 3})
+    c.restore(rel(3), 3, dict.fromkeys((1, 2, 3), False))
     first = c.fetch(b"a", P.FetchManifest("m", 2))
     again = c.fetch(b"b", P.FetchChunks("m", 2, [0]))
     assert first == [Load("m", 2)] and again == []  # one read for both askers
@@ -72,7 +72,7 @@ def test_an_older_stored_release_is_read_off_the_io_thread_then_answered() -> No
 
 def test_a_failed_read_answers_not_found_and_forgets_the_seq() -> None:
     c = core()
-    c.restore(rel(3), 3, {1, 3})
+    c.restore(rel(3), 3, dict.fromkeys((1, 3), False))
     assert c.fetch(b"a", P.FetchChunks("m", 1, [0])) == [Load("m", 1)]
     out = c.load_failed("m", 1, "gone")
     assert any(isinstance(a, Log) and a.level == logging.ERROR for a in out)
@@ -83,7 +83,7 @@ def test_a_failed_read_answers_not_found_and_forgets_the_seq() -> None:
 
 def test_older_releases_kept_in_memory_are_bounded() -> None:
     c = core()
-    c.restore(rel(20), 20, set(range(1, 21)))
+    c.restore(rel(20), 20, dict.fromkeys(range(1, 21), False))
     for seq in range(1, 10):
         c.loaded(rel(seq))
     assert len(c._older) == OLDER_KEPT
@@ -91,7 +91,7 @@ def test_older_releases_kept_in_memory_are_bounded() -> None:
 
 def test_over_credit_fetches_are_refused_before_any_read() -> None:
     c = core()
-    c.restore(rel(3), 3, {1, 3})
+    c.restore(rel(3), 3, dict.fromkeys((1, 3), False))
     (err,) = sent(c.fetch(b"a", P.FetchChunks("m", 1, list(range(c.limits.fetch_credit + 1)))),
                   P.ErrorReply)
     assert err.code == "too_large"
@@ -255,3 +255,23 @@ def test_properties_over_random_report_orders(events, waves) -> None:
             assert len(c.waves["m"].activated) == halted_at, "a halted rollout activated more nodes"
     st_ = c.status(now)
     assert st_.rollouts[0].state in set(P.WaveState)
+
+
+def test_fetches_waiting_for_one_read_are_bounded_and_the_rest_told_to_retry() -> None:
+    from zmqmodels.core.hub import PARKED_MAX
+
+    c = core()
+    c.restore(rel(3), 3, dict.fromkeys((1, 3), False))
+    outs = [c.fetch(f"p{i}".encode(), P.FetchManifest("m", 1)) for i in range(PARKED_MAX + 1)]
+    assert outs[0] == [Load("m", 1)] and all(o == [] for o in outs[1:PARKED_MAX])
+    (err,) = sent(outs[-1], P.ErrorReply)
+    assert err.code == "busy" and err.retryable
+    assert len(c.loaded(rel(1))) == PARKED_MAX
+
+
+def test_activation_knows_a_stored_release_was_staged_without_reading_it() -> None:
+    c = core()
+    c.restore(rel(3), 1, {1: False, 2: False, 3: True})
+    with pytest.raises(ZmqModelsError, match="not published staged"):
+        c.activate(P.Activate("m", 2), 0.0)  # not in memory, and not staged: refused as before
+    assert c.activate(P.Activate("m", 3), 0.0)[1] == [StoreActive("m", 3, None)]

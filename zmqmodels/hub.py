@@ -117,7 +117,8 @@ class Hub(IOThread):
         for name in self.store.names():
             latest = self.store.latest(name)
             if latest is not None:
-                self.core.restore(latest, self.store.active(name), set(self.store.seqs(name)))
+                stored = {m.seq: m.staged for m in self.store.manifests(name)}
+                self.core.restore(latest, self.store.active(name), stored)
         try:
             super().start(timeout)
         except ZmqModelsError as exc:  # start() closed us (pool, context) already

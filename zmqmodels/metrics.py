@@ -72,7 +72,6 @@ def node_view(node: Any) -> dict[str, Any]:
     health = node._health()
     return {"requests": dict(node.metrics.requests), "queue_depth": len(node.broker.pending),
             "workers": states, "serving": health["serving"], "stats": dict(node.stats),
-            "follower": dict(node._sub.stats) if node._sub is not None else {},
             "hub_unreachable": health["hub_unreachable"]}
 
 
@@ -107,6 +106,7 @@ class NodeMetrics(Collector):
 
     def collect(self) -> Iterator[Any]:
         snap = _snapshot(self.node, node_view)
+        snap["follower"] = self.node.follower_stats()  # made by the follower's own I/O thread
         yield _counter("zmqmodels_requests", "Inference requests answered, by model, seq and code",
                        ["model", "seq", "code"], snap["requests"])
         yield _gauge("zmqmodels_queue_depth", "Requests waiting for a worker", [], {(): snap["queue_depth"]})

@@ -76,7 +76,7 @@ void Follows::on_results(std::deque<Result>& done, double now) {
     if (r.cache_write_s > 0) f_.stage(r.name, r.seq, "cache_write", r.cache_write_s);
     switch (r.kind) {
       case Result::Loaded:
-        s_.counts[r.name].requests = 0, s_.counts[r.name].errors = 0;
+        s_.counts.at(r.name).requests = 0, s_.counts.at(r.name).errors = 0;
         f_.stage(r.name, r.seq, "load", r.load_s);
         f_.stage(r.name, r.seq, "check", r.check_s);
         f_.set_state(r.name, State::Serving, r.seq, r.label);

@@ -105,7 +105,7 @@ std::vector<zmq::message_t> Requests::infer(Request& r, const std::string& worke
     frames.emplace_back(std::string(kind_name(Kind::Ok)));
     frames.emplace_back(encode(reply));
     for (auto& t : tensors) frames.emplace_back(t.data_ptr(), t.numel() * t.element_size());
-    s_.counts[h.model].requests++;
+    s_.counts.at(h.model).requests++;  // never inserts: the map is fixed at start
     return frames;
   } catch (const Error& e) {
     return refuse(e, h.model, h.id);

@@ -124,7 +124,7 @@ class Forwarder:
             self.stats[f"refused_{exc.code}"] += 1
             return []
         c = Carried(m, raw, signature, now)
-        held = self.latest.get(m.name) or self.keeping.get(m.name)
+        held = self.keeping.get(m.name) or self.latest.get(m.name)  # the newest whole one
         if held is not None and m.chunk_raw_xxh3:  # a delta: what it sends again is here already
             for i in same_chunks(held.manifest, m):
                 c.chunks[i] = held.chunks[i]

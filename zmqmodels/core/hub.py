@@ -40,6 +40,7 @@ from .waves import ActivateNodes, Finish, Halt, WaveRollout, activation_refusal
 __all__ = ["HubCore", "SendRelease", "Load", "StoreActive", "RollBack", "Log", "OLDER_KEPT"]
 
 OLDER_KEPT = 4  # older releases kept in memory for fetches (per hub)
+PARKED_MAX = 256  # fetches waiting for one older release to be read; more are told to retry
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,8 @@ class HubCore:
         self.server = ReleaseServer("hub", self.limits, self.stats)
         self.latest: dict[str, Release] = {}
         self.active: dict[str, int] = {}  # the seq active fleet-wide per model
-        self.stored: dict[str, set[int]] = {}  # the seqs the store holds (what a Load may find)
+        # per model, the seqs the store holds (what a Load may find) and whether each is staged
+        self.stored: dict[str, dict[int, bool]] = {}
         self.held: dict[str, int] = {}  # the highest seq any node reported per model
         self.waves: dict[str, WaveRollout] = {}
         self._older: OrderedDict[tuple[str, int], Release] = OrderedDict()
@@ -109,16 +111,17 @@ class HubCore:
         self._lost: set[tuple[str, str]] = set()
 
     # -- the catalog -------------------------------------------------------------------------
-    def restore(self, latest: Release, active: int, seqs: set[int]) -> None:
-        """What the store held at start, per model."""
+    def restore(self, latest: Release, active: int, stored: dict[int, bool]) -> None:
+        """What the store held at start, per model: its newest release, the active seq, and
+        each stored seq with whether it was published staged."""
         m = latest.manifest
-        self.latest[m.name], self.active[m.name], self.stored[m.name] = latest, active, set(seqs)
+        self.latest[m.name], self.active[m.name], self.stored[m.name] = latest, active, dict(stored)
 
     def released(self, rel: Release, now: float, plan: P.WavePlan | None = None,
                  started_at: float = 0.0) -> list[Action]:
         """``rel`` is stored: broadcast it and, for a rollout in waves, start it."""
         m = rel.manifest
-        self.stored.setdefault(m.name, set()).add(m.seq)
+        self.stored.setdefault(m.name, {})[m.seq] = m.staged
         current = self.latest.get(m.name)
         skip = same_chunks(current.manifest, m) if current is not None else frozenset()
         if current is None or current.manifest.seq < m.seq:
@@ -159,11 +162,14 @@ class HubCore:
             if refused:
                 return [*refused]
         rel = self.find(req.name, req.seq)
-        if rel is None and req.seq and req.seq in self.stored.get(req.name, ()):
+        if rel is None and req.seq and req.seq in self.stored.get(req.name, {}):
             key = (req.name, req.seq)
-            first = key not in self._parked
-            self._parked.setdefault(key, []).append((peer, req))
-            return [Load(req.name, req.seq)] if first else []
+            waiting = self._parked.setdefault(key, [])
+            if len(waiting) >= PARKED_MAX:  # askers are peers: the queue of them stays bounded
+                return [self.server.error(peer, "busy", f"{req.name} seq {req.seq} is being read; retry",
+                                          req, retryable=True)]
+            waiting.append((peer, req))
+            return [Load(req.name, req.seq)] if len(waiting) == 1 else []
         return self._answer(peer, req, rel)
 
     def loaded(self, rel: Release) -> list[Action]:
@@ -175,7 +181,7 @@ class HubCore:
         return out
 
     def load_failed(self, name: str, seq: int, message: str) -> list[Action]:
-        self.stored.get(name, set()).discard(seq)
+        self.stored.get(name, {}).pop(seq, None)
         out: list[Action] = [Log(logging.ERROR, f"store: cannot read {name} seq {seq}: {message}")]
         for peer, req in self._parked.pop((name, seq), []):
             out += self._answer(peer, req, None)
@@ -212,9 +218,7 @@ class HubCore:
         """ACTIVATE from an operator. Node or label activations answer at once; a fleet-wide
         one answers (``peer``) once it is durable (:class:`StoreActive`), so the reply is None.
         Raises :class:`ZmqModelsError` with the reason it is refused."""
-        rel = self.find(req.name, req.seq) if req.seq else None
-        staged = rel.manifest.staged if rel is not None else (
-            True if req.seq in self.stored.get(req.name, ()) else None)
+        staged = self.stored.get(req.name, {}).get(req.seq) if req.seq else None
         why = activation_refusal(req.name, req.seq, self.active.get(req.name, 0), staged)
         if why:
             raise ZmqModelsError(why)

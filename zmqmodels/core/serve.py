@@ -114,11 +114,11 @@ class ReleaseServer:
         return answer
 
     def error(self, peer: bytes, code: str, message: str,
-              req: P.FetchManifest | P.FetchChunks | None = None) -> Reply:
+              req: P.FetchManifest | P.FetchChunks | None = None, *, retryable: bool = False) -> Reply:
         self.stats[f"error_{code}"] += 1
         name, seq = (req.name, req.seq) if req is not None else ("", 0)
         indices = list(req.indices) if isinstance(req, P.FetchChunks) else []
-        return Reply(peer, P.pack(P.ErrorReply(code, message[:1000], name, seq, indices=indices)))
+        return Reply(peer, P.pack(P.ErrorReply(code, message[:1000], name, seq, retryable, indices=indices)))
 
     @staticmethod
     def beats(sender: str, whole: Mapping[str, Manifest], active: Mapping[str, int],
