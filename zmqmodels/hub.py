@@ -114,11 +114,8 @@ class Hub(IOThread):
         for tmp in self.store.clean_temp():
             log.warning("store: removed %s, left by an interrupted write", tmp)
         self._server_ctx.start()
-        for name in self.store.names():
-            latest = self.store.latest(name)
-            if latest is not None:
-                stored = {m.seq: m.staged for m in self.store.manifests(name)}
-                self.core.restore(latest, self.store.active(name), stored)
+        for latest, active, stored in self.desk.holdings():
+            self.core.restore(latest, active, stored)
         try:
             super().start(timeout)
         except ZmqModelsError as exc:  # start() closed us (pool, context) already

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from . import protocol as P
@@ -53,6 +53,14 @@ class ReleaseDesk:
             log.warning("%s", note)
             with self._lock:
                 self._notes[name] = note
+
+    def holdings(self) -> Iterator[tuple[Release, int, dict[int, bool]]]:
+        """Per stored model: its newest release, the seq active fleet-wide, and each stored seq
+        with whether it was published staged (what the hub's core starts from)."""
+        for name in self.store.names():
+            latest = self.store.latest(name)
+            if latest is not None:
+                yield latest, self.store.active(name), {m.seq: m.staged for m in self.store.manifests(name)}
 
     def seal(self, release: Release) -> Release:
         """Sign an unsigned release with the hub's key, as the next seq (the in-process API)."""

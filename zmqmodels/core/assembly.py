@@ -48,11 +48,10 @@ from ..errors import LimitError, ProtocolError, SignatureError, ZmqModelsError
 from ..protocol import ModelState
 from ..release import Manifest
 from ..signing import Trust
-from .intake import Intake, Pace, Send, Taken, next_fetch
+from .intake import Intake, Send, Taken
 from .receiving import Assembly
 
-__all__ = ["Assembly", "Pace", "Follow", "Send", "Deliver", "Unstage", "RetryStore", "Assembler",
-           "next_fetch"]
+__all__ = ["Assembly", "Follow", "Send", "Deliver", "Unstage", "RetryStore", "Assembler"]
 
 
 @dataclass
@@ -64,8 +63,7 @@ class Follow:
     rejected: set[int] = field(default_factory=set)
     refused: int = -1  # XXH3 of the last manifest refused (signature, limits): quiets repeats
     refused_release: tuple[int, str] = (0, "")  # (seq, archive sha256) of that manifest
-    retry_at: float = 0.0  # when to write ``retry_seq`` to the cache again (a write that failed)
-    retry_seq: int = 0
+    retry_at: float = 0.0  # when to write ``unstored`` to the cache again (a write that failed)
     retries: int = 0
     state: ModelState = ModelState.IDLE
     seq: int = 0
@@ -338,7 +336,7 @@ class Assembler:
         st.unstored = (asm, digest)
         delay = min(60.0, 2.0 ** st.retries)
         st.retries += 1
-        st.retry_at, st.retry_seq = now + delay, m.seq
+        st.retry_at = now + delay
         return delay
 
     def stored(self, name: str) -> None:
@@ -414,7 +412,7 @@ class Assembler:
     def _complete(self, st: Follow, asm: Assembly) -> list[Action]:
         if st.unstored is not None and st.unstored[0].manifest.seq < asm.manifest.seq:
             self._let_go(st.name, st.unstored[0].buf)  # superseded: its write is moot
-            st.unstored, st.retry_at, st.retry_seq, st.retries = None, 0.0, 0, 0
+            st.unstored, st.retry_at, st.retries = None, 0.0, 0
         st.done_seq = max(st.done_seq, asm.manifest.seq)  # an older wanted seq leaves it
         if st.want == asm.manifest.seq:
             st.want = 0
