@@ -51,8 +51,9 @@ def test_hub_relay_three_followers_receive_bit_identical_releases(hub, tmp_path)
             # reports reach the root hub naming the relay
             wait_until(lambda: {n.node for n in hub.status().nodes if n.via == ["r1"]} >= {"f0", "f1", "f2"},
                        10, what="reports via the relay")
-            stored = Store(tmp_path / "relay").latest("m")
-            assert stored is not None and stored.manifest.seq == m.seq
+            # the relay stores it off its I/O thread: the followers may be done before that write
+            stored = wait_until(lambda: Store(tmp_path / "relay").latest("m"), 30, what="the relay's store")
+            assert stored.manifest.seq == m.seq
         finally:
             for s in subs:
                 s.close()
