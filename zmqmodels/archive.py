@@ -17,12 +17,14 @@ import io
 import pickle
 import re
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import ReleaseError
 
-__all__ = ["TensorInfo", "tensor_table", "code_digest", "storages"]
+__all__ = ["TensorInfo", "tensor_table", "tensor_spans", "data_offset", "set_crcs", "code_digest",
+           "storages"]
 
 _STORAGE_DTYPES = {
     "FloatStorage": "float32", "DoubleStorage": "float64", "HalfStorage": "float16",
@@ -198,3 +200,59 @@ def storages(archive: Any) -> set[str]:
     source = archive if isinstance(archive, str) else io.BytesIO(bytes(archive))
     with zipfile.ZipFile(source) as z:
         return {n for n in z.namelist() if _is_data(n)}
+
+
+def data_offset(buf: Any, info: zipfile.ZipInfo) -> int:
+    """Where a stored (uncompressed) zip entry's bytes start in the archive ``buf``."""
+    import struct
+
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise ReleaseError(f"{info.filename} is compressed; a TorchScript archive stores entries")
+    name_len, extra_len = struct.unpack_from("<HH", buf, info.header_offset + 26)
+    return info.header_offset + 30 + name_len + extra_len
+
+
+def tensor_spans(archive: Any) -> list[tuple[TensorInfo, int]]:
+    """Each parameter and buffer of ``archive`` (bytes or a buffer) with the archive offset of
+    its first byte: ``archive[start:start + info.nbytes]`` are its elements (contiguous)."""
+    view = memoryview(archive).cast("B")
+    table = tensor_table(view)
+    with zipfile.ZipFile(io.BytesIO(view)) as z:
+        starts = {t.storage: data_offset(view, z.getinfo(t.storage)) for t in table}
+        sizes = {t.storage: z.getinfo(t.storage).file_size for t in table}
+    out = []
+    for t in table:
+        start = starts[t.storage] + t.offset * (t.nbytes // max(t.numel, 1))
+        if start + t.nbytes > starts[t.storage] + sizes[t.storage]:
+            raise ReleaseError(f"tensor {t.name} runs past the end of {t.storage}")
+        out.append((t, start))
+    return out
+
+
+def set_crcs(buf: bytearray, spans: Sequence[tuple[int, int]]) -> None:
+    """Recompute the CRC-32 of each stored entry of the zip in ``buf`` whose bytes overlap one
+    of ``spans`` (``(start, end)``, overwritten in place): in its local header, its data
+    descriptor and the central directory."""
+    import struct
+    import zlib
+
+    view = memoryview(buf)
+    with zipfile.ZipFile(io.BytesIO(view)) as z:
+        infos = z.infolist()
+        pos = z.start_dir  # type: ignore[attr-defined]  # the central directory's offset
+    for info in infos:
+        if struct.unpack_from("<I", buf, pos)[0] != 0x02014B50:
+            raise ReleaseError("zip central directory is not where its end record says")
+        n, e, c = struct.unpack_from("<HHH", buf, pos + 28)
+        start = data_offset(view, info) if info.compress_type == zipfile.ZIP_STORED else -1
+        if start >= 0 and any(a < start + info.file_size and b > start for a, b in spans):
+            crc = zlib.crc32(view[start:start + info.file_size])
+            if struct.unpack_from("<I", buf, info.header_offset + 14)[0] or not info.flag_bits & 0x08:
+                struct.pack_into("<I", buf, info.header_offset + 14, crc)
+            if info.flag_bits & 0x08:  # a data descriptor follows the bytes (torch writes one)
+                at = start + info.compress_size
+                at += 4 if struct.unpack_from("<I", buf, at)[0] == 0x08074B50 else 0
+                struct.pack_into("<I", buf, at, crc)
+            struct.pack_into("<I", buf, pos + 16, crc)
+        pos += 46 + n + e + c
+    view.release()

@@ -15,6 +15,7 @@ import zmq
 from . import protocol as P
 from .core.fleet import tally
 from .core.waves import check_plan
+from .defaults import Limits
 from .errors import DeadlineError, ProtocolError, RemoteError
 from .release import Release, decode_manifest, rollback_manifest, stage_release
 
@@ -34,6 +35,7 @@ class HubClient:
         self.timeout = timeout
         self.curve = curve
         self._ctx = context or zmq.Context.instance()
+        self._weights: Any = None  # the bases and in-flight updates of publish_weights
 
     def __enter__(self) -> HubClient:
         return self  # each request has its own socket: nothing to open or close
@@ -85,6 +87,69 @@ class HubClient:
         hdr = P.Publish(release.signature, plan=plan)
         frames = P.pack(hdr, release.manifest_bytes, *release.chunks)
         return self._request(frames, P.Published, timeout)
+
+    def fetch(self, name: str, seq: int = 0, timeout: float | None = None, *,
+              manifest_only: bool = False) -> Release:
+        """Release ``seq`` of ``name`` (0: the newest stored) as the hub serves it to nodes:
+        FETCH_MANIFEST, then FETCH_CHUNKS within the fetch credit (``manifest_only``: no chunks).
+        The chunks are checked when the archive is read (:meth:`Release.archive`)."""
+        timeout = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        s = self._ctx.socket(zmq.DEALER)
+        s.linger = 0
+
+        def ask(frames: list[Any], replies: int) -> list[list[Any]]:
+            s.send_multipart(frames, copy=False)
+            got = []
+            while len(got) < replies:
+                if not s.poll(max(1, int((deadline - time.monotonic()) * 1000))):
+                    raise DeadlineError(f"no reply from hub {self.hub} within {timeout:g}s")
+                got.append(s.recv_multipart())
+                hdr, _ = P.unpack(got[-1])
+                if isinstance(hdr, P.ErrorReply):
+                    raise RemoteError(hdr.code, hdr.message, hdr.retryable)
+            return got
+
+        try:
+            if self.curve is not None:
+                self.curve.connect(s)
+            s.connect(self.hub)
+            (reply,) = ask(P.pack(P.FetchManifest(name, seq)), 1)
+            _, payload = P.unpack(reply)
+            m = decode_manifest(payload[0])
+            raw, signature = bytes(payload[0]), bytes(payload[1]) if len(payload) > 1 else b""
+            chunks: list[Any] = [None] * m.chunk_count
+            credit = Limits().fetch_credit
+            for at in range(0, 0 if manifest_only else m.chunk_count, credit):
+                indices = list(range(at, min(at + credit, m.chunk_count)))
+                for frames in ask(P.pack(P.FetchChunks(name, m.seq, indices)), len(indices)):
+                    hdr, payload = P.unpack(frames)
+                    if not isinstance(hdr, P.ChunkHeader) or hdr.seq != m.seq or hdr.index >= m.chunk_count:
+                        raise ProtocolError(f"unexpected {type(hdr).__name__} while fetching {name}")
+                    chunks[hdr.index] = payload[0]
+        finally:
+            s.close()
+        return Release(m, tuple(chunks) if not manifest_only else (), raw, signature)
+
+    def publish_weights(self, name: str, weights: Any, *, wait: bool = True, label: str = "",
+                        timeout: float | None = 120.0, signing_key: SigningKey | None = None,
+                        staged: bool = False, plan: P.WavePlan | None = None,
+                        metadata: dict[str, str] | None = None,
+                        timings: dict[str, float] | None = None) -> Any:
+        """Publish new weights for ``name`` in the code of its newest stored release, without
+        recompiling (:mod:`zmqmodels.weights`): ``weights`` is an ``nn.Module`` of the same
+        architecture (its outputs must match the release's code on the examples) or a
+        ``{name: tensor}`` (a subset keeps the other tensors). Names, dtypes and shapes must
+        match. Returns :class:`Published`; ``wait=False`` returns a ``Future`` of it at once
+        (one update in flight per name; a newer one cancels one still waiting)."""
+        if self._weights is None:
+            from .weights import WeightsPublisher
+
+            self._weights = WeightsPublisher(lambda n, **kw: self.fetch(n, timeout=timeout, **kw),
+                                             self.publish)
+        return self._weights.publish(name, weights, wait=wait, label=label, metadata=metadata,
+                                     timings=timings, timeout=timeout, signing_key=signing_key,
+                                     staged=staged, plan=plan)
 
     def activate(self, name: str, seq: int, *, nodes: list[str] | None = None,
                  labels: list[str] | None = None, timeout: float | None = None) -> P.Activated:

@@ -81,7 +81,7 @@ def apply_weights(previous: Loaded, manifest: Manifest, path: str | os.PathLike[
 
     import torch
 
-    from .archive import code_digest, storages, tensor_table
+    from .archive import code_digest, data_offset, storages, tensor_table
     from .tensors import torch_dtype
 
     t0 = time.perf_counter()
@@ -102,7 +102,7 @@ def apply_weights(previous: Loaded, manifest: Manifest, path: str | os.PathLike[
                 target = own.get(t.name)
                 if target is None or tuple(target.shape) != t.shape:
                     return None
-                start = _data_offset(mm, z.getinfo(t.storage))
+                start = data_offset(mm, z.getinfo(t.storage))
                 src = torch.frombuffer(mm, dtype=torch_dtype(t.dtype), count=t.numel,
                                        offset=start + t.offset * (t.nbytes // max(t.numel, 1)))
                 target.copy_(src.view(t.shape))  # host -> device directly on a GPU worker
@@ -110,16 +110,6 @@ def apply_weights(previous: Loaded, manifest: Manifest, path: str | os.PathLike[
     except (ZmqModelsError, RuntimeError, ValueError, KeyError, OSError, BufferError, zipfile.BadZipFile):
         return None  # anything unexpected: the full load decides
     return _checked(module, manifest, previous.device, time.perf_counter() - t0, previous.code, "weights")
-
-
-def _data_offset(mm: Any, info: Any) -> int:
-    """Where a stored (uncompressed) zip entry's bytes start in the file."""
-    import struct
-
-    if info.compress_type != 0:
-        raise ValueError(f"{info.filename} is compressed")
-    name_len, extra_len = struct.unpack_from("<HH", mm, info.header_offset + 26)
-    return info.header_offset + 30 + name_len + extra_len
 
 
 def _checked(module: Any, manifest: Manifest, device: str, load_s: float, code: str, how: str,

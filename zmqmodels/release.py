@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CodecSpec",
+    "TensorDesc",
     "TensorPack",
     "Manifest",
     "Release",
@@ -40,6 +41,7 @@ __all__ = [
     "choose_codec",
     "compress_archive",
     "span_digests",
+    "describe_tensors",
     "decompress_chunk",
     "encode_manifest",
     "decode_manifest",
@@ -73,6 +75,18 @@ class CodecSpec(msgspec.Struct, frozen=True):
     typesize: int = 1
 
 
+class TensorDesc(msgspec.Struct, frozen=True):
+    """One parameter or buffer of the archive: its bytes are ``archive[start:start + nbytes]``
+    (contiguous, little-endian), ``xxh3`` their XXH3-64 (seed 0)."""
+
+    name: str
+    dtype: str
+    shape: list[int]
+    start: int
+    nbytes: int
+    xxh3: int
+
+
 class TensorPack(msgspec.Struct, frozen=True):
     """A tensor tree inline: the spec of :mod:`zmqmodels.tensors` and its buffers."""
 
@@ -100,6 +114,10 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
     # XXH3-64 (seed 0) of each chunk's span of the *uncompressed* archive (empty: not given): a
     # receiver that holds an archive with the same bytes in a span reuses them (§Deltas)
     chunk_raw_xxh3: list[int] = []
+    # SHA-256 of every archive entry but tensor data (archive.code_digest: same value = same
+    # code, module tree, dtypes and shapes) and each tensor's place; "" and []: not given
+    code_sha256: str = ""
+    tensors: list[TensorDesc] = []
     compile_method: str
     compile_warnings: list[str] = []
     inputs: list[Any] = []  # per positional argument: {"dtype", "rank", "shape" (-1 = varies)}
@@ -136,6 +154,9 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
             raise ReleaseError("chunk sizes are out of range or do not add up")
         if self.codec.name not in CODECS or self.codec.filter not in FILTERS:
             raise ReleaseError(f"unknown codec {self.codec.name}/{self.codec.filter}")
+        if any(t.start < 0 or t.nbytes < 0 or t.start + t.nbytes > self.archive_bytes
+               for t in self.tensors):
+            raise ReleaseError("a tensor descriptor points outside the archive")
         if len(self.archive_sha256) != 64:
             raise ReleaseError("archive_sha256 must be 64 hex digits")
         if self.signer and len(self.signer) != 64:
@@ -300,6 +321,22 @@ def span_digests(archive: Any, chunk_bytes: int) -> list[int]:
     return [xxhash.xxh3_64_intdigest(view[i:i + chunk_bytes]) for i in range(0, len(view), chunk_bytes)]
 
 
+def describe_tensors(archive: Any) -> tuple[str, list[TensorDesc]]:
+    """``(code_sha256, tensors)`` of a TorchScript archive; ``("", [])`` for one this reader
+    does not understand (a release of it is served, only never updated by weights alone)."""
+    from .archive import code_digest, tensor_spans
+
+    view = memoryview(archive).cast("B")
+    try:
+        spans = tensor_spans(view)
+        code = code_digest(view)
+    except ReleaseError:
+        return "", []
+    return code, [TensorDesc(t.name, t.dtype, list(t.shape), start, t.nbytes,
+                             xxhash.xxh3_64_intdigest(view[start:start + t.nbytes]))
+                  for t, start in spans]
+
+
 def compress_archive(archive: Any, codec: CodecSpec, chunk_bytes: int,
                      progress: Callable[[int, int], None] | None = None) -> list[bytes | memoryview]:
     """Cut the archive into chunks and compress each one independently (``progress(done,
@@ -389,6 +426,7 @@ def build_release(
         timings["compress"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     params = list(compiled.module.parameters())
+    code, tensors = describe_tensors(archive)
     manifest = Manifest(
         name=name,
         label=label,
@@ -403,6 +441,8 @@ def build_release(
         chunk_xxh3=[xxhash.xxh3_64_intdigest(c) for c in chunks],
         chunk_raw_xxh3=span_digests(archive, chunk_bytes),
         torch_version=str(torch.__version__),
+        code_sha256=code,
+        tensors=tensors,
         compile_method=compiled.method,
         compile_warnings=list(compiled.warnings),
         inputs=_input_signature(compiled.examples),

@@ -112,7 +112,7 @@ def parse_limits(pairs: tuple[str, ...]) -> Any:
         raise click.BadParameter(str(exc), param_hint="--limit") from None
 
 
-def _model_name(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+def model_name(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
     """Checked when parsed: a bad name is refused before anything is loaded or compiled."""
     from ..errors import ZmqModelsError
     from ..release import validate_name
@@ -126,8 +126,8 @@ def _model_name(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
 def source_options(fn: Any) -> Any:
     """The options that say what to compile; shared by ``build`` and ``publish``."""
     opts = [
-        click.argument("source"),
-        click.option("--name", callback=_model_name,
+        click.argument("source", required=False),
+        click.option("--name", callback=model_name,
                      help="Model name (topic and store key); required to compile SOURCE."),
         click.option("--label", "label", default="",
                      help="Your label for this release, e.g. v2 or a git sha."),
@@ -156,6 +156,8 @@ def build_from_options(source: str, name: str, label: str, weights: str | None,
     from ..build import build_from_source, parse_metadata
     from ..errors import SourceError
 
+    if not source:
+        raise click.UsageError("missing SOURCE: a model file, module:attr, TorchScript file or built release")
     if trace and no_trace:
         raise click.UsageError("--trace and --no-trace contradict each other")
     if not name:
@@ -185,6 +187,8 @@ def built_release(source: str, name: str | None, **compile_opts: Any) -> Any:
 
     from ..store import MAGIC, read_release_file
 
+    if not source:
+        return None
     p = Path(source)
     try:
         with open(p, "rb") as f:

@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from .. import defaults
 from ..errors import ZmqModelsError
 from .group import cli
 from .options import (
@@ -18,6 +19,7 @@ from .options import (
     curve_from,
     curve_options,
     load_signing_key,
+    model_name,
     run_until_signalled,
     signing_option,
     source_options,
@@ -125,15 +127,19 @@ def build(store_dir: str, as_json: bool, signing_key: str | None, **opts: Any) -
               help="Halt the waves on this (rejected is always on). Repeatable.")
 @click.option("--confirm-timeout", "confirm_s", type=float, default=120.0, show_default=True,
               help="Seconds a wave's node has to serve it before the wave fails.")
+@click.option("--like", "like", callback=model_name, metavar="NAME",
+              help="No SOURCE: publish the --weights checkpoint in the code of NAME's newest "
+                   "release on the hub (no compiling; only changed bytes move).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable result on stdout.")
 @signing_option
 @curve_options(server=False, client=True)
 def publish(hub_addr: str | None, bind_addr: str | None, store_dir: str, wait_for: int,
             timeout: float, staged: bool, waves: str, wave_wait: float, halt_on: tuple[str, ...],
-            confirm_s: float, as_json: bool, signing_key: str | None, curve_key: str | None,
-            curve_server: str | None, **opts: Any) -> None:
-    """Compile SOURCE (or take a release `build` stored) and broadcast it; optionally wait
-    for the rollout. --json adds the seconds of each step under "timings"."""
+            confirm_s: float, like: str | None, as_json: bool, signing_key: str | None,
+            curve_key: str | None, curve_server: str | None, **opts: Any) -> None:
+    """Compile SOURCE (or take a release `build` stored) and broadcast it; or, with --weights
+    CKPT --like NAME, new weights for NAME's current code. Optionally wait for the rollout.
+    --json adds the seconds of each step under "timings"."""
     import time
 
     from .. import IMPORTED_AT
@@ -157,10 +163,19 @@ def publish(hub_addr: str | None, bind_addr: str | None, store_dir: str, wait_fo
     staged = staged or plan is not None
     if bind_addr and curve_server:
         raise click.UsageError("--curve-server is for --hub; with --bind this process is the hub")
+    if like:
+        given = [f"--{k.replace('_', '-')}" for k, v in opts.items()
+                 if k not in ("weights", "label", "meta") and v not in (None, "", (), False, "auto",
+                                                                        defaults.CHUNK_BYTES / 2**20)]
+        if given or not opts.get("weights") or not hub_addr:
+            drop = f": drop {', '.join(given)}" if given else ""
+            raise click.UsageError("--like NAME takes --weights CKPT and --hub ADDR (and --label, "
+                                   f"--meta), no SOURCE or compile options{drop}")
     key = load_signing_key(signing_key)
     say = (lambda msg: click.echo(msg, err=True)) if as_json else click.echo
     t0 = time.monotonic()
-    release = built_release(**opts)  # a release `build` stored: checked before the hub is asked
+    # a release `build` stored: checked before the hub is asked
+    release = None if like else built_release(**opts)
     timings["read"] = time.monotonic() - t0
     client = None
     if hub_addr:  # before compiling: a hub that does not answer is an error in seconds, not minutes
@@ -172,6 +187,15 @@ def publish(hub_addr: str | None, bind_addr: str | None, store_dir: str, wait_fo
         except ZmqModelsError as exc:
             raise ZmqModelsError(f"hub {hub_addr} does not answer ({exc}); nothing was compiled") from None
     t0 = time.monotonic()
+    if like:
+        assert client is not None
+        done = _publish_weights(client, like, opts, timings, say, timeout=timeout, signing_key=key,
+                                staged=staged, plan=plan)
+        name, seq, label = done.name, done.seq, done.label
+        say(f"hub stored {name} seq {seq} ({label}: new weights in the code of the current release) "
+            f"in {time.monotonic() - t0:.2f}s; broadcasting")
+        _after_store(client, hub_addr, done, wave_list, staged, wait_for, timeout, as_json, say, timings)
+        return
     if release is None:
         del timings["read"]
         release = build_from_options(**opts, progress=say, timings=timings)
@@ -201,28 +225,8 @@ def publish(hub_addr: str | None, bind_addr: str | None, store_dir: str, wait_fo
                 ticker.stop()
         timings["hub_store"], timings["broadcast"] = done.store_s, done.broadcast_s
         timings["send"] = max(0.0, time.perf_counter() - t1 - done.store_s - done.broadcast_s)
-        name, seq, label = done.name, done.seq, done.label
-        say(f"hub stored {name} seq {seq} in {time.monotonic() - t0:.2f}s; broadcasting")
-        if done.note:
-            say(f"note: {done.note}")
-        _warn_reused_label(client, name, seq, label, say)
-        if wave_list:
-            _watch_waves(client.status, name, seq, timeout, as_json, say)
-            return
-        if staged:
-            say(f"staged: nodes cache seq {seq} and serve it once activated "
-                f"(zmqmodels activate {name} --seq {seq} --hub {hub_addr})")
-        t2 = time.perf_counter()
-        try:
-            ok, status = (_wait_with_progress(client, name, seq, wait_for, timeout, say) if wait_for
-                          else (True, client.status()))
-        except KeyboardInterrupt:
-            say(f"interrupted while waiting: the hub had stored {name} seq {seq}; it keeps rolling it out")
-            sys.exit(130)
-        timings["wait"] = time.perf_counter() - t2
-        timings["total"] = time.perf_counter() - IMPORTED_AT
-        finish_publish(ok, status, name, seq, label, wait_for, as_json, say, staged=staged,
-                       timings=timings)
+        say(f"hub stored {done.name} seq {done.seq} in {time.monotonic() - t0:.2f}s; broadcasting")
+        _after_store(client, hub_addr, done, wave_list, staged, wait_for, timeout, as_json, say, timings)
         return
     from ..hub import Hub
     from ..store import Store
@@ -243,6 +247,68 @@ def publish(hub_addr: str | None, bind_addr: str | None, store_dir: str, wait_fo
             run_until_signalled(lambda: time.monotonic() > deadline)
             ok, status = True, pub.status()
         finish_publish(ok, status, m.name, m.seq, m.label, wait_for, as_json, say, staged=staged)
+
+
+def _publish_weights(client: Any, name: str, opts: dict[str, Any], timings: dict[str, float], say: Any,
+                     **kw: Any) -> Any:
+    """``publish --weights CKPT --like NAME``: the checkpoint, read with ``weights_only=True``,
+    through :meth:`HubClient.publish_weights`."""
+    import time
+
+    from ..build import parse_metadata
+    from ..errors import SourceError
+
+    try:
+        metadata = parse_metadata(opts.get("meta") or ())
+    except SourceError as exc:
+        raise click.BadParameter(str(exc), param_hint="--meta") from None
+    t0 = time.perf_counter()
+    import torch
+
+    timings["import"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    try:
+        state = torch.load(opts["weights"], map_location="cpu", weights_only=True)
+    except Exception as exc:
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SourceError(f"cannot read checkpoint {opts['weights']}: {why}") from None
+    timings["load"] = time.perf_counter() - t0
+    say(f"read {opts['weights']}; publishing its tensors in the code of {name}'s newest release")
+    steps: dict[str, float] = {}
+    done = client.publish_weights(name, state, label=opts.get("label") or "", metadata=metadata,
+                                  timings=steps, **kw)
+    timings.update({f"weights_{k}": v for k, v in steps.items()})
+    timings["hub_store"], timings["broadcast"] = done.store_s, done.broadcast_s
+    return done
+
+
+def _after_store(client: Any, hub_addr: str, done: Any, wave_list: list[str], staged: bool,
+                 wait_for: int, timeout: float, as_json: bool, say: Any, timings: dict[str, float]) -> None:
+    """What ``publish --hub`` does once the hub stored the release: notes, waves or the wait."""
+    import time
+
+    from .. import IMPORTED_AT
+
+    name, seq, label = done.name, done.seq, done.label
+    if done.note:
+        say(f"note: {done.note}")
+    _warn_reused_label(client, name, seq, label, say)
+    if wave_list:
+        _watch_waves(client.status, name, seq, timeout, as_json, say)
+        return
+    if staged:
+        say(f"staged: nodes cache seq {seq} and serve it once activated "
+            f"(zmqmodels activate {name} --seq {seq} --hub {hub_addr})")
+    t2 = time.perf_counter()
+    try:
+        ok, status = (_wait_with_progress(client, name, seq, wait_for, timeout, say) if wait_for
+                      else (True, client.status()))
+    except KeyboardInterrupt:
+        say(f"interrupted while waiting: the hub had stored {name} seq {seq}; it keeps rolling it out")
+        sys.exit(130)
+    timings["wait"] = time.perf_counter() - t2
+    timings["total"] = time.perf_counter() - IMPORTED_AT
+    finish_publish(ok, status, name, seq, label, wait_for, as_json, say, staged=staged, timings=timings)
 
 
 def _watch_waves(status: Any, name: str, seq: int, timeout: float, as_json: bool, say: Any) -> None:

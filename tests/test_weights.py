@@ -1,0 +1,165 @@
+"""publish_weights: new weights into the code of the model's newest release, without
+recompiling; what moves is what changed, every node serves the new weights, bad weights are
+refused with a reason, and a loop of non-blocking updates ends on the last one in order."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from tests.conftest import wait_until
+from zmqmodels import Client, Hub, HubClient, Node, build_release, compile_model
+from zmqmodels.errors import ReleaseError
+from zmqmodels.store import Store
+
+pytestmark = pytest.mark.timeout(300)
+CHUNK = 256 << 10
+
+
+class Wide(torch.nn.Module):
+    """~8 MB of weights; ``head`` is the part a fine-tune changes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Linear(256, 8192)
+        self.head = torch.nn.Linear(8192, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.body(x)))
+
+
+@pytest.fixture
+def fleet(tmp_path):
+    torch.manual_seed(0)
+    model = Wide().eval()
+    x = torch.randn(2, 256)
+    with Hub("tcp://127.0.0.1:0", Store(tmp_path / "hub"), heartbeat_interval_s=0.25) as hub:
+        nodes = [Node(hub.address, ["wide"], "tcp://127.0.0.1:0", workers=1, cache=tmp_path / n,
+                      node_id=n).start() for n in ("a", "b")]
+        try:
+            v1 = hub.publish(build_release(compile_model(model, [(x,)]), "wide", "v1", chunk_bytes=CHUNK))
+            assert hub.wait_for("wide", v1.seq, 2, 120)[0]
+            yield hub, nodes, model, x
+        finally:
+            for n in nodes:
+                n.close()
+
+
+def test_a_head_update_from_a_module_moves_a_few_percent_and_is_served_without_a_load(fleet) -> None:
+    hub, nodes, model, x = fleet
+    with torch.no_grad():
+        model.head.weight.mul_(-2.0)
+    before = [n.follower_stats().get("bytes_received", 0) for n in nodes]
+    timings: dict[str, float] = {}
+    done = HubClient(hub.address).publish_weights("wide", model, timings=timings)
+    assert hub.wait_for("wide", done.seq, 2, 120)[0]
+    (info,) = [r for r in HubClient(hub.address).releases("wide") if r.seq == done.seq]
+    moved = [n.follower_stats()["bytes_received"] - b for n, b in zip(nodes, before, strict=True)]
+    m = HubClient(hub.address).fetch("wide", done.seq, manifest_only=True).manifest
+    archive = m.archive_bytes
+    print(f"moved {moved} bytes; timings {timings}; label {info.label}")
+    assert info.label == "v1+w1" and m.compile_method == "weights" and m.metadata["weights_of"] == "1"
+    assert max(moved) <= 0.05 * archive
+    wait_until(lambda: all(n.stats["swaps_by_weights"] >= 1 for n in nodes), 60,
+               what="each node to apply the weights without a load")
+    with torch.inference_mode():
+        want = model(x)
+    for n in nodes:
+        with Client(n.address, timeout=30) as c:
+            r = c.infer("wide", x)
+        assert r.seq == done.seq and torch.allclose(r.outputs, want, atol=1e-5)
+
+
+def test_weights_that_do_not_fit_are_named_and_nothing_is_published(fleet) -> None:
+    hub, nodes, model, x = fleet
+    seqs = [r.seq for r in HubClient(hub.address).releases("wide")]
+    bad = {"head.weight": torch.zeros(4, 10), "tail.bias": torch.zeros(4),
+           "body.bias": torch.zeros(8192, dtype=torch.float64)}
+    with pytest.raises(ReleaseError) as e:
+        HubClient(hub.address).publish_weights("wide", bad)
+    msg = str(e.value)
+    assert "head.weight: float32[4, 10], the release has float32[4, 8192]" in msg
+    assert "tail.bias: not in the release" in msg and "body.bias: float64" in msg
+    nan = {"head.bias": torch.full((4,), float("nan"))}
+    with pytest.raises(ReleaseError, match="NaN or Inf"):
+        HubClient(hub.address).publish_weights("wide", nan)
+    assert [r.seq for r in HubClient(hub.address).releases("wide")] == seqs
+
+
+def test_twenty_updates_a_second_apart_end_on_the_last_and_none_is_served_out_of_order(fleet) -> None:
+    hub, nodes, model, x = fleet
+    seen: dict[str, list[int]] = {n.node_id: [] for n in nodes}
+    stop = threading.Event()
+
+    def watch(node) -> None:
+        with Client(node.address, timeout=30) as c:
+            while not stop.is_set():
+                seen[node.node_id].append(c.infer("wide", x).seq)
+                time.sleep(0.02)
+
+    watchers = [threading.Thread(target=watch, args=(n,), daemon=True) for n in nodes]
+    for w in watchers:
+        w.start()
+    client = HubClient(hub.address)
+    futures = []
+    try:
+        for _ in range(20):
+            with torch.no_grad():  # a training step on the head
+                model.head.bias.add_(0.1)
+                model.head.weight.mul_(0.99)
+            futures.append(client.publish_weights("wide", {k: v for k, v in model.state_dict().items()
+                                                           if k.startswith("head.")}, wait=False))
+            time.sleep(1.0)
+        last = futures[-1].result(timeout=120)
+        assert hub.wait_for("wide", last.seq, 2, 120)[0]
+        wait_until(lambda: all(s and s[-1] == last.seq for s in seen.values()), 60,
+                   what="both nodes to serve the last update")
+    finally:
+        stop.set()
+        for w in watchers:
+            w.join(30)
+    done = [f.result() for f in futures if not f.cancelled()]
+    assert [d.seq for d in done] == sorted(d.seq for d in done) and done[-1].seq == last.seq
+    for node_id, seqs in seen.items():
+        assert seqs == sorted(seqs), f"{node_id} served an older update after a newer one"
+    with torch.inference_mode():
+        want = model(x)
+    for n in nodes:
+        with Client(n.address, timeout=30) as c:
+            assert torch.allclose(c.infer("wide", x).outputs, want, atol=1e-5)
+
+
+def test_the_cli_publishes_a_checkpoint_like_a_model_and_refuses_what_does_not_fit(fleet, tmp_path) -> None:
+    """``zmqmodels publish --weights CKPT --like NAME``: read with weights_only, no compiling."""
+    import json
+    import subprocess
+    import sys
+
+    hub, nodes, model, x = fleet
+    with torch.no_grad():
+        model.head.bias.fill_(3.0)
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "ckpt.pt")
+    torch.save({"head.bias": torch.zeros(5)}, tmp_path / "bad.pt")
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "zmqmodels", "publish", *args], capture_output=True,
+                              text=True, timeout=120)
+
+    ok = cli("--weights", str(tmp_path / "ckpt.pt"), "--like", "wide", "--hub", hub.address,
+             "--wait-for", "2", "--json")
+    assert ok.returncode == 0, ok.stderr
+    out = json.loads(ok.stdout)
+    assert out["label"] == "v1+w1" and "compile" not in out["timings"] and "weights_check" in out["timings"]
+    with torch.inference_mode():
+        want = model(x)
+    with Client(nodes[0].address, timeout=30) as c:
+        assert torch.allclose(c.infer("wide", x).outputs, want, atol=1e-5)
+    bad = cli("--weights", str(tmp_path / "bad.pt"), "--like", "wide", "--hub", hub.address)
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines()[-1] == \
+        "error: weights do not fit wide seq 2: head.bias: float32[5], the release has float32[4]"
+    usage = cli("--like", "wide", "--hub", hub.address, "--codec", "lz4")
+    assert usage.returncode != 0 and "--like NAME takes --weights CKPT" in usage.stderr and "--codec" in usage.stderr
