@@ -20,7 +20,7 @@ import zmq
 from tests.conftest import free_port, wait_until
 from tests.models import DictTuple, Probe, probe_examples
 from tests.test_fuzz import fake_hub, fuzz_as_hub, fuzz_front
-from zmqmodels import Client, Hub, Node, build_release, compile_model
+from zmqmodels import Client, Hub, HubClient, Node, build_release, compile_model
 from zmqmodels import protocol as P
 from zmqmodels.errors import RemoteError, ZmqModelsError
 from zmqmodels.release import encode_manifest
@@ -200,6 +200,31 @@ def test_cpp_and_python_nodes_receive_the_same_release_and_answer_bit_identicall
                 assert errs[0][1] == errs[1][1], errs
             with pytest.raises(RemoteError, match="unknown_model"):
                 a.infer("nope", x)
+    finally:
+        cpp.close()
+        py.close()
+
+
+def test_a_weights_update_is_served_by_both_kinds_and_status_says_which_path_each_took(binary, hub,
+                                                                                     tmp_path) -> None:
+    """publish_weights: the Python node applies the tensors to its code (stage ``apply``); the
+    C++ node takes the full path (stage ``load``) and says so in the status table."""
+    cpp, v1 = started(binary, hub, tmp_path, 2.0)
+    py = Node(hub.address, ["probe"], "tcp://127.0.0.1:0", workers=1, cache=tmp_path / "py-cache",
+              node_id="py").start()
+    try:
+        assert hub.wait_for("probe", v1, 2, 120)[0]
+        done = HubClient(hub.address).publish_weights("probe", {"scale": torch.full((4,), 5.0)})
+        ok, st = hub.wait_for("probe", done.seq, 2, 120)
+        assert ok, (st, cpp.stderr())
+        wait_until(lambda: row(hub, "py").stages_seq == done.seq and "apply" in row(hub, "py").stages
+                   and row(hub, "cpp").stages_seq == done.seq and "load" in row(hub, "cpp").stages, 30,
+                   what="both nodes to report how they swapped it in")
+        assert "load" not in row(hub, "py").stages and "apply" not in row(hub, "cpp").stages
+        for address in (cpp.address, py.address):
+            with Client(address, timeout=10) as c:
+                r = c.infer("probe", torch.ones(1, 4))
+            assert r.seq == done.seq and torch.equal(r.outputs, torch.full((1, 4), 5.0))
     finally:
         cpp.close()
         py.close()

@@ -163,3 +163,119 @@ def test_the_cli_publishes_a_checkpoint_like_a_model_and_refuses_what_does_not_f
         "error: weights do not fit wide seq 2: head.bias: float32[5], the release has float32[4]"
     usage = cli("--like", "wide", "--hub", hub.address, "--codec", "lz4")
     assert usage.returncode != 0 and "--like NAME takes --weights CKPT" in usage.stderr and "--codec" in usage.stderr
+
+
+def _pss(pid: int) -> int:
+    """Proportional set size in bytes: a page mapped by two processes counts half in each."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
+
+
+class Big(torch.nn.Module):
+    """192 MB in three 64 MB tensors (each above glibc's largest mmap threshold, so a freed
+    copy goes back to the system at once and what is measured is what is held)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.Sequential(*[torch.nn.Linear(4096, 4096, bias=False) for _ in range(3)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+@pytest.mark.skipif(not __import__("os").access("/dev/shm", __import__("os").W_OK), reason="no /dev/shm")
+def test_two_workers_hold_one_copy_of_the_weights(tmp_path) -> None:
+    """K=2: the second worker adds (almost) nothing for the weights, after a load and after a
+    weight-only update (PSS summed over both workers, against the same node serving a tiny
+    model). Before: each worker held its own copy (2x)."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 4096)
+    weights = 3 * 4096 * 4096 * 4
+    with Hub("tcp://127.0.0.1:0", Store(tmp_path / "hub"), heartbeat_interval_s=0.25) as hub:
+        node = Node(hub.address, ["big"], "tcp://127.0.0.1:0", workers=2, cache=tmp_path / "n",
+                    node_id="n").start()
+        try:
+            def workers_pss() -> int:
+                pids = [p.pid for p in node._procs.procs.values() if p is not None]
+                assert len(pids) == 2
+                return sum(_pss(pid) for pid in pids)
+
+            def serve(release) -> int:
+                done = hub.publish(release)
+                assert hub.wait_for("big", done.seq, 1, 180)[0]
+                wait_until(lambda: all(s.serving.get("big") and s.serving["big"].seq == done.seq
+                                       for s in node.broker.workers.values() if s.ready), 120,
+                           what="both workers to serve it")
+                return done.seq
+
+            serve(build_release(compile_model(torch.nn.Linear(4096, 1).eval(), [(x,)]), "big", "tiny"))
+            time.sleep(1.0)
+            base = workers_pss()
+            big = Big().eval()
+            serve(build_release(compile_model(big, [(x,)]), "big", "big", codec="none"))
+            time.sleep(1.0)
+            loaded = workers_pss() - base
+            with torch.no_grad():
+                big.layers[2].weight.mul_(0.5)
+            HubClient(hub.address).publish_weights("big", big)
+            wait_until(lambda: node.stats["swaps_by_weights"] >= 2, 120, what="both workers to apply it")
+            time.sleep(1.0)
+            applied = workers_pss() - base
+            print(f"weights {weights >> 20} MiB; two workers add {loaded >> 20} MiB after a load, "
+                  f"{applied >> 20} MiB after a weight-only update")
+            assert loaded < 1.3 * weights and applied < 1.3 * weights
+            with Client(node.address, timeout=30) as c:
+                assert torch.allclose(c.infer("big", x).outputs, big(x), rtol=1e-4, atol=1e-4)
+        finally:
+            node.close()
+
+
+def test_weight_only_swaps_under_four_clients_with_one_worker_fail_nothing_and_never_step_back(tmp_path) -> None:
+    from tests.models import Probe, probe_examples
+
+    torch.manual_seed(0)
+    model = Probe(1.0, ballast_mb=40).eval()
+    x = torch.ones(1, 4)
+    with Hub("tcp://127.0.0.1:0", Store(tmp_path / "hub"), heartbeat_interval_s=0.25) as hub:
+        node = Node(hub.address, ["probe"], "tcp://127.0.0.1:0", workers=1, cache=tmp_path / "n",
+                    node_id="n").start()
+        try:
+            v1 = hub.publish(build_release(compile_model(model, probe_examples()), "probe", "v1"))
+            assert hub.wait_for("probe", v1.seq, 1, 120)[0]
+            stop = threading.Event()
+            seen: list[list[tuple[int, float]]] = [[] for _ in range(4)]
+            failures: list[str] = []
+
+            def client(mine: list[tuple[int, float]]) -> None:
+                with Client(node.address, timeout=30, retries=0) as c:
+                    while not stop.is_set():
+                        try:
+                            r = c.infer("probe", x)
+                            mine.append((r.seq, float(r.outputs[0, 0])))
+                        except Exception as exc:  # noqa: BLE001 (counted: must stay empty)
+                            failures.append(repr(exc))
+
+            threads = [threading.Thread(target=client, args=(s,), daemon=True) for s in seen]
+            for t in threads:
+                t.start()
+            seqs = []
+            try:
+                for scale in (2.0, 3.0, 4.0):
+                    time.sleep(0.5)
+                    seqs.append(HubClient(hub.address).publish_weights(
+                        "probe", {"scale": torch.full((4,), scale)}).seq)
+                    assert hub.wait_for("probe", seqs[-1], 1, 120)[0]
+                time.sleep(0.5)
+            finally:
+                stop.set()
+                for t in threads:
+                    t.join(30)
+            assert failures == []
+            assert node.stats["swaps_by_weights"] == 3
+            for mine in seen:
+                assert [s for s, _ in mine] == sorted(s for s, _ in mine), "a client saw a version step back"
+                assert {(s, v) for s, v in mine} <= {(v1.seq, 1.0), (seqs[0], 2.0), (seqs[1], 3.0),
+                                                     (seqs[2], 4.0)}
+            assert any(s == seqs[-1] for s, _ in seen[0])
+        finally:
+            node.close()

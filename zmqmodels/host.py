@@ -16,7 +16,8 @@ from typing import Any
 
 from .errors import ZmqModelsError
 
-__all__ = ["check_devices", "make_run_dir", "RUN_DIR_PREFIX", "WorkerProcesses"]
+__all__ = ["check_devices", "make_run_dir", "SharedCopies", "shared_name", "RUN_DIR_PREFIX",
+           "WorkerProcesses"]
 
 log = logging.getLogger("zmqmodels.node")
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
@@ -68,6 +69,62 @@ def make_run_dir(tmp: str = "/tmp") -> tuple[str, Any]:
     f = open(os.path.join(d, ".lock"), "wb")  # noqa: SIM115 (closed in close())
     fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     return d, f
+
+
+def shared_name(name: str, seq: int) -> str:
+    return f"{name}-{seq}.pt"
+
+
+class SharedCopies:
+    """A node's run directory in shared memory (/dev/shm) holding one copy of each archive
+    its CPU workers map (:func:`zmqmodels.loader.share_weights`): one copy per node, not one
+    per worker. GPU workers copy to their device and keep no host copy, so a GPU node has none."""
+
+    def __init__(self, devices: Sequence[str]) -> None:
+        """``dir`` is "" where no worker would use it or there is no /dev/shm to write."""
+        self.dir, self._lock = "", None
+        if all(d.startswith("cpu") for d in devices) and os.access("/dev/shm", os.W_OK):
+            try:
+                self.dir, self._lock = make_run_dir("/dev/shm")
+            except OSError:
+                pass
+
+    def write(self, m: Any, archive: Any, keep: int = 2) -> bool:
+        """Write the verified archive of manifest ``m`` (bytes, or the path of a verified
+        file; write, then rename: a worker never maps half a file) and
+        remove all but the newest ``keep`` of ``name`` (a worker mapping one keeps its pages
+        until it lets go). False if it could not be written (a full /dev/shm): workers then
+        keep private copies, as before."""
+        if not self.dir or not m.tensors:
+            return False  # a release without tensor descriptors is never mapped
+        name, seq = m.name, m.seq
+        path = Path(self.dir) / shared_name(name, seq)
+        tmp = path.with_suffix(".tmp")
+        try:
+            if isinstance(archive, Path):
+                shutil.copyfile(archive, tmp)
+            else:
+                with open(tmp, "wb") as f:
+                    f.write(archive)
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("shared copy of %s seq %d not written (%s): workers load private copies",
+                        name, seq, exc.strerror or exc)
+            tmp.unlink(missing_ok=True)
+            return False
+        held = []
+        for p in Path(self.dir).glob(f"{name}-*.pt"):
+            stem, _, n = p.stem.rpartition("-")
+            if stem == name and n.isdigit():
+                held.append((int(n), p))
+        for _, old in sorted(held)[:-keep]:
+            old.unlink(missing_ok=True)
+        return True
+
+    def close(self) -> None:
+        if self._lock is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self._lock.close()
 
 
 class WorkerProcesses:

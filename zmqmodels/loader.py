@@ -17,7 +17,7 @@ from .errors import CheckError, ZmqModelsError
 from .release import Manifest, unpack_tensors
 from .slot import Loaded
 
-__all__ = ["load_release", "apply_weights", "to_device", "CheckError", "check_finite"]
+__all__ = ["load_release", "apply_weights", "share_weights", "to_device", "CheckError", "check_finite"]
 
 
 def to_device(tree: Any, device: str) -> Any:
@@ -110,6 +110,44 @@ def apply_weights(previous: Loaded, manifest: Manifest, path: str | os.PathLike[
     except (ZmqModelsError, RuntimeError, ValueError, KeyError, OSError, BufferError, zipfile.BadZipFile):
         return None  # anything unexpected: the full load decides
     return _checked(module, manifest, previous.device, time.perf_counter() - t0, previous.code, "weights")
+
+
+def share_weights(loaded: Loaded, path: str | os.PathLike[str]) -> int:
+    """Point the parameters and buffers of ``loaded`` (a CPU module) at ``path``, the node's
+    shared copy of the same archive, mapped copy-on-write: the node's K workers then hold one
+    copy of the weights between them (the page cache's), not K. Every tensor's bytes are
+    checked against the manifest's descriptor first; any mismatch leaves the module as it
+    was. Returns the bytes now shared (0: nothing changed)."""
+    import torch
+    import xxhash
+
+    from .tensors import torch_dtype
+
+    m = loaded.manifest
+    if not m.tensors or not loaded.device.startswith("cpu"):
+        return 0
+    own = dict(loaded.module.named_parameters())
+    own.update(dict(loaded.module.named_buffers()))
+    try:
+        with open(path, "rb") as f:
+            mm = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    except (OSError, ValueError):
+        return 0
+    views = {}
+    for t in m.tensors:
+        target = own.get(t.name)
+        if (target is None or list(target.shape) != t.shape or t.start + t.nbytes > len(mm)
+                or xxhash.xxh3_64_intdigest(memoryview(mm)[t.start:t.start + t.nbytes]) != t.xxh3
+                or str(target.dtype).removeprefix("torch.") != t.dtype or not target.is_contiguous()):
+            return 0  # the mapping stays referenced only by what already uses it: none
+        dtype = torch_dtype(t.dtype)
+        views[t.name] = torch.frombuffer(mm, dtype=dtype, count=t.nbytes // dtype.itemsize,
+                                         offset=t.start).view(t.shape) if t.nbytes else None
+    with torch.no_grad():
+        for name, view in views.items():
+            if view is not None:
+                own[name].data = view  # the module's own tensor, now backed by the mapping
+    return sum(t.nbytes for t in m.tensors)
 
 
 def _checked(module: Any, manifest: Manifest, device: str, load_s: float, code: str, how: str,

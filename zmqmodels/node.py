@@ -6,13 +6,12 @@ monotonic-version rules) and :class:`~zmqmodels.core.supervisor.Supervisor` (spa
 back-off). Its one I/O thread owns a ROUTER for clients (plain ZeroMQ REQ) and a ROUTER for
 its workers (DEALER, over ipc), feeds the cores what arrives and carries out what they return.
 
-Its :class:`~zmqmodels.follower.Follower` receives each release once per node, verifies it
-and writes it atomically into the cache; the broker then **rolls** it through the workers one
-at a time (``LOAD`` -> load by path, example check, warm-up, swap -> ``LOADED``). A loading
-worker serves nobody (``torch.jit.load`` holds its GIL), so with two or more workers no
-request waits for a load. With one worker, requests queue (bounded) during the load; with
-``swap_policy="unload-first"`` the worker frees the old model first and requests in that gap
-get a retryable ``unavailable`` instead.
+Its :class:`~zmqmodels.follower.Follower` receives each release once per node, verifies it,
+writes it into the cache and one shared copy (/dev/shm) that CPU workers map; the broker then
+**rolls** it through the workers one at a time (``LOAD`` -> load or weight-only apply, check,
+warm-up, swap -> ``LOADED``). A loading worker serves nobody, so with two or more workers no
+request waits for a load; with one, requests queue (bounded), or with ``unload-first`` get a
+retryable ``unavailable``.
 """
 
 from __future__ import annotations
@@ -39,7 +38,7 @@ from .defaults import Limits
 from .errors import ProtocolError, ZmqModelsError
 from .exporter import MetricsServer
 from .follower import Follower
-from .host import WorkerProcesses, check_devices, make_run_dir
+from .host import SharedCopies, WorkerProcesses, check_devices, make_run_dir
 from .ioloop import IOThread, LoopState
 from .protocol import ModelState
 from .release import Manifest, validate_name
@@ -124,6 +123,7 @@ class Node(IOThread):
                                      request_timeout_s=request_timeout_s,
                                      load_timeout_s=load_timeout_s)
         self._dir, self._dir_lock = make_run_dir()
+        self._shared = SharedCopies(list(self._devices.values()))  # what CPU workers map
         self._backend_addr = f"ipc://{self._dir}/workers"
         self._sub: Follower | None = None
         self.hub_unreachable_s = hub_unreachable_s
@@ -150,6 +150,7 @@ class Node(IOThread):
                 found = self.cache.latest(name, trust=self.trust, exclude={found[0].seq})
             if found is not None:
                 known[name] = found[0].seq
+                self._shared.write(found[0], self.cache.path(name, found[0].seq))  # loaded first
         self._started_at = time.monotonic()
         try:
             super().start(timeout)  # workers are spawned (and respawned) by the I/O thread alone
@@ -201,6 +202,7 @@ class Node(IOThread):
         self._procs.stop()
         shutil.rmtree(self._dir, ignore_errors=True)
         self._dir_lock.close()
+        self._shared.close()
         self.cache.unlock()
         self._server_ctx.close()
 
@@ -239,6 +241,7 @@ class Node(IOThread):
     def _on_release(self, m: Manifest, archive: Any) -> None:
         """Subscriber delivery thread: the verified archive is in the cache; roll it out."""
         target = Target(m.name, m.seq, str(self.cache.path(m.name, m.seq)), m.label)
+        self._shared.write(m, archive)
 
         def roll() -> None:
             now = time.monotonic()
@@ -246,7 +249,6 @@ class Node(IOThread):
             self._carry(self.broker.target(target, now))
 
         self.post(roll)
-
     # -- I/O thread --------------------------------------------------------------------------
     def _open(self) -> list[tuple[zmq.Socket, Any]]:
         front, back = self._socket(zmq.ROUTER), self._socket(zmq.ROUTER)
@@ -291,7 +293,8 @@ class Node(IOThread):
 
     def _spawn(self, wid: str, now: float) -> None:
         args = worker_command(self._backend_addr, wid, self._devices[wid], str(self.cache.root),
-                              self._threads_per_worker, self.models, os.getpid())
+                              self._threads_per_worker, self.models, os.getpid(),
+                              self._shared.dir)
         self._procs.spawn(wid, args)
         self.supervisor.spawned(wid, now)
 
@@ -414,13 +417,14 @@ class Node(IOThread):
             case P.LoadResult(name=name, seq=seq, label=label, ok=ok, reason=reason):
                 self.supervisor.seen(wid, now, Activity.IDLE)
                 if ok:
-                    log.info("worker %s: %s seq %d swapped in (%s %.3fs, check %.3fs)", wid, name,
-                             seq, msg.how, msg.load_s, msg.check_s)
+                    log.info("worker %s: %s seq %d swapped in (%s %.3fs, check %.3fs, %d MiB shared)", wid,
+                             name, seq, msg.how, msg.load_s, msg.check_s, msg.shared_bytes >> 20)
                     self.stats[f"swaps_by_{msg.how}"] += 1
                     if self.metrics is not None:
                         self.metrics.load.labels(name).observe(msg.load_s + msg.check_s)
                     if self._sub is not None and self.ledger.is_rolling(name, seq):
-                        self._sub.stage(name, seq, load=msg.load_s, check=msg.check_s)
+                        how = "apply" if msg.how == "weights" else "load"  # status says which path
+                        self._sub.stage(name, seq, **{how: msg.load_s}, check=msg.check_s)
                 self._carry(self.broker.loaded(wid, name, seq, label, ok, reason, now, corrupt=msg.corrupt))
             case _:
                 self.stats["dropped_bad_worker_message"] += 1

@@ -8,6 +8,7 @@ so a loading worker answers nothing; the front knows it is loading and routes ar
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import os
@@ -23,7 +24,8 @@ import zmq
 from . import protocol as P
 from .cache import Cache
 from .errors import IntegrityError, ProtocolError, ServingError, ZmqModelsError
-from .loader import apply_weights, load_release, to_device
+from .host import shared_name
+from .loader import apply_weights, load_release, share_weights, to_device
 from .release import decode_manifest
 from .slot import Loaded, ModelSlot
 from .tensors import decode, encode
@@ -36,8 +38,9 @@ HEARTBEAT_S = 1.0
 
 class Worker:
     def __init__(self, backend: str, worker_id: str, device: str, models: list[str], cache: str,
-                 parent: int = 0) -> None:
+                 parent: int = 0, shared: str = "") -> None:
         self.parent = parent
+        self.shared = shared  # the node's copies of its archives that its workers map (one copy)
         self.backend = backend
         self.worker_id = worker_id
         self.device = device
@@ -61,7 +64,7 @@ class Worker:
                     if not self.cache.is_active(m):
                         continue  # staged, not activated: not to be served yet
                     self.cache.check(m, path)
-                    self.slots[name].swap(load_release(m, path, self.device))
+                    self.slots[name].swap(self._share(load_release(m, path, self.device)))
                     break
                 except (OSError, ZmqModelsError) as exc:
                     log.warning("%s: cached %s seq %d unusable: %s", self.worker_id, name, seq, exc)
@@ -92,8 +95,8 @@ class Worker:
                 self._free_memory()
             # same code, new weights: copy them into the serving module's code, no jit.load
             base = slot.current()  # None after unload-first
-            loaded = _in_background(lambda: (base is not None and apply_weights(base, m, path))
-                                    or load_release(m, path, self.device))
+            loaded = _in_background(lambda: self._share(
+                (base is not None and apply_weights(base, m, path)) or load_release(m, path, self.device)))
         except (OSError, ZmqModelsError) as exc:
             reason = str(exc)
             if slot.current() is None and cmd.unload_first:
@@ -101,7 +104,16 @@ class Worker:
             return P.LoadResult(self.worker_id, cmd.name, cmd.seq, label, False, reason)
         slot.swap(loaded)
         return P.LoadResult(self.worker_id, cmd.name, cmd.seq, label, True, "",
-                            round(loaded.load_s, 4), round(loaded.check_s, 4), how=loaded.how)
+                            round(loaded.load_s, 4), round(loaded.check_s, 4), how=loaded.how,
+                            shared_bytes=loaded.shared_bytes)
+
+    def _share(self, loaded: Loaded) -> Loaded:
+        """Map the weights of ``loaded`` from the node's shared copy, if it has one."""
+        if self.shared:
+            m = loaded.manifest
+            shared = share_weights(loaded, Path(self.shared) / shared_name(m.name, m.seq))
+            return dataclasses.replace(loaded, shared_bytes=shared)
+        return loaded
 
     def _free_memory(self) -> None:
         gc.collect()
@@ -275,8 +287,8 @@ def model_error_line(exc: BaseException) -> str:
 
 
 def run(backend: str, worker_id: str, device: str, models: list[str], cache: str, threads: int,
-        parent: int) -> None:
+        parent: int, shared: str = "") -> None:
     """Serve until stopped (started by :mod:`zmqmodels.worker_boot`)."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {worker_id} %(message)s")
     torch.set_num_threads(threads)
-    Worker(backend, worker_id, device, models, cache, parent=parent).run()
+    Worker(backend, worker_id, device, models, cache, parent=parent, shared=shared).run()

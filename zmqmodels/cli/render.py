@@ -55,7 +55,8 @@ def rollout_text(w: Any) -> str:
     return line
 
 
-_STAGE_NAMES = (("receive", "recv"), ("cache_write", "write"), ("load", "load"), ("check", "check"),
+_STAGE_NAMES = (("receive", "recv"), ("cache_write", "write"), ("load", "load"), ("apply", "apply"),
+                ("check", "check"),
                 ("roll", "roll"))
 
 
