@@ -148,7 +148,7 @@ def test_a_head_only_update_moves_a_few_percent_and_every_node_serves_the_new_we
             assert moved[0] <= 0.05 * archive, (moved, archive)  # only the changed spans moved
             assert moved[1] <= 0.05 * archive + CHUNK  # and the one it had damaged
             assert got[0]["chunks_reused"] > 0 and got[1]["chunks_reused"] > 0
-            wait_until(lambda: all(n.stats["swaps_by_weights"] >= 1 for n in nodes), 30,
+            wait_until(lambda: all(n.stats["swaps_by_apply"] >= 1 for n in nodes), 30,
                        what="each node's worker to apply the new weights without a load")
             assert hub.status().stats["chunks_not_sent"] > 0
             for n in nodes:
@@ -179,7 +179,7 @@ def test_same_code_new_weights_are_applied_without_a_load_and_other_code_is_load
         paths.append(p)
     old = load_release(r1.manifest, paths[0])
     new = apply_weights(old, r2.manifest, paths[1])
-    assert new is not None and new.how == "weights" and old.how == "load"
+    assert new is not None and new.how == "apply" and old.how == "load"
     with torch.inference_mode():
         assert torch.allclose(new.module(x), model(x), atol=1e-6)
         assert not torch.allclose(old.module(x), model(x))  # the serving copy was not touched

@@ -63,7 +63,7 @@ def test_a_head_update_from_a_module_moves_a_few_percent_and_is_served_without_a
     print(f"moved {moved} bytes; timings {timings}; label {info.label}")
     assert info.label == "v1+w1" and m.compile_method == "weights" and m.metadata["weights_of"] == "1"
     assert max(moved) <= 0.05 * archive
-    wait_until(lambda: all(n.stats["swaps_by_weights"] >= 1 for n in nodes), 60,
+    wait_until(lambda: all(n.stats["swaps_by_apply"] >= 1 for n in nodes), 60,
                what="each node to apply the weights without a load")
     with torch.inference_mode():
         want = model(x)
@@ -219,7 +219,7 @@ def test_two_workers_hold_one_copy_of_the_weights(tmp_path) -> None:
             with torch.no_grad():
                 big.layers[2].weight.mul_(0.5)
             HubClient(hub.address).publish_weights("big", big)
-            wait_until(lambda: node.stats["swaps_by_weights"] >= 2, 120, what="both workers to apply it")
+            wait_until(lambda: node.stats["swaps_by_apply"] >= 2, 120, what="both workers to apply it")
             time.sleep(1.0)
             applied = workers_pss() - base
             print(f"weights {weights >> 20} MiB; two workers add {loaded >> 20} MiB after a load, "
@@ -272,7 +272,7 @@ def test_weight_only_swaps_under_four_clients_with_one_worker_fail_nothing_or_st
                 for t in threads:
                     t.join(30)
             assert failures == []
-            assert node.stats["swaps_by_weights"] == 3
+            assert node.stats["swaps_by_apply"] == 3
             for mine in seen:
                 assert [s for s, _ in mine] == sorted(s for s, _ in mine), "a client saw a version step back"
                 assert {(s, v) for s, v in mine} <= {(v1.seq, 1.0), (seqs[0], 2.0), (seqs[1], 3.0),

@@ -21,10 +21,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from .errors import ReleaseError
 
 __all__ = ["TensorInfo", "tensor_table", "tensor_spans", "data_offset", "set_crcs", "code_digest",
-           "storages"]
+           "describe_tensors", "storages", "TensorDesc"]
 
 _STORAGE_DTYPES = {
     "FloatStorage": "float32", "DoubleStorage": "float64", "HalfStorage": "float16",
@@ -57,6 +59,18 @@ class TensorInfo:
     @property
     def nbytes(self) -> int:
         return self.numel * _ITEMSIZE[self.dtype]
+
+
+class TensorDesc(msgspec.Struct, frozen=True):
+    """One parameter or buffer of the archive: its bytes are ``archive[start:start + nbytes]``
+    (contiguous, little-endian), ``xxh3`` their XXH3-64 (seed 0)."""
+
+    name: str
+    dtype: str
+    shape: list[int]
+    start: int
+    nbytes: int
+    xxh3: int
 
 
 class _Storage:
@@ -256,3 +270,19 @@ def set_crcs(buf: bytearray, spans: Sequence[tuple[int, int]]) -> None:
             struct.pack_into("<I", buf, pos + 16, crc)
         pos += 46 + n + e + c
     view.release()
+
+
+def describe_tensors(archive: Any) -> tuple[str, list[Any]]:
+    """``(code_sha256, tensors)`` of a TorchScript archive; ``("", [])`` for one this reader
+    does not understand (a release of it is served, only never updated by weights alone)."""
+    import xxhash
+
+    view = memoryview(archive).cast("B")
+    try:
+        spans = tensor_spans(view)
+        code = code_digest(view)
+    except ReleaseError:
+        return "", []
+    return code, [TensorDesc(t.name, t.dtype, list(t.shape), start, t.nbytes,
+                             xxhash.xxh3_64_intdigest(view[start:start + t.nbytes]))
+                  for t, start in spans]

@@ -109,7 +109,7 @@ def apply_weights(previous: Loaded, manifest: Manifest, path: str | os.PathLike[
                 del src
     except (ZmqModelsError, RuntimeError, ValueError, KeyError, OSError, BufferError, zipfile.BadZipFile):
         return None  # anything unexpected: the full load decides
-    return _checked(module, manifest, previous.device, time.perf_counter() - t0, previous.code, "weights")
+    return _checked(module, manifest, previous.device, time.perf_counter() - t0, previous.code, "apply")
 
 
 def share_weights(loaded: Loaded, path: str | os.PathLike[str]) -> int:

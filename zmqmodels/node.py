@@ -423,8 +423,7 @@ class Node(IOThread):
                     if self.metrics is not None:
                         self.metrics.load.labels(name).observe(msg.load_s + msg.check_s)
                     if self._sub is not None and self.ledger.is_rolling(name, seq):
-                        how = "apply" if msg.how == "weights" else "load"  # status says which path
-                        self._sub.stage(name, seq, **{how: msg.load_s}, check=msg.check_s)
+                        self._sub.stage(name, seq, **{msg.how: msg.load_s}, check=msg.check_s)  # load/apply
                 self._carry(self.broker.loaded(wid, name, seq, label, ok, reason, now, corrupt=msg.corrupt))
             case _:
                 self.stats["dropped_bad_worker_message"] += 1

@@ -21,6 +21,7 @@ import msgspec
 import xxhash
 
 from . import defaults
+from .archive import TensorDesc
 from .errors import IntegrityError, LimitError, ReleaseError
 
 if TYPE_CHECKING:
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CodecSpec",
-    "TensorDesc",
     "TensorPack",
     "Manifest",
     "Release",
@@ -41,7 +41,6 @@ __all__ = [
     "choose_codec",
     "compress_archive",
     "span_digests",
-    "describe_tensors",
     "decompress_chunk",
     "encode_manifest",
     "decode_manifest",
@@ -73,18 +72,6 @@ class CodecSpec(msgspec.Struct, frozen=True):
     clevel: int = 0
     filter: str = "none"
     typesize: int = 1
-
-
-class TensorDesc(msgspec.Struct, frozen=True):
-    """One parameter or buffer of the archive: its bytes are ``archive[start:start + nbytes]``
-    (contiguous, little-endian), ``xxh3`` their XXH3-64 (seed 0)."""
-
-    name: str
-    dtype: str
-    shape: list[int]
-    start: int
-    nbytes: int
-    xxh3: int
 
 
 class TensorPack(msgspec.Struct, frozen=True):
@@ -321,22 +308,6 @@ def span_digests(archive: Any, chunk_bytes: int) -> list[int]:
     return [xxhash.xxh3_64_intdigest(view[i:i + chunk_bytes]) for i in range(0, len(view), chunk_bytes)]
 
 
-def describe_tensors(archive: Any) -> tuple[str, list[TensorDesc]]:
-    """``(code_sha256, tensors)`` of a TorchScript archive; ``("", [])`` for one this reader
-    does not understand (a release of it is served, only never updated by weights alone)."""
-    from .archive import code_digest, tensor_spans
-
-    view = memoryview(archive).cast("B")
-    try:
-        spans = tensor_spans(view)
-        code = code_digest(view)
-    except ReleaseError:
-        return "", []
-    return code, [TensorDesc(t.name, t.dtype, list(t.shape), start, t.nbytes,
-                             xxhash.xxh3_64_intdigest(view[start:start + t.nbytes]))
-                  for t, start in spans]
-
-
 def compress_archive(archive: Any, codec: CodecSpec, chunk_bytes: int,
                      progress: Callable[[int, int], None] | None = None) -> list[bytes | memoryview]:
     """Cut the archive into chunks and compress each one independently (``progress(done,
@@ -397,7 +368,8 @@ def build_release(
     """
     import torch
 
-    from .tensors import signature
+    from .archive import describe_tensors
+    from .tensors import input_signature, signature
 
     validate_name(name)
     t0 = time.perf_counter()
@@ -445,7 +417,7 @@ def build_release(
         tensors=tensors,
         compile_method=compiled.method,
         compile_warnings=list(compiled.warnings),
-        inputs=_input_signature(compiled.examples),
+        inputs=input_signature(compiled.examples),
         outputs=signature(compiled.outputs[0]),
         parameter_count=sum(p.numel() for p in params),
         parameter_bytes=sum(p.numel() * p.element_size() for p in params),
@@ -457,20 +429,3 @@ def build_release(
     if timings is not None:  # the manifest: digests, example and expected tensors
         timings["build"] += time.perf_counter() - t2
     return release
-
-
-def _input_signature(examples: Sequence[tuple[Any, ...]]) -> list[Any]:
-    import torch
-
-    sigs: list[Any] = []
-    for pos, arg in enumerate(examples[0]):
-        if not isinstance(arg, torch.Tensor):
-            sigs.append({"kind": type(arg).__name__})
-            continue
-        shape = list(arg.shape)
-        for ex in examples[1:]:
-            other = ex[pos] if pos < len(ex) else None
-            if isinstance(other, torch.Tensor) and other.dim() == len(shape):
-                shape = [d if d == o else -1 for d, o in zip(shape, other.shape, strict=True)]
-        sigs.append({"dtype": str(arg.dtype).removeprefix("torch."), "rank": arg.dim(), "shape": shape})
-    return sigs

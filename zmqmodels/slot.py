@@ -28,7 +28,7 @@ class Loaded:
     # manifest.inputs
     signature: tuple[tuple[Any, int, str, tuple[int, ...]], ...] = ()
     code: str = ""  # the archive's code digest (archive.code_digest): same code, new weights
-    how: str = "load"  # "load" (torch.jit.load) or "weights" (new tensors into the old code)
+    how: str = "load"  # "load" (torch.jit.load) or "apply" (new tensors into the old code)
     shared_bytes: int = 0  # weight bytes mapped from the node's shared copy (loader.share_weights)
 
     @property

@@ -27,7 +27,7 @@ import numpy as np
 from .errors import ProtocolError
 
 __all__ = ["DTYPE_NAMES", "torch_dtype", "dtype_name", "encode", "decode", "signature",
-           "tensor_bytes", "parse_shape_spec", "random_arrays"]
+           "tensor_bytes", "parse_shape_spec", "random_arrays", "input_signature"]
 
 # wire name -> item size. numpy has no bfloat16: in numpy mode it decodes to float32 (exact).
 _ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4,
@@ -249,3 +249,22 @@ def signature(tree: Any) -> Any:
         return node
 
     return strip(spec)
+
+
+def input_signature(examples: Sequence[tuple[Any, ...]]) -> list[Any]:
+    """Per positional argument of the examples: ``{dtype, rank, shape}`` (-1 where they
+    differ), or ``{kind}`` for an argument that is not a tensor (the manifest's ``inputs``)."""
+    import torch
+
+    sigs: list[Any] = []
+    for pos, arg in enumerate(examples[0]):
+        if not isinstance(arg, torch.Tensor):
+            sigs.append({"kind": type(arg).__name__})
+            continue
+        shape = list(arg.shape)
+        for ex in examples[1:]:
+            other = ex[pos] if pos < len(ex) else None
+            if isinstance(other, torch.Tensor) and other.dim() == len(shape):
+                shape = [d if d == o else -1 for d, o in zip(shape, other.shape, strict=True)]
+        sigs.append({"dtype": str(arg.dtype).removeprefix("torch."), "rank": arg.dim(), "shape": shape})
+    return sigs

@@ -29,9 +29,9 @@ from typing import Any
 import msgspec
 import xxhash
 
-from .archive import set_crcs
+from .archive import TensorDesc, set_crcs
 from .errors import ReleaseError, ZmqModelsError
-from .release import Release, TensorDesc, compress_archive, pack_tensors, span_digests, unpack_tensors
+from .release import Release, compress_archive, pack_tensors, span_digests, unpack_tensors
 
 __all__ = ["Base", "WeightsPublisher", "state_of", "swap_tensors", "weights_release"]
 

@@ -138,7 +138,7 @@ class LoadResult(msgspec.Struct, frozen=True):
     check_s: float = 0.0
     v: int = V
     corrupt: bool = False  # the cached file was damaged or gone: fetch it again, not a rejection
-    how: str = "load"  # "load": torch.jit.load; "weights": new tensors copied into the same code
+    how: str = "load"  # "load": torch.jit.load; "apply": new tensors copied into the same code
     shared_bytes: NonNeg = 0  # weight bytes mapped from the node's one shared copy (CPU workers)
 
 
