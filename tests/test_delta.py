@@ -48,8 +48,8 @@ class Base:
         return Ctx()
 
 
-def assembler(base: bytes | None) -> Assembler:
-    return Assembler(["m"], node_id="n", host="h", pid=1, device="cpu", take=lambda _n, s: bytearray(s),
+def assembler(base: bytes | None, name: str = "m") -> Assembler:
+    return Assembler([name], node_id="n", host="h", pid=1, device="cpu", take=lambda _n, s: bytearray(s),
                      give=lambda _n, _b: None, base=Base(base))
 
 
@@ -197,3 +197,72 @@ def _archive(r) -> bytes:
     for i, c in enumerate(r.chunks):
         decompress_chunk(r.manifest, i, c, memoryview(buf))
     return bytes(buf)
+
+
+def _fine_tuned_pair():
+    """Two releases of ``Wide``: the second one Adam step (lr 1e-5) from the first."""
+    torch.manual_seed(0)
+    model = Wide().eval()
+    x = torch.randn(2, 256)
+    r1 = build_release(compile_model(model, [(x,)]), "wide", "v1", chunk_bytes=CHUNK)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-5)
+    model.train()
+    torch.nn.functional.mse_loss(model(x), torch.zeros(2, 4)).backward()
+    opt.step()
+    model.eval()
+    r2 = build_release(compile_model(model, [(x,)]), "wide", "v2", chunk_bytes=CHUNK)
+    r1 = type(r1)(msgspec.structs.replace(r1.manifest, seq=1), r1.chunks)
+    r2 = type(r2)(msgspec.structs.replace(r2.manifest, seq=2), r2.chunks)
+    return r1, r2
+
+
+def test_a_fine_tuning_step_travels_as_patches_a_fraction_of_its_chunks() -> None:
+    """Every chunk changed, yet as XOR against the previous release (bit-shuffled, zstd) each
+    is well under the chunk; a node with the base rebuilds the exact archive from them."""
+    from zmqmodels.patch import make_patches
+
+    r1, r2 = _fine_tuned_pair()
+    patches = make_patches(r1, r2)
+    changed = [i for i in range(r2.manifest.chunk_count)
+               if r1.manifest.chunk_raw_xxh3[i] != r2.manifest.chunk_raw_xxh3[i]]
+    plain = sum(r2.manifest.chunk_sizes[i] for i in changed)
+    sent = sum(len(patches[i][1]) if i in patches else r2.manifest.chunk_sizes[i] for i in changed)
+    print(f"{len(changed)} changed chunks: {plain} bytes plain, {sent} as patches")
+    assert len(changed) > 20 and len(patches) >= len(changed) - 2 and sent < 0.75 * plain
+    base = _archive(r1)
+    a = assembler(base, "wide")
+    a.on_manifest(r2.manifest, encode_manifest(r2.manifest), b"", 0.0)
+    out = []
+    for i in range(r2.manifest.chunk_count):
+        if i in patches:
+            out += a.on_patch(P.PatchHeader("wide", 2, i, patches[i][0]), patches[i][1], 0.1)
+        elif i in changed:
+            out += a.on_chunk(P.ChunkHeader("wide", 2, i), r2.chunks[i], 0.1, fetched=False)
+    (d,) = [x for x in out if isinstance(x, Deliver)]
+    assert d.digest == r2.manifest.archive_sha256 and a.stats["chunks_patched"] == len(patches)
+
+
+def test_a_patch_against_a_damaged_base_is_not_applied_and_the_chunk_is_fetched_whole() -> None:
+    from zmqmodels.patch import make_patches
+
+    r1, r2 = _fine_tuned_pair()
+    patches = make_patches(r1, r2)
+    target = sorted(patches)[3]
+    base = bytearray(_archive(r1))
+    base[target * CHUNK + 100] ^= 0x01  # one flipped bit in the span the patch was made against
+    a = assembler(bytes(base), "wide")
+    a.on_manifest(r2.manifest, encode_manifest(r2.manifest), b"", 0.0)
+    out = []
+    for i in sorted(patches):
+        out += a.on_patch(P.PatchHeader("wide", 2, i, patches[i][0]), patches[i][1], 0.1)
+    assert a.stats["patches_unusable"] == 1
+    out += a.on_beat(P.Heartbeat("hub", "wide", 2, r2.manifest.archive_sha256), 0.2)
+    asks = [i for x in out if isinstance(getattr(x, "msg", None), P.FetchChunks) for i in x.msg.indices]
+    assert target in asks
+    bad = bytearray(patches[sorted(patches)[4]][1])  # a patch whose bytes were damaged in flight
+    bad[-1] ^= 0xFF
+    b = assembler(_archive(r1), "wide")
+    b.on_manifest(r2.manifest, encode_manifest(r2.manifest), b"", 0.0)
+    idx = sorted(patches)[4]
+    b.on_patch(P.PatchHeader("wide", 2, idx, patches[idx][0]), bytes(bad), 0.1)
+    assert b.stats["chunk_corrupt"] == 1 and idx in b.asm("wide").missing

@@ -292,6 +292,10 @@ class Follower(IOThread):
                 if msg.name != name:
                     raise ProtocolError(f"chunk for {msg.name!r} on topic {name!r}")
                 self._carry(self.assembler.on_chunk(msg, payload[0].buffer, now, fetched=False))
+            case P.PatchHeader():
+                if msg.name != name:
+                    raise ProtocolError(f"patch for {msg.name!r} on topic {name!r}")
+                self._carry(self.assembler.on_patch(msg, payload[0].buffer, now))
             case P.Heartbeat():
                 if msg.name == name:
                     self._carry(self.assembler.on_beat(msg, now))

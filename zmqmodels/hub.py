@@ -243,13 +243,19 @@ class Hub(IOThread):
         m = release.manifest
         t = P.topic(m.name)
         self._pub.send_multipart([t, *P.pack(P.ManifestFrames(), release.manifest_bytes, release.signature)])
+        sent = 0
         for i, payload in ((i, c) for i, c in enumerate(release.chunks) if i not in skip):
+            patch = release.patches.get(i)
+            hdr: Any = P.ChunkHeader(m.name, m.seq, i)
+            if patch is not None:  # the chunk as a difference against the previous release
+                hdr, payload = P.PatchHeader(m.name, m.seq, i, patch[0]), patch[1]
             if self._fault is not None:
                 payload = self._fault(m.name, m.seq, i, payload)
-            self._pub.send_multipart([t, *P.pack(P.ChunkHeader(m.name, m.seq, i), payload)], copy=False)
-        log.info("broadcast %s seq %d (%s): %d of %d chunks, %d of %d bytes (the rest as before)", m.name,
-                 m.seq, m.label or "-", m.chunk_count - len(skip), m.chunk_count,
-                 m.compressed_bytes - sum(m.chunk_sizes[i] for i in skip), m.compressed_bytes)
+            self._pub.send_multipart([t, *P.pack(hdr, payload)], copy=False)
+            sent += len(payload)
+        log.info("broadcast %s seq %d (%s): %d of %d chunks (%d as patches), %d of %d bytes", m.name,
+                 m.seq, m.label or "-", m.chunk_count - len(skip), m.chunk_count, len(release.patches),
+                 sent, m.compressed_bytes)
 
     # -- I/O thread: for StoreJobs ------------------------------------------------------
     def reply(self, peer: Any, frames: list[Any]) -> None:

@@ -8,6 +8,7 @@ stall fetches or heartbeats. It also keeps the store's numbering ahead of what t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -15,7 +16,8 @@ from typing import Any
 
 from . import protocol as P
 from .defaults import Limits
-from .errors import ReleaseError, SignatureError
+from .errors import ReleaseError, SignatureError, ZmqModelsError
+from .patch import make_patches
 from .release import Manifest, Release, decode_manifest, rollback_manifest
 from .signing import SigningKey, Trust
 from .store import Store
@@ -83,8 +85,15 @@ class ReleaseDesk:
             raise ReleaseError(f"{len(chunks)} chunks, manifest says {m.chunk_count}")
         checked = Release(m, chunks, raw, signature)
         checked.verify()  # every chunk and the archive sha256, streamed
+        before = self.store.latest(m.name)
         stored = self.store.put(checked)
-        return self.store.read(m.name, stored.manifest.seq)  # serve from the page cache (mmap)
+        stored = self.store.read(m.name, stored.manifest.seq)  # serve from the page cache (mmap)
+        try:
+            patches = make_patches(before, stored)
+        except ZmqModelsError as exc:  # the previous release's file: the plain chunks go out
+            log.warning("%s seq %d: no patches against seq %d: %s", m.name, m.seq, before.manifest.seq, exc)
+            patches = {}
+        return dataclasses.replace(stored, patches=patches)
 
     def rollback(self, name: str, to: str, signed: tuple[Any, bytes] | None = None) -> Release:
         """Store ``name``'s release ``to`` (a label or seq) again under a new seq. ``signed``:

@@ -188,6 +188,8 @@ class Relay(IOThread):
                 self._carry(self.forwarder.on_manifest(m, raw, sig, now, fetched=fetched))
             case P.ChunkHeader():
                 self._carry(self.forwarder.on_chunk(msg, payload[0].buffer, now, fetched=fetched))
+            case P.PatchHeader():  # a relay keeps chunks as sent: it fetches this one whole
+                self.stats["patches_not_taken"] += 1
             case P.Heartbeat():
                 self._carry(self.forwarder.on_beat(msg, now))
             case P.Activate():

@@ -13,8 +13,8 @@ import hashlib
 import io
 import re
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -32,6 +32,7 @@ __all__ = [
     "TensorPack",
     "Manifest",
     "Release",
+    "Shifted",
     "CODECS",
     "FILTERS",
     "validate_name",
@@ -231,6 +232,8 @@ class Release:
     chunks: Sequence[Any]  # bytes-like, one per chunk
     raw: Any = None  # bytes-like; None: encode_manifest(manifest)
     signature: bytes = b""
+    # chunks a sender may broadcast as a difference against its previous release (patch.py)
+    patches: Mapping[int, tuple[int, Any]] = field(default_factory=dict)
 
     @property
     def manifest_bytes(self) -> Any:
@@ -248,7 +251,7 @@ class Release:
             start, length = m.chunk_span(i)
             window = scratch[:length]
             # decompress_chunk writes at the chunk's archive offset; shift the window to match
-            decompress_chunk(m, i, payload, _Shifted(window, start))
+            decompress_chunk(m, i, payload, Shifted(window, start))
             sha.update(window)
         if sha.hexdigest() != m.archive_sha256:
             raise IntegrityError(f"{m.name} seq {m.seq}: archive sha256 mismatch")
@@ -265,7 +268,7 @@ class Release:
         return buf
 
 
-class _Shifted:
+class Shifted:
     """Looks like the whole archive to :func:`decompress_chunk` but maps onto one window."""
 
     def __init__(self, window: memoryview, offset: int) -> None:

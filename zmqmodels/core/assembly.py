@@ -212,7 +212,8 @@ class Assembler:
             out += self._complete(st, asm)
         return out
 
-    def on_chunk(self, hdr: P.ChunkHeader, payload: Any, now: float, *, fetched: bool) -> list[Action]:
+    def on_chunk(self, hdr: P.ChunkHeader | P.PatchHeader, payload: Any, now: float, *,
+                 fetched: bool) -> list[Action]:
         self._now = now
         st = self.follow(hdr.name)
         asm = self.asm(hdr.name)
@@ -234,6 +235,16 @@ class Assembler:
                 return self._rejection(st, asm.manifest, f"{asm.fault}, from the hub "
                                        f"{asm.corrupt_fetches} times: corrupt at its source")
         return [*asks]
+
+    def on_patch(self, hdr: P.PatchHeader, payload: Any, now: float) -> list[Action]:
+        """A broadcast chunk sent as a patch: taken like the chunk if the span this node copied
+        from its base is the one it was made against; otherwise left missing (the repair path
+        fetches the chunk whole)."""
+        asm = self.asm(hdr.name)
+        if asm is None or asm.manifest.seq != hdr.seq or not asm.can_patch(hdr.index, hdr.base_xxh3):
+            self.stats["patches_unusable"] += 1
+            return []
+        return self.on_chunk(hdr, payload, now, fetched=False)
 
     def on_beat(self, beat: P.Heartbeat, now: float) -> list[Action]:
         st = self.models.get(beat.name)

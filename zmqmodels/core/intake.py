@@ -119,6 +119,11 @@ class Incoming(abc.ABC):
     def accept(self, index: int, payload: Any) -> None:
         """Take chunk ``index``; raise :class:`IntegrityError` if it fails its size or digest."""
 
+    def accept_patch(self, index: int, payload: Any) -> None:
+        """Take chunk ``index`` as a patch against the span held there; a receiver that holds
+        no spans (a relay keeps chunks as sent) refuses it, and the chunk is fetched whole."""
+        raise IntegrityError(f"chunk {index}: this receiver takes chunks whole, not patches")
+
     def close(self) -> None:  # noqa: B027 (an optional hook)
         """The release is let go (complete, superseded or abandoned); nothing by default."""
 
@@ -206,7 +211,7 @@ class Intake:
         return [Send(P.FetchChunks(inc.manifest.name, inc.manifest.seq, want))]
 
     # -- events ------------------------------------------------------------------------------
-    def chunk(self, hdr: P.ChunkHeader, payload: Any, now: float, *,
+    def chunk(self, hdr: P.ChunkHeader | P.PatchHeader, payload: Any, now: float, *,
               fetched: bool) -> tuple[Taken, list[Send]]:
         inc = self.coming.get(hdr.name)
         if inc is None or inc.manifest.seq != hdr.seq:
@@ -224,7 +229,10 @@ class Intake:
             taken = Taken.DUPLICATE
         else:
             try:
-                inc.accept(i, payload)
+                if isinstance(hdr, P.PatchHeader):
+                    inc.accept_patch(i, payload)
+                else:
+                    inc.accept(i, payload)
             except IntegrityError as exc:
                 inc.fault = str(exc)
                 self.stats["chunk_corrupt"] += 1
@@ -241,6 +249,7 @@ class Intake:
                 inc.pace.received += 1
                 self.stats["bytes_received"] += len(payload)
                 self.stats["chunks_fetched" if fetched else "chunks_broadcast"] += 1
+                self.stats["chunks_patched"] += isinstance(hdr, P.PatchHeader)
                 if not inc.missing:
                     del self.coming[hdr.name]
                     self.stats["complete"] += 1

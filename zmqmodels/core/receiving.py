@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import xxhash
 
+from ..errors import IntegrityError
+from ..patch import apply_patch
 from ..release import decompress_chunk
 from .intake import Incoming
 
@@ -26,6 +28,9 @@ class Assembly(Incoming):
     hashed: int = 0  # chunks [0, hashed) are in the running sha256
     receive_s: float = 0.0  # manifest -> last chunk in and hashed
     store_failures: int = 0  # failed cache writes of it (the host kept it to write again)
+    # chunk -> XXH3-64 of the held archive's span copied there (other bytes than the manifest
+    # says): a PATCH against exactly that span turns it into the new chunk (patch.py)
+    prefilled: dict[int, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -35,17 +40,21 @@ class Assembly(Incoming):
     def reuse(self, base: Any) -> int:
         """Take every chunk whose span of ``base`` (an archive this node holds) has the digest
         the manifest gives (``chunk_raw_xxh3``) from there instead of the network: copied, so
-        the archive sha256 still covers what is served. Returns the bytes reused."""
+        the archive sha256 still covers what is served. Other spans of ``base`` are copied too,
+        as bases for patches (:attr:`prefilled`). Returns the bytes reused."""
         m, base = self.manifest, memoryview(base).cast("B")
         reused = 0
         for i, want in enumerate(m.chunk_raw_xxh3):
             start, length = m.chunk_span(i)
             if i in self.missing and start + length <= len(base):
                 span = base[start:start + length]
-                if xxhash.xxh3_64_intdigest(span) == want:
-                    self.view[start:start + length] = span
+                self.view[start:start + length] = span
+                digest = xxhash.xxh3_64_intdigest(span)
+                if digest == want:
                     self.missing.discard(i)
                     reused += length
+                else:
+                    self.prefilled[i] = digest
         base.release()
         self.hash_prefix()
         return reused
@@ -53,6 +62,25 @@ class Assembly(Incoming):
     def accept(self, index: int, payload: Any) -> None:
         decompress_chunk(self.manifest, index, payload, self.view)
         self.missing.discard(index)  # (the intake does so too) so the prefix can extend now
+        self.hash_prefix()
+
+    def can_patch(self, index: int, base_xxh3: int) -> bool:
+        """Whether chunk ``index`` is missing and its span holds the base a patch was made against."""
+        return index in self.missing and self.prefilled.get(index) == base_xxh3
+
+    def accept_patch(self, index: int, payload: Any) -> None:
+        """XOR the patch into the prefilled span; :class:`IntegrityError` unless the result has
+        the manifest's digest (the span is then garbage until the chunk is fetched)."""
+        m = self.manifest
+        start, length = m.chunk_span(index)
+        if self.prefilled.pop(index, None) is None:
+            raise IntegrityError(f"patch of chunk {index}: no base span here")
+        span = self.view[start:start + length]
+        apply_patch(span, payload)
+        if xxhash.xxh3_64_intdigest(span) != m.chunk_raw_xxh3[index]:
+            raise IntegrityError(f"patch of chunk {index} of {m.name} seq {m.seq}: the result does not "
+                                 "have the manifest's digest")
+        self.missing.discard(index)
         self.hash_prefix()
 
     def close(self) -> None:

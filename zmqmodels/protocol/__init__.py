@@ -14,6 +14,7 @@ PUB (hub -> nodes), after the topic ``name + b"\\0"`` (``b"\\0"`` alone for the 
 
     MANIFEST   (no header)      manifest, signature
     CHUNK      ChunkHeader      payload
+    PATCH      PatchHeader      payload (the chunk as a XOR against the previous release's span)
     HEARTBEAT  Heartbeat
     ACTIVATE   Activate         (serve a staged release: these nodes, or all)
 

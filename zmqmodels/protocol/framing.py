@@ -20,6 +20,7 @@ from .messages import (
     FetchChunks,
     FetchManifest,
     Heartbeat,
+    PatchHeader,
     Publish,
     Published,
     ReleasesReply,
@@ -73,6 +74,7 @@ class Framing:
 FRAMING: tuple[Framing, ...] = (
     Framing(b"MANIFEST", ManifestFrames, False, 1, 2),
     Framing(b"CHUNK", ChunkHeader, True, 1, 1),
+    Framing(b"PATCH", PatchHeader, True, 1, 1),
     Framing(b"HEARTBEAT", Heartbeat, True),
     Framing(b"ACTIVATE", Activate, True),
     Framing(b"ACTIVATED", Activated, True),

@@ -18,7 +18,7 @@ __all__ = [
     "V",
     "HUB_TOPIC",
     "ModelState",
-    "ChunkHeader",
+    "ChunkHeader", "PatchHeader",
     "Heartbeat",
     "Activate",
     "Activated",
@@ -100,6 +100,17 @@ class ChunkHeader(msgspec.Struct, frozen=True):
     name: str
     seq: NonNeg
     index: NonNeg
+    v: int = V
+
+
+class PatchHeader(msgspec.Struct, frozen=True):
+    """Chunk ``index`` as a difference: its span XOR the span of the sender's previous release
+    whose raw digest is ``base_xxh3`` (docs/protocol.md §Deltas)."""
+
+    name: str
+    seq: NonNeg
+    index: NonNeg
+    base_xxh3: int
     v: int = V
 
 
