@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import zmq
@@ -244,11 +244,7 @@ class Hub(IOThread):
         t = P.topic(m.name)
         self._pub.send_multipart([t, *P.pack(P.ManifestFrames(), release.manifest_bytes, release.signature)])
         sent = 0
-        for i, payload in ((i, c) for i, c in enumerate(release.chunks) if i not in skip):
-            patch = release.patches.get(i)
-            hdr: Any = P.ChunkHeader(m.name, m.seq, i)
-            if patch is not None:  # the chunk as a difference against the previous release
-                hdr, payload = P.PatchHeader(m.name, m.seq, i, patch[0]), patch[1]
+        for i, hdr, payload in chunk_messages(release, skip):
             if self._fault is not None:
                 payload = self._fault(m.name, m.seq, i, payload)
             self._pub.send_multipart([t, *P.pack(hdr, payload)], copy=False)
@@ -304,3 +300,16 @@ class Hub(IOThread):
             log.warning("rejected %r from a peer: %s", kind[:32], exc)
             self.error(ident, code, str(exc))
 
+
+def chunk_messages(release: Release, skip: frozenset[int]) -> Iterator[tuple[int, Any, Any]]:
+    """``(index, header, payload)`` of each chunk a broadcast sends: CHUNK, or PATCH where the
+    release has a patch against the previous one (docs/protocol.md §Deltas)."""
+    m = release.manifest
+    for i, payload in enumerate(release.chunks):
+        if i in skip:
+            continue
+        patch = release.patches.get(i)
+        if patch is None:
+            yield i, P.ChunkHeader(m.name, m.seq, i), payload
+        else:
+            yield i, P.PatchHeader(m.name, m.seq, i, patch[0]), patch[1]
