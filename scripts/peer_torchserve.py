@@ -2,8 +2,9 @@
 worker per model version, answer raw float32 bodies, and swap versions the way its users do
 (register the new version, then set it as the default).
 
-Needs ``pip install torchserve==0.12.0 torch-model-archiver==0.12.0`` and Java 17; every
-function raises ``RuntimeError`` saying what is missing otherwise.
+Needs ``pip install torchserve==0.12.0 torch-model-archiver==0.12.0 pyyaml`` (its worker
+imports yaml) and Java 17; every function raises ``RuntimeError`` saying what is missing
+otherwise.
 """
 
 from __future__ import annotations
@@ -118,6 +119,9 @@ class TorchServe:
 
     def register(self, mar: str) -> None:
         self._manage("POST", f"/models?url={mar}&initial_workers=1&synchronous=true")
+
+    def unregister(self, version: str) -> None:
+        self._manage("DELETE", f"/models/m/{version}")
 
     def set_default(self, version: str) -> None:
         self._manage("PUT", f"/models/m/{version}/set-default")
