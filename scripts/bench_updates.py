@@ -9,7 +9,8 @@ updated four ways:
   (b) full step   one Adam step on every weight, lr 1e-5                 -> publish_weights
   (c) random      every weight re-initialised                            -> publish_weights
   (d) new code    another architecture (GELU for ReLU), compiled         -> build + publish
-  full release    a full release of the same model: its compressed size is the "vs full" base
+  full release    new random weights compiled and published (every byte new), under the same
+                  load; the first release (idle fleet) gives the "vs full" bytes
 
 The hub and two nodes run as their own processes (`zmqmodels hub`, `zmqmodels serve`): one node
 with K=1 worker, one with K=2; one closed-loop client process per node runs throughout; this
@@ -21,7 +22,8 @@ node's PSS (front and workers).
 
 Then the rollout under load against TorchServe 0.12 (scripts/peer_torchserve.py), each peer
 with one worker and 4 closed-loop client processes: from the start of the publish (register)
-call to the last reply by the old version.
+call to the last reply by the old version; publish_weights cold (the newest release came from
+elsewhere: the publisher fetches and loads it first) and warm (this process published it).
 
 Usage: scripts/bench_updates.py [--size-mb 100] [--rounds 3] [--no-torchserve]
 """
@@ -238,7 +240,7 @@ def main() -> None:
             before = [fleet.received(mport) for _, _, mport, _ in fleet.nodes]
             p0, t0 = time.process_time(), time.time()
             done = publish()
-            cpu = time.process_time() - p0
+            cpu, call = time.process_time() - p0, time.time() - t0
             ok, st = client.wait_for("m", done.seq, 2, 300, poll_s=0.02)
             assert ok, st
             t_served = time.time()
@@ -247,7 +249,7 @@ def main() -> None:
             ports = [mport for _, _, mport, _ in fleet.nodes]
             moved = [fleet.received(mport) - b for mport, b in zip(ports, before, strict=True)]
             r1 = by_node["k1"]
-            rows.append((kind, max(moved), cpu, t_served - t0,
+            rows.append((kind, max(moved), cpu, call, t_served - t0,
                          r1.stages.get("roll", float("nan")), by_node["k2"].stages.get("roll", float("nan")),
                          "apply" if "apply" in r1.stages else "load",
                          t0, t_served, [pss_tree(p.pid) for *_, p in fleet.nodes]))
@@ -259,7 +261,7 @@ def main() -> None:
             full_bytes = full.manifest.compressed_bytes
             return client.publish(full, timeout=300)
 
-        measure("full release (compile + build + publish)", first)
+        measure("first release, idle fleet (compile + build + publish)", first)
         settle()
         loads = [Clients(addr, 1, width, tmp) for _, addr, _, _ in fleet.nodes]
         time.sleep(5)
@@ -273,6 +275,11 @@ def main() -> None:
         # (b) one Adam step, lr 1e-5, on everything
         train(model, 1, 1e-5)
         measure("(b) full step: publish_weights", lambda: client.publish_weights("m", model))
+        # a full release under the same load: new random weights, compiled (every byte new)
+        model.load_state_dict(MLP().state_dict())
+        measure("full release: compile + build + publish",
+                lambda: client.publish(build_release(compile_model(model, examples), "m", "full"),
+                                       timeout=300))
         # (c) new random weights
         model.load_state_dict(MLP().state_dict())
         measure("(c) random: publish_weights", lambda: client.publish_weights("m", model))
@@ -287,7 +294,7 @@ def main() -> None:
         fleet.close()
     steady = []
     for replies, _ in logs:
-        quiet = [lat for t, lat, _ in replies[0] if all(not (r[7] - 1 <= t <= r[8] + 1) for r in rows)]
+        quiet = [lat for t, lat, _ in replies[0] if all(not (r[8] - 1 <= t <= r[9] + 1) for r in rows)]
         steady.append(pct(quiet, 0.99))
     mib = sum(p.numel() for p in model.parameters()) * 4 / 2**20
     failed = sum(f for _, f in logs)
@@ -295,14 +302,15 @@ def main() -> None:
           f"{layers} x {width}^2 + head ({mib:.0f} MiB fp32); a full release is {full_bytes / 2**20:.1f} MiB "
           f"compressed; steady p99 {steady[0] * 1e3:.1f} ms (K=1), {steady[1] * 1e3:.1f} ms (K=2); "
           f"failed requests {failed}\n")
-    print("| update | bytes to a node | vs full release | publish CPU s | publish -> both serving s | "
-          "verified -> serving K=1 / K=2 s | swap | max latency K=1 / K=2 ms (x steady p99) | "
-          "PSS K=1 / K=2 MiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for kind, moved, cpu, total, roll1, roll2, how, t0, t1, mem in rows:
+    print("| update | bytes to a node | vs full release | publish CPU s | publish call s | "
+          "publish -> both serving s | verified -> serving K=1 / K=2 s | swap | max latency K=1 / K=2 ms "
+          "(x steady p99) | PSS K=1 / K=2 MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for kind, moved, cpu, call, total, roll1, roll2, how, t0, t1, mem in rows:
         worst = [max([lat for t, lat, _ in replies[0] if t0 <= t <= t1 + 0.5] or [float("nan")])
                  for replies, _ in logs]
-        print(f"| {kind} | {moved / 2**20:.2f} MiB | {moved / full_bytes:.1%} | {cpu:.2f} | {total:.2f} | "
+        print(f"| {kind} | {moved / 2**20:.2f} MiB | {moved / full_bytes:.1%} | {cpu:.2f} | {call:.2f} | "
+              f"{total:.2f} | "
               f"{roll1:.2f} / {roll2:.2f} | {how} | {worst[0] * 1e3:.0f} ({worst[0] / steady[0]:.1f}x) / "
               f"{worst[1] * 1e3:.0f} ({worst[1] / steady[1]:.1f}x) | "
               f"{mem[0] / 2**20:.0f} / {mem[1] / 2**20:.0f} |")
@@ -324,7 +332,8 @@ def rollout_vs_torchserve(MLP, width: int, examples, rounds: int, tmp: str) -> l
     v1, v2 = MLP().eval(), MLP().eval()
     out: dict[str, list[float]] = {"TorchServe 0.12: register v2 + set-default": [],
                                    "zmqmodels: publish a built release": [],
-                                   "zmqmodels: publish_weights": []}
+                                   "zmqmodels: publish_weights (cold)": [],
+                                   "zmqmodels: publish_weights (warm)": []}
     failed = dict.fromkeys(out, 0)
 
     def drive(target: str, swap, is_new) -> tuple[float, int]:  # noqa: ANN001
@@ -366,14 +375,18 @@ def rollout_vs_torchserve(MLP, width: int, examples, rounds: int, tmp: str) -> l
     client = HubClient(fleet.hub, timeout=300)
     try:
         for _ in range(rounds):
-            for kind in ("zmqmodels: publish a built release", "zmqmodels: publish_weights"):
-                base = client.publish(build_release(compile_model(v1, examples), "m", "v1"), timeout=300)
+            for kind in ("zmqmodels: publish a built release", "zmqmodels: publish_weights (cold)",
+                         "zmqmodels: publish_weights (warm)"):
+                if kind.endswith("(warm)"):  # a training loop: this process published the base
+                    base = client.publish_weights("m", v1)
+                else:  # a release from elsewhere: the first publish_weights fetches and loads it
+                    base = client.publish(build_release(compile_model(v1, examples), "m", "v1"), timeout=300)
                 assert client.wait_for("m", base.seq, 1, 300)[0]
                 built = build_release(compile_model(v2, examples), "m", "v2")
                 settle()
 
                 def swap(kind=kind, built=built):  # noqa: ANN001, ANN202
-                    if kind.endswith("publish_weights"):
+                    if "publish_weights" in kind:
                         return client.publish_weights("m", v2).seq
                     return client.publish(built, timeout=300).seq
 

@@ -71,6 +71,17 @@ def test_a_head_update_from_a_module_moves_a_few_percent_and_is_served_without_a
         with Client(n.address, timeout=30) as c:
             r = c.infer("wide", x)
         assert r.seq == done.seq and torch.allclose(r.outputs, want, atol=1e-5)
+    # a node that joins now holds no base: it converges on the same bytes through the full path
+    late = Node(hub.address, ["wide"], "tcp://127.0.0.1:0", workers=1,
+                cache=nodes[0].cache.root.parent / "late", node_id="late").start()
+    try:
+        assert hub.wait_for("wide", done.seq, 3, 120)[0]
+        got = late.follower_stats()
+        assert got.get("chunks_reused", 0) == 0 and got["fetch_chunks"] > 0  # all of it fetched
+        with Client(late.address, timeout=30) as c:
+            assert torch.allclose(c.infer("wide", x).outputs, want, atol=1e-5)
+    finally:
+        late.close()
 
 
 def test_weights_that_do_not_fit_are_named_and_nothing_is_published(fleet) -> None:
