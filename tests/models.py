@@ -195,3 +195,15 @@ def make_heavy() -> tuple[nn.Module, list[torch.Tensor]]:
 def make_explodes() -> tuple[nn.Module, list[torch.Tensor]]:
     """A release every node rejects (NaN/Inf on its example), named ``probe`` by the test."""
     return Explodes(), [torch.ones(1, 4)]
+
+
+class Wide(nn.Module):
+    """~8 MB of weights; ``head`` is the part a fine-tune changes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(256, 8192)
+        self.head = nn.Linear(8192, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.body(x)))

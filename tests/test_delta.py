@@ -10,6 +10,7 @@ import torch
 
 from tests.conftest import wait_until
 from tests.helpers import raw_release
+from tests.models import Wide
 from zmqmodels import Client, Hub, Node, build_release, compile_model
 from zmqmodels import protocol as P
 from zmqmodels.core.assembly import Assembler, Deliver
@@ -102,16 +103,6 @@ def test_a_relay_reuses_what_it_holds_and_forwards_only_what_came() -> None:
     assert f.stats["chunks_reused"] == 5
 
 
-class Wide(torch.nn.Module):
-    """~8 MB of weights; ``head`` is the part a fine-tune changes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = torch.nn.Linear(256, 8192)
-        self.head = torch.nn.Linear(8192, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.body(x)))
 
 
 def test_a_head_only_update_moves_a_few_percent_and_every_node_serves_the_new_weights(tmp_path) -> None:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import wait_until
+from tests.models import Wide
 from zmqmodels import Client, Hub, HubClient, Node, build_release, compile_model
 from zmqmodels.errors import ReleaseError
 from zmqmodels.store import Store
@@ -19,16 +20,6 @@ pytestmark = pytest.mark.timeout(300)
 CHUNK = 256 << 10
 
 
-class Wide(torch.nn.Module):
-    """~8 MB of weights; ``head`` is the part a fine-tune changes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = torch.nn.Linear(256, 8192)
-        self.head = torch.nn.Linear(8192, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.body(x)))
 
 
 @pytest.fixture
