@@ -17,6 +17,7 @@ pytestmark = pytest.mark.timeout(60)
 
 SAMPLES = {
     P.ChunkHeader: (P.ChunkHeader("m", 3, 1), [b"payload"]),
+    P.PatchHeader: (P.PatchHeader("m", 3, 1, 0xFFFF_FFFF_FFFF_FFFF), [b"payload"]),
     P.Heartbeat: (P.Heartbeat("hub", "m", 3, "a" * 64, "v1"), []),
     P.Activate: (P.Activate("m", 3, ["n1"]), []),
     P.Activated: (P.Activated("m", 3, ["n1"]), []),
