@@ -282,3 +282,28 @@ def test_weight_only_swaps_under_four_clients_with_one_worker_fail_nothing_or_st
             assert any(s == seqs[-1] for s, _ in seen[0])
         finally:
             node.close()
+
+
+def test_a_shared_copy_that_disagrees_with_the_manifest_is_not_mapped(tmp_path) -> None:
+    """share_weights maps nothing (and raises nothing) when a descriptor's size or digest
+    does not match the module or the file: the worker keeps its private copy."""
+    import msgspec
+
+    from zmqmodels.loader import load_release, share_weights
+
+    torch.manual_seed(0)
+    model = Wide().eval()
+    x = torch.randn(2, 256)
+    r = build_release(compile_model(model, [(x,)]), "wide", "v1", chunk_bytes=CHUNK)
+    path = tmp_path / "a.pt"
+    path.write_bytes(bytes(r.archive()))
+    loaded = load_release(r.manifest, path)
+    m = r.manifest
+    bad_size = [msgspec.structs.replace(m.tensors[0], nbytes=m.tensors[0].nbytes - 4), *m.tensors[1:]]
+    bad_digest = [msgspec.structs.replace(m.tensors[0], xxh3=m.tensors[0].xxh3 ^ 1), *m.tensors[1:]]
+    for tensors in (bad_size, bad_digest):
+        other = type(loaded)(**{**loaded.__dict__, "manifest": msgspec.structs.replace(m, tensors=tensors)})
+        assert share_weights(other, path) == 0
+    assert share_weights(loaded, path) == sum(t.nbytes for t in m.tensors)
+    with torch.inference_mode():
+        assert torch.equal(loaded.module(x), model(x))

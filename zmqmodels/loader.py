@@ -137,6 +137,7 @@ def share_weights(loaded: Loaded, path: str | os.PathLike[str]) -> int:
     for t in m.tensors:
         target = own.get(t.name)
         if (target is None or list(target.shape) != t.shape or t.start + t.nbytes > len(mm)
+                or t.nbytes != target.numel() * target.element_size()
                 or xxhash.xxh3_64_intdigest(memoryview(mm)[t.start:t.start + t.nbytes]) != t.xxh3
                 or str(target.dtype).removeprefix("torch.") != t.dtype or not target.is_contiguous()):
             return 0  # the mapping stays referenced only by what already uses it: none
