@@ -48,6 +48,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 ENV = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
 ZM = [sys.executable, "-m", "zmqmodels"]
 
+from scripts.bench_serving import wait_idle_cpu as settle  # noqa: E402  (the same idle rule)
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -160,22 +162,6 @@ class Fleet:
                 p.wait(30)
             except subprocess.TimeoutExpired:
                 p.kill()
-
-
-def settle(limit: float = 0.3, timeout: float = 60.0) -> None:
-    """Wait until the machine's CPUs are mostly idle (a busy CPU times the wrong thing)."""
-    def busy() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        return sum(v) - v[3] - v[4], sum(v)
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        a = busy()
-        time.sleep(1.0)
-        b = busy()
-        if (b[0] - a[0]) / max(1, b[1] - a[1]) < limit:
-            return
 
 
 def main() -> None:

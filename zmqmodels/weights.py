@@ -94,7 +94,7 @@ def swap_tensors(base: Base, state: Mapping[str, Any]) -> tuple[bytearray, list[
             continue
         data = x.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         digest = xxhash.xxh3_64_intdigest(data)
-        if digest != t.xxh3 or bytes(view[t.start:t.start + t.nbytes]) != data.tobytes():
+        if digest != t.xxh3 or view[t.start:t.start + t.nbytes] != data.data:  # compared in place
             view[t.start:t.start + t.nbytes] = data
             changed.append((t.start, t.start + t.nbytes))
         descs.append(msgspec.structs.replace(t, xxh3=digest))
