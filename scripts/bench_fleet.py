@@ -370,8 +370,8 @@ def local_rollout(release, n: int, workers: int) -> float:  # noqa: ANN001
 def local_main(args: argparse.Namespace) -> None:
     import torch
 
+    from zmqmodels.build import build_release
     from zmqmodels.compile import compile_model
-    from zmqmodels.release import build_release
 
     torch.manual_seed(0)
     width = 1024

@@ -207,3 +207,41 @@ class Wide(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(torch.relu(self.body(x)))
+
+
+class Rows(nn.Module):
+    """``x * scale``, row by row (batch-invariant); a row whose first value is -1 makes the
+    forward raise, one whose first value is -2 makes it run for about a second."""
+
+    def __init__(self, scale: float = 1.0, width: int = 4) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((width,), float(scale)))
+        self.register_buffer("spin", torch.eye(64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool((x[:, 0] == -1.0).any()):
+            raise RuntimeError("a row asked to fail")
+        if bool((x[:, 0] == -2.0).any()):
+            y = torch.ones(64, 64)
+            for _ in range(200_000):
+                y = y @ self.spin
+            return x * self.scale + y[0, 0] * 0
+        return x * self.scale
+
+
+def make_rows(scale: float = 2.0) -> tuple[nn.Module, list[torch.Tensor]]:
+    return Rows(scale), [torch.ones(1, 4), torch.full((2, 4), 0.5)]
+
+
+class CenterBatch(nn.Module):
+    """Subtracts the batch mean: each row's output depends on its neighbours (not batchable)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x - x.mean(0, keepdim=True)
+
+
+class Positive(nn.Module):
+    """Keeps the positive values: the output's length depends on the data (not batchable)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[x > 0]

@@ -9,8 +9,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from zmqmodels.core.broker import Broker, Changed, Dispatch, Expire, Load, Refuse, Rejected, Request
+from zmqmodels.core.broker import Broker
 from zmqmodels.core.swap import SwapPolicy, Target, Version
+from zmqmodels.core.work import Changed, Dispatch, Expire, Load, Refuse, Rejected, Request
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -23,9 +24,10 @@ def make(workers: int = 1, policy: SwapPolicy = SwapPolicy.AVAILABILITY, **kw) -
 _rid = iter(range(1, 1 << 30))
 
 
-def req(now: float, seq: int = 0, timeout: float = math.inf, queue_s: float = 10.0) -> Request:
+def req(now: float, seq: int = 0, timeout: float = math.inf, queue_s: float = 10.0, key=None,
+        rows: int = 1) -> Request:
     rid = str(next(_rid))
-    return Request(rid.encode(), "m", rid, now, now + queue_s, seq, now + timeout)
+    return Request(rid.encode(), "m", rid, now, now + queue_s, seq, now + timeout, key=key, rows=rows)
 
 
 def of(actions, kind):
@@ -160,24 +162,28 @@ EVENTS = st.lists(st.tuples(st.sampled_from(["arrive", "arrive", "arrive", "pinn
                                              "done", "target", "loaded", "loaded", "fail", "lost",
                                              "ready", "tick"]),
                             st.integers(0, 7), st.floats(0, 0.05)), max_size=150)
+KEYS = [None, (("float32", (4,)),), (("float32", (8,)),)]
 
 
 @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(events=EVENTS, workers=st.integers(1, 3),
-       policy=st.sampled_from(list(SwapPolicy)))
-def test_properties_over_random_event_orders(events, workers, policy) -> None:
+@given(events=EVENTS, workers=st.integers(1, 3), policy=st.sampled_from(list(SwapPolicy)),
+       max_batch=st.sampled_from([1, 1, 4, 16]), delay=st.sampled_from([0.0, 0.002, 0.03]),
+       cap=st.sampled_from([1, 3, 64]))
+def test_properties_over_random_event_orders(events, workers, policy, max_batch, delay, cap) -> None:
     """No request lost or answered twice; a load is issued as soon as a stale worker is free
     (never a request first); at most one load at a time; no unpinned reply older than one
-    already sent; every refusal uses a documented code."""
-    b = make(workers, policy, queue_max=16, queue_timeout_s=2.0)
+    already sent; every refusal uses a documented code. With batching: a batch shares one
+    model, key and pin, fits the caps, and a request a free worker could take is held back
+    no longer than the batch delay."""
+    b = make(workers, policy, queue_max=16, queue_timeout_s=2.0, max_batch=max_batch, batch_delay_s=delay)
     now, next_seq = 0.0, 2
     outcome: dict[str, str] = {}
-    inflight: dict[str, tuple[Request, int]] = {}
+    inflight: dict[str, tuple[tuple[Request, ...], int]] = {}
     loading: dict[str, Target] = {}
     cache = 1  # the newest good seq in the node's cache
     newest_unpinned_reply = 0
     for wid in b.workers:
-        b.worker_ready(wid, {"m": Version(1)}, now)
+        b.worker_ready(wid, {"m": Version(1)}, now, batch={"m": cap})
 
     def carry(actions) -> None:
         if b.loading is None:  # fairness: nothing went to a stale worker while no load was running
@@ -186,10 +192,17 @@ def test_properties_over_random_event_orders(events, workers, policy) -> None:
                     assert not b.swaps.stale("m", b.workers[a.wid].serving.get("m")), "request before load"
         for a in actions:
             match a:
-                case Dispatch(wid, r):
-                    assert r.rid not in outcome and wid not in inflight
-                    assert b.workers[wid].serving["m"].seq == b.workers[wid].busy_seq
-                    inflight[wid] = (r, b.workers[wid].busy_seq)
+                case Dispatch(wid, batch, waited):
+                    assert wid not in inflight and 0 <= waited <= delay + 1e-9
+                    assert len({r.rid for r in batch}) == len(batch)
+                    seq = b.workers[wid].busy_seq
+                    assert b.workers[wid].serving["m"].seq == seq
+                    if len(batch) > 1:
+                        assert sum(r.rows for r in batch) <= min(max_batch, cap)
+                        assert len({(r.model, r.key, r.seq) for r in batch}) == 1 and batch[0].key is not None
+                    for r in batch:
+                        assert r.rid not in outcome and (not r.seq or r.seq == seq)
+                    inflight[wid] = (batch, seq)
                 case Refuse(r, code, _):
                     assert code in {"unavailable", "not_ready", "version_unavailable", "worker_lost"}
                     assert r.rid not in outcome
@@ -206,14 +219,16 @@ def test_properties_over_random_event_orders(events, workers, policy) -> None:
         now += dt
         if kind in ("arrive", "pinned"):
             seq = 1 + pick % next_seq if kind == "pinned" else 0
-            carry(b.request(req(now, seq=seq, timeout=1.0 + pick), now))
+            r = req(now, seq=seq, timeout=1.0 + pick, key=KEYS[pick % 3], rows=1 + pick % 3)
+            carry(b.request(r, now))
         elif kind == "done" and inflight:
             wid = sorted(inflight)[pick % len(inflight)]
-            r, seq = inflight.pop(wid)
-            outcome[r.rid] = f"ok {seq}"
-            if not r.seq:
-                assert seq >= newest_unpinned_reply, "an unpinned reply stepped back"
-                newest_unpinned_reply = seq
+            batch, seq = inflight.pop(wid)
+            for r in batch:
+                outcome[r.rid] = f"ok {seq}"
+                if not r.seq:
+                    assert seq >= newest_unpinned_reply, "an unpinned reply stepped back"
+                    newest_unpinned_reply = seq
             carry(b.done(wid, now))
         elif kind == "target":
             cache = next_seq
@@ -226,14 +241,15 @@ def test_properties_over_random_event_orders(events, workers, policy) -> None:
             ok = kind == "loaded" or t.seq <= b.swaps.floor["m"]
             if not ok and cache == t.seq:
                 cache = max((s for s in range(1, t.seq) if s not in b.swaps.rejected["m"]), default=1)
-            carry(b.loaded(wid, "m", t.seq, "", ok, "" if ok else "bad", now))
+            carry(b.loaded(wid, "m", t.seq, "", ok, "" if ok else "bad", now, batch=cap))
         elif kind == "lost":
             wid = sorted(b.workers)[pick % workers]
             if b.workers[wid].ready:
                 if wid in inflight:
-                    r, _ = inflight.pop(wid)
-                    assert r.rid not in outcome
-                    outcome[r.rid] = "worker_lost (pending)"
+                    batch, _ = inflight.pop(wid)
+                    for r in batch:  # every request of its batch, once
+                        assert r.rid not in outcome
+                        outcome[r.rid] = "worker_lost (pending)"
                 loading.pop(wid, None)
                 actions = b.worker_lost(wid, now)
                 # its request is answered worker_lost by the broker
@@ -241,7 +257,7 @@ def test_properties_over_random_event_orders(events, workers, policy) -> None:
         elif kind == "ready":
             down = [w for w, s in b.workers.items() if not s.ready]
             if down:
-                carry(b.worker_ready(down[pick % len(down)], {"m": Version(cache)}, now))
+                carry(b.worker_ready(down[pick % len(down)], {"m": Version(cache)}, now, batch={"m": cap}))
         else:
             carry(b.tick(now))
         # invariants after every event
@@ -250,6 +266,10 @@ def test_properties_over_random_event_orders(events, workers, policy) -> None:
             assert not (w.busy and w.loading)
         if b.loading is None:  # fairness: a free stale worker is never left without its load
             assert not [w for w in b.workers.values() if w.free and b.swaps.stale("m", w.serving.get("m"))]
+        free = [w for w in b.workers.values() if w.free]
+        for r in b.pending:  # held for a batch, never past the delay (the shell ticks at wake_at)
+            if any(b.swaps.eligible("m", w.serving.get("m"), r.seq, b._older_in_flight("m")) for w in free):
+                assert now < r.received + delay and b.wake_at <= r.received + delay + 1e-9
     # nothing lost: every request has one outcome, or is still queued or running
-    open_ids = {r.rid for r in b.pending} | {r.rid for r, _ in inflight.values()}
+    open_ids = {r.rid for r in b.pending} | {r.rid for batch, _ in inflight.values() for r in batch}
     assert not open_ids & set(outcome)

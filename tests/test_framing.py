@@ -40,6 +40,8 @@ SAMPLES = {
     P.WorkerReady: (P.WorkerReady("w", 1, "cpu", {"m": P.Held(2, "v1")}), []),
     P.Work: (P.Work(b"\0id", 1, 2), [b"INFER", b"hdr"]),
     P.Done: (P.Done(b"\0id"), [b"OK", b"hdr"]),
+    P.Batch: (P.Batch([P.Job(b"\0a", 1, 2, 2), P.Job(b"\0b", 1, 0, 2)]), [b"INFER", b"h1", b"INFER", b"h2"]),
+    P.Answers: (P.Answers([P.Answer(b"\0a", True, "", 2), P.Answer(b"\0b", False, "", 0)]), [b"OK", b"h1"]),
     P.LoadCommand: (P.LoadCommand("m", 2, "/x"), []),
     P.LoadResult: (P.LoadResult("w", "m", 2, "v1", True), []),
     P.ManifestFrames: (P.ManifestFrames(), [b"manifest", b"sig"]),

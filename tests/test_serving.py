@@ -176,9 +176,9 @@ def test_killed_worker_is_restarted_and_no_client_hangs(hub, tmp_path) -> None:
 
         t = threading.Thread(target=slow_call)
         t.start()
-        wait_until(lambda: any(w.busy is not None for w in node.broker.workers.values()), 10,
+        wait_until(lambda: any(w.busy for w in node.broker.workers.values()), 10,
                    what="the slow request to start")
-        victim = next(wid for wid, w in node.broker.workers.items() if w.busy is not None)
+        victim = next(wid for wid, w in node.broker.workers.items() if w.busy)
         old_pid = node.worker_pids()[victim]
         os.kill(old_pid, signal.SIGKILL)
         t.join(20)

@@ -7,13 +7,33 @@ a training job can call it directly and hand the result to :class:`~zmqmodels.Hu
 
 from __future__ import annotations
 
+import hashlib
+import io
+import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import xxhash
 
 from . import defaults
-from .errors import SourceError
-from .release import Release, build_release, validate_name
+from .errors import ReleaseError, SourceError
+from .release import (
+    CODECS,
+    MAX_BATCH_CLAIM,
+    CodecSpec,
+    Manifest,
+    Release,
+    choose_codec,
+    compress_archive,
+    pack_tensors,
+    span_digests,
+    validate_name,
+)
 
-__all__ = ["build_from_source", "parse_metadata"]
+if TYPE_CHECKING:
+    from .compile import Compiled
+
+__all__ = ["build_from_source", "build_release", "parse_metadata"]
 
 
 def parse_metadata(items: Sequence[str]) -> dict[str, str]:
@@ -43,6 +63,8 @@ def build_from_source(
     progress: Callable[[str], None] | None = None,
     chunk_progress: Callable[[int, int], None] | None = None,
     timings: dict[str, float] | None = None,
+    batching: str = "auto",
+    max_batch: int = defaults.PROOF_MAX_BATCH,
 ) -> Release:
     """Load ``source`` (``module:factory``, a ``.py`` file with a factory, or a TorchScript
     file), compile it on its examples and build a release named ``name``.
@@ -87,8 +109,111 @@ def build_from_source(
         say(f"warning: {w}")
     say("compressing")
     release = build_release(compiled, name, label, codec=codec, chunk_bytes=chunk_bytes,
-                            metadata=metadata or {}, progress=chunk_progress, timings=t)
+                            metadata=metadata or {}, progress=chunk_progress, timings=t,
+                            batching=batching, max_batch=max_batch)
+    for note in release.notes:
+        say(note)
     m = release.manifest
     say(f"archive {m.archive_bytes:,} B -> {m.compressed_bytes:,} B in {m.chunk_count} chunk(s), "
         f"codec {m.codec.name}/{m.codec.filter}")
+    return release
+
+
+def build_release(
+    compiled: Compiled,
+    name: str,
+    label: str = "",
+    *,
+    codec: str | CodecSpec = "auto",
+    chunk_bytes: int = defaults.CHUNK_BYTES,
+    metadata: dict[str, str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    timings: dict[str, float] | None = None,
+    batching: str = "auto",
+    max_batch: int = defaults.PROOF_MAX_BATCH,
+) -> Release:
+    """Save ``compiled`` into memory and build its release (``seq`` 0 until stored).
+
+    ``batching``: ``"auto"`` proves whether the model is batch-invariant on its examples and
+    records the result (:func:`zmqmodels.batching.prove_batching`, up to ``max_batch`` rows);
+    ``"on"`` also refuses (:class:`ParityError`) a model that is not; ``"off"`` records it as
+    unbatched.
+
+    ``timings`` receives the seconds spent saving the archive (``build``) and choosing a codec
+    and compressing (``compress``).
+
+    ``codec`` is ``"auto"``, a codec name (``lz4``, ``zstd``, ``blosclz``, ``none``, ...) or a
+    :class:`CodecSpec` for full control of filter and typesize.
+    """
+    import torch
+
+    from .archive import describe_tensors
+    from .batching import prove_batching
+    from .errors import ParityError
+    from .tensors import input_signature, signature
+
+    validate_name(name)
+    if batching not in ("auto", "on", "off"):
+        raise ReleaseError(f"batching must be auto, on or off, not {batching!r}")
+    t0 = time.perf_counter()
+    proof = prove_batching(compiled.module, compiled.examples,
+                           max_batch=0 if batching == "off" else min(max_batch, MAX_BATCH_CLAIM))
+    if batching == "on" and not proof.batch:
+        raise ParityError(f"{name} was declared batchable, but its examples say otherwise: {proof.reason}")
+    buf = io.BytesIO()
+    torch.jit.save(compiled.module, buf)
+    archive = buf.getbuffer()
+    state = list(compiled.module.parameters()) + list(compiled.module.buffers())
+    by_size: dict[int, int] = {}
+    for t in state:
+        by_size[t.element_size()] = by_size.get(t.element_size(), 0) + t.numel() * t.element_size()
+    typesize = max(by_size, key=by_size.__getitem__) if by_size else 4
+    t1 = time.perf_counter()
+    if isinstance(codec, str):
+        if codec == "auto":
+            spec = choose_codec(archive, typesize, chunk_bytes)
+        elif codec in CODECS:
+            spec = CodecSpec(codec, 0 if codec == "none" else defaults.CLEVEL,
+                             "none" if codec == "none" else "shuffle", typesize)
+        else:
+            raise ReleaseError(f"unknown codec {codec!r}; use auto or one of {sorted(CODECS)}")
+    else:
+        spec = codec
+    chunks = compress_archive(archive, spec, chunk_bytes, progress)
+    if timings is not None:
+        timings["build"] = timings.get("build", 0.0) + t1 - t0
+        timings["compress"] = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    params = list(compiled.module.parameters())
+    code, tensors = describe_tensors(archive)
+    manifest = Manifest(
+        name=name,
+        label=label,
+        created_at=time.time(),
+        archive_sha256=hashlib.sha256(archive).hexdigest(),
+        archive_bytes=len(archive),
+        compressed_bytes=sum(len(c) for c in chunks),
+        codec=spec,
+        chunk_bytes=chunk_bytes,
+        chunk_count=len(chunks),
+        chunk_sizes=[len(c) for c in chunks],
+        chunk_xxh3=[xxhash.xxh3_64_intdigest(c) for c in chunks],
+        chunk_raw_xxh3=span_digests(archive, chunk_bytes),
+        torch_version=str(torch.__version__),
+        code_sha256=code,
+        tensors=tensors,
+        compile_method=compiled.method,
+        compile_warnings=list(compiled.warnings),
+        inputs=input_signature(compiled.examples),
+        outputs=signature(compiled.outputs[0]),
+        parameter_count=sum(p.numel() for p in params),
+        parameter_bytes=sum(p.numel() * p.element_size() for p in params),
+        examples=pack_tensors(list(compiled.examples)),
+        expected=pack_tensors(list(compiled.outputs)),
+        metadata=dict(metadata or {}),
+        batch=proof.batch,
+    )
+    release = Release(manifest.check(), chunks, notes=(proof.line(name),))
+    if timings is not None:  # the manifest: digests, example and expected tensors
+        timings["build"] += time.perf_counter() - t2
     return release

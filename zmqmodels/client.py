@@ -40,6 +40,7 @@ class Result:
     infer_ms: float
     latency_ms: float
     attempts: int
+    batch: int = 1  # rows in the forward that answered it (more than its own: it was batched)
 
 
 class Client:
@@ -136,6 +137,6 @@ class Client:
                 raise ProtocolError(f"reply for request {hdr.id!r}, expected {rid!r}")
             outputs = decode(hdr.outputs, [f.buffer for f in tensors], arrays=self.arrays)
             return Result(outputs, hdr.model, hdr.label, hdr.seq, hdr.worker, hdr.queue_ms,
-                          hdr.infer_ms, (time.perf_counter() - t0) * 1000, attempt)
+                          hdr.infer_ms, (time.perf_counter() - t0) * 1000, attempt, hdr.batch)
         assert last is not None
         raise last

@@ -31,6 +31,9 @@ __all__ = [
     "LINGER_MS",
     "NODE_QUEUE_MAX",
     "NODE_QUEUE_TIMEOUT_S",
+    "MAX_BATCH",
+    "PROOF_MAX_BATCH",
+    "BATCH_DELAY_S",
     "WORKER_TTL_S",
     "WORKER_START_TIMEOUT_S",
     "REQUEST_TIMEOUT_S",
@@ -69,6 +72,9 @@ MAX_REQUEST_TENSORS = 64
 
 NODE_QUEUE_MAX = 1024  # requests a node holds while no worker is free
 NODE_QUEUE_TIMEOUT_S = 10.0  # a queued request gets `unavailable` after this
+PROOF_MAX_BATCH = 64  # the largest batch publish proves a model batch-invariant on
+MAX_BATCH = 32  # rows a node joins into one forward (of a release proven batchable); 1 = off
+BATCH_DELAY_S = 0.0002  # the longest a request waits for others to join it (only under load)
 WORKER_TTL_S = 5.0  # an idle worker silent this long is killed and restarted
 WORKER_START_TIMEOUT_S = 120.0  # a spawned worker has this long to say READY (imports torch)
 REQUEST_TIMEOUT_S = 120.0  # a worker busy on one request this long is taken for hung

@@ -188,7 +188,14 @@ class IOThread(abc.ABC):
                         self.stats["tick_errors"] += 1
                         log.exception("%s: a timer failed; the loop goes on", self.kind)
                     next_tick = now + delay
-                events = dict(poller.poll(max(1, int((next_tick - now) * 1000))))
+                left = next_tick - time.monotonic()
+                if left >= 0.001:
+                    events = dict(poller.poll(int(left * 1000)))
+                else:  # a timer under a millisecond away (a held batch): zmq_poll counts in ms
+                    events = dict(poller.poll(0))
+                    if not events:
+                        time.sleep(max(0.0, min(left, 0.0001)))
+                        continue
                 if wake in events:
                     self.mailbox.run_pending(wake, self._contain)
                 for sock, handler in handlers:

@@ -156,6 +156,7 @@ def _checked(module: Any, manifest: Manifest, device: str, load_s: float, code: 
     """Check ``module`` on the manifest's examples and warm it up."""
     import torch
 
+    from .batching import check_batched
     from .compile import compare_outputs
 
     t1 = time.perf_counter()
@@ -176,6 +177,8 @@ def _checked(module: Any, manifest: Manifest, device: str, load_s: float, code: 
                 compare_outputs(want, got, path=f"example {i} out", **tol)
             except ZmqModelsError as exc:
                 raise CheckError(str(exc)) from None
+        batch, note = check_batched(lambda args: to_device(module(*to_device(args, device)), "cpu"),
+                                    examples, expected, manifest.batch, device, tol)
         for _ in range(warmup if examples else 0):
             module(*to_device(tuple(examples[0]), device))
         if gpu:
@@ -187,4 +190,5 @@ def _checked(module: Any, manifest: Manifest, device: str, load_s: float, code: 
     sig = tuple((torch_dtype(w.get("dtype")), w.get("rank", -1), w.get("dtype", ""),
                  tuple([-1, *list(w.get("shape") or [])[1:]]) if w.get("shape") else ())
                 for w in manifest.inputs)
-    return Loaded(module, manifest, device, load_s, time.perf_counter() - t1, sig, code, how)
+    return Loaded(module, manifest, device, load_s, time.perf_counter() - t1, sig, code, how,
+                  batch=batch, batch_note=note)

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .core.broker import WorkerState
+from .core.work import WorkerState
 from .errors import ZmqModelsError
 from .protocol import SERVING_CODES
 
@@ -24,6 +24,7 @@ __all__ = ["NodeMetrics", "HubMetrics", "RelayMetrics", "COLLECTORS", "parse_lis
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 _LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 def parse_listen(spec: str) -> tuple[str, int]:
@@ -91,7 +92,19 @@ class NodeMetrics(Collector):
                                     buckets=_LATENCY_BUCKETS, **kw)
         self.load = Histogram("zmqmodels_load_seconds", "A worker's load, example check and swap",
                               buckets=_LOAD_BUCKETS, **kw)
+        self.batch_rows = Histogram("zmqmodels_batch_rows", "Rows per forward a worker was sent",
+                                    buckets=_BATCH_BUCKETS, **kw)
+        self.batch_wait = Histogram("zmqmodels_batch_wait_seconds",
+                                    "How long a batch was held back for more requests",
+                                    buckets=_LATENCY_BUCKETS, **kw)
         self.registry.register(self)
+
+    def dispatched(self, model: str, rows: int, waited: float, now: float, received: list[float]) -> None:
+        """One forward of ``rows`` sent to a worker after ``waited`` s held (I/O thread)."""
+        self.batch_rows.labels(model).observe(rows)
+        self.batch_wait.labels(model).observe(waited)
+        for t in received:
+            self.queue_wait.labels(model).observe(now - t)
 
     def answered(self, req: Any, seq: int, code: str, now: float) -> None:
         """``req`` was answered by ``seq`` with ``code`` ("" = OK) at ``now`` (I/O thread)."""

@@ -29,15 +29,17 @@ import zmq
 from . import defaults
 from . import protocol as P
 from .cache import Cache
-from .core.broker import Action, Broker, Changed, Dispatch, Expire, Load, Refetch, Refuse, Rejected, Request
+from .core.broker import Broker
 from .core.ledger import Ledger
 from .core.supervisor import Activity, Kill, Spawn, Supervisor
 from .core.swap import SwapPolicy, Target, Version
+from .core.work import Action, Changed, Dispatch, Expire, Load, Refetch, Refuse, Rejected
 from .curve import Curve, ServerContext
 from .defaults import Limits
-from .errors import ProtocolError, ZmqModelsError
+from .errors import ZmqModelsError
 from .exporter import MetricsServer
 from .follower import Follower
+from .front import Refusal, admit, replies, work_frames
 from .host import SharedCopies, WorkerProcesses, check_devices, make_run_dir
 from .ioloop import IOThread, LoopState
 from .protocol import ModelState
@@ -87,6 +89,9 @@ class Node(IOThread):
         metrics: str | None = None,
         hub_unreachable_s: float = defaults.HUB_UNREACHABLE_S,
         labels: Sequence[str] = (),
+        max_batch: int = defaults.MAX_BATCH,
+        batch_delay_s: float = defaults.BATCH_DELAY_S,
+        unbatched: Sequence[str] = (),
     ) -> None:
         try:
             policy = SwapPolicy(swap_policy)
@@ -118,7 +123,9 @@ class Node(IOThread):
         self._devices = dict(zip(wids, devs, strict=True))
         self._procs = WorkerProcesses(wids)
         self.broker = Broker(self.models, wids, path_for=lambda n, s: str(self.cache.path(n, s)),
-                             policy=policy, queue_max=queue_max, queue_timeout_s=queue_timeout_s)
+                             policy=policy, queue_max=queue_max, queue_timeout_s=queue_timeout_s,
+                             max_batch=max_batch, batch_delay_s=batch_delay_s)
+        self.unbatched = set(unbatched)  # models whose requests are never joined
         self.supervisor = Supervisor(wids, ttl_s=worker_ttl_s, start_timeout_s=worker_start_timeout_s,
                                      request_timeout_s=request_timeout_s,
                                      load_timeout_s=load_timeout_s)
@@ -279,12 +286,13 @@ class Node(IOThread):
                     log.warning("worker %s %s; killing it", wid, reason)
                     self._procs.kill(wid)
         self._carry(self.broker.tick(now))
+        wake = min(0.1, self.broker.wake_at - now)  # a batch held back goes at wake_at
         down = bool(self.hub) and self.hub_silence(now) > self.hub_unreachable_s
         if down != self._hub_down_logged:
             self._hub_down_logged = down
             log.log(logging.WARNING if down else logging.INFO, "node %s: hub %s %s", self.node_id, self.hub,
                     f"not heard from for {self.hub_silence(now):.0f}s" if down else "heard again")
-        return 0.1
+        return wake
 
     def _teardown(self) -> None:
         for wid, slot in self.broker.workers.items():
@@ -310,14 +318,13 @@ class Node(IOThread):
     def _carry(self, actions: list[Action]) -> None:
         for action in actions:
             match action:
-                case Dispatch(wid, req):
-                    received_ns, expires_ns, frames = req.payload
-                    work = P.Work(req.client, received_ns, expires_ns)
-                    self._back.send_multipart([wid.encode(), *P.pack(work, *frames)], copy=False)
+                case Dispatch(wid, reqs, waited):
+                    self._back.send_multipart(work_frames(action), copy=False)
                     now = time.monotonic()
                     self.supervisor.seen(wid, now, Activity.BUSY)
                     if self.metrics is not None:
-                        self.metrics.queue_wait.labels(req.model).observe(now - req.received)
+                        self.metrics.dispatched(reqs[0].model, sum(r.rows for r in reqs), waited, now,
+                                                [r.received for r in reqs])
                 case Load(wid, target, unload_first):
                     cmd = P.LoadCommand(target.name, target.seq, target.path, unload_first=unload_first)
                     self._back.send_multipart([wid.encode(), *P.pack(cmd)])
@@ -359,30 +366,17 @@ class Node(IOThread):
         if len(frames) < 3 or frames[1].bytes != b"":
             self.stats["dropped_not_req"] += 1  # not a REQ envelope: nowhere to answer
             return
-        received_ns = time.monotonic_ns()
         try:
-            req, tensors = P.unpack(frames[2:])
-        except ProtocolError as exc:
-            self._error(client, "bad_request", str(exc))
-            return
-        if not isinstance(req, P.InferRequest):
-            self._error(client, "bad_request", "expected [INFER, header, tensor frames...]")
+            request = admit(client, frames[2:], self.limits, self.broker.queue_timeout_s,
+                            unbatched=self.unbatched if self.broker.max_batch > 1 else None)
+        except Refusal as exc:
+            self._error(client, exc.code, str(exc), exc.rid, exc.model)
             return
         if self._draining:
-            self._error(client, "unavailable", f"node {self.node_id} is shutting down", req.id, req.model)
+            self._error(client, "unavailable", f"node {self.node_id} is shutting down", request.rid,
+                        request.model)
             return
-        size = sum(len(f) for f in frames[2:])
-        if size > self.limits.max_request_bytes or len(tensors) > self.limits.max_request_tensors:
-            self._error(client, "too_large", f"request of {len(tensors)} tensor(s), {size} bytes; "
-                        f"limits {self.limits.max_request_tensors} / {self.limits.max_request_bytes}",
-                        req.id, req.model)
-            return
-        now = received_ns / 1e9
-        expires = now + req.timeout_ms / 1000 if req.timeout_ms else float("inf")
-        expires_ns = received_ns + int(req.timeout_ms * 1e6) if req.timeout_ms else 0
-        request = Request(client, req.model, req.id, now, now + self.broker.queue_timeout_s, req.seq,
-                          expires, (received_ns, expires_ns, frames[2:]))
-        self._carry(self.broker.request(request, now))
+        self._carry(self.broker.request(request, request.received))
 
     # workers ---------------------------------------------------------------------------------
     def _on_worker(self, frames: list[zmq.Frame]) -> None:
@@ -395,17 +389,18 @@ class Node(IOThread):
         match msg:
             case P.WorkerBeat():
                 self.supervisor.seen(wid, now)
-            case P.Done(client=client, served=served):
+            case P.Done() | P.Answers():
                 slot = self.broker.workers[wid]
-                if served and slot.busy is not None:
-                    self.ledger.answer(slot.busy.model, slot.busy_seq, msg.code)
-                    if self.metrics is not None:
-                        self.metrics.answered(slot.busy, slot.busy_seq, msg.code, now)
-                if served:
-                    self._front.send_multipart([client, b"", *payload], copy=False)
+                for i, r in enumerate(replies(msg, payload)):
+                    if not r.served:
+                        self.stats["expired"] += 1
+                        continue
+                    if i < len(slot.busy):
+                        self.ledger.answer(slot.busy[i].model, slot.busy_seq, r.code)
+                        if self.metrics is not None:
+                            self.metrics.answered(slot.busy[i], slot.busy_seq, r.code, now)
+                    self._front.send_multipart([r.client, b"", *r.frames], copy=False)
                     self.stats["replies"] += 1
-                else:
-                    self.stats["expired"] += 1
                 self.supervisor.seen(wid, now, Activity.IDLE)
                 self._carry(self.broker.done(wid, now))
             case P.WorkerReady(pid=pid, device=device, serving=serving, errors=errors):
@@ -413,7 +408,8 @@ class Node(IOThread):
                 log.info("worker %s ready (pid %d, %s): %s", wid, pid, device, serving)
                 versions = {n: Version(h.seq, h.label) for n, h in serving.items()}
                 damaged = {n: (e.seq, e.reason) for n, e in errors.items()}
-                self._carry(self.broker.worker_ready(wid, versions, now, damaged))
+                batch = {n: h.batch for n, h in serving.items()}
+                self._carry(self.broker.worker_ready(wid, versions, now, damaged, batch))
             case P.LoadResult(name=name, seq=seq, label=label, ok=ok, reason=reason):
                 self.supervisor.seen(wid, now, Activity.IDLE)
                 if ok:
@@ -424,7 +420,10 @@ class Node(IOThread):
                         self.metrics.load.labels(name).observe(msg.load_s + msg.check_s)
                     if self._sub is not None and self.ledger.is_rolling(name, seq):
                         self._sub.stage(name, seq, **{msg.how: msg.load_s}, check=msg.check_s)  # load/apply
-                self._carry(self.broker.loaded(wid, name, seq, label, ok, reason, now, corrupt=msg.corrupt))
+                if ok and msg.batch_note:
+                    log.warning("worker %s: %s seq %d unbatched: %s", wid, name, seq, msg.batch_note)
+                self._carry(self.broker.loaded(wid, name, seq, label, ok, reason, now, corrupt=msg.corrupt,
+                                               batch=msg.batch))
             case _:
                 self.stats["dropped_bad_worker_message"] += 1
 

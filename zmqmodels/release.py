@@ -10,12 +10,11 @@ receiver rejects a corrupt chunk before decompressing it.
 from __future__ import annotations
 
 import hashlib
-import io
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 import xxhash
@@ -23,9 +22,6 @@ import xxhash
 from . import defaults
 from .archive import TensorDesc
 from .errors import IntegrityError, LimitError, ReleaseError
-
-if TYPE_CHECKING:
-    from .compile import Compiled
 
 __all__ = [
     "CodecSpec",
@@ -36,7 +32,6 @@ __all__ = [
     "CODECS",
     "FILTERS",
     "validate_name",
-    "build_release",
     "manifest_frames",
     "stage_release",
     "choose_codec",
@@ -55,6 +50,7 @@ __all__ = [
 # built release, status) never pays for it.
 CODECS = {"none": None, "lz4": "LZ4", "lz4hc": "LZ4HC", "zstd": "ZSTD", "blosclz": "BLOSCLZ",
           "zlib": "ZLIB"}
+MAX_BATCH_CLAIM = 1 << 16
 FILTERS = {"none": "NOFILTER", "shuffle": "SHUFFLE", "bitshuffle": "BITSHUFFLE"}
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 
@@ -117,6 +113,10 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
     metadata: dict[str, str] = {}
     signer: str = ""  # hex Ed25519 public key that signs these bytes; empty = unsigned
     staged: bool = False  # distribute and cache, but serve only once activated (ACTIVATE)
+    # the largest batch the examples proved batch-invariant along batch_dim (0: serve one
+    # request per forward; batching.prove_batching)
+    batch: int = 0
+    batch_dim: int = 0
 
     def check(self, limits: Any = None) -> Manifest:
         """Raise :class:`ReleaseError`/:class:`LimitError` unless sizes are consistent and bounded."""
@@ -149,6 +149,8 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
             raise ReleaseError("archive_sha256 must be 64 hex digits")
         if self.signer and len(self.signer) != 64:
             raise ReleaseError("signer must be 64 hex digits")
+        if not 0 <= self.batch <= MAX_BATCH_CLAIM or self.batch_dim != 0:
+            raise ReleaseError(f"batch must be 0..{MAX_BATCH_CLAIM} along dim 0")
         return self
 
     def chunk_span(self, index: int) -> tuple[int, int]:
@@ -234,6 +236,7 @@ class Release:
     signature: bytes = b""
     # chunks a sender may broadcast as a difference against its previous release (patch.py)
     patches: Mapping[int, tuple[int, Any]] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()  # what the builder found worth a line (the batching proof)
 
     @property
     def manifest_bytes(self) -> Any:
@@ -349,86 +352,3 @@ def choose_codec(archive: Any, typesize: int, chunk_bytes: int = defaults.CHUNK_
         if gain > best_gain * 1.02:  # a slower codec must win by more than noise
             best, best_gain = c, gain
     return best if best_gain >= defaults.AUTO_MIN_GAIN else CodecSpec()
-
-
-def build_release(
-    compiled: Compiled,
-    name: str,
-    label: str = "",
-    *,
-    codec: str | CodecSpec = "auto",
-    chunk_bytes: int = defaults.CHUNK_BYTES,
-    metadata: dict[str, str] | None = None,
-    progress: Callable[[int, int], None] | None = None,
-    timings: dict[str, float] | None = None,
-) -> Release:
-    """Save ``compiled`` into memory and build its release (``seq`` 0 until stored).
-    ``timings`` receives the seconds spent saving the archive (``build``) and choosing a codec
-    and compressing (``compress``).
-
-    ``codec`` is ``"auto"``, a codec name (``lz4``, ``zstd``, ``blosclz``, ``none``, ...) or a
-    :class:`CodecSpec` for full control of filter and typesize.
-    """
-    import torch
-
-    from .archive import describe_tensors
-    from .tensors import input_signature, signature
-
-    validate_name(name)
-    t0 = time.perf_counter()
-    buf = io.BytesIO()
-    torch.jit.save(compiled.module, buf)
-    archive = buf.getbuffer()
-    state = list(compiled.module.parameters()) + list(compiled.module.buffers())
-    by_size: dict[int, int] = {}
-    for t in state:
-        by_size[t.element_size()] = by_size.get(t.element_size(), 0) + t.numel() * t.element_size()
-    typesize = max(by_size, key=by_size.__getitem__) if by_size else 4
-    t1 = time.perf_counter()
-    if isinstance(codec, str):
-        if codec == "auto":
-            spec = choose_codec(archive, typesize, chunk_bytes)
-        elif codec in CODECS:
-            spec = CodecSpec(codec, 0 if codec == "none" else defaults.CLEVEL,
-                             "none" if codec == "none" else "shuffle", typesize)
-        else:
-            raise ReleaseError(f"unknown codec {codec!r}; use auto or one of {sorted(CODECS)}")
-    else:
-        spec = codec
-    chunks = compress_archive(archive, spec, chunk_bytes, progress)
-    if timings is not None:
-        timings["build"] = timings.get("build", 0.0) + t1 - t0
-        timings["compress"] = time.perf_counter() - t1
-    t2 = time.perf_counter()
-    params = list(compiled.module.parameters())
-    code, tensors = describe_tensors(archive)
-    manifest = Manifest(
-        name=name,
-        label=label,
-        created_at=time.time(),
-        archive_sha256=hashlib.sha256(archive).hexdigest(),
-        archive_bytes=len(archive),
-        compressed_bytes=sum(len(c) for c in chunks),
-        codec=spec,
-        chunk_bytes=chunk_bytes,
-        chunk_count=len(chunks),
-        chunk_sizes=[len(c) for c in chunks],
-        chunk_xxh3=[xxhash.xxh3_64_intdigest(c) for c in chunks],
-        chunk_raw_xxh3=span_digests(archive, chunk_bytes),
-        torch_version=str(torch.__version__),
-        code_sha256=code,
-        tensors=tensors,
-        compile_method=compiled.method,
-        compile_warnings=list(compiled.warnings),
-        inputs=input_signature(compiled.examples),
-        outputs=signature(compiled.outputs[0]),
-        parameter_count=sum(p.numel() for p in params),
-        parameter_bytes=sum(p.numel() * p.element_size() for p in params),
-        examples=pack_tensors(list(compiled.examples)),
-        expected=pack_tensors(list(compiled.outputs)),
-        metadata=dict(metadata or {}),
-    )
-    release = Release(manifest.check(), chunks)
-    if timings is not None:  # the manifest: digests, example and expected tensors
-        timings["build"] += time.perf_counter() - t2
-    return release

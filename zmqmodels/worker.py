@@ -22,6 +22,7 @@ import torch
 import zmq
 
 from . import protocol as P
+from .batching import join_inputs, split_outputs
 from .cache import Cache
 from .errors import IntegrityError, ProtocolError, ServingError, ZmqModelsError
 from .host import shared_name
@@ -47,6 +48,7 @@ class Worker:
         self.cache = Cache(cache)
         self.slots = {name: ModelSlot() for name in models}
         self.errors: dict[str, P.Unusable] = {}  # cached releases it could not use
+        self._pinned: dict[int, Any] = {}  # per input position: a pinned staging buffer (GPU)
 
     # -- loading -----------------------------------------------------------------------------
     def load_cached(self, names: Collection[str] | None = None, exclude: Collection[int] = ()) -> None:
@@ -105,7 +107,8 @@ class Worker:
         slot.swap(loaded)
         return P.LoadResult(self.worker_id, cmd.name, cmd.seq, label, True, "",
                             round(loaded.load_s, 4), round(loaded.check_s, 4), how=loaded.how,
-                            shared_bytes=loaded.shared_bytes)
+                            shared_bytes=loaded.shared_bytes, batch=loaded.batch,
+                            batch_note=loaded.batch_note)
 
     def _share(self, loaded: Loaded) -> Loaded:
         """Map the weights of ``loaded`` from the node's shared copy, if it has one."""
@@ -125,10 +128,63 @@ class Worker:
         for name, slot in self.slots.items():
             cur = slot.current()
             if cur is not None:
-                out[name] = P.Held(cur.manifest.seq, cur.manifest.label)
+                out[name] = P.Held(cur.manifest.seq, cur.manifest.label, cur.batch)
         return out
 
     # -- inference ---------------------------------------------------------------------------
+    @staticmethod
+    def _parse(frames: list[Any]) -> tuple[P.InferRequest, list[Any]]:
+        try:
+            req, tensors = P.unpack(frames)
+        except ProtocolError as exc:
+            raise ServingError("bad_request", str(exc)) from None
+        if not isinstance(req, P.InferRequest):
+            raise ServingError("bad_request", "expected [INFER, header, tensors...]")
+        return req, tensors
+
+    def _admit(self, req: P.InferRequest, tensors: list[Any]) -> tuple[Loaded, tuple[Any, ...]]:
+        """The version that serves ``req`` and its checked arguments; :class:`ServingError`
+        with the code to answer."""
+        slot = self.slots.get(req.model)
+        if slot is None:
+            raise ServingError("unknown_model", f"this node does not serve {req.model!r}")
+        cur = slot.current()
+        if cur is None:
+            raise ServingError("not_ready", f"no version of {req.model!r} loaded yet")
+        if req.seq and req.seq != cur.manifest.seq:
+            raise ServingError("version_unavailable", f"{req.model} seq {req.seq} is not "
+                               f"loaded (serving seq {cur.manifest.seq})")
+        try:
+            args = decode(req.inputs, [f.buffer for f in tensors])
+        except ZmqModelsError as exc:
+            raise ServingError("bad_request", str(exc)) from None
+        if not isinstance(args, tuple):
+            raise ServingError("bad_request", "inputs must be a tuple of positional arguments")
+        _check_signature(cur, args)
+        return cur, args
+
+    def _forward(self, cur: Loaded, args: tuple[Any, ...]) -> Any:
+        try:
+            if self.device == "cpu":
+                return cur.module(*args)
+            return to_device(cur.module(*to_device(args, self.device)), "cpu")
+        except Exception as exc:
+            raise ServingError("model_error", model_error_line(exc)) from None
+
+    def _ok(self, req: P.InferRequest, cur: Loaded, out: Any, queue_ns: int, infer_ns: int,
+            batch: int = 1) -> list[Any]:
+        spec, bufs = encode(out)
+        reply = P.InferReply(req.id, req.model, cur.manifest.label, cur.manifest.seq, self.worker_id, spec,
+                             round(queue_ns / 1e6, 3), round(infer_ns / 1e6, 3), batch=batch)
+        return P.pack(reply, *bufs)
+
+    @staticmethod
+    def _error(exc: ZmqModelsError, req: P.InferRequest | None) -> tuple[list[Any], str]:
+        code = exc.code if isinstance(exc, ServingError) else "bad_request"
+        err = P.ErrorReply(code, str(exc)[:4000], req.model if req else "", 0,
+                           P.SERVING_CODES.get(code, False), id=req.id if req else "")
+        return P.pack(err), code
+
     def infer(self, frames: list[zmq.Frame], received_ns: int) -> tuple[list[Any], str]:
         """Answer one request (``frames``: ``[INFER, header, tensors...]``): ``(reply frames,
         error code or "")``. Every failure becomes an ERROR reply with a stable code. Runs
@@ -136,48 +192,75 @@ class Worker:
         t0 = time.monotonic_ns()
         req: P.InferRequest | None = None
         try:
+            req, tensors = self._parse(frames)
+            cur, args = self._admit(req, tensors)
+            t1 = time.monotonic_ns()
+            out = self._forward(cur, args)
+            return self._ok(req, cur, out, t0 - received_ns, time.monotonic_ns() - t1, _rows(args)), ""
+        except ZmqModelsError as exc:
+            return self._error(exc, req)
+
+    def infer_batch(self, jobs: list[tuple[P.Job, list[Any]]]) -> list[tuple[list[Any], str, bool]]:
+        """Answer a BATCH: ``(reply frames, error code, served)`` per job, in order. Each request
+        is validated on its own first (a bad one is answered alone and never joins); the rest
+        run as one forward when the release was proven batchable here and their rows fit,
+        each getting its own rows of the outputs. If the joined forward fails, each request is
+        run alone, so one sample that makes the model raise fails only its own request."""
+        t0 = time.monotonic_ns()
+        out: list[tuple[list[Any], str, bool] | None] = [None] * len(jobs)
+        ready: list[tuple[int, P.InferRequest, Loaded, tuple[Any, ...]]] = []
+        for i, (job, frames) in enumerate(jobs):
+            if job.expires_ns and t0 > job.expires_ns:
+                out[i] = ([], "", False)  # its client has given up
+                continue
+            req: P.InferRequest | None = None
             try:
-                req, tensors = P.unpack(frames)
-            except ProtocolError as exc:
-                raise ServingError("bad_request", str(exc)) from None
-            if not isinstance(req, P.InferRequest):
-                raise ServingError("bad_request", "expected [INFER, header, tensors...]")
-            slot = self.slots.get(req.model)
-            if slot is None:
-                raise ServingError("unknown_model", f"this node does not serve {req.model!r}")
-            cur = slot.current()
-            if cur is None:
-                raise ServingError("not_ready", f"no version of {req.model!r} loaded yet")
-            if req.seq and req.seq != cur.manifest.seq:
-                raise ServingError("version_unavailable", f"{req.model} seq {req.seq} is not "
-                                 f"loaded (serving seq {cur.manifest.seq})")
-            try:
-                args = decode(req.inputs, [f.buffer for f in tensors])
+                req, tensors = self._parse(frames)
+                ready.append((i, req, *self._admit(req, tensors)))
             except ZmqModelsError as exc:
-                raise ServingError("bad_request", str(exc)) from None
-            if not isinstance(args, tuple):
-                raise ServingError("bad_request", "inputs must be a tuple of positional arguments")
-            _check_signature(cur, args)
+                out[i] = (*self._error(exc, req), True)
+        rows = [_rows(a) for _, _, _, a in ready]
+        cur = ready[0][2] if ready else None
+        joined = None
+        if cur is not None and len(ready) > 1 and sum(rows) <= cur.batch and \
+                all(c is cur for _, _, c, _ in ready):
             t1 = time.monotonic_ns()
             try:
-                if self.device == "cpu":
-                    out = cur.module(*args)
+                whole = self._forward(cur, self._join([args for _, _, _, args in ready]))
+                joined = split_outputs(whole, rows)
+            except Exception as exc:  # noqa: BLE001 - whatever failed, each request runs alone
+                log.info("%s: a batch of %d failed (%s); running its requests one by one",
+                         self.worker_id, sum(rows), exc)
+            infer_ns = time.monotonic_ns() - t1
+        for k, (i, req, c, args) in enumerate(ready):
+            received = jobs[i][0].received_ns
+            t1 = time.monotonic_ns()
+            try:
+                if joined is not None:
+                    res, ns, batch = joined[k], infer_ns, sum(rows)
                 else:
-                    out = to_device(cur.module(*to_device(args, self.device)), "cpu")
-            except Exception as exc:
-                raise ServingError("model_error", model_error_line(exc)) from None
-            t2 = time.monotonic_ns()
-            spec, bufs = encode(out)
-            reply = P.InferReply(req.id, req.model, cur.manifest.label, cur.manifest.seq,
-                                 self.worker_id, spec, round((t0 - received_ns) / 1e6, 3),
-                                 round((t2 - t1) / 1e6, 3))
-            return P.pack(reply, *bufs), ""
-        except ServingError as exc:
-            err = P.ErrorReply(exc.code, str(exc)[:4000], req.model if req else "", 0,
-                               P.SERVING_CODES.get(exc.code, False), id=req.id if req else "")
-        except ZmqModelsError as exc:
-            err = P.ErrorReply("bad_request", str(exc)[:4000], id=req.id if req else "")
-        return P.pack(err), err.code
+                    res, ns, batch = self._forward(c, args), 0, rows[k]
+                    ns = time.monotonic_ns() - t1
+                out[i] = (self._ok(req, c, res, t0 - received, ns, batch), "", True)
+            except ZmqModelsError as exc:
+                out[i] = (*self._error(exc, req), True)
+        return out  # type: ignore[return-value]
+
+    def _join(self, args: list[tuple[Any, ...]]) -> tuple[Any, ...]:
+        """The requests' inputs concatenated; on a GPU into pinned host buffers kept between
+        batches, so the copy to the device is one DMA per input."""
+        if self.device == "cpu":
+            return join_inputs(args)
+        total = sum(a[0].shape[0] for a in args)
+        bufs = []
+        for k, first in enumerate(args[0]):
+            shape = (total, *first.shape[1:])
+            buf = self._pinned.get(k)
+            if buf is None or buf.dtype != first.dtype or buf.shape[1:] != shape[1:] or buf.shape[0] < total:
+                buf = torch.empty((max(total, 64), *shape[1:]), dtype=first.dtype, pin_memory=True)
+                self._pinned[k] = buf
+            bufs.append(buf[:total])
+        return join_inputs(args, bufs)
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> None:
@@ -188,6 +271,17 @@ class Worker:
         sock.connect(self.backend)
         with torch.inference_mode():  # once for the whole loop: ~3 us a request saved
             self._serve(sock)
+
+    def _answer_batch(self, sock: zmq.Socket, jobs: list[P.Job], payload: list[Any]) -> None:
+        parts, at = [], 0
+        for job in jobs:
+            parts.append((job, payload[at:at + job.frames]))
+            at += job.frames
+        answers, frames = [], []
+        for job, (reply, code, served) in zip(jobs, self.infer_batch(parts), strict=True):
+            answers.append(P.Answer(job.client, served, code, len(reply)))
+            frames += reply
+        sock.send_multipart(P.pack(P.Answers(answers), *frames), copy=False)
 
     def _serve(self, sock: zmq.Socket) -> None:
         self.load_cached()
@@ -208,6 +302,8 @@ class Worker:
                     log.warning("%s: bad message from the front: %s", self.worker_id, exc)
                     continue
                 match msg:
+                    case P.Batch(jobs=jobs):
+                        self._answer_batch(sock, jobs, payload)
                     case P.Work(client=client, received_ns=received, expires_ns=expires):
                         if expires and time.monotonic_ns() > expires:
                             sock.send_multipart(P.pack(P.Done(client, served=False)))
@@ -222,6 +318,12 @@ class Worker:
                         log.warning("%s: unexpected %s from the front", self.worker_id, type(msg).__name__)
         finally:
             sock.close()
+
+
+def _rows(args: tuple[Any, ...]) -> int:
+    """The leading dimension of the first input (1 for a scalar or a 0-d tensor)."""
+    first = args[0] if args else None
+    return first.shape[0] if isinstance(first, torch.Tensor) and first.dim() else 1
 
 
 def _in_background(fn: Any) -> Any:

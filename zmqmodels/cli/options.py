@@ -144,13 +144,25 @@ def source_options(fn: Any) -> Any:
                      help="Compile by tracing, not scripting (one example suffices; a fallback "
                           "to tracing needs two that differ in every input)."),
         click.option("--meta", multiple=True, help="KEY=VALUE metadata; repeatable."),
+        click.option("--batching", type=click.Choice(["auto", "on", "off"]), default="auto",
+                     show_default=True,
+                     help="auto: prove on the examples whether requests may be joined into one forward "
+                          "and record it; on: also refuse a model that is not batch-invariant; off: "
+                          "nodes serve it one request per forward."),
+        click.option("--max-batch", "max_batch", type=int, default=defaults.PROOF_MAX_BATCH,
+                     show_default=True, help="The largest batch to prove (nodes join no more)."),
     ]
     return _apply(fn, opts)
+
+
+# what a compile option holds when it was not given
+defaults_of_compile = (None, "", (), False, "auto", defaults.CHUNK_BYTES / 2**20, defaults.PROOF_MAX_BATCH)
 
 
 def build_from_options(source: str, name: str, label: str, weights: str | None,
                        example_specs: tuple[str, ...], example_file: str | None, codec: str,
                        chunk_mb: float, no_trace: bool, trace: bool, meta: tuple[str, ...],
+                       batching: str = "auto", max_batch: int = defaults.PROOF_MAX_BATCH,
                        progress: Any = None, timings: dict[str, float] | None = None) -> Any:
     """:func:`zmqmodels.build.build_from_source` from CLI options."""
     from ..build import build_from_source, parse_metadata
@@ -176,7 +188,8 @@ def build_from_options(source: str, name: str, label: str, weights: str | None,
                              example_file=example_file, codec=codec, chunk_bytes=int(chunk_mb * 2**20),
                              allow_trace=not no_trace, method="trace" if trace else "auto",
                              metadata=metadata, progress=progress,
-                             chunk_progress=chunk_bar, timings=timings)
+                             chunk_progress=chunk_bar, timings=timings, batching=batching,
+                             max_batch=max_batch)
 
 
 def built_release(source: str, name: str | None, **compile_opts: Any) -> Any:
@@ -198,7 +211,7 @@ def built_release(source: str, name: str | None, **compile_opts: Any) -> Any:
         return None
     flags = {"example_specs": "--example-input", "example_file": "--example-inputs"}
     given = [flags.get(k, f"--{k.replace('_', '-')}") for k, v in compile_opts.items()
-             if v not in (None, "", (), False, "auto", defaults.CHUNK_BYTES / 2**20)]
+             if v not in defaults_of_compile]
     if given:
         raise click.UsageError(f"{', '.join(given)}: SOURCE is a built release; these apply to compiling")
     release = read_release_file(p)

@@ -8,7 +8,6 @@ from typing import Any
 
 import click
 
-from .. import defaults
 from ..errors import ZmqModelsError
 from .group import cli
 from .options import (
@@ -18,6 +17,7 @@ from .options import (
     connect_to,
     curve_from,
     curve_options,
+    defaults_of_compile,
     load_signing_key,
     model_name,
     run_until_signalled,
@@ -165,8 +165,7 @@ def publish(hub_addr: str | None, bind_addr: str | None, store_dir: str, wait_fo
         raise click.UsageError("--curve-server is for --hub; with --bind this process is the hub")
     if like:
         given = [f"--{k.replace('_', '-')}" for k, v in opts.items()
-                 if k not in ("weights", "label", "meta") and v not in (None, "", (), False, "auto",
-                                                                        defaults.CHUNK_BYTES / 2**20)]
+                 if k not in ("weights", "label", "meta") and v not in defaults_of_compile]
         if given or not opts.get("weights") or not hub_addr:
             drop = f": drop {', '.join(given)}" if given else ""
             raise click.UsageError("--like NAME takes --weights CKPT and --hub ADDR (and --label, "

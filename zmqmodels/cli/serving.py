@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from .. import defaults
 from ..core.swap import SwapPolicy
 from .group import cli
 from .options import (
@@ -47,12 +48,23 @@ __all__: list[str] = []
               help="Serve Prometheus metrics on /metrics at this port.")
 @click.option("--label", "labels", multiple=True, metavar="LABEL",
               help="A label waves and `activate --label` select on (canary, zone=a). Repeatable.")
+@click.option("--max-batch", "max_batch", type=click.IntRange(min=1), default=defaults.MAX_BATCH,
+              show_default=True,
+              help="Rows joined into one forward, for releases proven batchable (1: no batching).")
+@click.option("--batch-delay", "batch_delay_us", type=click.FloatRange(min=0),
+              default=defaults.BATCH_DELAY_S * 1e6,
+              show_default=True, metavar="MICROSECONDS",
+              help="The longest a request waits for others to join it; only while recent load "
+                   "says more are coming (one client at a time is never delayed).")
+@click.option("--no-batch", "unbatched", multiple=True, metavar="MODEL",
+              help="Never join this model's requests. Repeatable.")
 @trust_option
 @curve_options(server=True, client=True)
 @limit_option
 def serve(hub_addr: str | None, models: tuple[str, ...], bind_addr: str, workers: int,
           devices: tuple[str, ...], cache_dir: str, node_id: str | None, swap_policy: str,
-          threads: int, metrics: str | None, labels: tuple[str, ...], trust: tuple[str, ...],
+          threads: int, metrics: str | None, labels: tuple[str, ...], max_batch: int,
+          batch_delay_us: float, unbatched: tuple[str, ...], trust: tuple[str, ...],
           curve_key: str | None, curve_server: str | None, curve_allow: tuple[str, ...],
           limits: tuple[str, ...]) -> None:
     """Serve inference (REQ/REP) with the newest valid release of each model.
@@ -71,7 +83,8 @@ def serve(hub_addr: str | None, models: tuple[str, ...], bind_addr: str, workers
               cache=cache_dir, node_id=node_id, swap_policy=swap_policy,
               threads_per_worker=threads, trust=load_trust(trust),
               curve=curve_from(curve_key, curve_server, curve_allow), limits=parse_limits(limits),
-              metrics=metrics, labels=list(labels)) as node:
+              metrics=metrics, labels=list(labels), max_batch=max_batch,
+              batch_delay_s=batch_delay_us / 1e6, unbatched=unbatched) as node:
         click.echo(f"node {node.node_id} serving {', '.join(models)} on {node.address}; "
                    "Ctrl-C stops", err=True)
         run_until_signalled()
@@ -111,20 +124,33 @@ def parse_inputs(specs: tuple[str, ...]) -> tuple[Any, ...]:
 @cli.command()
 @click.option("--server", callback=connect_to, required=True, help="A serving node's address.")
 @click.option("--model", required=True)
-@click.option("--input", "inputs", multiple=True, required=True,
+@click.option("--input", "inputs", multiple=True,
               help="DIMx...[:dtype] (random), a .npy file, or a torch.save'd tensor/tuple file; "
                    "one per argument.")
+@click.option("--inputs-file", "inputs_file", type=click.Path(dir_okay=False),
+              help="Many requests: a torch.save'd list, one item (a tensor or a tuple of "
+                   "arguments) per request, sent pipelined on one connection.")
+@click.option("--in-flight", "in_flight", type=click.IntRange(min=1), default=16, show_default=True,
+              help="With --inputs-file: requests outstanding at once.")
 @click.option("--seq", "seq", type=int, default=0,
               help="Pin a release by seq (0: the newest served).")
 @click.option("--timeout", type=float, default=5.0, show_default=True)
 @click.option("--retries", type=int, default=3, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @curve_options(server=False, client=True)
-def infer(server: str, model: str, inputs: tuple[str, ...], seq: int, timeout: float,
-          retries: int, as_json: bool, curve_key: str | None, curve_server: str | None) -> None:
-    """Send one inference request and print the outputs and the version that served them."""
+def infer(server: str, model: str, inputs: tuple[str, ...], inputs_file: str | None, in_flight: int,
+          seq: int, timeout: float, retries: int, as_json: bool, curve_key: str | None,
+          curve_server: str | None) -> None:
+    """Send one inference request and print the outputs and the version that served them
+    (--inputs-file: many, pipelined, and a summary)."""
     from ..client import Client
 
+    if bool(inputs) == bool(inputs_file):
+        raise click.UsageError("give --input (one request) or --inputs-file (many), not both or neither")
+    if inputs_file:
+        _infer_many(server, model, inputs_file, in_flight, seq, timeout, retries, as_json,
+                    curve_from(curve_key, curve_server))
+        return
     args = parse_inputs(inputs)
 
     def retrying(attempt: int, exc: Exception) -> None:
@@ -141,3 +167,44 @@ def infer(server: str, model: str, inputs: tuple[str, ...], seq: int, timeout: f
     click.echo(f"{r.model} {r.label or '-'} (seq {r.seq}) served by {r.worker} in "
                f"{r.latency_ms:.2f} ms (model {r.infer_ms:.2f} ms)")
     click.echo(str(r.outputs))
+
+
+def _infer_many(server: str, model: str, path: str, in_flight: int, seq: int, timeout: float,
+                retries: int, as_json: bool, curve: Any) -> None:
+    import asyncio
+    import time
+
+    from ..aclient import AsyncClient
+    from ..errors import SourceError
+    from ..sources import load_example_file
+
+    items = load_example_file(path)
+    if not isinstance(items, list):
+        raise SourceError(f"{path} holds one request; --inputs-file takes a list (one item per request)")
+
+    async def run() -> tuple[list[Any], float]:
+        async with AsyncClient(server, timeout=timeout, retries=retries, arrays="numpy", curve=curve) as c:
+            t0 = time.perf_counter()
+            got = await c.infer_many(model, items, in_flight=in_flight, seq=seq, return_exceptions=True)
+            return got, time.perf_counter() - t0
+
+    results, took = asyncio.run(run())
+    ok = [r for r in results if not isinstance(r, BaseException)]
+    failed = [(i, r) for i, r in enumerate(results) if isinstance(r, BaseException)]
+    if as_json:
+        emit_json({"requests": len(results), "failed": len(failed), "seconds": round(took, 3),
+                   "results": [{"error": str(r)} if isinstance(r, BaseException) else
+                               {"seq": r.seq, "label": r.label, "batch": r.batch,
+                                "latency_ms": round(r.latency_ms, 3), "outputs": to_jsonable(r.outputs)}
+                               for r in results]})
+    else:
+        for i, exc in failed:
+            click.echo(f"request {i}: {exc}", err=True)
+        lat = sorted(r.latency_ms for r in ok)
+        p50 = f", p50 {lat[len(lat) // 2]:.2f} ms" if lat else ""
+        mean_batch = sum(r.batch for r in ok) / len(ok) if ok else 0
+        click.echo(f"{len(ok)} of {len(results)} answered in {took:.2f}s ({len(results) / took:.0f} req/s, "
+                   f"{in_flight} in flight{p50}, mean batch {mean_batch:.1f} rows)")
+    if failed:
+        raise SystemExit(1)
+

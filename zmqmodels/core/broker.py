@@ -9,142 +9,27 @@ reachable from a unit test.
 Each event ends in one :meth:`Broker._step`, which **schedules loads before it dispatches**:
 once a model has a newer target, the next stale worker that becomes free is taken for the
 load, not handed the next queued request, so a load is issued within one request's service
-time under any load (the starvation of milestone 1: a saturated node never rolled). Then
-queued requests go, oldest first, to the least recently used free worker that may answer
-them (:meth:`Swaps.eligible`).
+time under any load (a saturated node still rolls). Then queued requests go, oldest first,
+to the least recently used free worker that may answer them (:meth:`Swaps.eligible`).
+
+With ``max_batch`` > 1 a dispatch carries every queued request that may share the oldest
+one's forward (:mod:`.batching`: same model, pinned seq and shape but for the leading
+dimension; the worker must hold a release proven batchable) up to ``max_batch`` rows, and
+may be held back briefly while :class:`~.batching.Evidence` says more are coming.
 """
 
 from __future__ import annotations
 
 import collections
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Hashable
 
-from ..protocol.messages import ModelState, Word
+from ..protocol.messages import ModelState
+from .batching import Evidence
 from .swap import SwapPolicy, Swaps, Target, Version
+from .work import Action, Changed, Dispatch, Expire, Load, Refetch, Refuse, Rejected, Request, WorkerSlot
 
-__all__ = [
-    "WorkerState",
-    "Request",
-    "WorkerSlot",
-    "Dispatch",
-    "Load",
-    "Refuse",
-    "Expire",
-    "Rejected",
-    "Refetch",
-    "Changed",
-    "Action",
-    "Broker",
-]
-
-
-@dataclass(frozen=True)
-class Request:
-    """A queued inference request. ``seq`` pins a release (0: any); ``deadline``: the node's
-    queue limit; ``expires``: when the client stops waiting (``inf``: it gave no limit).
-    ``payload`` is the shell's (the frames to forward)."""
-
-    client: bytes
-    model: str
-    rid: str
-    received: float
-    deadline: float
-    seq: int = 0
-    expires: float = math.inf
-    payload: Any = None
-
-
-class WorkerState(Word):
-    """What a worker process is doing, as the broker sees it (the metrics' ``state`` label)."""
-
-    IDLE = "idle"
-    BUSY = "busy"
-    LOADING = "loading"
-    DOWN = "down"  # not started, starting, or dead
-
-
-@dataclass
-class WorkerSlot:
-    wid: str
-    ready: bool = False
-    busy: Request | None = None
-    busy_seq: int = 0  # the seq the request in hand runs on
-    loading: Target | None = None
-    serving: dict[str, Version] = field(default_factory=dict)
-    free_since: float = 0.0
-
-    @property
-    def free(self) -> bool:
-        return self.ready and self.busy is None and self.loading is None
-
-    @property
-    def state(self) -> WorkerState:
-        if self.loading:
-            return WorkerState.LOADING
-        if self.busy:
-            return WorkerState.BUSY
-        return WorkerState.IDLE if self.ready else WorkerState.DOWN
-
-
-@dataclass(frozen=True)
-class Dispatch:
-    wid: str
-    request: Request
-
-
-@dataclass(frozen=True)
-class Load:
-    wid: str
-    target: Target
-    unload_first: bool
-
-
-@dataclass(frozen=True)
-class Refuse:
-    """Answer ``request`` with an error ``code`` (docs/protocol.md §Inference errors)."""
-
-    request: Request
-    code: str
-    message: str
-
-
-@dataclass(frozen=True)
-class Expire:
-    """Drop ``request`` unanswered: its client stopped waiting."""
-
-    request: Request
-
-
-@dataclass(frozen=True)
-class Rejected:
-    """``seq`` of ``name`` failed to load: discard it and tell the hub ``reason``."""
-
-    name: str
-    seq: int
-    reason: str
-
-
-@dataclass(frozen=True)
-class Refetch:
-    """The cached copy of ``seq`` of ``name`` is damaged or gone: fetch it from the hub again
-    (not a rejection: the release itself was fine)."""
-
-    name: str
-    seq: int
-    reason: str
-
-
-@dataclass(frozen=True)
-class Changed:
-    """What the node would report for ``name`` may have changed."""
-
-    name: str
-
-
-Action = Dispatch | Load | Refuse | Expire | Rejected | Refetch | Changed
+__all__ = ["Broker"]
 
 
 class Broker:
@@ -153,7 +38,8 @@ class Broker:
 
     def __init__(self, models: list[str], workers: list[str], *,
                  path_for: Callable[[str, int], str], policy: SwapPolicy = SwapPolicy.AVAILABILITY,
-                 queue_max: int = 1024, queue_timeout_s: float = 10.0) -> None:
+                 queue_max: int = 1024, queue_timeout_s: float = 10.0, max_batch: int = 1,
+                 batch_delay_s: float = 0.0) -> None:
         self.models = list(models)
         self.swaps = Swaps(self.models, policy)
         self.workers = {w: WorkerSlot(w) for w in workers}
@@ -163,6 +49,10 @@ class Broker:
         self._path_for = path_for
         self.loading: str | None = None  # the worker loading now (one at a time)
         self._unsettled = True  # a worker may be stale: schedule loads (else skip that scan)
+        self.max_batch = max(1, max_batch)
+        self.evidence = Evidence(batch_delay_s if self.max_batch > 1 else 0.0)
+        self.wake_at = math.inf  # a held batch goes then (the shell calls tick)
+        self._held_since: dict[tuple[str, Hashable], float] = {}
 
     # -- events ------------------------------------------------------------------------------
     def request(self, req: Request, now: float) -> list[Action]:
@@ -170,10 +60,11 @@ class Broker:
             return [Refuse(req, "unknown_model", f"this node serves {self.models}, not {req.model!r}")]
         if len(self.pending) >= self.queue_max:
             return [Refuse(req, "unavailable", f"queue full ({self.queue_max})")]
-        if not self.pending and not self._unsettled:  # the common case: straight to a free worker
+        self.evidence.arrived(req.model, now)
+        if not self.pending and not self._unsettled and self.max_batch == 1:  # straight to a free worker
             w = self._pick(req, [w for w in self.workers.values() if w.free])
             if w is not None:
-                return [self._assign(w, req)]
+                return [self._assign(w, (req,), now)]
         verdict = self._verdict(req)
         if verdict is not None:
             return [verdict]
@@ -182,22 +73,25 @@ class Broker:
 
     def done(self, wid: str, now: float) -> list[Action]:
         w = self.workers[wid]
-        if w.busy is None:
+        if not w.busy:
             return []
-        w.busy, w.busy_seq, w.free_since = None, 0, now
+        w.busy, w.busy_seq, w.free_since = (), 0, now
         if not self.pending and not self._unsettled:
             return []
         return self._step(now)
 
     def worker_ready(self, wid: str, serving: dict[str, Version], now: float,
-                     damaged: dict[str, tuple[int, str]] | None = None) -> list[Action]:
-        """``damaged``: cached releases the worker found unusable (name -> (seq, reason))."""
+                     damaged: dict[str, tuple[int, str]] | None = None,
+                     batch: dict[str, int] | None = None) -> list[Action]:
+        """``damaged``: cached releases the worker found unusable (name -> (seq, reason));
+        ``batch``: per model, the most rows the worker joins in one forward."""
         w = self.workers[wid]
         out: list[Action] = [self._refetch(n, seq, why) for n, (seq, why) in (damaged or {}).items()
                              if n in self.swaps.floor]
-        w.ready, w.busy, w.loading, w.free_since = True, None, None, now
+        w.ready, w.busy, w.loading, w.free_since = True, (), None, now
         self._unsettled = True
         w.serving = {n: v for n, v in serving.items() if n in self.swaps.floor}
+        w.batch = {n: b for n, b in (batch or {}).items() if n in w.serving}
         for name, v in w.serving.items():
             self.swaps.loaded(name, v.seq, v.label)
         return [*out, *(Changed(n) for n in self.models), *self._step(now)]
@@ -206,8 +100,8 @@ class Broker:
         w = self.workers[wid]
         self._unsettled = True
         out: list[Action] = []
-        if w.busy is not None:
-            out.append(Refuse(w.busy, "worker_lost", f"worker {wid} died serving this request"))
+        for req in w.busy:
+            out.append(Refuse(req, "worker_lost", f"worker {wid} died serving this request"))
         if w.loading is not None:
             t = w.loading
             out += self._reject(t.name, t.seq, f"worker {wid} died loading it")
@@ -219,7 +113,7 @@ class Broker:
         return [*out, *(Changed(n) for n in self.models), *self._step(now)]
 
     def loaded(self, wid: str, name: str, seq: int, label: str, ok: bool, reason: str,
-               now: float, *, corrupt: bool = False) -> list[Action]:
+               now: float, *, corrupt: bool = False, batch: int = 1) -> list[Action]:
         w = self.workers[wid]
         w.loading, w.free_since = None, now
         self._unsettled = True
@@ -228,6 +122,7 @@ class Broker:
         out: list[Action] = []
         if ok:
             w.serving[name] = Version(seq, label)
+            w.batch[name] = batch
             self.swaps.loaded(name, seq, label)
         elif corrupt:
             out.append(self._refetch(name, seq, reason))
@@ -268,7 +163,7 @@ class Broker:
     # -- what the shell reads ----------------------------------------------------------------
     def busy(self) -> bool:
         """Requests are queued or in a worker's hands."""
-        return bool(self.pending) or any(w.busy is not None for w in self.workers.values())
+        return bool(self.pending) or any(w.busy for w in self.workers.values())
 
     def rolling(self, name: str) -> Target | None:
         """The target still being rolled through the workers, if any."""
@@ -291,8 +186,8 @@ class Broker:
     # -- the decision ------------------------------------------------------------------------
     def _older_in_flight(self, name: str) -> bool:
         floor = self.swaps.floor[name]
-        return any(w.busy is not None and w.busy.model == name and not w.busy.seq
-                   and w.busy_seq < floor for w in self.workers.values())
+        return any(r.model == name and not r.seq and w.busy_seq < floor
+                   for w in self.workers.values() for r in w.busy)
 
     def _refetch(self, name: str, seq: int, reason: str) -> Refetch:
         self.swaps.missing[name] = seq  # no load of it until it is in the cache again
@@ -321,7 +216,7 @@ class Broker:
     def _step(self, now: float) -> list[Action]:
         out: list[Action] = []
         self._schedule_loads(out)
-        self._dispatch(out)
+        self._dispatch(out, now)
         return out
 
     def _schedule_loads(self, out: list[Action]) -> None:
@@ -353,23 +248,59 @@ class Broker:
             settled = False
         self._unsettled = not settled
 
-    def _dispatch(self, out: list[Action]) -> None:
+    def _dispatch(self, out: list[Action], now: float) -> None:
+        self.wake_at = math.inf
         if not self.pending:
             return
         free = [w for w in self.workers.values() if w.free]
         if not free:
             return
         keep: collections.deque[Request] = collections.deque()
+        held: set[tuple[str, Hashable]] = set()
         while self.pending and free:
             req = self.pending.popleft()
-            w = self._pick(req, free)
+            group = (req.model, (req.seq, req.key))
+            w = None if group in held else self._pick(req, free)
             if w is None:
                 keep.append(req)
                 continue
+            batch = self._gather(req, w)
+            count, rows = len(batch), sum(r.rows for r in batch)
+            until = self.evidence.hold_until(req.model, count, rows, self._cap(w, req.model),
+                                             req.received, now)
+            if until is not None:  # more are coming: keep them queued, in order
+                self.wake_at = min(self.wake_at, until)
+                self._held_since.setdefault(group, now)
+                held.add(group)
+                keep.extend(batch)
+                continue
             free.remove(w)
-            out.append(self._assign(w, req))
+            out.append(self._assign(w, batch, now, now - self._held_since.pop(group, now)))
         keep.extend(self.pending)
         self.pending = keep
+
+    def _cap(self, w: WorkerSlot, model: str) -> int:
+        return min(self.max_batch, w.batch.get(model, 1))
+
+    def _gather(self, first: Request, w: WorkerSlot) -> tuple[Request, ...]:
+        """``first`` and the queued requests that may share its forward on ``w`` (taken out of
+        :attr:`pending`), oldest first, up to the batch cap in rows."""
+        cap = self._cap(w, first.model)
+        if first.key is None or cap <= 1 or first.rows >= cap or not self.pending:
+            return (first,)
+        batch, rows = [first], first.rows
+        version = w.serving.get(first.model)
+        older = self._older_in_flight(first.model) if not first.seq else False
+        rest: collections.deque[Request] = collections.deque()
+        for r in self.pending:
+            if (rows + r.rows <= cap and r.model == first.model and r.key == first.key
+                    and r.seq == first.seq and self.swaps.eligible(r.model, version, r.seq, older)):
+                batch.append(r)
+                rows += r.rows
+            else:
+                rest.append(r)
+        self.pending = rest
+        return tuple(batch)
 
     def _pick(self, req: Request, free: list[WorkerSlot]) -> WorkerSlot | None:
         """The least recently used of ``free`` that may answer ``req``."""
@@ -381,9 +312,11 @@ class Broker:
                 best = w
         return best
 
-    def _assign(self, w: WorkerSlot, req: Request) -> Dispatch:
-        w.busy, w.busy_seq = req, w.serving[req.model].seq
-        return Dispatch(w.wid, req)
+    def _assign(self, w: WorkerSlot, batch: tuple[Request, ...], now: float, waited: float = 0.0) -> Dispatch:
+        w.busy, w.busy_seq = batch, w.serving[batch[0].model].seq
+        if self.max_batch > 1:
+            self.evidence.dispatched(batch[0].model, len(batch), now)
+        return Dispatch(w.wid, batch, waited)
 
     def _verdict(self, req: Request) -> Refuse | None:
         """None: keep it queued (a worker will take it soon); else the refusal."""

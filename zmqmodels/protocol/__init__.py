@@ -36,7 +36,9 @@ tensor x n`` | ``ERROR ErrorReply``.
 Node front <-> worker process (ipc, same host)::
 
     READY WorkerReady  HB  LOADED LoadResult  DONE Done, reply frames     (worker -> front)
+    ANSWERS Answers, reply frames of each job                             (worker -> front)
     WORK Work, INFER, request header, tensor x n  LOAD LoadCommand  STOP  (front -> worker)
+    BATCH Batch, request frames of each job                               (front -> worker)
 
 ``signature`` is the manifest's detached Ed25519 signature, empty when unsigned
 (:mod:`zmqmodels.signing`); a receiver treats a missing frame as empty.

@@ -34,6 +34,8 @@ from .messages import (
     V,
 )
 from .serving import (
+    Answers,
+    Batch,
     Done,
     InferReply,
     InferRequest,
@@ -97,6 +99,8 @@ FRAMING: tuple[Framing, ...] = (
     Framing(b"HB", WorkerBeat, False),
     Framing(b"WORK", Work, True, 2, None),
     Framing(b"DONE", Done, True, 0, None),
+    Framing(b"BATCH", Batch, True, 2, None),
+    Framing(b"ANSWERS", Answers, True, 0, None),
     Framing(b"LOAD", LoadCommand, True),
     Framing(b"LOADED", LoadResult, True),
     Framing(b"STOP", StopWorker, False),

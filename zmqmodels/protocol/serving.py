@@ -16,6 +16,10 @@ __all__ = [
     "WorkerReady",
     "Work",
     "Done",
+    "Job",
+    "Batch",
+    "Answer",
+    "Answers",
     "WorkerBeat",
     "StopWorker",
     "ManifestFrames",
@@ -53,6 +57,7 @@ class InferReply(msgspec.Struct, frozen=True):
     queue_ms: float = 0.0  # node receipt -> worker start
     infer_ms: float = 0.0  # the model call, inputs to outputs on CPU
     v: int = V
+    batch: NonNeg = 1  # rows in the forward that answered it (more than its own: batched)
 
 
 # -- front <-> its worker processes (ipc, same host) ---------------------------------------
@@ -61,6 +66,7 @@ class Held(msgspec.Struct, frozen=True, array_like=True):
 
     seq: NonNeg
     label: str
+    batch: NonNeg = 1  # the most rows the worker joins in one forward for it
 
 
 class Unusable(msgspec.Struct, frozen=True, array_like=True):
@@ -102,6 +108,42 @@ class Done(msgspec.Struct, frozen=True):
     code: str = ""  # the ERROR reply's code, "" = OK
 
 
+class Job(msgspec.Struct, frozen=True, array_like=True):
+    """One request of a BATCH: ``[client, received_ns, expires_ns, frames]``; ``frames``: how
+    many of the BATCH's payload frames are its ``[INFER, header, tensor x n]``."""
+
+    client: bytes
+    received_ns: NonNeg
+    expires_ns: NonNeg
+    frames: NonNeg
+
+
+class Batch(msgspec.Struct, frozen=True):
+    """``[b"BATCH", Batch, frames of each job in order]``: serve the jobs in one forward
+    (requests for one model, pin and input shape but the leading dimension), each answered
+    on its own."""
+
+    jobs: list[Job]
+    v: int = V
+
+
+class Answer(msgspec.Struct, frozen=True, array_like=True):
+    """One job's outcome in ANSWERS: ``[client, served, code, frames]`` (as :class:`Done`)."""
+
+    client: bytes
+    served: bool
+    code: str
+    frames: NonNeg
+
+
+class Answers(msgspec.Struct, frozen=True):
+    """``[b"ANSWERS", Answers, reply frames of each answer in order]``: a BATCH's replies,
+    in the order of its jobs, sent together once the batch is done."""
+
+    answers: list[Answer]
+    v: int = V
+
+
 class WorkerBeat(msgspec.Struct, frozen=True):
     """``[b"HB"]`` (no header): an idle worker is alive."""
 
@@ -140,6 +182,8 @@ class LoadResult(msgspec.Struct, frozen=True):
     corrupt: bool = False  # the cached file was damaged or gone: fetch it again, not a rejection
     how: str = "load"  # "load": torch.jit.load; "apply": new tensors copied into the same code
     shared_bytes: NonNeg = 0  # weight bytes mapped from the node's one shared copy (CPU workers)
+    batch: NonNeg = 1  # the most rows it joins in one forward for this release
+    batch_note: str = ""  # why it does not join what the manifest claims
 
 
 # Inference error codes: code -> retryable (docs/protocol.md §Inference errors)

@@ -1,0 +1,181 @@
+"""Batching with torch: the publish-time proof that a model is batch-invariant, the node's
+check of that claim at load, and joining requests into one forward and splitting its outputs.
+
+A model is *batch-invariant* along dimension 0 when running samples together gives each the
+output it gets alone: no batch statistics, no reduction across samples, no shape that
+depends on the data. :func:`prove_batching` runs the examples' samples alone and joined (with
+a few derived samples when the examples hold fewer than :data:`MIN_SAMPLES`, since identical
+samples hide a reduction across them), compares each sample's rows with the example-check
+tolerances, and records the largest batch proven in the manifest (``batch``; 0: serve one
+request per forward). The node trusts nothing it did not see: a worker joins requests only up
+to the manifest's claim, and only after :func:`check_batched` passed on its own device.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .compile import clone_tree, compare_outputs
+from .defaults import PROOF_MAX_BATCH
+from .errors import ParityError, ZmqModelsError
+
+__all__ = ["BatchProof", "prove_batching", "check_batched", "join_inputs", "split_outputs",
+           "DEFAULT_MAX_BATCH", "MIN_SAMPLES"]
+
+DEFAULT_MAX_BATCH = PROOF_MAX_BATCH  # the largest batch the proof runs (publish --max-batch)
+MIN_SAMPLES = 4  # distinct samples the proof joins (derived ones fill up the examples')
+CHECK_ROWS = 16  # rows a node joins to check a claim at load
+
+
+@dataclass(frozen=True)
+class BatchProof:
+    """``batch``: the largest batch proven (0: not batchable, ``reason`` says why)."""
+
+    batch: int
+    dim: int = 0
+    reason: str = ""
+
+    def line(self, name: str) -> str:
+        if self.batch:
+            return f"{name}: batchable along dim {self.dim}, proven up to {self.batch} rows"
+        return f"{name}: served unbatched: {self.reason}"
+
+
+def _rows(args: tuple[Any, ...]) -> int:
+    """The shared leading dimension of a tuple of tensors; ZmqModelsError if there is none."""
+    if not args or not all(isinstance(a, torch.Tensor) for a in args):
+        raise ZmqModelsError("its inputs are not all tensors")
+    if any(a.dim() == 0 for a in args):
+        raise ZmqModelsError("an input is a 0-d tensor (no batch dimension)")
+    sizes = {a.shape[0] for a in args}
+    if len(sizes) != 1 or 0 in sizes:
+        raise ZmqModelsError(f"its inputs do not share a leading dimension (sizes {sorted(sizes)})")
+    return sizes.pop()
+
+
+def _derived(sample: tuple[torch.Tensor, ...], k: int) -> tuple[torch.Tensor, ...]:
+    """Another sample like ``sample``: floats shifted by seeded noise of their own scale,
+    integers and bools permuted within the sample (valid ids stay valid)."""
+    g = torch.Generator().manual_seed(1000 + k)
+    out = []
+    for t in sample:
+        if t.is_floating_point() or t.is_complex():
+            scale = float(t.abs().mean()) if t.numel() else 1.0
+            noise = torch.randn(t.shape, generator=g, dtype=torch.float64)
+            out.append((t.double() + noise * (scale or 1.0)).to(t.dtype))
+        else:
+            flat = t.reshape(-1)
+            out.append(flat[torch.randperm(flat.numel(), generator=g)].reshape(t.shape))
+    return tuple(out)
+
+
+def _slice(tree: Any, start: int, stop: int, rows: int) -> Any:
+    """Rows ``start:stop`` of every tensor in an output tree whose leading dim is ``rows``."""
+    if isinstance(tree, torch.Tensor):
+        if tree.dim() == 0 or tree.shape[0] != rows:
+            raise ZmqModelsError(f"an output of shape {list(tree.shape)} does not follow the batch of {rows}")
+        return tree[start:stop]
+    if isinstance(tree, tuple | list):
+        return type(tree)(_slice(t, start, stop, rows) for t in tree)
+    if isinstance(tree, dict):
+        return {k: _slice(v, start, stop, rows) for k, v in tree.items()}
+    raise ZmqModelsError(f"an output is a {type(tree).__name__}, not a tensor")
+
+
+def join_inputs(args: list[tuple[torch.Tensor, ...]], out: list[torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, ...]:
+    """Concatenate each positional input of ``args`` along dim 0 (into ``out`` when given:
+    pinned staging buffers of the right shape)."""
+    if out is None:
+        return tuple(torch.cat(col, 0) for col in zip(*args, strict=True))
+    for col, buf in zip(zip(*args, strict=True), out, strict=True):
+        torch.cat(col, 0, out=buf)
+    return tuple(out)
+
+
+def split_outputs(tree: Any, rows: list[int]) -> list[Any]:
+    """One output tree per request, ``rows[i]`` rows each; ZmqModelsError if an output does
+    not follow the batch."""
+    total, start, out = sum(rows), 0, []
+    for n in rows:
+        out.append(_slice(tree, start, start + n, total))
+        start += n
+    return out
+
+
+def prove_batching(module: Any, examples: tuple[tuple[Any, ...], ...], *,
+                   max_batch: int = DEFAULT_MAX_BATCH, rtol: float | None = None,
+                   atol: float | None = None) -> BatchProof:
+    """Run every sample alone and ``max_batch`` rows of them joined; compare per sample."""
+    if max_batch < 2:
+        return BatchProof(0, reason="batching turned off")
+    try:
+        samples: list[tuple[torch.Tensor, ...]] = []
+        for i, ex in enumerate(examples):
+            try:
+                n = _rows(tuple(ex))
+            except ZmqModelsError as exc:
+                raise ZmqModelsError(f"example {i}: {exc}") from None
+            samples += [tuple(a[j:j + 1] for a in ex) for j in range(n)]
+        shapes = {tuple((a.dtype, a.shape[1:]) for a in s) for s in samples}
+        if len(shapes) > 1:
+            return BatchProof(0, reason="the examples' samples differ in shape beyond the batch dimension")
+        for k in range(max(0, MIN_SAMPLES - len(samples))):
+            samples.append(_derived(samples[k % len(samples)], k))
+        with torch.inference_mode():
+            alone = []
+            for j, s in enumerate(samples):
+                try:
+                    alone.append(module(*clone_tree(s)))
+                except Exception as exc:
+                    why = str(exc).strip()[:200]
+                    return BatchProof(0, reason=f"sample {j} alone: the model raised: {why}")
+            for size in sorted({min(len(samples), max_batch), max_batch}):
+                order = list(itertools.islice(itertools.cycle(range(len(samples))), size))
+                joined = join_inputs([samples[j] for j in order])
+                try:
+                    out = module(*joined)
+                except Exception as exc:
+                    why = str(exc).strip()[:200]
+                    return BatchProof(0, reason=f"a batch of {size}: the model raised: {why}")
+                parts = split_outputs(out, [1] * size)
+                for row, (j, got) in enumerate(zip(order, parts, strict=True)):
+                    try:
+                        compare_outputs(alone[j], got, rtol=rtol, atol=atol, path=f"row {row}")
+                    except ParityError as exc:
+                        return BatchProof(0, reason=f"not batch-invariant: in a batch of {size}, {exc} "
+                                                    f"against sample {j} alone")
+    except ZmqModelsError as exc:
+        return BatchProof(0, reason=str(exc))
+    return BatchProof(max_batch)
+
+
+def check_batched(run: Callable[[tuple[Any, ...]], Any], examples: list[tuple[Any, ...]],
+                  expected: list[Any], claim: int, device: str, tol: dict[str, float]) -> tuple[int, str]:
+    """A node's check of a release's ``batch`` claim on its own device (``run``: the module on
+    CPU inputs, outputs back on the CPU): the examples' samples joined (up to
+    :data:`CHECK_ROWS` rows), each row compared with its example's expected output.
+    ``(rows it may join, "")`` or ``(1, why not)``."""
+    if claim < 2:
+        return 1, ""
+    try:
+        samples, wants = [], []
+        for ex, want in zip(examples, expected, strict=True):
+            n = _rows(tuple(ex))
+            parts = split_outputs(want, [1] * n)
+            samples += [tuple(a[j:j + 1] for a in ex) for j in range(n)]
+            wants += parts
+        size = min(claim, CHECK_ROWS)
+        order = list(itertools.islice(itertools.cycle(range(len(samples))), size))
+        with torch.inference_mode():
+            out = run(join_inputs([samples[j] for j in order]))
+        for row, (j, got) in enumerate(zip(order, split_outputs(out, [1] * size), strict=True)):
+            compare_outputs(wants[j], got, path=f"row {row} of {size}", **tol)
+    except Exception as exc:  # noqa: BLE001 - any failure means: do not join here
+        return 1, f"the batch claim did not hold on {device}: {str(exc).strip()[:300]}"
+    return claim, ""
