@@ -117,7 +117,8 @@ struct InferReply {
   msgpack::object outputs;
   double queue_ms = 0, infer_ms = 0;
   int v = V;
-  MSGPACK_DEFINE_MAP(id, model, label, seq, worker, outputs, queue_ms, infer_ms, v);
+  int64_t batch = 1;  // rows in the forward that answered it
+  MSGPACK_DEFINE_MAP(id, model, label, seq, worker, outputs, queue_ms, infer_ms, v, batch);
 };
 
 // Decode the header frame of `kind` into T: the protocol version checked, every string

@@ -54,6 +54,9 @@ void Loads::load(const std::shared_ptr<Manifest>& m, const std::string& path, co
   Slot& slot = s_.slots.at(m->name);
   try {
     auto loaded = load_release(m, path, data, m->archive_bytes, s_.device);
+    if (!loaded->batch_note.empty())
+      log("%s seq %llu unbatched: %s", m->name.c_str(), static_cast<unsigned long long>(m->seq),
+          loaded->batch_note.c_str());
     if (auto cur = slot.newest(); cur && cur->manifest->seq > m->seq) {  // never step back
       r.kind = Result::Rejected, r.reason = "superseded by seq " + std::to_string(cur->manifest->seq);
       return post_(r);

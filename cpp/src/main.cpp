@@ -36,6 +36,7 @@ const char* const kUsage =
     "usage: zmqmodels-node --model NAME [--model ...] --bind ADDR [--hub ADDR] [--device cpu|cuda[:N]]\n"
     "                      [--cache DIR] [--node-id ID] [--trust PUBKEY|FILE|DIR ...] [--threads N]\n"
     "                      [--label L ...] [--load-from file|memory]\n"
+    "                      [--max-batch ROWS] [--batch-delay MICROSECONDS] [--no-batch NAME ...]\n"
     "       zmqmodels-node --list PATH\n"
     "ADDR: tcp://HOST:PORT (bind: tcp://*:PORT) or ipc://PATH\n";
 
@@ -79,7 +80,17 @@ Args parse(int argc, char** argv) {
       std::string v = val();
       if (!std::regex_match(v, std::regex("^[1-9][0-9]{0,3}$"))) bad_argument("--threads " + v + ": a number from 1 to 9999");
       a.threads = std::stoi(v);
-    } else if (k == "--load-from") a.load_from = val();
+    } else if (k == "--max-batch") {
+      std::string v = val();
+      if (!std::regex_match(v, std::regex("^[1-9][0-9]{0,4}$"))) bad_argument("--max-batch " + v + ": a number from 1 to 99999");
+      a.max_batch = std::stoll(v);
+    } else if (k == "--batch-delay") {
+      std::string v = val();
+      if (!std::regex_match(v, std::regex("^[0-9]{1,7}(\\.[0-9]+)?$")))
+        bad_argument("--batch-delay " + v + ": microseconds, 0 or more");
+      a.batch_delay_s = std::stod(v) / 1e6;
+    } else if (k == "--no-batch") a.unbatched.push_back(val());
+    else if (k == "--load-from") a.load_from = val();
     else if (k == "--list") a.list = val();
     else if (k == "-h" || k == "--help") {
       std::fputs(kUsage, stdout);

@@ -1,5 +1,7 @@
 #include "model.hpp"
 
+#include "batching.hpp"
+
 #include <ATen/Parallel.h>
 #include <torch/cuda.h>
 
@@ -154,6 +156,43 @@ void compare_outputs(const c10::IValue& want, const c10::IValue& got, const std:
   if (want != got) throw Error("check", path + ": expected " + kind(want) + " value differs");
 }
 
+// The manifest's batch claim on this device: the examples' rows joined (16 at most), each row
+// compared with its example's expected output (zmqmodels/batching.py check_batched).
+void check_batched(Loaded& out, const std::vector<c10::IValue>& examples, const std::vector<c10::IValue>& expected,
+                   bool gpu) {
+  try {
+    std::vector<std::vector<c10::IValue>> samples;
+    std::vector<c10::IValue> wants;
+    for (size_t i = 0; i < examples.size() && i < expected.size(); ++i) {
+      auto args = items(examples[i]);
+      int64_t n = args.at(0).toTensor().size(0);
+      auto rows = split_outputs(expected[i], std::vector<int64_t>(n, 1));
+      for (int64_t j = 0; j < n; ++j) {
+        std::vector<c10::IValue> row;
+        for (auto& a : args) row.emplace_back(a.toTensor().narrow(0, j, 1));
+        samples.push_back(std::move(row));
+        wants.push_back(rows[j]);
+      }
+    }
+    int64_t size = std::min<int64_t>(static_cast<int64_t>(out.manifest->batch), 16);
+    std::vector<std::vector<c10::IValue>> joined;
+    std::vector<size_t> order;
+    for (int64_t r = 0; r < size; ++r) {
+      order.push_back(static_cast<size_t>(r) % samples.size());
+      joined.push_back(samples[order.back()]);
+    }
+    auto in = to_device(c10::ivalue::Tuple::create(join_inputs(joined)), out.device);
+    auto got = to_device(out.module.forward(items(in)), at::kCPU);
+    auto parts = split_outputs(got, std::vector<int64_t>(size, 1));
+    for (int64_t r = 0; r < size; ++r)
+      compare_outputs(wants[order[r]], parts[r], "row " + std::to_string(r) + " of " + std::to_string(size), gpu);
+    out.batch = static_cast<int64_t>(out.manifest->batch);
+  } catch (const std::exception& e) {
+    out.batch = 1;
+    out.batch_note = "the batch claim did not hold on " + out.device.str() + ": " + utf8_prefix(e.what(), 300);
+  }
+}
+
 std::shared_ptr<const Loaded> load_release(const std::shared_ptr<Manifest>& m, const std::string& path,
                                            const void* data, size_t len, const c10::Device& device, int warmup) {
   auto out = std::make_shared<Loaded>();
@@ -192,6 +231,7 @@ std::shared_ptr<const Loaded> load_release(const std::shared_ptr<Manifest>& m, c
     check_finite(got, where);
     compare_outputs(expected[i], got, where, gpu);
   }
+  if (m->batch > 1 && !examples.empty()) check_batched(*out, examples, expected, gpu);
   for (int w = 0; w < (examples.empty() ? 0 : warmup); ++w) out->module.forward(items(to_device(examples[0], device)));
   if (gpu) torch::cuda::synchronize(device.index() < 0 ? 0 : device.index());
   out->load_s = t1 - t0;

@@ -18,6 +18,8 @@ struct Loaded {
   torch::jit::Module module;
   c10::Device device = at::kCPU;
   double load_s = 0, check_s = 0;
+  int64_t batch = 1;       // the most rows joined in one forward (the manifest's claim, checked here)
+  std::string batch_note;  // why it joins fewer than the manifest claims
 };
 
 // Load from a file path (`path` non-empty) or from memory (`data`, `len`), then check the
@@ -29,6 +31,8 @@ std::shared_ptr<const Loaded> load_release(const std::shared_ptr<Manifest>& m, c
 
 // Compare one output tree with its expected tree; throws Error("check", ...).
 void compare_outputs(const c10::IValue& want, const c10::IValue& got, const std::string& path, bool gpu);
+void check_batched(Loaded& out, const std::vector<c10::IValue>& examples, const std::vector<c10::IValue>& expected,
+                   bool gpu);
 
 // bad_input unless `args` matches the manifest's input signature (count, dtype, rank, and the
 // dimensions the examples fixed; never the leading one).

@@ -96,7 +96,7 @@ Node::Node(Args a)
       requests_(s_),
       loads_(s_, [this](Result r) { post(std::move(r)); }),
       follows_(s_, follower_),
-      work_(s_.args.queue_max, s_.args.queue_timeout_s) {}
+      work_(s_.args.queue_max, s_.args.queue_timeout_s, s_.args.batch_delay_s) {}
 
 void Node::restore() {
   for (const auto& name : s_.args.models) {
@@ -217,15 +217,19 @@ void Node::serve_loop(const std::string& wid) {
   };
   std::vector<Request> stale;
   while (!stopping_) {
-    auto r = work_.pop(0.2, stale);
+    auto batch = work_.pop(0.2, stale, [this](const std::string& model) { return requests_.cap(model); });
     for (auto& s : stale)
       send(s.client, requests_.refuse(Error("unavailable", "queued for longer than " +
                                                 std::to_string(static_cast<int>(s_.args.queue_timeout_s)) + "s"),
                                       s.header.model, s.header.id));
     stale.clear();
-    if (!r) continue;
-    auto reply = requests_.infer(*r, worker);
-    if (!reply.empty()) send(r->client, std::move(reply));
+    if (batch.empty()) continue;
+    if (batch.size() == 1) {
+      auto reply = requests_.infer(batch[0], worker);
+      if (!reply.empty()) send(batch[0].client, std::move(reply));
+    } else {
+      for (auto& [client, reply] : requests_.infer_batch(batch, worker)) send(client, std::move(reply));
+    }
     work_.done();
   }
 }

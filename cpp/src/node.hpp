@@ -5,6 +5,7 @@
 // tests without them.
 #pragma once
 
+#include "batching.hpp"
 #include "follower.hpp"
 #include "frames.hpp"
 #include "model.hpp"
@@ -30,6 +31,9 @@ struct Args {
   int threads = 1;
   size_t queue_max = 1024;
   double queue_timeout_s = 10.0;
+  int64_t max_batch = 32;          // rows joined into one forward (1: no batching)
+  double batch_delay_s = 0.0002;   // the longest a request waits for others to join it
+  std::vector<std::string> unbatched;  // models whose requests are never joined
 };
 
 struct Counts {
@@ -60,7 +64,11 @@ struct Request {
   msgpack::object_handle keep;  // owns header.inputs
   std::vector<zmq::message_t> tensors;
   double received = 0, expires = 0;  // monotonic s; expires: the client's own deadline
+  std::string key;  // requests with equal keys may share a forward ("": never joined)
+  int64_t rows = 1;  // its size along the batch dimension
 };
+
+using Replies = std::vector<std::pair<std::string, std::vector<zmq::message_t>>>;  // (client, frames)
 
 class Requests {
  public:
@@ -70,21 +78,34 @@ class Requests {
   Request admit(std::string client, std::vector<zmq::message_t>& frames, double now) const;
   // Run `r` on the served version; the reply frames (empty: the client gave up, no reply).
   std::vector<zmq::message_t> infer(Request& r, const std::string& worker);
+  // Run requests of one model, pin and key as one forward where the version was proven
+  // batchable (each validated first; a failed forward is run again request by request).
+  Replies infer_batch(std::vector<Request>& rs, const std::string& worker);
+  // The most rows a request for `model` may share a forward with (1: none).
+  int64_t cap(const std::string& model) const;
   // A refusal of a request for `model`: counted, and its reply.
   std::vector<zmq::message_t> refuse(const Error& e, const std::string& model, const std::string& id);
 
  private:
+  std::vector<c10::IValue> prepare(Request& r, const Lease& cur) const;
+  std::vector<zmq::message_t> reply(Request& r, const Lease& cur, const c10::IValue& out, double queue_ms,
+                                    double infer_ms, int64_t batch, const std::string& worker);
   NodeState& s_;
 };
 
-// Requests waiting for a serving thread: bounded; a thread takes the oldest one still wanted.
+// Requests waiting for a serving thread: bounded; a thread takes the oldest one still wanted,
+// with the queued requests that may share its forward (the Python broker's rules).
 class WorkQueue {
  public:
-  WorkQueue(size_t max, double timeout_s) : max_(max), timeout_s_(timeout_s) {}
+  WorkQueue(size_t max, double timeout_s, double batch_delay_s = 0)
+      : max_(max), timeout_s_(timeout_s), evidence_(batch_delay_s) {}
   bool push(Request r);  // false: full
-  // The next request, waiting up to `wait_s`; those past the queue timeout go to `stale`
-  // (answered `unavailable` by the caller), those past their client's deadline are dropped.
-  std::optional<Request> pop(double wait_s, std::vector<Request>& stale);
+  // The next request and those that may join it (`cap(model)` rows at most), waiting up to
+  // `wait_s` for one and, while the evidence says more are coming, up to the batch delay for
+  // more; those past the queue timeout go to `stale` (answered `unavailable` by the caller),
+  // those past their client's deadline are dropped. Empty: nothing came.
+  std::vector<Request> pop(double wait_s, std::vector<Request>& stale,
+                           const std::function<int64_t(const std::string&)>& cap);
   void done();  // a popped request was answered
   bool idle() const;  // nothing queued, nothing in a serving thread's hands
   void stop();
@@ -96,6 +117,7 @@ class WorkQueue {
   size_t max_, busy_ = 0;
   double timeout_s_;
   bool stopped_ = false;
+  Evidence evidence_;
 };
 
 // -- the load path -------------------------------------------------------------------------

@@ -214,6 +214,8 @@ std::shared_ptr<Manifest> decode_manifest(const void* data, size_t len, const Li
     m->compile_method = r.str("compile_method");
     m->signer = r.str("signer");
     m->staged = r.boolean("staged");
+    m->batch = r.u64("batch");
+    if (m->batch > 65536 || r.u64("batch_dim") != 0) throw Error("bad_manifest", "batch must be 0..65536 along dim 0");
     if (auto* c = r.get("codec")) {
       Map cm(*c, "codec");
       m->codec.name = cm.str("name", "none");

@@ -109,6 +109,7 @@ struct Manifest {
   std::vector<uint64_t> chunk_sizes, chunk_xxh3;
   std::vector<InputSig> inputs;
   bool staged = false;
+  uint64_t batch = 0;  // the largest batch the publisher proved batch-invariant (0: unbatched)
   msgpack::object_handle handle;  // owns the examples / expected objects
   const msgpack::object* examples = nullptr;
   const msgpack::object* expected = nullptr;

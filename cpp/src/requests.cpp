@@ -2,6 +2,7 @@
 // serving thread on the version its slot serves, with the Python node's codes and messages.
 #include "node.hpp"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -46,6 +47,9 @@ Request Requests::admit(std::string client, std::vector<zmq::message_t>& frames,
                                  " bytes; limits " + std::to_string(s_.limits.max_request_tensors) + " / " +
                                  std::to_string(s_.limits.max_request_bytes));
   for (size_t i = 2; i < frames.size(); ++i) r.tensors.emplace_back(std::move(frames[i]));
+  if (s_.args.max_batch > 1 && std::find(s_.args.unbatched.begin(), s_.args.unbatched.end(), r.header.model) ==
+                                   s_.args.unbatched.end())
+    r.key = batch_key(r.header.inputs, r.rows);
   r.received = now;
   r.expires = r.header.timeout_ms > 0 ? now + r.header.timeout_ms / 1000 : 1e300;
   return r;
@@ -60,6 +64,54 @@ std::vector<zmq::message_t> Requests::refuse(const Error& e, const std::string& 
   return error_reply(code, e.what(), model, id);
 }
 
+std::vector<c10::IValue> Requests::prepare(Request& r, const Lease& cur) const {
+  const InferRequest& h = r.header;
+  if (!cur) throw Error("not_ready", "no version of '" + h.model + "' loaded yet");
+  if (h.version && h.version != cur->manifest->seq)
+    throw Error("version_unavailable", h.model + " seq " + std::to_string(h.version) + " is not served by this node");
+  if (h.inputs.type == msgpack::type::NIL) throw Error("bad_request", "INFER header without inputs");
+  std::vector<std::pair<const void*, size_t>> bufs;
+  for (auto& t : r.tensors) bufs.emplace_back(t.data(), t.size());
+  c10::IValue tree;
+  try {
+    tree = decode_tree(h.inputs, bufs);
+  } catch (const Error& e) {
+    throw Error("bad_request", e.what());
+  }
+  if (!tree.isTuple()) throw Error("bad_request", "inputs must be a tuple of positional arguments");
+  std::vector<c10::IValue> args;
+  for (auto& x : tree.toTupleRef().elements()) args.push_back(x.isTensor() ? c10::IValue(x.toTensor().to(cur->device)) : x);
+  check_inputs(*cur->manifest, args);
+  return args;
+}
+
+std::vector<zmq::message_t> Requests::reply(Request& r, const Lease& cur, const c10::IValue& out, double queue_ms,
+                                            double infer_ms, int64_t batch, const std::string& worker) {
+  const InferRequest& h = r.header;
+  msgpack::sbuffer spec;
+  msgpack::packer<msgpack::sbuffer> pk(spec);
+  std::vector<at::Tensor> tensors;
+  encode_tree(out, pk, tensors);
+  auto outputs = msgpack::unpack(spec.data(), spec.size());
+  InferReply reply;
+  reply.id = h.id, reply.model = h.model, reply.label = cur->manifest->label, reply.seq = cur->manifest->seq;
+  reply.worker = worker, reply.outputs = outputs.get();
+  reply.queue_ms = queue_ms, reply.infer_ms = infer_ms, reply.batch = batch;
+  std::vector<zmq::message_t> frames;
+  frames.emplace_back(std::string(kind_name(Kind::Ok)));
+  frames.emplace_back(encode(reply));
+  for (auto& t : tensors) frames.emplace_back(t.data_ptr(), t.numel() * t.element_size());
+  s_.counts.at(h.model).requests++;  // never inserts: the map is fixed at start
+  return frames;
+}
+
+namespace {
+int64_t rows_of(const std::vector<c10::IValue>& args) {
+  return !args.empty() && args[0].isTensor() && args[0].toTensor().dim() ? args[0].toTensor().size(0) : 1;
+}
+double ms_since(int64_t t_ns) { return std::round((now_ns() - t_ns) / 1e3) / 1e3; }
+}  // namespace
+
 std::vector<zmq::message_t> Requests::infer(Request& r, const std::string& worker) {
   const InferRequest& h = r.header;
   double queue_ms = std::round((now_s() - r.received) * 1e6) / 1e3;
@@ -68,22 +120,7 @@ std::vector<zmq::message_t> Requests::infer(Request& r, const std::string& worke
     auto it = s_.slots.find(h.model);
     if (it == s_.slots.end()) throw Error("unknown_model", "this node does not serve '" + h.model + "'");
     Lease cur = it->second.begin();  // held until the reply is built
-    if (!cur) throw Error("not_ready", "no version of '" + h.model + "' loaded yet");
-    if (h.version && h.version != cur->manifest->seq)
-      throw Error("version_unavailable", h.model + " seq " + std::to_string(h.version) + " is not served by this node");
-    if (h.inputs.type == msgpack::type::NIL) throw Error("bad_request", "INFER header without inputs");
-    std::vector<std::pair<const void*, size_t>> bufs;
-    for (auto& t : r.tensors) bufs.emplace_back(t.data(), t.size());
-    c10::IValue tree;
-    try {
-      tree = decode_tree(h.inputs, bufs);
-    } catch (const Error& e) {
-      throw Error("bad_request", e.what());
-    }
-    if (!tree.isTuple()) throw Error("bad_request", "inputs must be a tuple of positional arguments");
-    std::vector<c10::IValue> args;
-    for (auto& x : tree.toTupleRef().elements()) args.push_back(x.isTensor() ? c10::IValue(x.toTensor().to(cur->device)) : x);
-    check_inputs(*cur->manifest, args);
+    auto args = prepare(r, cur);
     int64_t t1 = now_ns();
     c10::IValue out;
     try {
@@ -91,22 +128,7 @@ std::vector<zmq::message_t> Requests::infer(Request& r, const std::string& worke
     } catch (const std::exception& e) {
       throw Error("model_error", model_error_line(e.what()));
     }
-    int64_t t2 = now_ns();
-    msgpack::sbuffer spec;
-    msgpack::packer<msgpack::sbuffer> pk(spec);
-    std::vector<at::Tensor> tensors;
-    encode_tree(out, pk, tensors);
-    auto outputs = msgpack::unpack(spec.data(), spec.size());
-    InferReply reply;
-    reply.id = h.id, reply.model = h.model, reply.label = cur->manifest->label, reply.seq = cur->manifest->seq;
-    reply.worker = worker, reply.outputs = outputs.get();
-    reply.queue_ms = queue_ms, reply.infer_ms = std::round((t2 - t1) / 1e3) / 1e3;
-    std::vector<zmq::message_t> frames;
-    frames.emplace_back(std::string(kind_name(Kind::Ok)));
-    frames.emplace_back(encode(reply));
-    for (auto& t : tensors) frames.emplace_back(t.data_ptr(), t.numel() * t.element_size());
-    s_.counts.at(h.model).requests++;  // never inserts: the map is fixed at start
-    return frames;
+    return reply(r, cur, out, queue_ms, ms_since(t1), rows_of(args), worker);
   } catch (const Error& e) {
     return refuse(e, h.model, h.id);
   } catch (const std::exception& e) {
@@ -114,30 +136,125 @@ std::vector<zmq::message_t> Requests::infer(Request& r, const std::string& worke
   }
 }
 
+Replies Requests::infer_batch(std::vector<Request>& rs, const std::string& worker) {
+  Replies out;
+  auto it = s_.slots.find(rs[0].header.model);  // one model: the queue joined them by key
+  if (it == s_.slots.end()) {
+    for (auto& r : rs) out.emplace_back(r.client, infer(r, worker));
+    return out;
+  }
+  Lease cur = it->second.begin();  // one version for the whole batch
+  double now = now_s();
+  std::vector<std::pair<size_t, std::vector<c10::IValue>>> ready;
+  std::vector<int64_t> rows;
+  for (size_t i = 0; i < rs.size(); ++i) {
+    if (now > rs[i].expires) continue;  // its client has given up: no answer
+    try {
+      ready.emplace_back(i, prepare(rs[i], cur));
+      rows.push_back(rows_of(ready.back().second));
+    } catch (const Error& e) {
+      out.emplace_back(rs[i].client, refuse(e, rs[i].header.model, rs[i].header.id));
+    } catch (const std::exception& e) {
+      out.emplace_back(rs[i].client, refuse(Error("internal", e.what()), rs[i].header.model, rs[i].header.id));
+    }
+  }
+  int64_t total = 0;
+  for (auto n : rows) total += n;
+  std::vector<c10::IValue> parts;
+  double infer_ms = 0;
+  if (ready.size() > 1 && cur && total <= cur->batch) {
+    int64_t t1 = now_ns();
+    try {
+      std::vector<std::vector<c10::IValue>> args;
+      for (auto& rd : ready) args.push_back(rd.second);
+      auto whole = const_cast<torch::jit::Module&>(cur->module).forward(join_inputs(args));
+      parts = split_outputs(whole, rows);
+    } catch (const std::exception& e) {
+      parts.clear();  // each request alone: one bad sample fails only its own
+    }
+    infer_ms = ms_since(t1);
+  }
+  for (size_t k = 0; k < ready.size(); ++k) {
+    Request& r = rs[ready[k].first];
+    double queue_ms = std::round((now - r.received) * 1e6) / 1e3;
+    try {
+      if (!parts.empty()) {
+        out.emplace_back(r.client, reply(r, cur, parts[k], queue_ms, infer_ms, total, worker));
+        continue;
+      }
+      int64_t t1 = now_ns();
+      c10::IValue res;
+      try {
+        res = const_cast<torch::jit::Module&>(cur->module).forward(ready[k].second);
+      } catch (const std::exception& e) {
+        throw Error("model_error", model_error_line(e.what()));
+      }
+      out.emplace_back(r.client, reply(r, cur, res, queue_ms, ms_since(t1), rows[k], worker));
+    } catch (const Error& e) {
+      out.emplace_back(r.client, refuse(e, r.header.model, r.header.id));
+    } catch (const std::exception& e) {
+      out.emplace_back(r.client, refuse(Error("internal", e.what()), r.header.model, r.header.id));
+    }
+  }
+  return out;
+}
+
+int64_t Requests::cap(const std::string& model) const {
+  auto it = s_.slots.find(model);
+  if (it == s_.slots.end()) return 1;
+  auto cur = it->second.newest();
+  return cur ? std::min<int64_t>(s_.args.max_batch, cur->batch) : 1;
+}
+
 bool WorkQueue::push(Request r) {
   std::lock_guard<std::mutex> lk(mu_);
   if (q_.size() >= max_) return false;
+  evidence_.arrived(r.header.model, r.received);
   q_.push_back(std::move(r));
   cv_.notify_one();
   return true;
 }
 
-std::optional<Request> WorkQueue::pop(double wait_s, std::vector<Request>& stale) {
+std::vector<Request> WorkQueue::pop(double wait_s, std::vector<Request>& stale,
+                                    const std::function<int64_t(const std::string&)>& cap) {
   std::unique_lock<std::mutex> lk(mu_);
   cv_.wait_for(lk, std::chrono::duration<double>(wait_s), [this] { return stopped_ || !q_.empty(); });
-  double now = now_s();
-  while (!q_.empty()) {
-    Request r = std::move(q_.front());
-    q_.pop_front();
-    if (r.expires < now) continue;  // nobody waits for it any more: no answer
-    if (now - r.received > timeout_s_) {
-      stale.push_back(std::move(r));
-      continue;
+  while (true) {
+    double now = now_s();
+    for (auto it = q_.begin(); it != q_.end();) {  // the unwanted go first
+      if (it->expires < now) {
+        it = q_.erase(it);  // nobody waits for it any more: no answer
+      } else if (now - it->received > timeout_s_) {
+        stale.push_back(std::move(*it));
+        it = q_.erase(it);
+      } else {
+        ++it;
+      }
     }
+    if (q_.empty()) return {};
+    const Request& head = q_.front();
+    std::vector<size_t> take = {0};
+    int64_t rows = head.rows, limit = head.key.empty() ? 1 : cap(head.header.model);
+    for (size_t i = 1; i < q_.size() && rows < limit; ++i) {
+      const Request& r = q_[i];
+      if (r.key == head.key && r.header.model == head.header.model && r.header.version == head.header.version &&
+          rows + r.rows <= limit) {
+        take.push_back(i);
+        rows += r.rows;
+      }
+    }
+    double until = evidence_.hold_until(head.header.model, take.size(), rows, limit, head.received, now);
+    if (until > 0 && !stopped_) {  // more are coming: wait for them (a push wakes us)
+      cv_.wait_for(lk, std::chrono::duration<double>(until - now));
+      continue;  // again: more came, or the delay is over and the batch goes as it is
+    }
+    std::vector<Request> out;
+    for (size_t i : take) out.push_back(std::move(q_[i]));
+    for (auto i = take.rbegin(); i != take.rend(); ++i) q_.erase(q_.begin() + static_cast<std::ptrdiff_t>(*i));
+    if (limit > 1) evidence_.dispatched(out[0].header.model, out.size(), now);
     ++busy_;
-    return r;
+    return out;
   }
-  return std::nullopt;
 }
 
 void WorkQueue::done() {

@@ -461,3 +461,52 @@ TEST_CASE("the follow path routes broadcasts by the framing table") {
 }
 
 }  // namespace
+
+TEST_CASE("batching: keys, the evidence for a wait, and splitting outputs (zmqmodels/core/batching.py)") {
+  auto spec = [](const std::string& dtype, std::vector<int64_t> a, std::vector<int64_t> b) {
+    msgpack::sbuffer buf;
+    msgpack::packer<msgpack::sbuffer> pk(buf);
+    pk.pack_map(2);
+    pk.pack(std::string("t")), pk.pack(std::string("tuple"));
+    pk.pack(std::string("items"));
+    size_t n = b.empty() ? 1 : 2;
+    pk.pack_array(static_cast<uint32_t>(n));
+    for (size_t i = 0; i < n; ++i) {
+      pk.pack_map(4);
+      pk.pack(std::string("t")), pk.pack(std::string("tensor"));
+      pk.pack(std::string("dtype")), pk.pack(dtype);
+      pk.pack(std::string("shape")), pk.pack(i == 0 ? a : b);
+      pk.pack(std::string("f")), pk.pack(static_cast<int64_t>(i));
+    }
+    return msgpack::unpack(buf.data(), buf.size());
+  };
+  int64_t rows = 0;
+  auto k1 = batch_key(spec("float32", {3, 4}, {}).get(), rows);
+  CHECK(rows == 3);
+  CHECK(k1 == batch_key(spec("float32", {1, 4}, {}).get(), rows));
+  CHECK(k1 != batch_key(spec("float32", {1, 5}, {}).get(), rows));
+  CHECK(k1 != batch_key(spec("float64", {1, 4}, {}).get(), rows));
+  CHECK(batch_key(spec("float32", {2, 4}, {3, 4}).get(), rows).empty());  // leading dims differ
+  CHECK(batch_key(spec("float32", {}, {}).get(), rows).empty());          // 0-d
+  CHECK(batch_key(spec("float32", {0, 4}, {}).get(), rows).empty());
+
+  Evidence e(0.001);
+  CHECK(e.hold_until("m", 1, 1, 32, 0.0, 0.0) < 0);  // nothing seen: go
+  for (int i = 0; i < 10; ++i) e.arrived("m", i * 0.0001);
+  e.dispatched("m", 8, 0.001);
+  CHECK(e.hold_until("m", 2, 2, 32, 0.0011, 0.0012) == doctest::Approx(0.0021));  // 8 last time: wait
+  CHECK(e.hold_until("m", 8, 8, 32, 0.0011, 0.0012) < 0);   // as many as last time
+  CHECK(e.hold_until("m", 2, 32, 32, 0.0011, 0.0012) < 0);  // full
+  CHECK(e.hold_until("m", 2, 2, 32, 0.0011, 0.0022) < 0);   // the delay is over
+  e.dispatched("m", 1, 0.003);
+  CHECK(e.hold_until("m", 1, 1, 32, 0.0031, 0.0031) < 0);   // one at a time: never held
+
+  auto out = c10::ivalue::Tuple::create({at::arange(12).reshape({6, 2}), at::arange(6)});
+  auto parts = split_outputs(out, {1, 2, 3});
+  REQUIRE(parts.size() == 3);
+  CHECK(at::equal(parts[1].toTupleRef().elements()[0].toTensor(), at::arange(2, 6).reshape({2, 2})));
+  CHECK(at::equal(parts[2].toTupleRef().elements()[1].toTensor(), at::arange(3, 6)));
+  CHECK_THROWS(split_outputs(at::arange(5), {1, 2, 3}));
+  auto joined = join_inputs({{at::ones({1, 2})}, {at::zeros({2, 2})}});
+  CHECK(joined[0].toTensor().size(0) == 3);
+}
