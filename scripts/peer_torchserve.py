@@ -28,7 +28,8 @@ _model = None
 
 
 def handle(data, context):
-    """Raw little-endian float32 body -> {"v": model version, "y": first output value}."""
+    """Raw little-endian float32 bodies (one row each) -> {"v": model version, "y": the row's
+    first output value}; the rows TorchServe batched (batch_size > 1) run as one forward."""
     global _model
     if _model is None:
         torch.set_num_threads(1)
@@ -37,14 +38,11 @@ def handle(data, context):
     if data is None:
         return None
     version = context.manifest["model"].get("modelVersion", "")
-    out = []
-    for row in data:
-        body = row.get("body") or row.get("data")
-        x = torch.frombuffer(bytearray(body), dtype=torch.float32).view(1, -1)
-        with torch.inference_mode():
-            y = _model(x)
-        out.append(json.dumps({"v": version, "y": float(y.flatten()[0])}))
-    return out
+    rows = [torch.frombuffer(bytearray(r.get("body") or r.get("data")), dtype=torch.float32) for r in data]
+    with torch.inference_mode():
+        y = _model(torch.stack(rows))
+    n = len(rows)
+    return [json.dumps({"v": version, "y": float(y[i].flatten()[0]), "n": n}) for i in range(n)]
 '''
 
 
@@ -117,8 +115,11 @@ class TorchServe:
         if r.status >= 300:
             raise RuntimeError(f"TorchServe {method} {path}: {r.status} {body[:300]!r}")
 
-    def register(self, mar: str) -> None:
-        self._manage("POST", f"/models?url={mar}&initial_workers=1&synchronous=true")
+    def register(self, mar: str, batch_size: int = 1, max_batch_delay_ms: int = 100) -> None:
+        """Register ``mar`` with one worker; ``batch_size`` > 1 turns on TorchServe's batching
+        (a worker gets up to that many requests, waiting up to ``max_batch_delay_ms``)."""
+        self._manage("POST", f"/models?url={mar}&initial_workers=1&synchronous=true"
+                             f"&batch_size={batch_size}&max_batch_delay={max_batch_delay_ms}")
 
     def unregister(self, version: str) -> None:
         self._manage("DELETE", f"/models/m/{version}")
@@ -135,10 +136,14 @@ class HttpClient:
         self.c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
 
     def infer(self, body: bytes) -> str:
+        return self.call(body)["v"]
+
+    def call(self, body: bytes) -> dict:
+        """The handler's answer: ``{"v": version, "y": value, "n": rows in its forward}``."""
         self.c.request("POST", "/predictions/m", body=body,
                        headers={"Content-Type": "application/octet-stream"})
         r = self.c.getresponse()
         data = r.read()
         if r.status != 200:
             raise RuntimeError(f"{r.status}: {data[:200]!r}")
-        return json.loads(data)["v"]
+        return json.loads(data)

@@ -274,3 +274,53 @@ def test_rows_is_deterministic_so_the_property_can_compare_bytes() -> None:
     m = torch.jit.script(Rows(3.0))
     x = torch.randn(5, 4)
     assert torch.equal(m(x)[2:3], m(x[2:3]))
+
+
+def test_a_timer_a_handler_sets_is_kept_though_the_next_tick_is_far() -> None:
+    """A batch held back inside a message handler must go at its wake time: the loop used to
+    sleep until its next periodic tick (0.1 s in a node), so a closed-loop client population
+    whose requests were all held waited for that tick with nothing else to wake the loop."""
+    import threading
+    import time
+
+    import zmq
+
+    from zmqmodels.ioloop import IOThread
+
+    class Loop(IOThread):
+        kind = "probe"
+
+        def __init__(self) -> None:
+            super().__init__(zmq.Context.instance())
+            self.wake, self.ticks, self.ticked = math.inf, [], threading.Event()
+
+        def _open(self):
+            s = self._socket(zmq.PULL)
+            s.bind("inproc://wake-probe")
+            return [(s, self._on)]
+
+        def _on(self, frames) -> None:
+            self.wake = time.monotonic() + 0.05  # like a broker holding a batch
+
+        def _wake_at(self) -> float:
+            return self.wake
+
+        def _tick(self, now: float) -> float:
+            self.ticks.append(now)
+            if now >= self.wake:
+                self.wake = math.inf
+                self.ticked.set()
+            return 30.0  # the periodic tick is far away
+
+    loop = Loop().start()
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.linger = 0
+    try:
+        push.connect("inproc://wake-probe")
+        sent = time.monotonic()
+        push.send(b"x")
+        assert loop.ticked.wait(10), "the held timer waited for the periodic tick"
+        assert loop.ticks[-1] - sent >= 0.05
+    finally:
+        push.close()
+        loop.close()

@@ -3,7 +3,9 @@
 A node's ROUTER answers each request on the connection it came from, tagged with the request's
 ``id``; a DEALER that sends the REQ envelope's empty delimiter itself may therefore keep any
 number of requests outstanding and match replies by id, which is what lets one process offer a
-batching node enough concurrency. Timeouts and retries follow :class:`~zmqmodels.client.Client`:
+batching node enough concurrency. The socket is a plain one watched through its ZMQ_FD with
+``loop.add_reader`` (zmq.asyncio's per-call futures cost more than the request itself: this
+way one process sends about twice as many). Timeouts and retries follow :class:`~zmqmodels.client.Client`:
 an attempt that gets no reply within ``timeout`` is sent again (same id: whichever answer comes
 first wins, a late duplicate is dropped), a retryable error is retried after a back-off, any
 other error raises :class:`RemoteError`.
@@ -12,7 +14,6 @@ other error raises :class:`RemoteError`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import os
 import time
@@ -20,7 +21,6 @@ from collections.abc import Iterable
 from typing import Any
 
 import zmq
-import zmq.asyncio
 
 from . import protocol as P
 from .client import Result
@@ -31,6 +31,9 @@ from .tensors import decode, encode
 __all__ = ["AsyncClient"]
 
 _ids = itertools.count(1)
+# plain ints: pyzmq's flag enums cost more per call than the rest of a send
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+_NOBLOCK, _MORE = int(zmq.NOBLOCK), int(zmq.NOBLOCK | zmq.SNDMORE)
 
 
 class AsyncClient:
@@ -41,19 +44,20 @@ class AsyncClient:
 
     def __init__(self, server: str, *, timeout: float = 5.0, retries: int = 3, backoff_s: float = 0.05,
                  curve: Curve | None = None, arrays: str = "torch",
-                 context: zmq.asyncio.Context | None = None) -> None:
+                 context: zmq.Context | None = None) -> None:
         if arrays not in ("torch", "numpy"):
             raise ValueError(f"arrays must be 'torch' or 'numpy', not {arrays!r}")
         self.server, self.timeout, self.retries, self.backoff_s = server, timeout, retries, backoff_s
         self.curve, self.arrays = curve, arrays
-        self._ctx = context or zmq.asyncio.Context.instance()
-        self._sock: zmq.asyncio.Socket | None = None
-        self._reader: asyncio.Task[None] | None = None
+        self._ctx = context or zmq.Context.instance()
+        self._sock: zmq.Socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._fd = -1
         self._waiting: dict[str, asyncio.Future[tuple[Any, list[Any]]]] = {}
         self._closed = False
         self.dropped = 0  # replies nobody waited for (late duplicates of a retried request)
 
-    def _socket(self) -> zmq.asyncio.Socket:
+    def _socket(self) -> zmq.Socket:
         if self._closed:
             raise ZmqModelsError("the AsyncClient is closed")
         if self._sock is None:
@@ -62,22 +66,24 @@ class AsyncClient:
             if self.curve is not None:
                 self.curve.connect(sock)
             sock.connect(self.server)
-            self._sock = sock
-            self._reader = asyncio.get_running_loop().create_task(self._read(sock))
+            self._sock, self._loop = sock, asyncio.get_running_loop()
+            self._fd = sock.getsockopt(zmq.FD)
+            self._loop.add_reader(self._fd, self._drain)
         return self._sock
 
-    async def _read(self, sock: zmq.asyncio.Socket) -> None:
-        while True:
-            frames = await sock.recv_multipart(copy=False)
+    def _drain(self) -> None:
+        """Take every reply queued (ZMQ_FD is edge-triggered: read until EVENTS says none)."""
+        sock = self._sock
+        while sock is not None and sock.getsockopt(_EVENTS) & _POLLIN:
+            frames = sock.recv_multipart(_NOBLOCK, copy=False)
             try:
                 if len(frames) < 2 or frames[0].bytes != b"":
                     raise ProtocolError("a reply without the empty delimiter")
                 hdr, tensors = P.unpack(frames[1:])
-                rid = getattr(hdr, "id", "")
             except ProtocolError:
                 self.dropped += 1
                 continue
-            fut = self._waiting.pop(rid, None)
+            fut = self._waiting.pop(getattr(hdr, "id", ""), None)
             if fut is None or fut.done():
                 self.dropped += 1
                 continue
@@ -85,11 +91,9 @@ class AsyncClient:
 
     async def close(self) -> None:
         self._closed = True
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
         if self._sock is not None:
+            if self._loop is not None:
+                self._loop.remove_reader(self._fd)
             self._sock.close()
             self._sock = None
         for fut in self._waiting.values():
@@ -118,16 +122,25 @@ class AsyncClient:
         last: Exception | None = None
         for attempt in range(1, self.retries + 2):
             sock = self._socket()
-            fut = self._waiting.get(rid)
-            if fut is None or fut.done():
-                fut = self._waiting[rid] = asyncio.get_running_loop().create_future()
-            await sock.send_multipart(frames, copy=False)
+            assert self._loop is not None
+            fut = self._waiting[rid] = self._loop.create_future()  # a late reply to an earlier try lands here
+            timer = self._loop.call_later(timeout, _expire, fut)
             try:
-                hdr, tensors = await asyncio.wait_for(asyncio.shield(fut), timeout)
+                for f in frames[:-1]:
+                    sock.send(f, _MORE, copy=False)
+                sock.send(frames[-1], _NOBLOCK, copy=False)
+            except zmq.Again:
+                pass  # no peer connected yet (nothing was queued): the timeout sends it again
+            self._drain()  # a send may consume the FD's edge: look for replies now
+            try:
+                hdr, tensors = await fut
             except TimeoutError:
+                self._waiting.pop(rid, None)
                 last = DeadlineError(f"no reply from {self.server}: {attempt} attempt(s) of {timeout:g}s "
                                      f"each, {time.perf_counter() - t0:.1f}s in all")
                 continue  # the same id again: whichever answer comes first is taken
+            finally:
+                timer.cancel()
             if isinstance(hdr, P.ErrorReply):
                 last = RemoteError(hdr.code, hdr.message, hdr.retryable)
                 if hdr.retryable and attempt <= self.retries:
@@ -139,7 +152,6 @@ class AsyncClient:
             outputs = decode(hdr.outputs, [f.buffer for f in tensors], arrays=self.arrays)
             return Result(outputs, hdr.model, hdr.label, hdr.seq, hdr.worker, hdr.queue_ms, hdr.infer_ms,
                           (time.perf_counter() - t0) * 1000, attempt, hdr.batch)
-        self._waiting.pop(rid, None)
         assert last is not None
         raise last
 
@@ -157,3 +169,9 @@ class AsyncClient:
                 return await self.infer(model, *args, timeout=timeout, seq=seq)
 
         return await asyncio.gather(*(one(x) for x in inputs), return_exceptions=return_exceptions)
+
+
+def _expire(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
+

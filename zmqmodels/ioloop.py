@@ -13,6 +13,7 @@ from __future__ import annotations
 import abc
 import concurrent.futures
 import logging
+import math
 import threading
 import time
 from collections import Counter
@@ -70,6 +71,11 @@ class IOThread(abc.ABC):
     def _tick(self, now: float) -> float:
         """I/O thread: timers; return the seconds until the next tick."""
         return 0.1  # overridden by every shell; a plain poll period otherwise
+
+    def _wake_at(self) -> float:
+        """I/O thread: the monotonic time a core asked to be ticked at (checked after every
+        message, so a timer a handler set is kept to within the poll granularity)."""
+        return math.inf
 
     def _teardown(self) -> None:
         """I/O thread: last words before the sockets close."""
@@ -188,6 +194,7 @@ class IOThread(abc.ABC):
                         self.stats["tick_errors"] += 1
                         log.exception("%s: a timer failed; the loop goes on", self.kind)
                     next_tick = now + delay
+                next_tick = min(next_tick, self._wake_at())
                 left = next_tick - time.monotonic()
                 if left >= 0.001:
                     events = dict(poller.poll(int(left * 1000)))

@@ -286,13 +286,15 @@ class Node(IOThread):
                     log.warning("worker %s %s; killing it", wid, reason)
                     self._procs.kill(wid)
         self._carry(self.broker.tick(now))
-        wake = min(0.1, self.broker.wake_at - now)  # a batch held back goes at wake_at
         down = bool(self.hub) and self.hub_silence(now) > self.hub_unreachable_s
         if down != self._hub_down_logged:
             self._hub_down_logged = down
             log.log(logging.WARNING if down else logging.INFO, "node %s: hub %s %s", self.node_id, self.hub,
                     f"not heard from for {self.hub_silence(now):.0f}s" if down else "heard again")
-        return wake
+        return 0.1
+
+    def _wake_at(self) -> float:
+        return self.broker.wake_at  # a batch held back goes then
 
     def _teardown(self) -> None:
         for wid, slot in self.broker.workers.items():
@@ -373,9 +375,8 @@ class Node(IOThread):
             self._error(client, exc.code, str(exc), exc.rid, exc.model)
             return
         if self._draining:
-            self._error(client, "unavailable", f"node {self.node_id} is shutting down", request.rid,
-                        request.model)
-            return
+            why = f"node {self.node_id} is shutting down"
+            return self._error(client, "unavailable", why, request.rid, request.model)
         self._carry(self.broker.request(request, request.received))
 
     # workers ---------------------------------------------------------------------------------
