@@ -130,18 +130,18 @@ def offer(role: list[str], concurrency: int, seconds: float, tmp: str) -> dict:
             "batch": sum(r[2] for r in rows) / len(rows), "failures": failures}
 
 
-def start_node(kind: str, batching: bool, procs: Procs, hub: str, tmp: str):  # noqa: ANN201
+def start_node(kind: str, batching: bool, procs: Procs, hub: str, tmp: str, device: str = "cpu"):  # noqa: ANN201
     addr = f"tcp://127.0.0.1:{free_port()}"
     cache = tempfile.mkdtemp(dir=tmp)
     mb = "32" if batching else "1"
     if kind == "C++ node":
         args = [BINARY, "--hub", hub, "--bind", addr, "--cache", cache, "--node-id", f"cpp-{mb}",
-                "--model", "mlp", "--model", "heavy", "--threads", "1", "--max-batch", mb]
+                "--model", "mlp", "--model", "heavy", "--threads", "1", "--max-batch", mb, "--device", device]
     else:
         k = kind.split("K=")[1]
         args = [sys.executable, "-m", "zmqmodels", "serve", "--hub", hub, "--bind", addr, "--cache", cache,
                 "--node-id", f"{kind}-{mb}", "--model", "mlp", "--model", "heavy", "--workers", k,
-                "--max-batch", mb]
+                "--max-batch", mb, "--device", device]
     return procs.start(args), addr
 
 
@@ -159,11 +159,11 @@ def run_nodes(args: argparse.Namespace, tmp: str, results: dict) -> None:
             print(f"# {r.notes[0]}", file=sys.stderr, flush=True)
             hub.publish(r)
         kinds = ["Python node K=1", "Python node K=2"] + (["C++ node"] if os.path.exists(BINARY) else [])
-        for kind in kinds:
+        for kind in [k for k in kinds if not args.kinds or k in args.kinds]:
             for batching in (True, False):
                 procs = Procs()
                 try:
-                    p, addr = start_node(kind, batching, procs, hub.address, tmp)
+                    p, addr = start_node(kind, batching, procs, hub.address, tmp, args.device)
                     deadline = time.monotonic() + 180
                     for name in models:  # every worker up and serving before anything is timed
                         while time.monotonic() < deadline:
@@ -180,7 +180,8 @@ def run_nodes(args: argparse.Namespace, tmp: str, results: dict) -> None:
                             role = ["--role", "zclient", "--addr", addr, "--model", name,
                                     "--width", str(WIDTH[name])]
                             row = offer(role, conc, args.seconds, tmp)
-                            key = f"{kind}, batching {'on' if batching else 'off'}"
+                            key = f"{kind}, batching {'on' if batching else 'off'}" + \
+                                ("" if args.device == "cpu" else f", {args.device}")
                             results.setdefault(name, {}).setdefault(key, {})[conc] = row
                             print(json.dumps({name: {key: {conc: row}}}), file=sys.stderr, flush=True)
                 finally:
@@ -247,13 +248,19 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--quick", action="store_true", help="the small MLP at 1 and 64 in flight only")
     ap.add_argument("--json", default="", help="also write the results here")
+    ap.add_argument("--device", default="cpu", help="the nodes' device (cuda:0 on a GPU machine)")
+    ap.add_argument("--kinds", default="", help="comma-joined: only these servers (e.g. 'C++ node')")
+    ap.add_argument("--concurrency", default="", help="comma-joined in-flight counts (default 1,4,16,64)")
+    ap.add_argument("--no-torchserve", action="store_true")
     args = ap.parse_args()
     if args.role == "zclient":
         return role_zclient(args.addr, args.model, args.seconds, args.inflight, args.width, args.out)
     if args.role == "tsclient":
         return role_tsclient(args.port, args.seconds, args.inflight, args.width, args.out)
     args.models = ["mlp"] if args.quick else ["mlp", "heavy"]
-    args.concurrency = [1, 64] if args.quick else [1, 4, 16, 64]
+    args.concurrency = [int(c) for c in args.concurrency.split(",")] if args.concurrency else \
+        [1, 64] if args.quick else [1, 4, 16, 64]
+    args.kinds = [k for k in args.kinds.split(",") if k]
     import torch
 
     print(f"# {platform.node()}: {os.cpu_count()} CPUs, torch {torch.__version__}, python "
@@ -261,7 +268,8 @@ def main() -> None:
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="zmqm-bb-") as tmp:
         run_nodes(args, tmp, results)
-        run_torchserve(args, tmp, results)
+        if not args.no_torchserve:
+            run_torchserve(args, tmp, results)
     report(args, results)
     if args.json:
         with open(args.json, "w") as f:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA paths, run once on a GPU machine (the device tool; CI has no GPU): the CUDA tests,
-# then saturated swaps on cuda:0. Wheels for what the machine lacks come in .whl/ when given.
+# then saturated swaps on cuda:0, then dynamic batching at 1 to 64 requests in flight. Wheels
+# for what the machine lacks come in .whl/ when given.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ -d .whl ]; then
@@ -19,3 +20,9 @@ python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_serving.py tests/tes
 python3 scripts/bench_serving.py --only-saturated --device cuda:0 --clients 16 --swaps 3 \
     --json "$OUT/gpu_saturated.json" 2>"$OUT/gpu_bench.err"
 echo "bench rc=$?"; tail -3 "$OUT/gpu_bench.err"
+# dynamic batching on cuda:0: 1 to 64 requests in flight, batching on and off, the Python
+# node (joined in pinned host buffers) and the C++ node when it is built
+python3 scripts/bench_batching.py --device cuda:0 --no-torchserve --kinds "Python node K=1,C++ node" \
+    --concurrency 1,4,16,64 --seconds 3 --json "$OUT/gpu_batching.json" >"$OUT/gpu_batching.md" \
+    2>"$OUT/gpu_batching.err"
+echo "batching rc=$?"; cat "$OUT/gpu_batching.md"
