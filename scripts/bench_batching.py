@@ -188,6 +188,51 @@ def run_nodes(args: argparse.Namespace, tmp: str, results: dict) -> None:
                     procs.close()
 
 
+def run_low_load(args: argparse.Namespace, tmp: str, results: dict) -> None:
+    """One request in flight, batching on and off side by side: both nodes up at once, runs
+    alternated ``--rounds`` times (the machine drifts by more than the 5 % asked of this);
+    the median of each side's p50s and the median of the paired ratios (round by round)."""
+    import statistics
+
+    import torch
+
+    from zmqmodels import Client, Hub, build_release, compile_model
+    from zmqmodels.store import Store
+
+    with Hub("tcp://127.0.0.1:0", Store(os.path.join(tmp, "low"))) as hub:
+        ex = [torch.randn(1, 784), torch.randn(3, 784)]
+        hub.publish(build_release(compile_model(mlp(0), ex), "mlp", "v1", codec="none"))
+        kinds = ["Python node K=1"] + (["C++ node"] if os.path.exists(BINARY) else [])
+        for kind in [k for k in kinds if not args.kinds or k in args.kinds]:
+            procs = Procs()
+            try:
+                addrs = {b: start_node(kind, b, procs, hub.address, tmp, args.device)[1]
+                         for b in (True, False)}
+                for addr in addrs.values():
+                    deadline = time.monotonic() + 180
+                    while time.monotonic() < deadline:
+                        try:
+                            with Client(addr, timeout=5, retries=0) as c:
+                                c.infer("mlp", torch.randn(1, 784))
+                            break
+                        except Exception:  # noqa: BLE001 - not up yet
+                            time.sleep(0.5)
+                p50s: dict[bool, list[float]] = {True: [], False: []}
+                for i in range(args.rounds):
+                    for b in ((True, False) if i % 2 == 0 else (False, True)):  # neither side always first
+                        wait_idle_cpu()
+                        role = ["--role", "zclient", "--addr", addrs[b], "--model", "mlp", "--width", "784"]
+                        p50s[b].append(offer(role, 1, 2.0, tmp)["p50_ms"])
+                on, off = statistics.median(p50s[True]), statistics.median(p50s[False])
+                paired = statistics.median(a / b for a, b in zip(p50s[True], p50s[False], strict=True))
+                results.setdefault("low_load", {})[kind] = {"on": on, "off": off, "rounds": args.rounds,
+                                                            "paired": paired}
+                print(json.dumps({"low_load": {kind: [p50s[True], p50s[False]]}}), file=sys.stderr,
+                      flush=True)
+            finally:
+                procs.close()
+
+
 def run_torchserve(args: argparse.Namespace, tmp: str, results: dict) -> None:
     import torch
 
@@ -232,6 +277,14 @@ def report(args: argparse.Namespace, results: dict) -> None:
                 cells.append(f"{v['req_s']:.0f}, {v['p50_ms']:.2f} / {v['p99_ms']:.2f}, "
                              f"{v['batch']:.1f}{fail}")
             print(f"| {key} | " + " | ".join(cells) + " |")
+    low = results.get("low_load", {})
+    if low:
+        print("\n**1 in flight, batching on vs off** (small MLP; both nodes up, runs alternated, "
+              "median p50 of each side)\n")
+        print("| server | rounds | p50 on | p50 off | median of on / off, round by round |\n"
+              "|---|---|---|---|---|")
+        for kind, v in low.items():
+            print(f"| {kind} | {v['rounds']} | {v['on']:.3f} ms | {v['off']:.3f} ms | {v['paired']:.3f} |")
     if "torchserve_missing" in results:
         print(f"\nTorchServe was not measured: {results['torchserve_missing']}")
 
@@ -252,6 +305,8 @@ def main() -> None:
     ap.add_argument("--kinds", default="", help="comma-joined: only these servers (e.g. 'C++ node')")
     ap.add_argument("--concurrency", default="", help="comma-joined in-flight counts (default 1,4,16,64)")
     ap.add_argument("--no-torchserve", action="store_true")
+    ap.add_argument("--rounds", type=int, default=11, help="alternated 1-in-flight runs per side (0: skip)")
+    ap.add_argument("--only-low-load", action="store_true")
     args = ap.parse_args()
     if args.role == "zclient":
         return role_zclient(args.addr, args.model, args.seconds, args.inflight, args.width, args.out)
@@ -267,9 +322,12 @@ def main() -> None:
           f"{platform.python_version()}, commit {commit()}", file=sys.stderr)
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="zmqm-bb-") as tmp:
-        run_nodes(args, tmp, results)
-        if not args.no_torchserve:
-            run_torchserve(args, tmp, results)
+        if not args.only_low_load:
+            run_nodes(args, tmp, results)
+            if not args.no_torchserve:
+                run_torchserve(args, tmp, results)
+        if args.rounds:
+            run_low_load(args, tmp, results)
     report(args, results)
     if args.json:
         with open(args.json, "w") as f:

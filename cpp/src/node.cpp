@@ -202,6 +202,9 @@ int Node::run(const std::atomic<bool>& stop) {
   for (auto& t : workers) t.join();
   loader.join();
   follower.join();
+  log("stopped: %llu request(s) answered in %llu forward(s); %llu wait(s) for a batch to fill",
+      static_cast<unsigned long long>(work_.requests), static_cast<unsigned long long>(work_.forwards),
+      static_cast<unsigned long long>(work_.holds));
   return 0;
 }
 

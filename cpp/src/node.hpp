@@ -108,6 +108,8 @@ class WorkQueue {
                            const std::function<int64_t(const std::string&)>& cap);
   void done();  // a popped request was answered
   bool idle() const;  // nothing queued, nothing in a serving thread's hands
+  // forwards handed out, requests in them, and waits for more (the node logs them at exit)
+  std::atomic<uint64_t> forwards{0}, requests{0}, holds{0};
   void stop();
 
  private:

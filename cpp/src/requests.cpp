@@ -245,6 +245,7 @@ std::vector<Request> WorkQueue::pop(double wait_s, std::vector<Request>& stale,
     }
     double until = evidence_.hold_until(head.header.model, take.size(), rows, limit, head.received, now);
     if (until > 0 && !stopped_) {  // more are coming: wait for them (a push wakes us)
+      ++holds;
       cv_.wait_for(lk, std::chrono::duration<double>(until - now));
       continue;  // again: more came, or the delay is over and the batch goes as it is
     }
@@ -252,6 +253,8 @@ std::vector<Request> WorkQueue::pop(double wait_s, std::vector<Request>& stale,
     for (size_t i : take) out.push_back(std::move(q_[i]));
     for (auto i = take.rbegin(); i != take.rend(); ++i) q_.erase(q_.begin() + static_cast<std::ptrdiff_t>(*i));
     if (limit > 1) evidence_.dispatched(out[0].header.model, out.size(), now);
+    ++forwards;
+    requests += out.size();
     ++busy_;
     return out;
   }
