@@ -324,3 +324,26 @@ def test_a_timer_a_handler_sets_is_kept_though_the_next_tick_is_far() -> None:
     finally:
         push.close()
         loop.close()
+
+
+@pytest.mark.cuda
+def test_a_cuda_worker_joins_in_pinned_buffers_and_answers_as_alone(tmp_path) -> None:
+    release = build_release(compile_model(*make_rows(3.0)), "m", "v1")
+    m = msgspec.structs.replace(release.manifest, seq=1)
+    (tmp_path / "a.pt").write_bytes(release.archive())
+    w = Worker("ipc://unused", "w0", "cuda:0", ["m"], str(tmp_path / "cache"))
+    w.slots["m"].swap(load_release(m, str(tmp_path / "a.pt"), "cuda:0"))
+    assert w.slots["m"].current().batch == 64
+    raws = [frames_for("ok", rows, f"r{n}") for n, rows in enumerate([1, 3, 2])]
+    jobs = [(P.Job(b"c", 0, 0, len(r)), [F(b) for b in r]) for r in raws]
+    with torch.inference_mode():
+        got = w.infer_batch(jobs)
+    assert all(buf.is_pinned() for buf in w._pinned.values())
+    for (reply, code, served), raw in zip(got, raws, strict=True):
+        alone = w.infer([F(b) for b in raw], 0)
+        hdr, tensors = P.unpack([F(bytes(b)) for b in reply])
+        _, ref = P.unpack([F(bytes(b)) for b in alone[0]])
+        assert served and not code and hdr.batch == 6
+        assert torch.allclose(torch.frombuffer(bytearray(tensors[0].buffer), dtype=torch.float32),
+                              torch.frombuffer(bytearray(ref[0].buffer), dtype=torch.float32))
+

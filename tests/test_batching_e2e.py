@@ -243,3 +243,31 @@ def test_infer_sends_a_file_of_inputs_pipelined(hub, tmp_path) -> None:
         assert both.returncode != 0 and "not both or neither" in both.stderr
     finally:
         node.close()
+
+
+def test_metrics_count_rows_per_forward_and_the_wait_for_a_batch(hub, tmp_path) -> None:
+    from tests.conftest import free_port
+    from tests.test_operator import _scrape
+
+    port = free_port()
+    node = serve(hub, tmp_path, workers=1, metrics=f"127.0.0.1:{port}")
+    try:
+        publish(hub, "v1")
+
+        async def burst() -> None:
+            async with AsyncClient(node.address, timeout=30) as c:
+                await c.infer("rows", torch.full((1, 4), -2.0))  # warm: one forward of 1 row
+                slow = asyncio.create_task(c.infer("rows", torch.full((1, 4), -2.0)))
+                await asyncio.sleep(0.3)  # the worker is busy: these queue and join
+                await c.infer_many("rows", [x_for(i) for i in range(20)], in_flight=20)
+                await slow
+
+        asyncio.run(burst())
+        m = _scrape(port)
+    finally:
+        node.close()
+    forwards = m["zmqmodels_batch_rows_count{model=rows}"]
+    rows = m["zmqmodels_batch_rows_sum{model=rows}"]
+    assert rows == 22 and forwards < rows  # every row counted once, some forwards joined
+    assert m["zmqmodels_batch_wait_seconds_count{model=rows}"] == forwards
+
