@@ -141,12 +141,15 @@ def collect(sock: zmq.Socket, n: int, linger: float = 0.0, timeout: float = 60) 
     return got
 
 
+def dealer() -> zmq.Socket:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    return sock
+
+
 @pytest.mark.parametrize("kind", ["python", "cpp"])
 def test_a_malformed_request_and_a_raising_sample_fail_alone_inside_a_batch(hub, tmp_path, kind) -> None:
-    node = serve(hub, tmp_path, workers=1, kind=kind, batch_delay_s=0.002)
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
-    sock.linger = 0
+    node, sock = serve(hub, tmp_path, workers=1, kind=kind, batch_delay_s=0.002), dealer()
     try:
         publish(hub, "v1")
         sock.connect(node.address)
@@ -177,10 +180,7 @@ def test_a_malformed_request_and_a_raising_sample_fail_alone_inside_a_batch(hub,
 
 
 def test_a_worker_killed_mid_batch_answers_each_request_worker_lost_once(hub, tmp_path) -> None:
-    node = serve(hub, tmp_path, workers=1)
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
-    sock.linger = 0
+    node, sock = serve(hub, tmp_path, workers=1), dealer()
     try:
         publish(hub, "v1")
         sock.connect(node.address)

@@ -16,7 +16,7 @@ from .core.work import Dispatch, Request
 from .defaults import Limits
 from .errors import ProtocolError, ServingError
 
-__all__ = ["Refusal", "admit", "work_frames", "replies", "Reply"]
+__all__ = ["Refusal", "parse_infer", "admit", "work_frames", "replies", "Reply"]
 
 
 class Refusal(ServingError):
@@ -28,18 +28,25 @@ class Refusal(ServingError):
         self.rid, self.model = rid, model
 
 
-def admit(client: bytes, frames: list[Any], limits: Limits, queue_timeout_s: float, *,
-          unbatched: Collection[str] | None) -> Request:
-    """A client's ``[INFER, header, tensors...]`` (after the REQ envelope) as a queued request;
-    :class:`Refusal` for what cannot be. ``unbatched``: models whose requests are never joined
-    (None: no batching at all)."""
-    received_ns = time.monotonic_ns()
+def parse_infer(frames: list[Any]) -> tuple[P.InferRequest, list[Any]]:
+    """``[INFER, header, tensors...]`` -> ``(header, tensor frames)``; :class:`Refusal`
+    (``bad_request``) for anything else. The front and its workers read requests alike."""
     try:
         req, tensors = P.unpack(frames)
     except ProtocolError as exc:
         raise Refusal("bad_request", str(exc)) from None
     if not isinstance(req, P.InferRequest):
         raise Refusal("bad_request", "expected [INFER, header, tensor frames...]")
+    return req, tensors
+
+
+def admit(client: bytes, frames: list[Any], limits: Limits, queue_timeout_s: float, *,
+          unbatched: Collection[str] | None) -> Request:
+    """A client's ``[INFER, header, tensors...]`` (after the REQ envelope) as a queued request;
+    :class:`Refusal` for what cannot be. ``unbatched``: models whose requests are never joined
+    (None: no batching at all)."""
+    received_ns = time.monotonic_ns()
+    req, tensors = parse_infer(frames)
     size = sum(len(f) for f in frames)
     if size > limits.max_request_bytes or len(tensors) > limits.max_request_tensors:
         raise Refusal("too_large", f"request of {len(tensors)} tensor(s), {size} bytes; limits "

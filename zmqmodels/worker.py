@@ -25,6 +25,7 @@ from . import protocol as P
 from .batching import join_inputs, split_outputs
 from .cache import Cache
 from .errors import IntegrityError, ProtocolError, ServingError, ZmqModelsError
+from .front import parse_infer
 from .host import shared_name
 from .loader import apply_weights, load_release, share_weights, to_device
 from .release import decode_manifest
@@ -132,16 +133,6 @@ class Worker:
         return out
 
     # -- inference ---------------------------------------------------------------------------
-    @staticmethod
-    def _parse(frames: list[Any]) -> tuple[P.InferRequest, list[Any]]:
-        try:
-            req, tensors = P.unpack(frames)
-        except ProtocolError as exc:
-            raise ServingError("bad_request", str(exc)) from None
-        if not isinstance(req, P.InferRequest):
-            raise ServingError("bad_request", "expected [INFER, header, tensors...]")
-        return req, tensors
-
     def _admit(self, req: P.InferRequest, tensors: list[Any]) -> tuple[Loaded, tuple[Any, ...]]:
         """The version that serves ``req`` and its checked arguments; :class:`ServingError`
         with the code to answer."""
@@ -192,7 +183,7 @@ class Worker:
         t0 = time.monotonic_ns()
         req: P.InferRequest | None = None
         try:
-            req, tensors = self._parse(frames)
+            req, tensors = parse_infer(frames)
             cur, args = self._admit(req, tensors)
             t1 = time.monotonic_ns()
             out = self._forward(cur, args)
@@ -215,7 +206,7 @@ class Worker:
                 continue
             req: P.InferRequest | None = None
             try:
-                req, tensors = self._parse(frames)
+                req, tensors = parse_infer(frames)
                 ready.append((i, req, *self._admit(req, tensors)))
             except ZmqModelsError as exc:
                 out[i] = (*self._error(exc, req), True)
