@@ -24,7 +24,9 @@ def to_device(tree: Any, device: str) -> Any:
     import torch
 
     if isinstance(tree, torch.Tensor):
-        return tree.to(device, non_blocking=False)
+        # from pinned host memory (a worker's batch staging) the copy is one async DMA; the
+        # stream orders it before the forward, and outputs come back synchronously
+        return tree.to(device, non_blocking=device != "cpu" and tree.is_pinned())
     if isinstance(tree, tuple | list):
         return type(tree)(to_device(x, device) for x in tree)
     if isinstance(tree, dict):
