@@ -1,4 +1,4 @@
-"""A worker process: one :class:`ModelSlot` per model, serving one request at a time.
+"""A worker process: one :class:`ModelSlot` per model, serving one request or one batch at a time.
 
 Started by the node's front process through :mod:`zmqmodels.worker_boot`; talks to it over a
 DEALER on an ipc endpoint. It loads from the node's cache by *path* (2-8x faster than from
