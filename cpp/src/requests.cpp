@@ -47,8 +47,10 @@ Request Requests::admit(std::string client, std::vector<zmq::message_t>& frames,
                                  " bytes; limits " + std::to_string(s_.limits.max_request_tensors) + " / " +
                                  std::to_string(s_.limits.max_request_bytes));
   for (size_t i = 2; i < frames.size(); ++i) r.tensors.emplace_back(std::move(frames[i]));
-  if (s_.args.max_batch > 1 && std::find(s_.args.unbatched.begin(), s_.args.unbatched.end(), r.header.model) ==
-                                   s_.args.unbatched.end())
+  // only a served model's requests are keyed (and so counted as evidence): a client's model
+  // names must not grow the queue's per-model state
+  if (s_.args.max_batch > 1 && s_.slots.count(r.header.model) &&
+      std::find(s_.args.unbatched.begin(), s_.args.unbatched.end(), r.header.model) == s_.args.unbatched.end())
     r.key = batch_key(r.header.inputs, r.rows);
   r.received = now;
   r.expires = r.header.timeout_ms > 0 ? now + r.header.timeout_ms / 1000 : 1e300;
@@ -209,7 +211,7 @@ int64_t Requests::cap(const std::string& model) const {
 bool WorkQueue::push(Request r) {
   std::lock_guard<std::mutex> lk(mu_);
   if (q_.size() >= max_) return false;
-  evidence_.arrived(r.header.model, r.received);
+  if (!r.key.empty()) evidence_.arrived(r.header.model, r.received);
   q_.push_back(std::move(r));
   cv_.notify_one();
   return true;

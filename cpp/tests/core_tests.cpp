@@ -430,6 +430,17 @@ TEST_CASE("the request path refuses oversize and malformed requests before any m
   } catch (const Error& e) {
     CHECK(e.code == "too_large");
   }
+  // batch keys: only for a model this node serves (a client's names grow no per-model state)
+  s.limits.max_request_tensors = 8;
+  for (const char* model : {"m", "not-served"}) {
+    h.model = model;
+    std::vector<zmq::message_t> again;
+    again.emplace_back(std::string("INFER"));
+    again.emplace_back(encode(h));
+    for (auto& t : tensors) again.emplace_back(t.data_ptr(), t.numel() * t.element_size());
+    Request r = requests.admit("c", again, 0.0);
+    CHECK(r.key.empty() == (std::string(model) != "m"));
+  }
 }
 
 TEST_CASE("the follow path routes broadcasts by the framing table") {
