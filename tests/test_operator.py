@@ -281,6 +281,20 @@ def test_a_failed_cache_write_keeps_the_release_stays_error_and_publish_names_wh
 
 
 # -- store versus fleet --------------------------------------------------------------------------
+def _rebind(addr: str, store, timeout: float = 20.0) -> Hub:
+    """A hub on ``addr`` again. The node's DEALER keeps reconnecting to that loopback port while
+    nothing listens, and a TCP connect to a free local port can land on itself (a simultaneous
+    open) and hold it for a moment: retry the bind until the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return Hub(addr, Store(store)).start()
+        except ZmqModelsError as exc:
+            if "Address already in use" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def test_hub_restored_on_an_empty_store_publishes_past_what_nodes_hold(tmp_path, probe) -> None:
     """Milestone 1: nodes holding seq 3 silently dropped a new hub's seq 1, and the publisher
     printed a bare FAILED."""
@@ -292,7 +306,7 @@ def test_hub_restored_on_an_empty_store_publishes_past_what_nodes_hold(tmp_path,
             m = old.publish(probe)
         assert m.seq == 3 and old.wait_for("probe", 3, 1, 60)[0]
     try:
-        with Hub(addr, Store(tmp_path / "empty-store")) as new:
+        with _rebind(addr, tmp_path / "empty-store") as new:
             wait_until(lambda: any(n.seq == 3 for n in new.status().nodes), 30, what="the node's report")
             from zmqmodels import HubClient
 
