@@ -139,6 +139,24 @@ def test_a_request_whose_client_gave_up_while_held_is_dropped() -> None:
     assert late.rid not in [r.rid for d in dispatches(out) for r in d.requests]
 
 
+def test_a_hold_that_ends_without_a_dispatch_leaves_no_state() -> None:
+    """Groups are keyed by client-chosen shapes: a held group whose requests expired must not
+    stay in the broker (it grew without bound, and a later batch of it reported the old hold)."""
+    b = broker(delay=0.01)
+    b.request(req(0), 0)
+    for _ in range(4):
+        b.request(req(0), 0)
+    b.done("w0", 0.001)  # evidence: batches of 4
+    b.request(req(0.002), 0.002)
+    b.done("w0", 0.003)
+    for k in range(50):  # a different shape each time, each held, each given up on
+        key = (("float32", (k,)),)
+        b.request(req(0.004, key=key, timeout=0.001), 0.004)
+        b.tick(0.0055)
+    b.tick(1.0)
+    assert not b.pending and not b._held_since
+
+
 def test_a_worker_lost_mid_batch_refuses_each_of_its_requests_once() -> None:
     b = broker()
     b.request(req(0), 0)

@@ -250,13 +250,12 @@ class Broker:
 
     def _dispatch(self, out: list[Action], now: float) -> None:
         self.wake_at = math.inf
-        if not self.pending:
-            return
-        free = [w for w in self.workers.values() if w.free]
+        held: set[tuple[str, Hashable]] = set()
+        free = [w for w in self.workers.values() if w.free] if self.pending else []
         if not free:
+            self._held_since.clear()  # nothing is held back while no worker is free
             return
         keep: collections.deque[Request] = collections.deque()
-        held: set[tuple[str, Hashable]] = set()
         while self.pending and free:
             req = self.pending.popleft()
             group = (req.model, (req.seq, req.key))
@@ -278,6 +277,8 @@ class Broker:
             out.append(self._assign(w, batch, now, now - self._held_since.pop(group, now)))
         keep.extend(self.pending)
         self.pending = keep
+        # a group no longer held (its requests went, expired or were refused) leaves nothing behind
+        self._held_since = {g: t for g, t in self._held_since.items() if g in held}
 
     def _cap(self, w: WorkerSlot, model: str) -> int:
         return min(self.max_batch, w.batch.get(model, 1))
