@@ -40,6 +40,7 @@ _EXPORTS = {
     "Node": "node",
     "Client": "client",
     "AsyncClient": "aclient",
+    "Gateway": "oip.gateway",
     "Result": "client",
     "ModelSlot": "slot",
     "Loaded": "slot",

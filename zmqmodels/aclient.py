@@ -113,14 +113,41 @@ class AsyncClient:
 
     async def infer(self, model: str, *inputs: Any, timeout: float | None = None, seq: int = 0) -> Result:
         """Run ``model`` on ``inputs``, as :meth:`Client.infer <zmqmodels.client.Client.infer>`."""
-        timeout = self.timeout if timeout is None else timeout
         spec, bufs = encode(tuple(inputs))
+        t0 = time.perf_counter()
+        hdr, tensors, attempt = await self.request(model, spec, bufs, timeout=timeout, seq=seq)
+        outputs = decode(hdr.outputs, [f.buffer for f in tensors], arrays=self.arrays)
+        return Result(outputs, hdr.model, hdr.label, hdr.seq, hdr.worker, hdr.queue_ms, hdr.infer_ms,
+                      (time.perf_counter() - t0) * 1000, attempt, hdr.batch)
+
+    async def request(self, model: str, spec: Any, buffers: list[Any], *, timeout: float | None = None,
+                      seq: int = 0, retries: int | None = None) -> tuple[P.InferReply, list[Any], int]:
+        """The raw exchange under :meth:`infer`: an ``INFER`` of the tensor-tree ``spec`` and
+        its ``buffers`` (sent as they are) -> ``(reply header, tensor frames, attempts)``."""
+        timeout = self.timeout if timeout is None else timeout
         rid = f"{os.getpid()}-a{next(_ids)}"
         header = P.InferRequest(model, rid, spec, seq, timeout_ms=round(timeout * 1000, 3))
-        frames = [b"", *P.pack(header, *bufs)]
+        hdr, tensors, attempt = await self._exchange(rid, [b"", *P.pack(header, *buffers)], timeout,
+                                                     self.retries if retries is None else retries)
+        if not isinstance(hdr, P.InferReply):
+            raise ProtocolError(f"unexpected reply {type(hdr).__name__} from {self.server}")
+        return hdr, tensors, attempt
+
+    async def models(self, *, timeout: float | None = None, retries: int = 0) -> P.ModelsReply:
+        """What the node serves now (``MODELS``): its models, the seqs its workers hold, their
+        signatures."""
+        rid = f"{os.getpid()}-m{next(_ids)}"
+        timeout = self.timeout if timeout is None else timeout
+        hdr, _, _ = await self._exchange(rid, [b"", *P.pack(P.ModelsRequest(id=rid))], timeout, retries)
+        if not isinstance(hdr, P.ModelsReply):
+            raise ProtocolError(f"unexpected reply {type(hdr).__name__} from {self.server}")
+        return hdr
+
+    async def _exchange(self, rid: str, frames: list[Any], timeout: float,
+                        retries: int) -> tuple[Any, list[Any], int]:
         t0 = time.perf_counter()
         last: Exception | None = None
-        for attempt in range(1, self.retries + 2):
+        for attempt in range(1, retries + 2):
             sock = self._socket()
             assert self._loop is not None
             fut = self._waiting[rid] = self._loop.create_future()  # a late reply to an earlier try lands here
@@ -143,15 +170,11 @@ class AsyncClient:
                 timer.cancel()
             if isinstance(hdr, P.ErrorReply):
                 last = RemoteError(hdr.code, hdr.message, hdr.retryable)
-                if hdr.retryable and attempt <= self.retries:
+                if hdr.retryable and attempt <= retries:
                     await asyncio.sleep(self.backoff_s * attempt)
                     continue
                 raise last
-            if not isinstance(hdr, P.InferReply):
-                raise ProtocolError(f"unexpected reply {type(hdr).__name__} from {self.server}")
-            outputs = decode(hdr.outputs, [f.buffer for f in tensors], arrays=self.arrays)
-            return Result(outputs, hdr.model, hdr.label, hdr.seq, hdr.worker, hdr.queue_ms, hdr.infer_ms,
-                          (time.perf_counter() - t0) * 1000, attempt, hdr.batch)
+            return hdr, tensors, attempt
         assert last is not None
         raise last
 

@@ -38,6 +38,7 @@ class Cache:
     def __init__(self, root: str | os.PathLike[str], *, keep: int = 2) -> None:
         self.root = Path(root)
         self.keep = keep
+        self._signatures: dict[tuple[str, int], tuple[list[Any], Any]] = {}
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -67,6 +68,21 @@ class Cache:
             if old != serving:  # staged releases never push out the one being served
                 self.discard(manifest.name, old)
         return path
+
+    def signature(self, name: str, seq: int) -> tuple[list[Any], Any]:
+        """``(inputs, outputs)`` of cached release ``seq``'s manifest (``([], None)`` if it
+        cannot be read); remembered, as a release's manifest never changes."""
+        key = (name, seq)
+        sig = self._signatures.get(key)
+        if sig is None:
+            try:
+                m = decode_manifest(self.path(name, seq).with_suffix(".manifest").read_bytes())
+                sig = self._signatures[key] = (m.inputs, m.outputs)
+            except (OSError, ReleaseError):
+                return [], None
+            while len(self._signatures) > 64:
+                del self._signatures[next(iter(self._signatures))]
+        return sig
 
     def activate(self, name: str, seq: int) -> None:
         """Staged release ``seq`` is to be served (kept across restarts)."""

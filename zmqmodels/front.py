@@ -6,17 +6,17 @@ or ``ANSWERS`` into one reply per request. Torch-free, socket-free."""
 from __future__ import annotations
 
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from . import protocol as P
 from .core.batching import batch_key
-from .core.work import Dispatch, Request
+from .core.work import Dispatch, Request, WorkerSlot
 from .defaults import Limits
 from .errors import ProtocolError, ServingError
 
-__all__ = ["Refusal", "parse_infer", "admit", "work_frames", "replies", "Reply"]
+__all__ = ["Refusal", "parse_infer", "admit", "work_frames", "replies", "Reply", "describe"]
 
 
 class Refusal(ServingError):
@@ -95,3 +95,28 @@ def replies(msg: P.Done | P.Answers, payload: list[Any]) -> list[Reply]:
     if at != len(payload):
         raise ProtocolError(f"ANSWERS names {at} reply frames, {len(payload)} came")
     return out
+
+
+def describe(frames: list[Any], node: str, models: Sequence[str], workers: Mapping[str, WorkerSlot],
+             signature: Callable[[str, int], tuple[list[Any], Any]]) -> list[Any]:
+    """The reply frames to a client's ``[MODELS, header]``: a ``MODELS_REPLY`` for what
+    ``workers`` hold now (per model, each seq some ready worker serves, how many hold it, how
+    many rows they join, and from ``signature(name, seq)`` the manifest's ``inputs`` and
+    ``outputs``), or ``ERROR bad_request``."""
+    try:
+        req, _ = P.unpack(frames)
+    except ProtocolError as exc:
+        return P.pack(P.ErrorReply("bad_request", str(exc)))
+    out = []
+    for name in models:
+        held: dict[int, list[Any]] = {}
+        for w in workers.values():
+            v = w.serving.get(name)
+            if w.ready and v is not None:
+                entry = held.setdefault(v.seq, [v.label, 0, 1])
+                entry[1] += 1
+                entry[2] = max(entry[2], w.batch.get(name, 1))
+        versions = [P.ServedVersion(seq, label, n, batch, *signature(name, seq))
+                    for seq, (label, n, batch) in sorted(held.items())]
+        out.append(P.ServedModel(name, versions))
+    return P.pack(P.ModelsReply(node, out, id=req.id))

@@ -39,7 +39,7 @@ from .defaults import Limits
 from .errors import ZmqModelsError
 from .exporter import MetricsServer
 from .follower import Follower
-from .front import Refusal, admit, replies, work_frames
+from .front import Refusal, admit, describe, replies, work_frames
 from .host import SharedCopies, WorkerProcesses, check_devices, make_run_dir
 from .ioloop import IOThread, LoopState
 from .protocol import ModelState
@@ -165,10 +165,9 @@ class Node(IOThread):
             raise ZmqModelsError(f"node failed to start on {self.bind}: {self._start_error or exc}") from None
         if self.hub:
             devices = ",".join(sorted(set(self._devices.values())))
-            self._sub = Follower(self.hub, self.models, on_release=self._on_release,
-                                 node_id=self.node_id, device=devices, known=known,
-                                 limits=self.limits, background_nice=10, cache=self.cache,
-                                 trust=self.trust, curve=self.curve, context=self._ctx,
+            self._sub = Follower(self.hub, self.models, on_release=self._on_release, node_id=self.node_id,
+                                 device=devices, known=known, limits=self.limits, background_nice=10,
+                                 cache=self.cache, trust=self.trust, curve=self.curve, context=self._ctx,
                                  labels=self.labels, staged=staged,
                                  counts=lambda name: self.ledger.counted.get(name, (0, 0)))
             self._sub.start()
@@ -197,10 +196,9 @@ class Node(IOThread):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                busy = self.call(self.broker.busy, 5.0)
+                if not self.call(self.broker.busy, 5.0):
+                    return
             except ZmqModelsError:
-                return
-            if not busy:
                 return
             time.sleep(0.02)
         log.warning("node %s: requests still in flight after %.0fs; stopping anyway", self.node_id, timeout)
@@ -303,8 +301,7 @@ class Node(IOThread):
 
     def _spawn(self, wid: str, now: float) -> None:
         args = worker_command(self._backend_addr, wid, self._devices[wid], str(self.cache.root),
-                              self._threads_per_worker, self.models, os.getpid(),
-                              self._shared.dir)
+                              self._threads_per_worker, self.models, os.getpid(), self._shared.dir)
         self._procs.spawn(wid, args)
         self.supervisor.spawned(wid, now)
 
@@ -368,6 +365,9 @@ class Node(IOThread):
         if len(frames) < 3 or frames[1].bytes != b"":
             self.stats["dropped_not_req"] += 1  # not a REQ envelope: nowhere to answer
             return
+        if frames[2].bytes == b"MODELS":  # what is served now, answered at once (a gateway's view)
+            reply = describe(frames[2:], self.node_id, self.models, self.broker.workers, self.cache.signature)
+            return self._front.send_multipart([client, b"", *reply])
         try:
             request = admit(client, frames[2:], self.limits, self.broker.queue_timeout_s,
                             unbatched=self.unbatched if self.broker.max_batch > 1 else None)

@@ -10,6 +10,7 @@ const Framing kFraming[] = {
     {Kind::FetchManifest, "FETCH_MANIFEST", true, 0, 0}, {Kind::FetchChunks, "FETCH_CHUNKS", true, 0, 0},
     {Kind::Report, "REPORT", true, 0, 0},        {Kind::Error, "ERROR", true, 0, 0},
     {Kind::Infer, "INFER", true, 0, kAny},       {Kind::Ok, "OK", true, 0, kAny},
+    {Kind::Models, "MODELS", true, 0, 0},        {Kind::ModelsReply, "MODELS_REPLY", true, 0, 0},
 };
 
 }  // namespace

@@ -15,7 +15,9 @@
 
 namespace zm {
 
-enum class Kind { Manifest, Chunk, Heartbeat, Activate, FetchManifest, FetchChunks, Report, Error, Infer, Ok };
+enum class Kind {
+  Manifest, Chunk, Heartbeat, Activate, FetchManifest, FetchChunks, Report, Error, Infer, Ok, Models, ModelsReply
+};
 
 constexpr size_t kAny = std::numeric_limits<size_t>::max();
 
@@ -101,6 +103,13 @@ struct Report {
 };
 
 // INFER's header; `inputs` (the tensor-tree spec) points into the handle it was decoded from.
+// [MODELS, header] on the inference socket: what the node serves now (answered at once).
+struct ModelsRequest {
+  int64_t v = V;
+  std::string id;
+  MSGPACK_DEFINE_MAP(v, id);
+};
+
 struct InferRequest {
   std::string model, id;
   msgpack::object inputs;

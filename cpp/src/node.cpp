@@ -174,6 +174,10 @@ int Node::run(const std::atomic<bool>& stop) {
       for (size_t i = 2; i < msg.size(); ++i) frames.emplace_back(std::move(msg[i]));
       std::string model, id;
       try {
+        if (str(frames[0]) == kind_name(Kind::Models)) {  // what is served now, answered at once
+          answer(client, requests_.models(frames));
+          continue;
+        }
         Request r = requests_.admit(client, frames, now);
         model = r.header.model, id = r.header.id;
         if (drain_until > 0) throw Error("unavailable", "node " + s_.node_id + " is shutting down");

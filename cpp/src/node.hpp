@@ -83,6 +83,8 @@ class Requests {
   Replies infer_batch(std::vector<Request>& rs, const std::string& worker);
   // The most rows a request for `model` may share a forward with (1: none).
   int64_t cap(const std::string& model) const;
+  // A client's [MODELS, header]: the MODELS_REPLY of what is served now (docs/protocol.md).
+  std::vector<zmq::message_t> models(const std::vector<zmq::message_t>& frames) const;
   // A refusal of a request for `model`: counted, and its reply.
   std::vector<zmq::message_t> refuse(const Error& e, const std::string& model, const std::string& id);
 

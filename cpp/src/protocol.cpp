@@ -240,6 +240,8 @@ std::shared_ptr<Manifest> decode_manifest(const void* data, size_t len, const Li
         m->inputs.push_back(std::move(s));
       }
     }
+    m->inputs_spec = r.get("inputs");
+    m->outputs = r.get("outputs");
     auto* ex = r.get("examples");
     auto* want = r.get("expected");
     m->examples = ex && ex->type == msgpack::type::MAP ? ex : nullptr;

@@ -113,6 +113,8 @@ struct Manifest {
   msgpack::object_handle handle;  // owns the examples / expected objects
   const msgpack::object* examples = nullptr;
   const msgpack::object* expected = nullptr;
+  const msgpack::object* inputs_spec = nullptr;  // the manifest's `inputs` and `outputs`, as sent
+  const msgpack::object* outputs = nullptr;
 
   std::pair<uint64_t, uint64_t> span(uint64_t index) const;  // (offset, length) in the archive
 };

@@ -201,6 +201,39 @@ Replies Requests::infer_batch(std::vector<Request>& rs, const std::string& worke
   return out;
 }
 
+std::vector<zmq::message_t> Requests::models(const std::vector<zmq::message_t>& frames) const {
+  if (frames.size() != 2) throw Error("bad_request", "expected [MODELS, header]");
+  auto req = decode<ModelsRequest>(Kind::Models, frames[1].data(), frames[1].size());
+  msgpack::sbuffer buf;
+  msgpack::packer<msgpack::sbuffer> pk(buf);
+  pk.pack_map(4);
+  pk.pack(std::string("node")), pk.pack(s_.node_id);
+  pk.pack(std::string("models")), pk.pack_array(static_cast<uint32_t>(s_.slots.size()));
+  for (const auto& [name, slot] : s_.slots) {
+    auto cur = slot.newest();  // every serving thread runs this one (or will, once it is swapped in)
+    pk.pack_map(2);
+    pk.pack(std::string("name")), pk.pack(name);
+    pk.pack(std::string("versions")), pk.pack_array(cur ? 1 : 0);
+    if (!cur) continue;
+    const Manifest& m = *cur->manifest;
+    pk.pack_map(6);
+    pk.pack(std::string("seq")), pk.pack(m.seq);
+    pk.pack(std::string("label")), pk.pack(m.label);
+    pk.pack(std::string("workers")), pk.pack(s_.args.threads);
+    pk.pack(std::string("batch")), pk.pack(std::max<int64_t>(1, std::min(s_.args.max_batch, cur->batch)));
+    pk.pack(std::string("inputs"));
+    if (m.inputs_spec) pk.pack(*m.inputs_spec); else pk.pack_array(0);
+    pk.pack(std::string("outputs"));
+    if (m.outputs) pk.pack(*m.outputs); else pk.pack_nil();
+  }
+  pk.pack(std::string("v")), pk.pack(V);
+  pk.pack(std::string("id")), pk.pack(req.id);
+  std::vector<zmq::message_t> out;
+  out.emplace_back(std::string(kind_name(Kind::ModelsReply)));
+  out.emplace_back(buf.data(), buf.size());
+  return out;
+}
+
 int64_t Requests::cap(const std::string& model) const {
   auto it = s_.slots.find(model);
   if (it == s_.slots.end()) return 1;

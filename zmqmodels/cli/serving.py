@@ -1,4 +1,4 @@
-"""Commands that serve and query models: serve, infer."""
+"""Commands that serve and query models: serve, gateway, infer."""
 
 from __future__ import annotations
 
@@ -58,6 +58,11 @@ __all__: list[str] = []
                    "says more are coming (one client at a time is never delayed).")
 @click.option("--no-batch", "unbatched", multiple=True, metavar="MODEL",
               help="Never join this model's requests. Repeatable.")
+@click.option("--http", "http", metavar="[HOST]:PORT",
+              help="Also answer the Open Inference Protocol (KServe v2) over HTTP/REST here, with "
+                   "/v2/health/live and /v2/health/ready for probes.")
+@click.option("--grpc", "grpc_listen", metavar="[HOST]:PORT",
+              help="Also answer the v2 GRPCInferenceService here.")
 @trust_option
 @curve_options(server=True, client=True)
 @limit_option
@@ -66,15 +71,19 @@ def serve(hub_addr: str | None, models: tuple[str, ...], bind_addr: str, workers
           threads: int, metrics: str | None, labels: tuple[str, ...], max_batch: int,
           batch_delay_us: float, unbatched: tuple[str, ...], trust: tuple[str, ...],
           curve_key: str | None, curve_server: str | None, curve_allow: tuple[str, ...],
-          limits: tuple[str, ...]) -> None:
+          limits: tuple[str, ...], http: str | None, grpc_listen: str | None) -> None:
     """Serve inference (REQ/REP) with the newest valid release of each model.
 
     CURVE: --curve-key is this node's certificate, --curve-server the hub's, --curve-allow
-    the clients admitted to --bind."""
+    the clients admitted to --bind. --http/--grpc: the Open Inference Protocol beside it
+    (not with CURVE: run `zmqmodels gateway` with an admitted client key instead)."""
     import logging
 
     from ..node import Node
 
+    if (http or grpc_listen) and curve_key:
+        raise click.UsageError("--http/--grpc would answer anyone in front of a CURVE-secured node: "
+                               "run `zmqmodels gateway --curve-key KEY` (a client key it admits) instead")
     if curve_server and not curve_key:
         raise click.UsageError("--curve-server needs --curve-key: the node's certificate also "
                                "secures its inference socket")
@@ -87,6 +96,48 @@ def serve(hub_addr: str | None, models: tuple[str, ...], bind_addr: str, workers
               batch_delay_s=batch_delay_us / 1e6, unbatched=unbatched) as node:
         click.echo(f"node {node.node_id} serving {', '.join(models)} on {node.address}; "
                    "Ctrl-C stops", err=True)
+        if http or grpc_listen:
+            from ..oip.gateway import Gateway, local_address
+
+            with Gateway(local_address(node.address), http=http, grpc_listen=grpc_listen,
+                         max_request_bytes=node.limits.max_request_bytes) as gw:
+                _announce(gw)
+                run_until_signalled()
+        else:
+            run_until_signalled()
+
+
+def _announce(gw: Any) -> None:
+    ports = [f"HTTP :{gw.http_port}" if gw.http_port else "", f"gRPC :{gw.grpc_port}" if gw.grpc_port else ""]
+    click.echo(f"Open Inference Protocol (KServe v2) for {gw.node} on {', '.join(p for p in ports if p)}",
+               err=True)
+
+
+@cli.command()
+@click.option("--node", "node_addr", callback=connect_to, required=True, help="The node's address.")
+@click.option("--http", "http", metavar="[HOST]:PORT", help="Serve v2 HTTP/REST here.")
+@click.option("--grpc", "grpc_listen", metavar="[HOST]:PORT", help="Serve the v2 GRPCInferenceService here.")
+@click.option("--timeout", type=float, default=30.0, show_default=True,
+              help="Seconds one inference may take end to end (then 504 / DEADLINE_EXCEEDED).")
+@click.option("--max-request-bytes", type=click.IntRange(min=1), default=defaults.MAX_REQUEST_BYTES,
+              show_default=True, help="Refuse larger requests before reading them (the node's limit).")
+@curve_options(server=False, client=True)
+def gateway(node_addr: str, http: str | None, grpc_listen: str | None, timeout: float,
+            max_request_bytes: int, curve_key: str | None, curve_server: str | None) -> None:
+    """Answer the Open Inference Protocol (KServe v2, HTTP/REST and gRPC) for one node.
+
+    Tritonclient, KServe clients, curl and Kubernetes probes reach the node through it; it
+    keeps many requests in flight on one connection (a batching node joins them)."""
+    import logging
+
+    from ..oip.gateway import Gateway
+
+    if not (http or grpc_listen):
+        raise click.UsageError("give --http, --grpc or both")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    with Gateway(node_addr, http=http, grpc_listen=grpc_listen, timeout=timeout,
+                 max_request_bytes=max_request_bytes, curve=curve_from(curve_key, curve_server, ())) as gw:
+        _announce(gw)
         run_until_signalled()
 
 

@@ -31,7 +31,8 @@ ROUTER (hub) <-> DEALER (node or CLI)::
     ACTIVATE       Activate                 -> ACTIVATED Activated | ERROR
 
 Inference (client REQ -> node ROUTER): ``INFER InferRequest, tensor x n`` -> ``OK InferReply,
-tensor x n`` | ``ERROR ErrorReply``.
+tensor x n`` | ``ERROR ErrorReply``; ``MODELS ModelsRequest`` -> ``MODELS_REPLY ModelsReply``
+(what it serves: versions, workers holding them, signatures).
 
 Node front <-> worker process (ipc, same host)::
 

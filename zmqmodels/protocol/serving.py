@@ -13,6 +13,10 @@ __all__ = [
     "Unusable",
     "InferRequest",
     "InferReply",
+    "ModelsRequest",
+    "ServedVersion",
+    "ServedModel",
+    "ModelsReply",
     "WorkerReady",
     "Work",
     "Done",
@@ -58,6 +62,42 @@ class InferReply(msgspec.Struct, frozen=True):
     infer_ms: float = 0.0  # the model call, inputs to outputs on CPU
     v: int = V
     batch: NonNeg = 1  # rows in the forward that answered it (more than its own: batched)
+
+
+class ModelsRequest(msgspec.Struct, frozen=True):
+    """``[b"MODELS", ModelsRequest]`` on the inference socket: what does this node serve now?
+    Answered by the front at once (never queued behind inference); ``id`` is echoed."""
+
+    v: int = V
+    id: str = ""
+
+
+class ServedVersion(msgspec.Struct, frozen=True):
+    """One release a node serves: held by ``workers`` ready workers (0: none holds it now).
+    ``inputs`` and ``outputs`` are its manifest's (docs/protocol.md §The release)."""
+
+    seq: NonNeg
+    label: str
+    workers: NonNeg
+    batch: NonNeg = 1  # the most rows one forward joins for it here (1: unbatched)
+    inputs: list[Any] = []
+    outputs: Any = None
+
+
+class ServedModel(msgspec.Struct, frozen=True):
+    """A model the node was told to serve; ``versions`` (ascending seq) empty: not ready."""
+
+    name: str
+    versions: list[ServedVersion] = []
+
+
+class ModelsReply(msgspec.Struct, frozen=True):
+    """``[b"MODELS_REPLY", ModelsReply]``."""
+
+    node: str
+    models: list[ServedModel]
+    v: int = V
+    id: str = ""  # the request's
 
 
 # -- front <-> its worker processes (ipc, same host) ---------------------------------------

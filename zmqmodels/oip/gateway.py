@@ -1,0 +1,370 @@
+"""The gateway: the Open Inference Protocol (KServe v2) over HTTP/REST and gRPC in front of one
+node, translated to the node's own protocol over one pipelined DEALER (:class:`AsyncClient`).
+
+One asyncio loop (uvloop when installed) runs the HTTP server (uvicorn with httptools parsing,
+a plain ASGI app), the gRPC server (``grpc.aio``) and the node connection, so every request in
+flight is one more id on that connection and a batching node sees them all. A watcher asks the
+node ``MODELS`` every ``poll_s``: readiness, metadata and the "node is down" answer come from
+its last reply, never from a guess; inference goes straight through (a pinned version is the
+node's to refuse). Torch is never imported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import socket
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import msgspec
+import uvicorn
+
+from .. import __version__, defaults
+from .. import protocol as P
+from ..aclient import AsyncClient
+from ..curve import Curve
+from ..errors import DeadlineError, ProtocolError, RemoteError, ZmqModelsError
+from . import codec
+from .codec import V2Error
+from .pb import SERVICE, message
+
+__all__ = ["Gateway", "parse_listen", "local_address"]
+
+log = logging.getLogger("zmqmodels.gateway")
+_ROUTE = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?/?$")
+_JSON = [(b"content-type", b"application/json")]
+_EXTENSIONS = ["binary_tensor_data"]
+
+
+def parse_listen(spec: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``:PORT`` (all interfaces) -> ``(host, port)``."""
+    host, sep, port = spec.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ZmqModelsError(f"listen address {spec!r}: use HOST:PORT or :PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def local_address(bind: str) -> str:
+    """Where a process on the same host connects to a socket bound at ``bind``
+    (``tcp://*:6000`` -> ``tcp://127.0.0.1:6000``)."""
+    return re.sub(r"^tcp://(\*|0\.0\.0\.0)(?=:)", "tcp://127.0.0.1", bind)
+
+
+class _Server(uvicorn.Server):
+    def capture_signals(self) -> contextlib.AbstractContextManager[None]:  # the gateway owns signals
+        return contextlib.nullcontext()
+
+
+class NodeView:
+    """The node as last measured: its ``MODELS_REPLY`` and when it came (a watcher updates it)."""
+
+    def __init__(self, address: str, down_after_s: float) -> None:
+        self.address, self.down_after_s = address, down_after_s
+        self.models: P.ModelsReply | None = None
+        self.seen = 0.0
+        self.error = "not asked yet"
+
+    @property
+    def up(self) -> bool:
+        return bool(self.seen) and time.monotonic() - self.seen < self.down_after_s
+
+    def check(self) -> P.ModelsReply:
+        if not self.up or self.models is None:
+            since = f" for {time.monotonic() - self.seen:.1f}s" if self.seen else ""
+            raise V2Error(503, "UNAVAILABLE", f"node {self.address} is not answering{since}: {self.error}")
+        return self.models
+
+    def ready(self) -> str:
+        """"" when every model the node serves has a version some worker holds, else why not."""
+        models = self.check()
+        waiting = [m.name for m in models.models if not any(v.workers for v in m.versions)]
+        return f"not ready: no worker holds {', '.join(waiting)} yet" if waiting else ""
+
+
+class Gateway:
+    """``Gateway("tcp://node:6000", http="0.0.0.0:8000", grpc="0.0.0.0:8001").start()``.
+
+    ``max_request_bytes``: the largest request accepted (the node's limit by default): an HTTP
+    body announced larger is refused before it is read, a gRPC message larger is refused by
+    gRPC. ``timeout``: how long one inference may take end to end (504 after it)."""
+
+    def __init__(self, node: str, *, http: str | None = None, grpc_listen: str | None = None,
+                 max_request_bytes: int = defaults.MAX_REQUEST_BYTES, timeout: float = 30.0,
+                 poll_s: float = 0.5, down_after_s: float = 2.0, curve: Curve | None = None) -> None:
+        if http is None and grpc_listen is None:
+            raise ZmqModelsError("a gateway needs --http, --grpc or both")
+        self.node, self.http, self.grpc_listen = node, http, grpc_listen
+        self.max_request_bytes, self.timeout, self.poll_s = max_request_bytes, timeout, poll_s
+        self.view = NodeView(node, down_after_s)
+        self.curve = curve
+        self.http_port = self.grpc_port = 0
+        self._client: AsyncClient | None = None
+        self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self, timeout: float = 30.0) -> Gateway:
+        """Serve from a background thread; return once both ports are bound."""
+        self._thread = threading.Thread(target=self.run, name="zmqmodels-gateway", daemon=True)
+        self._thread.start()
+        if not self._started.wait(timeout) or self._error is not None:
+            raise ZmqModelsError(f"gateway failed to start: {self._error or 'timed out'}")
+        return self
+
+    def close(self, timeout: float = 10.0) -> None:
+        if self._loop is not None and self._stop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has finished already
+                self._loop.call_soon_threadsafe(self._stop.set)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def __enter__(self) -> Gateway:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def run(self) -> None:
+        """Serve until :meth:`close` (or, on the main thread, SIGINT/SIGTERM)."""
+        try:
+            import uvloop
+
+            loop = uvloop.new_event_loop()
+        except ImportError:
+            loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(self._main())
+        except BaseException as exc:
+            self._error = exc
+            self._started.set()
+            raise
+        finally:
+            loop.close()
+
+    async def _main(self) -> None:
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        if threading.current_thread() is threading.main_thread():
+            import signal
+
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._loop.add_signal_handler(sig, self._stop.set)
+        self._client = AsyncClient(self.node, timeout=self.timeout, retries=3, curve=self.curve,
+                                   arrays="numpy")
+        grpc_server, http_server, tasks = None, None, [asyncio.ensure_future(self._watch())]
+        try:
+            if self.grpc_listen is not None:
+                grpc_server = self._grpc_server()
+                host, port = parse_listen(self.grpc_listen)
+                self.grpc_port = grpc_server.add_insecure_port(f"{'[::]' if host == '::' else host}:{port}")
+                await grpc_server.start()
+            if self.http is not None:
+                sock = socket.create_server(parse_listen(self.http), reuse_port=False, backlog=1024)
+                self.http_port = sock.getsockname()[1]
+                config = uvicorn.Config(self._asgi, interface="asgi3", lifespan="off", log_level="warning",
+                                        access_log=False, http="httptools", ws="none", loop="none",
+                                        proxy_headers=False, server_header=False, date_header=False,
+                                        timeout_keep_alive=30)
+                http_server = _Server(config)
+                tasks.append(asyncio.ensure_future(http_server.serve(sockets=[sock])))
+                while not http_server.started and not tasks[-1].done():
+                    await asyncio.sleep(0.01)
+            log.info("gateway to %s: http %s, grpc %s", self.node, self.http_port or "-",
+                     self.grpc_port or "-")
+            self._started.set()
+            await self._stop.wait()
+        finally:
+            if http_server is not None:
+                http_server.should_exit = True
+            if grpc_server is not None:
+                await grpc_server.stop(1.0)
+            tasks[0].cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._client.close()
+
+    async def _watch(self) -> None:
+        assert self._client is not None
+        while True:
+            try:
+                self.view.models = await self._client.models(timeout=self.view.down_after_s)
+                self.view.seen, self.view.error = time.monotonic(), ""
+            except (ZmqModelsError, ProtocolError) as exc:
+                self.view.error = str(exc)
+            await asyncio.sleep(self.poll_s)
+
+    async def _infer(self, call: codec.Call) -> tuple[P.InferReply, list[Any]]:
+        self.view.check()
+        assert self._client is not None
+        spec, buffers = call.spec()
+        try:
+            hdr, frames, _ = await self._client.request(call.model, spec, buffers, seq=call.seq,
+                                                        timeout=self.timeout, retries=3)
+        except RemoteError as exc:
+            raise codec.error_for(exc.code, exc.message) from None
+        except DeadlineError as exc:
+            raise codec.error_for("deadline", str(exc)) from None
+        return hdr, frames
+
+    # -- HTTP/REST ---------------------------------------------------------------------------------
+    async def _asgi(self, scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]],
+                    send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        if scope["type"] != "http":
+            return
+        method, path = scope["method"], scope["path"]
+        headers: list[tuple[bytes, bytes]] = _JSON
+        try:
+            status, body, headers = await self._route(method, path, scope, receive)
+        except V2Error as exc:
+            status, body = exc.status, msgspec.json.encode({"error": str(exc)})
+            log.log(logging.WARNING if status >= 500 else logging.INFO, "%s %s -> %d: %s", method, path,
+                    status, exc)
+        except _Gone:
+            return  # the client went away mid-request: nobody to answer
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _route(self, method: str, path: str, scope: dict[str, Any],
+                     receive: Callable[[], Awaitable[dict[str, Any]]]) -> tuple[int, bytes, list[Any]]:
+        if path in ("/v2/health/live", "/v2/health/ready", "/v2", "/v2/"):
+            _method(method, "GET")
+            if path == "/v2/health/live":
+                return 200, b"", _JSON
+            if path == "/v2/health/ready":
+                why = self.view.ready()
+                if why:
+                    raise V2Error(503, "UNAVAILABLE", f"node {self.node}: {why}")
+                return 200, b"", _JSON
+            return 200, msgspec.json.encode(self._server_metadata()), _JSON
+        m = _ROUTE.match(path)
+        if m is None:
+            raise V2Error(404, "NOT_FOUND", f"no endpoint {path[:100]!r} (the v2 protocol's are "
+                                            "/v2/health/live|ready, /v2, "
+                                            "/v2/models/NAME[/versions/V][/ready|/infer])")
+        name, version, action = m.group(1), m.group(2), m.group(3)
+        seq = codec.parse_version(version)
+        if action == "/infer":
+            _method(method, "POST")
+            hdrs = dict(scope["headers"])
+            body = await _read_body(receive, hdrs, self.max_request_bytes)
+            hlen = hdrs.get(b"inference-header-content-length")
+            if hlen is not None and not hlen.isdigit():
+                raise codec.bad("Inference-Header-Content-Length is not a number")
+            call = codec.parse_http(body, name, version, None if hlen is None else int(hlen))
+            reply, frames = await self._infer(call)
+            out, head = codec.http_response(call, reply, frames)
+            if head is None:
+                return 200, out, _JSON
+            return 200, out, [(b"content-type", b"application/octet-stream"),
+                              (b"inference-header-content-length", str(head).encode())]
+        _method(method, "GET")
+        if action == "/ready":
+            codec.find_version(self.view.check(), name, seq)  # 404 / 503 with the reason
+            return 200, b"", _JSON
+        return 200, msgspec.json.encode(codec.model_metadata(self.view.check(), name, seq)), _JSON
+
+    def _server_metadata(self) -> dict[str, Any]:
+        return {"name": "zmqmodels", "version": __version__, "extensions": _EXTENSIONS}
+
+    # -- gRPC ----------------------------------------------------------------------------------------
+    def _grpc_server(self) -> grpc.aio.Server:
+        limit = self.max_request_bytes + (1 << 16)
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
+                                          ("grpc.max_send_message_length", -1),
+                                          ("grpc.so_reuseport", 0)])
+        calls = {"ServerLive": self._g_live, "ServerReady": self._g_ready, "ModelReady": self._g_model_ready,
+                 "ServerMetadata": self._g_server_metadata, "ModelMetadata": self._g_model_metadata,
+                 "ModelInfer": self._g_infer}
+        handlers = {name: grpc.unary_unary_rpc_method_handler(
+            _aborting(fn), request_deserializer=message(f"{name}Request").FromString,
+            response_serializer=message(f"{name}Response").SerializeToString) for name, fn in calls.items()}
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        return server
+
+    async def _g_live(self, req: Any) -> Any:
+        return message("ServerLiveResponse")(live=True)
+
+    async def _g_ready(self, req: Any) -> Any:
+        try:
+            return message("ServerReadyResponse")(ready=not self.view.ready())
+        except V2Error:
+            return message("ServerReadyResponse")(ready=False)
+
+    async def _g_model_ready(self, req: Any) -> Any:
+        try:
+            codec.find_version(self.view.check(), req.name, codec.parse_version(req.version))
+            return message("ModelReadyResponse")(ready=True)
+        except V2Error as exc:
+            if exc.status == 400:
+                raise
+            return message("ModelReadyResponse")(ready=False)
+
+    async def _g_server_metadata(self, req: Any) -> Any:
+        return message("ServerMetadataResponse")(**self._server_metadata())
+
+    async def _g_model_metadata(self, req: Any) -> Any:
+        meta = codec.model_metadata(self.view.check(), req.name, codec.parse_version(req.version))
+        return message("ModelMetadataResponse")(**meta)
+
+    async def _g_infer(self, req: Any) -> Any:
+        call = codec.parse_grpc(req)
+        reply, frames = await self._infer(call)
+        resp = message("ModelInferResponse")(model_name=reply.model, model_version=str(reply.seq), id=call.id)
+        for name, dtype, shape, raw in codec.outputs_of(reply.outputs, frames, call.outputs):
+            out = resp.outputs.add()
+            out.name, out.datatype = name, codec.v2_name(dtype)
+            out.shape.extend(shape)
+            resp.raw_output_contents.append(bytes(raw))
+        return resp
+
+
+class _Gone(Exception):
+    """The HTTP client disconnected before its request was read."""
+
+
+def _method(method: str, allowed: str) -> None:
+    if method != allowed and not (allowed == "GET" and method == "HEAD"):
+        raise V2Error(405, "UNIMPLEMENTED", f"method {method} not allowed here (use {allowed})")
+
+
+async def _read_body(receive: Callable[[], Awaitable[dict[str, Any]]], headers: dict[bytes, bytes],
+                     limit: int) -> bytes:
+    """The whole body, refused (413) as soon as it is known to exceed ``limit``: at once from
+    Content-Length, else as the chunks arrive."""
+    length = headers.get(b"content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise V2Error(413, "RESOURCE_EXHAUSTED", f"request body of {int(length)} bytes is over the "
+                                                 f"node's limit of {limit} bytes")
+    parts, size = [], 0
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            raise _Gone()
+        chunk = msg.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise V2Error(413, "RESOURCE_EXHAUSTED", f"request body over the node's limit of {limit} bytes")
+        parts.append(chunk)
+        if not msg.get("more_body"):
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _aborting(fn: Callable[[Any], Awaitable[Any]]) -> Callable[[Any, Any], Awaitable[Any]]:
+    """A gRPC handler that answers a :class:`V2Error` with its status and message."""
+
+    async def handler(req: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await fn(req)
+        except V2Error as exc:
+            log.log(logging.WARNING if exc.status >= 500 else logging.INFO, "grpc %s: %s", exc.grpc, exc)
+            await context.abort(getattr(grpc.StatusCode, exc.grpc), str(exc))
+
+    return handler
