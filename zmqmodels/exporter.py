@@ -25,15 +25,17 @@ class MetricsServer:
         self._server: Any = None
 
     def start(self, on_fail: Callable[[], None]) -> None:
-        """Serve ``/metrics``; if the port cannot be had, ``on_fail()`` (close the shell) and
-        raise the one-line reason."""
+        """Serve ``/metrics``, ``/health/live`` and ``/health/ready``; if the port cannot be
+        had, ``on_fail()`` (close the shell) and raise the one-line reason."""
         if not self.spec:
             return
+        from .health import READY
         from .metrics import COLLECTORS, serve_metrics
 
         self.collector = COLLECTORS[self.kind](self.shell)
         try:
-            self._server = serve_metrics(self.collector.registry, self.spec)
+            self._server = serve_metrics(self.collector.registry, self.spec,
+                                         lambda: READY[self.kind](self.shell))
         except ZmqModelsError:
             on_fail()
             raise

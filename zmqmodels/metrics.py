@@ -8,12 +8,15 @@ live in one process (the tests do).
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from .core.work import WorkerState
@@ -36,13 +39,33 @@ def parse_listen(spec: str) -> tuple[str, int]:
         raise ZmqModelsError(f"--metrics {spec!r}: give PORT or HOST:PORT") from None
 
 
-def serve_metrics(registry: CollectorRegistry, spec: str) -> Any:
-    """Serve ``/metrics`` for ``registry`` on ``spec``; returns the server (``.shutdown()``)."""
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the stdlib's name)
+        pass
+
+
+def serve_metrics(registry: CollectorRegistry, spec: str, ready: Callable[[], str] = lambda: "") -> Any:
+    """Serve ``/metrics`` for ``registry`` on ``spec``, with ``/health/live`` (200 while the
+    process answers) and ``/health/ready`` (200, or 503 and ``ready()``'s reason); returns the
+    server (``.shutdown()``)."""
     host, port = parse_listen(spec)
+    metrics = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path not in ("/health/live", "/health/ready"):
+            return metrics(environ, start_response)
+        why = ready() if path == "/health/ready" else ""
+        body = (why or "ok").encode() + b"\n"
+        start_response("503 Service Unavailable" if why else "200 OK",
+                       [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))])
+        return [body]
+
     try:
-        server, _thread = start_http_server(port, host, registry)
+        server = make_server(host, port, app, ThreadingWSGIServer, handler_class=_Quiet)
     except OSError as exc:
         raise ZmqModelsError(f"--metrics {spec}: cannot listen: {exc.strerror or exc}") from None
+    threading.Thread(target=server.serve_forever, name="zmqmodels-metrics", daemon=True).start()
     return server
 
 

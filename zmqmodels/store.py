@@ -113,6 +113,21 @@ class Store:
         if not os.access(self.root, os.W_OK | os.X_OK):
             raise StoreError(f"store {self.root} is not writable")
 
+    def writable(self) -> str:
+        """"" if a 4 KiB file can be written and removed in the store now, else why not (a
+        full or read-only filesystem): what a readiness probe asks."""
+        probe = self.root / ".ready-probe"
+        try:
+            with open(probe, "wb") as f:
+                f.write(bytes(4096))
+                f.flush()
+                os.fsync(f.fileno())
+            probe.unlink()
+        except OSError as exc:
+            probe.unlink(missing_ok=True)
+            return f"store {self.root} is not writable: {exc.strerror or exc}"
+        return ""
+
     def names(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
 

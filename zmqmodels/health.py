@@ -1,0 +1,47 @@
+"""Readiness of each shell, as an orchestrator's probe asks it (``/health/ready`` on the
+``--metrics`` port; a node's ``--http`` port answers ``/v2/health/ready`` the v2 way): "" when
+ready, else the one-line reason. Each is measured when asked, never remembered."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import ZmqModelsError
+from .ioloop import LoopState
+
+__all__ = ["READY", "hub_ready", "node_ready", "relay_ready"]
+
+
+def _running(shell: Any, what: str) -> str:
+    if shell.state is LoopState.RUNNING:
+        return ""
+    return f"{what} is {shell.state.value}, its sockets are not bound"
+
+
+def hub_ready(hub: Any) -> str:
+    """Its sockets are bound (the I/O loop runs) and its store takes a write."""
+    return _running(hub, "hub") or hub.store.writable()
+
+
+def node_ready(node: Any) -> str:
+    """Every model it serves is held by a ready worker."""
+    why = _running(node, "node")
+    if why:
+        return why
+
+    def waiting() -> list[str]:
+        return [m for m in node.models
+                if not any(w.ready and m in w.serving for w in node.broker.workers.values())]
+
+    try:
+        missing = node.call(waiting, 5.0)
+    except ZmqModelsError as exc:
+        return f"node's I/O thread did not answer: {exc}"
+    return f"no worker holds {', '.join(missing)} yet" if missing else ""
+
+
+def relay_ready(relay: Any) -> str:
+    return _running(relay, "relay")
+
+
+READY = {"hub": hub_ready, "node": node_ready, "relay": relay_ready}
