@@ -6,6 +6,7 @@ faults: each answered with the protocol's status and one line, nothing crashes."
 from __future__ import annotations
 
 import json
+import os
 import random
 import socket
 import threading
@@ -396,3 +397,46 @@ def test_a_gateway_whose_node_is_down_answers_503_with_the_reason_and_recovers(h
             assert r.get_response()["model_version"] == str(seq)
         finally:
             node.close()
+
+
+def test_the_cli_serve_http_grpc_and_the_gateway_command(hub, tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import free_port
+
+    node_port, http_port, grpc_port, gw_port = free_port(), free_port(), free_port(), free_port()
+    seq = hub.publish(rows_release("v1")).seq
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    logs = [tmp_path / "serve.log", tmp_path / "gateway.log"]
+    serve_cmd = ["serve", "--hub", hub.address, "--model", "rows", "--bind", f"tcp://127.0.0.1:{node_port}",
+                 "--workers", "1", "--cache", str(tmp_path / "cache"), "--http", f"127.0.0.1:{http_port}",
+                 "--grpc", f"127.0.0.1:{grpc_port}"]
+    gateway_cmd = ["gateway", "--node", f"tcp://127.0.0.1:{node_port}", "--http", f"127.0.0.1:{gw_port}"]
+    procs = []
+    for cmd, log in zip((serve_cmd, gateway_cmd), logs, strict=True):
+        with open(log, "w") as err:
+            procs.append(subprocess.Popen([sys.executable, "-m", "zmqmodels", *cmd], stderr=err, env=env))
+    serve, gateway = procs
+    try:
+        for port in (http_port, gw_port):
+            h = th.InferenceServerClient(f"127.0.0.1:{port}")
+
+            def ready(h=h) -> bool:
+                try:
+                    return h.is_server_ready()
+                except Exception:  # not listening yet
+                    return False
+
+            wait_until(ready, 90, interval=0.2, what=f"port {port} ready")
+            r = h.infer("rows", [http_input(x_rows(2))])
+            assert r.get_response()["model_version"] == str(seq)
+        g = tg.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        assert np.array_equal(g.infer("rows", [grpc_input(x_rows(1))]).as_numpy("OUTPUT__0"), x_rows(1) * 2)
+    finally:
+        for p in (gateway, serve):
+            p.terminate()
+        codes = [p.wait(30) for p in (gateway, serve)]
+    err = logs[1].read_text()
+    assert codes == [0, 0], (codes, err, logs[0].read_text()[-2000:])
+    assert f"Open Inference Protocol (KServe v2) for tcp://127.0.0.1:{node_port} on HTTP :{gw_port}" in err
