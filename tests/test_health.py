@@ -61,3 +61,20 @@ def test_a_node_is_ready_once_a_worker_holds_each_model(tmp_path) -> None:
             wait_until(lambda: get(node_port, "/health/ready")[0] == 200, 30, what="the node ready")
         finally:
             node.close()
+
+
+def test_the_example_kubernetes_manifests_in_the_docs_parse() -> None:
+    """Checked for syntax only (docs/operations.md says so): each YAML block loads, each
+    document is a Kubernetes object, and every probe names a path the shells answer."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    text = (Path(__file__).parents[1] / "docs" / "operations.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", text, re.S)
+    docs = [d for b in blocks for d in yaml.safe_load_all(b)]
+    assert {d["kind"] for d in docs} >= {"StatefulSet", "DaemonSet", "Deployment", "Service"}
+    probes = re.findall(r"path: (/[\w/]+)", "\n".join(blocks))
+    answered = {"/health/live", "/health/ready", "/v2/health/live", "/v2/health/ready"}
+    assert set(probes) <= answered | {"/var/cache/zmqmodels"}
