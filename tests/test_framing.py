@@ -37,6 +37,8 @@ SAMPLES = {
     P.ErrorReply: (P.ErrorReply("bad_message", "x"), []),
     P.InferRequest: (P.InferRequest("m", "1", {"t": "tuple", "items": []}, 4, timeout_ms=250.0), [b"t"]),
     P.InferReply: (P.InferReply("1", "m", "v1", 2, "w", {"t": "tuple", "items": []}), [b"t"]),
+    P.ModelsRequest: (P.ModelsRequest(id="q"), []),
+    P.ModelsReply: (P.ModelsReply("n", [P.ServedModel("m", [P.ServedVersion(2, "v1", 1, 8)])], id="q"), []),
     P.WorkerReady: (P.WorkerReady("w", 1, "cpu", {"m": P.Held(2, "v1")}), []),
     P.Work: (P.Work(b"\0id", 1, 2), [b"INFER", b"hdr"]),
     P.Done: (P.Done(b"\0id"), [b"OK", b"hdr"]),

@@ -16,7 +16,9 @@ from .core.work import Dispatch, Request, WorkerSlot
 from .defaults import Limits
 from .errors import ProtocolError, ServingError
 
-__all__ = ["Refusal", "parse_infer", "admit", "work_frames", "replies", "Reply", "describe"]
+__all__ = ["Refusal", "parse_infer", "admit", "work_frames", "replies", "Reply", "describe", "MODELS"]
+
+MODELS = P.kind_of(P.ModelsRequest())  # the first frame of a client's MODELS
 
 
 class Refusal(ServingError):

@@ -39,7 +39,7 @@ from .defaults import Limits
 from .errors import ZmqModelsError
 from .exporter import MetricsServer
 from .follower import Follower
-from .front import Refusal, admit, describe, replies, work_frames
+from .front import MODELS, Refusal, admit, describe, replies, work_frames
 from .host import SharedCopies, WorkerProcesses, check_devices, make_run_dir
 from .ioloop import IOThread, LoopState
 from .protocol import ModelState
@@ -365,7 +365,7 @@ class Node(IOThread):
         if len(frames) < 3 or frames[1].bytes != b"":
             self.stats["dropped_not_req"] += 1  # not a REQ envelope: nowhere to answer
             return
-        if frames[2].bytes == b"MODELS":  # what is served now, answered at once (a gateway's view)
+        if frames[2].bytes == MODELS:  # what is served now, answered at once (a gateway's view)
             reply = describe(frames[2:], self.node_id, self.models, self.broker.workers, self.cache.signature)
             return self._front.send_multipart([client, b"", *reply])
         try:
