@@ -10,6 +10,7 @@ import os
 import random
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -440,3 +441,21 @@ def test_the_cli_serve_http_grpc_and_the_gateway_command(hub, tmp_path) -> None:
     err = logs[1].read_text()
     assert codes == [0, 0], (codes, err, logs[0].read_text()[-2000:])
     assert f"Open Inference Protocol (KServe v2) for tcp://127.0.0.1:{node_port} on HTTP :{gw_port}" in err
+
+
+def test_an_inference_gets_504_once_the_gateways_timeout_has_passed_in_all(hub, tmp_path) -> None:
+    """--timeout is end to end: the attempts the gateway makes are inside it, not each given it."""
+    node = start_node(hub, tmp_path, workers=1)
+    try:
+        publish(hub, "v1")
+        with Gateway(node.address, http="127.0.0.1:0", poll_s=0.1, timeout=0.5) as gw:
+            wait_until(lambda: gw.view.up and not gw.view.ready(), 30, what="ready")
+            slow = x_rows(1)
+            slow[0, 0] = -2.0  # Rows spins for about a second on it
+            t0 = time.monotonic()
+            status, _, out = http(gw, "POST", "/v2/models/rows/infer", one_input(data=slow.tolist()))
+            took = time.monotonic() - t0
+            assert status == 504 and "within 0.5s" in json.loads(out)["error"]
+            assert took < 1.4, f"answered after {took:.2f}s: the timeout was given to each attempt"
+    finally:
+        node.close()

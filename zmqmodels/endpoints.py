@@ -13,7 +13,7 @@ import zmq
 from .errors import ZmqModelsError
 from .protocol import pub_endpoint
 
-__all__ = ["check_endpoint", "bind_hub_sockets"]
+__all__ = ["check_endpoint", "bind_hub_sockets", "parse_listen"]
 
 _TCP = re.compile(r"^tcp://(\[[0-9A-Fa-f:.]+\]|[^:/\s\[\]]+):(\d{1,5})$")
 
@@ -61,3 +61,12 @@ def bind_hub_sockets(router: zmq.Socket, pub: zmq.Socket, addr: str) -> str:
     router.bind(addr)
     pub.bind(pub_endpoint(addr))
     return addr
+
+
+def parse_listen(spec: str, what: str = "listen address") -> tuple[str, int]:
+    """An HTTP or gRPC listen address: ``PORT`` or ``:PORT`` (all interfaces), ``HOST:PORT``,
+    ``[::]:PORT`` -> ``(host, port)``."""
+    host, _, port = spec.rpartition(":")
+    if not port.isdigit() or int(port) > 65535:
+        raise ZmqModelsError(f"{what} {spec!r}: give PORT, :PORT or HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)

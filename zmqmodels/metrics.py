@@ -20,23 +20,15 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from .core.work import WorkerState
+from .endpoints import parse_listen
 from .errors import ZmqModelsError
 from .protocol import SERVING_CODES
 
-__all__ = ["NodeMetrics", "HubMetrics", "RelayMetrics", "COLLECTORS", "parse_listen", "serve_metrics"]
+__all__ = ["NodeMetrics", "HubMetrics", "RelayMetrics", "COLLECTORS", "serve_metrics"]
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 _LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-
-
-def parse_listen(spec: str) -> tuple[str, int]:
-    """``"9100"`` -> ("0.0.0.0", 9100); ``"127.0.0.1:9100"`` -> ("127.0.0.1", 9100)."""
-    host, _, port = spec.rpartition(":")
-    try:
-        return host or "0.0.0.0", int(port)
-    except ValueError:
-        raise ZmqModelsError(f"--metrics {spec!r}: give PORT or HOST:PORT") from None
 
 
 class _Quiet(WSGIRequestHandler):
@@ -48,7 +40,7 @@ def serve_metrics(registry: CollectorRegistry, spec: str, ready: Callable[[], st
     """Serve ``/metrics`` for ``registry`` on ``spec``, with ``/health/live`` (200 while the
     process answers) and ``/health/ready`` (200, or 503 and ``ready()``'s reason); returns the
     server (``.shutdown()``)."""
-    host, port = parse_listen(spec)
+    host, port = parse_listen(spec, "--metrics")
     metrics = make_wsgi_app(registry)
 
     def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:

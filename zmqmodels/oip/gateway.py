@@ -29,25 +29,18 @@ from .. import __version__, defaults
 from .. import protocol as P
 from ..aclient import AsyncClient
 from ..curve import Curve
+from ..endpoints import parse_listen
 from ..errors import DeadlineError, ProtocolError, RemoteError, ZmqModelsError
 from . import codec
 from .codec import V2Error
 from .pb import SERVICE, message
 
-__all__ = ["Gateway", "parse_listen", "local_address"]
+__all__ = ["Gateway", "local_address"]
 
 log = logging.getLogger("zmqmodels.gateway")
 _ROUTE = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?/?$")
 _JSON = [(b"content-type", b"application/json")]
 _EXTENSIONS = ["binary_tensor_data"]
-
-
-def parse_listen(spec: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``:PORT`` (all interfaces) -> ``(host, port)``."""
-    host, sep, port = spec.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ZmqModelsError(f"listen address {spec!r}: use HOST:PORT or :PORT")
-    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 def local_address(bind: str) -> str:
@@ -163,11 +156,11 @@ class Gateway:
         try:
             if self.grpc_listen is not None:
                 grpc_server = self._grpc_server()
-                host, port = parse_listen(self.grpc_listen)
+                host, port = parse_listen(self.grpc_listen, "--grpc")
                 self.grpc_port = grpc_server.add_insecure_port(f"{'[::]' if host == '::' else host}:{port}")
                 await grpc_server.start()
             if self.http is not None:
-                sock = socket.create_server(parse_listen(self.http), reuse_port=False, backlog=1024)
+                sock = socket.create_server(parse_listen(self.http, "--http"), backlog=1024)
                 self.http_port = sock.getsockname()[1]
                 config = uvicorn.Config(self._asgi, interface="asgi3", lifespan="off", log_level="warning",
                                         access_log=False, http="httptools", ws="none", loop="none",
@@ -204,13 +197,14 @@ class Gateway:
         self.view.check()
         assert self._client is not None
         spec, buffers = call.spec()
-        try:
-            hdr, frames, _ = await self._client.request(call.model, spec, buffers, seq=call.seq,
-                                                        timeout=self.timeout, retries=3)
+        try:  # retryable errors are retried, all within the one end-to-end --timeout
+            hdr, frames, _ = await asyncio.wait_for(self._client.request(
+                call.model, spec, buffers, seq=call.seq, timeout=self.timeout, retries=3), self.timeout)
         except RemoteError as exc:
             raise codec.error_for(exc.code, exc.message) from None
-        except DeadlineError as exc:
-            raise codec.error_for("deadline", str(exc)) from None
+        except (DeadlineError, TimeoutError):
+            why = f"no reply from node {self.node} within {self.timeout:g}s"
+            raise codec.error_for("deadline", why) from None
         return hdr, frames
 
     # -- HTTP/REST ---------------------------------------------------------------------------------
