@@ -104,14 +104,15 @@ def role_tsclient(port: int, seconds: float, inflight: int, width: int, out: str
 
 
 # -- the run ---------------------------------------------------------------------------------
-def offer(role: list[str], concurrency: int, seconds: float, tmp: str) -> dict:
-    """Run ``concurrency`` requests in flight from min(concurrency, 4) processes; summary."""
+def offer(role: list[str], concurrency: int, seconds: float, tmp: str, script: str = __file__) -> dict:
+    """Run ``concurrency`` requests in flight from min(concurrency, 4) processes of ``script``
+    (each writes ``{"rows": [[sent, seconds, rows joined?], ...], "failures": n}``); summary."""
     nproc = min(concurrency, 4)
     outs, ps = [], []
     for i in range(nproc):
         out = os.path.join(tmp, f"c{i}-{time.monotonic_ns()}.json")
         outs.append(out)
-        ps.append(subprocess.Popen([sys.executable, __file__, *role, "--seconds", str(seconds),
+        ps.append(subprocess.Popen([sys.executable, script, *role, "--seconds", str(seconds),
                                     "--inflight", str(concurrency // nproc), "--out", out], env=ENV))
     for p in ps:
         p.wait(seconds + 180)
@@ -127,7 +128,7 @@ def offer(role: list[str], concurrency: int, seconds: float, tmp: str) -> dict:
     span = max(r[0] + r[1] for r in rows) - start
     lat = [r[1] for r in rows]
     return {"req_s": len(rows) / span, "p50_ms": pct(lat, 0.5) * 1e3, "p99_ms": pct(lat, 0.99) * 1e3,
-            "batch": sum(r[2] for r in rows) / len(rows), "failures": failures}
+            "batch": sum(r[2] if len(r) > 2 else 1 for r in rows) / len(rows), "failures": failures}
 
 
 def start_node(kind: str, batching: bool, procs: Procs, hub: str, tmp: str, device: str = "cpu"):  # noqa: ANN201

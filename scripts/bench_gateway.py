@@ -35,7 +35,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_serving import ENV, Heavy, Procs, free_port, mlp, pct, wait_idle_cpu  # noqa: E402
+import bench_batching  # noqa: E402
+from bench_serving import ENV, Heavy, Procs, free_port, mlp, wait_idle_cpu  # noqa: E402
 
 BINARY = os.path.join(ROOT, "cpp", "build", "zmqmodels-node")
 PYTRITON_VENV = os.path.join(ROOT, ".venv-pytriton")
@@ -117,28 +118,7 @@ def role_zclient(addr: str, model: str, seconds: float, inflight: int, width: in
 
 # -- the run ---------------------------------------------------------------------------------
 def offer(role: list[str], concurrency: int, seconds: float, tmp: str) -> dict:
-    nproc = min(concurrency, 4)
-    outs, ps = [], []
-    for i in range(nproc):
-        out = os.path.join(tmp, f"c{i}-{time.monotonic_ns()}.json")
-        outs.append(out)
-        ps.append(subprocess.Popen([sys.executable, __file__, *role, "--seconds", str(seconds),
-                                    "--inflight", str(concurrency // nproc), "--out", out], env=ENV))
-    for p in ps:
-        p.wait(seconds + 180)
-    rows, failures = [], 0
-    for out in outs:
-        with open(out) as f:
-            d = json.load(f)
-        rows += d["rows"]
-        failures += d["failures"]
-    if not rows:
-        return {"req_s": 0.0, "p50_ms": 0.0, "p99_ms": 0.0, "failures": failures}
-    start = min(r[0] for r in rows)
-    span = max(r[0] + r[1] for r in rows) - start
-    lat = [r[1] for r in rows]
-    return {"req_s": len(rows) / span, "p50_ms": pct(lat, 0.5) * 1e3, "p99_ms": pct(lat, 0.99) * 1e3,
-            "failures": failures}
+    return bench_batching.offer(role, concurrency, seconds, tmp, script=__file__)
 
 
 def pytriton_python() -> str:
