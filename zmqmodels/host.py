@@ -3,21 +3,24 @@ processes (started, watched, stopped). Process and file work only; no decisions.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .errors import ZmqModelsError
 
-__all__ = ["check_devices", "make_run_dir", "SharedCopies", "shared_name", "RUN_DIR_PREFIX",
-           "WorkerProcesses"]
+__all__ = ["check_devices", "make_run_dir", "remove_dead_run_dirs", "SharedCopies", "shared_name",
+           "RUN_DIR_PREFIX", "STARTING_GRACE_S", "WorkerProcesses"]
 
 log = logging.getLogger("zmqmodels.node")
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
@@ -50,25 +53,56 @@ def check_devices(devices: Sequence[str]) -> None:
 
 
 RUN_DIR_PREFIX = "zmqm-node-"
+_STARTING_PREFIX = ".zmqm-starting-"  # a run dir being made: locked, then renamed into view
+STARTING_GRACE_S = 60.0  # a half-made run dir this old, unlocked, was left by a dead node
 
 
 def make_run_dir(tmp: str = "/tmp") -> tuple[str, Any]:
     """A short directory for the node's ipc endpoints, held by a lock for the process's life;
-    first remove the ones whose node is gone (a node killed with -9 cannot remove its own)."""
+    first remove the ones whose node is gone (a node killed with -9 cannot remove its own).
+
+    The dir is made under a private name, its lock taken, and only then renamed to the name
+    cleaners look at: a visible run dir's lock is always held while its node lives, so a
+    cleaner that takes a lock knows the owner is gone (many nodes starting at once used to
+    take each other's new, not-yet-locked dir for a dead one)."""
     import fcntl
 
-    for old in Path(tmp).glob(RUN_DIR_PREFIX + "*"):
+    remove_dead_run_dirs(tmp)
+    staging = tempfile.mkdtemp(prefix=_STARTING_PREFIX, dir=tmp)
+    f = open(os.path.join(staging, ".lock"), "wb")  # noqa: SIM115 (closed in close())
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody else can see it yet: cannot fail
+    while True:
+        final = os.path.join(tmp, RUN_DIR_PREFIX + secrets.token_hex(6))
         try:
+            os.rename(staging, final)  # never onto a live dir: it holds a .lock, so is not empty
+            return final, f
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                f.close()
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+
+
+def remove_dead_run_dirs(tmp: str = "/tmp", now: float | None = None) -> list[str]:
+    """Remove the run dirs under ``tmp`` whose node is gone: a visible one whose lock can be
+    taken, and a half-made one (its node died before renaming it) older than
+    :data:`STARTING_GRACE_S`. Returns what was removed."""
+    import fcntl
+
+    now = time.time() if now is None else now
+    gone = []
+    for old in [*Path(tmp).glob(RUN_DIR_PREFIX + "*"), *Path(tmp).glob(_STARTING_PREFIX + "*")]:
+        try:
+            if old.name.startswith(_STARTING_PREFIX) and now - old.stat().st_mtime < STARTING_GRACE_S:
+                continue  # being made right now (its lock may not be taken yet)
             with open(old / ".lock", "rb") as f:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held while its node lives
                 shutil.rmtree(old, ignore_errors=True)
+                gone.append(str(old))
                 log.debug("removed %s, left by a node that is gone", old)
         except OSError:
             continue  # in use, not ours, or no lock file (not a node's)
-    d = tempfile.mkdtemp(prefix=RUN_DIR_PREFIX, dir=tmp)
-    f = open(os.path.join(d, ".lock"), "wb")  # noqa: SIM115 (closed in close())
-    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    return d, f
+    return gone
 
 
 def shared_name(name: str, seq: int) -> str:

@@ -413,8 +413,9 @@ def _wait_with_progress(client: Any, name: str, seq: int, count: int, timeout: f
         t = tally(st.nodes, name, seq)
         if t != last[0]:
             last[0] = t
+            known = f", {t.rows} of {count} nodes known" if t.rows < count else ""
             say(f"rollout: {t.serving}/{count} serving seq {seq}, {t.on_the_way} on the way, "
-                f"{len(t.rejected)} rejected, {t.broken} lost or in error")
+                f"{len(t.rejected)} rejected, {t.broken} lost or in error{known}")
 
     return client.wait_for(name, seq, count, timeout, on_status=progress)
 

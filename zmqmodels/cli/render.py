@@ -122,6 +122,7 @@ def finish_publish(ok: bool, status: Any, name: str, seq: int, label: str, wait_
     if as_json:
         emit_json({"ok": ok, "name": name, "seq": seq, "label": label, "serving": serving,
                     "rejected": rejected, "failed": failed, "staged": staged, "holding": held,
+                    "known": t.rows,
                     "wait_for": wait_for, "status": status_json(status),
                     **({"timings": {k: round(v, 4) for k, v in timings.items()}} if timings else {})})
     else:
@@ -135,5 +136,9 @@ def finish_publish(ok: bool, status: Any, name: str, seq: int, label: str, wait_
                 + (f", wanted {wait_for}" if wait_for else ""))
         for node, why in sorted(failed.items()):
             say(f"  {node}: {why}")
+        if not ok and t.rows < wait_for:
+            known = sorted({n.node for n in status.nodes if n.model == name})
+            say(f"  {wait_for - t.rows} of {wait_for} node(s) never seen by the hub; it knows "
+                f"{t.rows}: {', '.join(known) or 'none'}")
     if not ok:
         sys.exit(1)
