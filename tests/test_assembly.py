@@ -184,3 +184,47 @@ def test_hub_silence_is_measured_from_the_last_message_not_the_last_reask() -> N
     assert a.hub_seen == 1.0
     asks = sum(len(sends(a.tick(40.0 + 3.1 * k), P.FetchManifest)) for k in range(1, 4))
     assert asks == 3  # still one re-ask per TTL of silence
+
+
+def _unstored(a: Assembler, now: float):
+    r = release()
+    a.on_manifest(r.manifest, encode_manifest(r.manifest), b"", now)
+    for i, c in enumerate(r.chunks):
+        out = a.on_chunk(P.ChunkHeader("m", 1, i), c, now, fetched=False)
+    (d,) = delivered(out)
+    return d
+
+
+def test_a_failed_cache_write_is_retried_as_soon_as_the_disk_has_room() -> None:
+    """A full disk given room: the write waits no longer for a back-off grown to a minute."""
+    from zmqmodels.core.assembly import RetryStore
+
+    a = make()
+    d = _unstored(a, 0.0)
+    for k in range(7):  # back-off 1, 2, 4 ... 60 s
+        delay = a.store_failed(d.asm, d.digest, 100.0 * k)
+    assert delay == 60.0
+    assert a.pending_writes() == {"m": len(ARCHIVE)}
+    assert a.tick(601.0) == []
+    a.room("m", 601.0)  # the shell saw room on the disk
+    (retry,) = [x for x in a.tick(601.0) if isinstance(x, RetryStore)]
+    assert retry.asm is d.asm
+    a.stored("m")
+    assert a.pending_writes() == {}
+
+
+def test_a_write_that_fails_with_room_keeps_its_back_off() -> None:
+    """Room was not the trouble (EIO, a read-only file system): no retry every second."""
+    from zmqmodels.core.assembly import RetryStore
+
+    a = make()
+    d = _unstored(a, 0.0)
+    a.store_failed(d.asm, d.digest, 0.0)
+    a.store_failed(d.asm, d.digest, 1.0)  # back-off 2 s: due at 3.0
+    a.room("m", 1.5)
+    assert [x for x in a.tick(1.5) if isinstance(x, RetryStore)]
+    assert a.store_failed(d.asm, d.digest, 1.6) == 4.0  # failed although there was room
+    assert a.pending_writes() == {}  # the shell stops asking the disk
+    a.room("m", 2.0)
+    assert not [x for x in a.tick(2.0) if isinstance(x, RetryStore)]
+    assert [x for x in a.tick(5.7) if isinstance(x, RetryStore)]

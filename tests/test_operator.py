@@ -233,6 +233,34 @@ def test_full_cache_reports_error_keeps_serving_and_recovers(hub, tmp_path, smal
         node.close()
 
 
+def test_a_full_cache_given_room_is_written_within_seconds_not_after_its_back_off(hub, tmp_path, small_fs,
+                                                                                     probe) -> None:
+    """The back-off of a failed cache write grew to a minute; a node whose disk was given room
+    still had not served the release 12 s later. The node now asks the disk (statvfs) every
+    second while a write waits, and writes as soon as the release fits."""
+    import re
+
+    node = Node(hub.address, ["probe"], "tcp://127.0.0.1:0", workers=1, cache=small_fs / "cache").start()
+    try:
+        first = hub.publish(probe)
+        assert hub.wait_for("probe", first.seq, 1, 60)[0]
+        big = build_release(compile_model(Probe(3.0, ballast_mb=16), probe_examples()), "probe", "big",
+                            codec="none")
+        second = hub.publish(big)
+
+        def backed_off() -> bool:  # the retry is (at the latest) 16 s or more away
+            row = next((n for n in hub.status().nodes if n.state == "error"), None)
+            found = re.search(r"in (\d+)s", row.reason) if row is not None else None
+            return found is not None and int(found.group(1)) >= 16
+
+        wait_until(backed_off, 60, interval=0.05, what="the write's back-off reaching 16 s")
+        subprocess.run(["mount", "-o", "remount,size=64m", str(small_fs)], check=True)
+        ok, status = hub.wait_for("probe", second.seq, 1, 8)
+        assert ok, [(n.state, n.seq, n.reason) for n in status.nodes]
+    finally:
+        node.close()
+
+
 def test_a_failed_cache_write_keeps_the_release_stays_error_and_publish_names_why(hub, tmp_path, small_fs,
                                                                                  probe) -> None:
     """Before: each retry of a failed cache write fetched the whole release again (88 MB a

@@ -69,6 +69,14 @@ class Cache:
                 self.discard(manifest.name, old)
         return path
 
+    def free_bytes(self) -> int:
+        """Bytes free to this process on the cache's file system (0 if it cannot be asked)."""
+        try:
+            st = os.statvfs(self.root)
+        except OSError:
+            return 0
+        return st.f_bavail * st.f_frsize
+
     def signature(self, name: str, seq: int) -> tuple[list[Any], Any]:
         """``(inputs, outputs)`` of cached release ``seq``'s manifest (``([], None)`` if it
         cannot be read); remembered, as a release's manifest never changes."""

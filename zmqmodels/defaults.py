@@ -18,6 +18,8 @@ __all__ = [
     "HUB_TTL_S",
     "HUB_UNREACHABLE_S",
     "REPAIR_IDLE_S",
+    "ROOM_CHECK_INTERVAL_S",
+    "ROOM_MARGIN_BYTES",
     "FETCH_CREDIT",
     "FETCH_TIMEOUT_S",
     "CORRUPT_FETCHES_MAX",
@@ -58,6 +60,8 @@ NODE_FORGET_AFTER_S = 600.0  # ... and is dropped from the fleet table after thi
 HUB_TTL_S = 3.0  # silence after which a subscriber re-asks the hub
 HUB_UNREACHABLE_S = 30.0  # silence after which a node says its hub is unreachable
 REPAIR_IDLE_S = 0.25  # no chunk for this long during assembly -> fetch what is missing
+ROOM_CHECK_INTERVAL_S = 1.0  # a cache write that failed: how often the disk's free space is asked
+ROOM_MARGIN_BYTES = 1 << 20  # beyond the archive: its manifest, signature and stamp
 FETCH_CREDIT = 8  # chunks a subscriber may have requested and not yet received
 SUB_RCVHWM = 16  # broadcast messages a node buffers ahead of its reader (chunks are 4 MiB)
 FETCH_TIMEOUT_S = 2.0  # an outstanding fetch with no answer for this long is asked again

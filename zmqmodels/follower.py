@@ -154,6 +154,7 @@ class Follower(IOThread):
         self._mail_cond = threading.Condition()
         self._deliverer: threading.Thread | None = None
         self._next_report = 0.0
+        self._next_room_check = 0.0  # statvfs of the cache while a write waits for room
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, timeout: float = defaults.START_TIMEOUT_S) -> Follower:
@@ -227,6 +228,11 @@ class Follower(IOThread):
         return [(sub, self._on_sub), (dealer, self._on_dealer)]
 
     def _tick(self, now: float) -> float:
+        if now >= self._next_room_check:
+            self._next_room_check = now + defaults.ROOM_CHECK_INTERVAL_S
+            for name, need in self.assembler.pending_writes().items():
+                if self.cache is not None and self.cache.free_bytes() >= need + defaults.ROOM_MARGIN_BYTES:
+                    self.assembler.room(name, now)
         self._carry(self.assembler.tick(now))
         if now >= self._next_report:
             if self._counts is not None:
@@ -362,7 +368,8 @@ class Follower(IOThread):
             delay = self.assembler.store_failed(asm, digest, time.monotonic())
             if not delay:
                 return  # a newer release supersedes it
-            reason = f"cache write failed: {exc}; kept in memory, writing again in {delay:.0f}s"
+            reason = (f"cache write failed: {exc}; kept in memory, writing again as soon as the disk "
+                      f"has room (at the latest in {delay:.0f}s)")
             log.error("%s: %s seq %d: %s", self.node_id, m.name, m.seq, reason)
             self._carry(self.assembler.set_state(m.name, ModelState.ERROR, seq=m.seq, label=m.label,
                                                  reason=reason))

@@ -65,6 +65,8 @@ class Follow:
     refused_release: tuple[int, str] = (0, "")  # (seq, archive sha256) of that manifest
     retry_at: float = 0.0  # when to write ``unstored`` to the cache again (a write that failed)
     retries: int = 0
+    room_try: bool = False  # the pending write was tried early because the disk had room
+    room_failed: bool = False  # such a try failed: only the back-off decides from then on
     state: ModelState = ModelState.IDLE
     seq: int = 0
     label: str = ""
@@ -333,9 +335,9 @@ class Assembler:
 
     def store_failed(self, asm: Assembly, digest: str, now: float) -> float:
         """Writing ``asm`` to the cache failed (a full disk, EIO): its verified bytes are kept
-        here and written again on :class:`RetryStore`, with back-off (1 s doubling to 60 s);
-        nothing is fetched again. Returns the delay (0: a newer release supersedes it, and it
-        is let go)."""
+        here and written again on :class:`RetryStore`, with back-off (1 s doubling to 60 s),
+        or as soon as the disk has room for it (:meth:`room`); nothing is fetched again.
+        Returns the delay (0: a newer release supersedes it, and it is let go)."""
         m = asm.manifest
         st = self.follow(m.name)
         asm.store_failures += 1
@@ -345,6 +347,7 @@ class Assembler:
         if st.unstored is not None and st.unstored[0] is not asm:
             self._let_go(m.name, st.unstored[0].buf)
         st.unstored = (asm, digest)
+        st.room_failed, st.room_try = st.room_failed or st.room_try, False
         delay = min(60.0, 2.0 ** st.retries)
         st.retries += 1
         st.retry_at = now + delay
@@ -352,7 +355,21 @@ class Assembler:
 
     def stored(self, name: str) -> None:
         st = self.follow(name)
-        st.retries, st.retry_at = 0, 0.0
+        st.retries, st.retry_at, st.room_try, st.room_failed = 0, 0.0, False, False
+
+    def pending_writes(self) -> dict[str, int]:
+        """``name -> bytes`` of each verified release whose cache write failed and waits for
+        room; the shell says when the disk has that much free (:meth:`room`)."""
+        return {n: st.unstored[0].manifest.archive_bytes for n, st in self.models.items()
+                if st.unstored is not None and not st.room_failed}
+
+    def room(self, name: str, now: float) -> None:
+        """The cache's disk now has room for the release of ``name`` that waits to be written:
+        write it at the next tick instead of at the end of its back-off. If that write fails
+        too (room was not the trouble), only the back-off retries it."""
+        st = self.follow(name)
+        if st.unstored is not None and not st.room_failed and st.retry_at > now:
+            st.retry_at, st.room_try = now, True
 
     def rejected(self, name: str, seq: int) -> None:
         """``seq`` failed after assembly (digest, load, check): never fetch it again."""
