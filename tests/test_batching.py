@@ -220,7 +220,7 @@ def worker(tmp_path_factory):
     m = msgspec.structs.replace(release.manifest, seq=1)
     (tmp / "a.pt").write_bytes(release.archive())
     w = Worker("ipc://unused", "w0", "cpu", ["m"], str(tmp / "cache"))
-    w.slots["m"].swap(load_release(m, str(tmp / "a.pt")))
+    w.held.slots["m"].swap(load_release(m, str(tmp / "a.pt")))
     assert w.slots["m"].current().batch == 64
     return w
 
@@ -350,7 +350,7 @@ def test_a_cuda_worker_joins_in_pinned_buffers_and_answers_as_alone(tmp_path) ->
     m = msgspec.structs.replace(release.manifest, seq=1)
     (tmp_path / "a.pt").write_bytes(release.archive())
     w = Worker("ipc://unused", "w0", "cuda:0", ["m"], str(tmp_path / "cache"))
-    w.slots["m"].swap(load_release(m, str(tmp_path / "a.pt"), "cuda:0"))
+    w.held.slots["m"].swap(load_release(m, str(tmp_path / "a.pt"), "cuda:0"))
     assert w.slots["m"].current().batch == 64
     raws = [frames_for("ok", rows, f"r{n}") for n, rows in enumerate([1, 3, 2])]
     jobs = [(P.Job(b"c", 0, 0, len(r)), [F(b) for b in r]) for r in raws]

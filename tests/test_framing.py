@@ -46,6 +46,7 @@ SAMPLES = {
     P.Answers: (P.Answers([P.Answer(b"\0a", True, "", 2), P.Answer(b"\0b", False, "", 0)]), [b"OK", b"h1"]),
     P.LoadCommand: (P.LoadCommand("m", 2, "/x"), []),
     P.LoadResult: (P.LoadResult("w", "m", 2, "v1", True), []),
+    P.Applying: (P.Applying("m", 2), []),
     P.ManifestFrames: (P.ManifestFrames(), [b"manifest", b"sig"]),
     P.WorkerBeat: (P.WorkerBeat(), []),
     P.StopWorker: (P.StopWorker(), []),

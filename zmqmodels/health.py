@@ -9,7 +9,7 @@ from typing import Any
 from .errors import ZmqModelsError
 from .ioloop import LoopState
 
-__all__ = ["READY", "hub_ready", "node_ready", "relay_ready"]
+__all__ = ["READY", "hub_ready", "node_ready", "relay_ready", "node_health"]
 
 
 def _running(shell: Any, what: str) -> str:
@@ -38,6 +38,16 @@ def node_ready(node: Any) -> str:
     except ZmqModelsError as exc:
         return f"node's I/O thread did not answer: {exc}"
     return f"no worker holds {', '.join(missing)} yet" if missing else ""
+
+
+def node_health(node: Any) -> dict[str, Any]:
+    """Is the node's hub reachable, are its workers up, what does it serve (on its I/O thread)."""
+    silent = node.hub_silence()
+    return {"node": node.node_id, "hub": node.hub or "", "hub_silent_s": round(silent, 1),
+            "hub_unreachable": bool(node.hub) and silent > node.hub_unreachable_s,
+            "workers_ready": sum(w.ready for w in node.broker.workers.values()),
+            "workers": len(node.broker.workers),
+            "serving": {m: node.broker.report(m)[1] for m in node.models}}
 
 
 def relay_ready(relay: Any) -> str:

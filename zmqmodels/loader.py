@@ -11,13 +11,15 @@ import mmap
 import os
 import time
 import warnings
+from dataclasses import replace
 from typing import Any
 
 from .errors import CheckError, ZmqModelsError
 from .release import Manifest, unpack_tensors
 from .slot import Loaded
 
-__all__ = ["load_release", "apply_weights", "share_weights", "to_device", "CheckError", "check_finite"]
+__all__ = ["load_release", "apply_weights", "share_weights", "map_shared", "alias_tensors", "spare_of",
+           "to_device", "CheckError", "check_finite"]
 
 
 def to_device(tree: Any, device: str) -> Any:
@@ -49,7 +51,7 @@ def check_finite(tree: Any, path: str = "out") -> None:
 
 
 def load_release(manifest: Manifest, source: str | os.PathLike[str] | Any, device: str = "cpu",
-                 *, warmup: int = 2) -> Loaded:
+                 *, warmup: int = 2, batch_known: tuple[int, str] | None = None) -> Loaded:
     """Load ``source`` (a path, or the archive bytes) onto ``device`` and check it.
 
     Raises :class:`CheckError` if the model raises on an example, returns NaN/Inf, or differs
@@ -70,14 +72,21 @@ def load_release(manifest: Manifest, source: str | os.PathLike[str] | Any, devic
     from .archive import code_digest
 
     code = code_digest(os.fspath(source) if isinstance(source, str | os.PathLike) else source)
-    return _checked(module, manifest, device, time.perf_counter() - t0, code, "load", warmup)
+    return _checked(module, manifest, device, time.perf_counter() - t0, code, "load", warmup, batch_known)
 
 
-def apply_weights(previous: Loaded, manifest: Manifest, path: str | os.PathLike[str]) -> Loaded | None:
+def apply_weights(previous: Loaded, manifest: Manifest, path: str | os.PathLike[str], *,
+                  into: Any = None, shared: str | os.PathLike[str] | None = None,
+                  batch_known: tuple[int, str] | None = None) -> Loaded | None:
     """``path`` holds the same code as ``previous`` (same module tree, dtypes, shapes), only
-    other tensor bytes: copy them into a copy of ``previous``'s module, without
-    ``torch.jit.load``, then check and warm it up as a load would. None if the code differs or
-    the archive has a data tensor that is not a parameter or buffer (a full load is needed)."""
+    other tensor bytes: put them into a module of that code, without ``torch.jit.load``, then
+    check and warm it up as a load would. The serving module is never written. ``shared``
+    (the node's shared copy of ``path``, CPU only): the module's tensors are pointed at its
+    mapping, each checked against its descriptor, instead of copying bytes; ``into`` (an idle
+    spare module of that code whose tensors may alias the serving ones) is then the module,
+    so nothing is copied at all. Otherwise the module is a copy of ``previous``'s. None if the code
+    differs or the archive has a data tensor that is not a parameter or buffer (a full load is
+    needed)."""
     import copy
     import zipfile
 
@@ -94,7 +103,13 @@ def apply_weights(previous: Loaded, manifest: Manifest, path: str | os.PathLike[
         table = tensor_table(path)
         if storages(path) != {t.storage for t in table}:
             return None  # data no parameter or buffer holds: only a load puts it where it belongs
-        module = copy.deepcopy(previous.module)
+        # a spare's tensors may alias the serving module's: it is only ever re-pointed at the
+        # new shared copy, never written into
+        mapped = into is not None and shared is not None and previous.device.startswith("cpu") and \
+            map_shared(into, manifest, shared) > 0
+        module = into if mapped else copy.deepcopy(previous.module)
+        if not mapped and shared is not None and previous.device.startswith("cpu"):
+            mapped = map_shared(module, manifest, shared) > 0
         own = dict(module.named_parameters())
         own.update(dict(module.named_buffers()))
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm, \
@@ -104,6 +119,8 @@ def apply_weights(previous: Loaded, manifest: Manifest, path: str | os.PathLike[
                 target = own.get(t.name)
                 if target is None or tuple(target.shape) != t.shape:
                     return None
+                if mapped:
+                    continue  # its bytes are the shared copy's, checked against the descriptor
                 start = data_offset(mm, z.getinfo(t.storage))
                 src = torch.frombuffer(mm, dtype=torch_dtype(t.dtype), count=t.numel,
                                        offset=start + t.offset * (t.nbytes // max(t.numel, 1)))
@@ -111,7 +128,13 @@ def apply_weights(previous: Loaded, manifest: Manifest, path: str | os.PathLike[
                 del src
     except (ZmqModelsError, RuntimeError, ValueError, KeyError, OSError, BufferError, zipfile.BadZipFile):
         return None  # anything unexpected: the full load decides
-    return _checked(module, manifest, previous.device, time.perf_counter() - t0, previous.code, "apply")
+    loaded = _checked(module, manifest, previous.device, time.perf_counter() - t0, previous.code, "apply",
+                      batch_known=batch_known)
+    return replace(loaded, shared_bytes=manifest_bytes(manifest)) if mapped else loaded
+
+
+def manifest_bytes(manifest: Manifest) -> int:
+    return sum(t.nbytes for t in manifest.tensors)
 
 
 def share_weights(loaded: Loaded, path: str | os.PathLike[str]) -> int:
@@ -120,16 +143,58 @@ def share_weights(loaded: Loaded, path: str | os.PathLike[str]) -> int:
     copy of the weights between them (the page cache's), not K. Every tensor's bytes are
     checked against the manifest's descriptor first; any mismatch leaves the module as it
     was. Returns the bytes now shared (0: nothing changed)."""
+    if not loaded.device.startswith("cpu"):
+        return 0
+    return map_shared(loaded.module, loaded.manifest, path)
+
+
+def alias_tensors(module: Any, like: Any) -> None:
+    """Point ``module``'s parameters and buffers at ``like``'s (same tree): an idle spare then
+    holds no bytes of its own."""
+    import torch
+
+    theirs = dict(like.named_parameters())
+    theirs.update(dict(like.named_buffers()))
+    with torch.no_grad():
+        for name, t in [*module.named_parameters(), *module.named_buffers()]:
+            other = theirs.get(name)
+            if other is not None and other.dtype == t.dtype:
+                t.data = other.data
+
+
+def spare_of(module: Any) -> Any:
+    """A second module of ``module``'s code whose tensors alias ``module``'s: its tree is
+    copied with every tensor emptied first, so no weight byte is copied (a plain deepcopy of
+    a ScriptModule copies them all, holding the GIL). Only for a module nobody runs yet."""
+    import copy
+
+    import torch
+
+    own = [*module.named_parameters(), *module.named_buffers()]
+    kept = [t.data for _, t in own]
+    with torch.no_grad():
+        for _, t in own:
+            t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+        try:
+            spare = copy.deepcopy(module)
+        finally:
+            for (_, t), data in zip(own, kept, strict=True):
+                t.data = data
+    alias_tensors(spare, module)
+    return spare
+
+
+def map_shared(module: Any, m: Manifest, path: str | os.PathLike[str]) -> int:
+    """:func:`share_weights` for a bare CPU module holding release ``m``'s tree."""
     import torch
     import xxhash
 
     from .tensors import torch_dtype
 
-    m = loaded.manifest
-    if not m.tensors or not loaded.device.startswith("cpu"):
+    if not m.tensors:
         return 0
-    own = dict(loaded.module.named_parameters())
-    own.update(dict(loaded.module.named_buffers()))
+    own = dict(module.named_parameters())
+    own.update(dict(module.named_buffers()))
     try:
         with open(path, "rb") as f:
             mm = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
@@ -150,12 +215,14 @@ def share_weights(loaded: Loaded, path: str | os.PathLike[str]) -> int:
         for name, view in views.items():
             if view is not None:
                 own[name].data = view  # the module's own tensor, now backed by the mapping
-    return sum(t.nbytes for t in m.tensors)
+    return manifest_bytes(m)
 
 
 def _checked(module: Any, manifest: Manifest, device: str, load_s: float, code: str, how: str,
-             warmup: int = 2) -> Loaded:
-    """Check ``module`` on the manifest's examples and warm it up."""
+             warmup: int = 2, batch_known: tuple[int, str] | None = None) -> Loaded:
+    """Check ``module`` on the manifest's examples and warm it up. ``batch_known``: the
+    outcome of the batch-claim check already made on this device for this code and claim
+    (not run again)."""
     import torch
 
     from .batching import check_batched
@@ -179,8 +246,9 @@ def _checked(module: Any, manifest: Manifest, device: str, load_s: float, code: 
                 compare_outputs(want, got, path=f"example {i} out", **tol)
             except ZmqModelsError as exc:
                 raise CheckError(str(exc)) from None
-        batch, note = check_batched(lambda args: to_device(module(*to_device(args, device)), "cpu"),
-                                    examples, expected, manifest.batch, device, tol)
+        batch, note = batch_known if batch_known is not None else check_batched(
+            lambda args: to_device(module(*to_device(args, device)), "cpu"), examples, expected,
+            manifest.batch, device, tol)
         for _ in range(warmup if examples else 0):
             module(*to_device(tuple(examples[0]), device))
         if gpu:

@@ -22,6 +22,7 @@ from prometheus_client.registry import Collector
 from .core.work import WorkerState
 from .endpoints import parse_listen
 from .errors import ZmqModelsError
+from .health import node_health
 from .protocol import SERVING_CODES
 
 __all__ = ["NodeMetrics", "HubMetrics", "RelayMetrics", "COLLECTORS", "serve_metrics"]
@@ -85,7 +86,7 @@ def node_view(node: Any) -> dict[str, Any]:
     states = dict.fromkeys(WorkerState, 0)
     for w in node.broker.workers.values():
         states[w.state] += 1
-    health = node._health()
+    health = node_health(node)
     return {"requests": dict(node.metrics.requests), "queue_depth": len(node.broker.pending),
             "workers": states, "serving": health["serving"], "stats": dict(node.stats),
             "hub_unreachable": health["hub_unreachable"]}

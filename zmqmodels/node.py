@@ -40,6 +40,7 @@ from .errors import ZmqModelsError
 from .exporter import MetricsServer
 from .follower import Follower
 from .front import MODELS, Refusal, admit, describe, replies, work_frames
+from .health import node_health
 from .host import SharedCopies, WorkerProcesses, check_devices, make_run_dir
 from .ioloop import IOThread, LoopState
 from .protocol import ModelState
@@ -220,17 +221,9 @@ class Node(IOThread):
         return now - (seen or self._started_at)
 
     def health(self, timeout: float = 5.0) -> dict[str, Any]:
-        """What an operator's probe wants: is the hub reachable, are workers up, what is served
-        (as the I/O thread sees it now)."""
-        return self.call(self._health, timeout)
-
-    def _health(self) -> dict[str, Any]:
-        silent = self.hub_silence()
-        return {"node": self.node_id, "hub": self.hub or "", "hub_silent_s": round(silent, 1),
-                "hub_unreachable": bool(self.hub) and silent > self.hub_unreachable_s,
-                "workers_ready": sum(w.ready for w in self.broker.workers.values()),
-                "workers": len(self.broker.workers),
-                "serving": {m: self.broker.report(m)[1] for m in self.models}}
+        """What an operator's probe wants (:func:`~zmqmodels.health.node_health`), as the I/O
+        thread sees it now."""
+        return self.call(lambda: node_health(self), timeout)
 
     def follower_stats(self, timeout: float = 5.0) -> dict[str, int]:
         """The counters of this node's subscriber (bytes received, repairs, refusals), as its
@@ -411,6 +404,9 @@ class Node(IOThread):
                 damaged = {n: (e.seq, e.reason) for n, e in errors.items()}
                 batch = {n: h.batch for n, h in serving.items()}
                 self._carry(self.broker.worker_ready(wid, versions, now, damaged, batch))
+            case P.Applying(name=name, seq=seq):  # it answers requests meanwhile
+                self.supervisor.seen(wid, now, Activity.IDLE)
+                self._carry(self.broker.applying(wid, name, seq, now))
             case P.LoadResult(name=name, seq=seq, label=label, ok=ok, reason=reason):
                 self.supervisor.seen(wid, now, Activity.IDLE)
                 if ok:

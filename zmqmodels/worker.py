@@ -2,20 +2,17 @@
 
 Started by the node's front process through :mod:`zmqmodels.worker_boot`; talks to it over a
 DEALER on an ipc endpoint. It loads from the node's cache by *path* (2-8x faster than from
-memory), checks the manifest's examples, warms up and swaps. ``torch.jit.load`` holds the GIL,
-so a loading worker answers nothing; the front knows it is loading and routes around it.
+memory), checks the manifest's examples, warms up and swaps (:mod:`zmqmodels.holdings`).
+``torch.jit.load`` holds the GIL, so a loading worker answers nothing and the front routes
+around it; a weights-only update is made in the background while it answers on.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import gc
 import logging
 import os
 import re
 import time
-from collections.abc import Collection
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,119 +21,34 @@ import zmq
 from . import protocol as P
 from .batching import join_inputs, split_outputs
 from .cache import Cache
-from .errors import IntegrityError, ProtocolError, ServingError, ZmqModelsError
+from .errors import ProtocolError, ServingError, ZmqModelsError
 from .front import parse_infer
-from .host import shared_name
-from .loader import apply_weights, load_release, share_weights, to_device
-from .release import decode_manifest
-from .slot import Loaded, ModelSlot
+from .holdings import Holdings
+from .loader import to_device
+from .slot import Loaded
 from .tensors import decode, encode
 
 __all__ = ["Worker", "run"]
 
 log = logging.getLogger("zmqmodels.worker")
 HEARTBEAT_S = 1.0
+APPLY_POLL_MS = 5  # how often a worker applying new weights in the background looks at them
 
 
 class Worker:
     def __init__(self, backend: str, worker_id: str, device: str, models: list[str], cache: str,
                  parent: int = 0, shared: str = "") -> None:
         self.parent = parent
-        self.shared = shared  # the node's copies of its archives that its workers map (one copy)
         self.backend = backend
         self.worker_id = worker_id
         self.device = device
-        self.cache = Cache(cache)
-        self.slots = {name: ModelSlot() for name in models}
-        self.errors: dict[str, P.Unusable] = {}  # cached releases it could not use
+        self.held = Holdings(worker_id, device, models, Cache(cache), shared)
         self._pinned: dict[int, Any] = {}  # per input position: a pinned staging buffer (GPU)
 
-    # -- loading -----------------------------------------------------------------------------
-    def load_cached(self, names: Collection[str] | None = None, exclude: Collection[int] = ()) -> None:
-        """Load the newest usable cached release of each model. Each archive is checked
-        against the stamp of its verified bytes (a full sha256 if it changed since) before it
-        is loaded: a damaged entry is discarded, recorded in :attr:`errors` for the front
-        (which fetches it again), and the one before it is tried."""
-        for name in self.slots if names is None else names:
-            for seq in reversed(self.cache.seqs(name)):
-                if seq in exclude:
-                    continue
-                path = self.cache.path(name, seq)
-                try:
-                    m = decode_manifest(path.with_suffix(".manifest").read_bytes())
-                    if not self.cache.is_active(m):
-                        continue  # staged, not activated: not to be served yet
-                    self.cache.check(m, path)
-                    self.slots[name].swap(self._share(load_release(m, path, self.device)))
-                    break
-                except (OSError, ZmqModelsError) as exc:
-                    log.warning("%s: cached %s seq %d unusable: %s", self.worker_id, name, seq, exc)
-                    self.errors[name] = P.Unusable(seq, f"cached seq {seq}: {exc}")
-                    if not isinstance(exc, IntegrityError):
-                        self.cache.discard(name, seq)
-
-    def load(self, cmd: P.LoadCommand) -> P.LoadResult:
-        slot = self.slots.get(cmd.name)
-        if slot is None:
-            return P.LoadResult(self.worker_id, cmd.name, cmd.seq, "", False, "model not served here")
-        path = Path(cmd.path)
-        label = ""
-        previous = slot.current()
-        try:
-            try:
-                m = decode_manifest(path.with_suffix(".manifest").read_bytes())
-                if m.seq != cmd.seq or m.name != cmd.name:
-                    raise IntegrityError(f"{path} holds {m.name} seq {m.seq}, not seq {cmd.seq}")
-                self.cache.check(m, path)  # never load bytes changed since they were verified
-            except (OSError, ZmqModelsError) as exc:
-                return P.LoadResult(self.worker_id, cmd.name, cmd.seq, "", False,
-                                    f"cached archive unusable: {exc}", corrupt=True)
-            label = m.label
-            if cmd.unload_first and previous is not None:
-                slot.clear()  # resource-preserving: free the old model before loading the new
-                del previous
-                self._free_memory()
-            # same code, new weights: copy them into the serving module's code, no jit.load
-            base = slot.current()  # None after unload-first
-            loaded = _in_background(lambda: self._share(
-                (base is not None and apply_weights(base, m, path)) or load_release(m, path, self.device)))
-        except (OSError, ZmqModelsError) as exc:
-            reason = str(exc)
-            if slot.current() is None and cmd.unload_first:
-                self.load_cached([cmd.name], exclude=[cmd.seq])  # put the old one back
-            return P.LoadResult(self.worker_id, cmd.name, cmd.seq, label, False, reason)
-        slot.swap(loaded)
-        return P.LoadResult(self.worker_id, cmd.name, cmd.seq, label, True, "",
-                            round(loaded.load_s, 4), round(loaded.check_s, 4), how=loaded.how,
-                            shared_bytes=loaded.shared_bytes, batch=loaded.batch,
-                            batch_note=loaded.batch_note)
-
-    def _share(self, loaded: Loaded) -> Loaded:
-        """Map the weights of ``loaded`` from the node's shared copy, if it has one."""
-        if self.shared:
-            m = loaded.manifest
-            shared = share_weights(loaded, Path(self.shared) / shared_name(m.name, m.seq))
-            return dataclasses.replace(loaded, shared_bytes=shared)
-        return loaded
-
-    def _free_memory(self) -> None:
-        gc.collect()
-        if self.device.startswith("cuda"):
-            torch.cuda.empty_cache()
-
-    def serving(self) -> dict[str, P.Held]:
-        out = {}
-        for name, slot in self.slots.items():
-            cur = slot.current()
-            if cur is not None:
-                out[name] = P.Held(cur.manifest.seq, cur.manifest.label, cur.batch)
-        return out
-
-    # -- inference ---------------------------------------------------------------------------
     def _admit(self, req: P.InferRequest, tensors: list[Any]) -> tuple[Loaded, tuple[Any, ...]]:
         """The version that serves ``req`` and its checked arguments; :class:`ServingError`
         with the code to answer."""
-        slot = self.slots.get(req.model)
+        slot = self.held.slots.get(req.model)
         if slot is None:
             raise ServingError("unknown_model", f"this node does not serve {req.model!r}")
         cur = slot.current()
@@ -275,18 +187,27 @@ class Worker:
         sock.send_multipart(P.pack(P.Answers(answers), *frames), copy=False)
 
     def _serve(self, sock: zmq.Socket) -> None:
-        self.load_cached()
-        sock.send_multipart(P.pack(P.WorkerReady(self.worker_id, os.getpid(), self.device, self.serving(),
-                                                 errors=self.errors)))
+        self.held.load_cached()
+        ready = P.WorkerReady(self.worker_id, os.getpid(), self.device, self.held.serving(),
+                              errors=self.held.errors)
+        sock.send_multipart(P.pack(ready))
         beat = P.pack(P.WorkerBeat())
+        quiet_since = time.monotonic()
         try:
             while True:
-                if not sock.poll(int(HEARTBEAT_S * 1000)):
+                if self.held.apply_done():  # swapped between two requests, never during one
+                    sock.send_multipart(P.pack(self.held.finish_apply()))
+                # while an update is made in the background, look at it every few ms
+                if not sock.poll(APPLY_POLL_MS if self.held.applying else int(HEARTBEAT_S * 1000)):
+                    if time.monotonic() - quiet_since < HEARTBEAT_S:
+                        continue
+                    quiet_since = time.monotonic()
                     if self.parent and os.getppid() != self.parent:
                         log.warning("%s: the node (pid %d) is gone; exiting", self.worker_id, self.parent)
                         return
                     sock.send_multipart(beat)
                     continue
+                quiet_since = time.monotonic()
                 try:
                     msg, payload = P.unpack(sock.recv_multipart(copy=False))
                 except ProtocolError as exc:
@@ -302,8 +223,10 @@ class Worker:
                         reply, code = self.infer(payload, received)
                         sock.send_multipart(P.pack(P.Done(client, code=code), *reply), copy=False)
                     case P.LoadCommand():
-                        sock.send_multipart(P.pack(self.load(msg)))
+                        sock.send_multipart(P.pack(self.held.load(msg)))
                     case P.StopWorker():
+                        if self.held.applying:
+                            self.held.finish_apply()  # its thread is not left writing as we exit
                         return
                     case _:
                         log.warning("%s: unexpected %s from the front", self.worker_id, type(msg).__name__)
@@ -315,32 +238,6 @@ def _rows(args: tuple[Any, ...]) -> int:
     """The leading dimension of the first input (1 for a scalar or a 0-d tensor)."""
     first = args[0] if args else None
     return first.shape[0] if isinstance(first, torch.Tensor) and first.dim() else 1
-
-
-def _in_background(fn: Any) -> Any:
-    """Run ``fn`` on a thread with a raised nice value and wait for it: on a small machine
-    the worker that is loading then yields the CPU to the workers that are serving."""
-    import threading
-
-    from .tuning import lower_thread_priority
-
-    box: list[Any] = []
-
-    def run() -> None:
-        lower_thread_priority(10)
-        try:
-            with torch.inference_mode():
-                box.append((True, fn()))
-        except BaseException as exc:  # re-raised on the calling thread
-            box.append((False, exc))
-
-    t = threading.Thread(target=run, name="zmqmodels-load")
-    t.start()
-    t.join()
-    ok, value = box[0]
-    if not ok:
-        raise value
-    return value
 
 
 def _check_signature(cur: Loaded, args: tuple[Any, ...]) -> None:

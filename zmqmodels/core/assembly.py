@@ -358,15 +358,13 @@ class Assembler:
         st.retries, st.retry_at, st.room_try, st.room_failed = 0, 0.0, False, False
 
     def pending_writes(self) -> dict[str, int]:
-        """``name -> bytes`` of each verified release whose cache write failed and waits for
-        room; the shell says when the disk has that much free (:meth:`room`)."""
+        """``name -> bytes`` of each release whose cache write waits for room (:meth:`room`)."""
         return {n: st.unstored[0].manifest.archive_bytes for n, st in self.models.items()
                 if st.unstored is not None and not st.room_failed}
 
     def room(self, name: str, now: float) -> None:
-        """The cache's disk now has room for the release of ``name`` that waits to be written:
-        write it at the next tick instead of at the end of its back-off. If that write fails
-        too (room was not the trouble), only the back-off retries it."""
+        """The disk has room for the release of ``name`` that waits: write it at the next tick,
+        not at the end of its back-off (if that fails too, only the back-off retries it)."""
         st = self.follow(name)
         if st.unstored is not None and not st.room_failed and st.retry_at > now:
             st.retry_at, st.room_try = now, True

@@ -88,7 +88,7 @@ class Broker:
         w = self.workers[wid]
         out: list[Action] = [self._refetch(n, seq, why) for n, (seq, why) in (damaged or {}).items()
                              if n in self.swaps.floor]
-        w.ready, w.busy, w.loading, w.free_since = True, (), None, now
+        w.ready, w.busy, w.loading, w.applying, w.free_since = True, (), None, False, now
         self._unsettled = True
         w.serving = {n: v for n, v in serving.items() if n in self.swaps.floor}
         w.batch = {n: b for n, b in (batch or {}).items() if n in w.serving}
@@ -112,10 +112,19 @@ class Broker:
             self._settle_floor(name)
         return [*out, *(Changed(n) for n in self.models), *self._step(now)]
 
+    def applying(self, wid: str, name: str, seq: int, now: float) -> list[Action]:
+        """The loading worker ``wid`` takes ``seq`` by writing its weights into a spare module
+        and answers requests with what it serves meanwhile: it may be given them again."""
+        w = self.workers[wid]
+        if w.loading is None or (w.loading.name, w.loading.seq) != (name, seq):
+            return []  # not the load it was given (a late message): nothing changes
+        w.applying = True
+        return self._step(now)
+
     def loaded(self, wid: str, name: str, seq: int, label: str, ok: bool, reason: str,
                now: float, *, corrupt: bool = False, batch: int = 1) -> list[Action]:
         w = self.workers[wid]
-        w.loading, w.free_since = None, now
+        w.loading, w.applying, w.free_since = None, False, now
         self._unsettled = True
         if self.loading == wid:
             self.loading = None

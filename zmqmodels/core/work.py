@@ -62,13 +62,14 @@ class WorkerSlot:
     busy: tuple[Request, ...] = ()  # the requests in hand (one forward)
     busy_seq: int = 0  # the seq they run on
     loading: Target | None = None
+    applying: bool = False  # loading by writing new weights into a spare module: it serves on
     serving: dict[str, Version] = field(default_factory=dict)
     batch: dict[str, int] = field(default_factory=dict)  # per model: the most rows it joins
     free_since: float = 0.0
 
     @property
     def free(self) -> bool:
-        return self.ready and not self.busy and self.loading is None
+        return self.ready and not self.busy and (self.loading is None or self.applying)
 
     @property
     def state(self) -> WorkerState:

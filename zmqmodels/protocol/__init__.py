@@ -37,6 +37,7 @@ tensor x n`` | ``ERROR ErrorReply``; ``MODELS ModelsRequest`` -> ``MODELS_REPLY 
 Node front <-> worker process (ipc, same host)::
 
     READY WorkerReady  HB  LOADED LoadResult  DONE Done, reply frames     (worker -> front)
+    APPLYING Applying (serves on while it writes new weights; LOADED follows)  (worker -> front)
     ANSWERS Answers, reply frames of each job                             (worker -> front)
     WORK Work, INFER, request header, tensor x n  LOAD LoadCommand  STOP  (front -> worker)
     BATCH Batch, request frames of each job                               (front -> worker)

@@ -35,6 +35,7 @@ from .messages import (
 )
 from .serving import (
     Answers,
+    Applying,
     Batch,
     Done,
     InferReply,
@@ -107,6 +108,7 @@ FRAMING: tuple[Framing, ...] = (
     Framing(b"ANSWERS", Answers, True, 0, None),
     Framing(b"LOAD", LoadCommand, True),
     Framing(b"LOADED", LoadResult, True),
+    Framing(b"APPLYING", Applying, True),
     Framing(b"STOP", StopWorker, False),
 )
 _BY_KIND = {f.kind: f for f in FRAMING}

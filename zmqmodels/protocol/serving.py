@@ -29,6 +29,7 @@ __all__ = [
     "ManifestFrames",
     "LoadCommand",
     "LoadResult",
+    "Applying",
     "SERVING_CODES",
 ]
 
@@ -224,6 +225,16 @@ class LoadResult(msgspec.Struct, frozen=True):
     shared_bytes: NonNeg = 0  # weight bytes mapped from the node's one shared copy (CPU workers)
     batch: NonNeg = 1  # the most rows it joins in one forward for this release
     batch_note: str = ""  # why it does not join what the manifest claims
+
+
+class Applying(msgspec.Struct, frozen=True):
+    """``[b"APPLYING", Applying]``: the worker writes new weights of ``name`` ``seq`` into a spare
+    module of the same code while it keeps answering requests with the one it serves; a
+    ``LOADED`` follows once it has swapped (or failed)."""
+
+    name: str
+    seq: NonNeg
+    v: int = V
 
 
 # Inference error codes: code -> retryable (docs/protocol.md §Inference errors)
