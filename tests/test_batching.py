@@ -221,7 +221,7 @@ def worker(tmp_path_factory):
     (tmp / "a.pt").write_bytes(release.archive())
     w = Worker("ipc://unused", "w0", "cpu", ["m"], str(tmp / "cache"))
     w.held.slots["m"].swap(load_release(m, str(tmp / "a.pt")))
-    assert w.slots["m"].current().batch == 64
+    assert w.held.slots["m"].current().batch == 64
     return w
 
 
@@ -351,7 +351,7 @@ def test_a_cuda_worker_joins_in_pinned_buffers_and_answers_as_alone(tmp_path) ->
     (tmp_path / "a.pt").write_bytes(release.archive())
     w = Worker("ipc://unused", "w0", "cuda:0", ["m"], str(tmp_path / "cache"))
     w.held.slots["m"].swap(load_release(m, str(tmp_path / "a.pt"), "cuda:0"))
-    assert w.slots["m"].current().batch == 64
+    assert w.held.slots["m"].current().batch == 64
     raws = [frames_for("ok", rows, f"r{n}") for n, rows in enumerate([1, 3, 2])]
     jobs = [(P.Job(b"c", 0, 0, len(r)), [F(b) for b in r]) for r in raws]
     with torch.inference_mode():
