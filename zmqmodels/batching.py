@@ -14,6 +14,7 @@ to the manifest's claim, and only after :func:`check_batched` passed on its own 
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -110,39 +111,66 @@ def split_outputs(tree: Any, rows: list[int]) -> list[Any]:
 
 def prove_batching(module: Any, examples: tuple[tuple[Any, ...], ...], *,
                    max_batch: int = DEFAULT_MAX_BATCH, rtol: float | None = None,
-                   atol: float | None = None) -> BatchProof:
-    """Run every sample alone and ``max_batch`` rows of them joined; compare per sample."""
+                   atol: float | None = None, budget_s: float | None = None,
+                   outputs: tuple[Any, ...] = (), row_s: float = 0.0) -> BatchProof:
+    """Run every sample alone and up to ``max_batch`` rows of them joined; compare per sample.
+
+    ``outputs``: the module's outputs on ``examples`` already computed (the parity run):
+    a one-row example's is its sample's output alone, not run again. ``budget_s``: the
+    seconds the proof may take; joined runs are shrunk to fit (their cost estimated per row
+    from the runs so far, first from ``row_s``), and the claim is the largest size proven.
+    """
     if max_batch < 2:
         return BatchProof(0, reason="batching turned off")
+    t0 = time.perf_counter()
+    ran_rows, ran_s = 0, 0.0
     try:
         samples: list[tuple[torch.Tensor, ...]] = []
+        alone: list[Any] = []
         for i, ex in enumerate(examples):
             try:
                 n = _rows(tuple(ex))
             except ZmqModelsError as exc:
                 raise ZmqModelsError(f"example {i}: {exc}") from None
             samples += [tuple(a[j:j + 1] for a in ex) for j in range(n)]
+            alone += [outputs[i] if n == 1 and i < len(outputs) else None for _ in range(n)]
         shapes = {tuple((a.dtype, a.shape[1:]) for a in s) for s in samples}
         if len(shapes) > 1:
             return BatchProof(0, reason="the examples' samples differ in shape beyond the batch dimension")
         for k in range(max(0, MIN_SAMPLES - len(samples))):
             samples.append(_derived(samples[k % len(samples)], k))
+            alone.append(None)
+        proven = 0
         with torch.inference_mode():
-            alone = []
             for j, s in enumerate(samples):
+                if alone[j] is not None:
+                    continue
+                t1 = time.perf_counter()
                 try:
-                    alone.append(module(*clone_tree(s)))
+                    alone[j] = module(*clone_tree(s))
                 except Exception as exc:
                     why = str(exc).strip()[:200]
                     return BatchProof(0, reason=f"sample {j} alone: the model raised: {why}")
-            for size in sorted({min(len(samples), max_batch), max_batch}):
+                ran_rows, ran_s = ran_rows + 1, ran_s + time.perf_counter() - t1
+            joined_s, joined_rows = 0.0, 0  # a joined row costs less than a forward alone
+            for want in sorted({min(len(samples), max_batch), max_batch}):
+                size = want
+                if budget_s is not None:
+                    per_row = (joined_s / joined_rows if joined_rows else ran_s / ran_rows if ran_rows
+                               else row_s)
+                    left = budget_s - (time.perf_counter() - t0)
+                    size = min(want, int(left / per_row) if per_row > 0 else want)
+                if size < 2 or size <= proven:
+                    continue  # over its budget: what is proven stands
                 order = list(itertools.islice(itertools.cycle(range(len(samples))), size))
                 joined = join_inputs([samples[j] for j in order])
+                t1 = time.perf_counter()
                 try:
                     out = module(*joined)
                 except Exception as exc:
                     why = str(exc).strip()[:200]
                     return BatchProof(0, reason=f"a batch of {size}: the model raised: {why}")
+                joined_rows, joined_s = joined_rows + size, joined_s + time.perf_counter() - t1
                 parts = split_outputs(out, [1] * size)
                 for row, (j, got) in enumerate(zip(order, parts, strict=True)):
                     try:
@@ -150,9 +178,13 @@ def prove_batching(module: Any, examples: tuple[tuple[Any, ...], ...], *,
                     except ParityError as exc:
                         return BatchProof(0, reason=f"not batch-invariant: in a batch of {size}, {exc} "
                                                     f"against sample {j} alone")
+                proven = size
     except ZmqModelsError as exc:
         return BatchProof(0, reason=str(exc))
-    return BatchProof(max_batch)
+    if not proven:
+        return BatchProof(0, reason=f"proving it would cost more than its budget ({budget_s:.2f}s, "
+                                    "a share of compile + parity); publish --batching on proves it anyway")
+    return BatchProof(proven)
 
 
 def check_batched(run: Callable[[tuple[Any, ...]], Any], examples: list[tuple[Any, ...]],

@@ -74,7 +74,7 @@ def build_from_source(
     returning ``(module, examples)``. ``progress`` receives one line per step,
     ``chunk_progress(done, total)`` each compressed chunk. ``timings`` receives the seconds
     of each step: ``import`` (torch, if this process had not imported it), ``load``,
-    ``compile``, ``parity``, ``build`` and ``compress``.
+    ``compile``, ``parity``, ``batching``, ``build`` and ``compress``.
     """
     import sys
     import time
@@ -139,8 +139,8 @@ def build_release(
     ``"on"`` also refuses (:class:`ParityError`) a model that is not; ``"off"`` records it as
     unbatched.
 
-    ``timings`` receives the seconds spent saving the archive (``build``) and choosing a codec
-    and compressing (``compress``).
+    ``timings`` receives the seconds spent proving batching (``batching``), saving the
+    archive (``build``) and choosing a codec and compressing (``compress``).
 
     ``codec`` is ``"auto"``, a codec name (``lz4``, ``zstd``, ``blosclz``, ``none``, ...) or a
     :class:`CodecSpec` for full control of filter and typesize.
@@ -156,10 +156,21 @@ def build_release(
     if batching not in ("auto", "on", "off"):
         raise ReleaseError(f"batching must be auto, on or off, not {batching!r}")
     t0 = time.perf_counter()
+    rows = sum(int(ex[0].shape[0]) if ex and isinstance(ex[0], torch.Tensor) and ex[0].dim() else 1
+               for ex in compiled.examples) or 1
+    # the proof's share of compile + parity is bounded (unless it was asked for outright); a
+    # row's cost is first taken from the parity run (eager and compiled on every example)
     proof = prove_batching(compiled.module, compiled.examples,
-                           max_batch=0 if batching == "off" else min(max_batch, MAX_BATCH_CLAIM))
+                           max_batch=0 if batching == "off" else min(max_batch, MAX_BATCH_CLAIM),
+                           budget_s=None if batching == "on" else max(
+                               defaults.PROOF_MIN_S,
+                               defaults.PROOF_SHARE * (compiled.compile_s + compiled.parity_s)),
+                           outputs=compiled.outputs, row_s=compiled.parity_s / (2 * rows))
     if batching == "on" and not proof.batch:
         raise ParityError(f"{name} was declared batchable, but its examples say otherwise: {proof.reason}")
+    if timings is not None:
+        timings["batching"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     buf = io.BytesIO()
     torch.jit.save(compiled.module, buf)
     archive = buf.getbuffer()
