@@ -27,6 +27,7 @@ import zmq
 
 from . import defaults
 from . import protocol as P
+from .buffers import BufferPool
 from .cache import Cache
 from .core.assembly import Assembler, Assembly, Deliver, RetryStore, Send, Unstage
 from .curve import Curve
@@ -42,35 +43,6 @@ __all__ = ["Follower", "ReleaseCallback"]  # and Subscriber, lazily (below)
 
 log = logging.getLogger("zmqmodels.follower")
 ReleaseCallback = Callable[[Manifest, Any], None]  # archive: a buffer of manifest.archive_bytes
-
-
-_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
-
-
-class _BufferPool:
-    """Archive buffers per model, reused across releases: first-touch page faults, not copies,
-    bound the receive rate (fresh pages: ~1.4 GB/s for 4 nodes on 2 cores; MAP_POPULATE ~4.8;
-    a reused buffer ~23). Two per model: one assembling while the other is being delivered."""
-
-    def __init__(self, per_model: int = 2) -> None:
-        self._free: dict[str, list[mmap.mmap]] = {}
-        self._lock = threading.Lock()
-        self._per_model = per_model
-
-    def take(self, name: str, size: int) -> mmap.mmap:
-        with self._lock:
-            free = self._free.get(name, [])
-            for i, buf in enumerate(free):
-                if size <= len(buf) <= 2 * size + (64 << 20):
-                    return free.pop(i)
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _POPULATE
-        return mmap.mmap(-1, max(size, 1), flags=flags)
-
-    def give(self, name: str, buf: mmap.mmap) -> None:
-        with self._lock:
-            free = self._free.setdefault(name, [])
-            free.append(buf)
-            del free[: -self._per_model]
 
 
 class Follower(IOThread):
@@ -138,7 +110,7 @@ class Follower(IOThread):
         self._nice = background_nice  # a serving node runs its subscriber below its broker
         self._rcvhwm = rcvhwm
         self._report_interval_s = report_interval_s
-        self._pool = _BufferPool()
+        self._pool = BufferPool()
         self.assembler = Assembler([validate_name(n) for n in models], node_id=self.node_id,
                                    host=socket.gethostname(), pid=os.getpid(), device=self.device,
                                    take=self._pool.take, give=self._pool.give, limits=self.limits,
@@ -155,6 +127,7 @@ class Follower(IOThread):
         self._deliverer: threading.Thread | None = None
         self._next_report = 0.0
         self._next_room_check = 0.0  # statvfs of the cache while a write waits for room
+        self._completed: list[Assembly] = []  # completed by the handler running now (I/O thread)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, timeout: float = defaults.START_TIMEOUT_S) -> Follower:
@@ -225,7 +198,22 @@ class Follower(IOThread):
         dealer.connect(self.hub)
         self._sub, self._dealer = sub, dealer
         self._carry(self.assembler.start(time.monotonic()))
-        return [(sub, self._on_sub), (dealer, self._on_dealer)]
+        return [(sub, self._timed(self._on_sub)), (dealer, self._timed(self._on_dealer))]
+
+    def _timed(self, handler: Callable[[list[zmq.Frame]], None]) -> Callable[[list[zmq.Frame]], None]:
+        """``handler``, its thread's CPU time added to the releases being received (all of
+        them: a handler works on one, a heartbeat costs next to nothing)."""
+        def run(frames: list[zmq.Frame]) -> None:
+            t0 = time.thread_time()
+            try:
+                handler(frames)
+            finally:
+                dt = time.thread_time() - t0
+                for asm in [*self.assembler.intake.coming.values(), *self._completed]:
+                    asm.cpu_s += dt  # type: ignore[attr-defined]
+                self._completed.clear()
+
+        return run
 
     def _tick(self, now: float) -> float:
         if now >= self._next_room_check:
@@ -248,6 +236,7 @@ class Follower(IOThread):
                 case Send(msg):
                     self._dealer.send_multipart(P.pack(msg))
                 case Deliver(name, asm, digest):
+                    self._completed.append(asm)  # this handler's CPU counts for it too
                     self._mail(name, (asm, digest))
                 case Unstage(name):
                     self._mail(name, action)
@@ -391,14 +380,18 @@ class Follower(IOThread):
             if self._accept is not None and self._accept(m) is False:
                 raise ZmqModelsError("declined by swap_when")
             if self.cache is not None:  # signed bytes and all, before anything loads it
-                t0 = time.monotonic()
+                t0, c0 = time.monotonic(), time.thread_time()
                 try:
                     self.cache.put(m, archive, asm.raw, asm.signature)
                 except StoreError as exc:
                     self._store_failed(asm, digest, exc)
                     return True  # the kept bytes are written again on RetryStore
-                self.stage(m.name, m.seq, cache_write=time.monotonic() - t0)
+                cpu = time.thread_time() - c0
+                self.stats["cpu_cache_write_s"] += cpu
+                self.stage(m.name, m.seq, cache_write=time.monotonic() - t0, cache_write_cpu=cpu)
                 self.post(lambda: self.assembler.stored(m.name))
+            self.stats["cpu_receive_s"] += asm.cpu_s
+            self.stage(m.name, m.seq, receive_cpu=asm.cpu_s)
             active = m.staged and m.seq <= self.assembler.models[m.name].active  # fetched as such
             if active and self.cache is not None:
                 self.cache.activate(m.name, m.seq)

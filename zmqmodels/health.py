@@ -9,7 +9,7 @@ from typing import Any
 from .errors import ZmqModelsError
 from .ioloop import LoopState
 
-__all__ = ["READY", "hub_ready", "node_ready", "relay_ready", "node_health"]
+__all__ = ["READY", "hub_ready", "node_ready", "relay_ready", "node_health", "hub_down"]
 
 
 def _running(shell: Any, what: str) -> str:
@@ -38,6 +38,14 @@ def node_ready(node: Any) -> str:
     except ZmqModelsError as exc:
         return f"node's I/O thread did not answer: {exc}"
     return f"no worker holds {', '.join(missing)} yet" if missing else ""
+
+
+def hub_down(node: Any, now: float | None = None) -> str:
+    """"" while the node's hub is heard from, else ``hub ADDR not heard from for Ns``."""
+    silent = node.hub_silence(now)
+    if not node.hub or silent <= node.hub_unreachable_s:
+        return ""
+    return f"hub {node.hub} not heard from for {silent:.0f}s"
 
 
 def node_health(node: Any) -> dict[str, Any]:

@@ -106,12 +106,13 @@ class Holdings:
                 self.spares.pop(cmd.name, None)
                 del previous
                 self.free_memory()
-            loaded = _Background(lambda: self._full_load(m, path)).result()
+            job = _Background(lambda: self._full_load(m, path))
+            loaded = job.result()
         except (OSError, ZmqModelsError) as exc:
             if slot.current() is None and cmd.unload_first:
                 self.load_cached([cmd.name], exclude=[cmd.seq])  # put the old one back
             return P.LoadResult(self.worker_id, cmd.name, cmd.seq, m.label, False, str(exc))
-        return self._swapped(cmd.name, loaded)
+        return self._swapped(cmd.name, loaded, job.cpu_s)
 
     @property
     def applying(self) -> bool:
@@ -129,9 +130,9 @@ class Holdings:
             loaded = job.result()
         except (OSError, ZmqModelsError) as exc:
             return P.LoadResult(self.worker_id, cmd.name, cmd.seq, "", False, str(exc))
-        return self._swapped(cmd.name, loaded)
+        return self._swapped(cmd.name, loaded, job.cpu_s)
 
-    def _swapped(self, name: str, loaded: Loaded) -> P.LoadResult:
+    def _swapped(self, name: str, loaded: Loaded, cpu_s: float) -> P.LoadResult:
         old = self.slots[name].swap(loaded)
         if self.shared and old is not None and old.code == loaded.code and loaded.shared_bytes:
             alias_tensors(old.module, loaded.module)  # idle now: it keeps no weights of its own
@@ -142,7 +143,7 @@ class Holdings:
         return P.LoadResult(self.worker_id, name, m.seq, m.label, True, "",
                             round(loaded.load_s, 4), round(loaded.check_s, 4), how=loaded.how,
                             shared_bytes=loaded.shared_bytes, batch=loaded.batch,
-                            batch_note=loaded.batch_note)
+                            batch_note=loaded.batch_note, cpu_s=round(cpu_s, 4))
 
     def _apply(self, previous: Loaded, m: Any, path: Path) -> Loaded:
         """New weights into the spare module (or a copy of the serving one), else a full load."""
@@ -196,18 +197,24 @@ class _Background:
         import threading
 
         self._box: list[tuple[bool, Any]] = []
+        self.cpu_s = 0.0  # the thread's CPU time once done
         self._thread = threading.Thread(target=self._run, args=(fn,), name="zmqmodels-load")
         self._thread.start()
 
     def _run(self, fn: Any) -> None:
+        import time
+
         from .tuning import lower_thread_priority
 
         lower_thread_priority(10)
+        t0 = time.thread_time()
         try:
             with torch.inference_mode():
                 self._box.append((True, fn()))
         except BaseException as exc:  # re-raised on the calling thread
             self._box.append((False, exc))
+        finally:
+            self.cpu_s = time.thread_time() - t0
 
     def done(self) -> bool:
         return not self._thread.is_alive()

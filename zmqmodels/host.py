@@ -123,14 +123,15 @@ class SharedCopies:
             except OSError:
                 pass
 
-    def write(self, m: Any, archive: Any, keep: int = 2) -> bool:
+    def write(self, m: Any, archive: Any, keep: int = 2) -> tuple[float, float] | None:
         """Write the verified archive of manifest ``m`` (bytes, or the path of a verified
         file; write, then rename: a worker never maps half a file) and
         remove all but the newest ``keep`` of ``name`` (a worker mapping one keeps its pages
-        until it lets go). False if it could not be written (a full /dev/shm): workers then
-        keep private copies, as before."""
+        until it lets go). Returns the (wall, this thread's CPU) seconds it took; None if it
+        could not be written (a full /dev/shm): workers then keep private copies, as before."""
         if not self.dir or not m.tensors:
-            return False  # a release without tensor descriptors is never mapped
+            return None  # a release without tensor descriptors is never mapped
+        t0, c0 = time.monotonic(), time.thread_time()
         name, seq = m.name, m.seq
         path = Path(self.dir) / shared_name(name, seq)
         tmp = path.with_suffix(".tmp")
@@ -145,7 +146,7 @@ class SharedCopies:
             log.warning("shared copy of %s seq %d not written (%s): workers load private copies",
                         name, seq, exc.strerror or exc)
             tmp.unlink(missing_ok=True)
-            return False
+            return None
         held = []
         for p in Path(self.dir).glob(f"{name}-*.pt"):
             stem, _, n = p.stem.rpartition("-")
@@ -153,7 +154,7 @@ class SharedCopies:
                 held.append((int(n), p))
         for _, old in sorted(held)[:-keep]:
             old.unlink(missing_ok=True)
-        return True
+        return time.monotonic() - t0, time.thread_time() - c0
 
     def close(self) -> None:
         if self._lock is not None:

@@ -40,7 +40,7 @@ from .errors import ZmqModelsError
 from .exporter import MetricsServer
 from .follower import Follower
 from .front import MODELS, Refusal, admit, describe, replies, work_frames
-from .health import node_health
+from .health import hub_down, node_health
 from .host import SharedCopies, WorkerProcesses, check_devices, make_run_dir
 from .ioloop import IOThread, LoopState
 from .protocol import ModelState
@@ -239,7 +239,10 @@ class Node(IOThread):
     def _on_release(self, m: Manifest, archive: Any) -> None:
         """Subscriber delivery thread: the verified archive is in the cache; roll it out."""
         target = Target(m.name, m.seq, str(self.cache.path(m.name, m.seq)), m.label)
-        self._shared.write(m, archive)
+        took = self._shared.write(m, archive)  # (wall, CPU) seconds, None if not written
+        if took is not None and self._sub is not None:
+            self.stats["cpu_share_s"] += took[1]
+            self._sub.stage(m.name, m.seq, share=took[0], share_cpu=took[1])
 
         def roll() -> None:
             now = time.monotonic()
@@ -277,11 +280,11 @@ class Node(IOThread):
                     log.warning("worker %s %s; killing it", wid, reason)
                     self._procs.kill(wid)
         self._carry(self.broker.tick(now))
-        down = bool(self.hub) and self.hub_silence(now) > self.hub_unreachable_s
-        if down != self._hub_down_logged:
-            self._hub_down_logged = down
-            log.log(logging.WARNING if down else logging.INFO, "node %s: hub %s %s", self.node_id, self.hub,
-                    f"not heard from for {self.hub_silence(now):.0f}s" if down else "heard again")
+        why = hub_down(self, now)
+        if bool(why) != self._hub_down_logged:
+            self._hub_down_logged = bool(why)
+            log.log(logging.WARNING if why else logging.INFO, "node %s: %s", self.node_id,
+                    why or f"hub {self.hub} heard again")
         return 0.1
 
     def _wake_at(self) -> float:
@@ -323,10 +326,8 @@ class Node(IOThread):
                     self.supervisor.seen(wid, time.monotonic(), Activity.LOADING)
                     log.info("worker %s: loading %s seq %d", wid, target.name, target.seq)
                 case Refuse(req, code, message):
-                    if code == "not_ready" and self.hub:
-                        silent = self.hub_silence()
-                        if silent > self.hub_unreachable_s:
-                            message += f"; hub {self.hub} not heard from for {silent:.0f}s"
+                    if code == "not_ready" and (why := hub_down(self)):
+                        message += f"; {why}"
                     self._error(req.client, code, message, req.rid, req.model)
                 case Expire(req):
                     self.stats["expired"] += 1  # the client gave up: nobody to answer
@@ -350,8 +351,7 @@ class Node(IOThread):
             self.ledger.answer(model, self.broker.report(model)[1], code)
         if self.metrics is not None:
             self.metrics.refused(model if model in self.models else "", code)
-        err = P.ErrorReply(code, message[:4000], model, 0, P.SERVING_CODES.get(code, False), id=rid)
-        self._front.send_multipart([client, b"", *P.pack(err)])
+        self._front.send_multipart([client, b"", *P.pack(P.serving_error(code, message, model, rid))])
 
     def _on_client(self, frames: list[zmq.Frame]) -> None:
         client = frames[0].bytes
@@ -413,10 +413,13 @@ class Node(IOThread):
                     log.info("worker %s: %s seq %d swapped in (%s %.3fs, check %.3fs, %d MiB shared)", wid,
                              name, seq, msg.how, msg.load_s, msg.check_s, msg.shared_bytes >> 20)
                     self.stats[f"swaps_by_{msg.how}"] += 1
+                    self.stats["cpu_workers_s"] += msg.cpu_s
                     if self.metrics is not None:
                         self.metrics.load.labels(name).observe(msg.load_s + msg.check_s)
-                    if self._sub is not None and self.ledger.is_rolling(name, seq):
-                        self._sub.stage(name, seq, **{msg.how: msg.load_s}, check=msg.check_s)  # load/apply
+                    if self._sub is not None and self.ledger.is_rolling(name, seq):  # load/apply:
+                        cpu = self.ledger.worker_cpu(name, seq, msg.cpu_s)  # summed over workers
+                        self._sub.stage(name, seq, **{msg.how: msg.load_s}, check=msg.check_s,
+                                        workers_cpu=cpu)
                 if ok and msg.batch_note:
                     log.warning("worker %s: %s seq %d unbatched: %s", wid, name, seq, msg.batch_note)
                 self._carry(self.broker.loaded(wid, name, seq, label, ok, reason, now, corrupt=msg.corrupt,

@@ -84,8 +84,7 @@ class Worker:
     @staticmethod
     def _error(exc: ZmqModelsError, req: P.InferRequest | None) -> tuple[list[Any], str]:
         code = exc.code if isinstance(exc, ServingError) else "bad_request"
-        err = P.ErrorReply(code, str(exc)[:4000], req.model if req else "", 0,
-                           P.SERVING_CODES.get(code, False), id=req.id if req else "")
+        err = P.serving_error(code, str(exc), req.model if req else "", req.id if req else "")
         return P.pack(err), code
 
     def infer(self, frames: list[zmq.Frame], received_ns: int) -> tuple[list[Any], str]:

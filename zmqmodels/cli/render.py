@@ -10,8 +10,8 @@ import click
 
 from ..protocol import ModelState
 
-__all__ = ["emit_json", "fleet_table", "rollout_text", "stages_text", "status_json", "to_jsonable",
-           "failed_nodes", "finish_publish"]
+__all__ = ["emit_json", "fleet_table", "rollout_text", "stages_text", "release_cpu", "CPU_STAGES",
+           "status_json", "to_jsonable", "failed_nodes", "finish_publish"]
 
 
 def emit_json(obj: Any) -> None:
@@ -55,17 +55,29 @@ def rollout_text(w: Any) -> str:
     return line
 
 
-_STAGE_NAMES = (("receive", "recv"), ("cache_write", "write"), ("load", "load"), ("apply", "apply"),
-                ("check", "check"),
-                ("roll", "roll"))
+_STAGE_NAMES = (("receive", "recv"), ("cache_write", "write"), ("share", "share"), ("load", "load"),
+                ("apply", "apply"), ("check", "check"), ("roll", "roll"))
+
+
+CPU_STAGES = ("receive_cpu", "cache_write_cpu", "share_cpu", "workers_cpu")
+
+
+def release_cpu(stages: dict[str, float]) -> float | None:
+    """CPU seconds a node spent taking a release: its front's receiving, cache-writing and
+    shared-copy threads and its workers' loads (None: the node measured none)."""
+    found = [stages[k] for k in CPU_STAGES if k in stages]
+    return sum(found) if found else None
 
 
 def stages_text(n: Any) -> str:
-    """``seq 4: recv 0.12 write 0.05 load 0.15 check 0.02 roll 0.40`` (what each stage of the
-    node's newest release took), or ``-``."""
+    """``seq 4: recv 0.12 write 0.05 load 0.15 check 0.02 roll 0.40 cpu 0.31`` (the wall time
+    of each stage of the node's newest release, and the CPU the node spent on it), or ``-``."""
     if not n.stages:
         return "-"
     parts = [f"{short} {n.stages[key]:.2f}" for key, short in _STAGE_NAMES if key in n.stages]
+    cpu = release_cpu(n.stages)
+    if cpu is not None:
+        parts.append(f"cpu {cpu:.2f}")
     return f"seq {n.stages_seq}: " + " ".join(parts)
 
 

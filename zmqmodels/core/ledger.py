@@ -46,6 +46,7 @@ class Ledger:
         self.answered: dict[str, dict[int, list[int]]] = {m: {} for m in models}  # seq -> [req, err]
         self.reported: dict[str, tuple[ModelState, int]] = {}
         self._rolling: dict[tuple[str, int], float] = {}  # (name, seq) -> verified at
+        self._cpu: dict[tuple[str, int], float] = {}  # (name, seq) -> its workers' CPU so far
         # :meth:`counts` as of the last change, replaced whole (another thread may read it)
         self.counted: dict[str, tuple[int, int]] = {}
 
@@ -73,7 +74,15 @@ class Ledger:
         """Release ``seq`` is verified: its roll through the workers starts now."""
         for key in [k for k in self._rolling if k[0] == name and k[1] < seq]:
             del self._rolling[key]  # superseded before it served: no stage to time
+        for key in [k for k in self._cpu if k[0] == name and k[1] < seq]:
+            del self._cpu[key]
         self._rolling[(name, seq)] = now
+        self._cpu[(name, seq)] = 0.0
+
+    def worker_cpu(self, name: str, seq: int, cpu_s: float) -> float:
+        """A worker spent ``cpu_s`` taking ``seq``: what all its workers spent so far."""
+        total = self._cpu[(name, seq)] = self._cpu.get((name, seq), 0.0) + cpu_s
+        return total
 
     def is_rolling(self, name: str, seq: int) -> bool:
         return (name, seq) in self._rolling

@@ -27,6 +27,7 @@ class Assembly(Incoming):
     give: Callable[[str, Any], None] | None = None  # hands ``buf`` back when let go unfinished
     hashed: int = 0  # chunks [0, hashed) are in the running sha256
     receive_s: float = 0.0  # manifest -> last chunk in and hashed
+    cpu_s: float = 0.0  # CPU the receiving thread spent on it (decompress, digests, copies)
     store_failures: int = 0  # failed cache writes of it (the host kept it to write again)
     # chunk -> XXH3-64 of the held archive's span copied there (other bytes than the manifest
     # says): a PATCH against exactly that span turns it into the new chunk (patch.py)

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from .messages import NonNeg, V
+from .messages import ErrorReply, NonNeg, V
 
 __all__ = [
     "Held",
@@ -30,6 +30,7 @@ __all__ = [
     "LoadCommand",
     "LoadResult",
     "Applying",
+    "serving_error",
     "SERVING_CODES",
 ]
 
@@ -225,6 +226,7 @@ class LoadResult(msgspec.Struct, frozen=True):
     shared_bytes: NonNeg = 0  # weight bytes mapped from the node's one shared copy (CPU workers)
     batch: NonNeg = 1  # the most rows it joins in one forward for this release
     batch_note: str = ""  # why it does not join what the manifest claims
+    cpu_s: float = 0.0  # CPU seconds the worker spent taking it (load or apply, check, warm-up)
 
 
 class Applying(msgspec.Struct, frozen=True):
@@ -250,3 +252,9 @@ SERVING_CODES: dict[str, bool] = {
     "unavailable": True,  # draining for a reload, queue full or queue wait over
     "internal": False,
 }
+
+
+def serving_error(code: str, message: str, model: str = "", rid: str = "") -> ErrorReply:
+    """The ERROR reply to an inference request: ``code`` from :data:`SERVING_CODES` (its
+    retryability with it), ``message`` cut to 4000 characters."""
+    return ErrorReply(code, message[:4000], model, 0, SERVING_CODES.get(code, False), id=rid)
