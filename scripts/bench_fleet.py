@@ -41,7 +41,8 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the package under test: this tree, or the one bench_against.py --driver this names
+ROOT = os.environ.get("ZMQM_TREE") or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 PREFIX = "zf-"
 CHUNK = 1 << 20
@@ -293,17 +294,19 @@ def role_seed_node(port: int, ready: str) -> None:
     while got < n:
         got += s.recv_into(view[got:], n - got)
     torch.set_num_threads(1)
+    c0 = time.process_time()  # torch's import left out, as for the nodes
     model = torch.jit.load(io.BytesIO(buf))  # from memory, as the seed's C++ client does
     m = decode_manifest(raw)
     with torch.no_grad():
         for ex in unpack_tensors(m.examples):
             model(*ex)
-    s.sendall(b"ok")
+    s.sendall(b"ok" + int((time.process_time() - c0) * 1e6).to_bytes(8, "little"))
     s.close()
 
 
-def seed_serial(archive: bytes, raw: bytes, n: int) -> float:
-    """The seed's way: one TCP server sends the archive to each node in turn."""
+def seed_serial(archive: bytes, raw: bytes, n: int) -> tuple[float, float]:
+    """The seed's way: one TCP server sends the archive to each node in turn. Returns the
+    seconds until all loaded it and the mean CPU seconds a node spent (load + example)."""
     srv = socket.create_server(("127.0.0.1", 0))
     port = srv.getsockname()[1]
     tmp = tempfile.mkdtemp(prefix="zf-seed-")
@@ -318,20 +321,35 @@ def seed_serial(archive: bytes, raw: bytes, n: int) -> float:
     for c in conns:  # serially, as the seed's server loop does
         c.sendall(len(archive).to_bytes(8, "little") + len(raw).to_bytes(8, "little") + raw)
         c.sendall(archive)
+    cpu = []
     for c in conns:
-        assert c.recv(2, socket.MSG_WAITALL) == b"ok"
+        got = c.recv(10, socket.MSG_WAITALL)
+        assert got[:2] == b"ok"
+        cpu.append(int.from_bytes(got[2:], "little") / 1e6)
     elapsed = time.monotonic() - t0
     for p in procs:
         p.wait(30)
     shutil.rmtree(tmp, ignore_errors=True)
-    return elapsed
+    return elapsed, sum(cpu) / len(cpu)
 
 
-def local_rollout(release, n: int, workers: int) -> float:  # noqa: ANN001
+_CPU_STAGES = ("receive_cpu", "cache_write_cpu", "share_cpu", "workers_cpu")  # share: the old way
+
+
+def _node_cpu(stages: list[dict[str, float]]) -> float | None:
+    """Mean CPU seconds a node spent taking the release (None: the code under test measures none)."""
+    per = [sum(s[k] for k in _CPU_STAGES if k in s) for s in stages if any(k in s for k in _CPU_STAGES)]
+    return sum(per) / len(per) if per else None
+
+
+def local_rollout(release, update, n: int, workers: int) -> dict[str, float | None]:  # noqa: ANN001
+    """Publish ``release`` to ``n`` fresh nodes of ``workers`` workers (-> every node serving),
+    then ``update`` (the same code, its last layer changed, built the ordinary way)."""
     from zmqmodels.hub import Hub
     from zmqmodels.store import Store
 
     tmp = tempfile.mkdtemp(prefix="zf-local-", dir="/dev/shm")
+    out: dict[str, float | None] = {}
     try:
         with Hub("tcp://127.0.0.1:0", Store(f"{tmp}/hub")) as hub:
             procs = [subprocess.Popen([sys.executable, "-m", "zmqmodels", "serve", "--hub", hub.address,
@@ -346,23 +364,28 @@ def local_rollout(release, n: int, workers: int) -> float:  # noqa: ANN001
                     if len(rows) >= n:
                         break
                     time.sleep(0.2)
-                cpu_idle()
-                t0 = time.monotonic()
-                m = hub.publish(release)
-                ok, st = hub.wait_for(m.name, m.seq, n, 300)
-                elapsed = time.monotonic() - t0
-                if not ok:
-                    raise SystemExit(f"local rollout failed: {st}")
-                stages = [r.stages for r in st.nodes if r.stages_seq == m.seq]
+                for what, r in (("first", release), ("update", update)):
+                    cpu_idle()
+                    t0 = time.monotonic()
+                    m = hub.publish(r)
+                    ok, st = hub.wait_for(m.name, m.seq, n, 300)
+                    out[f"{what}_s"] = time.monotonic() - t0
+                    if not ok:
+                        raise SystemExit(f"local rollout failed: {st}")
+                    time.sleep(1.0)  # the last reports (roll, CPU) after serving
+                    stages = [x.stages for x in hub.status().nodes if x.stages_seq == m.seq]
+                    out[f"{what}_node_cpu_s"] = _node_cpu(stages)
+                    names = ("receive", "cache_write", "share", "load", "apply", "check", "roll")
+                    slowest = {k: max(s.get(k, 0.0) for s in stages) for k in names
+                               if any(k in s for s in stages)}
+                    print(f"  K={workers} {what}: slowest node's stages {json.dumps(slowest)}, "
+                          f"CPU per node {out[f'{what}_node_cpu_s']}", file=sys.stderr)
             finally:
                 for p in procs:
                     p.send_signal(signal.SIGTERM)
                 for p in procs:
                     p.wait(30)
-        names = ("receive", "cache_write", "load", "check", "roll")
-        slowest = {k: max(s.get(k, 0.0) for s in stages) for k in names}
-        print(f"  K={workers}: slowest node's stages {json.dumps(slowest)}", file=sys.stderr)
-        return elapsed
+        return out
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -377,22 +400,51 @@ def local_main(args: argparse.Namespace) -> None:
     width = 1024
     layers = max(1, args.size_mb * 1_000_000 // (width * width * 4))
     model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
-    release = build_release(compile_model(model, [torch.randn(2, width)]), "bench", "v", codec="lz4")
+    example = [torch.randn(2, width)]
+    release = build_release(compile_model(model, example), "bench", "v", codec="lz4")
+    with torch.no_grad():
+        model[-1].weight.add_(1e-3)  # a fine-tune of the last layer: same code, new weights
+    update = build_release(compile_model(model, example), "bench", "v2", codec="lz4")
     archive = release.archive()
     print(f"model: {layers} x Linear({width}, {width}), archive {len(archive) / 1e6:.0f} MB", file=sys.stderr)
-    results = []
+    rows = []
     for _ in range(args.repeat):
-        seed = seed_serial(archive, bytes(release.manifest_bytes), args.nodes)
-        k1 = local_rollout(release, args.nodes, 1)
-        k2 = local_rollout(release, args.nodes, 2)
-        results.append((seed, k1, k2))
-        print(f"  seed {seed:.2f}s, K=1 {k1:.2f}s, K=2 {k2:.2f}s", file=sys.stderr)
+        seed, seed_cpu = seed_serial(archive, bytes(release.manifest_bytes), args.nodes)
+        k1 = local_rollout(release, update, args.nodes, 1)
+        k2 = local_rollout(release, update, args.nodes, 2)
+        rows.append({"seed_s": seed, "seed_cpu_s": seed_cpu, "k1": k1, "k2": k2})
+        print(f"  seed {seed:.2f}s ({seed_cpu:.2f} CPU-s a node), K=1 {k1}, K=2 {k2}", file=sys.stderr)
+
+    def ratio(a: float | None, b: float | None) -> str:
+        return f"{a / b:.2f}x" if a is not None and b else "-"
+
+    def sec(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
     print(f"\n{args.nodes} local nodes, {len(archive) / 1e6:.0f} MB model, {platform.node()}, "
-          f"{os.cpu_count()} CPUs (publish -> every node serving; the seed: serial TCP, load from memory)\n")
-    print("| run | seed serial TCP (s) | K=1 (s) | K=1 / seed | K=2 (s) | K=2 / seed |")
-    print("|---|---|---|---|---|---|")
-    for i, (seed, k1, k2) in enumerate(results, 1):
-        print(f"| {i} | {seed:.2f} | {k1:.2f} | {k1 / seed:.2f}x | {k2:.2f} | {k2 / seed:.2f}x |")
+          f"{os.cpu_count()} CPUs (publish -> every node serving; the seed: serial TCP, load from memory; "
+          f"update: the same code, last layer changed, built and published the ordinary way)\n")
+    print("| run | seed (s) | K=1 first (s) | /seed | K=2 first (s) | /seed | K=1 update (s) | /seed "
+          "| K=2 update (s) | /seed |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for i, r in enumerate(rows, 1):
+        k1, k2, seed = r["k1"], r["k2"], r["seed_s"]
+        print(f"| {i} | {seed:.2f} | {sec(k1['first_s'])} | {ratio(k1['first_s'], seed)} "
+              f"| {sec(k2['first_s'])} | {ratio(k2['first_s'], seed)} | {sec(k1['update_s'])} "
+              f"| {ratio(k1['update_s'], seed)} "
+              f"| {sec(k2['update_s'])} | {ratio(k2['update_s'], seed)} |")
+    print("\nCPU seconds a node spent taking the first release, against the seed's client "
+          "(torch.jit.load from memory + its example; torch's import left out of both)\n")
+    print("| run | seed client | K=1 node | /seed | K=2 node | /seed | K=1 update | K=2 update |")
+    print("|---|---|---|---|---|---|---|---|")
+    for i, r in enumerate(rows, 1):
+        k1, k2, c = r["k1"], r["k2"], r["seed_cpu_s"]
+        print(f"| {i} | {c:.2f} | {sec(k1['first_node_cpu_s'])} | {ratio(k1['first_node_cpu_s'], c)} "
+              f"| {sec(k2['first_node_cpu_s'])} | {ratio(k2['first_node_cpu_s'], c)} "
+              f"| {sec(k1['update_node_cpu_s'])} | {sec(k2['update_node_cpu_s'])} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f)
 
 
 def main() -> None:
@@ -410,6 +462,7 @@ def main() -> None:
     ap.add_argument("--local", action="store_true")
     ap.add_argument("--nodes", type=int, default=8)
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--json", help="write the --local numbers here (for bench_against.py)")
     args = ap.parse_args()
     if args.role == "sub":
         role_sub(args.hub, args.node)

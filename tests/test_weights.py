@@ -327,9 +327,10 @@ with Client(addr, timeout=30, retries=0) as c:
 def test_a_weight_only_swap_with_one_worker_stalls_no_request(tmp_path) -> None:
     """K=1, ~96 MiB of weights: the worker answered nobody while it applied (0.13-0.19 s), so
     the worst request of a swap waited 11-16x the steady p99. It now serves on from the
-    current module while the new weights go into a spare one, and swaps by reference. The
-    benchmark holds the 3x target; here, with margin for a busy machine, 6x p99 + 50 ms (the
-    landed code: 116 ms).
+    current module while the new weights go into a spare one, and swaps by reference: asserted
+    as answers during each apply (the landed code gives none: its worst request waited 116 ms
+    at a steady p99 of 1.3 ms; this code's 18-26 ms on an idle machine). Latency targets are
+    the benchmark's (bench_updates.py), not this test's.
     The node is a ``zmqmodels serve`` process and the client another (neither shares a GIL
     with the publisher)."""
     import os
@@ -359,7 +360,7 @@ def test_a_weight_only_swap_with_one_worker_stalls_no_request(tmp_path) -> None:
             client = subprocess.Popen([sys.executable, "-c", _CLIENT, address, "120"], text=True,
                                       stdout=log, cwd=ROOT, env=env)
             time.sleep(5.0)  # the steady part
-            windows, hows = [], []
+            windows, hows, taking = [], [], []
             for scale in (2.0, 3.0, 4.0):
                 done = HubClient(hub.address).publish_weights("probe", {"scale": torch.full((4,), scale)})
                 t0 = time.monotonic()  # stored: the node's part (the publisher's CPU is not timed)
@@ -368,6 +369,7 @@ def test_a_weight_only_swap_with_one_worker_stalls_no_request(tmp_path) -> None:
                                and x.stages_seq == s and x, 60, interval=0.01, what="the update served")
                 windows.append((t0, time.monotonic()))
                 hows.append(sorted(k for k in r.stages if k in ("apply", "load")))
+                taking.append((seq, r.stages.get("apply", 0.0) + r.stages.get("check", 0.0)))
                 time.sleep(1.0)
         finally:
             if client is not None:
@@ -384,5 +386,10 @@ def test_a_weight_only_swap_with_one_worker_stalls_no_request(tmp_path) -> None:
     print(f"steady p99 {p99 * 1e3:.2f} ms over {len(steady)}; worst during swaps "
           f"{max(during) * 1e3:.2f} ms of {len(during)}; {hows}")
     assert hows == [["apply"]] * 3
+    # while the worker applied each update (the node's own apply + check time, ending at the
+    # first answer of the new version), requests kept being answered by the old one
+    for seq, took in taking:
+        swapped = min(t + d for t, d, s in rows if s == seq)
+        answered = [t + d for t, d, s in rows if s < seq and swapped - 0.8 * took <= t + d <= swapped - 0.002]
+        assert answered, f"no request answered during the {took * 1e3:.0f} ms the worker took seq {seq}"
     assert len(during) > 10
-    assert max(during) <= 6 * p99 + 0.050

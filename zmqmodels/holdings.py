@@ -8,7 +8,7 @@ requests with the serving one, then swapped in by reference between two requests
 (:meth:`Holdings.load` returns :class:`~zmqmodels.protocol.Applying`): no request waits for
 it, even on a node with one worker, and the serving module is never copied or written. A CPU
 worker's spare is the module the last swap replaced, its tensors aliased to the serving ones
-(no bytes of its own) and re-pointed at the new release's shared copy; a GPU worker copies
+(no bytes of its own) and re-pointed at the new release's cache file; a GPU worker copies
 the serving module for each update, as it keeps no host copy to map.
 """
 
@@ -26,7 +26,6 @@ import torch
 from . import protocol as P
 from .cache import Cache
 from .errors import IntegrityError, ZmqModelsError
-from .host import shared_name
 from .loader import alias_tensors, apply_weights, load_release, share_weights, spare_of
 from .release import decode_manifest
 from .slot import Loaded, ModelSlot
@@ -37,16 +36,17 @@ log = logging.getLogger("zmqmodels.worker")
 
 
 class Holdings:
-    """The models of worker ``worker_id`` on ``device``, taken from ``cache``; ``shared``: the
-    node's run dir of shared copies its CPU workers map ("" for none)."""
+    """The models of worker ``worker_id`` on ``device``, taken from ``cache``; ``map_cache``:
+    point the weights at a mapping of the verified cache file (CPU workers: the node's K
+    workers then share one copy, the page cache's)."""
 
     def __init__(self, worker_id: str, device: str, models: Collection[str], cache: Cache,
-                 shared: str = "") -> None:
-        self.worker_id, self.device, self.cache, self.shared = worker_id, device, cache, shared
+                 map_cache: bool = False) -> None:
+        self.worker_id, self.device, self.cache, self.map_cache = worker_id, device, cache, map_cache
         self.slots = {name: ModelSlot() for name in models}
         self.errors: dict[str, P.Unusable] = {}  # cached releases it could not use
-        # per model: the module the last swap replaced, kept (CPU workers mapping the shared
-        # copy only: it then costs no memory of its own) to take the next weights-only update,
+        # per model: the module the last swap replaced, kept (CPU workers mapping the cache
+        # file only: it then costs no memory of its own) to take the next weights-only update,
         # so no module is copied and the serving one is never written
         self.spares: dict[str, Loaded] = {}
         # (code digest, claim) -> (rows it may join, why not): the batch claim checked on this
@@ -134,9 +134,9 @@ class Holdings:
 
     def _swapped(self, name: str, loaded: Loaded, cpu_s: float) -> P.LoadResult:
         old = self.slots[name].swap(loaded)
-        if self.shared and old is not None and old.code == loaded.code and loaded.shared_bytes:
+        if self.map_cache and old is not None and old.code == loaded.code and loaded.shared_bytes:
             alias_tensors(old.module, loaded.module)  # idle now: it keeps no weights of its own
-            self.spares[name] = old  # the next update points it at its shared copy
+            self.spares[name] = old  # the next update points it at its cache file
         else:
             self.spares.pop(name, None)
         m = loaded.manifest
@@ -149,7 +149,7 @@ class Holdings:
         """New weights into the spare module (or a copy of the serving one), else a full load."""
         spare = self.spares.pop(m.name, None)
         into = spare.module if spare is not None and spare.code == previous.code else None
-        shared = Path(self.shared) / shared_name(m.name, m.seq) if self.shared else None
+        shared = self.cache.path(m.name, m.seq) if self.map_cache else None
         loaded = apply_weights(previous, m, path, into=into, shared=shared,
                                batch_known=self._batch_checked.get((previous.code, m.batch)))
         if loaded is None:
@@ -166,10 +166,10 @@ class Holdings:
         return loaded
 
     def _share(self, loaded: Loaded) -> Loaded:
-        """Map the weights of ``loaded`` from the node's shared copy, if it has one."""
-        if self.shared:
+        """Map the weights of ``loaded`` from its verified cache file (CPU workers)."""
+        if self.map_cache:
             m = loaded.manifest
-            shared = share_weights(loaded, Path(self.shared) / shared_name(m.name, m.seq))
+            shared = share_weights(loaded, self.cache.path(m.name, m.seq))
             return dataclasses.replace(loaded, shared_bytes=shared)
         return loaded
 

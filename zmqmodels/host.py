@@ -19,8 +19,8 @@ from typing import Any
 
 from .errors import ZmqModelsError
 
-__all__ = ["check_devices", "make_run_dir", "remove_dead_run_dirs", "SharedCopies", "shared_name",
-           "RUN_DIR_PREFIX", "STARTING_GRACE_S", "WorkerProcesses"]
+__all__ = ["check_devices", "make_run_dir", "remove_dead_run_dirs", "RUN_DIR_PREFIX", "STARTING_GRACE_S",
+           "WorkerProcesses"]
 
 log = logging.getLogger("zmqmodels.node")
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
@@ -103,63 +103,6 @@ def remove_dead_run_dirs(tmp: str = "/tmp", now: float | None = None) -> list[st
         except OSError:
             continue  # in use, not ours, or no lock file (not a node's)
     return gone
-
-
-def shared_name(name: str, seq: int) -> str:
-    return f"{name}-{seq}.pt"
-
-
-class SharedCopies:
-    """A node's run directory in shared memory (/dev/shm) holding one copy of each archive
-    its CPU workers map (:func:`zmqmodels.loader.share_weights`): one copy per node, not one
-    per worker. GPU workers copy to their device and keep no host copy, so a GPU node has none."""
-
-    def __init__(self, devices: Sequence[str]) -> None:
-        """``dir`` is "" where no worker would use it or there is no /dev/shm to write."""
-        self.dir, self._lock = "", None
-        if all(d.startswith("cpu") for d in devices) and os.access("/dev/shm", os.W_OK):
-            try:
-                self.dir, self._lock = make_run_dir("/dev/shm")
-            except OSError:
-                pass
-
-    def write(self, m: Any, archive: Any, keep: int = 2) -> tuple[float, float] | None:
-        """Write the verified archive of manifest ``m`` (bytes, or the path of a verified
-        file; write, then rename: a worker never maps half a file) and
-        remove all but the newest ``keep`` of ``name`` (a worker mapping one keeps its pages
-        until it lets go). Returns the (wall, this thread's CPU) seconds it took; None if it
-        could not be written (a full /dev/shm): workers then keep private copies, as before."""
-        if not self.dir or not m.tensors:
-            return None  # a release without tensor descriptors is never mapped
-        t0, c0 = time.monotonic(), time.thread_time()
-        name, seq = m.name, m.seq
-        path = Path(self.dir) / shared_name(name, seq)
-        tmp = path.with_suffix(".tmp")
-        try:
-            if isinstance(archive, Path):
-                shutil.copyfile(archive, tmp)
-            else:
-                with open(tmp, "wb") as f:
-                    f.write(archive)
-            os.replace(tmp, path)
-        except OSError as exc:
-            log.warning("shared copy of %s seq %d not written (%s): workers load private copies",
-                        name, seq, exc.strerror or exc)
-            tmp.unlink(missing_ok=True)
-            return None
-        held = []
-        for p in Path(self.dir).glob(f"{name}-*.pt"):
-            stem, _, n = p.stem.rpartition("-")
-            if stem == name and n.isdigit():
-                held.append((int(n), p))
-        for _, old in sorted(held)[:-keep]:
-            old.unlink(missing_ok=True)
-        return time.monotonic() - t0, time.thread_time() - c0
-
-    def close(self) -> None:
-        if self._lock is not None:
-            shutil.rmtree(self.dir, ignore_errors=True)
-            self._lock.close()
 
 
 class WorkerProcesses:

@@ -81,12 +81,12 @@ def apply_weights(previous: Loaded, manifest: Manifest, path: str | os.PathLike[
     """``path`` holds the same code as ``previous`` (same module tree, dtypes, shapes), only
     other tensor bytes: put them into a module of that code, without ``torch.jit.load``, then
     check and warm it up as a load would. The serving module is never written. ``shared``
-    (the node's shared copy of ``path``, CPU only): the module's tensors are pointed at its
-    mapping, each checked against its descriptor, instead of copying bytes; ``into`` (an idle
-    spare module of that code whose tensors may alias the serving ones) is then the module,
-    so nothing is copied at all. Otherwise the module is a copy of ``previous``'s. None if the code
-    differs or the archive has a data tensor that is not a parameter or buffer (a full load is
-    needed)."""
+    (a file with ``path``'s verified bytes, or ``path`` itself; CPU only): the module's
+    tensors are pointed at its mapping, each checked against its descriptor, instead of
+    copying bytes; ``into`` (an idle spare module of that code whose tensors may alias the
+    serving ones) is then the module, so nothing is copied at all. Otherwise the module is a
+    copy of ``previous``'s. None if the code differs or the archive has a data tensor that is
+    not a parameter or buffer (a full load is needed)."""
     import copy
     import zipfile
 
@@ -104,7 +104,7 @@ def apply_weights(previous: Loaded, manifest: Manifest, path: str | os.PathLike[
         if storages(path) != {t.storage for t in table}:
             return None  # data no parameter or buffer holds: only a load puts it where it belongs
         # a spare's tensors may alias the serving module's: it is only ever re-pointed at the
-        # new shared copy, never written into
+        # new mapping, never written into
         mapped = into is not None and shared is not None and previous.device.startswith("cpu") and \
             map_shared(into, manifest, shared) > 0
         module = into if mapped else copy.deepcopy(previous.module)
@@ -120,7 +120,7 @@ def apply_weights(previous: Loaded, manifest: Manifest, path: str | os.PathLike[
                 if target is None or tuple(target.shape) != t.shape:
                     return None
                 if mapped:
-                    continue  # its bytes are the shared copy's, checked against the descriptor
+                    continue  # its bytes are the mapping's, checked against the descriptor
                 start = data_offset(mm, z.getinfo(t.storage))
                 src = torch.frombuffer(mm, dtype=torch_dtype(t.dtype), count=t.numel,
                                        offset=start + t.offset * (t.nbytes // max(t.numel, 1)))
@@ -138,9 +138,9 @@ def manifest_bytes(manifest: Manifest) -> int:
 
 
 def share_weights(loaded: Loaded, path: str | os.PathLike[str]) -> int:
-    """Point the parameters and buffers of ``loaded`` (a CPU module) at ``path``, the node's
-    shared copy of the same archive, mapped copy-on-write: the node's K workers then hold one
-    copy of the weights between them (the page cache's), not K. Every tensor's bytes are
+    """Point the parameters and buffers of ``loaded`` (a CPU module) at ``path``, the verified
+    archive in the node's cache, mapped copy-on-write: the node's K workers then hold one copy
+    of the weights between them (the page cache's), not K. Every tensor's bytes are
     checked against the manifest's descriptor first; any mismatch leaves the module as it
     was. Returns the bytes now shared (0: nothing changed)."""
     if not loaded.device.startswith("cpu"):

@@ -157,10 +157,9 @@ class NodeMetrics(Collector):
         yield _counter("zmqmodels_worker_restarts", "Worker processes restarted", [],
                        {(): stats.get("worker_restarts", 0)})
         yield _counter("zmqmodels_release_cpu_seconds", "CPU spent taking releases in, by stage (the "
-                       "front's receiving, cache-writing and shared-copy threads; the workers' loads)",
+                       "front's receiving and cache-writing threads; the workers' loads)",
                        ["stage"], {("receive",): sub.get("cpu_receive_s", 0.0),
                                    ("cache_write",): sub.get("cpu_cache_write_s", 0.0),
-                                   ("share",): stats.get("cpu_share_s", 0.0),
                                    ("workers",): stats.get("cpu_workers_s", 0.0)})
         yield _counter("zmqmodels_bytes_reused", "Archive bytes taken from a release held here (deltas)", [],
                        {(): sub.get("bytes_reused", 0)})

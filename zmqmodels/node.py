@@ -7,7 +7,7 @@ back-off). Its one I/O thread owns a ROUTER for clients (plain ZeroMQ REQ) and a
 its workers (DEALER, over ipc), feeds the cores what arrives and carries out what they return.
 
 Its :class:`~zmqmodels.follower.Follower` receives each release once per node, verifies it,
-writes it into the cache and one shared copy (/dev/shm) that CPU workers map; the broker then
+writes it into the cache, whose file CPU workers map (one copy per node); the broker then
 **rolls** it through the workers one at a time (``LOAD`` -> load or weight-only apply, check,
 warm-up, swap -> ``LOADED``). A loading worker serves nobody, so with two or more workers no
 request waits for a load; with one, requests queue (bounded), or with ``unload-first`` get a
@@ -41,7 +41,7 @@ from .exporter import MetricsServer
 from .follower import Follower
 from .front import MODELS, Refusal, admit, describe, replies, work_frames
 from .health import hub_down, node_health
-from .host import SharedCopies, WorkerProcesses, check_devices, make_run_dir
+from .host import WorkerProcesses, check_devices, make_run_dir
 from .ioloop import IOThread, LoopState
 from .protocol import ModelState
 from .release import Manifest, validate_name
@@ -131,7 +131,9 @@ class Node(IOThread):
                                      request_timeout_s=request_timeout_s,
                                      load_timeout_s=load_timeout_s)
         self._dir, self._dir_lock = make_run_dir()
-        self._shared = SharedCopies(list(self._devices.values()))  # what CPU workers map
+        # CPU workers map their weights from the verified cache file: one copy per node (the
+        # page cache's), not one per worker; GPU workers copy theirs to the device
+        self._map_cache = all(d.startswith("cpu") for d in self._devices.values())
         self._backend_addr = f"ipc://{self._dir}/workers"
         self._sub: Follower | None = None
         self.hub_unreachable_s = hub_unreachable_s
@@ -158,7 +160,6 @@ class Node(IOThread):
                 found = self.cache.latest(name, trust=self.trust, exclude={found[0].seq})
             if found is not None:
                 known[name] = found[0].seq
-                self._shared.write(found[0], self.cache.path(name, found[0].seq))  # loaded first
         self._started_at = time.monotonic()
         try:
             super().start(timeout)  # workers are spawned (and respawned) by the I/O thread alone
@@ -208,7 +209,6 @@ class Node(IOThread):
         self._procs.stop()
         shutil.rmtree(self._dir, ignore_errors=True)
         self._dir_lock.close()
-        self._shared.close()
         self.cache.unlock()
         self._server_ctx.close()
 
@@ -239,10 +239,6 @@ class Node(IOThread):
     def _on_release(self, m: Manifest, archive: Any) -> None:
         """Subscriber delivery thread: the verified archive is in the cache; roll it out."""
         target = Target(m.name, m.seq, str(self.cache.path(m.name, m.seq)), m.label)
-        took = self._shared.write(m, archive)  # (wall, CPU) seconds, None if not written
-        if took is not None and self._sub is not None:
-            self.stats["cpu_share_s"] += took[1]
-            self._sub.stage(m.name, m.seq, share=took[0], share_cpu=took[1])
 
         def roll() -> None:
             now = time.monotonic()
@@ -297,7 +293,7 @@ class Node(IOThread):
 
     def _spawn(self, wid: str, now: float) -> None:
         args = worker_command(self._backend_addr, wid, self._devices[wid], str(self.cache.root),
-                              self._threads_per_worker, self.models, os.getpid(), self._shared.dir)
+                              self._threads_per_worker, self.models, os.getpid(), self._map_cache)
         self._procs.spawn(wid, args)
         self.supervisor.spawned(wid, now)
 

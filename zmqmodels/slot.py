@@ -29,7 +29,7 @@ class Loaded:
     signature: tuple[tuple[Any, int, str, tuple[int, ...]], ...] = ()
     code: str = ""  # the archive's code digest (archive.code_digest): same code, new weights
     how: str = "load"  # "load" (torch.jit.load) or "apply" (new tensors into the old code)
-    shared_bytes: int = 0  # weight bytes mapped from the node's shared copy (loader.share_weights)
+    shared_bytes: int = 0  # weight bytes mapped from the node's cache file (loader.share_weights)
     batch: int = 1  # the most rows joined in one forward (the manifest's claim, checked here)
     batch_note: str = ""  # why it joins fewer than the manifest claims
 

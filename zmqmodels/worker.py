@@ -37,12 +37,12 @@ APPLY_POLL_MS = 5  # how often a worker applying new weights in the background l
 
 class Worker:
     def __init__(self, backend: str, worker_id: str, device: str, models: list[str], cache: str,
-                 parent: int = 0, shared: str = "") -> None:
+                 parent: int = 0, map_cache: bool = False) -> None:
         self.parent = parent
         self.backend = backend
         self.worker_id = worker_id
         self.device = device
-        self.held = Holdings(worker_id, device, models, Cache(cache), shared)
+        self.held = Holdings(worker_id, device, models, Cache(cache), map_cache)
         self._pinned: dict[int, Any] = {}  # per input position: a pinned staging buffer (GPU)
 
     def _admit(self, req: P.InferRequest, tensors: list[Any]) -> tuple[Loaded, tuple[Any, ...]]:
@@ -276,8 +276,8 @@ def model_error_line(exc: BaseException) -> str:
 
 
 def run(backend: str, worker_id: str, device: str, models: list[str], cache: str, threads: int,
-        parent: int, shared: str = "") -> None:
+        parent: int, map_cache: bool = False) -> None:
     """Serve until stopped (started by :mod:`zmqmodels.worker_boot`)."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {worker_id} %(message)s")
     torch.set_num_threads(threads)
-    Worker(backend, worker_id, device, models, cache, parent=parent, shared=shared).run()
+    Worker(backend, worker_id, device, models, cache, parent=parent, map_cache=map_cache).run()

@@ -17,12 +17,12 @@ __all__ = ["command", "die_with_parent", "main"]
 
 
 def command(backend: str, wid: str, device: str, cache: str, threads: int, models: list[str],
-            parent: int, shared: str = "") -> list[str]:
+            parent: int, map_cache: bool = False) -> list[str]:
     """The command line a node starts a worker with."""
     args = [sys.executable, "-m", "zmqmodels.worker_boot", "--backend", backend, "--id", wid,
             "--device", device, "--cache", cache, "--threads", str(threads), "--parent", str(parent)]
-    if shared:
-        args += ["--shared", shared]
+    if map_cache:
+        args.append("--map-cache")
     for m in models:
         args += ["--model", m]
     return args
@@ -53,14 +53,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", action="append", required=True)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--parent", type=int, default=0, help="the node's pid: exit when it is gone")
-    ap.add_argument("--shared", default="", help="the node's directory of shared archive copies")
+    ap.add_argument("--map-cache", action="store_true",
+                    help="map the weights from the verified cache file (one copy per node)")
     args = ap.parse_args(argv)
     die_with_parent(args.parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front stops us; Ctrl-C goes to it
     from .worker import run  # torch: only now
 
     run(args.backend, args.id, args.device, args.model, args.cache, args.threads, args.parent,
-        args.shared)
+        args.map_cache)
 
 
 if __name__ == "__main__":

@@ -55,16 +55,16 @@ def rollout_text(w: Any) -> str:
     return line
 
 
-_STAGE_NAMES = (("receive", "recv"), ("cache_write", "write"), ("share", "share"), ("load", "load"),
-                ("apply", "apply"), ("check", "check"), ("roll", "roll"))
+_STAGE_NAMES = (("receive", "recv"), ("cache_write", "write"), ("load", "load"), ("apply", "apply"),
+                ("check", "check"), ("roll", "roll"))
 
 
-CPU_STAGES = ("receive_cpu", "cache_write_cpu", "share_cpu", "workers_cpu")
+CPU_STAGES = ("receive_cpu", "cache_write_cpu", "workers_cpu")
 
 
 def release_cpu(stages: dict[str, float]) -> float | None:
-    """CPU seconds a node spent taking a release: its front's receiving, cache-writing and
-    shared-copy threads and its workers' loads (None: the node measured none)."""
+    """CPU seconds a node spent taking a release: its front's receiving and cache-writing
+    threads and its workers' loads (None: the node measured none)."""
     found = [stages[k] for k in CPU_STAGES if k in stages]
     return sum(found) if found else None
 
