@@ -79,7 +79,7 @@ MAX_REQUEST_TENSORS = 64
 NODE_QUEUE_MAX = 1024  # requests a node holds while no worker is free
 NODE_QUEUE_TIMEOUT_S = 10.0  # a queued request gets `unavailable` after this
 PROOF_SHARE = 0.2  # the batching proof's budget: this share of compile + parity (publish)
-PROOF_MIN_S = 0.05  # ... but never less: a model compiled in 0.1 s still gets a proof
+PROOF_MIN_S = 0.25  # ... but never less: a model compiled in 0.1 s still gets a proof
 PROOF_MAX_BATCH = 64  # the largest batch publish proves a model batch-invariant on
 MAX_BATCH = 32  # rows a node joins into one forward (of a release proven batchable); 1 = off
 BATCH_DELAY_S = 0.0002  # the longest a request waits for others to join it (only under load)
