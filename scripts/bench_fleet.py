@@ -393,7 +393,10 @@ def local_rollout(release, update, n: int, workers: int) -> dict[str, float | No
 def local_main(args: argparse.Namespace) -> None:
     import torch
 
-    from zmqmodels.build import build_release
+    try:
+        from zmqmodels.build import build_release
+    except ImportError:  # a baseline from before build.py held it (bench_against.py --driver this)
+        from zmqmodels.release import build_release  # type: ignore[attr-defined,no-redef]
     from zmqmodels.compile import compile_model
 
     torch.manual_seed(0)
