@@ -393,3 +393,46 @@ def test_a_weight_only_swap_with_one_worker_stalls_no_request(tmp_path) -> None:
         answered = [t + d for t, d, s in rows if s < seq and swapped - 0.8 * took <= t + d <= swapped - 0.002]
         assert answered, f"no request answered during the {took * 1e3:.0f} ms the worker took seq {seq}"
     assert len(during) > 10
+
+
+def test_a_worker_applies_new_weights_into_a_spare_and_never_writes_the_serving_module(tmp_path) -> None:
+    """Holdings, as a worker drives it: after a load of new code, a weights-only update is
+    announced (APPLYING), made in the background into a spare of that code mapped from the
+    cache file, and swapped in; the module that served meanwhile kept its weights."""
+    import msgspec
+
+    from zmqmodels import protocol as P
+    from zmqmodels.cache import Cache
+    from zmqmodels.holdings import Holdings
+
+    cache = Cache(tmp_path / "cache")
+
+    def cached(model, seq: int) -> None:
+        r = build_release(compile_model(model, [(torch.randn(2, 8),)]), "m", f"v{seq}", codec="none")
+        cache.put(msgspec.structs.replace(r.manifest, seq=seq), r.archive())
+
+    torch.manual_seed(0)
+    first, second = torch.nn.Linear(8, 4).eval(), torch.nn.Sequential(torch.nn.Linear(8, 4)).eval()
+    cached(first, 1)
+    held = Holdings("w", "cpu", ["m"], cache, map_cache=True)
+    held.load_cached()
+    cached(second, 2)  # new code: a load
+    loaded = held.load(P.LoadCommand("m", 2, str(cache.path("m", 2))))
+    assert isinstance(loaded, P.LoadResult) and loaded.ok and loaded.how == "load"
+    serving = held.slots["m"].current()
+    assert held.spares["m"].code == serving.code  # ready for an update: no module will be copied
+    before = serving.module(torch.ones(1, 8)).clone()
+    with torch.no_grad():
+        second[0].weight.mul_(-3.0)
+    cached(second, 3)  # the same code, new weights
+    assert isinstance(held.load(P.LoadCommand("m", 3, str(cache.path("m", 3)))), P.Applying)
+    assert held.slots["m"].current() is serving  # it serves on while the update is made
+    wait_until(held.apply_done, 60, what="the update made in the background")
+    assert torch.equal(serving.module(torch.ones(1, 8)), before)  # the serving module: untouched
+    done = held.finish_apply()  # the swap
+    assert done.ok and done.how == "apply" and done.shared_bytes > 0 and done.cpu_s > 0
+    now = held.slots["m"].current()
+    assert now is not serving and now.module is not serving.module
+    x = torch.randn(3, 8)
+    assert torch.allclose(now.module(x), second(x))
+    assert held.spares["m"] is serving  # the replaced one, idle, takes the next update

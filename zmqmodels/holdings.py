@@ -134,11 +134,12 @@ class Holdings:
 
     def _swapped(self, name: str, loaded: Loaded, cpu_s: float) -> P.LoadResult:
         old = self.slots[name].swap(loaded)
+        spare = self.spares.get(name)
+        if spare is not None and spare.code != loaded.code:
+            del self.spares[name]  # of the code replaced: no update will fit it
         if self.map_cache and old is not None and old.code == loaded.code and loaded.shared_bytes:
             alias_tensors(old.module, loaded.module)  # idle now: it keeps no weights of its own
             self.spares[name] = old  # the next update points it at its cache file
-        else:
-            self.spares.pop(name, None)
         m = loaded.manifest
         return P.LoadResult(self.worker_id, name, m.seq, m.label, True, "",
                             round(loaded.load_s, 4), round(loaded.check_s, 4), how=loaded.how,
