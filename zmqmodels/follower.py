@@ -321,6 +321,9 @@ class Follower(IOThread):
     # -- delivery thread ---------------------------------------------------------------------
     def _deliver(self) -> None:
         lower_thread_priority(self._nice)
+        # blosc2's import costs ~0.4 CPU-s: made now, while the node starts, never on the path
+        # of its first release (a chunk arriving first waits on the import lock, no more)
+        import blosc2  # noqa: F401
         while not self._stop.is_set():
             with self._mail_cond:
                 while not self._mailbox and not self._stop.is_set():
