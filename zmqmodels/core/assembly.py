@@ -202,7 +202,7 @@ class Assembler:
         if m.chunk_raw_xxh3 and self._base is not None:
             with self._base(m.name) as base:  # the archive this node holds, if any
                 if base is not None:
-                    reused = asm.reuse(base)
+                    reused = asm.reuse(base, reopen=lambda: self._base(m.name))  # type: ignore[misc]
                     self.stats["bytes_reused"] += reused
                     self.stats["chunks_reused"] += m.chunk_count - len(asm.missing)
         out: list[Action] = []

@@ -1,6 +1,7 @@
 """One archive being received into one buffer (a node's side of the intake): chunks are
-decompressed into their span, spans a held archive already has are copied from it (deltas),
-and the archive's sha256 runs over the in-order prefix as chunks land."""
+decompressed into their span, spans a held archive already has are copied from it (deltas;
+only those: a patch's base span is read when the patch comes), and the archive's sha256 runs
+over the in-order prefix as chunks land."""
 
 from __future__ import annotations
 
@@ -29,34 +30,40 @@ class Assembly(Incoming):
     receive_s: float = 0.0  # manifest -> last chunk in and hashed
     cpu_s: float = 0.0  # CPU the receiving thread spent on it (decompress, digests, copies)
     store_failures: int = 0  # failed cache writes of it (the host kept it to write again)
-    # chunk -> XXH3-64 of the held archive's span copied there (other bytes than the manifest
+    # chunk -> XXH3-64 of the held archive's span at that place (other bytes than the manifest
     # says): a PATCH against exactly that span turns it into the new chunk (patch.py)
     prefilled: dict[int, int] = field(default_factory=dict)
+    # reopens the held archive (a context manager giving its bytes, or None): a patch's base
+    # span is read from there when, and only if, a patch comes
+    reopen: Callable[[], Any] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.view = memoryview(self.buf)
         self.sha = hashlib.sha256()
 
-    def reuse(self, base: Any) -> int:
+    def reuse(self, base: Any, reopen: Callable[[], Any] | None = None) -> int:
         """Take every chunk whose span of ``base`` (an archive this node holds) has the digest
         the manifest gives (``chunk_raw_xxh3``) from there instead of the network: copied, so
-        the archive sha256 still covers what is served. Other spans of ``base`` are copied too,
-        as bases for patches (:attr:`prefilled`). Returns the bytes reused."""
+        the archive sha256 still covers what is served. Each span is hashed where it lies and
+        only reused spans are copied; the digests of the others are kept (:attr:`prefilled`) as
+        bases for patches, whose spans ``reopen`` reads again if a patch comes. Returns the
+        bytes reused."""
         m, base = self.manifest, memoryview(base).cast("B")
         reused = 0
         for i, want in enumerate(m.chunk_raw_xxh3):
             start, length = m.chunk_span(i)
             if i in self.missing and start + length <= len(base):
                 span = base[start:start + length]
-                self.view[start:start + length] = span
                 digest = xxhash.xxh3_64_intdigest(span)
                 if digest == want:
+                    self.view[start:start + length] = span
                     self.missing.discard(i)
                     reused += length
                 else:
                     self.prefilled[i] = digest
         base.release()
+        self.reopen = reopen
         self.hash_prefix()
         return reused
 
@@ -74,9 +81,15 @@ class Assembly(Incoming):
         the manifest's digest (the span is then garbage until the chunk is fetched)."""
         m = self.manifest
         start, length = m.chunk_span(index)
-        if self.prefilled.pop(index, None) is None:
+        if self.prefilled.pop(index, None) is None or self.reopen is None:
             raise IntegrityError(f"patch of chunk {index}: no base span here")
         span = self.view[start:start + length]
+        with self.reopen() as base:  # the held archive again (a changed one fails the digest below)
+            held = memoryview(base).cast("B") if base is not None else None
+            if held is None or len(held) < start + length:
+                raise IntegrityError(f"patch of chunk {index}: the archive it was made against is gone")
+            span[:] = held[start:start + length]
+            held.release()
         apply_patch(span, payload)
         if xxhash.xxh3_64_intdigest(span) != m.chunk_raw_xxh3[index]:
             raise IntegrityError(f"patch of chunk {index} of {m.name} seq {m.seq}: the result does not "
