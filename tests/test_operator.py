@@ -211,16 +211,26 @@ def test_cache_damaged_after_start_is_never_served_and_is_fetched_again(hub, tmp
         node.close()
 
 
-def test_full_cache_reports_error_keeps_serving_and_recovers(hub, tmp_path, small_fs, probe) -> None:
-    """Milestone 1: with the cache full, status said `rejected seq 2` (cut at 60 characters,
-    hiding "No space left on device") while the node served seq 1, and nothing retried."""
+def _serving_then_too_big(hub, small_fs, probe):
+    """A node on the 8 MiB tmpfs serving ``probe``, then a 16 MiB release it cannot cache:
+    ``(node, first, second)``."""
     node = Node(hub.address, ["probe"], "tcp://127.0.0.1:0", workers=1, cache=small_fs / "cache").start()
     try:
         first = hub.publish(probe)
         assert hub.wait_for("probe", first.seq, 1, 60)[0]
         big = build_release(compile_model(Probe(3.0, ballast_mb=16), probe_examples()), "probe", "big",
                             codec="none")
-        second = hub.publish(big)
+        return node, first, hub.publish(big)
+    except BaseException:
+        node.close()
+        raise
+
+
+def test_full_cache_reports_error_keeps_serving_and_recovers(hub, tmp_path, small_fs, probe) -> None:
+    """Milestone 1: with the cache full, status said `rejected seq 2` (cut at 60 characters,
+    hiding "No space left on device") while the node served seq 1, and nothing retried."""
+    node, first, second = _serving_then_too_big(hub, small_fs, probe)
+    try:
         row = wait_until(lambda: next((n for n in hub.status().nodes if n.state == "error"), None), 30,
                          what="the node reporting error")
         assert row.seq == second.seq and "No space left on device" in row.reason, row
@@ -240,14 +250,8 @@ def test_a_full_cache_given_room_is_written_within_seconds_not_after_its_back_of
     second while a write waits, and writes as soon as the release fits."""
     import re
 
-    node = Node(hub.address, ["probe"], "tcp://127.0.0.1:0", workers=1, cache=small_fs / "cache").start()
+    node, _, second = _serving_then_too_big(hub, small_fs, probe)
     try:
-        first = hub.publish(probe)
-        assert hub.wait_for("probe", first.seq, 1, 60)[0]
-        big = build_release(compile_model(Probe(3.0, ballast_mb=16), probe_examples()), "probe", "big",
-                            codec="none")
-        second = hub.publish(big)
-
         def backed_off() -> bool:  # the retry is (at the latest) 16 s or more away
             row = next((n for n in hub.status().nodes if n.state == "error"), None)
             found = re.search(r"in (\d+)s", row.reason) if row is not None else None

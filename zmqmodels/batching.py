@@ -109,6 +109,44 @@ def split_outputs(tree: Any, rows: list[int]) -> list[Any]:
     return out
 
 
+def _samples(examples: tuple[tuple[Any, ...], ...], outputs: tuple[Any, ...]
+             ) -> tuple[list[tuple[torch.Tensor, ...]], list[Any]]:
+    """The examples' one-row samples (with derived ones up to :data:`MIN_SAMPLES`) and each
+    one's output alone where ``outputs`` already has it (a one-row example's), else None.
+    :class:`ZmqModelsError` if they do not share a batch dimension and a row shape."""
+    samples: list[tuple[torch.Tensor, ...]] = []
+    alone: list[Any] = []
+    for i, ex in enumerate(examples):
+        try:
+            n = _rows(tuple(ex))
+        except ZmqModelsError as exc:
+            raise ZmqModelsError(f"example {i}: {exc}") from None
+        samples += [tuple(a[j:j + 1] for a in ex) for j in range(n)]
+        alone += [outputs[i] if n == 1 and i < len(outputs) else None for _ in range(n)]
+    if len({tuple((a.dtype, a.shape[1:]) for a in s) for s in samples}) > 1:
+        raise ZmqModelsError("the examples' samples differ in shape beyond the batch dimension")
+    for k in range(max(0, MIN_SAMPLES - len(samples))):
+        samples.append(_derived(samples[k % len(samples)], k))
+        alone.append(None)
+    return samples, alone
+
+
+def _alone(module: Any, samples: list[tuple[torch.Tensor, ...]], alone: list[Any]) -> float:
+    """Run each sample whose output alone is not known yet; the mean seconds a run took (0:
+    none ran). :class:`ZmqModelsError` if the model raises."""
+    ran, took = 0, 0.0
+    for j, s in enumerate(samples):
+        if alone[j] is None:
+            t1 = time.perf_counter()
+            try:
+                alone[j] = module(*clone_tree(s))
+            except Exception as exc:
+                why = str(exc).strip()[:200]
+                raise ZmqModelsError(f"sample {j} alone: the model raised: {why}") from None
+            ran, took = ran + 1, took + time.perf_counter() - t1
+    return took / ran if ran else 0.0
+
+
 def prove_batching(module: Any, examples: tuple[tuple[Any, ...], ...], *,
                    max_batch: int = DEFAULT_MAX_BATCH, rtol: float | None = None,
                    atol: float | None = None, budget_s: float | None = None,
@@ -117,46 +155,18 @@ def prove_batching(module: Any, examples: tuple[tuple[Any, ...], ...], *,
 
     ``outputs``: the module's outputs on ``examples`` already computed (the parity run):
     a one-row example's is its sample's output alone, not run again. ``budget_s``: the
-    seconds the proof may take; joined runs are shrunk to fit (their cost estimated per row
-    from the runs so far, first from ``row_s``), and the claim is the largest size proven.
+    seconds the proof may take; joined runs are shrunk to fit, a joined run costed as one run
+    alone (measured, else ``row_s``) plus its extra rows (their cost measured on the first
+    joined run), and the claim is the largest size proven.
     """
     if max_batch < 2:
         return BatchProof(0, reason="batching turned off")
-    t0 = time.perf_counter()
-    ran_rows, ran_s = 0, 0.0
+    t0, proven = time.perf_counter(), 0
     try:
-        samples: list[tuple[torch.Tensor, ...]] = []
-        alone: list[Any] = []
-        for i, ex in enumerate(examples):
-            try:
-                n = _rows(tuple(ex))
-            except ZmqModelsError as exc:
-                raise ZmqModelsError(f"example {i}: {exc}") from None
-            samples += [tuple(a[j:j + 1] for a in ex) for j in range(n)]
-            alone += [outputs[i] if n == 1 and i < len(outputs) else None for _ in range(n)]
-        shapes = {tuple((a.dtype, a.shape[1:]) for a in s) for s in samples}
-        if len(shapes) > 1:
-            return BatchProof(0, reason="the examples' samples differ in shape beyond the batch dimension")
-        for k in range(max(0, MIN_SAMPLES - len(samples))):
-            samples.append(_derived(samples[k % len(samples)], k))
-            alone.append(None)
-        proven = 0
+        samples, alone = _samples(examples, outputs)
         with torch.inference_mode():
-            for j, s in enumerate(samples):
-                if alone[j] is not None:
-                    continue
-                t1 = time.perf_counter()
-                try:
-                    alone[j] = module(*clone_tree(s))
-                except Exception as exc:
-                    why = str(exc).strip()[:200]
-                    return BatchProof(0, reason=f"sample {j} alone: the model raised: {why}")
-                ran_rows, ran_s = ran_rows + 1, ran_s + time.perf_counter() - t1
-            # a joined forward of s rows costs about one forward alone plus (s - 1) extra rows;
-            # the extra row's cost is measured on the first joined run (a memory-bound model
-            # joins 64 rows for little more than one)
-            alone_s = ran_s / ran_rows if ran_rows else row_s
-            extra_s = alone_s
+            alone_s = _alone(module, samples, alone) or row_s
+            extra_s = alone_s  # a memory-bound model joins 64 rows for little more than one
             for want in sorted({min(len(samples), max_batch), max_batch}):
                 size = want
                 if budget_s is not None:
@@ -165,22 +175,19 @@ def prove_batching(module: Any, examples: tuple[tuple[Any, ...], ...], *,
                 if size < 2 or size <= proven:
                     continue  # over its budget: what is proven stands
                 order = list(itertools.islice(itertools.cycle(range(len(samples))), size))
-                joined = join_inputs([samples[j] for j in order])
                 t1 = time.perf_counter()
                 try:
-                    out = module(*joined)
+                    out = module(*join_inputs([samples[j] for j in order]))
                 except Exception as exc:
                     why = str(exc).strip()[:200]
-                    return BatchProof(0, reason=f"a batch of {size}: the model raised: {why}")
-                took = time.perf_counter() - t1
-                extra_s = max(took - alone_s, 0.0) / (size - 1) or 1e-6
-                parts = split_outputs(out, [1] * size)
-                for row, (j, got) in enumerate(zip(order, parts, strict=True)):
+                    raise ZmqModelsError(f"a batch of {size}: the model raised: {why}") from None
+                extra_s = max(time.perf_counter() - t1 - alone_s, 0.0) / (size - 1) or 1e-6
+                for row, (j, got) in enumerate(zip(order, split_outputs(out, [1] * size), strict=True)):
                     try:
                         compare_outputs(alone[j], got, rtol=rtol, atol=atol, path=f"row {row}")
                     except ParityError as exc:
-                        return BatchProof(0, reason=f"not batch-invariant: in a batch of {size}, {exc} "
-                                                    f"against sample {j} alone")
+                        raise ZmqModelsError(f"not batch-invariant: in a batch of {size}, {exc} against "
+                                             f"sample {j} alone") from None
                 proven = size
     except ZmqModelsError as exc:
         return BatchProof(0, reason=str(exc))
