@@ -43,11 +43,9 @@ def numbers(obj: object, prefix: str = "") -> dict[str, float]:
     return out
 
 
-def run(tree: Path, script: list[str], out: Path, driver: Path | None = None) -> dict[str, float]:
-    """``script`` from ``driver`` (default: ``tree`` itself) against the package in ``tree``."""
-    env = {**os.environ, "PYTHONPATH": str(tree), "ZMQM_TREE": str(tree), "OMP_NUM_THREADS": "1"}
-    path = [str((driver or tree) / script[0]), *script[1:]]
-    subprocess.run([sys.executable, *path, "--json", str(out)], cwd=tree, env=env, check=True,
+def run(tree: Path, script: list[str], out: Path) -> dict[str, float]:
+    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, *script, "--json", str(out)], cwd=tree, env=env, check=True,
                    stdout=subprocess.DEVNULL, timeout=3600)
     return numbers(json.loads(out.read_text()))
 
@@ -57,9 +55,8 @@ def main() -> None:
     ap.add_argument("--baseline", required=True, help="A git revision to compare with (a worktree).")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--driver", choices=("own", "this"), default="own",
-                    help="whose copy of the script runs: each tree's own (default), or this tree's for "
-                         "both (a baseline whose script lacks what is measured; the script reads the "
-                         "package under test from ZMQM_TREE)")
+                    help="whose scripts/ run: each tree's own (default), or this tree's in both (copied "
+                         "into the baseline's worktree: a baseline whose scripts lack what is measured)")
     ap.add_argument("script", nargs=argparse.REMAINDER, help="-- SCRIPT [ARGS...]")
     args = ap.parse_args()
     script = [a for a in args.script if a != "--"]
@@ -67,14 +64,15 @@ def main() -> None:
     base = tmp / "baseline"
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(base), args.baseline],
                    check=True)
+    if args.driver == "this":
+        shutil.copytree(ROOT / "scripts", base / "scripts", dirs_exist_ok=True)
     got: dict[str, list[dict[str, float]]] = {"baseline": [], "this": []}
     try:
         for r in range(args.rounds):
             for name, tree in (("this", ROOT), ("baseline", base)):
                 busy = cpu_idle()
                 print(f"# round {r + 1}, {name}: CPU busy {busy:.0%} before it", file=sys.stderr, flush=True)
-                got[name].append(run(tree, script, tmp / f"{name}-{r}.json",
-                                     ROOT if args.driver == "this" else None))
+                got[name].append(run(tree, script, tmp / f"{name}-{r}.json"))
     finally:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base)], check=False)
         shutil.rmtree(tmp, ignore_errors=True)

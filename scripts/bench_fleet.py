@@ -41,8 +41,7 @@ import sys
 import tempfile
 import time
 
-# the package under test: this tree, or the one bench_against.py --driver this names
-ROOT = os.environ.get("ZMQM_TREE") or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 PREFIX = "zf-"
 CHUNK = 1 << 20

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import platform
 import signal
@@ -172,6 +173,7 @@ def main() -> None:
     ap.add_argument("--client", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--width", type=int, default=2048, help=argparse.SUPPRESS)
+    ap.add_argument("--json", help="write each update's numbers here (for bench_against.py)")
     args = ap.parse_args()
     if args.client:
         run_client(args.client, args.out, args.width)
@@ -292,14 +294,21 @@ def main() -> None:
           "publish -> both serving s | verified -> serving K=1 / K=2 s | swap | max latency K=1 / K=2 ms "
           "(x steady p99) | PSS K=1 / K=2 MiB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+    numbers = {"steady_p99_ms": [round(p * 1e3, 2) for p in steady], "failed": failed}
     for kind, moved, cpu, call, total, roll1, roll2, how, t0, t1, mem in rows:
         worst = [max([lat for t, lat, _ in replies[0] if t0 <= t <= t1 + 0.5] or [float("nan")])
                  for replies, _ in logs]
+        numbers[kind.split(":")[0]] = {"moved_share": moved / full_bytes, "publish_to_serving_s": total,
+                                       "worst_x_p99_k1": worst[0] / steady[0],
+                                       "worst_x_p99_k2": worst[1] / steady[1]}
         print(f"| {kind} | {moved / 2**20:.2f} MiB | {moved / full_bytes:.1%} | {cpu:.2f} | {call:.2f} | "
               f"{total:.2f} | "
               f"{roll1:.2f} / {roll2:.2f} | {how} | {worst[0] * 1e3:.0f} ({worst[0] / steady[0]:.1f}x) / "
               f"{worst[1] * 1e3:.0f} ({worst[1] / steady[1]:.1f}x) | "
               f"{mem[0] / 2**20:.0f} / {mem[1] / 2**20:.0f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(numbers, f)
     if not args.no_torchserve:
         settle()
         print()
