@@ -31,6 +31,7 @@ from .release import (
 )
 
 if TYPE_CHECKING:
+    from .batching import BatchProof
     from .compile import Compiled
 
 __all__ = ["build_from_source", "build_release", "parse_metadata"]
@@ -119,6 +120,28 @@ def build_from_source(
     return release
 
 
+def _prove(compiled: Compiled, name: str, batching: str, max_batch: int) -> BatchProof:
+    """:func:`~zmqmodels.batching.prove_batching` within its budget, a share of compile +
+    parity (unless batching was asked for outright: then in full, and a model that is not
+    batch-invariant is a :class:`ParityError`). A row's cost is first taken from the parity
+    run (eager and compiled on every example)."""
+    import torch
+
+    from .batching import prove_batching
+    from .errors import ParityError
+
+    rows = sum(int(ex[0].shape[0]) if ex and isinstance(ex[0], torch.Tensor) and ex[0].dim() else 1
+               for ex in compiled.examples) or 1
+    budget = max(defaults.PROOF_MIN_S, defaults.PROOF_SHARE * (compiled.compile_s + compiled.parity_s))
+    proof = prove_batching(compiled.module, compiled.examples,
+                           max_batch=0 if batching == "off" else min(max_batch, MAX_BATCH_CLAIM),
+                           budget_s=None if batching == "on" else budget,
+                           outputs=compiled.outputs, row_s=compiled.parity_s / (2 * rows))
+    if batching == "on" and not proof.batch:
+        raise ParityError(f"{name} was declared batchable, but its examples say otherwise: {proof.reason}")
+    return proof
+
+
 def build_release(
     compiled: Compiled,
     name: str,
@@ -148,26 +171,13 @@ def build_release(
     import torch
 
     from .archive import describe_tensors
-    from .batching import prove_batching
-    from .errors import ParityError
     from .tensors import input_signature, signature
 
     validate_name(name)
     if batching not in ("auto", "on", "off"):
         raise ReleaseError(f"batching must be auto, on or off, not {batching!r}")
     t0 = time.perf_counter()
-    rows = sum(int(ex[0].shape[0]) if ex and isinstance(ex[0], torch.Tensor) and ex[0].dim() else 1
-               for ex in compiled.examples) or 1
-    # the proof's share of compile + parity is bounded (unless it was asked for outright); a
-    # row's cost is first taken from the parity run (eager and compiled on every example)
-    proof = prove_batching(compiled.module, compiled.examples,
-                           max_batch=0 if batching == "off" else min(max_batch, MAX_BATCH_CLAIM),
-                           budget_s=None if batching == "on" else max(
-                               defaults.PROOF_MIN_S,
-                               defaults.PROOF_SHARE * (compiled.compile_s + compiled.parity_s)),
-                           outputs=compiled.outputs, row_s=compiled.parity_s / (2 * rows))
-    if batching == "on" and not proof.batch:
-        raise ParityError(f"{name} was declared batchable, but its examples say otherwise: {proof.reason}")
+    proof = _prove(compiled, name, batching, max_batch)
     if timings is not None:
         timings["batching"] = time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -19,7 +19,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,32 @@ __all__ = ["Follower", "ReleaseCallback"]  # and Subscriber, lazily (below)
 
 log = logging.getLogger("zmqmodels.follower")
 ReleaseCallback = Callable[[Manifest, Any], None]  # archive: a buffer of manifest.archive_bytes
+
+
+class ReceiveCpu:
+    """The receiving thread's CPU time, added to the releases it works on (``Assembly.cpu_s``):
+    each handler's time goes to every release being received (a handler works on one, a
+    heartbeat costs next to nothing) and to those it completed. I/O thread only."""
+
+    def __init__(self, coming: Callable[[], Iterable[Assembly]]) -> None:
+        self._coming = coming
+        self._completed: list[Assembly] = []  # by the handler running now
+
+    def timed(self, handler: Callable[[list[zmq.Frame]], None]) -> Callable[[list[zmq.Frame]], None]:
+        def run(frames: list[zmq.Frame]) -> None:
+            t0 = time.thread_time()
+            try:
+                handler(frames)
+            finally:
+                dt = time.thread_time() - t0
+                for asm in [*self._coming(), *self._completed]:
+                    asm.cpu_s += dt
+                self._completed.clear()
+
+        return run
+
+    def completed(self, asm: Assembly) -> None:
+        self._completed.append(asm)
 
 
 class Follower(IOThread):
@@ -127,7 +153,7 @@ class Follower(IOThread):
         self._deliverer: threading.Thread | None = None
         self._next_report = 0.0
         self._next_room_check = 0.0  # statvfs of the cache while a write waits for room
-        self._completed: list[Assembly] = []  # completed by the handler running now (I/O thread)
+        self._cpu = ReceiveCpu(lambda: self.assembler.intake.coming.values())  # type: ignore[arg-type]
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, timeout: float = defaults.START_TIMEOUT_S) -> Follower:
@@ -198,22 +224,7 @@ class Follower(IOThread):
         dealer.connect(self.hub)
         self._sub, self._dealer = sub, dealer
         self._carry(self.assembler.start(time.monotonic()))
-        return [(sub, self._timed(self._on_sub)), (dealer, self._timed(self._on_dealer))]
-
-    def _timed(self, handler: Callable[[list[zmq.Frame]], None]) -> Callable[[list[zmq.Frame]], None]:
-        """``handler``, its thread's CPU time added to the releases being received (all of
-        them: a handler works on one, a heartbeat costs next to nothing)."""
-        def run(frames: list[zmq.Frame]) -> None:
-            t0 = time.thread_time()
-            try:
-                handler(frames)
-            finally:
-                dt = time.thread_time() - t0
-                for asm in [*self.assembler.intake.coming.values(), *self._completed]:
-                    asm.cpu_s += dt  # type: ignore[attr-defined]
-                self._completed.clear()
-
-        return run
+        return [(sub, self._cpu.timed(self._on_sub)), (dealer, self._cpu.timed(self._on_dealer))]
 
     def _tick(self, now: float) -> float:
         if now >= self._next_room_check:
@@ -236,7 +247,7 @@ class Follower(IOThread):
                 case Send(msg):
                     self._dealer.send_multipart(P.pack(msg))
                 case Deliver(name, asm, digest):
-                    self._completed.append(asm)  # this handler's CPU counts for it too
+                    self._cpu.completed(asm)  # this handler's CPU counts for it too
                     self._mail(name, (asm, digest))
                 case Unstage(name):
                     self._mail(name, action)

@@ -50,6 +50,7 @@ from ..release import Manifest
 from ..signing import Trust
 from .intake import Intake, Send, Taken
 from .receiving import Assembly
+from .retry import WriteRetry
 
 __all__ = ["Assembly", "Follow", "Send", "Deliver", "Unstage", "RetryStore", "Assembler"]
 
@@ -63,10 +64,7 @@ class Follow:
     rejected: set[int] = field(default_factory=set)
     refused: int = -1  # XXH3 of the last manifest refused (signature, limits): quiets repeats
     refused_release: tuple[int, str] = (0, "")  # (seq, archive sha256) of that manifest
-    retry_at: float = 0.0  # when to write ``unstored`` to the cache again (a write that failed)
-    retries: int = 0
-    room_try: bool = False  # the pending write was tried early because the disk had room
-    room_failed: bool = False  # such a try failed: only the back-off decides from then on
+    retry: WriteRetry = field(default_factory=WriteRetry)  # when to write ``unstored`` again
     state: ModelState = ModelState.IDLE
     seq: int = 0
     label: str = ""
@@ -318,8 +316,7 @@ class Assembler:
     def tick(self, now: float) -> list[Action]:
         out: list[Action] = []
         for st in self.models.values():
-            if st.retry_at and now >= st.retry_at and st.unstored is not None:
-                st.retry_at = 0.0
+            if st.unstored is not None and st.retry.take(now):
                 self.stats["store_retries"] += 1
                 (asm, digest), st.unstored = st.unstored, None
                 out.append(RetryStore(st.name, asm, digest))
@@ -335,9 +332,8 @@ class Assembler:
 
     def store_failed(self, asm: Assembly, digest: str, now: float) -> float:
         """Writing ``asm`` to the cache failed (a full disk, EIO): its verified bytes are kept
-        here and written again on :class:`RetryStore`, with back-off (1 s doubling to 60 s),
-        or as soon as the disk has room for it (:meth:`room`); nothing is fetched again.
-        Returns the delay (0: a newer release supersedes it, and it is let go)."""
+        here and written again on :class:`RetryStore` when its :class:`WriteRetry` says; nothing
+        is fetched again. Returns the delay (0: a newer release supersedes it, and it is let go)."""
         m = asm.manifest
         st = self.follow(m.name)
         asm.store_failures += 1
@@ -347,27 +343,21 @@ class Assembler:
         if st.unstored is not None and st.unstored[0] is not asm:
             self._let_go(m.name, st.unstored[0].buf)
         st.unstored = (asm, digest)
-        st.room_failed, st.room_try = st.room_failed or st.room_try, False
-        delay = min(60.0, 2.0 ** st.retries)
-        st.retries += 1
-        st.retry_at = now + delay
-        return delay
+        return st.retry.failed(now)
 
     def stored(self, name: str) -> None:
-        st = self.follow(name)
-        st.retries, st.retry_at, st.room_try, st.room_failed = 0, 0.0, False, False
+        self.follow(name).retry = WriteRetry()
 
     def pending_writes(self) -> dict[str, int]:
         """``name -> bytes`` of each release whose cache write waits for room (:meth:`room`)."""
         return {n: st.unstored[0].manifest.archive_bytes for n, st in self.models.items()
-                if st.unstored is not None and not st.room_failed}
+                if st.unstored is not None and st.retry.wants_room}
 
     def room(self, name: str, now: float) -> None:
-        """The disk has room for the release of ``name`` that waits: write it at the next tick,
-        not at the end of its back-off (if that fails too, only the back-off retries it)."""
+        """The disk has room for the release of ``name`` that waits (:meth:`WriteRetry.room`)."""
         st = self.follow(name)
-        if st.unstored is not None and not st.room_failed and st.retry_at > now:
-            st.retry_at, st.room_try = now, True
+        if st.unstored is not None:
+            st.retry.room(now)
 
     def rejected(self, name: str, seq: int) -> None:
         """``seq`` failed after assembly (digest, load, check): never fetch it again."""
@@ -438,7 +428,7 @@ class Assembler:
     def _complete(self, st: Follow, asm: Assembly) -> list[Action]:
         if st.unstored is not None and st.unstored[0].manifest.seq < asm.manifest.seq:
             self._let_go(st.name, st.unstored[0].buf)  # superseded: its write is moot
-            st.unstored, st.retry_at, st.retries = None, 0.0, 0
+            st.unstored, st.retry = None, WriteRetry()
         st.done_seq = max(st.done_seq, asm.manifest.seq)  # an older wanted seq leaves it
         if st.want == asm.manifest.seq:
             st.want = 0
