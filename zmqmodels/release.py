@@ -317,7 +317,9 @@ def span_digests(archive: Any, chunk_bytes: int) -> list[int]:
 def compress_archive(archive: Any, codec: CodecSpec, chunk_bytes: int,
                      progress: Callable[[int, int], None] | None = None) -> list[bytes | memoryview]:
     """Cut the archive into chunks and compress each one independently (``progress(done,
-    total)`` after each chunk)."""
+    total)`` after each chunk). One blosc2 thread per chunk: with two, blosc2 writes blocks in
+    the order they finish, so equal bytes compressed twice differed and no delta could leave
+    out a chunk a rebuilt release shares with its base (deltas compare compressed chunks)."""
     view = memoryview(archive).cast("B")
     pieces = [view[i:i + chunk_bytes] for i in range(0, len(view), chunk_bytes)]
     if codec.name == "none":
@@ -326,7 +328,7 @@ def compress_archive(archive: Any, codec: CodecSpec, chunk_bytes: int,
 
     kw = dict(codec=blosc2.Codec[CODECS[codec.name]], clevel=codec.clevel,
               filters=[blosc2.Filter[FILTERS[codec.filter]]],
-              filters_meta=[0], typesize=codec.typesize, nthreads=2)
+              filters_meta=[0], typesize=codec.typesize, nthreads=1)
     out = []
     for p in pieces:
         out.append(blosc2.compress2(p, **kw))
