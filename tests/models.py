@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -160,7 +162,7 @@ def make_probe() -> tuple[nn.Module, list[torch.Tensor]]:
 
 
 class Explodes(nn.Module):
-    """Compiles fine (eager agrees) but returns Inf: nodes must refuse it."""
+    """``x / zero``: Inf when ``zero`` holds zeros (a publisher refuses it then)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -192,9 +194,22 @@ def make_heavy() -> tuple[nn.Module, list[torch.Tensor]]:
     return Heavy(2.0), [torch.ones(1, 4), torch.full((1, 4), 0.5)]
 
 
-def make_explodes() -> tuple[nn.Module, list[torch.Tensor]]:
-    """A release every node rejects (NaN/Inf on its example), named ``probe`` by the test."""
-    return Explodes(), [torch.ones(1, 4)]
+def explodes_on_nodes(name: str = "probe", label: str = "nan") -> Any:
+    """A release every node rejects (Inf on its example) though its manifest looks sound: built
+    from :class:`Explodes` holding ones (finite outputs, recorded as expected), then its
+    ``zero`` tensor's bytes set to zeros, as a publisher bug after its checks would. Publishers
+    refuse Inf themselves, so only a release made by hand reaches nodes like this."""
+    from zmqmodels import build_release, compile_model
+    from zmqmodels.release import unpack_tensors
+    from zmqmodels.weights import Base, swap_tensors, weights_release
+
+    m = Explodes()
+    with torch.no_grad():
+        m.zero.fill_(1.0)
+    rel = build_release(compile_model(m, [torch.ones(1, 4)]), name, label)
+    base = Base(rel, rel.archive())
+    archive, descs, _ = swap_tensors(base, {"zero": torch.zeros(4)})
+    return weights_release(base, archive, descs, unpack_tensors(rel.manifest.expected), label)
 
 
 class Wide(nn.Module):

@@ -82,7 +82,7 @@ def test_bad_input_gives_one_line_errors(tmp_path) -> None:
     _one_line_error(run("build", "notts.pt", "--name", "m", "--store", "s", "--example-input",
                         "1x4", cwd=tmp_path), "not a TorchScript archive")
     _one_line_error(run("build", "fac.py:make", "--name", "m", "--store", "s", "--weights",
-                        "partial.pt", "--example-input", "1x8", cwd=tmp_path), "missing keys ['bias']")
+                        "partial.pt", "--example-input", "1x8", cwd=tmp_path), "missing keys bias")
     _one_line_error(run("build", "fac.py:make", "--name", "m", "--store", "s",
                         "--example-input", "1xq8", cwd=tmp_path), "bad example-input spec")
     _one_line_error(run("build", "fac.py:make", "--name", "m", "--store", "file/store",

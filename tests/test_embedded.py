@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.conftest import wait_until
-from tests.models import Explodes, Probe, probe_examples
+from tests.models import Probe, explodes_on_nodes, probe_examples
 from zmqmodels import (
     DeadlineError,
     Hub,
@@ -56,7 +56,7 @@ def test_bad_release_is_rejected_and_previous_keeps_serving(tmp_path) -> None:
             Subscriber(hub.address, ["probe"]) as sub:
         m1 = hub.publish(release(2.0, "v1"))
         sub.wait_until_serving("probe", 30, seq=m1.seq)
-        bad = hub.publish(build_release(compile_model(Explodes(), [torch.ones(1, 4)]), "probe", "x"))
+        bad = hub.publish(explodes_on_nodes("probe", "x"))
         ok, status = hub.wait_for("probe", bad.seq, 1, 30)
         assert not ok and status.nodes[0].rejected_seq == bad.seq
         assert sub.version("probe") == ("v1", m1.seq)

@@ -13,7 +13,7 @@ import torch
 import zmq
 
 from tests.conftest import wait_until
-from tests.models import Explodes, Probe, probe_examples
+from tests.models import Probe, explodes_on_nodes, probe_examples
 from zmqmodels import Client, Hub, Node, RemoteError, build_release, compile_model
 from zmqmodels import protocol as P
 from zmqmodels.defaults import Limits
@@ -45,7 +45,7 @@ def ask(node: Node, *inputs, **kw):
 
 
 def publish_and_wait(hub, release, nodes: int = 1, timeout: float = 60) -> int:
-    m = hub.publish(release)
+    m = hub.publish(release, reuse_label=True)  # swap tests publish the same two releases in turn
     ok, status = hub.wait_for(m.name, m.seq, nodes, timeout)
     assert ok, status
     return m.seq
@@ -138,9 +138,7 @@ def test_release_failing_its_example_check_is_rejected_old_keeps_serving(hub, tm
     node = start_node(hub, tmp_path)
     try:
         good = publish_and_wait(hub, probe_release(2.0, "good"))
-        bad = compile_model(Explodes(), [torch.ones(1, 4)])
-        rel = build_release(bad, "probe", "nan")
-        m = hub.publish(rel)
+        m = hub.publish(explodes_on_nodes("probe", "nan"))
         ok, status = hub.wait_for("probe", m.seq, 1, 60)
         assert not ok
         row = next(n for n in status.nodes if n.model == "probe")

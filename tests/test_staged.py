@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from tests.conftest import wait_until
-from tests.models import Explodes, Probe, probe_examples
+from tests.models import Probe, explodes_on_nodes, probe_examples
 from zmqmodels import Client, Hub, Node, Relay, build_release, compile_model
 from zmqmodels import protocol as P
 from zmqmodels.errors import ZmqModelsError
-from zmqmodels.store import Store
+from zmqmodels.store import Store, write_release_file
 
 pytestmark = pytest.mark.timeout(180)
 ENV = {**os.environ, "PYTHONPATH": os.getcwd()}
@@ -94,7 +94,7 @@ def test_waves_halt_when_the_canary_rejects_and_the_others_never_load_it(hub, tm
     try:
         v1 = hub.publish(probe(1.0, "v1")).seq
         assert hub.wait_for("probe", v1, 3, 60)[0]
-        bad = hub.publish(build_release(compile_model(Explodes(), [torch.ones(1, 4)]), "probe", "nan"),
+        bad = hub.publish(explodes_on_nodes("probe", "nan"),
                           plan=P.WavePlan(["1", "100%"], wave_wait_s=0.5)).seq
 
         def ended():
@@ -171,15 +171,16 @@ def test_status_shows_labels_staged_seqs_and_relays_and_activate_by_cli(hub, tmp
 def test_cli_publish_in_waves_reports_each_wave_and_exits_1_on_a_halt(hub, tmp_path) -> None:
     n = node(hub.address, tmp_path, "k0", ["canary"])
     try:
-        def publish(factory: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run([sys.executable, "-m", "zmqmodels", "publish", factory, "--name", "probe",
+        def publish(*source: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "zmqmodels", "publish", *source,
                                    "--hub", hub.address, "--waves", "1,100%", "--wave-wait", "0.5",
                                    "--timeout", "120"], env=ENV, capture_output=True, text=True, timeout=180)
 
-        good = publish("tests.models:make_probe")
+        good = publish("tests.models:make_probe", "--name", "probe")
         assert good.returncode == 0, good.stdout + good.stderr
         assert "rollout probe seq 1: done, wave 1/1 (1 of 1 node(s) activated, 1 serving)" in good.stdout
-        bad = publish("tests.models:make_explodes")
+        write_release_file(tmp_path / "bad.zmqm", explodes_on_nodes("probe", "nan"))  # as `build` writes
+        bad = publish(str(tmp_path / "bad.zmqm"))
         assert bad.returncode == 1, bad.stdout + bad.stderr
         assert "FAILED: rollout probe seq 2: halted" in bad.stdout
         assert "failed k0: rejected seq 2:" in bad.stdout and "NaN or Inf" in bad.stdout

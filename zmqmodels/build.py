@@ -66,13 +66,15 @@ def build_from_source(
     timings: dict[str, float] | None = None,
     batching: str = "auto",
     max_batch: int = defaults.PROOF_MAX_BATCH,
+    base_examples: Manifest | None = None,
 ) -> Release:
     """Load ``source`` (``module:factory``, a ``.py`` file with a factory, or a TorchScript
     file), compile it on its examples and build a release named ``name``.
 
     Examples come from ``example_file`` (a ``torch.save``'d tensor, tuple or list), else from
     ``example_specs`` (``DIMxDIM[:dtype]``, comma-joined per argument), else from the factory
-    returning ``(module, examples)``. ``progress`` receives one line per step,
+    returning ``(module, examples)``, else from ``base_examples`` (the manifest of a release of
+    the same model: its examples). ``progress`` receives one line per step,
     ``chunk_progress(done, total)`` each compressed chunk. ``timings`` receives the seconds
     of each step: ``import`` (torch, if this process had not imported it), ``load``,
     ``compile``, ``parity``, ``batching``, ``build`` and ``compress``.
@@ -97,6 +99,11 @@ def build_from_source(
         examples = load_example_file(example_file)
     elif example_specs:
         examples = [parse_example_spec(s, seed=i) for i, s in enumerate(example_specs)]
+    if examples is None and base_examples is not None and base_examples.examples:
+        from .release import unpack_tensors
+
+        examples = unpack_tensors(base_examples.examples)
+        say(f"examples: the {len(examples)} of {base_examples.name} seq {base_examples.seq} (none given)")
     if examples is None:
         raise SourceError("no example inputs: give --example-input or --example-inputs, "
                           "or return (module, examples) from the factory")
@@ -171,11 +178,14 @@ def build_release(
     import torch
 
     from .archive import describe_tensors
+    from .checkpoint import require_finite
     from .tensors import input_signature, signature
 
     validate_name(name)
     if batching not in ("auto", "on", "off"):
         raise ReleaseError(f"batching must be auto, on or off, not {batching!r}")
+    require_finite({**dict(compiled.module.named_parameters()), **dict(compiled.module.named_buffers())},
+                   f"{name}'s weights")
     t0 = time.perf_counter()
     proof = _prove(compiled, name, batching, max_batch)
     if timings is not None:

@@ -114,10 +114,19 @@ def compile_model(
     outputs, worst = [], 0.0
     with torch.inference_mode():
         for i, ex in enumerate(examples):
+            if how == "prescripted":  # it is its own eager model: one run, and its outputs checked
+                try:
+                    got = compiled(*clone_tree(ex))
+                except Exception as exc:
+                    raise CompileError(f"the model raised on example {i}: {exc}") from exc
+                _finite(got, i)
+                outputs.append(got)
+                continue
             try:
                 eager = module(*clone_tree(ex))
             except Exception as exc:
                 raise CompileError(f"eager model raised on example {i}: {exc}") from exc
+            _finite(eager, i)
             try:
                 got = compiled(*clone_tree(ex))
             except Exception as exc:
@@ -132,6 +141,19 @@ def compile_model(
             outputs.append(got)
     return Compiled(compiled, how, tuple(notes), examples, tuple(outputs), worst, t1 - t0,
                     time.perf_counter() - t1)
+
+
+def _finite(out: Any, i: int) -> None:
+    """The model's outputs on example ``i`` hold no NaN or Inf (else :class:`ParityError`:
+    nothing is published whose examples prove nothing)."""
+    from .errors import CheckError
+    from .tensors import check_finite
+
+    try:
+        check_finite(out, f"example {i} out")
+    except CheckError as exc:
+        raise ParityError(f"{exc} (NaN or Inf weights, or an input the model cannot take; "
+                          "nothing was published)") from None
 
 
 def _compile(
@@ -199,8 +221,9 @@ def compare_outputs(
 ) -> float:
     """Compare two output trees; return the max abs difference or raise :class:`ParityError`.
 
-    Floats use a dtype-aware tolerance; integers and bools must match exactly; NaN matches
-    NaN only in the same position.
+    Floats use a dtype-aware tolerance; integers and bools must match exactly; NaN never
+    equals anything, NaN included (an output holding NaN proves nothing); Inf matches Inf of
+    the same sign in the same position.
     """
     if isinstance(expected, torch.Tensor):
         if not isinstance(got, torch.Tensor):
@@ -222,8 +245,8 @@ def compare_outputs(
         name = dtype_name(a.dtype)
         rt = PARITY_RTOL.get(name, 1e-5) if rtol is None else rtol
         at = PARITY_ATOL.get(name, 1e-6) if atol is None else atol
-        if not torch.equal(torch.isnan(a), torch.isnan(b)):
-            raise ParityError(f"{path}: NaN in different positions")
+        if bool(torch.isnan(a).any()) or bool(torch.isnan(b).any()):
+            raise ParityError(f"{path}: NaN in the output (NaN never equals NaN)")
         a64, b64 = a.to(torch.complex128 if a.is_complex() else torch.float64), \
             b.to(torch.complex128 if b.is_complex() else torch.float64)
         inf = torch.isinf(a64) | torch.isinf(b64)

@@ -19,7 +19,7 @@ from .release import Manifest, unpack_tensors
 from .slot import Loaded
 
 __all__ = ["load_release", "apply_weights", "share_weights", "map_shared", "alias_tensors", "spare_of",
-           "to_device", "CheckError", "check_finite"]
+           "to_device", "CheckError"]
 
 
 def to_device(tree: Any, device: str) -> Any:
@@ -34,20 +34,6 @@ def to_device(tree: Any, device: str) -> Any:
     if isinstance(tree, dict):
         return {k: to_device(v, device) for k, v in tree.items()}
     return tree
-
-
-def check_finite(tree: Any, path: str = "out") -> None:
-    import torch
-
-    if isinstance(tree, torch.Tensor):
-        if (tree.is_floating_point() or tree.is_complex()) and not bool(torch.isfinite(tree).all()):
-            raise CheckError(f"{path}: NaN or Inf in the output")
-    elif isinstance(tree, tuple | list):
-        for i, x in enumerate(tree):
-            check_finite(x, f"{path}[{i}]")
-    elif isinstance(tree, dict):
-        for k, v in tree.items():
-            check_finite(v, f"{path}[{k!r}]")
 
 
 def load_release(manifest: Manifest, source: str | os.PathLike[str] | Any, device: str = "cpu",
@@ -227,6 +213,7 @@ def _checked(module: Any, manifest: Manifest, device: str, load_s: float, code: 
 
     from .batching import check_batched
     from .compile import compare_outputs
+    from .tensors import check_finite
 
     t1 = time.perf_counter()
     examples = unpack_tensors(manifest.examples) if manifest.examples else []

@@ -79,40 +79,20 @@ def _import(target: str) -> Any:
 
 
 def load_weights(module: torch.nn.Module, ckpt: str, say: Any = None) -> list[str]:
-    """Load a state_dict checkpoint strictly; name missing and unexpected keys on mismatch.
+    """Load a state-dict checkpoint into ``module`` with the checks every publish path runs
+    (:mod:`zmqmodels.checkpoint`): nested dicts and the DDP prefix unwrapped and said (the
+    lines are returned and passed to ``say``), every missing or unexpected key and
+    mismatched shape or dtype an error, NaN/Inf refused."""
+    from .checkpoint import read_checkpoint, require_finite, require_fit, state_of
 
-    A training checkpoint that nests the state dict (``{"model": ...}`` or
-    ``{"state_dict": ...}``) and the ``module.`` prefix DataParallel/DDP adds are unwrapped;
-    what was done is returned (and passed to ``say``), so nothing happens silently."""
-    try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise SourceError(f"no such checkpoint: {ckpt}") from None
-    except Exception as exc:
-        raise SourceError(f"cannot load checkpoint {ckpt}: {_first_line(exc)}") from exc
-    done: list[str] = []
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict) and not any(
-                isinstance(v, torch.Tensor) for v in state.values()):
-            state = state[key]
-            done.append(f"took the state dict under {key!r}")
-            break
-    if not isinstance(state, dict):
-        raise SourceError(f"{ckpt} holds a {type(state).__name__}, not a state_dict")
-    if state and all(isinstance(k, str) and k.startswith("module.") for k in state):
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-        done.append("stripped the 'module.' prefix (a DataParallel/DDP checkpoint)")
+    state, done = state_of(read_checkpoint(ckpt), ckpt)
     for line in done:
         if say is not None:
             say(f"--weights {ckpt}: {line}")
-    result = module.load_state_dict(state, strict=False)
-    problems = []
-    if result.missing_keys:
-        problems.append(f"missing keys {result.missing_keys}")
-    if result.unexpected_keys:
-        problems.append(f"unexpected keys {result.unexpected_keys}")
-    if problems:
-        raise SourceError(f"{ckpt} does not fit the model: " + "; ".join(problems))
+    holds = {k: (str(v.dtype).removeprefix("torch."), list(v.shape)) for k, v in module.state_dict().items()}
+    require_fit(state, holds, "the model")
+    require_finite(state, ckpt)
+    module.load_state_dict(state, strict=True)
     return done
 
 

@@ -27,7 +27,7 @@ import numpy as np
 from .errors import ProtocolError
 
 __all__ = ["DTYPE_NAMES", "torch_dtype", "dtype_name", "encode", "decode", "signature",
-           "tensor_bytes", "parse_shape_spec", "random_arrays", "input_signature"]
+           "tensor_bytes", "parse_shape_spec", "random_arrays", "input_signature", "check_finite"]
 
 # wire name -> item size. numpy has no bfloat16: in numpy mode it decodes to float32 (exact).
 _ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4,
@@ -268,3 +268,21 @@ def input_signature(examples: Sequence[tuple[Any, ...]]) -> list[Any]:
                 shape = [d if d == o else -1 for d, o in zip(shape, other.shape, strict=True)]
         sigs.append({"dtype": str(arg.dtype).removeprefix("torch."), "rank": arg.dim(), "shape": shape})
     return sigs
+
+
+def check_finite(tree: Any, path: str = "out") -> None:
+    """:class:`CheckError` if a floating tensor of ``tree`` holds NaN or Inf (the rule every
+    check of a model's outputs runs: at publish and on each node)."""
+    import torch
+
+    from .errors import CheckError
+
+    if isinstance(tree, torch.Tensor):
+        if (tree.is_floating_point() or tree.is_complex()) and not bool(torch.isfinite(tree).all()):
+            raise CheckError(f"{path}: NaN or Inf in the output")
+    elif isinstance(tree, tuple | list):
+        for i, x in enumerate(tree):
+            check_finite(x, f"{path}[{i}]")
+    elif isinstance(tree, dict):
+        for k, v in tree.items():
+            check_finite(v, f"{path}[{k!r}]")
