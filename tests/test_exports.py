@@ -202,9 +202,10 @@ def test_one_meaning_per_word_and_one_tally() -> None:
 
     assert importlib.util.find_spec("zmqmodels.rollout") is None and hasattr(swap, "Swaps")
     assert not hasattr(fleet, "rollout") and hasattr(fleet, "tally")
-    from zmqmodels.cli import release
+    from zmqmodels.cli import publishing
 
-    for fn in (release._wait_with_progress, HubClient.wait_for, HubClient.wait_rollout, release._watch_waves):
+    for fn in (publishing.wait_with_progress, HubClient.wait_for, HubClient.wait_rollout,
+               publishing.watch_waves):
         src = inspect.getsource(fn)
         assert "n.state" not in src and "r.state" not in src, fn  # no tally of its own
         assert any(rule in src for rule in ("tally(", "wait_for(", "wait_rollout(")), fn

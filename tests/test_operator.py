@@ -335,7 +335,7 @@ def test_hub_restored_on_an_empty_store_publishes_past_what_nodes_hold(tmp_path,
     with Hub(addr, Store(tmp_path / "old-store")) as old:
         node = Node(addr, ["probe"], "tcp://127.0.0.1:0", workers=1, cache=tmp_path / "c").start()
         for _ in range(3):
-            m = old.publish(probe)
+            m = old.publish(probe, reuse_label=True)
         assert m.seq == 3 and old.wait_for("probe", 3, 1, 60)[0]
     try:
         with _rebind(addr, tmp_path / "empty-store") as new:
@@ -379,7 +379,8 @@ def test_infer_to_a_dead_address_says_how_long_it_waited(tmp_path) -> None:
 
 def test_releases_lists_publishes_and_rollbacks_and_rollback_keeps_its_target(tmp_path) -> None:
     """Milestone 1: no way to see what can be rolled back to; rollbacks counted against
-    --retain (the original v1 got pruned); a second publish of a label passed silently."""
+    --retain (the original v1 got pruned); a second publish of a label passed silently (now it
+    is refused unless --reuse-label, which warns)."""
     from zmqmodels import HubClient
 
     with Hub("tcp://127.0.0.1:0", Store(tmp_path / "store", retain=2)) as h:
@@ -394,8 +395,10 @@ def test_releases_lists_publishes_and_rollbacks_and_rollback_keeps_its_target(tm
         lines = out.stdout.strip().splitlines()
         assert lines[0].split()[:3] == ["MODEL", "SEQ", "LABEL"] and len(lines) == 4
         assert lines[3].split()[:3] == ["probe", "3", "v1"] and "unsigned" in lines[3]
-        again = _cli("publish", "tests.models:make_probe", "--name", "probe", "--label", "v1",
-                     "--hub", h.address)
+        same = ("publish", "tests.models:make_probe", "--name", "probe", "--label", "v1", "--hub", h.address)
+        refused = _cli(*same)
+        assert refused.returncode == 1 and "label 'v1' is already on probe seq 3" in refused.stderr
+        again = _cli(*same, "--reuse-label")
         assert again.returncode == 0, again.stderr
         assert "warning: label 'v1' is also on probe seq 1, 3" in again.stdout, again.stdout
         missing = _cli("releases", "nope", "--hub", h.address)
@@ -490,7 +493,7 @@ def test_ctrl_c_while_sending_says_whether_the_hub_stored_it(tmp_path) -> None:
                              env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert p.stdout is not None
         for line in p.stdout:  # interrupt as soon as it starts sending
-            if line.startswith("built in"):
+            if " sending " in line:
                 p.send_signal(signal.SIGINT)
                 break
         out, err = p.communicate(timeout=60)

@@ -96,8 +96,8 @@ class Holdings:
         except (OSError, ZmqModelsError) as exc:
             return P.LoadResult(self.worker_id, cmd.name, cmd.seq, "", False,
                                 f"cached archive unusable: {exc}", corrupt=True)
-        if (not cmd.unload_first and previous is not None and previous.code
-                and m.code_sha256 == previous.code and self._applying is None):
+        why = _why_load(cmd, previous, m, self._applying is not None)
+        if not why:
             self._applying, self._applying_cmd = _Background(lambda: self._apply(previous, m, path)), cmd
             return P.Applying(cmd.name, cmd.seq)
         try:
@@ -112,7 +112,7 @@ class Holdings:
             if slot.current() is None and cmd.unload_first:
                 self.load_cached([cmd.name], exclude=[cmd.seq])  # put the old one back
             return P.LoadResult(self.worker_id, cmd.name, cmd.seq, m.label, False, str(exc))
-        return self._swapped(cmd.name, loaded, job.cpu_s)
+        return self._swapped(cmd.name, loaded, job.cpu_s, why)
 
     @property
     def applying(self) -> bool:
@@ -130,9 +130,10 @@ class Holdings:
             loaded = job.result()
         except (OSError, ZmqModelsError) as exc:
             return P.LoadResult(self.worker_id, cmd.name, cmd.seq, "", False, str(exc))
-        return self._swapped(cmd.name, loaded, job.cpu_s)
+        why = "" if loaded.how == "apply" else "the new tensors did not fit the served module"
+        return self._swapped(cmd.name, loaded, job.cpu_s, why)
 
-    def _swapped(self, name: str, loaded: Loaded, cpu_s: float) -> P.LoadResult:
+    def _swapped(self, name: str, loaded: Loaded, cpu_s: float, why: str = "") -> P.LoadResult:
         old = self.slots[name].swap(loaded)
         spare = self.spares.get(name)
         if spare is not None and spare.code != loaded.code:
@@ -144,7 +145,7 @@ class Holdings:
         return P.LoadResult(self.worker_id, name, m.seq, m.label, True, "",
                             round(loaded.load_s, 4), round(loaded.check_s, 4), how=loaded.how,
                             shared_bytes=loaded.shared_bytes, batch=loaded.batch,
-                            batch_note=loaded.batch_note, cpu_s=round(cpu_s, 4))
+                            batch_note=loaded.batch_note, cpu_s=round(cpu_s, 4), why=why)
 
     def _apply(self, previous: Loaded, m: Any, path: Path) -> Loaded:
         """New weights into the spare module (or a copy of the serving one), else a full load."""
@@ -188,6 +189,21 @@ class Holdings:
         return out
 
     # -- inference ---------------------------------------------------------------------------
+
+def _why_load(cmd: P.LoadCommand, previous: Loaded | None, m: Any, busy: bool) -> str:
+    """Why release ``m`` is loaded whole rather than applied into the module served ("": apply)."""
+    if previous is None:
+        return "nothing of this model served here yet"
+    if cmd.unload_first:
+        return "the old model is unloaded first (memory)"
+    if not previous.code or not m.code_sha256:
+        return "no code digest to compare"
+    if m.code_sha256 != previous.code:
+        return f"its code differs from seq {previous.manifest.seq}'s"
+    if busy:
+        return "another weights update was being applied"
+    return ""
+
 
 class _Background:
     """``fn`` on a thread with a raised nice value: on a small machine the worker that is

@@ -134,19 +134,20 @@ class Hub(IOThread):
 
     # -- API for other threads ---------------------------------------------------------------
     def publish(self, release: Release, timeout: float = 60.0, *, staged: bool = False,
-                plan: P.WavePlan | None = None) -> Manifest:
+                plan: P.WavePlan | None = None, reuse_label: bool = False, rebase: bool = True) -> Manifest:
         """Verify, store and broadcast ``release``; return its manifest. Unsigned, it gets the
         next seq (and is signed as that seq if this hub has a ``signing_key``); signed, it
         keeps the seq it was signed with.
 
         ``staged``: nodes receive and cache it but keep serving what they serve until it is
         activated (:meth:`activate`). ``plan`` (implies staged): activate it wave by wave, as
-        ``zmqmodels publish --waves`` does; :meth:`status` shows the rollout."""
+        ``zmqmodels publish --waves`` does; :meth:`status` shows the rollout. ``reuse_label``
+        and ``rebase``: as :meth:`~zmqmodels.hub_client.HubClient.publish`."""
         self._check_running()
         check_plan(plan)
-        if staged or plan:
-            release = stage_release(release)
-        stored = self._put(release)
+        rel = self.desk.seal(stage_release(_rebased(self, release, rebase)) if staged or plan
+                             else _rebased(self, release, rebase))
+        stored = self.desk.put(rel.manifest_bytes, rel.chunks, rel.signature, reuse_label=reuse_label)
         self.call(lambda: self.release(stored, plan), timeout)
         return stored.manifest
 
@@ -184,19 +185,16 @@ class Hub(IOThread):
         manifests = self.desk.manifests(name)
         return self.call(lambda: self.core.release_infos(manifests, time.monotonic()), 10.0)
 
-    def wait_for(self, name: str, seq: int, count: int, timeout: float) -> tuple[bool, P.StatusReply]:
+    def wait_for(self, name: str, seq: int, count: int, timeout: float, *,
+                 staged: bool = False) -> tuple[bool, P.StatusReply]:
         """:func:`zmqmodels.hub_client.wait_for` on this hub, woken by each event it handles."""
         def pause(s: float) -> None:
             with self._changed:
                 self._changed.wait(s)
 
-        return wait_for(self.status, name, seq, count, timeout, pause=pause)
+        return wait_for(self.status, name, seq, count, timeout, pause=pause, staged=staged)
 
     # -- internals: I/O thread ---------------------------------------------------------------
-    def _put(self, release: Release) -> Release:
-        release = self.desk.seal(release)
-        return self.desk.put(release.manifest_bytes, release.chunks, release.signature)
-
     def _check_running(self) -> None:
         if self.state is not LoopState.RUNNING:
             raise ZmqModelsError("the hub is not running")
@@ -313,3 +311,29 @@ def chunk_messages(release: Release, skip: frozenset[int]) -> Iterator[tuple[int
             yield i, P.ChunkHeader(m.name, m.seq, i), payload
         else:
             yield i, P.PatchHeader(m.name, m.seq, i, patch[0]), patch[1]
+
+
+def _rebased(hub: Hub, release: Release, rebase: bool = True) -> Release:
+    """``release`` as a delta on the release the fleet serves, when it holds the same code."""
+    if not rebase or release.signature or not release.manifest.tensors:
+        return release
+    from .weights import WeightsPublisher
+
+    release, line = WeightsPublisher(_Local(hub)).rebase(release)
+    log.info("publish %s: %s", release.manifest.name, line)
+    return release
+
+
+class _Local:
+    """This process's hub as :class:`~zmqmodels.weights.WeightsPublisher` asks one: its status
+    and its store."""
+
+    def __init__(self, hub: Hub) -> None:
+        self._hub = hub
+
+    def status(self) -> P.StatusReply:
+        return self._hub.status()
+
+    def fetch(self, name: str, seq: int = 0, *, manifest_only: bool = False) -> Release:
+        store = self._hub.store
+        return store.read(name, seq) if seq else store.latest(name)  # type: ignore[return-value]

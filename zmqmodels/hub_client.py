@@ -6,6 +6,7 @@ Each request opens its own DEALER, waits for one reply under a deadline and clos
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
     from .signing import SigningKey
 
 __all__ = ["HubClient", "wait_for", "wait_rollout"]
+
+log = logging.getLogger(__name__)
 
 
 class HubClient:
@@ -74,19 +77,51 @@ class HubClient:
 
     def publish(self, release: Release, timeout: float | None = 120.0, *,
                 signing_key: SigningKey | None = None, staged: bool = False,
-                plan: P.WavePlan | None = None) -> P.Published:
+                plan: P.WavePlan | None = None, rebase: bool = True,
+                reuse_label: bool = False) -> P.Published:
         """Hand a release to the hub, which verifies, stores and broadcasts it. With
         ``signing_key`` it is signed first, as the seq the hub reserves for it. ``staged``:
         nodes cache it but serve it only once activated; ``plan`` (implies staged): the hub
-        activates it wave by wave (watch it with :meth:`wait_rollout`)."""
+        activates it wave by wave (watch it with :meth:`wait_rollout`). ``rebase``: a release
+        of the code the fleet serves is first rebuilt on that release (:meth:`prepare`), so
+        only the tensors that changed move. A label already on a stored release of the model
+        is refused by the hub unless ``reuse_label``."""
         check_plan(plan)
+        if rebase and not release.signature:
+            release, line = self.prepare(release, timeout=timeout)
+            log.info("publish %s: %s", release.manifest.name, line)
         if staged or plan:
             release = stage_release(release)
         if signing_key is not None and not release.signature:
             release = signing_key.seal(release, self.reserve(release.manifest.name)[0])
-        hdr = P.Publish(release.signature, plan=plan)
+        hdr = P.Publish(release.signature, plan=plan, reuse_label=reuse_label)
         frames = P.pack(hdr, release.manifest_bytes, *release.chunks)
         return self._request(frames, P.Published, timeout)
+
+    def prepare(self, release: Release, *, timeout: float | None = None,
+                status: P.StatusReply | None = None) -> tuple[Release, str]:
+        """``release`` rebuilt on the release of its model the fleet serves, when both hold the
+        same code (:func:`zmqmodels.weights.rebase`: the base's chunking, codec and unchanged
+        chunks, so only changed tensors move and nodes apply it into the module they serve),
+        and a line saying what was done or why it was sent whole."""
+        if not release.manifest.tensors:
+            return release, "whole release: it describes no tensors"
+        return self._publisher(timeout).rebase(release, status)
+
+    def base(self, name: str, *, timeout: float | None = None,
+             status: P.StatusReply | None = None) -> Release | None:
+        """The release of ``name`` that weights updates and deltas build on (one that serves,
+        never one the fleet refused: :func:`~zmqmodels.core.fleet.base_seq`), fetched whole;
+        None if the hub stores none."""
+        base = self._publisher(timeout).base(name, status)
+        return base.release if base is not None else None
+
+    def _publisher(self, timeout: float | None) -> Any:
+        if self._weights is None:
+            from .weights import WeightsPublisher
+
+            self._weights = WeightsPublisher(_Timed(self, timeout))
+        return self._weights
 
     def fetch(self, name: str, seq: int = 0, timeout: float | None = None, *,
               manifest_only: bool = False) -> Release:
@@ -135,21 +170,20 @@ class HubClient:
                         timeout: float | None = 120.0, signing_key: SigningKey | None = None,
                         staged: bool = False, plan: P.WavePlan | None = None,
                         metadata: dict[str, str] | None = None,
-                        timings: dict[str, float] | None = None) -> Any:
-        """Publish new weights for ``name`` in the code of its newest stored release, without
-        recompiling (:mod:`zmqmodels.weights`): ``weights`` is an ``nn.Module`` of the same
-        architecture (its outputs must match the release's code on the examples) or a
-        ``{name: tensor}`` (a subset keeps the other tensors). Names, dtypes and shapes must
-        match. Returns :class:`Published`; ``wait=False`` returns a ``Future`` of it at once
-        (one update in flight per name; a newer one cancels one still waiting)."""
-        if self._weights is None:
-            from .weights import WeightsPublisher
-
-            self._weights = WeightsPublisher(lambda n, **kw: self.fetch(n, timeout=timeout, **kw),
-                                             self.publish)
-        return self._weights.publish(name, weights, wait=wait, label=label, metadata=metadata,
-                                     timings=timings, timeout=timeout, signing_key=signing_key,
-                                     staged=staged, plan=plan)
+                        timings: dict[str, float] | None = None, partial: bool = True,
+                        reuse_label: bool = False) -> Any:
+        """Publish new weights for ``name`` in the code of the release the fleet serves
+        (:meth:`base`), without recompiling (:mod:`zmqmodels.weights`): ``weights`` is an
+        ``nn.Module`` of the same architecture (its outputs must match the release's code on
+        the examples) or a state dict (nested under ``state_dict``/``model`` and the DDP
+        ``module.`` prefix are unwrapped); with ``partial`` (the default) a dict may name a
+        subset, the other tensors keep their bytes. Names, dtypes and shapes must match; NaN or
+        Inf is refused before anything is sent. Without ``label`` it is ``<base>+w<seq>``.
+        Returns :class:`Published`; ``wait=False`` returns a ``Future`` of it at once (one
+        update in flight per name; a newer one cancels one still waiting)."""
+        return self._publisher(timeout).publish(
+            name, weights, wait=wait, label=label, metadata=metadata, timings=timings, partial=partial,
+            timeout=timeout, signing_key=signing_key, staged=staged, plan=plan, reuse_label=reuse_label)
 
     def activate(self, name: str, seq: int, *, nodes: list[str] | None = None,
                  labels: list[str] | None = None, timeout: float | None = None) -> P.Activated:
@@ -182,20 +216,37 @@ class HubClient:
         return self._request(P.pack(P.StatusRequest()), P.StatusReply, timeout)
 
     def wait_for(self, name: str, seq: int, count: int, timeout: float,
-                 poll_s: float = 0.2, *,
+                 poll_s: float = 0.2, *, staged: bool = False,
                  on_status: Callable[[P.StatusReply], None] | None = None) -> tuple[bool, P.StatusReply]:
         """:func:`wait_for` on this hub, polling every ``poll_s``."""
         return wait_for(self.status, name, seq, count, timeout, pause=lambda s: time.sleep(min(s, poll_s)),
-                        on_status=on_status)
+                        on_status=on_status, staged=staged)
+
+
+class _Timed:
+    """A :class:`HubClient` whose fetches use the deadline the caller gave."""
+
+    def __init__(self, client: HubClient, timeout: float | None) -> None:
+        self._client, self._timeout = client, timeout
+
+    def status(self) -> P.StatusReply:
+        return self._client.status(timeout=self._timeout)
+
+    def fetch(self, name: str, seq: int = 0, *, manifest_only: bool = False) -> Release:
+        return self._client.fetch(name, seq, timeout=self._timeout, manifest_only=manifest_only)
+
+    def publish(self, release: Release, **kw: Any) -> P.Published:
+        return self._client.publish(release, **kw)
 
 
 def wait_for(status: Callable[[], P.StatusReply], name: str, seq: int, count: int, timeout: float, *,
              pause: Callable[[float], None] = time.sleep,
-             on_status: Callable[[P.StatusReply], None] | None = None) -> tuple[bool, P.StatusReply]:
+             on_status: Callable[[P.StatusReply], None] | None = None,
+             staged: bool = False) -> tuple[bool, P.StatusReply]:
     """Ask ``status`` (a hub's or a :class:`HubClient`'s) until ``count`` nodes serve ``name``
-    at ``seq`` (the rule of :class:`~zmqmodels.core.fleet.Tally`); ``(ok, last status)``, ok
-    False as soon as a node rejects that seq or at the deadline. ``pause(s)`` waits up to
-    ``s`` seconds between asks."""
+    at ``seq`` (``staged``: serve it or hold it staged; the rule of
+    :class:`~zmqmodels.core.fleet.Tally`); ``(ok, last status)``, ok False as soon as a node
+    rejects that seq or at the deadline. ``pause(s)`` waits up to ``s`` seconds between asks."""
     deadline = time.monotonic() + timeout
     while True:
         st = status()
@@ -203,8 +254,8 @@ def wait_for(status: Callable[[], P.StatusReply], name: str, seq: int, count: in
             on_status(st)
         t = tally(st.nodes, name, seq)
         left = deadline - time.monotonic()
-        if t.rejected or t.reached(count) or left <= 0:
-            return t.reached(count), st
+        if t.rejected or t.reached(count, staged=staged) or left <= 0:
+            return t.reached(count, staged=staged), st
         pause(min(left, 0.5))
 
 

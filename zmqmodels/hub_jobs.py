@@ -69,7 +69,8 @@ class StoreJobs:
 
         def store() -> tuple[Release, float]:
             t0 = time.perf_counter()
-            rel = self.hub.desk.put(frames[0].buffer, chunks, hdr.signature, staged=hdr.plan is not None)
+            rel = self.hub.desk.put(frames[0].buffer, chunks, hdr.signature, staged=hdr.plan is not None,
+                                    reuse_label=hdr.reuse_label)
             return rel, time.perf_counter() - t0
 
         self._job(peer, store, lambda p, done: self._published(p, done, hdr.plan))

@@ -71,11 +71,15 @@ class ReleaseDesk:
         self.raise_floor(release.manifest.name)
         return self.signing_key.seal(release, self.store.reserve(release.manifest.name))
 
-    def put(self, raw: Any, chunks: Sequence[Any], signature: bytes, *, staged: bool = False) -> Release:
+    def put(self, raw: Any, chunks: Sequence[Any], signature: bytes, *, staged: bool = False,
+            reuse_label: bool = False) -> Release:
         """Decode (once, here), check and store a release; return it as stored (mapped).
-        ``staged``: it is to be rolled out in waves, so it must have been published staged."""
+        ``staged``: it is to be rolled out in waves, so it must have been published staged.
+        A label already on a stored release of the model is refused unless ``reuse_label``
+        (``rollback --to LABEL`` would otherwise find only the newest of them)."""
         m = decode_manifest(raw, self.limits)
         self.trust.verify(m, raw, signature)  # before anything is hashed or written
+
         if staged and not m.staged:
             raise ReleaseError(f"{m.name}: a rollout in waves needs a release built staged "
                                "(zmqmodels.release.stage_release, before it is signed)")
@@ -86,7 +90,7 @@ class ReleaseDesk:
         checked = Release(m, chunks, raw, signature)
         checked.verify()  # every chunk and the archive sha256, streamed
         before = self.store.latest(m.name)
-        stored = self.store.put(checked)
+        stored = self.store.put(checked, reuse_label=reuse_label)
         stored = self.store.read(m.name, stored.manifest.seq)  # serve from the page cache (mmap)
         try:
             patches = make_patches(before, stored)

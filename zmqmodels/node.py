@@ -415,7 +415,7 @@ class Node(IOThread):
                     if self._sub is not None and self.ledger.is_rolling(name, seq):  # load/apply:
                         cpu = self.ledger.worker_cpu(name, seq, msg.cpu_s)  # summed over workers
                         self._sub.stage(name, seq, **{msg.how: msg.load_s}, check=msg.check_s,
-                                        workers_cpu=cpu)
+                                        workers_cpu=cpu, how=msg.how, why=msg.why)
                 if ok and msg.batch_note:
                     log.warning("worker %s: %s seq %d unbatched: %s", wid, name, seq, msg.batch_note)
                 self._carry(self.broker.loaded(wid, name, seq, label, ok, reason, now, corrupt=msg.corrupt,

@@ -227,10 +227,12 @@ class Store:
             raise StoreError(f"{seq_file} is damaged") from None
         return last, max(self.seqs(name), default=0)
 
-    def put(self, release: Release) -> Release:
+    def put(self, release: Release, *, reuse_label: bool = True) -> Release:
         """Store ``release``; return it as stored. A release with ``seq`` 0 (unsigned) gets the
         next seq of its name; one with a seq (signed: the seq is part of what is signed) is
-        stored as it is, byte for byte, if that seq is newer than every stored one."""
+        stored as it is, byte for byte, if that seq is newer than every stored one. Unless
+        ``reuse_label``, a label already on a stored release of the name is refused
+        (``rollback --to LABEL`` would find only the newest)."""
         name = validate_name(release.manifest.name)
         with self._locked(name) as d:
             last, newest = self._seq_state(d, name)
@@ -245,6 +247,12 @@ class Store:
                                  "an old release cannot be published again (roll back instead)")
             else:
                 stored = release
+            label = release.manifest.label
+            same = [m.seq for m in self.manifests(name) if m.label == label] if label and not reuse_label \
+                else []
+            if same:
+                raise ReleaseError(f"label {label!r} is already on {name} seq {same[-1]}: give another "
+                                   "label, or reuse it on purpose (--reuse-label)")
             atomic_write(d / "SEQ", str(max(seq, last)).encode())
             write_release_file(self.path(name, seq), stored)
             self._prune(name)

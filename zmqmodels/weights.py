@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +34,9 @@ from .archive import TensorDesc, set_crcs
 from .errors import ReleaseError, ZmqModelsError
 from .release import Release, compress_archive, pack_tensors, span_digests, unpack_tensors
 
-__all__ = ["Base", "WeightsPublisher", "state_of", "swap_tensors", "weights_release"]
+log = logging.getLogger(__name__)
+
+__all__ = ["Base", "WeightsPublisher", "rebase", "swap_tensors", "weights_release"]
 
 
 @dataclass
@@ -46,44 +49,22 @@ class Base:
     module: Any = None
 
 
-def state_of(weights: Any) -> dict[str, Any]:
-    """A ``{name: tensor}`` from an ``nn.Module`` (its ``state_dict()``) or a mapping; a
-    checkpoint nesting one under ``state_dict`` or ``model`` is unwrapped."""
-    import torch
-
-    if isinstance(weights, torch.nn.Module):
-        return dict(weights.state_dict())
-    if isinstance(weights, Mapping):
-        for key in ("state_dict", "model"):
-            if isinstance(weights.get(key), Mapping) and not isinstance(weights.get(key), torch.Tensor):
-                return state_of(weights[key])
-        bad = [k for k, v in weights.items() if not isinstance(v, torch.Tensor)]
-        if bad:
-            raise ReleaseError(f"not tensors: {', '.join(map(str, bad[:5]))}")
-        return dict(weights)
-    raise ReleaseError(f"weights must be an nn.Module or a dict of tensors, not {type(weights).__name__}")
-
-
-def swap_tensors(base: Base, state: Mapping[str, Any]) -> tuple[bytearray, list[TensorDesc], list[str]]:
+def swap_tensors(base: Base, state: Mapping[str, Any], *, partial: bool = True
+                 ) -> tuple[bytearray, list[TensorDesc], list[str]]:
     """A copy of the base archive holding ``state``'s tensors: ``(archive, descriptors, kept)``,
-    ``kept`` naming the base's tensors ``state`` leaves out (they keep their bytes). Names,
-    dtypes and shapes must match the release's; every mismatch is named."""
+    ``kept`` naming the base's tensors ``state`` leaves out (they keep their bytes; only with
+    ``partial``). Names, dtypes and shapes must match the release's
+    (:func:`~zmqmodels.checkpoint.require_fit`); every mismatch is named."""
     import torch
+
+    from .checkpoint import require_fit
 
     m = base.release.manifest
     if not m.tensors:
         raise ReleaseError(f"{m.name} seq {m.seq} describes no tensors (built before tensor "
                            "descriptors, or not an archive this reader understands): publish it whole")
-    by_name = {t.name: t for t in m.tensors}
-    problems = [f"{k}: not in the release" for k in state if k not in by_name]
-    for k, x in state.items():
-        t = by_name.get(k)
-        if t is not None and (str(x.dtype).removeprefix("torch.") != t.dtype or list(x.shape) != t.shape):
-            problems.append(f"{k}: {str(x.dtype).removeprefix('torch.')}{list(x.shape)}, "
-                            f"the release has {t.dtype}{t.shape}")
-    if problems:
-        raise ReleaseError(f"weights do not fit {m.name} seq {m.seq}: " + "; ".join(problems[:8])
-                           + (f" (+{len(problems) - 8} more)" if len(problems) > 8 else ""))
+    require_fit(state, {t.name: (t.dtype, t.shape) for t in m.tensors}, f"{m.name} seq {m.seq}",
+                partial=partial, subset="--partial, or partial=True")
     out = bytearray(base.archive)
     view = memoryview(out)
     descs, changed = [], []
@@ -100,14 +81,74 @@ def swap_tensors(base: Base, state: Mapping[str, Any]) -> tuple[bytearray, list[
         descs.append(msgspec.structs.replace(t, xxh3=digest))
     view.release()
     set_crcs(out, changed)
-    return out, descs, sorted(set(by_name) - set(state))
+    return out, descs, sorted({t.name for t in m.tensors} - set(state))
+
+
+def rebase(base: Base, release: Release) -> Release | str:
+    """``release`` rebuilt on ``base``'s archive when both hold the same code (``code_sha256``)
+    and tensors (names, dtypes, shapes): the base's archive with the new tensor bytes written
+    over its own, so a tensor that did not change keeps its span whatever else differs between
+    two saves (serialization ids, entry order or offsets), the base's chunking and codec, and
+    the base's compressed chunks wherever a span is unchanged (the hub leaves those out and
+    nodes apply the update into the module they serve). The manifest is ``release``'s
+    otherwise (examples, expected outputs, batching, label), with ``weights_of`` the base's seq.
+    A reason (str) when it cannot be rebased."""
+    b, m = base.release.manifest, release.manifest
+    why = _unlike(b, m)
+    if why:
+        return why
+    from .archive import storages, tensor_table
+
+    archive = release.archive()
+    held = {t.storage for t in tensor_table(archive)}
+    if storages(archive) != held:
+        return "its archive holds tensor data no parameter or buffer holds"
+    out = bytearray(base.archive)
+    src, dst = memoryview(archive), memoryview(out)
+    descs, changed = [], []
+    for old, new in zip(b.tensors, m.tensors, strict=True):
+        data = src[new.start:new.start + new.nbytes]
+        if new.xxh3 != old.xxh3 or data != dst[old.start:old.start + old.nbytes]:
+            dst[old.start:old.start + old.nbytes] = data
+            changed.append((old.start, old.start + old.nbytes))
+        descs.append(msgspec.structs.replace(old, xxh3=new.xxh3))
+    del src, dst, data
+    set_crcs(out, changed)
+    manifest = msgspec.structs.replace(
+        m, metadata={**m.metadata, "weights_of": str(b.seq)}, code_sha256=b.code_sha256)
+    return _on_base(base, out, descs, manifest, release.notes)
+
+
+def _unlike(b: Any, m: Any) -> str:
+    """Why a release of manifest ``m`` cannot be rebuilt on base manifest ``b`` ("" if it can)."""
+    if b.name != m.name:
+        return f"the base is {b.name}, not {m.name}"
+    if not b.code_sha256 or not m.code_sha256:
+        return "no code digest (an archive this reader does not understand)"
+    if b.code_sha256 != m.code_sha256:
+        return f"its code differs from seq {b.seq}'s (code digest)"
+    if [(t.name, t.dtype, t.shape) for t in b.tensors] != [(t.name, t.dtype, t.shape) for t in m.tensors]:
+        return f"its tensors differ from seq {b.seq}'s"
+    return ""
 
 
 def weights_release(base: Base, archive: bytearray, tensors: list[TensorDesc], expected: list[Any],
                     label: str, metadata: Mapping[str, str] | None = None) -> Release:
-    """The release of ``archive`` (the base's code, new tensor bytes): chunks whose span is
-    unchanged are the base's compressed chunks as they are; the others are compressed anew
-    with the base's codec."""
+    """The release of ``archive`` (the base's code, new tensor bytes) as
+    ``compile_method="weights"``: see :func:`_on_base`."""
+    m = base.release.manifest
+    manifest = msgspec.structs.replace(
+        m, label=label, compile_method="weights", compile_warnings=[],
+        expected=pack_tensors(list(expected)), staged=False,
+        metadata={**m.metadata, **(metadata or {}), "weights_of": str(m.seq)})
+    return _on_base(base, archive, tensors, manifest)
+
+
+def _on_base(base: Base, archive: bytearray, tensors: list[TensorDesc], manifest: Any,
+             notes: tuple[str, ...] = ()) -> Release:
+    """The release of ``archive`` (the base's code, new tensor bytes) with ``manifest``'s
+    other fields: chunks whose span is unchanged are the base's compressed chunks as they
+    are; the others are compressed anew with the base's codec."""
     m, old = base.release.manifest, base.release.chunks
     raw = span_digests(archive, m.chunk_bytes)
     view = memoryview(archive)
@@ -119,14 +160,12 @@ def weights_release(base: Base, archive: bytearray, tensors: list[TensorDesc], e
             chunks.extend(compress_archive(view[i * m.chunk_bytes:(i + 1) * m.chunk_bytes], m.codec,
                                            m.chunk_bytes))
     manifest = msgspec.structs.replace(
-        m, seq=0, label=label, created_at=time.time(),
-        archive_sha256=hashlib.sha256(view).hexdigest(),
+        manifest, seq=0, created_at=time.time(), archive_sha256=hashlib.sha256(view).hexdigest(),
+        archive_bytes=len(archive), codec=m.codec, chunk_bytes=m.chunk_bytes, chunk_count=len(chunks),
         compressed_bytes=sum(len(c) for c in chunks), chunk_sizes=[len(c) for c in chunks],
         chunk_xxh3=[xxhash.xxh3_64_intdigest(c) for c in chunks], chunk_raw_xxh3=raw,
-        tensors=tensors, compile_method="weights", compile_warnings=[],
-        expected=pack_tensors(list(expected)), signer="", staged=False,
-        metadata={**m.metadata, **(metadata or {}), "weights_of": str(m.seq)})
-    return Release(manifest.check(), chunks)
+        tensors=tensors, signer="")
+    return Release(manifest.check(), chunks, notes=notes)
 
 
 def check_weights(base: Base, archive: bytearray, state: Mapping[str, Any], eager: Any = None) -> list[Any]:
@@ -160,8 +199,8 @@ def _run_examples(module: Any, m: Any, eager: Any, device: str) -> list[Any]:
     import torch
 
     from .compile import compare_outputs
-    from .loader import check_finite, to_device
-    from .tensors import signature
+    from .loader import to_device
+    from .tensors import check_finite, signature
 
     examples = unpack_tensors(m.examples) if m.examples else []
     outs = []
@@ -187,19 +226,24 @@ def _run_examples(module: Any, m: Any, eager: Any, device: str) -> list[Any]:
 
 
 class WeightsPublisher:
-    """Bases by model name, one update in flight per name (see the module's doc).
-    ``fetch(name)`` returns the newest stored release of ``name``; ``publish(release, **kw)``
-    hands one to the hub and returns its ``Published``."""
+    """Bases by model name, one update in flight per name (see the module's doc). ``hub`` is
+    a :class:`~zmqmodels.hub_client.HubClient` (``status``, ``fetch``, ``publish``)."""
 
-    def __init__(self, fetch: Callable[[str], Release], publish: Callable[..., Any]) -> None:
-        self._fetch, self._publish = fetch, publish
+    def __init__(self, hub: Any) -> None:
+        self._hub = hub
         self._bases: dict[str, Base] = {}
         self._lock = threading.Lock()
         self._waiting: dict[str, tuple[dict[str, Any], dict[str, Any], Future[Any]]] = {}
         self._busy: set[str] = set()
-        self._count = 0
 
     def publish(self, name: str, weights: Any, *, wait: bool = True, **kw: Any) -> Any:
+        import torch
+
+        from .checkpoint import state_of
+
+        state, lines = state_of(weights)
+        for line in lines:
+            log.info("publish_weights %s: %s", name, line)
         if wait:
             with self._lock:
                 if name in self._busy:
@@ -207,15 +251,13 @@ class WeightsPublisher:
                                        "wait for its future first")
                 self._busy.add(name)
             try:
-                return self._one(name, state_of(weights), weights, **kw)
+                return self._one(name, state, weights, **kw)
             finally:
                 with self._lock:
                     self._busy.discard(name)
-        import torch
-
         eager = weights if isinstance(weights, torch.nn.Module) else None
         # copied now: the caller's training step may change its tensors in place right after
-        state = {k: v.detach().to("cpu", copy=True) for k, v in state_of(weights).items()}
+        state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
         if eager is not None:
             import copy
 
@@ -251,33 +293,81 @@ class WeightsPublisher:
 
     def _one(self, name: str, state: dict[str, Any], eager: Any, *, label: str = "",
              metadata: Mapping[str, str] | None = None, timings: dict[str, float] | None = None,
-             **publish_kw: Any) -> Any:
+             partial: bool = True, **publish_kw: Any) -> Any:
         import torch
 
+        from .checkpoint import require_finite
+
         t0 = time.perf_counter()
-        base = self._base(name)
+        require_finite(state, f"new weights of {name}")
+        st = self._hub.status()
+        base = self.base(name, st)
+        if base is None:
+            raise ReleaseError(f"the hub stores no release of {name}: publish one whole first")
         t1 = time.perf_counter()
-        archive, descs, _kept = swap_tensors(base, state)
+        archive, descs, _kept = swap_tensors(base, state, partial=partial)
         expected = check_weights(base, archive, state, eager if isinstance(eager, torch.nn.Module) else None)
         t2 = time.perf_counter()
-        self._count += 1
-        stem = base.release.manifest.label.partition("+w")[0] or f"seq{base.release.manifest.seq}"
-        label = label or f"{stem}+w{self._count}"
+        label = label or auto_label(base.release.manifest, st)
         release = weights_release(base, archive, descs, expected, label, metadata)
         t3 = time.perf_counter()
-        done = self._publish(release, **publish_kw)
+        done = self._hub.publish(release, rebase=False, **publish_kw)
         stored = msgspec.structs.replace(release.manifest, seq=done.seq)
         self._bases[name] = Base(Release(stored, release.chunks), archive, base.module)
         if timings is not None:
             timings.update(base=t1 - t0, check=t2 - t1, build=t3 - t2, send=time.perf_counter() - t3)
         return done
 
-    def _base(self, name: str) -> Base:
-        """The kept base if it is still the hub's newest release of ``name``, else that one."""
-        newest = self._fetch(name, manifest_only=True)
+    def base(self, name: str, status: Any = None, *, manifest: Any = None) -> Base | None:
+        """The release new weights of ``name`` build on (:func:`~zmqmodels.core.fleet.base_seq`:
+        one that serves, never one the fleet refused), its archive fetched unless kept from an
+        earlier update; None if the hub stores none. ``manifest``: that release's manifest,
+        if the caller has it."""
+        from .core.fleet import base_seq
+
+        seq = base_seq(status if status is not None else self._hub.status(), name)
+        if seq is None:
+            return None
+        if manifest is None or manifest.seq != seq:
+            manifest = self._hub.fetch(name, seq, manifest_only=True).manifest
         kept = self._bases.get(name)
-        if kept is not None and kept.release.manifest.archive_sha256 == newest.manifest.archive_sha256:
+        if kept is not None and kept.release.manifest.archive_sha256 == manifest.archive_sha256:
             return kept
-        release = self._fetch(name)
+        release = self._hub.fetch(name, seq)
         base = self._bases[name] = Base(release, release.archive())
         return base
+
+    def rebase(self, release: Release, status: Any = None) -> tuple[Release, str]:
+        """``release`` rebuilt on its model's base (:func:`rebase`) when that base holds the
+        same code, with a line saying what was done; else ``release`` and why not."""
+        from .core.fleet import base_seq
+
+        m = release.manifest
+        try:
+            seq = base_seq(status if status is not None else self._hub.status(), m.name)
+        except ReleaseError as exc:
+            return release, f"whole release: {exc}"
+        if seq is None:
+            return release, "whole release: the first of its name"
+        head = self._hub.fetch(m.name, seq, manifest_only=True).manifest
+        why = _unlike(head, m)
+        if why:
+            return release, f"whole release: {why}"
+        base = self.base(m.name, status, manifest=head)
+        assert base is not None
+        done = rebase(base, release)
+        if isinstance(done, str):
+            return release, f"whole release: {done}"
+        b, n = base.release.manifest, done.manifest
+        same = sum(1 for old, new in zip(b.chunk_raw_xxh3, n.chunk_raw_xxh3, strict=False) if old == new)
+        changed = sum(1 for o, t in zip(b.tensors, n.tensors, strict=True) if o.xxh3 != t.xxh3)
+        return done, (f"delta on seq {b.seq} ({b.label or '-'}), same code: {changed} of {len(n.tensors)} "
+                      f"tensor(s) changed, {n.chunk_count - same} of {n.chunk_count} chunk(s) to send")
+
+
+def auto_label(base: Any, status: Any) -> str:
+    """``<base label>+w<seq>``: the label a weights update gets unless given one, unique because
+    ``seq`` is the one the hub will assign (its newest stored + 1)."""
+    newest = next((m.seq for m in status.models if m.name == base.name), base.seq)
+    stem = base.label.partition("+w")[0] or f"seq{base.seq}"
+    return f"{stem}+w{newest + 1}"

@@ -163,8 +163,11 @@ def build_from_options(source: str, name: str, label: str, weights: str | None,
                        example_specs: tuple[str, ...], example_file: str | None, codec: str,
                        chunk_mb: float, no_trace: bool, trace: bool, meta: tuple[str, ...],
                        batching: str = "auto", max_batch: int = defaults.PROOF_MAX_BATCH,
-                       progress: Any = None, timings: dict[str, float] | None = None) -> Any:
-    """:func:`zmqmodels.build.build_from_source` from CLI options."""
+                       progress: Any = None, timings: dict[str, float] | None = None,
+                       base: Any = None) -> Any:
+    """:func:`zmqmodels.build.build_from_source` from CLI options. ``base``: the manifest of the
+    release the fleet serves under that name, whose codec (unless ``--codec``) and examples
+    (unless given) the new release takes."""
     from ..build import build_from_source, parse_metadata
     from ..errors import SourceError
 
@@ -184,8 +187,13 @@ def build_from_options(source: str, name: str, label: str, weights: str | None,
         if progress is not None and sys.stderr.isatty() and total > 1:
             click.echo(f"\r  compressed {done}/{total} chunks", nl=done == total, err=True)
 
+    if base is not None and codec == "auto":
+        codec = base.codec  # a codec change would keep every chunk from matching the base's
+    if base is not None and chunk_mb == defaults.CHUNK_BYTES / 2**20:
+        chunk_mb = base.chunk_bytes / 2**20
     return build_from_source(source, name, label, weights=weights, example_specs=example_specs,
                              example_file=example_file, codec=codec, chunk_bytes=int(chunk_mb * 2**20),
+                             base_examples=base,
                              allow_trace=not no_trace, method="trace" if trace else "auto",
                              metadata=metadata, progress=progress,
                              chunk_progress=chunk_bar, timings=timings, batching=batching,

@@ -10,8 +10,8 @@ import click
 
 from ..protocol import ModelState
 
-__all__ = ["emit_json", "fleet_table", "rollout_text", "stages_text", "release_cpu", "CPU_STAGES",
-           "status_json", "to_jsonable", "failed_nodes", "finish_publish"]
+__all__ = ["emit_json", "fleet_table", "model_head", "rollout_text", "stages_text", "release_cpu",
+           "CPU_STAGES", "status_json", "to_jsonable", "failed_nodes", "finish_publish"]
 
 
 def emit_json(obj: Any) -> None:
@@ -36,9 +36,27 @@ def fleet_table(status: Any, name: str | None = None) -> str:
                      f"{n.age_s:.1f}s", stages_text(n), err or "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    models = ", ".join(f"{m.name} seq {m.seq} ({m.label or '-'})" for m in status.models)
+    models = ", ".join(model_head(m, status.nodes) for m in status.models if name is None or m.name == name)
     waves = [rollout_text(w) for w in status.rollouts if name is None or w.name == name]
     return f"hub {status.hub}: {models or 'no models'}\n" + "\n".join(lines + waves)
+
+
+def model_head(m: Any, nodes: Any) -> str:
+    """One model in the status header: its newest stored release and, when that is not what
+    the fleet serves (refused by nodes, staged, still rolling out), what the nodes do serve."""
+    rows = [n for n in nodes if n.model == m.name and n.state != ModelState.LOST]
+    refused = sum(n.rejected_seq == m.seq for n in rows)
+    newest = f"seq {m.seq} ({m.label or '-'})"
+    if m.active == m.seq and not refused:
+        return f"{m.name} {newest} active"
+    served: dict[tuple[int, str], int] = {}
+    for n in rows:
+        if n.state == ModelState.SERVING:
+            served[(n.seq, n.label)] = served.get((n.seq, n.label), 0) + 1
+    serving = ", ".join(f"seq {s} ({lb or '-'}) on {k}" for (s, lb), k in sorted(served.items())[::-1])
+    why = f"rejected by {refused} node(s)" if refused else "staged" if m.active < m.seq else "rolling out"
+    active = f", active seq {m.active}" if m.active and m.active != m.seq else ""
+    return f"{m.name} serving {serving or 'nowhere'}{active}; newest stored {newest}: {why}"
 
 
 def rollout_text(w: Any) -> str:
@@ -124,7 +142,7 @@ def failed_nodes(status: Any, name: str, seq: int) -> dict[str, str]:
 
 def finish_publish(ok: bool, status: Any, name: str, seq: int, label: str, wait_for: int,
                     as_json: bool, say: Any, *, staged: bool = False,
-                    timings: dict[str, float] | None = None) -> None:
+                    timings: dict[str, float] | None = None, extra: dict[str, Any] | None = None) -> None:
     from ..core.fleet import tally
 
     t = tally(status.nodes, name, seq)
@@ -135,14 +153,14 @@ def finish_publish(ok: bool, status: Any, name: str, seq: int, label: str, wait_
         emit_json({"ok": ok, "name": name, "seq": seq, "label": label, "serving": serving,
                     "rejected": rejected, "failed": failed, "staged": staged, "holding": held,
                     "known": t.rows,
-                    "wait_for": wait_for, "status": status_json(status),
+                    "wait_for": wait_for, "status": status_json(status), **(extra or {}),
                     **({"timings": {k: round(v, 4) for k, v in timings.items()}} if timings else {})})
     else:
         say(fleet_table(status, name))
         verdict = "ok" if ok else "FAILED"
-        if staged and not wait_for:
-            say(f"{verdict}: {name} seq {seq} staged: {held} node(s) hold it so far, {serving} serve it "
-                f"(it is served once activated)")
+        if staged:
+            say(f"{verdict}: {name} seq {seq} staged: {held} node(s) hold it, {serving} serve it "
+                f"(it is served once activated)" + (f", wanted {wait_for}" if wait_for else ""))
         else:
             say(f"{verdict}: {name} seq {seq} serving on {serving} node(s)"
                 + (f", wanted {wait_for}" if wait_for else ""))

@@ -71,6 +71,9 @@ class Follow:
     reason: str = ""
     stages: dict[str, float] = field(default_factory=dict)  # of release ``stages_seq``
     stages_seq: int = 0
+    moved: dict[str, int] = field(default_factory=dict)  # what release ``stages_seq`` cost the link
+    how: str = ""  # how release ``stages_seq`` was taken in: "apply" or "load"
+    how_reason: str = ""  # why "load" (not "apply")
     staged: int = 0  # a verified, cached staged release held until activated (0: none)
     active: int = 0  # staged releases up to this seq are activated for this node
     want: int = 0  # an older seq to fetch all the same: the active one, behind a held staged one
@@ -203,6 +206,7 @@ class Assembler:
                     reused = asm.reuse(base, reopen=lambda: self._base(m.name))  # type: ignore[misc]
                     self.stats["bytes_reused"] += reused
                     self.stats["chunks_reused"] += m.chunk_count - len(asm.missing)
+                    asm.moved.update(bytes_reused=reused, chunks_reused=m.chunk_count - len(asm.missing))
         out: list[Action] = []
         if not m.staged:  # a staged release does not change what this node says it serves
             st.state, st.seq, st.label, st.reason = ModelState.RECEIVING, m.seq, m.label, ""
@@ -375,13 +379,16 @@ class Assembler:
             st.label = label
         return [Send(self._report(st))]
 
-    def stage(self, name: str, seq: int, **seconds: float) -> None:
-        """Record how long stages of release ``seq`` took (a newer seq starts afresh)."""
+    def stage(self, name: str, seq: int, *, how: str = "", why: str = "", **seconds: float) -> None:
+        """Record the seconds stages of release ``seq`` took (a newer seq starts afresh) and
+        ``how`` it was taken in ("apply", or "load" and ``why``; any worker's load shows)."""
         st = self.follow(name)
         if seq > st.stages_seq:
-            st.stages, st.stages_seq = {}, seq
+            st.stages, st.stages_seq, st.moved, st.how, st.how_reason = {}, seq, {}, "", ""
         if seq == st.stages_seq:
             st.stages.update({k: round(v, 4) for k, v in seconds.items()})
+            if how and (st.how != "load" or how == "load"):
+                st.how, st.how_reason = how, why if how == "load" else ""
 
     def reports(self) -> list[Action]:
         return [Send(self._report(st)) for st in self.models.values()]
@@ -404,6 +411,7 @@ class Assembler:
         return P.Report(node=self.node_id, model=st.name, state=st.state, seq=st.seq,
                         label=st.label, reason=st.reason[:500], host=self.host, pid=self.pid,
                         device=self.device, stages=dict(st.stages), stages_seq=st.stages_seq,
+                        moved=dict(st.moved), how=st.how, how_reason=st.how_reason[:300],
                         staged=st.staged, labels=self.labels, requests=st.requests, errors=st.errors)
 
     def _refuse(self, st: Follow, m: Manifest, raw: bytes, exc: ZmqModelsError) -> list[Action]:
@@ -437,4 +445,6 @@ class Assembler:
         asm.view.release()
         asm.receive_s = max(0.0, self._now - asm.started)
         self.stage(st.name, asm.manifest.seq, receive=asm.receive_s)
+        if asm.manifest.seq == st.stages_seq:
+            st.moved = dict(asm.moved)
         return [Deliver(st.name, asm, digest)]

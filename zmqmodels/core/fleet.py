@@ -17,9 +17,9 @@ from dataclasses import dataclass, replace
 
 from .. import defaults
 from .. import protocol as P
-from ..errors import ProtocolError
+from ..errors import ProtocolError, ReleaseError
 
-__all__ = ["FleetEntry", "Fleet", "Tally", "tally"]
+__all__ = ["FleetEntry", "Fleet", "Tally", "base_seq", "tally"]
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class FleetEntry:
         return P.NodeStatus(r.node, r.model, state, r.seq, r.label, reason, r.host, r.pid,
                             r.device, round(age, 3), self.rejected_seq, self.rejected_reason,
                             r.stages, r.stages_seq, r.via, r.staged, r.labels, r.requests,
-                            r.errors)
+                            r.errors, r.moved, r.how, r.how_reason)
 
 
 class Fleet:
@@ -68,6 +68,8 @@ class Fleet:
         entry = FleetEntry(report, now) if prev is None else replace(prev, report=report, seen=now)
         if report.state == P.ModelState.REJECTED:
             entry = replace(entry, rejected_seq=report.seq, rejected_reason=report.reason)
+        elif report.state == P.ModelState.SERVING and 0 < entry.rejected_seq < report.seq:
+            entry = replace(entry, rejected_seq=0, rejected_reason="")  # a newer one serves: past
         if prev is None and len(self._entries) >= self.max_entries:
             del self._entries[min(self._entries, key=lambda k: self._entries[k].seen)]
             self.evicted += 1
@@ -103,9 +105,11 @@ class Tally:
     rejected: list[str]  # nodes that rejected it
     broken: int  # nodes lost or in error (whatever release)
     rows: int  # nodes following the model
+    held: int = 0  # nodes holding it staged (verified and cached, served once activated)
 
-    def reached(self, count: int) -> bool:
-        return self.serving >= count and not self.rejected
+    def reached(self, count: int, *, staged: bool = False) -> bool:
+        """``count`` nodes serve it (``staged``: serve it or hold it staged) and none refused it."""
+        return self.serving + (self.held if staged else 0) >= count and not self.rejected
 
 
 _ON_THE_WAY = (P.ModelState.RECEIVING, P.ModelState.VERIFIED, P.ModelState.LOADING)
@@ -119,4 +123,32 @@ def tally(rows: Sequence[P.NodeStatus], name: str, seq: int, *, or_newer: bool =
     at = [r for r in mine if r.state == P.ModelState.SERVING and (r.seq >= seq if or_newer else r.seq == seq)]
     return Tally(len(at), sum(r.seq == seq and r.state in _ON_THE_WAY for r in mine),
                  [r.node for r in mine if r.rejected_seq == seq],
-                 sum(r.state in (P.ModelState.LOST, P.ModelState.ERROR) for r in mine), len(mine))
+                 sum(r.state in (P.ModelState.LOST, P.ModelState.ERROR) for r in mine), len(mine),
+                 sum(r.staged == seq and r.state != P.ModelState.LOST for r in mine))
+
+
+def base_seq(status: P.StatusReply, name: str) -> int | None:
+    """The release of ``name`` that new weights build on (``publish_weights``, ``--like``, a
+    delta): the newest that some node serves or that is active fleet-wide, never one the
+    fleet refused (some node rejected it and none serves it). Nothing serves and nothing is
+    active (only staged releases): the newest stored. None: no release of ``name`` is stored.
+    :class:`ReleaseError` when the only candidates were refused."""
+    model = next((m for m in status.models if m.name == name), None)
+    if model is None:
+        return None
+    rows = [r for r in status.nodes if r.model == name and r.state != P.ModelState.LOST]
+    serving = {r.seq for r in rows if r.state == P.ModelState.SERVING}
+    refused = {r.rejected_seq for r in rows if r.rejected_seq} - serving
+    candidates = serving | ({model.active} - refused - {0})
+    if candidates:
+        return max(candidates)
+    if model.seq not in refused:
+        return model.seq
+    return _refused(name, model.seq, rows)
+
+
+def _refused(name: str, seq: int, rows: Sequence[P.NodeStatus]) -> int:
+    why = next((r.last_error for r in rows if r.rejected_seq == seq and r.last_error), "")
+    raise ReleaseError(f"no release of {name} to build on: {sum(r.rejected_seq == seq for r in rows)} "
+                       f"node(s) rejected seq {seq} and none serves another"
+                       + (f" ({why[:200]})" if why else "") + "; publish a whole release or roll back")

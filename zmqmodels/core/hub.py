@@ -267,7 +267,8 @@ class HubCore:
     # -- what operators see ------------------------------------------------------------------
     def status(self, now: float) -> P.StatusReply:
         models = [P.ModelStatus(n, r.manifest.seq, r.manifest.label, r.manifest.archive_sha256,
-                                r.manifest.archive_bytes) for n, r in sorted(self.latest.items())]
+                                r.manifest.archive_bytes, self.active.get(n, 0))
+                  for n, r in sorted(self.latest.items())]
         return P.StatusReply(self.hub_id, models, self.fleet.rows(now), dict(self.stats),
                              rollouts=[w.status() for _, w in sorted(self.waves.items())])
 

@@ -109,6 +109,9 @@ class Incoming(abc.ABC):
     corrupt_fetches: int = 0  # fetched (not broadcast) chunks that failed their digest
     fault: str = ""  # why the last chunk that failed was refused
     pace: Pace = field(init=False)
+    # what this release cost the link: bytes_received, chunks_received/_fetched/_patched, and
+    # bytes_duplicate (chunks that came when already held: a broadcast of a reused chunk)
+    moved: Counter[str] = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
         self.missing = set(range(self.manifest.chunk_count))
@@ -226,6 +229,7 @@ class Intake:
         inc.requested.pop(i, None)
         if i not in inc.missing:
             self.stats["chunk_duplicate"] += 1
+            inc.moved["bytes_duplicate"] += len(payload)
             taken = Taken.DUPLICATE
         else:
             try:
@@ -250,6 +254,8 @@ class Intake:
                 self.stats["bytes_received"] += len(payload)
                 self.stats["chunks_fetched" if fetched else "chunks_broadcast"] += 1
                 self.stats["chunks_patched"] += isinstance(hdr, P.PatchHeader)
+                inc.moved.update(bytes_received=len(payload), chunks_received=1, chunks_fetched=int(fetched),
+                                 chunks_patched=int(isinstance(hdr, P.PatchHeader)))
                 if not inc.missing:
                     del self.coming[hdr.name]
                     self.stats["complete"] += 1

@@ -186,12 +186,18 @@ class Report(msgspec.Struct, frozen=True):
     labels: list[str] = []  # the node's labels (``serve --label``), for waves and ACTIVATE
     requests: NonNeg = 0  # requests answered by ``seq`` since the node started
     errors: NonNeg = 0  # of those, with a server-side error (model_error, internal, worker_lost)
+    # what release ``stages_seq`` cost the link (bytes_received, chunks_received, chunks_fetched,
+    # chunks_patched, bytes_reused, chunks_reused, bytes_duplicate) and how it was taken in
+    moved: dict[str, NonNeg] = {}
+    how: str = ""  # "apply" (new tensors into the code served) or "load"
+    how_reason: str = ""  # why "load"
 
 
 class Publish(msgspec.Struct, frozen=True):
     signature: bytes = b""  # of the manifest frame that follows; empty = unsigned
     v: int = V
     plan: WavePlan | None = None  # a staged rollout in waves (the manifest must be staged)
+    reuse_label: bool = False  # store it even if a stored release of the model has its label
 
 
 class Reserve(msgspec.Struct, frozen=True):
@@ -277,6 +283,9 @@ class NodeStatus(msgspec.Struct, frozen=True):
     labels: list[str] = []
     requests: int = 0  # Report.requests / errors, as last reported
     errors: int = 0
+    moved: dict[str, int] = {}  # Report.moved / how / how_reason of release ``stages_seq``
+    how: str = ""
+    how_reason: str = ""
 
 
 class WaveStatus(msgspec.Struct, frozen=True):
@@ -298,10 +307,11 @@ class WaveStatus(msgspec.Struct, frozen=True):
 
 class ModelStatus(msgspec.Struct, frozen=True):
     name: str
-    seq: int
+    seq: int  # the newest stored release
     label: str
     sha256: str
     archive_bytes: int
+    active: int = 0  # the seq active fleet-wide (0: none; staged releases wait for activation)
 
 
 class StatusReply(msgspec.Struct, frozen=True):

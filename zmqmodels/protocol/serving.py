@@ -227,6 +227,7 @@ class LoadResult(msgspec.Struct, frozen=True):
     batch: NonNeg = 1  # the most rows it joins in one forward for this release
     batch_note: str = ""  # why it does not join what the manifest claims
     cpu_s: float = 0.0  # CPU seconds the worker spent taking it (load or apply, check, warm-up)
+    why: str = ""  # why "load" (not "apply")
 
 
 class Applying(msgspec.Struct, frozen=True):
