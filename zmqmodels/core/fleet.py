@@ -130,9 +130,9 @@ def tally(rows: Sequence[P.NodeStatus], name: str, seq: int, *, or_newer: bool =
 def base_seq(status: P.StatusReply, name: str) -> int | None:
     """The release of ``name`` that new weights build on (``publish_weights``, ``--like``, a
     delta): the newest that some node serves or that is active fleet-wide, never one the
-    fleet refused (some node rejected it and none serves it). Nothing serves and nothing is
-    active (only staged releases): the newest stored. None: no release of ``name`` is stored.
-    :class:`ReleaseError` when the only candidates were refused."""
+    fleet refused (some node rejected it and none serves it). Nothing serves and no active
+    release stands (only staged ones, or the active one was refused): the newest stored, unless
+    refused too (:class:`ReleaseError`). None: no release of ``name`` is stored."""
     model = next((m for m in status.models if m.name == name), None)
     if model is None:
         return None
