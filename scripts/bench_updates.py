@@ -42,6 +42,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from pathlib import Path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -174,6 +175,7 @@ def main() -> None:
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--width", type=int, default=2048, help=argparse.SUPPRESS)
     ap.add_argument("--json", help="write each update's numbers here (for bench_against.py)")
+    ap.add_argument("--rollout-only", action="store_true", help="only the rollout against TorchServe")
     args = ap.parse_args()
     if args.client:
         run_client(args.client, args.out, args.width)
@@ -214,6 +216,11 @@ def main() -> None:
     train(model, 3, 1e-3)
     examples = [(torch.randn(2, width),)]
     tmp = tempfile.mkdtemp(prefix="zmqm-bu-")
+    if args.rollout_only:
+        print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; model "
+              f"{layers} x {width}^2 + head\n")
+        print("\n".join(rollout_vs_torchserve(MLP, width, examples, args.rounds, tmp, args.no_torchserve)))
+        return
     rows = []
     fleet = Fleet(tmp, (1, 2))
     client = HubClient(fleet.hub, timeout=300)
@@ -315,17 +322,31 @@ def main() -> None:
         print("\n".join(rollout_vs_torchserve(MLP, width, examples, args.rounds, tmp)))
 
 
-def rollout_vs_torchserve(MLP, width: int, examples, rounds: int, tmp: str) -> list[str]:  # noqa: ANN001, N803
+def rollout_vs_torchserve(MLP, width: int, examples, rounds: int, tmp: str,  # noqa: ANN001, N803
+                          no_torchserve: bool = False) -> list[str]:
     """4 closed-loop client processes on one worker (one torch thread): publish (register) call
-    -> the last reply by the old version; zmqmodels (a built release, publish_weights) and
-    TorchServe (register v2 + set-default), each ``rounds`` times, alternating."""
+    -> the last reply by the old version; zmqmodels (the CLI on a saved TorchScript file and on
+    a release `build` stored, a built release through the API, publish_weights) and TorchServe
+    (register v2 + set-default), each ``rounds`` times, alternating. v2 is v1 fine-tuned (one
+    Adam step on every weight): what a user publishes after training."""
     import torch
 
     from scripts.peer_torchserve import TorchServe
     from zmqmodels import HubClient, build_release, compile_model
+    from zmqmodels.store import write_release_file
 
-    v1, v2 = MLP().eval(), MLP().eval()
+    v1 = MLP().eval()
+    v2 = MLP().eval()
+    v2.load_state_dict(v1.state_dict())
+    opt = torch.optim.Adam(v2.parameters(), lr=1e-5)
+    v2.train()
+    torch.nn.functional.cross_entropy(v2(torch.randn(32, width)), torch.randint(0, 16, (32,))).backward()
+    opt.step()
+    v2.eval()
+    cli_file = "zmqmodels: CLI `publish v2.pt` (a saved file)"
+    cli_built = "zmqmodels: CLI `publish` of a built release"
     out: dict[str, list[float]] = {"TorchServe 0.12: register v2 + set-default": [],
+                                   cli_file: [], cli_built: [],
                                    "zmqmodels: publish a built release": [],
                                    "zmqmodels: publish_weights (cold)": [],
                                    "zmqmodels: publish_weights (warm)": []}
@@ -345,7 +366,11 @@ def rollout_vs_torchserve(MLP, width: int, examples, rounds: int, tmp: str) -> l
     for i, m in enumerate((v1, v2)):
         paths.append(os.path.join(tmp, f"v{i + 1}.pt"))
         torch.jit.save(compile_model(m, examples).module, paths[-1])
+    built_path = os.path.join(tmp, "v2.zmqm")
+    write_release_file(Path(built_path), build_release(compile_model(v2, examples), "m", "v2"))
     try:
+        if no_torchserve:
+            raise RuntimeError("--no-torchserve")
         with TorchServe() as ts:
             mars = [ts.archive(p, f"{i + 1}.0") for i, p in enumerate(paths)]
             for _ in range(rounds):
@@ -370,20 +395,30 @@ def rollout_vs_torchserve(MLP, width: int, examples, rounds: int, tmp: str) -> l
     client = HubClient(fleet.hub, timeout=300)
     try:
         for _ in range(rounds):
-            for kind in ("zmqmodels: publish a built release", "zmqmodels: publish_weights (cold)",
-                         "zmqmodels: publish_weights (warm)"):
+            for kind in out:
+                if kind.startswith("TorchServe"):
+                    continue
                 if kind.endswith("(warm)"):  # a training loop: this process published the base
                     base = client.publish_weights("m", v1)
                 else:  # a release from elsewhere: the first publish_weights fetches and loads it
-                    base = client.publish(build_release(compile_model(v1, examples), "m", "v1"), timeout=300)
+                    base = client.publish(build_release(compile_model(v1, examples), "m", "v1"), timeout=300,
+                                          reuse_label=True)
                 assert client.wait_for("m", base.seq, 1, 300)[0]
                 built = build_release(compile_model(v2, examples), "m", "v2")
                 settle()
 
                 def swap(kind=kind, built=built):  # noqa: ANN001, ANN202
+                    if kind in (cli_file, cli_built):
+                        src = paths[1] if kind == cli_file else built_path
+                        done = subprocess.run([*ZM, "publish", src, "--name", "m", "--hub", fleet.hub,
+                                               "--json", "--reuse-label"], env=ENV, capture_output=True,
+                                              text=True, timeout=300)
+                        print(f"  {kind}: {done.stderr.strip().splitlines()[-1]}", file=sys.stderr)
+                        assert done.returncode == 0, done.stderr
+                        return json.loads(done.stdout)["seq"]
                     if "publish_weights" in kind:
                         return client.publish_weights("m", v2).seq
-                    return client.publish(built, timeout=300).seq
+                    return client.publish(built, timeout=300, reuse_label=True).seq
 
                 dur, f = drive(fleet.nodes[0][1], swap, lambda v, new: int(v) >= new)
                 out[kind].append(dur)

@@ -147,7 +147,7 @@ def tensor_table(archive: Any) -> list[TensorInfo]:
     """The parameters, then the buffers, of a TorchScript archive (bytes, a buffer or a path),
     in ``named_parameters()`` / ``named_buffers()`` order. :class:`ReleaseError` if it is not
     one this reader understands."""
-    source = archive if isinstance(archive, str) else io.BytesIO(bytes(archive))
+    source = archive if isinstance(archive, str) else _Reader(archive)
     try:
         with zipfile.ZipFile(source) as z:
             pkl = next((n for n in z.namelist() if n.endswith("/data.pkl") and n.count("/") == 1), None)
@@ -182,26 +182,71 @@ def tensor_table(archive: Any) -> list[TensorInfo]:
     return params + buffers
 
 
+class _Reader(io.RawIOBase):
+    """A read-only, seekable file over a buffer, without the copy ``io.BytesIO`` makes (an
+    archive is read three times while a release is described: 100 MB copied each time)."""
+
+    def __init__(self, buf: Any) -> None:
+        self._view, self._at = memoryview(buf).cast("B"), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._at
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._at, io.SEEK_END: len(self._view)}[whence]
+        self._at = max(0, base + offset)
+        return self._at
+
+    def readinto(self, b: Any) -> int:
+        piece = self._view[self._at:self._at + len(b)]
+        memoryview(b).cast("B")[:len(piece)] = piece
+        self._at += len(piece)
+        return len(piece)
+
+    def read(self, size: int = -1) -> bytes:
+        end = len(self._view) if size is None or size < 0 else self._at + size
+        piece = bytes(self._view[self._at:end])
+        self._at += len(piece)
+        return piece
+
+
 def _is_data(name: str) -> bool:
     parts = name.split("/")
     return len(parts) == 3 and parts[1] == "data"
 
 
-def code_digest(archive: Any) -> str:
-    """sha256 over every entry of the archive but the tensor data (``ARCHIVE/data/KEY``) and
-    the per-save random ``.data/serialization_id``: the code, the module tree with every
-    tensor's dtype, shape and storage key, constants. Two archives with the same digest differ
-    only in the bytes of their parameters, buffers and other data tensors."""
-    import hashlib
+_NOT_CODE = (".data/serialization_id", ".debug_pkl")
 
-    source = archive if isinstance(archive, str) else io.BytesIO(bytes(archive))
+
+def code_digest(archive: Any) -> str:
+    """sha256 over every entry of the archive but the tensor data (``ARCHIVE/data/KEY``), the
+    per-save random ``.data/serialization_id`` and the debug info (``*.debug_pkl``: source
+    ranges for error messages, which shift when a loaded module is saved again): the code,
+    the module tree with every tensor's dtype, shape and storage key, constants. Two archives
+    with the same digest differ only in the bytes of their parameters, buffers and other data
+    tensors. A pickle entry
+    (``.pkl``) is hashed as ``pickletools.optimize`` leaves it: ``torch.jit.save`` of a module
+    it loaded memoizes differently from the first save of the same module (same objects,
+    other bytes), and that must not make one saved file a stranger to its own release."""
+    import hashlib
+    import pickletools
+
+    source = archive if isinstance(archive, str) else _Reader(archive)
     h = hashlib.sha256()
     try:
         with zipfile.ZipFile(source) as z:
             for info in sorted(z.infolist(), key=lambda i: i.filename):
-                if _is_data(info.filename) or info.filename.endswith(".data/serialization_id"):
+                if _is_data(info.filename) or info.filename.endswith(_NOT_CODE):
                     continue
                 data = z.read(info)
+                if info.filename.endswith(".pkl"):
+                    data = pickletools.optimize(data)
                 h.update(info.filename.encode() + b"\0" + len(data).to_bytes(8, "little"))
                 h.update(data)
     except zipfile.BadZipFile as exc:
@@ -211,7 +256,7 @@ def code_digest(archive: Any) -> str:
 
 def storages(archive: Any) -> set[str]:
     """The tensor data entries (``ARCHIVE/data/KEY``) of an archive."""
-    source = archive if isinstance(archive, str) else io.BytesIO(bytes(archive))
+    source = archive if isinstance(archive, str) else _Reader(archive)
     with zipfile.ZipFile(source) as z:
         return {n for n in z.namelist() if _is_data(n)}
 
@@ -231,7 +276,7 @@ def tensor_spans(archive: Any) -> list[tuple[TensorInfo, int]]:
     its first byte: ``archive[start:start + info.nbytes]`` are its elements (contiguous)."""
     view = memoryview(archive).cast("B")
     table = tensor_table(view)
-    with zipfile.ZipFile(io.BytesIO(view)) as z:
+    with zipfile.ZipFile(_Reader(view)) as z:
         starts = {t.storage: data_offset(view, z.getinfo(t.storage)) for t in table}
         sizes = {t.storage: z.getinfo(t.storage).file_size for t in table}
     out = []

@@ -11,7 +11,7 @@ import hashlib
 import io
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import xxhash
 
@@ -33,6 +33,7 @@ from .release import (
 if TYPE_CHECKING:
     from .batching import BatchProof
     from .compile import Compiled
+    from .weights import Base
 
 __all__ = ["build_from_source", "build_release", "parse_metadata"]
 
@@ -67,6 +68,7 @@ def build_from_source(
     batching: str = "auto",
     max_batch: int = defaults.PROOF_MAX_BATCH,
     base_examples: Manifest | None = None,
+    base: Callable[[], Base | None] | None = None,
 ) -> Release:
     """Load ``source`` (``module:factory``, a ``.py`` file with a factory, or a TorchScript
     file), compile it on its examples and build a release named ``name``.
@@ -77,7 +79,8 @@ def build_from_source(
     the same model: its examples). ``progress`` receives one line per step,
     ``chunk_progress(done, total)`` each compressed chunk. ``timings`` receives the seconds
     of each step: ``import`` (torch, if this process had not imported it), ``load``,
-    ``compile``, ``parity``, ``batching``, ``build`` and ``compress``.
+    ``compile``, ``parity``, ``batching``, ``build`` and ``compress``. ``base``: as
+    :func:`build_release`.
     """
     import sys
     import time
@@ -118,7 +121,8 @@ def build_from_source(
     say("compressing")
     release = build_release(compiled, name, label, codec=codec, chunk_bytes=chunk_bytes,
                             metadata=metadata or {}, progress=chunk_progress, timings=t,
-                            batching=batching, max_batch=max_batch)
+                            batching=batching, max_batch=max_batch, base=base,
+                            base_manifest=base_examples if base is not None else None)
     for note in release.notes:
         say(note)
     m = release.manifest
@@ -161,6 +165,8 @@ def build_release(
     timings: dict[str, float] | None = None,
     batching: str = "auto",
     max_batch: int = defaults.PROOF_MAX_BATCH,
+    base: Callable[[], Base | None] | None = None,
+    base_manifest: Manifest | None = None,
 ) -> Release:
     """Save ``compiled`` into memory and build its release (``seq`` 0 until stored).
 
@@ -174,6 +180,12 @@ def build_release(
 
     ``codec`` is ``"auto"``, a codec name (``lz4``, ``zstd``, ``blosclz``, ``none``, ...) or a
     :class:`CodecSpec` for full control of filter and typesize.
+
+    ``base`` gives the release the fleet serves under ``name`` (a
+    :class:`~zmqmodels.weights.Base`, or None), asked for only if the new archive has the
+    same code but lays its tensors out otherwise: then the release is built on it
+    (:func:`zmqmodels.weights.rebase`) and only the chunks whose tensors changed are
+    compressed. ``base_manifest``: that release's manifest, known without fetching it.
     """
     import torch
 
@@ -188,40 +200,30 @@ def build_release(
                    f"{name}'s weights")
     t0 = time.perf_counter()
     proof = _prove(compiled, name, batching, max_batch)
-    if timings is not None:
-        timings["batching"] = time.perf_counter() - t0
+    t = timings if timings is not None else {}
+    t["batching"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     buf = io.BytesIO()
     torch.jit.save(compiled.module, buf)
     archive = buf.getbuffer()
-    state = list(compiled.module.parameters()) + list(compiled.module.buffers())
-    by_size: dict[int, int] = {}
-    for t in state:
-        by_size[t.element_size()] = by_size.get(t.element_size(), 0) + t.numel() * t.element_size()
-    typesize = max(by_size, key=by_size.__getitem__) if by_size else 4
+    code, tensors = describe_tensors(archive)
+    t["build"] = time.perf_counter() - t0
     t1 = time.perf_counter()
-    if isinstance(codec, str):
-        if codec == "auto":
-            spec = choose_codec(archive, typesize, chunk_bytes)
-        elif codec in CODECS:
-            spec = CodecSpec(codec, 0 if codec == "none" else defaults.CLEVEL,
-                             "none" if codec == "none" else "shuffle", typesize)
-        else:
-            raise ReleaseError(f"unknown codec {codec!r}; use auto or one of {sorted(CODECS)}")
+    on = _on(base, base_manifest, name, archive, code, tensors, codec, chunk_bytes)
+    if on is not None:
+        chunks: list[Any] = []
+        spec, chunk_bytes = on[0].release.manifest.codec, on[0].release.manifest.chunk_bytes
     else:
-        spec = codec
-    chunks = compress_archive(archive, spec, chunk_bytes, progress)
-    if timings is not None:
-        timings["build"] = timings.get("build", 0.0) + t1 - t0
-        timings["compress"] = time.perf_counter() - t1
+        spec = _codec(codec, archive, compiled, chunk_bytes)
+        chunks = compress_archive(archive, spec, chunk_bytes, progress)
+    t["compress"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     params = list(compiled.module.parameters())
-    code, tensors = describe_tensors(archive)
     manifest = Manifest(
         name=name,
         label=label,
         created_at=time.time(),
-        archive_sha256=hashlib.sha256(archive).hexdigest(),
+        archive_sha256="" if on else hashlib.sha256(archive).hexdigest(),
         archive_bytes=len(archive),
         compressed_bytes=sum(len(c) for c in chunks),
         codec=spec,
@@ -229,7 +231,7 @@ def build_release(
         chunk_count=len(chunks),
         chunk_sizes=[len(c) for c in chunks],
         chunk_xxh3=[xxhash.xxh3_64_intdigest(c) for c in chunks],
-        chunk_raw_xxh3=span_digests(archive, chunk_bytes),
+        chunk_raw_xxh3=[] if on else span_digests(archive, chunk_bytes),
         torch_version=str(torch.__version__),
         code_sha256=code,
         tensors=tensors,
@@ -244,7 +246,43 @@ def build_release(
         metadata=dict(metadata or {}),
         batch=proof.batch,
     )
-    release = Release(manifest.check(), chunks, notes=(proof.line(name),))
-    if timings is not None:  # the manifest: digests, example and expected tensors
-        timings["build"] += time.perf_counter() - t2
+    if on is not None:  # the base's archive with these tensors: only changed chunks compressed
+        from .weights import on_base
+
+        release = on_base(on[0], *on[1], manifest, (proof.line(name),))
+    else:
+        release = Release(manifest.check(), chunks, notes=(proof.line(name),))
+    t["build"] += time.perf_counter() - t2  # the manifest: digests, example and expected tensors
     return release
+
+
+def _on(base: Callable[[], Base | None] | None, head: Manifest | None, name: str, archive: Any, code: str,
+        tensors: list[Any], codec: Any, chunk_bytes: int) -> tuple[Base, tuple[bytearray, list[Any]]] | None:
+    """The base to build on and the archive rebuilt on it, when ``base`` gives one of the same
+    code and tensors laid out otherwise; None otherwise (a whole release, or one aligned with
+    the base already: its codec and chunking, its tensors' offsets)."""
+    from .weights import aligned, rebase_archive, unlike
+
+    if head is not None and (unlike(head, name, code, tensors) or aligned(head, codec, chunk_bytes, tensors)):
+        return None  # other code, or aligned: nothing to fetch
+    got = base() if base is not None else None
+    if got is None or unlike(got.release.manifest, name, code, tensors):
+        return None
+    return None if isinstance(done := rebase_archive(got, archive, tensors), str) else (got, done)
+
+
+def _codec(codec: str | CodecSpec, archive: Any, compiled: Compiled, chunk_bytes: int) -> CodecSpec:
+    """The codec ``codec`` names (``auto``: chosen on a sample of ``archive``)."""
+    if not isinstance(codec, str):
+        return codec
+    state = list(compiled.module.parameters()) + list(compiled.module.buffers())
+    by_size: dict[int, int] = {}
+    for x in state:
+        by_size[x.element_size()] = by_size.get(x.element_size(), 0) + x.numel() * x.element_size()
+    typesize = max(by_size, key=by_size.__getitem__) if by_size else 4
+    if codec == "auto":
+        return choose_codec(archive, typesize, chunk_bytes)
+    if codec in CODECS:
+        return CodecSpec(codec, 0 if codec == "none" else defaults.CLEVEL,
+                         "none" if codec == "none" else "shuffle", typesize)
+    raise ReleaseError(f"unknown codec {codec!r}; use auto or one of {sorted(CODECS)}")

@@ -18,7 +18,7 @@ from .core.fleet import tally
 from .core.waves import check_plan
 from .defaults import Limits
 from .errors import DeadlineError, ProtocolError, RemoteError
-from .release import Release, decode_manifest, rollback_manifest, stage_release
+from .release import Manifest, Release, decode_manifest, rollback_manifest, stage_release
 
 if TYPE_CHECKING:
     from .curve import Curve
@@ -115,6 +115,11 @@ class HubClient:
         None if the hub stores none."""
         base = self._publisher(timeout).base(name, status)
         return base.release if base is not None else None
+
+    def base_of(self, manifest: Manifest, *, timeout: float | None = None) -> Any:
+        """The stored release ``manifest`` describes, fetched whole, as a
+        :class:`~zmqmodels.weights.Base` to build on (kept for later updates of its model)."""
+        return self._publisher(timeout).held(manifest)
 
     def _publisher(self, timeout: float | None) -> Any:
         if self._weights is None:

@@ -36,7 +36,8 @@ from .release import Release, compress_archive, pack_tensors, span_digests, unpa
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Base", "WeightsPublisher", "rebase", "swap_tensors", "weights_release"]
+__all__ = ["Base", "WeightsPublisher", "aligned", "on_base", "rebase", "rebase_archive", "swap_tensors",
+           "unlike", "weights_release"]
 
 
 @dataclass
@@ -45,7 +46,7 @@ class Base:
     scripted module holding the archive's weights (None: load it when first needed)."""
 
     release: Release
-    archive: bytearray
+    archive: bytearray | None  # None until first needed (a base kept from a module's update)
     module: Any = None
 
 
@@ -87,26 +88,34 @@ def swap_tensors(base: Base, state: Mapping[str, Any], *, partial: bool = True
 def rebase(base: Base, release: Release) -> Release | str:
     """``release`` rebuilt on ``base``'s archive when both hold the same code (``code_sha256``)
     and tensors (names, dtypes, shapes): the base's archive with the new tensor bytes written
-    over its own, so a tensor that did not change keeps its span whatever else differs between
-    two saves (serialization ids, entry order or offsets), the base's chunking and codec, and
-    the base's compressed chunks wherever a span is unchanged (the hub leaves those out and
-    nodes apply the update into the module they serve). The manifest is ``release``'s
-    otherwise (examples, expected outputs, batching, label), with ``weights_of`` the base's seq.
-    A reason (str) when it cannot be rebased."""
-    b, m = base.release.manifest, release.manifest
-    why = _unlike(b, m)
-    if why:
-        return why
+    over its own (:func:`rebase_archive`), so a tensor that did not change keeps its span
+    whatever else differs between two saves (serialization ids, entry order or offsets), the
+    base's chunking and codec, and the base's compressed chunks wherever a span is unchanged
+    (the hub leaves those out and nodes apply the update into the module they serve). The
+    manifest is ``release``'s otherwise (examples, expected outputs, batching, label), with
+    ``weights_of`` the base's seq. A reason (str) when it cannot be rebased."""
+    m = release.manifest
+    why = unlike(base.release.manifest, m.name, m.code_sha256, m.tensors)
+    done = why or rebase_archive(base, release.archive(), m.tensors)
+    if isinstance(done, str):
+        return done
+    return on_base(base, *done, m, release.notes)
+
+
+def rebase_archive(base: Base, archive: Any, tensors: list[TensorDesc]
+                   ) -> tuple[bytearray, list[TensorDesc]] | str:
+    """The base's archive with the bytes of ``archive``'s ``tensors`` written over its own
+    (same code: :func:`unlike` said so) and their descriptors at the base's offsets; a reason
+    (str) if ``archive`` holds tensor data no parameter or buffer holds (only a load would put
+    it where it belongs)."""
     from .archive import storages, tensor_table
 
-    archive = release.archive()
-    held = {t.storage for t in tensor_table(archive)}
-    if storages(archive) != held:
+    if storages(archive) != {t.storage for t in tensor_table(archive)}:
         return "its archive holds tensor data no parameter or buffer holds"
     out = bytearray(base.archive)
-    src, dst = memoryview(archive), memoryview(out)
+    src, dst = memoryview(archive).cast("B"), memoryview(out)
     descs, changed = [], []
-    for old, new in zip(b.tensors, m.tensors, strict=True):
+    for old, new in zip(base.release.manifest.tensors, tensors, strict=True):
         data = src[new.start:new.start + new.nbytes]
         if new.xxh3 != old.xxh3 or data != dst[old.start:old.start + old.nbytes]:
             dst[old.start:old.start + old.nbytes] = data
@@ -114,20 +123,19 @@ def rebase(base: Base, release: Release) -> Release | str:
         descs.append(msgspec.structs.replace(old, xxh3=new.xxh3))
     del src, dst, data
     set_crcs(out, changed)
-    manifest = msgspec.structs.replace(
-        m, metadata={**m.metadata, "weights_of": str(b.seq)}, code_sha256=b.code_sha256)
-    return _on_base(base, out, descs, manifest, release.notes)
+    return out, descs
 
 
-def _unlike(b: Any, m: Any) -> str:
-    """Why a release of manifest ``m`` cannot be rebuilt on base manifest ``b`` ("" if it can)."""
-    if b.name != m.name:
-        return f"the base is {b.name}, not {m.name}"
-    if not b.code_sha256 or not m.code_sha256:
+def unlike(b: Any, name: str, code: str, tensors: list[TensorDesc]) -> str:
+    """Why a release of ``name`` with code digest ``code`` and ``tensors`` cannot be rebuilt on
+    base manifest ``b`` ("" if it can)."""
+    if b.name != name:
+        return f"the base is {b.name}, not {name}"
+    if not b.code_sha256 or not code:
         return "no code digest (an archive this reader does not understand)"
-    if b.code_sha256 != m.code_sha256:
+    if b.code_sha256 != code:
         return f"its code differs from seq {b.seq}'s (code digest)"
-    if [(t.name, t.dtype, t.shape) for t in b.tensors] != [(t.name, t.dtype, t.shape) for t in m.tensors]:
+    if [(t.name, t.dtype, t.shape) for t in b.tensors] != [(t.name, t.dtype, t.shape) for t in tensors]:
         return f"its tensors differ from seq {b.seq}'s"
     return ""
 
@@ -135,20 +143,21 @@ def _unlike(b: Any, m: Any) -> str:
 def weights_release(base: Base, archive: bytearray, tensors: list[TensorDesc], expected: list[Any],
                     label: str, metadata: Mapping[str, str] | None = None) -> Release:
     """The release of ``archive`` (the base's code, new tensor bytes) as
-    ``compile_method="weights"``: see :func:`_on_base`."""
+    ``compile_method="weights"``: see :func:`on_base`."""
     m = base.release.manifest
     manifest = msgspec.structs.replace(
         m, label=label, compile_method="weights", compile_warnings=[],
         expected=pack_tensors(list(expected)), staged=False,
         metadata={**m.metadata, **(metadata or {}), "weights_of": str(m.seq)})
-    return _on_base(base, archive, tensors, manifest)
+    return on_base(base, archive, tensors, manifest)
 
 
-def _on_base(base: Base, archive: bytearray, tensors: list[TensorDesc], manifest: Any,
-             notes: tuple[str, ...] = ()) -> Release:
+def on_base(base: Base, archive: bytearray, tensors: list[TensorDesc], manifest: Any,
+            notes: tuple[str, ...] = ()) -> Release:
     """The release of ``archive`` (the base's code, new tensor bytes) with ``manifest``'s
-    other fields: chunks whose span is unchanged are the base's compressed chunks as they
-    are; the others are compressed anew with the base's codec."""
+    other fields (``weights_of``: the base's seq): chunks whose span is unchanged are the
+    base's compressed chunks as they are; the others are compressed anew with the base's
+    codec."""
     m, old = base.release.manifest, base.release.chunks
     raw = span_digests(archive, m.chunk_bytes)
     view = memoryview(archive)
@@ -164,7 +173,8 @@ def _on_base(base: Base, archive: bytearray, tensors: list[TensorDesc], manifest
         archive_bytes=len(archive), codec=m.codec, chunk_bytes=m.chunk_bytes, chunk_count=len(chunks),
         compressed_bytes=sum(len(c) for c in chunks), chunk_sizes=[len(c) for c in chunks],
         chunk_xxh3=[xxhash.xxh3_64_intdigest(c) for c in chunks], chunk_raw_xxh3=raw,
-        tensors=tensors, signer="")
+        tensors=tensors, signer="", code_sha256=m.code_sha256,
+        metadata={**manifest.metadata, "weights_of": str(m.seq)})
     return Release(manifest.check(), chunks, notes=notes)
 
 
@@ -301,9 +311,16 @@ class WeightsPublisher:
         t0 = time.perf_counter()
         require_finite(state, f"new weights of {name}")
         st = self._hub.status()
-        base = self.base(name, st)
-        if base is None:
-            raise ReleaseError(f"the hub stores no release of {name}: publish one whole first")
+        head = self._head(name, st)
+        kept = self._bases.get(name)
+        if isinstance(eager, torch.nn.Module) and (kept is None or kept.release.manifest.archive_sha256
+                                                   != head.archive_sha256):
+            done = self._from_module(head, eager, label or auto_label(head, st), metadata, publish_kw)
+            if done is not None:  # the module's own code is the base's: no fetch, no load
+                if timings is not None:
+                    timings.update(base=0.0, check=time.perf_counter() - t0, build=0.0, send=0.0)
+                return done
+        base = self.held(head)
         t1 = time.perf_counter()
         archive, descs, _kept = swap_tensors(base, state, partial=partial)
         expected = check_weights(base, archive, state, eager if isinstance(eager, torch.nn.Module) else None)
@@ -318,6 +335,48 @@ class WeightsPublisher:
             timings.update(base=t1 - t0, check=t2 - t1, build=t3 - t2, send=time.perf_counter() - t3)
         return done
 
+    def _head(self, name: str, status: Any) -> Any:
+        """The manifest of the release new weights of ``name`` build on (:meth:`base`)."""
+        from .core.fleet import base_seq
+
+        seq = base_seq(status, name)
+        if seq is None:
+            raise ReleaseError(f"the hub stores no release of {name}: publish one whole first")
+        return self._hub.fetch(name, seq, manifest_only=True).manifest
+
+    def _from_module(self, head: Any, eager: Any, label: str, metadata: Mapping[str, str] | None,
+                     publish_kw: dict[str, Any]) -> Any:
+        """A weights update from a module when the base is not kept here (another process
+        published it): the module compiled on the base's examples (parity proven against
+        itself) and saved with the base's codec and chunking; if its code digest and tensor
+        layout are the base's, that is the update, with no base fetched or loaded. None if not
+        (the module's code differs from the release's: the base is fetched and checked)."""
+        from .build import build_release
+        from .compile import compile_model
+
+        examples = unpack_tensors(head.examples) if head.examples else []
+        if not examples:
+            return None
+        was = eager.training
+        try:
+            compiled = compile_model(eager, examples)
+        except ZmqModelsError:
+            return None  # the base's own check (below) names what is wrong
+        finally:
+            eager.train(was)
+        rel = build_release(compiled, head.name, label, codec=head.codec, chunk_bytes=head.chunk_bytes,
+                            metadata={**head.metadata, **(metadata or {}), "weights_of": str(head.seq)},
+                            batching="off" if head.batch <= 1 else "auto")
+        m = rel.manifest
+        if unlike(head, m.name, m.code_sha256, m.tensors) or \
+                not aligned(head, m.codec, m.chunk_bytes, m.tensors):
+            return None
+        rel = Release(msgspec.structs.replace(m, compile_method="weights").check(), rel.chunks)
+        done = self._hub.publish(rel, rebase=False, **publish_kw)
+        stored = msgspec.structs.replace(rel.manifest, seq=done.seq)
+        self._bases[head.name] = Base(Release(stored, rel.chunks), None, compiled.module)  # archive: lazily
+        return done
+
     def base(self, name: str, status: Any = None, *, manifest: Any = None) -> Base | None:
         """The release new weights of ``name`` build on (:func:`~zmqmodels.core.fleet.base_seq`:
         one that serves, never one the fleet refused), its archive fetched unless kept from an
@@ -330,11 +389,18 @@ class WeightsPublisher:
             return None
         if manifest is None or manifest.seq != seq:
             manifest = self._hub.fetch(name, seq, manifest_only=True).manifest
-        kept = self._bases.get(name)
+        return self.held(manifest)
+
+    def held(self, manifest: Any) -> Base:
+        """The stored release ``manifest`` describes, as a base: kept from an earlier update of
+        its model if it is that one, else fetched whole (and kept)."""
+        kept = self._bases.get(manifest.name)
         if kept is not None and kept.release.manifest.archive_sha256 == manifest.archive_sha256:
+            if kept.archive is None:
+                kept.archive = kept.release.archive()
             return kept
-        release = self._hub.fetch(name, seq)
-        base = self._bases[name] = Base(release, release.archive())
+        release = self._hub.fetch(manifest.name, manifest.seq)
+        base = self._bases[manifest.name] = Base(release, release.archive())
         return base
 
     def rebase(self, release: Release, status: Any = None) -> tuple[Release, str]:
@@ -350,19 +416,35 @@ class WeightsPublisher:
         if seq is None:
             return release, "whole release: the first of its name"
         head = self._hub.fetch(m.name, seq, manifest_only=True).manifest
-        why = _unlike(head, m)
+        why = unlike(head, m.name, m.code_sha256, m.tensors)
         if why:
             return release, f"whole release: {why}"
+        if aligned(head, m.codec, m.chunk_bytes, m.tensors):  # nothing to rebuild
+            return release, delta_line(head, m)
         base = self.base(m.name, status, manifest=head)
         assert base is not None
         done = rebase(base, release)
         if isinstance(done, str):
             return release, f"whole release: {done}"
-        b, n = base.release.manifest, done.manifest
-        same = sum(1 for old, new in zip(b.chunk_raw_xxh3, n.chunk_raw_xxh3, strict=False) if old == new)
-        changed = sum(1 for o, t in zip(b.tensors, n.tensors, strict=True) if o.xxh3 != t.xxh3)
-        return done, (f"delta on seq {b.seq} ({b.label or '-'}), same code: {changed} of {len(n.tensors)} "
-                      f"tensor(s) changed, {n.chunk_count - same} of {n.chunk_count} chunk(s) to send")
+        return done, delta_line(base.release.manifest, done.manifest)
+
+
+def aligned(b: Any, codec: Any, chunk_bytes: int, tensors: list[TensorDesc]) -> bool:
+    """A release compressed with ``codec`` in ``chunk_bytes`` chunks whose ``tensors`` lie where
+    base ``b``'s do (same offsets, chunking and codec):
+    every chunk whose tensors did not change compresses to the base's bytes already (one
+    blosc2 thread per chunk: deterministic), so the hub leaves it out and nodes apply it,
+    without fetching the base to rebuild it."""
+    return (b.codec, b.chunk_bytes) == (codec, chunk_bytes) and \
+        [(t.start, t.nbytes) for t in b.tensors] == [(t.start, t.nbytes) for t in tensors]
+
+
+def delta_line(b: Any, n: Any) -> str:
+    """What a release ``n`` built on base ``b`` changes, in one line."""
+    same = sum(1 for old, new in zip(b.chunk_raw_xxh3, n.chunk_raw_xxh3, strict=False) if old == new)
+    changed = sum(1 for o, t in zip(b.tensors, n.tensors, strict=True) if o.xxh3 != t.xxh3)
+    return (f"delta on seq {b.seq} ({b.label or '-'}), same code: {changed} of {len(n.tensors)} "
+            f"tensor(s) changed, {n.chunk_count - same} of {n.chunk_count} chunk(s) to send")
 
 
 def auto_label(base: Any, status: Any) -> str:

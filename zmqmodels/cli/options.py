@@ -164,10 +164,11 @@ def build_from_options(source: str, name: str, label: str, weights: str | None,
                        chunk_mb: float, no_trace: bool, trace: bool, meta: tuple[str, ...],
                        batching: str = "auto", max_batch: int = defaults.PROOF_MAX_BATCH,
                        progress: Any = None, timings: dict[str, float] | None = None,
-                       base: Any = None) -> Any:
+                       base: Any = None, base_release: Any = None) -> Any:
     """:func:`zmqmodels.build.build_from_source` from CLI options. ``base``: the manifest of the
     release the fleet serves under that name, whose codec (unless ``--codec``) and examples
-    (unless given) the new release takes."""
+    (unless given) the new release takes; ``base_release()`` gives that release (a
+    :class:`~zmqmodels.weights.Base`) to build on when the code is the same."""
     from ..build import build_from_source, parse_metadata
     from ..errors import SourceError
 
@@ -193,7 +194,7 @@ def build_from_options(source: str, name: str, label: str, weights: str | None,
         chunk_mb = base.chunk_bytes / 2**20
     return build_from_source(source, name, label, weights=weights, example_specs=example_specs,
                              example_file=example_file, codec=codec, chunk_bytes=int(chunk_mb * 2**20),
-                             base_examples=base,
+                             base_examples=base, base=base_release,
                              allow_trace=not no_trace, method="trace" if trace else "auto",
                              metadata=metadata, progress=progress,
                              chunk_progress=chunk_bar, timings=timings, batching=batching,

@@ -225,31 +225,49 @@ def _check_publish(hub_addr: str | None, bind_addr: str | None, wave_list: list[
 def _compile_on_base(client: Any, status: Any, opts: dict[str, Any], timings: dict[str, float],
                      say: Any) -> Any:
     """Compile SOURCE as the model the fleet serves under that name would have it: its codec
-    (unless --codec) and its examples (unless given)."""
+    (unless --codec), chunking and examples (unless given), and built on it when the code is
+    the same but the tensors lie elsewhere (then, and only then, that release is fetched)."""
     import time
 
     from ..core.fleet import base_seq
 
     t0 = time.perf_counter()
-    base = None
+    head = None
     try:
         seq = base_seq(status, opts["name"]) if opts.get("name") else None
         if seq is not None:
-            base = client.fetch(opts["name"], seq, manifest_only=True).manifest
+            head = client.fetch(opts["name"], seq, manifest_only=True).manifest
     except ZmqModelsError as exc:
         say(f"no base release: {exc}")
     timings["base"] = time.perf_counter() - t0
-    return build_from_options(**opts, base=base, progress=say, timings=timings)
+
+    def base() -> Any:
+        try:
+            return client.base_of(head)
+        except ZmqModelsError as exc:
+            say(f"whole release: the base did not come ({exc})")
+            return None
+
+    return build_from_options(**opts, base=head, base_release=base if head is not None else None,
+                              progress=say, timings=timings)
 
 
 def _prepared(client: Any, status: Any, release: Any, timings: dict[str, float], say: Any) -> Any:
-    """``release`` as a delta on the release the fleet serves, when it holds the same code."""
+    """``release`` as a delta on the release the fleet serves, when it holds the same code
+    (built on it already, or rebuilt here)."""
     import time
 
     if release.signature:
         return release  # signed as built: sent as it is
     t0 = time.perf_counter()
-    release, line = client.prepare(release, status=status)
+    m = release.manifest
+    built_on = int(m.metadata.get("weights_of") or 0) if m.compile_method != "weights" else 0
+    if built_on:
+        from ..weights import delta_line
+
+        line = delta_line(client.fetch(m.name, built_on, manifest_only=True).manifest, m)
+    else:
+        release, line = client.prepare(release, status=status)
     timings["delta"] = time.perf_counter() - t0
     m = release.manifest
     say(f"{line}; sending {m.compressed_bytes / 2**20:.1f} MiB in {m.chunk_count} chunk(s) to the hub")
