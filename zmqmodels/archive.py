@@ -233,7 +233,8 @@ def code_digest(archive: Any) -> str:
     tensors. A pickle entry
     (``.pkl``) is hashed as ``pickletools.optimize`` leaves it: ``torch.jit.save`` of a module
     it loaded memoizes differently from the first save of the same module (same objects,
-    other bytes), and that must not make one saved file a stranger to its own release."""
+    other bytes), and that must not make one saved file a stranger to its own release. Names
+    are hashed without their top folder, which ``torch.jit.save`` names after the file."""
     import hashlib
     import pickletools
 
@@ -247,7 +248,8 @@ def code_digest(archive: Any) -> str:
                 data = z.read(info)
                 if info.filename.endswith(".pkl"):
                     data = pickletools.optimize(data)
-                h.update(info.filename.encode() + b"\0" + len(data).to_bytes(8, "little"))
+                name = info.filename.partition("/")[2]  # the top folder is the saved file's name
+                h.update(name.encode() + b"\0" + len(data).to_bytes(8, "little"))
                 h.update(data)
     except zipfile.BadZipFile as exc:
         raise ReleaseError(f"not a TorchScript archive: {exc}") from None
