@@ -219,7 +219,8 @@ def main() -> None:
     if args.rollout_only:
         print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; model "
               f"{layers} x {width}^2 + head\n")
-        print("\n".join(rollout_vs_torchserve(MLP, width, examples, args.rounds, tmp, args.no_torchserve)))
+        print("\n".join(rollout_vs_torchserve(MLP, width, examples, args.rounds, tmp, args.no_torchserve,
+                                               args.json)))
         return
     rows = []
     fleet = Fleet(tmp, (1, 2))
@@ -233,9 +234,11 @@ def main() -> None:
 
         def measure(kind: str, publish) -> None:  # noqa: ANN001
             before = [fleet.received(mport) for _, _, mport, _ in fleet.nodes]
-            p0, t0 = time.process_time(), time.time()
+            kids = os.times()  # a CLI publisher's CPU is its own process's
+            p0, t0 = time.process_time() + kids.children_user + kids.children_system, time.time()
             done = publish()
-            cpu, call = time.process_time() - p0, time.time() - t0
+            kids = os.times()
+            cpu, call = time.process_time() + kids.children_user + kids.children_system - p0, time.time() - t0
             ok, st = client.wait_for("m", done.seq, 2, 300, poll_s=0.02)
             assert ok, st
             t_served = time.time()
@@ -260,13 +263,34 @@ def main() -> None:
         settle()
         loads = [Clients(addr, 1, width, tmp) for _, addr, _, _ in fleet.nodes]
         time.sleep(5)
-        # (a) head only
-        for p in model.body.parameters():
-            p.requires_grad_(False)
-        train(model, 3, 1e-3, model.head.parameters())
-        for p in model.body.parameters():
-            p.requires_grad_(True)
+        # (a) head only, through each publish path a user takes after training
+        def head_step() -> None:
+            for p in model.body.parameters():
+                p.requires_grad_(False)
+            train(model, 3, 1e-3, model.head.parameters())
+            for p in model.body.parameters():
+                p.requires_grad_(True)
+
+        def cli(*args: str):  # noqa: ANN202
+            out = subprocess.run([*ZM, "publish", *args, "--hub", fleet.hub, "--json"], env=ENV,
+                                 capture_output=True, text=True, timeout=300)
+            assert out.returncode == 0, out.stderr
+            return argparse.Namespace(seq=json.loads(out.stdout)["seq"])
+
+        head_step()
         measure("(a) head only: publish_weights", lambda: client.publish_weights("m", model))
+        head_step()
+        saved = os.path.join(tmp, "head.pt")
+        torch.jit.save(compile_model(model, examples).module, saved)  # the training job's own save
+        measure("(a) head only: CLI `publish FILE` (a saved file)",
+                lambda: cli(saved, "--name", "m", "--example-input", f"2x{width}"))
+        head_step()
+        measure("(a) head only: a module (build_release + publish)",
+                lambda: client.publish(build_release(compile_model(model, examples), "m"), timeout=300))
+        head_step()
+        ckpt = os.path.join(tmp, "head-ckpt.pt")
+        torch.save({"model": model.state_dict(), "step": 3}, ckpt)
+        measure("(a) head only: CLI `--weights CKPT --like m`", lambda: cli("--weights", ckpt, "--like", "m"))
         # (b) one Adam step, lr 1e-5, on everything
         train(model, 1, 1e-5)
         measure("(b) full step: publish_weights", lambda: client.publish_weights("m", model))
@@ -323,7 +347,7 @@ def main() -> None:
 
 
 def rollout_vs_torchserve(MLP, width: int, examples, rounds: int, tmp: str,  # noqa: ANN001, N803
-                          no_torchserve: bool = False) -> list[str]:
+                          no_torchserve: bool = False, json_path: str | None = None) -> list[str]:
     """4 closed-loop client processes on one worker (one torch thread): publish (register) call
     -> the last reply by the old version; zmqmodels (the CLI on a saved TorchScript file and on
     a release `build` stored, a built release through the API, publish_weights) and TorchServe
@@ -393,6 +417,12 @@ def rollout_vs_torchserve(MLP, width: int, examples, rounds: int, tmp: str,  # n
         print(f"TorchServe not measured: {exc}")
     fleet = Fleet(os.path.join(tmp, "rv"), (1,))
     client = HubClient(fleet.hub, timeout=300)
+    # the same releases again each round: labels reused on purpose (a baseline tree without the
+    # rule takes no such option)
+    import inspect
+
+    again = {"reuse_label": True} if "reuse_label" in inspect.signature(client.publish).parameters else {}
+    again_flag = ["--reuse-label"] if again else []
     try:
         for _ in range(rounds):
             for kind in out:
@@ -402,7 +432,7 @@ def rollout_vs_torchserve(MLP, width: int, examples, rounds: int, tmp: str,  # n
                     base = client.publish_weights("m", v1)
                 else:  # a release from elsewhere: the first publish_weights fetches and loads it
                     base = client.publish(build_release(compile_model(v1, examples), "m", "v1"), timeout=300,
-                                          reuse_label=True)
+                                          **again)
                 assert client.wait_for("m", base.seq, 1, 300)[0]
                 built = build_release(compile_model(v2, examples), "m", "v2")
                 settle()
@@ -411,20 +441,23 @@ def rollout_vs_torchserve(MLP, width: int, examples, rounds: int, tmp: str,  # n
                     if kind in (cli_file, cli_built):
                         src = paths[1] if kind == cli_file else built_path
                         done = subprocess.run([*ZM, "publish", src, "--name", "m", "--hub", fleet.hub,
-                                               "--json", "--reuse-label"], env=ENV, capture_output=True,
+                                               "--json", *again_flag], env=ENV, capture_output=True,
                                               text=True, timeout=300)
                         print(f"  {kind}: {done.stderr.strip().splitlines()[-1]}", file=sys.stderr)
                         assert done.returncode == 0, done.stderr
                         return json.loads(done.stdout)["seq"]
                     if "publish_weights" in kind:
                         return client.publish_weights("m", v2).seq
-                    return client.publish(built, timeout=300, reuse_label=True).seq
+                    return client.publish(built, timeout=300, **again).seq
 
                 dur, f = drive(fleet.nodes[0][1], swap, lambda v, new: int(v) >= new)
                 out[kind].append(dur)
                 failed[kind] += f
     finally:
         fleet.close()
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({k: sorted(v)[len(v) // 2] for k, v in out.items() if v}, f)
     ts_runs = sorted(out["TorchServe 0.12: register v2 + set-default"])
     ts_med = ts_runs[len(ts_runs) // 2] if ts_runs else None
     lines = ["| 4 clients, 1 worker, same model | publish call -> last old-version reply, s: median "

@@ -1,6 +1,6 @@
 """The rules behind fine-tune publishing, sans I/O: which release new weights build on
 (:func:`~zmqmodels.core.fleet.base_seq`), when a node's last error clears, who counts as holding a
-staged release, and :func:`~zmqmodels.weights.rebase` (a release of the same code rebuilt on its
+staged release, and :func:`~zmqmodels.rebase.rebase` (a release of the same code rebuilt on its
 base keeps every unchanged tensor's span and chunk)."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from zmqmodels import build_release, compile_model
 from zmqmodels import protocol as P
 from zmqmodels.core.fleet import Fleet, base_seq, tally
 from zmqmodels.errors import ReleaseError
-from zmqmodels.weights import Base, rebase
+from zmqmodels.rebase import Base, rebase
 
 S = P.ModelState
 

@@ -33,7 +33,7 @@ from .release import (
 if TYPE_CHECKING:
     from .batching import BatchProof
     from .compile import Compiled
-    from .weights import Base
+    from .rebase import Base
 
 __all__ = ["build_from_source", "build_release", "parse_metadata"]
 
@@ -182,9 +182,9 @@ def build_release(
     :class:`CodecSpec` for full control of filter and typesize.
 
     ``base`` gives the release the fleet serves under ``name`` (a
-    :class:`~zmqmodels.weights.Base`, or None), asked for only if the new archive has the
+    :class:`~zmqmodels.rebase.Base`, or None), asked for only if the new archive has the
     same code but lays its tensors out otherwise: then the release is built on it
-    (:func:`zmqmodels.weights.rebase`) and only the chunks whose tensors changed are
+    (:func:`zmqmodels.rebase.rebase`) and only the chunks whose tensors changed are
     compressed. ``base_manifest``: that release's manifest, known without fetching it.
     """
     import torch
@@ -247,7 +247,7 @@ def build_release(
         batch=proof.batch,
     )
     if on is not None:  # the base's archive with these tensors: only changed chunks compressed
-        from .weights import on_base
+        from .rebase import on_base
 
         release = on_base(on[0], *on[1], manifest, (proof.line(name),))
     else:
@@ -261,7 +261,7 @@ def _on(base: Callable[[], Base | None] | None, head: Manifest | None, name: str
     """The base to build on and the archive rebuilt on it, when ``base`` gives one of the same
     code and tensors laid out otherwise; None otherwise (a whole release, or one aligned with
     the base already: its codec and chunking, its tensors' offsets)."""
-    from .weights import aligned, rebase_archive, unlike
+    from .rebase import aligned, rebase_archive, unlike
 
     if head is not None and (unlike(head, name, code, tensors) or aligned(head, codec, chunk_bytes, tensors)):
         return None  # other code, or aligned: nothing to fetch

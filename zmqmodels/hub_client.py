@@ -101,7 +101,7 @@ class HubClient:
     def prepare(self, release: Release, *, timeout: float | None = None,
                 status: P.StatusReply | None = None) -> tuple[Release, str]:
         """``release`` rebuilt on the release of its model the fleet serves, when both hold the
-        same code (:func:`zmqmodels.weights.rebase`: the base's chunking, codec and unchanged
+        same code (:func:`zmqmodels.rebase.rebase`: the base's chunking, codec and unchanged
         chunks, so only changed tensors move and nodes apply it into the module they serve),
         and a line saying what was done or why it was sent whole."""
         if not release.manifest.tensors:
@@ -118,7 +118,7 @@ class HubClient:
 
     def base_of(self, manifest: Manifest, *, timeout: float | None = None) -> Any:
         """The stored release ``manifest`` describes, fetched whole, as a
-        :class:`~zmqmodels.weights.Base` to build on (kept for later updates of its model)."""
+        :class:`~zmqmodels.rebase.Base` to build on (kept for later updates of its model)."""
         return self._publisher(timeout).held(manifest)
 
     def _publisher(self, timeout: float | None) -> Any:

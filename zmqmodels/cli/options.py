@@ -168,7 +168,7 @@ def build_from_options(source: str, name: str, label: str, weights: str | None,
     """:func:`zmqmodels.build.build_from_source` from CLI options. ``base``: the manifest of the
     release the fleet serves under that name, whose codec (unless ``--codec``) and examples
     (unless given) the new release takes; ``base_release()`` gives that release (a
-    :class:`~zmqmodels.weights.Base`) to build on when the code is the same."""
+    :class:`~zmqmodels.rebase.Base`) to build on when the code is the same."""
     from ..build import build_from_source, parse_metadata
     from ..errors import SourceError
 

@@ -263,7 +263,7 @@ def _prepared(client: Any, status: Any, release: Any, timings: dict[str, float],
     m = release.manifest
     built_on = int(m.metadata.get("weights_of") or 0) if m.compile_method != "weights" else 0
     if built_on:
-        from ..weights import delta_line
+        from ..rebase import delta_line
 
         line = delta_line(client.fetch(m.name, built_on, manifest_only=True).manifest, m)
     else:
