@@ -439,8 +439,9 @@ def rollout_vs_torchserve(MLP, width: int, examples, rounds: int, tmp: str,  # n
 
                 def swap(kind=kind, built=built):  # noqa: ANN001, ANN202
                     if kind in (cli_file, cli_built):
-                        src = paths[1] if kind == cli_file else built_path
-                        done = subprocess.run([*ZM, "publish", src, "--name", "m", "--hub", fleet.hub,
+                        src = [paths[1], "--example-input", f"2x{width}"] if kind == cli_file \
+                            else [built_path]
+                        done = subprocess.run([*ZM, "publish", *src, "--name", "m", "--hub", fleet.hub,
                                                "--json", *again_flag], env=ENV, capture_output=True,
                                               text=True, timeout=300)
                         print(f"  {kind}: {done.stderr.strip().splitlines()[-1]}", file=sys.stderr)

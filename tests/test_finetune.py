@@ -83,8 +83,11 @@ def test_a_head_only_update_saved_to_a_file_moves_only_what_changed_and_is_appli
     torch.jit.script(model).save(str(tmp / "v2.pt"))
     before = received(nodes)
     one = cli("publish", str(tmp / "v1.pt"), "--name", "head", "--example-input", "1x256", "--codec", "lz4",
-              "--chunk-mb", "0.125", "--label", "v1", "--hub", hub.address, "--wait-for", "2")
+              "--chunk-mb", "0.125", "--label", "v1", "--hub", hub.address, "--wait-for", "2", "--json")
     assert one.returncode == 0, one.stderr
+    first = json.loads(one.stdout)["moved"]["a"]  # a load, and why: what the operator sees
+    assert (first["how"], first["why"]) == ("load", "nothing of this model served here yet"), first
+    assert "whole release: the first of its name" in one.stderr
     full = min(a - b for a, b in zip(received(nodes), before, strict=True))
     before = received(nodes)
     two = cli("publish", str(tmp / "v2.pt"), "--name", "head", "--example-input", "1x256", "--label", "v2",
