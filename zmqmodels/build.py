@@ -169,29 +169,17 @@ def build_release(
     base_manifest: Manifest | None = None,
 ) -> Release:
     """Save ``compiled`` into memory and build its release (``seq`` 0 until stored).
-
     ``batching``: ``"auto"`` proves whether the model is batch-invariant on its examples and
-    records the result (:func:`zmqmodels.batching.prove_batching`, up to ``max_batch`` rows);
-    ``"on"`` also refuses (:class:`ParityError`) a model that is not; ``"off"`` records it as
-    unbatched.
-
-    ``timings`` receives the seconds spent proving batching (``batching``), saving the
-    archive (``build``) and choosing a codec and compressing (``compress``).
-
-    ``codec`` is ``"auto"``, a codec name (``lz4``, ``zstd``, ``blosclz``, ``none``, ...) or a
-    :class:`CodecSpec` for full control of filter and typesize.
-
-    ``base`` gives the release the fleet serves under ``name`` (a
-    :class:`~zmqmodels.rebase.Base`, or None), asked for only if the new archive has the
-    same code but lays its tensors out otherwise: then the release is built on it
-    (:func:`zmqmodels.rebase.rebase`) and only the chunks whose tensors changed are
-    compressed. ``base_manifest``: that release's manifest, known without fetching it.
+    records it (:func:`zmqmodels.batching.prove_batching`, up to ``max_batch`` rows); ``"on"``
+    also refuses (:class:`ParityError`) a model that is not; ``"off"`` records it unbatched.
+    ``timings`` gets the seconds of ``batching``, ``build`` and ``compress``. ``codec``:
+    ``"auto"``, a codec name (``lz4``, ``zstd``, ``none``, ...) or a :class:`CodecSpec`.
+    ``base`` gives the release the fleet serves under ``name`` (a :class:`~zmqmodels.rebase.Base`,
+    or None), asked for only if the archive has that release's code (``base_manifest``) but
+    lays its tensors out otherwise: the release is then built on it
+    (:func:`zmqmodels.rebase.rebase`), compressing only the chunks whose tensors changed.
     """
-    import torch
-
-    from .archive import describe_tensors
     from .checkpoint import require_finite
-    from .tensors import input_signature, signature
 
     validate_name(name)
     if batching not in ("auto", "on", "off"):
@@ -203,27 +191,53 @@ def build_release(
     t = timings if timings is not None else {}
     t["batching"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    buf = io.BytesIO()
-    torch.jit.save(compiled.module, buf)
-    archive = buf.getbuffer()
-    code, tensors = describe_tensors(archive)
+    archive, code, tensors = _saved(compiled)
     t["build"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     on = _on(base, base_manifest, name, archive, code, tensors, codec, chunk_bytes)
-    if on is not None:
-        chunks: list[Any] = []
-        spec, chunk_bytes = on[0].release.manifest.codec, on[0].release.manifest.chunk_bytes
-    else:
-        spec = _codec(codec, archive, compiled, chunk_bytes)
-        chunks = compress_archive(archive, spec, chunk_bytes, progress)
+    spec = on[0].release.manifest.codec if on else _codec(codec, archive, compiled, chunk_bytes)
+    chunk_bytes = on[0].release.manifest.chunk_bytes if on else chunk_bytes
+    chunks = [] if on else compress_archive(archive, spec, chunk_bytes, progress)  # on a base: its own
     t["compress"] = time.perf_counter() - t1
     t2 = time.perf_counter()
+    manifest = _manifest(compiled, name, label, archive, code, tensors, spec, chunk_bytes, chunks, metadata,
+                         proof.batch)
+    if on is not None:  # the base's archive with these tensors: only changed chunks compressed
+        from .rebase import on_base
+
+        release = on_base(on[0], *on[1], manifest, (proof.line(name),))
+    else:
+        release = Release(manifest.check(), chunks, notes=(proof.line(name),))
+    t["build"] += time.perf_counter() - t2  # the manifest: digests, example and expected tensors
+    return release
+
+
+def _saved(compiled: Compiled) -> tuple[Any, str, list[Any]]:
+    """``(archive, code digest, tensor descriptors)``: ``compiled`` saved into memory."""
+    import torch
+
+    from .archive import describe_tensors
+
+    buf = io.BytesIO()
+    torch.jit.save(compiled.module, buf)
+    return (buf.getbuffer(), *describe_tensors(buf.getbuffer()))
+
+
+def _manifest(compiled: Compiled, name: str, label: str, archive: Any, code: str, tensors: list[Any],
+              spec: CodecSpec, chunk_bytes: int, chunks: list[Any], metadata: dict[str, str] | None,
+              batch: int) -> Manifest:
+    """The manifest of ``archive`` cut into ``chunks`` (none: its archive fields are filled in
+    once it is built on a base, :func:`zmqmodels.rebase.on_base`)."""
+    import torch
+
+    from .tensors import input_signature, signature
+
     params = list(compiled.module.parameters())
-    manifest = Manifest(
+    return Manifest(
         name=name,
         label=label,
         created_at=time.time(),
-        archive_sha256="" if on else hashlib.sha256(archive).hexdigest(),
+        archive_sha256=hashlib.sha256(archive).hexdigest() if chunks else "",
         archive_bytes=len(archive),
         compressed_bytes=sum(len(c) for c in chunks),
         codec=spec,
@@ -231,7 +245,7 @@ def build_release(
         chunk_count=len(chunks),
         chunk_sizes=[len(c) for c in chunks],
         chunk_xxh3=[xxhash.xxh3_64_intdigest(c) for c in chunks],
-        chunk_raw_xxh3=[] if on else span_digests(archive, chunk_bytes),
+        chunk_raw_xxh3=span_digests(archive, chunk_bytes) if chunks else [],
         torch_version=str(torch.__version__),
         code_sha256=code,
         tensors=tensors,
@@ -244,16 +258,8 @@ def build_release(
         examples=pack_tensors(list(compiled.examples)),
         expected=pack_tensors(list(compiled.outputs)),
         metadata=dict(metadata or {}),
-        batch=proof.batch,
+        batch=batch,
     )
-    if on is not None:  # the base's archive with these tensors: only changed chunks compressed
-        from .rebase import on_base
-
-        release = on_base(on[0], *on[1], manifest, (proof.line(name),))
-    else:
-        release = Release(manifest.check(), chunks, notes=(proof.line(name),))
-    t["build"] += time.perf_counter() - t2  # the manifest: digests, example and expected tensors
-    return release
 
 
 def _on(base: Callable[[], Base | None] | None, head: Manifest | None, name: str, archive: Any, code: str,

@@ -16,17 +16,14 @@ corrupt at source, re-ask, credit) are the :mod:`.intake`'s, shared with relays:
   allocated for it, reported once per distinct manifest, and does not mark its seq rejected
   (a forged manifest must not block the genuine release of that seq); heartbeats naming that
   same release (seq and sha256) no longer trigger a fetch.
-- **Deltas**: a manifest with ``chunk_raw_xxh3`` lets the node take every chunk whose span
-  of an archive it holds (``base``: its newest cached one) has that digest from there; the
-  sender does not broadcast chunks its previous release had too. What is missing is then a
-  gap like any other and is fetched, so a node without the base (or with a damaged copy)
-  converges on the same verified bytes through the repair path.
-- Chunks fetched from the hub that fail their digest ``CORRUPT_FETCHES_MAX`` times: the
-  release is rejected rather than fetched forever.
-- A *staged* release is received, verified and cached like any other, then held (reported
-  as ``staged``, the state stays what is served) until it is activated: an ACTIVATE naming
-  this node (or every node) for its seq, or a heartbeat whose ``active`` reaches it. Then
-  :class:`Unstage` hands it on.
+- **Deltas**: a manifest with ``chunk_raw_xxh3`` lets the node take every chunk whose span of
+  an archive it holds (``base``: its newest cached one) has that digest from there (the sender
+  leaves out chunks its previous release had); what is missing is a gap like any other, so a
+  node without that base converges on the same verified bytes through the repair path.
+- A chunk fetched ``CORRUPT_FETCHES_MAX`` times failing its digest: the release is rejected.
+- A *staged* release is received, verified and cached like any other, then held (reported as
+  ``staged``) until activated (an ACTIVATE naming this node or every node for its seq, or a
+  heartbeat whose ``active`` reaches it); then :class:`Unstage` hands it on.
 - A node that serves nothing as new as the fleet's ``active`` seq, while what it holds is
   newer (staged, not activated: a node that joined after a staged publish), fetches the
   active release itself, so it converges on what the fleet serves instead of serving nothing.
@@ -71,9 +68,9 @@ class Follow:
     reason: str = ""
     stages: dict[str, float] = field(default_factory=dict)  # of release ``stages_seq``
     stages_seq: int = 0
-    moved: dict[str, int] = field(default_factory=dict)  # what release ``stages_seq`` cost the link
-    how: str = ""  # how release ``stages_seq`` was taken in: "apply" or "load"
-    how_reason: str = ""  # why "load" (not "apply")
+    moved: dict[str, int] = field(default_factory=dict)  # release ``stages_seq``: its cost to the link,
+    how: str = ""  # how it was taken in ("apply" or "load") and why "load"
+    how_reason: str = ""
     staged: int = 0  # a verified, cached staged release held until activated (0: none)
     active: int = 0  # staged releases up to this seq are activated for this node
     want: int = 0  # an older seq to fetch all the same: the active one, behind a held staged one
@@ -81,6 +78,18 @@ class Follow:
     unstored: tuple[Assembly, str] | None = None  # verified, its cache write failed: (it, digest)
     requests: int = 0  # what the host answered (Report.requests / errors)
     errors: int = 0
+
+    def stage(self, seq: int, how: str = "", why: str = "", moved: dict[str, int] | None = None,
+              **seconds: float) -> None:
+        """Record release ``seq``'s stage seconds (a newer seq starts afresh), its cost to the
+        link (``moved``) and ``how`` it was taken in ("apply"; "load", ``why``: any worker's)."""
+        if seq > self.stages_seq:
+            self.stages, self.stages_seq, self.moved, self.how, self.how_reason = {}, seq, {}, "", ""
+        if seq == self.stages_seq:
+            self.stages.update({k: round(v, 4) for k, v in seconds.items()})
+            self.moved = moved if moved is not None else self.moved
+            if how and (self.how != "load" or how == "load"):
+                self.how, self.how_reason = how, why if how == "load" else ""
 
 
 @dataclass(frozen=True)
@@ -380,15 +389,8 @@ class Assembler:
         return [Send(self._report(st))]
 
     def stage(self, name: str, seq: int, *, how: str = "", why: str = "", **seconds: float) -> None:
-        """Record the seconds stages of release ``seq`` took (a newer seq starts afresh) and
-        ``how`` it was taken in ("apply", or "load" and ``why``; any worker's load shows)."""
-        st = self.follow(name)
-        if seq > st.stages_seq:
-            st.stages, st.stages_seq, st.moved, st.how, st.how_reason = {}, seq, {}, "", ""
-        if seq == st.stages_seq:
-            st.stages.update({k: round(v, 4) for k, v in seconds.items()})
-            if how and (st.how != "load" or how == "load"):
-                st.how, st.how_reason = how, why if how == "load" else ""
+        """:meth:`Follow.stage` of model ``name``."""
+        self.follow(name).stage(seq, how, why, **seconds)
 
     def reports(self) -> list[Action]:
         return [Send(self._report(st)) for st in self.models.values()]
@@ -444,7 +446,5 @@ class Assembler:
         digest = asm.sha.hexdigest()
         asm.view.release()
         asm.receive_s = max(0.0, self._now - asm.started)
-        self.stage(st.name, asm.manifest.seq, receive=asm.receive_s)
-        if asm.manifest.seq == st.stages_seq:
-            st.moved = dict(asm.moved)
+        st.stage(asm.manifest.seq, receive=asm.receive_s, moved=dict(asm.moved))
         return [Deliver(st.name, asm, digest)]
