@@ -277,12 +277,13 @@ class WeightsPublisher:
             eager.train(was)
         rel = build_release(compiled, head.name, label, codec=head.codec, chunk_bytes=head.chunk_bytes,
                             metadata={**head.metadata, **(metadata or {}), "weights_of": str(head.seq)},
-                            batching="off" if head.batch <= 1 else "auto")
+                            batching="off")  # the code's claim is the base's, as for any weights update
         m = rel.manifest
         if unlike(head, m.name, m.code_sha256, m.tensors) or \
                 not aligned(head, m.codec, m.chunk_bytes, m.tensors):
             return None
-        rel = Release(msgspec.structs.replace(m, compile_method="weights").check(), rel.chunks)
+        m = msgspec.structs.replace(m, compile_method="weights", batch=head.batch, batch_dim=head.batch_dim)
+        rel = Release(m.check(), rel.chunks)
         done = self._hub.publish(rel, rebase=False, **publish_kw)
         stored = msgspec.structs.replace(rel.manifest, seq=done.seq)
         self._bases[head.name] = Base(Release(stored, rel.chunks), None, compiled.module)  # archive: lazily
