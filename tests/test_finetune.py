@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.conftest import wait_until
-from tests.models import LeNet
+from tests.models import LeNet, Stack
 from zmqmodels import Hub, HubClient, Node, build_release, compile_model
 from zmqmodels.store import Store
 
@@ -48,19 +48,6 @@ def received(nodes: list[Node]) -> list[int]:
 
 def seqs(hub: Hub, name: str) -> list[int]:
     return [r.seq for r in hub.releases(name)] if name in {m.name for m in hub.status().models} else []
-
-
-class Stack(torch.nn.Module):
-    """12 x Linear(256, 256), ~3 MB: the issue's 48 MB model scaled down."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.layers = torch.nn.ModuleList([torch.nn.Linear(256, 256) for _ in range(12)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = torch.tanh(layer(x))
-        return x
 
 
 def lenet_publish(hub: Hub, label: str) -> int:

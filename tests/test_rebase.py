@@ -12,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.models import Stack
 from zmqmodels import build_release, compile_model
 from zmqmodels import protocol as P
 from zmqmodels.core.fleet import Fleet, base_seq, tally
@@ -80,21 +81,11 @@ def test_nodes_holding_a_staged_release_count_toward_a_staged_wait_only() -> Non
     assert t.reached(2, staged=True) and not t.reached(2)
 
 
-class Stack(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.layers = torch.nn.ModuleList([torch.nn.Linear(64, 64) for _ in range(6)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = torch.relu(layer(x))
-        return x
-
-
 @pytest.fixture(scope="module")
 def base() -> Base:
     torch.manual_seed(0)
-    rel = build_release(compile_model(Stack().eval(), [torch.randn(1, 64)]), "m", "v1", chunk_bytes=16 << 10)
+    rel = build_release(compile_model(Stack(64, 6).eval(), [torch.randn(1, 64)]), "m", "v1",
+                        chunk_bytes=16 << 10)
     return Base(rel, rel.archive())
 
 
@@ -129,8 +120,8 @@ def test_other_code_is_sent_whole_and_says_why(base) -> None:
     class Other(Stack):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             for layer in self.layers:
-                x = torch.tanh(layer(x))
+                x = torch.relu(layer(x))
             return x
 
-    new = build_release(compile_model(Other().eval(), [torch.randn(1, 64)]), "m", "v2")
+    new = build_release(compile_model(Other(64, 6).eval(), [torch.randn(1, 64)]), "m", "v2")
     assert rebase(base, new) == "its code differs from seq 0's (code digest)"

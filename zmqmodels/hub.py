@@ -145,8 +145,8 @@ class Hub(IOThread):
         and ``rebase``: as :meth:`~zmqmodels.hub_client.HubClient.publish`."""
         self._check_running()
         check_plan(plan)
-        rel = self.desk.seal(stage_release(_rebased(self, release, rebase)) if staged or plan
-                             else _rebased(self, release, rebase))
+        rel = _rebased(self, release) if rebase else release
+        rel = self.desk.seal(stage_release(rel) if staged or plan else rel)
         stored = self.desk.put(rel.manifest_bytes, rel.chunks, rel.signature, reuse_label=reuse_label)
         self.call(lambda: self.release(stored, plan), timeout)
         return stored.manifest
@@ -313,9 +313,9 @@ def chunk_messages(release: Release, skip: frozenset[int]) -> Iterator[tuple[int
             yield i, P.PatchHeader(m.name, m.seq, i, patch[0]), patch[1]
 
 
-def _rebased(hub: Hub, release: Release, rebase: bool = True) -> Release:
+def _rebased(hub: Hub, release: Release) -> Release:
     """``release`` as a delta on the release the fleet serves, when it holds the same code."""
-    if not rebase or release.signature or not release.manifest.tensors:
+    if release.signature or not release.manifest.tensors:
         return release
     from .weights import WeightsPublisher
 

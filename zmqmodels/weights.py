@@ -289,19 +289,13 @@ class WeightsPublisher:
         self._bases[head.name] = Base(Release(stored, rel.chunks), None, compiled.module)  # archive: lazily
         return done
 
-    def base(self, name: str, status: Any = None, *, manifest: Any = None) -> Base | None:
-        """The release new weights of ``name`` build on (:func:`~zmqmodels.core.fleet.base_seq`:
-        one that serves, never one the fleet refused), its archive fetched unless kept from an
-        earlier update; None if the hub stores none. ``manifest``: that release's manifest,
-        if the caller has it."""
+    def base(self, name: str, status: Any = None) -> Base | None:
+        """The release new weights of ``name`` build on (:meth:`_head`), its archive fetched
+        unless kept from an earlier update; None if the hub stores none."""
         from .core.fleet import base_seq
 
-        seq = base_seq(status if status is not None else self._hub.status(), name)
-        if seq is None:
-            return None
-        if manifest is None or manifest.seq != seq:
-            manifest = self._hub.fetch(name, seq, manifest_only=True).manifest
-        return self.held(manifest)
+        st = status if status is not None else self._hub.status()
+        return self.held(self._head(name, st)) if base_seq(st, name) is not None else None
 
     def held(self, manifest: Any) -> Base:
         """The stored release ``manifest`` describes, as a base: kept from an earlier update of
@@ -333,12 +327,10 @@ class WeightsPublisher:
             return release, f"whole release: {why}"
         if aligned(head, m.codec, m.chunk_bytes, m.tensors):  # nothing to rebuild
             return release, delta_line(head, m)
-        base = self.base(m.name, status, manifest=head)
-        assert base is not None
-        done = rebase(base, release)
+        done = rebase(self.held(head), release)  # the base asked for once: no second status
         if isinstance(done, str):
             return release, f"whole release: {done}"
-        return done, delta_line(base.release.manifest, done.manifest)
+        return done, delta_line(head, done.manifest)
 
 
 def auto_label(base: Any, status: Any) -> str:
