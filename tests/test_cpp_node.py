@@ -231,8 +231,10 @@ def test_a_weights_update_is_served_by_both_kinds_and_status_says_which_path_eac
 
 
 def test_dropped_chunk_is_repaired(binary, tmp_path) -> None:
+    last = [4]  # set to the release's last chunk below, before the publish
+
     def fault(name, seq, index, payload):  # the broadcast loses chunks 1 and the last
-        return b"" if index in (1, 5) else payload
+        return b"" if index in (1, last[0]) else payload
 
     with Hub("tcp://127.0.0.1:0", Store(tmp_path / "hub"), fault=fault) as hub:
         cpp = CppNode(binary, hub.address, tmp_path / "cache", "--load-from", "memory")
@@ -241,6 +243,7 @@ def test_dropped_chunk_is_repaired(binary, tmp_path) -> None:
             rel = build_release(compile_model(Probe(3.0, ballast_mb=8), probe_examples()), "probe", "big",
                                 chunk_bytes=2 << 20, codec="lz4")
             assert rel.manifest.chunk_count >= 5
+            last[0] = rel.manifest.chunk_count - 1
             m = hub.publish(rel)
             ok, st = hub.wait_for("probe", m.seq, 1, 120)
             assert ok, (st, cpp.stderr())

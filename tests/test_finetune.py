@@ -73,7 +73,9 @@ def test_a_head_only_update_saved_to_a_file_moves_only_what_changed_and_is_appli
               "--chunk-mb", "0.125", "--label", "v1", "--hub", hub.address, "--wait-for", "2", "--json")
     assert one.returncode == 0, one.stderr
     first = json.loads(one.stdout)["moved"]["a"]  # a load, and why: what the operator sees
-    assert (first["how"], first["why"]) == ("load", "nothing of this model served here yet"), first
+    assert first["how"] == "load", first  # a worker still starting reads it from the cache instead
+    assert first["why"] in ("nothing of this model served here yet",
+                            "the worker started after it came: read from this node's cache"), first
     assert "whole release: the first of its name" in one.stderr
     full = min(a - b for a, b in zip(received(nodes), before, strict=True))
     before = received(nodes)

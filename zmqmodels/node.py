@@ -399,6 +399,10 @@ class Node(IOThread):
                 versions = {n: Version(h.seq, h.label) for n, h in serving.items()}
                 damaged = {n: (e.seq, e.reason) for n, e in errors.items()}
                 batch = {n: h.batch for n, h in serving.items()}
+                for n, h in serving.items():  # it started after the release came: read from the cache
+                    if self._sub is not None and self.ledger.is_rolling(n, h.seq):
+                        self._sub.stage(n, h.seq, how="load", why="the worker started after it came: "
+                                        "read from this node's cache")
                 self._carry(self.broker.worker_ready(wid, versions, now, damaged, batch))
             case P.Applying(name=name, seq=seq):  # it answers requests meanwhile
                 self.supervisor.seen(wid, now, Activity.IDLE)
