@@ -150,7 +150,7 @@ def run_nodes(args: argparse.Namespace, tmp: str, results: dict) -> None:
     import torch
 
     from zmqmodels import Client, Hub, build_release, compile_model
-    from zmqmodels.store import Store
+    from zmqmodels.release.store import Store
 
     models = {"mlp": mlp(0), "heavy": Heavy.make(0, all_layers=True)}
     with Hub("tcp://127.0.0.1:0", Store(os.path.join(tmp, "store"))) as hub:
@@ -198,7 +198,7 @@ def run_low_load(args: argparse.Namespace, tmp: str, results: dict) -> None:
     import torch
 
     from zmqmodels import Client, Hub, build_release, compile_model
-    from zmqmodels.store import Store
+    from zmqmodels.release.store import Store
 
     with Hub("tcp://127.0.0.1:0", Store(os.path.join(tmp, "low"))) as hub:
         ex = [torch.randn(1, 784), torch.randn(3, 784)]

@@ -34,8 +34,8 @@ def secure_opts(keys: str | None, role: str) -> dict:
     """Library arguments for a fleet secured with `zmqmodels keys generate --out KEYS`."""
     if not keys:
         return {}
-    from zmqmodels.curve import Curve
-    from zmqmodels.signing import SigningKey, Trust
+    from zmqmodels.release.signing import SigningKey, Trust
+    from zmqmodels.transport.curve import Curve
 
     k = f"{keys}/private_keys/{role}.key_secret"
     if role == "hub":
@@ -130,7 +130,7 @@ def tcp_naive(data: memoryview, n: int) -> float:
 def zmq_fanout(release, n: int, store_dir: str, keys: str | None = None) -> dict[str, float]:  # noqa: ANN001
     """``keys``: a `keys generate` directory: CURVE on every socket, releases signed by the
     publisher and checked by every subscriber."""
-    from zmqmodels.hub_client import HubClient
+    from zmqmodels.clients.hub import HubClient
 
     sock = f"/tmp/zmqm-bench-{os.getpid()}"
     addr = f"ipc://{sock}"

@@ -69,7 +69,7 @@ def main() -> None:
 
     from tests.models import LeNet
     from zmqmodels import Hub, Node
-    from zmqmodels.store import Store
+    from zmqmodels.release.store import Store
 
     tmp = Path(tempfile.mkdtemp(prefix="zmqm-bench-cli-"))
     trees = {"this tree": ROOT}

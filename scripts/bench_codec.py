@@ -42,7 +42,13 @@ def main() -> None:
     import torch
 
     from zmqmodels import compile_model
-    from zmqmodels.release import CodecSpec, Manifest, choose_codec, compress_archive, decompress_chunk
+    from zmqmodels.release.manifest import (
+        CodecSpec,
+        Manifest,
+        choose_codec,
+        compress_archive,
+        decompress_chunk,
+    )
 
     torch.set_num_threads(2)
     base = trained_transformer()

@@ -64,7 +64,7 @@ def rss_peak_mib(pid: int) -> float:
 
 
 def measure(kind: str, args: argparse.Namespace, tmp: str) -> dict:
-    from zmqmodels.hub_client import HubClient
+    from zmqmodels.clients.hub import HubClient
 
     procs = Procs()
     out: dict = {"kind": kind}

@@ -50,7 +50,7 @@ PORT = 5555
 
 # -- roles (child processes, each in its namespace) ----------------------------------------------
 def role_sub(hub: str, node: str) -> None:
-    from zmqmodels.follower import Follower
+    from zmqmodels.node.follower import Follower
 
     f: Follower
 
@@ -63,7 +63,7 @@ def role_sub(hub: str, node: str) -> None:
 
 
 def role_relay(up: str, bind: str, rid: str) -> None:
-    from zmqmodels.relay import Relay
+    from zmqmodels.hub.relay import Relay
 
     store = tempfile.mkdtemp(prefix=f"zf-{rid}-", dir="/dev/shm")
     try:
@@ -105,8 +105,8 @@ def cpu_idle(threshold: float = 0.15, settle_s: float = 1.0, timeout: float = 12
 
 def role_hub(bind: str, n: int, size: int, out: str) -> None:
     from tests.helpers import raw_release
-    from zmqmodels.hub import Hub
-    from zmqmodels.store import Store
+    from zmqmodels.hub.hub import Hub
+    from zmqmodels.release.store import Store
 
     # incompressible, codec none: the network carries every byte
     release = raw_release("bench", os.urandom(size), chunk_bytes=CHUNK, label="b")
@@ -280,7 +280,7 @@ def role_seed_node(port: int, ready: str) -> None:
 
     import torch
 
-    from zmqmodels.release import decode_manifest, unpack_tensors
+    from zmqmodels.release.manifest import decode_manifest, unpack_tensors
 
     s = socket.create_connection(("127.0.0.1", port))
     with open(ready, "w"):
@@ -344,8 +344,8 @@ def _node_cpu(stages: list[dict[str, float]]) -> float | None:
 def local_rollout(release, update, n: int, workers: int) -> dict[str, float | None]:  # noqa: ANN001
     """Publish ``release`` to ``n`` fresh nodes of ``workers`` workers (-> every node serving),
     then ``update`` (the same code, its last layer changed, built the ordinary way)."""
-    from zmqmodels.hub import Hub
-    from zmqmodels.store import Store
+    from zmqmodels.hub.hub import Hub
+    from zmqmodels.release.store import Store
 
     tmp = tempfile.mkdtemp(prefix="zf-local-", dir="/dev/shm")
     out: dict[str, float | None] = {}
@@ -393,10 +393,10 @@ def local_main(args: argparse.Namespace) -> None:
     import torch
 
     try:
-        from zmqmodels.build import build_release
+        from zmqmodels.model.build import build_release
     except ImportError:  # a baseline from before build.py held it (bench_against.py --driver this)
-        from zmqmodels.release import build_release  # type: ignore[attr-defined,no-redef]
-    from zmqmodels.compile import compile_model
+        from zmqmodels.release.manifest import build_release  # type: ignore[attr-defined,no-redef]
+    from zmqmodels.model.compile import compile_model
 
     torch.manual_seed(0)
     width = 1024

@@ -174,7 +174,7 @@ def run(args: argparse.Namespace, tmp: str, results: dict) -> None:
     import torch
 
     from zmqmodels import Hub, build_release, compile_model
-    from zmqmodels.store import Store
+    from zmqmodels.release.store import Store
 
     torch.set_num_threads(1)
     models = {"mlp": mlp(0), "heavy": Heavy.make(0, all_layers=True)}

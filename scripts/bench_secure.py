@@ -40,8 +40,8 @@ def bench_signing(keys: Path) -> list[tuple[str, str, str]]:
     import torch
 
     from tests.helpers import raw_release
-    from zmqmodels.release import pack_tensors
-    from zmqmodels.signing import SigningKey, Trust
+    from zmqmodels.release.manifest import pack_tensors
+    from zmqmodels.release.signing import SigningKey, Trust
 
     key, trust = SigningKey.load(keys / "signing.key"), Trust.load([keys / "signing.pub"])
     rows = []
@@ -95,8 +95,8 @@ def infer_rtt(keys: Path, secure: bool, tmp: str, requests: int) -> tuple[float,
 
     from tests.models import Probe, probe_examples
     from zmqmodels import Client, Hub, build_release, compile_model
-    from zmqmodels.curve import Curve
-    from zmqmodels.store import Store
+    from zmqmodels.release.store import Store
+    from zmqmodels.transport.curve import Curve
 
     tag = "s" if secure else "p"
     hub_addr, node_addr = f"ipc://{tmp}/hub-{tag}", f"ipc://{tmp}/node-{tag}"
@@ -142,8 +142,8 @@ def main() -> None:
     from bench_broadcast import zmq_fanout
 
     from tests.helpers import raw_release
-    from zmqmodels.curve import generate_curve_keys
-    from zmqmodels.signing import generate_signing_key
+    from zmqmodels.release.signing import generate_signing_key
+    from zmqmodels.transport.curve import generate_curve_keys
 
     tmp = tempfile.mkdtemp(prefix="zmqm-sec-", dir="/tmp")
     shm = "/dev/shm" if os.path.isdir("/dev/shm") else None

@@ -357,7 +357,7 @@ def rollout_vs_torchserve(MLP, width: int, examples, rounds: int, tmp: str,  # n
 
     from scripts.peer_torchserve import TorchServe
     from zmqmodels import HubClient, build_release, compile_model
-    from zmqmodels.store import write_release_file
+    from zmqmodels.release.store import write_release_file
 
     v1 = MLP().eval()
     v2 = MLP().eval()

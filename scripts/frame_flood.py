@@ -75,7 +75,7 @@ def main() -> None:
     args = ap.parse_args()
     from demo import free_port_pair  # scripts/ is this script's directory
 
-    from zmqmodels.curve import generate_curve_keys
+    from zmqmodels.transport.curve import generate_curve_keys
 
     tmp = tempfile.mkdtemp(prefix="zmqm-flood-")
     generate_curve_keys(tmp, ["hub", "node"])

@@ -4,9 +4,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -18,7 +16,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("--slow"):
-        os.environ["ZMQM_FUZZ_SLOW"] = "1"  # tests/test_fuzz.py: 10x the examples
+        os.environ["ZMQM_FUZZ_SLOW"] = "1"  # tests/fuzzing.py: 10x the examples
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -31,17 +29,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_cuda)
 
 
-def wait_until(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.01,
-               what: str = "condition") -> object:
-    """Poll ``predicate`` until it is truthy; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 @pytest.fixture
@@ -57,7 +44,6 @@ def short_tmp() -> Iterator[str]:
 @pytest.fixture
 def small_fs(tmp_path):
     """An 8 MiB tmpfs: a cache that fills up (remount it larger to free it)."""
-    import subprocess
 
     mnt = tmp_path / "tmpfs"
     mnt.mkdir()
@@ -76,42 +62,22 @@ def _torch_threads() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-def free_port() -> int:
-    import socket
+@pytest.fixture
+def hub(tmp_path):
+    """A hub on a free port with its store under ``tmp_path`` (beating every 0.25 s)."""
+    from zmqmodels.hub.hub import Hub
+    from zmqmodels.release.store import Store
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def free_port_pair() -> int:
-    """A port P with P+1 free too (a hub's ROUTER and its derived PUB)."""
-    import socket
-
-    for _ in range(50):
-        port = free_port()
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-    raise AssertionError("no free port pair")
+    with Hub("tcp://127.0.0.1:0", Store(tmp_path / "hub"), heartbeat_interval_s=0.25) as h:
+        yield h
 
 
-def alive(pid: int) -> bool:
-    """Whether process ``pid`` runs (a zombie does not)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return False
-    return state != "Z"
+@pytest.fixture(scope="session")
+def binary():
+    """The built C++ node (skips if it was not built; fails if a source is newer than it)."""
+    from tests.helpers import built_binary
 
-
-def stop_and_expect_gone(parent: subprocess.Popen, stop: Callable[[], None], child: int, what: str,
-                         timeout: float = 30.0) -> None:
-    """``child`` (a pid) runs; ``stop()`` ends ``parent``; then ``child`` is gone within ``timeout``."""
-    assert alive(child)
-    stop()
-    parent.wait(timeout)
-    wait_until(lambda: not alive(child), timeout, what=what)
+    found = built_binary()
+    if found is None:
+        pytest.skip("the C++ node is not built: scripts/test builds it first (or run scripts/build_cpp)")
+    return found

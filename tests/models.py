@@ -200,9 +200,9 @@ def explodes_on_nodes(name: str = "probe", label: str = "nan") -> Any:
     ``zero`` tensor's bytes set to zeros, as a publisher bug after its checks would. Publishers
     refuse Inf themselves, so only a release made by hand reaches nodes like this."""
     from zmqmodels import build_release, compile_model
-    from zmqmodels.rebase import Base
-    from zmqmodels.release import unpack_tensors
-    from zmqmodels.weights import swap_tensors, weights_release
+    from zmqmodels.model.weights import swap_tensors, weights_release
+    from zmqmodels.release.manifest import unpack_tensors
+    from zmqmodels.release.rebase import Base
 
     m = Explodes()
     with torch.no_grad():

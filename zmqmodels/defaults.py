@@ -23,6 +23,7 @@ __all__ = [
     "FETCH_CREDIT",
     "FETCH_TIMEOUT_S",
     "CORRUPT_FETCHES_MAX",
+    "STALL_FACTOR",
     "SUB_RCVHWM",
     "MAX_ARCHIVE_BYTES",
     "MAX_CHUNKS",
@@ -68,6 +69,7 @@ FETCH_CREDIT = 8  # chunks a subscriber may have requested and not yet received
 SUB_RCVHWM = 16  # broadcast messages a node buffers ahead of its reader (chunks are 4 MiB)
 FETCH_TIMEOUT_S = 2.0  # an outstanding fetch with no answer for this long is asked again
 CORRUPT_FETCHES_MAX = 3  # fetched chunks failing their digest before a release is given up
+STALL_FACTOR = 8  # a broadcast is stalled after this many times its mean chunk gap (or the idle time)
 
 MAX_ARCHIVE_BYTES = 8 * 1024**3
 MAX_CHUNKS = 65536

@@ -54,13 +54,13 @@ def hub(bind_addr: str, store_dir: str, heartbeat: float, lost_after: float, for
     """Run a hub: store releases, broadcast them, repair nodes, collect fleet status."""
     import logging
 
-    from ..hub import Hub
-    from ..store import Store
+    from ..hub.hub import Hub
+    from ..release.store import Store
 
     curve = curve_from(curve_key, None, curve_allow)
     control = None
     if curve_publishers:
-        from ..curve import public_keys
+        from ..transport.curve import public_keys
 
         if curve is None or curve.allow is None:
             raise click.UsageError("--curve-publisher needs --curve-key and --curve-allow")
@@ -87,7 +87,7 @@ def status(hub_addr: str, timeout: float, as_json: bool, watch: bool, interval: 
     """Print the fleet table: what every node serves, its state and its last error."""
     import time
 
-    from ..hub_client import HubClient
+    from ..clients.hub import HubClient
 
     client = HubClient(hub_addr, timeout=timeout, curve=curve_from(curve_key, curve_server))
     try:
@@ -127,8 +127,8 @@ def activate(name: str, seq: int, hub_addr: str, nodes: str, labels: tuple[str, 
 
     import msgspec
 
+    from ..clients.hub import HubClient
     from ..core.fleet import tally
-    from ..hub_client import HubClient
     from ..protocol import ModelState
 
     client = HubClient(hub_addr, timeout=timeout, curve=curve_from(curve_key, curve_server))
@@ -173,7 +173,7 @@ def releases(name: str, hub_addr: str, timeout: float, as_json: bool, curve_key:
 
     import msgspec
 
-    from ..hub_client import HubClient
+    from ..clients.hub import HubClient
 
     rows = HubClient(hub_addr, timeout=timeout, curve=curve_from(curve_key, curve_server)).releases(name)
     if as_json:
@@ -213,7 +213,7 @@ def relay(hub_addr: str, bind_addr: str, store_dir: str, models: tuple[str, ...]
     --curve-server the upstream's, --curve-allow the nodes admitted."""
     import logging
 
-    from ..relay import Relay
+    from ..hub.relay import Relay
 
     up = curve_from(curve_key, curve_server) if curve_server else None
     down = curve_from(curve_key, None, curve_allow) if curve_key else None

@@ -26,8 +26,8 @@ def keys() -> None:
 def keys_generate(out_dir: str, curve_names: tuple[str, ...], no_signing: bool) -> None:
     """Write an Ed25519 signing pair (signing.key, signing.pub) and CURVE certificates
     (public_keys/NAME.key, private_keys/NAME.key_secret). Secret files are mode 0600."""
-    from ..curve import generate_curve_keys
-    from ..signing import generate_signing_key
+    from ..release.signing import generate_signing_key
+    from ..transport.curve import generate_curve_keys
 
     out = Path(out_dir)
     planned = [out / "public_keys" / f"{n}.key" for n in curve_names]

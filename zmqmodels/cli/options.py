@@ -17,8 +17,8 @@ __all__ = ["connect_to", "bind_to",
 
 def _endpoint(bind: bool) -> Any:
     def check(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
-        from ..endpoints import check_endpoint
         from ..errors import ZmqModelsError
+        from ..transport.endpoints import check_endpoint
 
         if value is None:
             return value
@@ -80,7 +80,7 @@ def curve_from(curve_key: str | None, curve_server: str | None = None,
     key gets a throwaway key pair: encrypted, the server proven, the client anonymous."""
     if not (curve_key or curve_server or curve_allow):
         return None
-    from ..curve import Curve
+    from ..transport.curve import Curve
 
     if curve_key:
         return Curve.load(curve_key, curve_server, curve_allow)
@@ -92,13 +92,13 @@ def curve_from(curve_key: str | None, curve_server: str | None = None,
 def load_signing_key(path: str | None) -> Any:
     if not path:
         return None
-    from ..signing import SigningKey
+    from ..release.signing import SigningKey
 
     return SigningKey.load(path)
 
 
 def load_trust(paths: tuple[str, ...]) -> Any:
-    from ..signing import Trust
+    from ..release.signing import Trust
 
     return Trust.load(paths)
 
@@ -115,7 +115,7 @@ def parse_limits(pairs: tuple[str, ...]) -> Any:
 def model_name(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
     """Checked when parsed: a bad name is refused before anything is loaded or compiled."""
     from ..errors import ZmqModelsError
-    from ..release import validate_name
+    from ..release.manifest import validate_name
 
     try:
         return validate_name(value) if value is not None else value
@@ -165,12 +165,12 @@ def build_from_options(source: str, name: str, label: str, weights: str | None,
                        batching: str = "auto", max_batch: int = defaults.PROOF_MAX_BATCH,
                        progress: Any = None, timings: dict[str, float] | None = None,
                        base: Any = None, base_release: Any = None) -> Any:
-    """:func:`zmqmodels.build.build_from_source` from CLI options. ``base``: the manifest of the
+    """:func:`zmqmodels.model.build.build_from_source` from CLI options. ``base``: the manifest of the
     release the fleet serves under that name, whose codec (unless ``--codec``) and examples
     (unless given) the new release takes; ``base_release()`` gives that release (a
-    :class:`~zmqmodels.rebase.Base`) to build on when the code is the same."""
-    from ..build import build_from_source, parse_metadata
+    :class:`~zmqmodels.release.rebase.Base`) to build on when the code is the same."""
     from ..errors import SourceError
+    from ..model.build import build_from_source, parse_metadata
 
     if not source:
         raise click.UsageError("missing SOURCE: a model file, module:attr, TorchScript file or built release")
@@ -207,7 +207,7 @@ def built_release(source: str, name: str | None, **compile_opts: Any) -> Any:
     unsigned one takes the next seq where it is published; a signed one keeps its seq."""
     from pathlib import Path
 
-    from ..store import MAGIC, read_release_file
+    from ..release.store import MAGIC, read_release_file
 
     if not source:
         return None
@@ -230,7 +230,7 @@ def built_release(source: str, name: str | None, **compile_opts: Any) -> Any:
     if not release.signature and m.seq:
         import msgspec
 
-        from ..release import Release
+        from ..release.manifest import Release
 
         release = Release(msgspec.structs.replace(m, seq=0), release.chunks)
     return release

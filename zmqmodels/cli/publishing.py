@@ -20,20 +20,20 @@ __all__ = ["after_store", "accepted", "moved_by_node", "moved_lines", "publish_w
 def publish_weights(client: Any, name: str, opts: dict[str, Any], timings: dict[str, float], say: Any,
                     partial: bool = False, **kw: Any) -> Any:
     """``publish --weights CKPT --like NAME``: the checkpoint read as every path reads one
-    (:mod:`zmqmodels.checkpoint`: weights only, nesting and the DDP prefix said), published
+    (:mod:`zmqmodels.model.checkpoint`: weights only, nesting and the DDP prefix said), published
     through :meth:`HubClient.publish_weights` (every tensor of the release unless
     ``--partial``)."""
     import time
 
-    from ..build import parse_metadata
     from ..errors import SourceError
+    from ..model.build import parse_metadata
 
     try:
         metadata = parse_metadata(opts.get("meta") or ())
     except SourceError as exc:
         raise click.BadParameter(str(exc), param_hint="--meta") from None
     t0 = time.perf_counter()
-    from ..checkpoint import read_checkpoint, state_of
+    from ..model.checkpoint import read_checkpoint, state_of
 
     timings["import"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -130,10 +130,12 @@ def moved_lines(status: Any, name: str, seq: int) -> list[str]:
 
 def watch_waves(status: Any, name: str, seq: int, timeout: float, as_json: bool, say: Any) -> None:
     """Follow the hub's rollout in waves of ``name`` ``seq`` to its end
-    (:func:`~zmqmodels.hub_client.wait_rollout`), printing each change; exit 1 if it halted
+    (:func:`~zmqmodels.core.fleet.wait_rollout`), printing each change; exit 1 if it halted
     (the failed nodes and why are printed) or did not end in time."""
+    import time
+
     from .. import protocol as P
-    from ..hub_client import wait_rollout
+    from ..core.fleet import wait_rollout
     from .render import rollout_text, status_json
 
     last = [""]
@@ -145,7 +147,8 @@ def watch_waves(status: Any, name: str, seq: int, timeout: float, as_json: bool,
             say(text)
             last[0] = text
 
-    wave, st = wait_rollout(status, name, seq, timeout, on_status=show)
+    wave, st = wait_rollout(status, name, seq, timeout, clock=time.monotonic, pause=time.sleep,
+                            on_status=show)
     ok = wave is not None and wave.state == P.WaveState.DONE
     if as_json:
         import msgspec

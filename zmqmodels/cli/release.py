@@ -38,8 +38,8 @@ def inspect(path: str, as_json: bool) -> None:
     the archive's tensor table is read from its zip, nothing in it runs)."""
     import msgspec
 
-    from ..archive import tensor_table
-    from ..store import MAGIC, read_release_file
+    from ..release.archive import tensor_table
+    from ..release.store import MAGIC, read_release_file
 
     p = Path(path)
     if not p.is_file():
@@ -90,7 +90,7 @@ def inspect(path: str, as_json: bool) -> None:
 @signing_option
 def build(store_dir: str, as_json: bool, signing_key: str | None, **opts: Any) -> None:
     """Compile SOURCE, prove parity, and store the release (no hub needed)."""
-    from ..store import Store
+    from ..release.store import Store
 
     store = Store(store_dir)
     key = load_signing_key(signing_key)
@@ -165,7 +165,7 @@ def publish(hub_addr: str | None, bind_addr: str | None, store_dir: str, wait_fo
     t0 = time.monotonic()
     release = None if like else built_release(**opts)  # checked before the hub is asked
     timings["read"] = time.monotonic() - t0
-    from ..hub_client import HubClient
+    from ..clients.hub import HubClient
 
     client = HubClient(hub_addr, timeout=timeout, curve=curve_from(curve_key, curve_server))
     try:  # before compiling: a hub that does not answer is an error in seconds, not minutes
@@ -263,7 +263,7 @@ def _prepared(client: Any, status: Any, release: Any, timings: dict[str, float],
     m = release.manifest
     built_on = int(m.metadata.get("weights_of") or 0) if m.compile_method != "weights" else 0
     if built_on:
-        from ..rebase import delta_line
+        from ..release.rebase import delta_line
 
         line = delta_line(client.fetch(m.name, built_on, manifest_only=True).manifest, m)
     else:
@@ -302,8 +302,8 @@ def _publish_bound(bind_addr: str, store_dir: str, key: Any, curve_key: str | No
     """``publish --bind``: this process is the hub, over ``store_dir``."""
     import time
 
-    from ..hub import Hub
-    from ..store import Store
+    from ..hub.hub import Hub
+    from ..release.store import Store
 
     release = built_release(**opts) or build_from_options(**opts, progress=say)
     curve = curve_from(curve_key) if curve_key else None
@@ -335,7 +335,7 @@ def _publish_bound(bind_addr: str, store_dir: str, key: Any, curve_key: str | No
 def rollback(name: str, to: str, hub_addr: str, wait_for: int, timeout: float, as_json: bool,
              signing_key: str | None, curve_key: str | None, curve_server: str | None) -> None:
     """Re-broadcast stored content of NAME under a new seq (signed anew with --signing-key)."""
-    from ..hub_client import HubClient
+    from ..clients.hub import HubClient
 
     client = HubClient(hub_addr, timeout=timeout, curve=curve_from(curve_key, curve_server))
     done = client.rollback(name, to, timeout=timeout, signing_key=load_signing_key(signing_key))

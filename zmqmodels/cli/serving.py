@@ -79,7 +79,7 @@ def serve(hub_addr: str | None, models: tuple[str, ...], bind_addr: str, workers
     (not with CURVE: run `zmqmodels gateway` with an admitted client key instead)."""
     import logging
 
-    from ..node import Node
+    from ..node.node import Node
 
     if (http or grpc_listen) and curve_key:
         raise click.UsageError("--http/--grpc would answer anyone in front of a CURVE-secured node: "
@@ -146,7 +146,7 @@ def parse_inputs(specs: tuple[str, ...]) -> tuple[Any, ...]:
     file its array, without torch; any other file is read as a ``torch.save``'d tensor or
     tuple (``weights_only``), which imports torch."""
     from ..errors import ProtocolError, SourceError
-    from ..tensors import random_arrays
+    from ..protocol.tensors import random_arrays
 
     args: list[Any] = []
     for i, spec in enumerate(specs):
@@ -159,7 +159,7 @@ def parse_inputs(specs: tuple[str, ...]) -> tuple[Any, ...]:
                 except ValueError as exc:
                     raise SourceError(f"cannot read {spec}: {exc}") from None
                 continue
-            from ..sources import load_example_file
+            from ..model.sources import load_example_file
 
             data = load_example_file(spec)
             args.extend(data if isinstance(data, tuple) else [data])
@@ -194,7 +194,7 @@ def infer(server: str, model: str, inputs: tuple[str, ...], inputs_file: str | N
           curve_server: str | None) -> None:
     """Send one inference request and print the outputs and the version that served them
     (--inputs-file: many, pipelined, and a summary)."""
-    from ..client import Client
+    from ..clients.client import Client
 
     if bool(inputs) == bool(inputs_file):
         raise click.UsageError("give --input (one request) or --inputs-file (many), not both or neither")
@@ -225,9 +225,9 @@ def _infer_many(server: str, model: str, path: str, in_flight: int, seq: int, ti
     import asyncio
     import time
 
-    from ..aclient import AsyncClient
+    from ..clients.aclient import AsyncClient
     from ..errors import SourceError
-    from ..sources import load_example_file
+    from ..model.sources import load_example_file
 
     items = load_example_file(path)
     if not isinstance(items, list):

@@ -1,8 +1,8 @@
 """The cores: the code that decides, sans I/O.
 
 Each core is a plain class fed events and the clock that returns actions; the shells
-(:mod:`zmqmodels.hub`, :mod:`zmqmodels.relay`, :mod:`zmqmodels.node`,
-:mod:`zmqmodels.follower`, :mod:`zmqmodels.embedded`, :mod:`zmqmodels.worker`) own the
+(:mod:`zmqmodels.hub.hub`, :mod:`zmqmodels.hub.relay`, :mod:`zmqmodels.node.node`,
+:mod:`zmqmodels.node.follower`, :mod:`zmqmodels.node.embedded`, :mod:`zmqmodels.node.worker`) own the
 sockets, threads and files and carry the actions out. Nothing here imports zmq, torch,
 threading, subprocess or socket, so a unit test reaches every branch.
 

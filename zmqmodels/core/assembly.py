@@ -43,8 +43,8 @@ from .. import protocol as P
 from ..defaults import Limits
 from ..errors import LimitError, ProtocolError, SignatureError, ZmqModelsError
 from ..protocol import ModelState
-from ..release import Manifest
-from ..signing import Trust
+from ..release.manifest import Manifest
+from ..release.signing import Trust
 from .intake import Intake, Send, Taken
 from .receiving import Assembly
 from .retry import WriteRetry
@@ -94,11 +94,14 @@ class Follow:
 
 @dataclass(frozen=True)
 class Deliver:
-    """``asm`` is complete: check ``digest`` against its manifest and hand it on."""
+    """``asm`` is complete: check ``digest`` against its manifest and hand it on. ``active``:
+    a staged release already activated for this node (served, not held), decided here, where
+    the activations are, never read by the delivery thread."""
 
     name: str
     asm: Assembly
     digest: str
+    active: bool = False
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,7 @@ class RetryStore:
     name: str
     asm: Assembly
     digest: str
+    active: bool = False  # as :class:`Deliver`'s
 
 
 Action = Send | Deliver | Unstage | RetryStore
@@ -332,7 +336,7 @@ class Assembler:
             if st.unstored is not None and st.retry.take(now):
                 self.stats["store_retries"] += 1
                 (asm, digest), st.unstored = st.unstored, None
-                out.append(RetryStore(st.name, asm, digest))
+                out.append(RetryStore(st.name, asm, digest, self._activated(st, asm.manifest)))
         return [*out, *self.intake.tick(now, self.models)]
 
     def forget(self, name: str, seq: int, now: float) -> list[Action]:
@@ -447,4 +451,9 @@ class Assembler:
         asm.view.release()
         asm.receive_s = max(0.0, self._now - asm.started)
         st.stage(asm.manifest.seq, receive=asm.receive_s, moved=dict(asm.moved))
-        return [Deliver(st.name, asm, digest)]
+        return [Deliver(st.name, asm, digest, self._activated(st, asm.manifest))]
+
+    @staticmethod
+    def _activated(st: Follow, m: Manifest) -> bool:
+        """Staged ``m`` is already activated here (fetched as the active one): serve, not hold."""
+        return m.staged and m.seq <= st.active

@@ -12,14 +12,14 @@ the time since it was heard in ``age_s``) and never counts as serving; after
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 
 from .. import defaults
 from .. import protocol as P
 from ..errors import ProtocolError, ReleaseError
 
-__all__ = ["FleetEntry", "Fleet", "Tally", "base_seq", "tally"]
+__all__ = ["FleetEntry", "Fleet", "Tally", "base_seq", "tally", "wait_for", "wait_rollout"]
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ class Fleet:
 @dataclass(frozen=True)
 class Tally:
     """Where the fleet stands on one release: the one rule behind ``publish --wait-for``, the
-    hub's :meth:`~zmqmodels.hub.Hub.wait_for`, the CLI's progress line and ``releases``."""
+    hub's :meth:`~zmqmodels.hub.hub.Hub.wait_for`, the CLI's progress line and ``releases``."""
 
     serving: int  # nodes serving it (lost nodes never count)
     on_the_way: int  # receiving, verified or loading it
@@ -152,3 +152,44 @@ def _refused(name: str, seq: int, rows: Sequence[P.NodeStatus]) -> int:
     raise ReleaseError(f"no release of {name} to build on: {sum(r.rejected_seq == seq for r in rows)} "
                        f"node(s) rejected seq {seq} and none serves another"
                        + (f" ({why[:200]})" if why else "") + "; publish a whole release or roll back")
+
+
+def wait_for(status: Callable[[], P.StatusReply], name: str, seq: int, count: int, timeout: float, *,
+             clock: Callable[[], float], pause: Callable[[float], None],
+             on_status: Callable[[P.StatusReply], None] | None = None,
+             staged: bool = False) -> tuple[bool, P.StatusReply]:
+    """Ask ``status`` (a hub's or a :class:`HubClient`'s) until ``count`` nodes serve ``name``
+    at ``seq`` (``staged``: serve it or hold it staged; the rule of
+    :class:`~zmqmodels.core.fleet.Tally`); ``(ok, last status)``, ok False as soon as a node
+    rejects that seq or at the deadline. ``clock()`` tells the time; ``pause(s)`` waits up to ``s``
+    seconds between asks (both the shell's: a test drives them)."""
+    deadline = clock() + timeout
+    while True:
+        st = status()
+        if on_status is not None:
+            on_status(st)
+        t = tally(st.nodes, name, seq)
+        left = deadline - clock()
+        if t.rejected or t.reached(count, staged=staged) or left <= 0:
+            return t.reached(count, staged=staged), st
+        pause(min(left, 0.5))
+
+
+
+def wait_rollout(status: Callable[[], P.StatusReply], name: str, seq: int, timeout: float, *,
+                 clock: Callable[[], float], pause: Callable[[float], None],
+                 on_status: Callable[[P.StatusReply], None] | None = None
+                 ) -> tuple[P.WaveStatus | None, P.StatusReply]:
+    """Poll ``status`` (a hub's or a :class:`HubClient`'s) until the rollout in waves of
+    ``name`` ``seq`` is done or halted, or the deadline; returns its last
+    :class:`~zmqmodels.protocol.WaveStatus` (None: the hub has none) and the last status;
+    ``clock`` and ``pause`` as :func:`wait_for`'s."""
+    deadline = clock() + timeout
+    while True:
+        st = status()
+        if on_status is not None:
+            on_status(st)
+        wave = next((w for w in st.rollouts if w.name == name and w.seq == seq), None)
+        if (wave is not None and wave.state != P.WaveState.RUNNING) or clock() >= deadline:
+            return wave, st
+        pause(min(0.2, max(0.0, deadline - clock())))

@@ -27,8 +27,8 @@ from .. import defaults
 from .. import protocol as P
 from ..defaults import Limits
 from ..errors import IntegrityError, LimitError, SignatureError
-from ..release import Manifest
-from ..signing import Trust
+from ..release.manifest import Manifest
+from ..release.signing import Trust
 from .intake import Incoming, Intake, Send, Taken
 from .serve import Broadcast, ReleaseServer, Reply, same_chunks
 

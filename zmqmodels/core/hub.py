@@ -1,7 +1,7 @@
 """The hub's decisions, sans I/O: the release catalog, activations, rollouts in waves and the
 fleet's liveness.
 
-The hub shell (:mod:`zmqmodels.hub`) feeds a :class:`HubCore` what happened (a release stored,
+The hub shell (:mod:`zmqmodels.hub.hub`) feeds a :class:`HubCore` what happened (a release stored,
 a fetch, a report, an ACTIVATE, the clock) and carries out the actions it returns; it never
 decides. Store and disk work is an action too (:class:`Load`, :class:`StoreActive`,
 :class:`RollBack`), run off the I/O thread, whose outcome comes back as an event.
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from .. import protocol as P
 from ..defaults import Limits
 from ..errors import ZmqModelsError
-from ..release import Manifest, Release
+from ..release.manifest import Manifest, Release
 from .fleet import Fleet, tally
 from .serve import Broadcast, ReleaseServer, Reply, same_chunks
 from .waves import ActivateNodes, Finish, Halt, WaveRollout, activation_refusal

@@ -41,8 +41,8 @@ from .. import defaults
 from .. import protocol as P
 from ..defaults import Limits
 from ..errors import IntegrityError, ProtocolError
-from ..release import Manifest
-from ..signing import Trust
+from ..release.manifest import Manifest
+from ..release.signing import Trust
 
 __all__ = ["Pace", "Incoming", "Send", "Taken", "Intake", "next_fetch"]
 
@@ -69,7 +69,7 @@ class Pace:
         if not self.broadcast_manifest:
             return now - last_progress > idle_s
         mean = (last_progress - self.started) / self.received if self.received else 0.0
-        return now - last_progress > max(8 * idle_s, 8 * mean)
+        return now - last_progress > defaults.STALL_FACTOR * max(idle_s, mean)
 
     def fetch_below(self, chunk_count: int) -> int:
         return chunk_count if self.stalled else self.next_bcast

@@ -20,10 +20,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..protocol import ModelState
+from ..protocol.codes import SERVER_ERRORS
 
-__all__ = ["Ledger", "Tell", "SERVER_ERRORS", "KEEP_SEQS"]
+__all__ = ["Ledger", "Tell", "KEEP_SEQS"]
 
-SERVER_ERRORS = frozenset({"model_error", "internal", "worker_lost"})
 KEEP_SEQS = 4
 
 

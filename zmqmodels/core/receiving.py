@@ -13,8 +13,8 @@ from typing import Any
 import xxhash
 
 from ..errors import IntegrityError
-from ..patch import apply_patch
-from ..release import decompress_chunk
+from ..release.manifest import decompress_chunk
+from ..release.patch import apply_patch
 from .intake import Incoming
 
 __all__ = ["Assembly"]

@@ -27,13 +27,13 @@ from typing import Any, Protocol
 
 from .. import protocol as P
 from ..defaults import Limits
-from ..release import Manifest
+from ..release.manifest import Manifest
 
 __all__ = ["Servable", "Reply", "Broadcast", "Answer", "ReleaseServer", "same_chunks"]
 
 
 class Servable(Protocol):
-    """A release as the server answers from it: a hub's stored :class:`~zmqmodels.release.Release`
+    """A release as the server answers from it: a hub's stored :class:`~zmqmodels.release.manifest.Release`
     or a relay's :class:`~zmqmodels.core.forward.Carried` (``chunks[i]`` None: not here yet)."""
 
     @property

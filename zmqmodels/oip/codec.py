@@ -19,6 +19,7 @@ import msgspec
 import numpy as np
 
 from .. import protocol as P
+from ..protocol.codes import Code
 
 __all__ = ["V2Error", "Tensor", "Call", "DATATYPES", "error_for", "parse_http", "http_response",
            "parse_grpc", "outputs_of", "model_metadata", "find_version", "v2_name", "parse_version"]
@@ -34,12 +35,6 @@ _NP = {"bool": "?", "uint8": "u1", "int8": "i1", "int16": "<i2", "int32": "<i4",
 _MAX_RANK = 32
 
 # node error code -> (HTTP status, gRPC status name)
-_STATUS = {"unknown_model": (404, "NOT_FOUND"), "version_unavailable": (404, "NOT_FOUND"),
-           "bad_request": (400, "INVALID_ARGUMENT"), "bad_input": (400, "INVALID_ARGUMENT"),
-           "too_large": (413, "RESOURCE_EXHAUSTED"), "model_error": (500, "INTERNAL"),
-           "not_ready": (503, "UNAVAILABLE"), "worker_lost": (503, "UNAVAILABLE"),
-           "unavailable": (503, "UNAVAILABLE"), "deadline": (504, "DEADLINE_EXCEEDED"),
-           "internal": (500, "INTERNAL")}
 
 
 class V2Error(Exception):
@@ -53,8 +48,8 @@ class V2Error(Exception):
 
 def error_for(code: str, message: str) -> V2Error:
     """The v2 error for a node's error ``code`` (its message passed on unchanged)."""
-    status, grpc = _STATUS.get(code, (500, "INTERNAL"))
-    return V2Error(status, grpc, message)
+    c = Code.of(code)
+    return V2Error(c.http, c.grpc, message)
 
 
 def bad(message: str) -> V2Error:

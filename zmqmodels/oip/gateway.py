@@ -27,10 +27,10 @@ import uvicorn
 
 from .. import __version__, defaults
 from .. import protocol as P
-from ..aclient import AsyncClient
-from ..curve import Curve
-from ..endpoints import parse_listen
+from ..clients.aclient import AsyncClient
 from ..errors import DeadlineError, ProtocolError, RemoteError, ZmqModelsError
+from ..transport.curve import Curve
+from ..transport.endpoints import parse_listen
 from . import codec
 from .codec import V2Error
 from .pb import SERVICE, message

@@ -43,7 +43,7 @@ Node front <-> worker process (ipc, same host)::
     BATCH Batch, request frames of each job                               (front -> worker)
 
 ``signature`` is the manifest's detached Ed25519 signature, empty when unsigned
-(:mod:`zmqmodels.signing`); a receiver treats a missing frame as empty.
+(:mod:`zmqmodels.release.signing`); a receiver treats a missing frame as empty.
 """
 
 from .framing import *  # noqa: F403

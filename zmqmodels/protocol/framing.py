@@ -11,7 +11,7 @@ from typing import Any
 import msgspec
 
 from .. import defaults
-from ..errors import LimitError, ProtocolError
+from ..errors import LimitError, ProtocolError, ServingError
 from .messages import (
     Activate,
     Activated,
@@ -62,6 +62,8 @@ __all__ = [
     "decode_header",
     "topic",
     "pub_endpoint",
+    "parse_infer",
+    "Refusal",
 ]
 
 @dataclass(frozen=True)
@@ -209,3 +211,24 @@ def pub_endpoint(addr: str) -> str:
     if addr.startswith(("ipc://", "inproc://")):
         return addr + ".pub"
     raise ProtocolError(f"cannot use hub address {addr!r}: use tcp://HOST:PORT or ipc://PATH")
+
+
+class Refusal(ServingError):
+    """A request refused before it was queued; ``rid`` and ``model`` for the reply (empty when
+    its header could not be read)."""
+
+    def __init__(self, code: str, message: str, rid: str = "", model: str = "") -> None:
+        super().__init__(code, message)
+        self.rid, self.model = rid, model
+
+
+def parse_infer(frames: Sequence[Any]) -> tuple[InferRequest, list[Any]]:
+    """``[INFER, header, tensors...]`` -> ``(header, tensor frames)``; :class:`Refusal`
+    (``bad_request``) for anything else. The front and its workers read requests alike."""
+    try:
+        req, tensors = unpack(frames)
+    except ProtocolError as exc:
+        raise Refusal("bad_request", str(exc)) from None
+    if not isinstance(req, InferRequest):
+        raise Refusal("bad_request", "expected [INFER, header, tensor frames...]")
+    return req, tensors

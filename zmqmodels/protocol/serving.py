@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 import msgspec
 
+from .codes import Code
 from .messages import ErrorReply, NonNeg, V
 
 __all__ = [
@@ -196,7 +197,7 @@ class StopWorker(msgspec.Struct, frozen=True):
 
 class ManifestFrames(msgspec.Struct, frozen=True):
     """``[b"MANIFEST", manifest, signature]`` (no header): the manifest frame is decoded by
-    :func:`zmqmodels.release.decode_manifest` under the receiver's limits."""
+    :func:`zmqmodels.release.manifest.decode_manifest` under the receiver's limits."""
 
 
 class LoadCommand(msgspec.Struct, frozen=True):
@@ -241,18 +242,8 @@ class Applying(msgspec.Struct, frozen=True):
 
 
 # Inference error codes: code -> retryable (docs/protocol.md §Inference errors)
-SERVING_CODES: dict[str, bool] = {
-    "unknown_model": False,  # the node does not serve that name
-    "not_ready": True,  # known, but no version loaded yet
-    "version_unavailable": False,  # the pinned seq is not served here
-    "bad_request": False,  # malformed frames or header
-    "bad_input": False,  # wrong count, dtype or rank for the model's signature
-    "too_large": False,  # over max request bytes or tensor count
-    "model_error": False,  # the model raised; message carries its exception
-    "worker_lost": True,  # the worker died with the request in flight
-    "unavailable": True,  # draining for a reload, queue full or queue wait over
-    "internal": False,
-}
+SERVING_CODES: dict[str, bool] = {c.value: c.retryable for c in Code if c.node}
+"""Each code a node answers with, and whether it is retryable (from :class:`Code`)."""
 
 
 def serving_error(code: str, message: str, model: str = "", rid: str = "") -> ErrorReply:

@@ -1,0 +1,295 @@
+"""The build pipeline as a library call: load a model source, compile it (script, trace as a
+fallback, parity proven against eager) and cut it into a release.
+
+``zmqmodels build`` and ``zmqmodels publish`` are thin shells over :func:`build_from_source`;
+a training job can call it directly and hand the result to :class:`~zmqmodels.HubClient`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import xxhash
+
+from .. import defaults
+from ..errors import ReleaseError, SourceError
+from ..release.manifest import (
+    CODECS,
+    MAX_BATCH_CLAIM,
+    CodecSpec,
+    Manifest,
+    Release,
+    choose_codec,
+    compress_archive,
+    pack_tensors,
+    span_digests,
+    validate_name,
+)
+
+if TYPE_CHECKING:
+    from ..release.rebase import Base
+    from .batching import BatchProof
+    from .compile import Compiled
+
+__all__ = ["build_from_source", "build_release", "parse_metadata"]
+
+
+def parse_metadata(items: Sequence[str]) -> dict[str, str]:
+    """``["k=v", ...]`` -> ``{"k": "v"}``; :class:`SourceError` for an item without ``=``."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SourceError(f"metadata {item!r} is not KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def build_from_source(
+    source: str,
+    name: str,
+    label: str = "",
+    *,
+    weights: str | None = None,
+    example_specs: Sequence[str] = (),
+    example_file: str | None = None,
+    codec: str = "auto",
+    chunk_bytes: int = defaults.CHUNK_BYTES,
+    allow_trace: bool = True,
+    method: str = "auto",
+    metadata: dict[str, str] | None = None,
+    progress: Callable[[str], None] | None = None,
+    chunk_progress: Callable[[int, int], None] | None = None,
+    timings: dict[str, float] | None = None,
+    batching: str = "auto",
+    max_batch: int = defaults.PROOF_MAX_BATCH,
+    base_examples: Manifest | None = None,
+    base: Callable[[], Base | None] | None = None,
+) -> Release:
+    """Load ``source`` (``module:factory``, a ``.py`` file with a factory, or a TorchScript
+    file), compile it on its examples and build a release named ``name``.
+
+    Examples come from ``example_file`` (a ``torch.save``'d tensor, tuple or list), else from
+    ``example_specs`` (``DIMxDIM[:dtype]``, comma-joined per argument), else from the factory
+    returning ``(module, examples)``, else from ``base_examples`` (the manifest of a release of
+    the same model: its examples). ``progress`` receives one line per step,
+    ``chunk_progress(done, total)`` each compressed chunk. ``timings`` receives the seconds
+    of each step: ``import`` (torch, if this process had not imported it), ``load``,
+    ``compile``, ``parity``, ``batching``, ``build`` and ``compress``. ``base``: as
+    :func:`build_release`.
+    """
+    import sys
+    import time
+
+    validate_name(name)  # before anything slow
+    t = timings if timings is not None else {}
+    t0 = time.perf_counter()
+    if "torch" not in sys.modules:
+        import torch  # noqa: F401  (timed on its own: seconds, and not the model's fault)
+    t["import"] = time.perf_counter() - t0
+    from .compile import compile_model
+    from .sources import load_example_file, load_source, parse_example_spec
+
+    say = progress or (lambda _msg: None)
+    say(f"loading {source}")
+    t0 = time.perf_counter()
+    module, examples = load_source(source, weights=weights, say=say)
+    if example_file:
+        examples = load_example_file(example_file)
+    elif example_specs:
+        examples = [parse_example_spec(s, seed=i) for i, s in enumerate(example_specs)]
+    if examples is None and base_examples is not None and base_examples.examples:
+        from ..release.manifest import unpack_tensors
+
+        examples = unpack_tensors(base_examples.examples)
+        say(f"examples: the {len(examples)} of {base_examples.name} seq {base_examples.seq} (none given)")
+    if examples is None:
+        raise SourceError("no example inputs: give --example-input or --example-inputs, "
+                          "or return (module, examples) from the factory")
+    t["load"] = time.perf_counter() - t0
+    say("compiling")
+    compiled = compile_model(module, examples, allow_trace=allow_trace, method=method)
+    t["compile"], t["parity"] = compiled.compile_s, compiled.parity_s
+    say(f"compiled by {compiled.method}, parity max abs diff {compiled.max_abs_diff:.3g} "
+        f"on {len(compiled.examples)} example(s)")
+    for w in compiled.warnings:
+        say(f"warning: {w}")
+    say("compressing")
+    release = build_release(compiled, name, label, codec=codec, chunk_bytes=chunk_bytes,
+                            metadata=metadata or {}, progress=chunk_progress, timings=t,
+                            batching=batching, max_batch=max_batch, base=base,
+                            base_manifest=base_examples if base is not None else None)
+    for note in release.notes:
+        say(note)
+    m = release.manifest
+    say(f"archive {m.archive_bytes:,} B -> {m.compressed_bytes:,} B in {m.chunk_count} chunk(s), "
+        f"codec {m.codec.name}/{m.codec.filter}")
+    return release
+
+
+def _prove(compiled: Compiled, name: str, batching: str, max_batch: int) -> BatchProof:
+    """:func:`~zmqmodels.model.batching.prove_batching` within its budget, a share of compile +
+    parity (unless batching was asked for outright: then in full, and a model that is not
+    batch-invariant is a :class:`ParityError`). A row's cost is first taken from the parity
+    run (eager and compiled on every example)."""
+    import torch
+
+    from ..errors import ParityError
+    from .batching import prove_batching
+
+    rows = sum(int(ex[0].shape[0]) if ex and isinstance(ex[0], torch.Tensor) and ex[0].dim() else 1
+               for ex in compiled.examples) or 1
+    budget = max(defaults.PROOF_MIN_S, defaults.PROOF_SHARE * (compiled.compile_s + compiled.parity_s))
+    proof = prove_batching(compiled.module, compiled.examples,
+                           max_batch=0 if batching == "off" else min(max_batch, MAX_BATCH_CLAIM),
+                           budget_s=None if batching == "on" else budget,
+                           outputs=compiled.outputs, row_s=compiled.parity_s / (2 * rows))
+    if batching == "on" and not proof.batch:
+        raise ParityError(f"{name} was declared batchable, but its examples say otherwise: {proof.reason}")
+    return proof
+
+
+def build_release(
+    compiled: Compiled,
+    name: str,
+    label: str = "",
+    *,
+    codec: str | CodecSpec = "auto",
+    chunk_bytes: int = defaults.CHUNK_BYTES,
+    metadata: dict[str, str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    timings: dict[str, float] | None = None,
+    batching: str = "auto",
+    max_batch: int = defaults.PROOF_MAX_BATCH,
+    base: Callable[[], Base | None] | None = None,
+    base_manifest: Manifest | None = None,
+) -> Release:
+    """Save ``compiled`` into memory and build its release (``seq`` 0 until stored).
+    ``batching``: ``"auto"`` proves whether the model is batch-invariant on its examples and
+    records it (:func:`zmqmodels.model.batching.prove_batching`, up to ``max_batch`` rows); ``"on"``
+    also refuses (:class:`ParityError`) a model that is not; ``"off"`` records it unbatched.
+    ``timings`` gets the seconds of ``batching``, ``build`` and ``compress``. ``codec``:
+    ``"auto"``, a codec name (``lz4``, ``zstd``, ``none``, ...) or a :class:`CodecSpec`.
+    ``base`` gives the release the fleet serves under ``name`` (a :class:`~zmqmodels.release.rebase.Base`,
+    or None), asked for only if the archive has that release's code (``base_manifest``) but
+    lays its tensors out otherwise: the release is then built on it
+    (:func:`zmqmodels.release.rebase.rebase`), compressing only the chunks whose tensors changed.
+    """
+    from .checkpoint import require_finite
+
+    validate_name(name)
+    if batching not in ("auto", "on", "off"):
+        raise ReleaseError(f"batching must be auto, on or off, not {batching!r}")
+    require_finite({**dict(compiled.module.named_parameters()), **dict(compiled.module.named_buffers())},
+                   f"{name}'s weights")
+    t0 = time.perf_counter()
+    proof = _prove(compiled, name, batching, max_batch)
+    t = timings if timings is not None else {}
+    t["batching"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    archive, code, tensors = _saved(compiled)
+    t["build"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    on = _on(base, base_manifest, name, archive, code, tensors, codec, chunk_bytes)
+    spec = on[0].release.manifest.codec if on else _codec(codec, archive, compiled, chunk_bytes)
+    chunk_bytes = on[0].release.manifest.chunk_bytes if on else chunk_bytes
+    chunks = [] if on else compress_archive(archive, spec, chunk_bytes, progress)  # on a base: its own
+    t["compress"] = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    manifest = _manifest(compiled, name, label, archive, code, tensors, spec, chunk_bytes, chunks, metadata,
+                         proof.batch)
+    if on is not None:  # the base's archive with these tensors: only changed chunks compressed
+        from ..release.rebase import on_base
+
+        release = on_base(on[0], *on[1], manifest, (proof.line(name),))
+    else:
+        release = Release(manifest.check(), chunks, notes=(proof.line(name),))
+    t["build"] += time.perf_counter() - t2  # the manifest: digests, example and expected tensors
+    return release
+
+
+def _saved(compiled: Compiled) -> tuple[Any, str, list[Any]]:
+    """``(archive, code digest, tensor descriptors)``: ``compiled`` saved into memory."""
+    import torch
+
+    from ..release.archive import describe_tensors
+
+    buf = io.BytesIO()
+    torch.jit.save(compiled.module, buf)
+    return (buf.getbuffer(), *describe_tensors(buf.getbuffer()))
+
+
+def _manifest(compiled: Compiled, name: str, label: str, archive: Any, code: str, tensors: list[Any],
+              spec: CodecSpec, chunk_bytes: int, chunks: list[Any], metadata: dict[str, str] | None,
+              batch: int) -> Manifest:
+    """The manifest of ``archive`` cut into ``chunks`` (none: its archive fields are filled in
+    once it is built on a base, :func:`zmqmodels.release.rebase.on_base`)."""
+    import torch
+
+    from ..protocol.tensors import signature
+    from .trees import input_signature
+
+    params = list(compiled.module.parameters())
+    return Manifest(
+        name=name,
+        label=label,
+        created_at=time.time(),
+        archive_sha256=hashlib.sha256(archive).hexdigest() if chunks else "",
+        archive_bytes=len(archive),
+        compressed_bytes=sum(len(c) for c in chunks),
+        codec=spec,
+        chunk_bytes=chunk_bytes,
+        chunk_count=len(chunks),
+        chunk_sizes=[len(c) for c in chunks],
+        chunk_xxh3=[xxhash.xxh3_64_intdigest(c) for c in chunks],
+        chunk_raw_xxh3=span_digests(archive, chunk_bytes) if chunks else [],
+        torch_version=str(torch.__version__),
+        code_sha256=code,
+        tensors=tensors,
+        compile_method=compiled.method,
+        compile_warnings=list(compiled.warnings),
+        inputs=input_signature(compiled.examples),
+        outputs=signature(compiled.outputs[0]),
+        parameter_count=sum(p.numel() for p in params),
+        parameter_bytes=sum(p.numel() * p.element_size() for p in params),
+        examples=pack_tensors(list(compiled.examples)),
+        expected=pack_tensors(list(compiled.outputs)),
+        metadata=dict(metadata or {}),
+        batch=batch,
+    )
+
+
+def _on(base: Callable[[], Base | None] | None, head: Manifest | None, name: str, archive: Any, code: str,
+        tensors: list[Any], codec: Any, chunk_bytes: int) -> tuple[Base, tuple[bytearray, list[Any]]] | None:
+    """The base to build on and the archive rebuilt on it, when ``base`` gives one of the same
+    code and tensors laid out otherwise; None otherwise (a whole release, or one aligned with
+    the base already: its codec and chunking, its tensors' offsets)."""
+    from ..release.rebase import aligned, rebase_archive, unlike
+
+    if head is not None and (unlike(head, name, code, tensors) or aligned(head, codec, chunk_bytes, tensors)):
+        return None  # other code, or aligned: nothing to fetch
+    got = base() if base is not None else None
+    if got is None or unlike(got.release.manifest, name, code, tensors):
+        return None
+    return None if isinstance(done := rebase_archive(got, archive, tensors), str) else (got, done)
+
+
+def _codec(codec: str | CodecSpec, archive: Any, compiled: Compiled, chunk_bytes: int) -> CodecSpec:
+    """The codec ``codec`` names (``auto``: chosen on a sample of ``archive``)."""
+    if not isinstance(codec, str):
+        return codec
+    state = list(compiled.module.parameters()) + list(compiled.module.buffers())
+    by_size: dict[int, int] = {}
+    for x in state:
+        by_size[x.element_size()] = by_size.get(x.element_size(), 0) + x.numel() * x.element_size()
+    typesize = max(by_size, key=by_size.__getitem__) if by_size else 4
+    if codec == "auto":
+        return choose_codec(archive, typesize, chunk_bytes)
+    if codec in CODECS:
+        return CodecSpec(codec, 0 if codec == "none" else defaults.CLEVEL,
+                         "none" if codec == "none" else "shuffle", typesize)
+    raise ReleaseError(f"unknown codec {codec!r}; use auto or one of {sorted(CODECS)}")

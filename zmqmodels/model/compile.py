@@ -1,0 +1,289 @@
+"""Module -> TorchScript, with a parity proof against eager.
+
+``torch.jit.script`` is tried first: it keeps control flow. Tracing records only what the
+example did (a data-dependent ``if`` is frozen; a value computed outside torch, with numpy
+say, becomes a constant), so it is a fallback that needs evidence: at least two examples that
+differ in every input, the first traced and parity checked on the others, or an explicit
+``method="trace"``. Its TracerWarnings are recorded and quoted in any parity error.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..defaults import PARITY_ATOL, PARITY_RTOL
+from ..errors import CompileError, ParityError
+from ..protocol.tensors import dtype_name
+
+__all__ = ["Compiled", "compile_model", "normalize_examples", "compare_outputs", "clone_tree"]
+
+Example = tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """A compiled module and the evidence that it matches eager."""
+
+    module: torch.jit.ScriptModule
+    method: str  # "script", "trace" or "prescripted"
+    warnings: tuple[str, ...]
+    examples: tuple[Example, ...]
+    outputs: tuple[Any, ...]  # the compiled module's output on each example
+    max_abs_diff: float
+    compile_s: float = 0.0  # scripting or tracing
+    parity_s: float = 0.0  # eager and compiled on every example
+
+
+class _FunctionModule(torch.nn.Module):
+    """Lets a plain function be traced and saved like a module."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args: Any) -> Any:
+        return self.fn(*args)
+
+
+def normalize_examples(example_inputs: Any) -> tuple[Example, ...]:
+    """A tensor is one example of one argument; a tuple is one example's arguments;
+    a list is several examples (each a tensor or a tuple)."""
+    if isinstance(example_inputs, torch.Tensor | tuple):
+        items: Sequence[Any] = [example_inputs]
+    elif isinstance(example_inputs, list):
+        items = example_inputs
+    else:
+        raise CompileError(
+            f"example inputs must be a tensor, a tuple or a list, not {type(example_inputs).__name__}"
+        )
+    if not items:
+        raise CompileError("at least one example input is required (two or more recommended)")
+    return tuple(x if isinstance(x, tuple) else (x,) for x in items)
+
+
+def clone_tree(x: Any) -> Any:
+    """Deep-copy the tensors of a tree so a model that writes into its inputs spoils nothing."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if isinstance(x, tuple | list):
+        return type(x)(clone_tree(i) for i in x)
+    if isinstance(x, dict):
+        return {k: clone_tree(v) for k, v in x.items()}
+    return x
+
+
+def compile_model(
+    module: torch.nn.Module | Callable[..., Any],
+    example_inputs: Any,
+    *,
+    allow_trace: bool = True,
+    method: str = "auto",
+    rtol: float | None = None,
+    atol: float | None = None,
+) -> Compiled:
+    """Compile ``module`` to TorchScript and prove it matches eager on every example.
+
+    ``method`` is ``"auto"`` (script, then trace if scripting fails and ``allow_trace``),
+    ``"script"`` or ``"trace"``. An already-scripted module passes through. Raises
+    :class:`CompileError` if nothing compiles and :class:`ParityError` (naming the example,
+    the output path and the max abs difference) if compiled and eager disagree.
+    """
+    examples = normalize_examples(example_inputs)
+    if method not in ("auto", "script", "trace"):
+        raise CompileError(f"unknown compile method {method!r}")
+    if isinstance(module, torch.nn.Module):
+        module.eval()
+    elif not callable(module):
+        raise CompileError(f"cannot compile a {type(module).__name__}")
+    notes: list[str] = []
+    t0 = time.perf_counter()
+    if isinstance(module, torch.jit.ScriptModule):
+        compiled, how = module, "prescripted"
+    else:
+        compiled, how = _compile(module, examples, allow_trace, method, notes)
+    warned = "".join(f"\n  {n}" for n in notes)
+    t1 = time.perf_counter()
+    compiled.eval()
+    outputs, worst = _prove_parity(module, compiled, how, examples, rtol, atol, warned)
+    return Compiled(compiled, how, tuple(notes), examples, outputs, worst, t1 - t0,
+                    time.perf_counter() - t1)
+
+
+def _prove_parity(module: Any, compiled: Any, how: str, examples: tuple[Example, ...], rtol: float | None,
+                  atol: float | None, warned: str) -> tuple[tuple[Any, ...], float]:
+    """The compiled model's outputs on every example, finite, and the largest difference from
+    the eager model's (a prescripted model is its own eager model: run once)."""
+    outputs, worst = [], 0.0
+    with torch.inference_mode():
+        for i, ex in enumerate(examples):
+            if how == "prescripted":
+                try:
+                    got = compiled(*clone_tree(ex))
+                except Exception as exc:
+                    raise CompileError(f"the model raised on example {i}: {exc}") from exc
+                _finite(got, i)
+                outputs.append(got)
+                continue
+            try:
+                eager = module(*clone_tree(ex))
+            except Exception as exc:
+                raise CompileError(f"eager model raised on example {i}: {exc}") from exc
+            _finite(eager, i)
+            try:
+                got = compiled(*clone_tree(ex))
+            except Exception as exc:
+                raise ParityError(f"compiled model raised on example {i}: {exc}") from exc
+            try:
+                worst = max(worst, compare_outputs(eager, got, rtol=rtol, atol=atol))
+            except ParityError as exc:
+                hint = (f"\n  the trace of example 0 does not generalise (a frozen branch, or a value "
+                        f"computed outside torch?){warned or ' (the tracer warned of nothing)'}"
+                        if how == "trace" else "")
+                raise ParityError(f"example {i}: {exc}{hint}") from None
+            outputs.append(got)
+    return tuple(outputs), worst
+
+
+def _finite(out: Any, i: int) -> None:
+    """The model's outputs on example ``i`` hold no NaN or Inf (else :class:`ParityError`:
+    nothing is published whose examples prove nothing)."""
+    from ..errors import CheckError
+    from .trees import check_finite
+
+    try:
+        check_finite(out, f"example {i} out")
+    except CheckError as exc:
+        raise ParityError(f"{exc} (NaN or Inf weights, or an input the model cannot take; "
+                          "nothing was published)") from None
+
+
+def _compile(
+    module: Any, examples: tuple[Example, ...], allow_trace: bool, method: str, notes: list[str]
+) -> tuple[torch.jit.ScriptModule, str]:
+    target = module if isinstance(module, torch.nn.Module) else _FunctionModule(module)
+    if method in ("auto", "script") and isinstance(module, torch.nn.Module):
+        try:
+            return torch.jit.script(target), "script"
+        except Exception as exc:  # scripting raises many types (frontend, OSError, RuntimeError)
+            reason = str(exc).strip() or type(exc).__name__  # whole: the useful part is at the end
+            if method == "script" or not allow_trace:
+                raise CompileError(f"torch.jit.script failed:\n{reason}") from exc
+            if why := _untraceable(examples):
+                raise CompileError(f"torch.jit.script failed:\n{reason}\n"
+                                   f"Not falling back to tracing: {why}") from exc
+            notes.append(f"script failed, traced instead: {reason.splitlines()[0]}")
+    elif method == "script" or not allow_trace:
+        raise CompileError("only nn.Module instances can be scripted; allow tracing for functions")
+    elif method == "auto" and (why := _untraceable(examples)):
+        raise CompileError(f"a plain function can only be traced, and {why}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", torch.jit.TracerWarning)
+        try:
+            traced = torch.jit.trace(target, examples[0], strict=False, check_trace=False)
+        except Exception as exc:
+            raise CompileError(f"torch.jit.trace failed: {exc}") from exc
+    notes.extend(
+        f"TracerWarning: {w.message}" for w in caught if issubclass(w.category, torch.jit.TracerWarning)
+    )
+    return traced, "trace"
+
+
+def _untraceable(examples: tuple[Example, ...]) -> str:
+    """Why these examples cannot prove a trace ("" if they can): a trace is checked on the
+    examples it was not made from, so there must be another one, differing in every input."""
+    if len(examples) < 2:
+        return ("a trace of one example proves nothing (it is checked against the example it "
+                "was made from); give at least two examples that differ in every input, or ask "
+                "for tracing explicitly (--trace)")
+    first = _leaves(examples[0])
+    for ex in examples[1:]:
+        other = _leaves(ex)
+        if len(other) != len(first) or not any(
+                a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+                for a, b in zip(first, other, strict=True)):
+            return ""
+    return ("no example differs from example 0 in every tensor input, so parity could not catch "
+            "a value the trace froze; give examples whose inputs all differ, or --trace")
+
+
+def _leaves(x: Any) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, tuple | list):
+        return [t for i in x for t in _leaves(i)]
+    if isinstance(x, dict):
+        return [t for v in x.values() for t in _leaves(v)]
+    return []  # a scalar is a constant of the trace either way
+
+
+def compare_outputs(
+    expected: Any, got: Any, *, rtol: float | None = None, atol: float | None = None,
+    path: str = "out",
+) -> float:
+    """Compare two output trees; return the max abs difference or raise :class:`ParityError`.
+
+    Floats use a dtype-aware tolerance; integers and bools must match exactly; NaN never
+    equals anything, NaN included (an output holding NaN proves nothing); Inf matches Inf of
+    the same sign in the same position.
+    """
+    if isinstance(expected, torch.Tensor):
+        if not isinstance(got, torch.Tensor):
+            raise ParityError(f"{path}: expected a tensor, got {type(got).__name__}")
+        if expected.dtype != got.dtype or expected.shape != got.shape:
+            raise ParityError(
+                f"{path}: expected {dtype_name(expected.dtype)}{list(expected.shape)}, "
+                f"got {dtype_name(got.dtype)}{list(got.shape)}"
+            )
+        if expected.numel() == 0:
+            return 0.0
+        a, b = expected.detach().cpu(), got.detach().cpu()
+        if not (a.is_floating_point() or a.is_complex()):
+            diff = (a.to(torch.int64) - b.to(torch.int64)).abs().max().item() if a.dtype != torch.bool \
+                else float((a != b).any())
+            if diff:
+                raise ParityError(f"{path}: integer outputs differ (max abs diff {diff})")
+            return 0.0
+        name = dtype_name(a.dtype)
+        rt = PARITY_RTOL.get(name, 1e-5) if rtol is None else rtol
+        at = PARITY_ATOL.get(name, 1e-6) if atol is None else atol
+        if bool(torch.isnan(a).any()) or bool(torch.isnan(b).any()):
+            raise ParityError(f"{path}: NaN in the output (NaN never equals NaN)")
+        a64, b64 = a.to(torch.complex128 if a.is_complex() else torch.float64), \
+            b.to(torch.complex128 if b.is_complex() else torch.float64)
+        inf = torch.isinf(a64) | torch.isinf(b64)
+        if not torch.equal(a64[inf], b64[inf]):
+            raise ParityError(f"{path}: Inf in different positions or signs")
+        finite = ~(torch.isnan(a64) | inf)
+        d = (a64 - b64).abs()[finite]
+        diff = d.max().item() if d.numel() else 0.0
+        if math.isnan(diff) or not torch.allclose(a64[finite], b64[finite], rtol=rt, atol=at):
+            raise ParityError(f"{path}: max abs diff {diff:.3g} exceeds rtol={rt:g}, atol={at:g}")
+        return float(diff)
+    if isinstance(expected, tuple | list):
+        if not isinstance(got, tuple | list) or len(got) != len(expected):
+            raise ParityError(f"{path}: expected a sequence of {len(expected)}, got {_kind(got)}")
+        return max((compare_outputs(e, g, rtol=rtol, atol=atol, path=f"{path}[{i}]")
+                    for i, (e, g) in enumerate(zip(expected, got, strict=True))), default=0.0)
+    if isinstance(expected, dict):
+        if not isinstance(got, dict) or set(got) != set(expected):
+            raise ParityError(f"{path}: expected keys {sorted(expected)}, got {_kind(got)}")
+        return max((compare_outputs(v, got[k], rtol=rtol, atol=atol, path=f"{path}[{k!r}]")
+                    for k, v in expected.items()), default=0.0)
+    if expected != got:
+        raise ParityError(f"{path}: expected {expected!r}, got {got!r}")
+    return 0.0
+
+
+def _kind(x: Any) -> str:
+    if isinstance(x, dict):
+        return f"keys {sorted(x)}"
+    if isinstance(x, tuple | list):
+        return f"a sequence of {len(x)}"
+    return type(x).__name__

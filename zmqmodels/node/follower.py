@@ -1,0 +1,456 @@
+"""The subscriber's network side: receive, repair and verify releases (the *follower*).
+
+A shell around :class:`~zmqmodels.core.assembly.Assembler`: one I/O thread owns a SUB (broadcasts)
+and a DEALER (fetches and reports), feeds the core what arrives and sends what it asks for.
+A second thread checks each complete archive's sha256, writes it to the cache (signed bytes
+and all) and hands it to ``on_release(manifest, archive)``, newest first: a consumer slower
+than the releases skips the ones it could not take in time.
+
+To *serve* the releases in-process (load, check, swap, predict) use the embedded host,
+:class:`zmqmodels.Subscriber` (:mod:`zmqmodels.node.embedded`), which is composed on a follower;
+``zmqmodels serve`` (:class:`~zmqmodels.node.node.Node`) composes one with worker processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from .. import defaults
+from .. import protocol as P
+from ..core.assembly import Assembler, Assembly, Deliver, RetryStore, Send, Unstage
+from ..defaults import Limits
+from ..errors import ProtocolError, StoreError, ZmqModelsError
+from ..protocol import ModelState
+from ..release.cache import Cache
+from ..release.manifest import Manifest, manifest_frames, validate_name
+from ..release.signing import Trust
+from ..transport.buffers import BufferPool
+from ..transport.curve import Curve
+from ..transport.ioloop import IOThread, LoopState
+from ..transport.tuning import lower_thread_priority, tune_malloc
+
+__all__ = ["Follower", "ReleaseCallback"]  # and Subscriber, lazily (below)
+
+log = logging.getLogger("zmqmodels.follower")
+ReleaseCallback = Callable[[Manifest, Any], None]  # archive: a buffer of manifest.archive_bytes
+
+
+class ReceiveCpu:
+    """The receiving thread's CPU time, added to the releases it works on (``Assembly.cpu_s``):
+    each handler's time goes to every release being received (a handler works on one, a
+    heartbeat costs next to nothing) and to those it completed. I/O thread only."""
+
+    def __init__(self, coming: Callable[[], Iterable[Assembly]]) -> None:
+        self._coming = coming
+        self._completed: list[Assembly] = []  # by the handler running now
+
+    def timed(self, handler: Callable[[list[zmq.Frame]], None]) -> Callable[[list[zmq.Frame]], None]:
+        def run(frames: list[zmq.Frame]) -> None:
+            t0 = time.thread_time()
+            try:
+                handler(frames)
+            finally:
+                dt = time.thread_time() - t0
+                for asm in [*self._coming(), *self._completed]:
+                    asm.cpu_s += dt
+                self._completed.clear()
+
+        return run
+
+    def completed(self, asm: Assembly) -> None:
+        self._completed.append(asm)
+
+
+class Follower(IOThread):
+    """Follow the releases of ``models`` from the hub at ``hub`` (its one address).
+
+    ``on_release(manifest, archive)`` runs on the delivery thread for every verified release;
+    ``archive`` is a read-write memoryview valid only until the callback returns (its buffer
+    is reused for a later release): copy or write it out to keep it. An exception from it
+    rejects the release (reported to the hub with its reason). Report what became of a
+    release with :meth:`report`. ``accept(manifest)`` runs first and may return False to
+    decline a release (it is then neither cached nor handed on). ``known`` maps model names
+    to the seq already held (e.g. from a local cache) so only newer releases are fetched;
+``serving`` maps those the host already serves to ``(seq, label)``: reported so from the first
+report on.
+
+    ``trust`` (keys) accepts only releases signed by one of them: a manifest that fails is
+    refused before a byte of its archive is allocated, and the hub hears why. ``cache``
+    keeps every verified release (signature included) before it is handed on. ``curve``
+    connects both sockets with CURVE to the hub's key.
+
+    A release published *staged* is verified and cached, then held until the hub activates
+    it for this node (``labels`` are what the hub selects on); only then does
+    ``on_release`` see it. ``staged`` names releases held in the cache across a restart.
+    ``counts(name) -> (requests, errors)`` is what the host answered, sent with each report
+    (the hub's waves halt on error rates).
+    """
+
+    kind = "sub"
+
+    def __init__(
+        self,
+        hub: str,
+        models: Sequence[str],
+        *,
+        on_release: ReleaseCallback,
+        accept: Callable[[Manifest], bool] | None = None,
+        node_id: str | None = None,
+        device: str = "",
+        known: dict[str, int] | None = None,
+        serving: dict[str, tuple[int, str]] | None = None,
+        limits: Limits | None = None,
+        context: zmq.Context | None = None,
+        rcvhwm: int = defaults.SUB_RCVHWM,
+        report_interval_s: float = defaults.HEARTBEAT_INTERVAL_S,
+        hub_ttl_s: float = defaults.HUB_TTL_S,
+        repair_idle_s: float = defaults.REPAIR_IDLE_S,
+        cache: Cache | str | Path | None = None,
+        tune_malloc: bool = True,
+        background_nice: int = 0,
+        trust: Trust | None = None,
+        curve: Curve | None = None,
+        labels: Sequence[str] = (),
+        staged: dict[str, Manifest] | None = None,
+        counts: Callable[[str], tuple[int, int]] | None = None,
+    ) -> None:
+        super().__init__(context or zmq.Context.instance())
+        self.hub = hub
+        self.pub_address = P.pub_endpoint(hub)
+        self.node_id = node_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.device = device or "cpu"
+        self.limits = limits or Limits()
+        self.cache = Cache(cache) if isinstance(cache, str | Path) else cache
+        self.trust = trust or Trust()
+        self.curve = curve
+        self._on_release = on_release
+        self._accept = accept
+        self._tune_malloc = tune_malloc
+        self._nice = background_nice  # a serving node runs its subscriber below its broker
+        self._rcvhwm = rcvhwm
+        self._report_interval_s = report_interval_s
+        self._pool = BufferPool()
+        self.assembler = Assembler([validate_name(n) for n in models], node_id=self.node_id,
+                                   host=socket.gethostname(), pid=os.getpid(), device=self.device,
+                                   take=self._pool.take, give=self._pool.give, limits=self.limits,
+                                   base=self.cache.newest_archive if self.cache is not None else None,
+                                   trust=self.trust, known=known, repair_idle_s=repair_idle_s,
+                                   hub_ttl_s=hub_ttl_s, labels=labels,
+                                   staged=staged)
+        self.assembler.use_stats(self.stats)  # one counter for the shell and its core
+        for name, (seq, label) in (serving or {}).items():  # the first report (at start) says so
+            self.assembler.set_state(name, ModelState.SERVING, seq=seq, label=label)
+        self.labels = list(labels)
+        self._counts = counts
+        # what the delivery thread is to check and hand on, one per model (the newest)
+        self._mailbox: dict[str, Deliver | Unstage] = {}
+        self._mail_cond = threading.Condition()
+        self._deliverer: threading.Thread | None = None
+        self._next_report = 0.0
+        self._next_room_check = 0.0  # statvfs of the cache while a write waits for room
+        self._cpu = ReceiveCpu(lambda: self.assembler.intake.coming.values())  # type: ignore[arg-type]
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self, timeout: float = defaults.START_TIMEOUT_S) -> Follower:
+        if self._tune_malloc and self.state is LoopState.NEW:
+            tune_malloc()
+        self._deliverer = threading.Thread(target=self._deliver, name="zmqmodels-sub-deliver", daemon=True)
+        self._deliverer.start()
+        try:
+            super().start(timeout)
+        except ZmqModelsError as exc:
+            raise ZmqModelsError(f"subscriber failed to start: {self._start_error or exc}") from None
+        return self
+
+    def close(self) -> None:
+        super().close()
+        with self._mail_cond:
+            self._mail_cond.notify_all()
+        if self._deliverer is not None and self._deliverer is not threading.current_thread():
+            self._deliverer.join(timeout=10)
+
+    # -- API for other threads ---------------------------------------------------------------
+    @property
+    def models(self) -> list[str]:
+        return list(self.assembler.models)
+
+    @property
+    def hub_seen(self) -> float:
+        """Monotonic time of the last message from the hub (0: never)."""
+        return self.assembler.hub_seen
+
+    def report(self, name: str, state: ModelState | str, *, seq: int | None = None,
+               label: str | None = None, reason: str = "") -> None:
+        """Tell the hub what became of ``name`` (``loaded``, ``serving``, ``rejected`` ...)."""
+        if state not in P.STATES:
+            raise ValueError(f"unknown state {state!r}")
+        self.post(lambda: self._carry(self.assembler.set_state(name, ModelState(state), seq=seq,
+                                                               label=label, reason=reason)))
+
+    def stage(self, name: str, seq: int, *, how: str = "", why: str = "", **seconds: float) -> None:
+        """Record stage timings of release ``seq`` and how it was taken in (sent with reports)."""
+        self.post(lambda: self.assembler.stage(name, seq, how=how, why=why, **seconds))
+
+    def refetch(self, name: str, seq: int) -> None:
+        """This node's copy of ``seq`` is damaged or gone: fetch it from the hub again."""
+        self.post(lambda: self._carry(self.assembler.forget(name, seq, time.monotonic())))
+
+    def reject(self, m: Manifest, reason: str) -> None:
+        """``m`` failed after delivery: never fetch it again, and tell the hub why."""
+        log.warning("%s: rejected %s seq %d: %s", self.node_id, m.name, m.seq, reason)
+        self.post(lambda: self.assembler.rejected(m.name, m.seq))
+        self.report(m.name, ModelState.REJECTED, seq=m.seq, label=m.label, reason=reason)
+
+    # -- I/O thread --------------------------------------------------------------------------
+    def _open(self) -> list[tuple[zmq.Socket, Any]]:
+        lower_thread_priority(self._nice)
+        sub, dealer = self._socket(zmq.SUB), self._socket(zmq.DEALER)
+        # a low mark: the hub's queue shares one buffer across nodes, ours would copy the
+        # whole release into fresh pages ahead of the reader
+        sub.rcvhwm = self._rcvhwm
+        for s in (sub, dealer):  # never buffer a frame bigger than any we accept
+            s.setsockopt(zmq.MAXMSGSIZE, self.limits.max_frame_bytes)
+            if self.curve is not None:
+                self.curve.connect(s)
+        sub.setsockopt(zmq.SUBSCRIBE, P.HUB_TOPIC)
+        for name in self.assembler.models:
+            sub.setsockopt(zmq.SUBSCRIBE, P.topic(name))
+        sub.connect(self.pub_address)
+        dealer.connect(self.hub)
+        self._sub, self._dealer = sub, dealer
+        self._carry(self.assembler.start(time.monotonic()))
+        return [(sub, self._cpu.timed(self._on_sub)), (dealer, self._cpu.timed(self._on_dealer))]
+
+    def _tick(self, now: float) -> float:
+        if now >= self._next_room_check:
+            self._next_room_check = now + defaults.ROOM_CHECK_INTERVAL_S
+            for name, need in self.assembler.pending_writes().items():
+                if self.cache is not None and self.cache.free_bytes() >= need + defaults.ROOM_MARGIN_BYTES:
+                    self.assembler.room(name, now)
+        self._carry(self.assembler.tick(now))
+        if now >= self._next_report:
+            if self._counts is not None:
+                for name in self.assembler.models:
+                    self.assembler.count(name, *self._counts(name))
+            self._carry(self.assembler.reports())
+            self._next_report = now + self._report_interval_s
+        return 0.05
+
+    def _carry(self, actions: list[Any]) -> None:
+        for action in actions:
+            match action:
+                case Send(msg):
+                    self._dealer.send_multipart(P.pack(msg))
+                case Deliver(name, asm):
+                    self._cpu.completed(asm)  # this handler's CPU counts for it too
+                    self._mail(name, action)
+                case Unstage(name):
+                    self._mail(name, action)
+                case RetryStore(name, asm, digest, active):  # delivered again: checked, written, served
+                    self._mail(name, Deliver(name, asm, digest, active))
+
+    def _mail(self, name: str, item: Deliver | Unstage) -> None:
+        """Hand ``item`` (an assembled release, or a held one now activated) to the delivery
+        thread; it replaces an older undelivered one of the same model, whose buffer goes
+        back to the pool. An activated release never replaces a newer assembled one."""
+        seq = item.manifest.seq if isinstance(item, Unstage) else item.asm.manifest.seq
+        with self._mail_cond:
+            older = self._mailbox.get(name)
+            older_seq = (older.manifest.seq if isinstance(older, Unstage) else older.asm.manifest.seq
+                         ) if older is not None else 0
+            if older_seq > seq:
+                new, older = item, None  # the item itself is let go
+            else:
+                self._mailbox[name] = item
+                self._mail_cond.notify()
+                new = older
+        if new is not None:
+            buf = new.buf if isinstance(new, Unstage) else new.asm.buf
+            if buf is not None:
+                self._pool.give(name, buf)
+
+    def _on_sub(self, frames: list[zmq.Frame]) -> None:
+        if len(frames) < 2:
+            raise ProtocolError(f"broadcast of {len(frames)} frame(s)")
+        topic = frames[0].bytes
+        now = time.monotonic()
+        self.assembler.heard(now)
+        msg, payload = P.unpack(frames[1:])
+        if topic == P.HUB_TOPIC:
+            if not isinstance(msg, P.Heartbeat):
+                raise ProtocolError(f"unexpected {type(msg).__name__} on the hub topic")
+            return
+        name = topic[:-1].decode(errors="replace")
+        if not topic.endswith(b"\0") or name not in self.assembler.models:
+            raise ProtocolError(f"broadcast on unsubscribed topic {topic[:64]!r}")
+        match msg:
+            case P.ManifestFrames():
+                m, raw, sig = manifest_frames(payload, self.limits)
+                if m.name != name:
+                    raise ProtocolError(f"manifest for {m.name!r} on topic {name!r}")
+                self._carry(self.assembler.on_manifest(m, raw, sig, now))
+            case P.ChunkHeader():
+                if msg.name != name:
+                    raise ProtocolError(f"chunk for {msg.name!r} on topic {name!r}")
+                self._carry(self.assembler.on_chunk(msg, payload[0].buffer, now, fetched=False))
+            case P.PatchHeader():
+                if msg.name != name:
+                    raise ProtocolError(f"patch for {msg.name!r} on topic {name!r}")
+                self._carry(self.assembler.on_patch(msg, payload[0].buffer, now))
+            case P.Heartbeat():
+                if msg.name == name:
+                    self._carry(self.assembler.on_beat(msg, now))
+            case P.Activate():
+                if msg.name != name:
+                    raise ProtocolError(f"activation for {msg.name!r} on topic {name!r}")
+                self._carry(self.assembler.on_activate(msg))
+            case _:
+                raise ProtocolError(f"unexpected broadcast {type(msg).__name__}")
+
+    def _on_dealer(self, frames: list[zmq.Frame]) -> None:
+        now = time.monotonic()
+        self.assembler.heard(now)
+        msg, payload = P.unpack(frames)
+        match msg:
+            case P.ManifestFrames():
+                m, raw, sig = manifest_frames(payload, self.limits)
+                self._carry(self.assembler.on_manifest(m, raw, sig, now, fetched=True))
+            case P.ChunkHeader():
+                self._carry(self.assembler.on_chunk(msg, payload[0].buffer, now, fetched=True))
+            case P.ErrorReply():
+                if msg.code != "not_found" or msg.name not in self.assembler.models:
+                    log.warning("%s: hub error %s: %s", self.node_id, msg.code, msg.message)
+                self._carry(self.assembler.on_error(msg, now))
+            case _:
+                raise ProtocolError(f"unexpected reply {type(msg).__name__}")
+
+    # -- delivery thread ---------------------------------------------------------------------
+    def _deliver(self) -> None:
+        lower_thread_priority(self._nice)
+        # blosc2's import costs ~0.4 CPU-s: made now, while the node starts, never on the path
+        # of its first release (a chunk arriving first waits on the import lock, no more)
+        import blosc2  # noqa: F401
+        while not self._stop.is_set():
+            with self._mail_cond:
+                while not self._mailbox and not self._stop.is_set():
+                    self._mail_cond.wait(0.5)
+                if self._stop.is_set():
+                    return
+                name = next(iter(self._mailbox))
+                item = self._mailbox.pop(name)
+            if isinstance(item, Unstage):
+                self._deliver_held(item)
+                continue
+            asm, digest = item.asm, item.digest
+            m, buf = asm.manifest, asm.buf
+            archive = memoryview(buf)[: m.archive_bytes]
+            kept = False
+            try:
+                kept = self._deliver_one(asm, archive, digest, item.active)
+            finally:
+                try:
+                    archive.release()
+                except BufferError:  # the consumer kept a view, against the contract: don't reuse
+                    continue
+                if not kept:
+                    self._pool.give(m.name, buf)
+
+    def _store_failed(self, asm: Assembly, digest: str, exc: StoreError) -> None:
+        """Not a rejection: the release is fine, this node could not write it. Keep the
+        verified bytes, say so with the whole reason (the state stays ``error`` until a write
+        succeeds), keep serving what it has, and write it again later: never fetch it again."""
+        m = asm.manifest
+        self.stats["store_failed"] += 1
+
+        def apply() -> None:
+            delay = self.assembler.store_failed(asm, digest, time.monotonic())
+            if not delay:
+                return  # a newer release supersedes it
+            reason = (f"cache write failed: {exc}; kept in memory, writing again as soon as the disk "
+                      f"has room (at the latest in {delay:.0f}s)")
+            log.error("%s: %s seq %d: %s", self.node_id, m.name, m.seq, reason)
+            self._carry(self.assembler.set_state(m.name, ModelState.ERROR, seq=m.seq, label=m.label,
+                                                 reason=reason))
+
+        self.post(apply)
+
+    def _deliver_one(self, asm: Assembly, archive: memoryview, digest: str, activated: bool) -> bool:
+        """Check, cache and hand on one release; True if its buffer is kept (held, no cache).
+        ``activated``: staged and already activated here (the core's word, in its action)."""
+        m = asm.manifest
+        if digest != m.archive_sha256:
+            self.stats["archive_corrupt"] += 1
+            self.stats["rejected_digest"] += 1
+            self.reject(m, "archive sha256 mismatch")
+            return False
+        self.stats["verified"] += 1
+        if not m.staged and not asm.store_failures:  # a retried write stays `error` until it works
+            self.report(m.name, ModelState.VERIFIED, seq=m.seq, label=m.label)
+        try:
+            if self._accept is not None and self._accept(m) is False:
+                raise ZmqModelsError("declined by swap_when")
+            if self.cache is not None:  # signed bytes and all, before anything loads it
+                t0, c0 = time.monotonic(), time.thread_time()
+                try:
+                    self.cache.put(m, archive, asm.raw, asm.signature)
+                except StoreError as exc:
+                    self._store_failed(asm, digest, exc)
+                    return True  # the kept bytes are written again on RetryStore
+                cpu = time.thread_time() - c0
+                self.stats["cpu_cache_write_s"] += cpu
+                self.stage(m.name, m.seq, cache_write=time.monotonic() - t0, cache_write_cpu=cpu)
+                self.post(lambda: self.assembler.stored(m.name))
+            self.stats["cpu_receive_s"] += asm.cpu_s
+            self.stage(m.name, m.seq, receive_cpu=asm.cpu_s)
+            active = m.staged and activated  # fetched as the active one
+            if active and self.cache is not None:
+                self.cache.activate(m.name, m.seq)
+            if m.staged and not active:  # held until the hub activates it here
+                buf = None if self.cache is not None else asm.buf  # no cache: the buffer is the copy
+                self.post(lambda: self._carry(self.assembler.hold(m, buf)))
+                log.info("%s: %s seq %d staged (served once activated)", self.node_id, m.name, m.seq)
+                return self.cache is None  # without a cache its buffer is the held copy
+            self._on_release(m, archive)
+            self.post(lambda: self.assembler.served(m.name, m.seq))
+        except Exception as exc:
+            if not isinstance(exc, ZmqModelsError):
+                log.exception("%s: consumer failed on %s seq %d", self.node_id, m.name, m.seq)
+            self.reject(m, f"{type(exc).__name__}: {exc}")
+        return False
+
+    def _deliver_held(self, held: Unstage) -> None:
+        """A staged release was activated: record it in the cache and hand it on."""
+        m = held.manifest
+        log.info("%s: %s seq %d activated", self.node_id, m.name, m.seq)
+        try:
+            if self.cache is None:
+                view = memoryview(held.buf)[: m.archive_bytes]
+                try:
+                    self._on_release(m, view)
+                finally:
+                    view.release()
+                    self._pool.give(m.name, held.buf)
+                return
+            self.cache.activate(m.name, m.seq)
+            path = self.cache.path(m.name, m.seq)
+            with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                view = memoryview(mm)
+                try:
+                    self._on_release(m, view)
+                finally:
+                    view.release()
+        except Exception as exc:
+            if not isinstance(exc, ZmqModelsError | OSError):
+                log.exception("%s: consumer failed on %s seq %d", self.node_id, m.name, m.seq)
+            self.reject(m, f"{type(exc).__name__}: {exc}")
+

@@ -1,0 +1,449 @@
+"""A serving node: the front process (torch-free) and its worker processes.
+
+The front is a shell around three cores: :class:`~zmqmodels.core.broker.Broker` (who serves each
+request, when a worker loads; with :class:`~zmqmodels.core.swap.Swaps`'s fairness and
+monotonic-version rules) and :class:`~zmqmodels.core.supervisor.Supervisor` (spawn, health,
+back-off). Its one I/O thread owns a ROUTER for clients (plain ZeroMQ REQ) and a ROUTER for
+its workers (DEALER, over ipc), feeds the cores what arrives and carries out what they return.
+
+Its :class:`~zmqmodels.node.follower.Follower` receives each release once per node, verifies it,
+writes it into the cache, whose file CPU workers map (one copy per node); the broker then
+**rolls** it through the workers one at a time (``LOAD`` -> load or weight-only apply, check,
+warm-up, swap -> ``LOADED``). A loading worker serves nobody, so with two or more workers no
+request waits for a load; with one, requests queue (bounded), or with ``unload-first`` get a
+retryable ``unavailable``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import zmq
+
+from .. import defaults
+from .. import protocol as P
+from ..core.broker import Broker
+from ..core.ledger import Ledger
+from ..core.supervisor import Activity, Kill, Spawn, Supervisor
+from ..core.swap import SwapPolicy, Target, Version
+from ..core.work import Action, Changed, Dispatch, Expire, Load, Refetch, Refuse, Rejected
+from ..defaults import Limits
+from ..errors import ZmqModelsError
+from ..protocol import ModelState, Refusal
+from ..release.cache import Cache
+from ..release.manifest import Manifest, validate_name
+from ..release.signing import Trust
+from ..transport.curve import Curve, ServerContext
+from ..transport.exporter import MetricsServer
+from ..transport.health import hub_down, node_health
+from ..transport.ioloop import IOThread, LoopState
+from .follower import Follower
+from .host import WorkerProcesses, check_devices, make_run_dir
+from .requests import MODELS, admit, describe, replies, work_frames
+from .worker_boot import command as worker_command
+
+__all__ = ["Node"]
+
+log = logging.getLogger("zmqmodels.node")
+class Node(IOThread):
+    """Serve ``models`` on ``bind`` with ``workers`` processes, following the hub at ``hub``.
+
+    ``devices`` is one device for all workers or one per worker (``["cuda:0", "cuda:1"]``).
+    ``hub=None`` serves the cache alone.
+
+    ``trust`` loads only releases signed by its keys (checked on receipt and again on the
+    cache at start). ``curve``: this node's CURVE keys; its ``server_key`` is the hub's, its
+    ``allow`` the clients admitted to the inference socket.
+    """
+
+    kind = "node"
+    burst = 1024
+
+    def __init__(
+        self,
+        hub: str | None,
+        models: Sequence[str],
+        bind: str,
+        *,
+        workers: int = 2,
+        devices: Sequence[str] = ("cpu",),
+        cache: str | os.PathLike[str] = ".zmqmodels/cache",
+        node_id: str | None = None,
+        swap_policy: SwapPolicy | str = SwapPolicy.AVAILABILITY,
+        limits: Limits | None = None,
+        threads_per_worker: int = 1,
+        queue_max: int = defaults.NODE_QUEUE_MAX,
+        queue_timeout_s: float = defaults.NODE_QUEUE_TIMEOUT_S,
+        worker_ttl_s: float = defaults.WORKER_TTL_S,
+        worker_start_timeout_s: float = defaults.WORKER_START_TIMEOUT_S,
+        request_timeout_s: float = defaults.REQUEST_TIMEOUT_S,
+        load_timeout_s: float = defaults.LOAD_TIMEOUT_S,
+        context: zmq.Context | None = None,
+        trust: Trust | None = None,
+        curve: Curve | None = None,
+        metrics: str | None = None,
+        hub_unreachable_s: float = defaults.HUB_UNREACHABLE_S,
+        labels: Sequence[str] = (),
+        max_batch: int = defaults.MAX_BATCH,
+        batch_delay_s: float = defaults.BATCH_DELAY_S,
+        unbatched: Sequence[str] = (),
+    ) -> None:
+        try:
+            policy = SwapPolicy(swap_policy)
+        except ValueError:
+            raise ZmqModelsError(f"swap policy must be one of {[p.value for p in SwapPolicy]}, "
+                                 f"not {swap_policy!r}") from None
+        if workers < 1:
+            raise ZmqModelsError("a node needs at least one worker")
+        if len(devices) not in (1, workers):
+            raise ZmqModelsError(f"give one device, or one per worker ({workers}), not {len(devices)}")
+        self.hub = hub
+        self.models = [validate_name(m) for m in models]
+        self.labels = list(labels)
+        self.ledger = Ledger(self.models)  # what the hub is told: states, roll stages, error counts
+        self.bind = bind
+        self.node_id = node_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.swap_policy = policy
+        self.limits = limits or Limits()
+        self.cache = Cache(cache)
+        self.trust = trust or Trust()
+        self.curve = curve
+        if curve is not None and hub and curve.server_key is None:
+            raise ZmqModelsError("a node with CURVE keys needs the hub's public key")
+        self._server_ctx = ServerContext(curve, context)
+        super().__init__(self._server_ctx.ctx)
+        self._threads_per_worker = threads_per_worker
+        devs = list(devices) * (workers if len(devices) == 1 else 1)
+        wids = [f"{self.node_id}/w{i}" for i in range(workers)]
+        self._devices = dict(zip(wids, devs, strict=True))
+        self._procs = WorkerProcesses(wids)
+        self.broker = Broker(self.models, wids, path_for=lambda n, s: str(self.cache.path(n, s)),
+                             policy=policy, queue_max=queue_max, queue_timeout_s=queue_timeout_s,
+                             max_batch=max_batch, batch_delay_s=batch_delay_s)
+        self.unbatched = set(unbatched)  # models whose requests are never joined
+        self.supervisor = Supervisor(wids, ttl_s=worker_ttl_s, start_timeout_s=worker_start_timeout_s,
+                                     request_timeout_s=request_timeout_s,
+                                     load_timeout_s=load_timeout_s)
+        self._dir, self._dir_lock = make_run_dir()
+        # CPU workers map their weights from the verified cache file: one copy per node (the
+        # page cache's), not one per worker; GPU workers copy theirs to the device
+        self._map_cache = all(d.startswith("cpu") for d in self._devices.values())
+        self._backend_addr = f"ipc://{self._dir}/workers"
+        self._sub: Follower | None = None
+        self.hub_unreachable_s = hub_unreachable_s
+        self._draining, self._hub_down_logged, self._started_at = False, False, time.monotonic()
+        self._metrics = MetricsServer(metrics, "node", self)
+        self.metrics: Any = None  # NodeMetrics once started with metrics=
+        self.address = ""
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self, timeout: float = defaults.START_TIMEOUT_S) -> Node:
+        try:
+            check_devices(sorted(set(self._devices.values())))
+            self.cache.lock()  # one node per cache directory
+        except ZmqModelsError:
+            self._cleanup()
+            raise
+        self._server_ctx.start()
+        # verify the cache before any worker starts: workers load from it without hashing again
+        known, staged = {}, {}
+        for name in self.models:
+            found = self.cache.latest(name, trust=self.trust, staged=True)
+            if found is not None and not self.cache.is_active(found[0]):
+                staged[name] = found[0]  # held until the hub activates it
+                found = self.cache.latest(name, trust=self.trust, exclude={found[0].seq})
+            if found is not None:
+                known[name] = found[0].seq
+        self._started_at = time.monotonic()
+        try:
+            super().start(timeout)  # workers are spawned (and respawned) by the I/O thread alone
+        except ZmqModelsError as exc:  # start() closed us (and so cleaned up) already
+            raise ZmqModelsError(f"node failed to start on {self.bind}: {self._start_error or exc}") from None
+        if self.hub:
+            devices = ",".join(sorted(set(self._devices.values())))
+            self._sub = Follower(self.hub, self.models, on_release=self._on_release, node_id=self.node_id,
+                                 device=devices, known=known, limits=self.limits, background_nice=10,
+                                 cache=self.cache, trust=self.trust, curve=self.curve, context=self._ctx,
+                                 labels=self.labels, staged=staged,
+                                 counts=lambda name: self.ledger.counted.get(name, (0, 0)))
+            self._sub.start()
+            self.post(lambda: [self._report(n) for n in self.models])  # workers may be up already
+        self._metrics.start(lambda: self.close(drain_s=0))
+        self.metrics = self._metrics.collector
+        log.info("node %s serving %s on %s with %d worker(s)", self.node_id, self.models,
+                 self.address, len(self._procs))
+        return self
+
+    def close(self, drain_s: float = defaults.NODE_DRAIN_S) -> None:
+        """Stop: refuse new requests (retryable ``unavailable``), answer those queued and in
+        flight for up to ``drain_s``, then stop the workers. Idempotent."""
+        if self.state is LoopState.CLOSED:
+            return
+        self._metrics.stop()
+        if self._sub is not None:
+            self._sub.close()
+        if self.serving and drain_s > 0:
+            self._drain(drain_s)
+        super().close()
+        self._cleanup()
+
+    def _drain(self, timeout: float) -> None:
+        self.post(lambda: setattr(self, "_draining", True))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if not self.call(self.broker.busy, 5.0):
+                    return
+            except ZmqModelsError:
+                return
+            time.sleep(0.02)
+        log.warning("node %s: requests still in flight after %.0fs; stopping anyway", self.node_id, timeout)
+
+    def _cleanup(self) -> None:
+        self._procs.stop()
+        shutil.rmtree(self._dir, ignore_errors=True)
+        self._dir_lock.close()
+        self.cache.unlock()
+        self._server_ctx.close()
+
+    def hub_silence(self, now: float | None = None) -> float:
+        """Seconds since the hub was last heard from (since start if never; 0 without a hub)."""
+        if not self.hub:
+            return 0.0
+        now = time.monotonic() if now is None else now
+        seen = self._sub.hub_seen if self._sub is not None else 0.0
+        return now - (seen or self._started_at)
+
+    def health(self, timeout: float = 5.0) -> dict[str, Any]:
+        """What an operator's probe wants (:func:`~zmqmodels.transport.health.node_health`), as the I/O
+        thread sees it now."""
+        return self.call(lambda: node_health(self), timeout)
+
+    def follower_stats(self, timeout: float = 5.0) -> dict[str, int]:
+        """The counters of this node's subscriber (bytes received, repairs, refusals), as its
+        I/O thread sees them now."""
+        sub = self._sub
+        return sub.call(lambda: dict(sub.stats), timeout) if sub is not None else {}
+
+    def worker_pids(self) -> dict[str, int]:
+        """``worker id -> pid`` of the worker processes running now."""
+        return self._procs.pids()
+
+    # -- other threads -> I/O thread ---------------------------------------------------------
+    def _on_release(self, m: Manifest, archive: Any) -> None:
+        """Subscriber delivery thread: the verified archive is in the cache; roll it out."""
+        target = Target(m.name, m.seq, str(self.cache.path(m.name, m.seq)), m.label)
+
+        def roll() -> None:
+            now = time.monotonic()
+            self.ledger.rolling(m.name, m.seq, now)
+            self._carry(self.broker.target(target, now))
+
+        self.post(roll)
+    # -- I/O thread --------------------------------------------------------------------------
+    def _open(self) -> list[tuple[zmq.Socket, Any]]:
+        front, back = self._socket(zmq.ROUTER), self._socket(zmq.ROUTER)
+        back.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker reuses its identity
+        # a hard cap per frame, enforced by libzmq before it buffers: requests a little over the
+        # limit still get a `too_large` reply, grossly oversized frames cost the connection
+        front.setsockopt(zmq.MAXMSGSIZE, self.limits.max_request_bytes + (1 << 20))
+        if self.curve is not None:
+            self.curve.serve(front)
+        back.bind(self._backend_addr)
+        if self.bind.startswith("tcp://") and self.bind.endswith(":0"):
+            port = front.bind_to_random_port(self.bind[: -len(":0")])
+            self.address = f"{self.bind[: -len(':0')]}:{port}"
+        else:
+            front.bind(self.bind)
+            self.address = self.bind
+        self._front, self._back = front, back
+        return [(back, self._on_worker), (front, self._on_client)]
+
+    def _tick(self, now: float) -> float:
+        for wid, code in self._procs.exited():
+            self._worker_died(wid, code, now)
+        for action in self.supervisor.tick(now):
+            match action:
+                case Spawn(wid):
+                    self._spawn(wid, now)
+                case Kill(wid, reason):
+                    log.warning("worker %s %s; killing it", wid, reason)
+                    self._procs.kill(wid)
+        self._carry(self.broker.tick(now))
+        why = hub_down(self, now)
+        if bool(why) != self._hub_down_logged:
+            self._hub_down_logged = bool(why)
+            log.log(logging.WARNING if why else logging.INFO, "node %s: %s", self.node_id,
+                    why or f"hub {self.hub} heard again")
+        return 0.1
+
+    def _wake_at(self) -> float:
+        return self.broker.wake_at  # a batch held back goes then
+
+    def _teardown(self) -> None:
+        for wid, slot in self.broker.workers.items():
+            if slot.ready:
+                self._back.send_multipart([wid.encode(), *P.pack(P.StopWorker())])
+
+    def _spawn(self, wid: str, now: float) -> None:
+        args = worker_command(self._backend_addr, wid, self._devices[wid], str(self.cache.root),
+                              self._threads_per_worker, self.models, os.getpid(), self._map_cache)
+        self._procs.spawn(wid, args)
+        self.supervisor.spawned(wid, now)
+
+    def _worker_died(self, wid: str, code: int | None, now: float) -> None:
+        log.warning("worker %s exited (%s); restarting", wid, code)
+        self.stats["worker_restarts"] += 1
+        failing = self.supervisor.start_error()
+        self.supervisor.exited(wid, now, code)
+        if self.supervisor.start_error() and not failing:  # a crash loop: error, never idle
+            log.error("node %s: %s", self.node_id, self.supervisor.start_error())
+        self._carry(self.broker.worker_lost(wid, now))
+
+    def _carry(self, actions: list[Action]) -> None:
+        for action in actions:
+            match action:
+                case Dispatch(wid, reqs, waited):
+                    self._back.send_multipart(work_frames(action), copy=False)
+                    now = time.monotonic()
+                    self.supervisor.seen(wid, now, Activity.BUSY)
+                    if self.metrics is not None:
+                        self.metrics.dispatched(reqs[0].model, sum(r.rows for r in reqs), waited, now,
+                                                [r.received for r in reqs])
+                case Load(wid, target, unload_first):
+                    cmd = P.LoadCommand(target.name, target.seq, target.path, unload_first=unload_first)
+                    self._back.send_multipart([wid.encode(), *P.pack(cmd)])
+                    self.supervisor.seen(wid, time.monotonic(), Activity.LOADING)
+                    log.info("worker %s: loading %s seq %d", wid, target.name, target.seq)
+                case Refuse(req, code, message):
+                    if code == "not_ready" and (why := hub_down(self)):
+                        message += f"; {why}"
+                    self._error(req.client, code, message, req.rid, req.model)
+                case Expire(req):
+                    self.stats["expired"] += 1  # the client gave up: nobody to answer
+                case Rejected(name, seq, reason):
+                    self._rejected(name, seq, reason)
+                case Refetch(name, seq, reason):
+                    log.warning("%s seq %d: %s; fetching it again", name, seq, reason)
+                    self.stats["cache_refetch"] += 1
+                    if self._sub is not None:
+                        why = f"{reason}; fetching it again"
+                        self._sub.report(name, ModelState.ERROR, seq=seq, reason=why)
+                        self._sub.refetch(name, seq)
+                    self.ledger.forget(name)
+                case Changed(name):
+                    self._report(name)
+
+    # clients ---------------------------------------------------------------------------------
+    def _error(self, client: Any, code: str, message: str, rid: str = "", model: str = "") -> None:
+        self.stats[f"error_{code}"] += 1
+        if model in self.models:
+            self.ledger.answer(model, self.broker.report(model)[1], code)
+        if self.metrics is not None:
+            self.metrics.refused(model if model in self.models else "", code)
+        self._front.send_multipart([client, b"", *P.pack(P.serving_error(code, message, model, rid))])
+
+    def _on_client(self, frames: list[zmq.Frame]) -> None:
+        client = frames[0].bytes
+        if len(frames) < 3 or frames[1].bytes != b"":
+            self.stats["dropped_not_req"] += 1  # not a REQ envelope: nowhere to answer
+            return
+        if frames[2].bytes == MODELS:  # what is served now, answered at once (a gateway's view)
+            reply = describe(frames[2:], self.node_id, self.models, self.broker.workers, self.cache.signature)
+            return self._front.send_multipart([client, b"", *reply])
+        try:
+            request = admit(client, frames[2:], self.limits, self.broker.queue_timeout_s,
+                            unbatched=self.unbatched if self.broker.max_batch > 1 else None)
+        except Refusal as exc:
+            self._error(client, exc.code, str(exc), exc.rid, exc.model)
+            return
+        if self._draining:
+            why = f"node {self.node_id} is shutting down"
+            return self._error(client, "unavailable", why, request.rid, request.model)
+        self._carry(self.broker.request(request, request.received))
+
+    # workers ---------------------------------------------------------------------------------
+    def _on_worker(self, frames: list[zmq.Frame]) -> None:
+        wid = frames[0].bytes.decode(errors="replace")
+        if wid not in self._procs:
+            self.stats["dropped_unknown_worker"] += 1
+            return
+        msg, payload = P.unpack(frames[1:])
+        now = time.monotonic()
+        match msg:
+            case P.WorkerBeat():
+                self.supervisor.seen(wid, now)
+            case P.Done() | P.Answers():
+                slot = self.broker.workers[wid]
+                for i, r in enumerate(replies(msg, payload)):
+                    if not r.served:
+                        self.stats["expired"] += 1
+                        continue
+                    if i < len(slot.busy):
+                        self.ledger.answer(slot.busy[i].model, slot.busy_seq, r.code)
+                        if self.metrics is not None:
+                            self.metrics.answered(slot.busy[i], slot.busy_seq, r.code, now)
+                    self._front.send_multipart([r.client, b"", *r.frames], copy=False)
+                    self.stats["replies"] += 1
+                self.supervisor.seen(wid, now, Activity.IDLE)
+                self._carry(self.broker.done(wid, now))
+            case P.WorkerReady(pid=pid, device=device, serving=serving, errors=errors):
+                self.supervisor.ready(wid, now)
+                log.info("worker %s ready (pid %d, %s): %s", wid, pid, device, serving)
+                versions = {n: Version(h.seq, h.label) for n, h in serving.items()}
+                damaged = {n: (e.seq, e.reason) for n, e in errors.items()}
+                batch = {n: h.batch for n, h in serving.items()}
+                for n, h in serving.items():  # it started after the release came: read from the cache
+                    if self._sub is not None and self.ledger.is_rolling(n, h.seq):
+                        self._sub.stage(n, h.seq, how="load", why="the worker started after it came: "
+                                        "read from this node's cache")
+                self._carry(self.broker.worker_ready(wid, versions, now, damaged, batch))
+            case P.Applying(name=name, seq=seq):  # it answers requests meanwhile
+                self.supervisor.seen(wid, now, Activity.IDLE)
+                self._carry(self.broker.applying(wid, name, seq, now))
+            case P.LoadResult(name=name, seq=seq, label=label, ok=ok, reason=reason):
+                self.supervisor.seen(wid, now, Activity.IDLE)
+                if ok:
+                    log.info("worker %s: %s seq %d swapped in (%s %.3fs, check %.3fs, %d MiB shared)", wid,
+                             name, seq, msg.how, msg.load_s, msg.check_s, msg.shared_bytes >> 20)
+                    self.stats[f"swaps_by_{msg.how}"] += 1
+                    self.stats["cpu_workers_s"] += msg.cpu_s
+                    if self.metrics is not None:
+                        self.metrics.load.labels(name).observe(msg.load_s + msg.check_s)
+                    if self._sub is not None and self.ledger.is_rolling(name, seq):  # load/apply:
+                        cpu = self.ledger.worker_cpu(name, seq, msg.cpu_s)  # summed over workers
+                        self._sub.stage(name, seq, **{msg.how: msg.load_s}, check=msg.check_s,
+                                        workers_cpu=cpu, how=msg.how, why=msg.why)
+                if ok and msg.batch_note:
+                    log.warning("worker %s: %s seq %d unbatched: %s", wid, name, seq, msg.batch_note)
+                self._carry(self.broker.loaded(wid, name, seq, label, ok, reason, now, corrupt=msg.corrupt,
+                                               batch=msg.batch))
+            case _:
+                self.stats["dropped_bad_worker_message"] += 1
+
+    def _rejected(self, name: str, seq: int, reason: str) -> None:
+        log.warning("%s seq %d rejected: %s", name, seq, reason)
+        self.stats["rejected_load_or_check"] += 1
+        self.ledger.rejected(name, seq)
+        self.cache.discard(name, seq)  # a restarted worker must not pick it up
+        if self._sub is not None:
+            self._sub.report(name, ModelState.REJECTED, seq=seq, reason=reason)
+
+    def _report(self, name: str) -> None:
+        """Tell the hub this node's state for ``name`` when it changed."""
+        if self._sub is None:
+            return
+        state, seq, label = self.broker.report(name)
+        tell = self.ledger.view(name, state, seq, label, self.supervisor.start_error(), time.monotonic())
+        if tell is None:
+            return
+        if tell.roll_s is not None:
+            self._sub.stage(name, seq, roll=tell.roll_s)
+        if tell.changed:
+            self._sub.report(name, tell.state, seq=seq, label=label, reason=tell.reason)

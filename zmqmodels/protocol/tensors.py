@@ -1,0 +1,251 @@
+"""Tensor trees on the wire: dtype + shape + raw little-endian bytes, never pickle.
+
+A *tree* is a tensor, a scalar (bool, int, float, str, None), or a tuple, list or
+str-keyed dict of trees. :func:`encode` turns one into a *spec* (plain msgpack-able data)
+plus one buffer per tensor; :func:`decode` is the inverse and validates everything it
+reads. Spec nodes (``docs/protocol.md`` §Tensors)::
+
+    {"t": "tensor", "dtype": "float32", "shape": [2, 3], "f": 0}   # f: buffer index
+    {"t": "tuple" | "list", "items": [node, ...]}
+    {"t": "dict", "keys": ["a", ...], "items": [node, ...]}
+    {"t": "bool" | "int" | "float" | "str" | "none", "v": value}
+
+Decoding is zero-copy: the tensor shares the received buffer (read-only frames yield
+read-only tensors; treat request tensors as inputs, not scratch space).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Sequence
+from functools import cache
+from typing import Any
+
+import numpy as np
+
+from ..errors import ProtocolError
+
+__all__ = ["DTYPE_NAMES", "torch_dtype", "dtype_name", "encode", "decode", "signature",
+           "tensor_bytes", "parse_shape_spec", "random_arrays"]
+
+# wire name -> item size. numpy has no bfloat16: in numpy mode it decodes to float32 (exact).
+_ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4,
+             "int16": 2, "int8": 1, "uint8": 1, "bool": 1, "complex64": 8, "complex128": 16}
+DTYPE_NAMES = tuple(_ITEMSIZE)
+_NUMPY = {n: np.dtype(n).newbyteorder("<") for n in DTYPE_NAMES if n != "bfloat16"}
+_NUMPY_NAMES = {v: k for k, v in _NUMPY.items()}
+_MAX_DEPTH = 16
+
+
+_SPEC = re.compile(r"^(\d+(?:x\d+)*|scalar)(?::(\w+))?$")
+
+
+def parse_shape_spec(spec: str) -> list[tuple[list[int], str]]:
+    """``1x3x224x224[:dtype]``, comma-joined per argument -> ``[(shape, dtype name), ...]``;
+    :class:`ProtocolError` naming the bad part."""
+    out = []
+    for part in spec.split(","):
+        m = _SPEC.match(part.strip())
+        name = (m.group(2) or "float32") if m else ""
+        if not m or name not in _ITEMSIZE:
+            raise ProtocolError(
+                f"bad input spec {part!r}: use DIMxDIM...[:dtype], e.g. 1x3x224x224:float32")
+        out.append(([] if m.group(1) == "scalar" else [int(d) for d in m.group(1).split("x")], name))
+    return out
+
+
+def random_arrays(spec: str, *, seed: int = 0) -> tuple[np.ndarray, ...]:
+    """Seeded random numpy arrays for a spec (floats standard normal, integers in [0, 10),
+    bools random) without importing torch; bfloat16 is not a numpy dtype and is refused."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for shape, name in parse_shape_spec(spec):
+        if name == "bfloat16":
+            raise ProtocolError("bfloat16 inputs need torch: pass a torch.save'd file instead")
+        dt = _NUMPY[name]
+        if dt.kind in "fc":
+            a = rng.standard_normal(shape).astype(dt)
+        elif dt.kind == "b":
+            a = rng.integers(0, 2, shape).astype(bool)
+        else:
+            a = rng.integers(0, 10, shape).astype(dt)
+        out.append(np.asarray(a))
+    return tuple(out)
+
+
+@cache
+def _torch_dtypes() -> dict[str, Any]:
+    import torch
+
+    return {n: getattr(torch, n) for n in DTYPE_NAMES}
+
+
+def torch_dtype(name: str) -> Any:
+    """The torch dtype of a wire dtype name, or None (imports torch)."""
+    return _torch_dtypes().get(name)
+
+
+def dtype_name(dtype: Any) -> str:
+    """The wire name of a torch or numpy dtype."""
+    if isinstance(dtype, np.dtype):
+        name = _NUMPY_NAMES.get(dtype.newbyteorder("<"))
+        if name is not None:
+            return name
+    else:
+        name = str(dtype).removeprefix("torch.")
+        if _torch_dtypes().get(name) == dtype:
+            return name
+    raise ProtocolError(f"dtype {dtype} cannot travel on the wire")
+
+
+def _is_torch_tensor(x: Any) -> bool:
+    torch = sys.modules.get("torch")  # never imported here: a caller with tensors has it
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def _little(a: np.ndarray) -> np.ndarray:
+    a = np.ascontiguousarray(a)
+    return a.astype(a.dtype.newbyteorder("<")) if a.dtype.byteorder == ">" else a
+
+
+def tensor_bytes(t: Any) -> memoryview:
+    """A torch tensor's or numpy array's bytes as a memoryview (a copy only if it is not
+    contiguous or not on the CPU)."""
+    if isinstance(t, np.ndarray):
+        return memoryview(_little(t).reshape(-1).view(np.uint8))
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    import torch
+
+    return memoryview(t.detach().reshape(-1).view(torch.uint8).numpy())
+
+
+def encode(tree: Any) -> tuple[Any, list[memoryview]]:
+    """Return ``(spec, buffers)`` for a tree of tensors and scalars."""
+    buffers: list[memoryview] = []
+
+    def walk(x: Any, depth: int) -> Any:
+        if depth > _MAX_DEPTH:
+            raise ProtocolError("tensor tree nested too deeply")
+        if isinstance(x, np.ndarray) or _is_torch_tensor(x):
+            buffers.append(tensor_bytes(x))
+            return {"t": "tensor", "dtype": dtype_name(x.dtype), "shape": list(x.shape),
+                    "f": len(buffers) - 1}
+        if isinstance(x, bool):
+            return {"t": "bool", "v": x}
+        if isinstance(x, int):
+            return {"t": "int", "v": x}
+        if isinstance(x, float):
+            return {"t": "float", "v": x}
+        if isinstance(x, str):
+            return {"t": "str", "v": x}
+        if x is None:
+            return {"t": "none"}
+        if isinstance(x, tuple | list):
+            return {"t": "tuple" if isinstance(x, tuple) else "list",
+                    "items": [walk(i, depth + 1) for i in x]}
+        if isinstance(x, dict):
+            if not all(isinstance(k, str) for k in x):
+                raise ProtocolError("only str dict keys can travel on the wire")
+            return {"t": "dict", "keys": list(x), "items": [walk(v, depth + 1) for v in x.values()]}
+        raise ProtocolError(f"cannot encode {type(x).__name__} on the wire")
+
+    return walk(tree, 0), buffers
+
+
+def decode(spec: Any, buffers: Sequence[Any], *, copy: bool = False, arrays: str = "torch") -> Any:
+    """Rebuild a tree from ``spec`` and ``buffers``; raise :class:`ProtocolError` if invalid.
+
+    Every buffer must be used exactly once and hold exactly ``prod(shape) * itemsize`` bytes.
+    ``arrays``: ``"torch"`` (tensors; imports torch) or ``"numpy"`` (arrays; bfloat16 widens
+    to float32, which is exact).
+    """
+    if arrays not in ("torch", "numpy"):
+        raise ValueError(f"arrays must be 'torch' or 'numpy', not {arrays!r}")
+    used: set[int] = set()
+
+    def walk(node: Any, depth: int) -> Any:
+        if depth > _MAX_DEPTH or not isinstance(node, dict):
+            raise ProtocolError("malformed tensor spec")
+        kind = node.get("t")
+        if kind == "tensor":
+            return _tensor(node)
+        if kind in ("tuple", "list"):
+            items = node.get("items")
+            if not isinstance(items, list):
+                raise ProtocolError(f"{kind} node without items")
+            out = [walk(i, depth + 1) for i in items]
+            return tuple(out) if kind == "tuple" else out
+        if kind == "dict":
+            keys, items = node.get("keys"), node.get("items")
+            if not (isinstance(keys, list) and isinstance(items, list) and len(keys) == len(items)
+                    and all(isinstance(k, str) for k in keys)):
+                raise ProtocolError("malformed dict node")
+            return {k: walk(v, depth + 1) for k, v in zip(keys, items, strict=True)}
+        if kind == "none":
+            return None
+        scalar = {"bool": bool, "int": int, "float": (float, int), "str": str}.get(kind)
+        if scalar is None:
+            raise ProtocolError(f"unknown tensor-spec node {kind!r}")
+        v = node.get("v")
+        if not isinstance(v, scalar) or (kind == "int" and isinstance(v, bool)):
+            raise ProtocolError(f"{kind} node with a {type(v).__name__} value")
+        return float(v) if kind == "float" else v
+
+    def _tensor(node: dict) -> Any:
+        name = node.get("dtype")
+        shape, idx = node.get("shape"), node.get("f")
+        if not isinstance(name, str) or name not in _ITEMSIZE:
+            raise ProtocolError(f"unknown dtype {name!r}")
+        if not (isinstance(shape, list) and len(shape) <= 32
+                and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+            raise ProtocolError(f"bad shape {shape!r}")
+        if not (isinstance(idx, int) and 0 <= idx < len(buffers)) or idx in used:
+            raise ProtocolError(f"bad or reused buffer index {idx!r}")
+        used.add(idx)
+        buf = memoryview(buffers[idx]).cast("B")
+        count = 1
+        for d in shape:
+            count *= d
+        itemsize = _ITEMSIZE[name]
+        if count * itemsize != buf.nbytes:
+            raise ProtocolError(
+                f"tensor {node.get('dtype')}{shape} needs {count * itemsize} bytes, got {buf.nbytes}"
+            )
+        if arrays == "numpy":
+            if name == "bfloat16":  # the high half of a float32
+                wide = np.zeros(count, dtype="<u4")
+                wide[:] = np.frombuffer(buf, dtype="<u2")
+                return (wide << 16).view("<f4").reshape(shape)
+            a = np.frombuffer(buf, dtype=_NUMPY[name]).reshape(shape)
+            return a.copy() if copy else a
+        import torch
+
+        dtype = _torch_dtypes()[name]
+        if count == 0:
+            return torch.empty(shape, dtype=dtype)
+        t = torch.frombuffer(bytearray(buf) if copy else buf, dtype=dtype)
+        return t.reshape(shape)
+
+    tree = walk(spec, 0)
+    if len(used) != len(buffers):
+        raise ProtocolError(f"{len(buffers) - len(used)} tensor buffer(s) not referenced by the spec")
+    return tree
+
+
+def signature(tree: Any) -> Any:
+    """The spec of a tree with tensor buffers left out: dtype and shape only."""
+    spec, _ = encode(tree)
+
+    def strip(node: dict) -> dict:
+        node = dict(node)
+        node.pop("f", None)
+        node.pop("v", None)
+        if "items" in node:
+            node["items"] = [strip(i) for i in node["items"]]
+        return node
+
+    return strip(spec)
