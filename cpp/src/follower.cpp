@@ -67,8 +67,9 @@ void Follower::report_all() {
   for (auto& [n, st] : models_) sends.push_back(report(st));
 }
 
-void Follower::ask_manifest(Follow& st, uint64_t seq, double now) {
-  if (st.asked_seq >= static_cast<int64_t>(seq) && now - st.asked_at < cfg_.fetch_timeout_s) return;
+void Follower::ask_manifest(Follow& st, uint64_t seq, double now, bool exact) {
+  int64_t s = static_cast<int64_t>(seq);
+  if ((exact ? st.asked_seq == s : st.asked_seq >= s) && now - st.asked_at < cfg_.fetch_timeout_s) return;
   st.asked_seq = static_cast<int64_t>(seq);
   st.asked_at = now;
   ++stats["fetch_manifest"];
@@ -104,7 +105,8 @@ void Follower::on_manifest(std::shared_ptr<Manifest> m, std::string raw, std::st
                            bool fetched) {
   Follow& st = follow(m->name);
   if (fetched) st.asked_seq = -1;
-  if (m->seq <= st.done_seq || st.rejected.count(m->seq) || (st.as && st.as->m->seq >= m->seq)) {
+  bool wanted = m->seq == st.want && !st.as;  // the active release, older than what is held
+  if (!wanted && (m->seq <= st.done_seq || st.rejected.count(m->seq) || (st.as && st.as->m->seq >= m->seq))) {
     ++stats["stale_manifest"];
     return;
   }
@@ -173,11 +175,13 @@ void Follower::on_chunk(const std::string& name, uint64_t seq, uint64_t index, c
       if (e.code != "integrity") throw;
       ++stats["chunk_corrupt"];
       a->corrupt_fetches += fetched;
-      if (a->corrupt_fetches >= 3) {  // the hub's own copy is bad: stop asking
+      if (a->corrupt_fetches >= gen::CORRUPT_FETCHES_MAX) {  // the hub's own copy is bad: stop asking
         auto m = a->m;
         st.as.reset();
         st.rejected.insert(seq);
-        rejection(st, m->seq, m->label, std::string(e.what()) + ", from the hub 3 times: corrupt at its source");
+        rejection(st, m->seq, m->label,
+                  std::string(e.what()) + ", from the hub " + std::to_string(gen::CORRUPT_FETCHES_MAX) +
+                      " times: corrupt at its source");
         return;
       }
       a->repairing = true;
@@ -189,8 +193,10 @@ void Follower::on_chunk(const std::string& name, uint64_t seq, uint64_t index, c
 
 void Follower::complete(Follow& st, double now) {
   std::unique_ptr<Assembly> a = std::move(st.as);
-  st.done_seq = a->m->seq;
+  st.done_seq = std::max(st.done_seq, a->m->seq);  // an older wanted seq leaves it
+  if (st.want == a->m->seq) st.want = 0;
   Completed c;
+  c.active = a->m->staged && a->m->seq <= st.active;
   c.manifest = a->m;
   c.raw = std::move(a->raw);
   c.signature = std::move(a->signature);
@@ -205,17 +211,25 @@ void Follower::on_beat(const std::string& name, uint64_t seq, const std::string&
   auto it = models_.find(name);
   if (it == models_.end()) return;
   Follow& st = it->second;
+  if (seq == st.refused_release.first && sha256 == st.refused_release.second) return;  // refused: first
   if (active > st.active) {
     st.active = active;
     unstage(st);
+  }
+  uint64_t coming = st.as ? st.as->m->seq : 0;
+  if (st.seq < st.active && st.active < st.done_seq && st.staged > st.active && !st.rejected.count(st.active) &&
+      !coming) {  // serves older than the fleet, holds newer: take the active one
+    st.want = st.active;
+    size_t before = sends.size();
+    ask_manifest(st, st.active, now, true);
+    stats["fetch_active"] += sends.size() - before;
   }
   if (st.as && seq == st.as->m->seq && !st.as->stalled && !st.as->missing.empty()) {
     st.as->stalled = st.as->repairing = true;  // the sender beats after all its chunks: lost
     ++stats["repairs"];
     pump(st, now);
   }
-  if (seq == st.refused_release.first && sha256 == st.refused_release.second) return;
-  if (seq > st.done_seq && !st.rejected.count(seq) && (!st.as || st.as->m->seq < seq)) ask_manifest(st, seq, now);
+  if (seq > st.done_seq && !st.rejected.count(seq) && coming < seq) ask_manifest(st, seq, now);
 }
 
 void Follower::on_activate(const std::string& name, uint64_t seq, const std::vector<std::string>& nodes) {
@@ -262,7 +276,7 @@ void Follower::on_error(const std::string& code, const std::string& name, uint64
 bool Follower::stalls(const Assembly& a, double now) const {
   if (!a.broadcast_manifest) return now - a.last_progress > cfg_.repair_idle_s;
   double mean = a.received ? (a.last_progress - a.started) / static_cast<double>(a.received) : 0.0;
-  return now - a.last_progress > std::max(8 * cfg_.repair_idle_s, 8 * mean);
+  return now - a.last_progress > gen::STALL_FACTOR * std::max(cfg_.repair_idle_s, mean);
 }
 
 void Follower::tick(double now) {

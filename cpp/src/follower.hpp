@@ -28,6 +28,7 @@ struct Completed {
   std::shared_ptr<uint8_t[]> archive;
   std::string digest;  // sha256 of the assembled archive (to check against the manifest)
   double receive_s = 0;
+  bool active = false;  // staged and already activated here (fetched as the active one): serve, not hold
 };
 
 // One release being received into its archive buffer.
@@ -63,6 +64,7 @@ struct Follow {
   State state = State::Idle;
   std::string label, reason;
   uint64_t seq = 0, staged = 0, active = 0, requests = 0, errors = 0;
+  uint64_t want = 0;  // an older seq to fetch all the same: the active one, behind a held staged one
   std::map<std::string, double> stages;
   uint64_t stages_seq = 0;
 };
@@ -73,7 +75,7 @@ struct Config {
   std::vector<std::string> labels;
   Limits limits;
   Trust trust;
-  double repair_idle_s = 0.25, hub_ttl_s = 3.0, fetch_timeout_s = 2.0;
+  double repair_idle_s = gen::REPAIR_IDLE_S, hub_ttl_s = gen::HUB_TTL_S, fetch_timeout_s = gen::FETCH_TIMEOUT_S;
 };
 
 class Follower {
@@ -116,7 +118,7 @@ class Follower {
 
  private:
   Frames report(const Follow& st) const;
-  void ask_manifest(Follow& st, uint64_t seq, double now);
+  void ask_manifest(Follow& st, uint64_t seq, double now, bool exact = false);
   void pump(Follow& st, double now);
   void complete(Follow& st, double now);
   void refuse(Follow& st, const Manifest& m, const std::string& raw, const std::string& why);

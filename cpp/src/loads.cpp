@@ -24,10 +24,11 @@ void Loads::deliver(Job& j) {
     return post_(r);
   }
   r.cache_write_s = now_s() - t0;
-  if (m->staged) {
+  if (m->staged && !j.c.active) {  // held until the hub activates it here
     r.kind = Result::Held;
     return post_(r);
   }
+  if (m->staged) s_.cache.activate(m->name, m->seq);  // fetched as the active one
   load(m, s_.args.load_from == "memory" ? "" : s_.cache.path(m->name, m->seq).string(), j.c.archive.get(), r);
 }
 

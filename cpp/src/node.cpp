@@ -315,7 +315,7 @@ void Node::follow_loop() {
     }
     follower_.tick(now);
     if (now >= next_report) {
-      next_report = now + 0.5;
+      next_report = now + gen::HEARTBEAT_INTERVAL_S;
       for (const auto& m : s_.args.models) follower_.count(m, s_.counts.at(m).requests, s_.counts.at(m).errors);
       follower_.report_all();
     }

@@ -15,9 +15,11 @@
 #include <string>
 #include <vector>
 
+#include "generated.hpp"
+
 namespace zm {
 
-constexpr int V = 1;  // protocol version
+constexpr int V = gen::PROTOCOL_VERSION;
 
 // An error with the protocol's code (bad_request, bad_input, bad_release, integrity, ...).
 struct Error : std::runtime_error {
@@ -25,14 +27,14 @@ struct Error : std::runtime_error {
   Error(std::string c, const std::string& message) : std::runtime_error(message), code(std::move(c)) {}
 };
 
-struct Limits {
-  uint64_t max_archive_bytes = 8ull << 30;
-  uint64_t max_chunks = 65536;
-  uint64_t max_chunk_bytes = 64ull << 20;
-  uint64_t max_manifest_bytes = 64ull << 20;
-  uint64_t max_request_bytes = 256ull << 20;
-  uint64_t max_request_tensors = 64;
-  uint64_t fetch_credit = 8;
+struct Limits {  // zmqmodels.defaults.Limits' defaults (generated.hpp)
+  uint64_t max_archive_bytes = gen::MAX_ARCHIVE_BYTES;
+  uint64_t max_chunks = gen::MAX_CHUNKS;
+  uint64_t max_chunk_bytes = gen::MAX_CHUNK_BYTES;
+  uint64_t max_manifest_bytes = gen::MAX_MANIFEST_BYTES;
+  uint64_t max_request_bytes = gen::MAX_REQUEST_BYTES;
+  uint64_t max_request_tensors = gen::MAX_REQUEST_TENSORS;
+  uint64_t fetch_credit = gen::FETCH_CREDIT;
   uint64_t max_frame_bytes() const { return std::max(max_chunk_bytes + (64 << 10), max_manifest_bytes); }
 };
 

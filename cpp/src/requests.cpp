@@ -11,8 +11,8 @@ namespace zm {
 
 namespace {
 
-bool is_retryable(const std::string& code) { return code == "not_ready" || code == "worker_lost" || code == "unavailable"; }
-bool server_error(const std::string& code) { return code == "model_error" || code == "internal" || code == "worker_lost"; }
+using gen::is_retryable;
+bool server_error(const std::string& code) { return gen::is_server_error(code); }
 int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }

@@ -521,3 +521,96 @@ TEST_CASE("batching: keys, the evidence for a wait, and splitting outputs (zmqmo
   auto joined = join_inputs({{at::ones({1, 2})}, {at::zeros({2, 2})}});
   CHECK(joined[0].toTensor().size(0) == 3);
 }
+
+// -- the conformance vectors (tests/vectors/follow.json), as tests/unit/test_vectors.py runs them
+#include <nlohmann/json.hpp>
+
+namespace {
+
+using json = nlohmann::json;
+
+std::string unhex(const std::string& h) {
+  std::string out(h.size() / 2, '\0');
+  for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<char>(std::stoi(h.substr(2 * i, 2), nullptr, 16));
+  return out;
+}
+
+// What the follower did since the last call, as the vectors write it: sends in order, then
+// deliveries, then unstaged releases.
+json drain(Follower& f) {
+  json out = json::array();
+  for (auto& frames : f.sends) {
+    if (frames[0] == kind_name(Kind::FetchManifest)) {
+      auto h = decode<FetchManifest>(Kind::FetchManifest, frames[1].data(), frames[1].size());
+      out.push_back({{"send", "fetch_manifest"}, {"seq", h.seq}});
+    } else if (frames[0] == kind_name(Kind::FetchChunks)) {
+      auto h = decode<FetchChunks>(Kind::FetchChunks, frames[1].data(), frames[1].size());
+      out.push_back({{"send", "fetch_chunks"}, {"seq", h.seq}, {"indices", h.indices}});
+    } else if (frames[0] == kind_name(Kind::Report)) {
+      auto h = decode<Report>(Kind::Report, frames[1].data(), frames[1].size());
+      out.push_back({{"send", "report"}, {"state", h.state}, {"seq", h.seq}, {"staged", h.staged}});
+    } else {
+      out.push_back({{"send", frames[0]}});
+    }
+  }
+  for (auto& c : f.completed) {
+    CHECK(c.digest == c.manifest->archive_sha256);
+    out.push_back({{"deliver", c.manifest->seq}, {"active", c.active}});
+  }
+  for (auto& [name, seq] : f.unstaged) out.push_back({{"unstage", seq}});
+  f.sends.clear(), f.completed.clear(), f.unstaged.clear();
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("the C++ follower follows the conformance vectors") {
+  std::ifstream in(ZM_VECTORS);
+  REQUIRE(in.good());
+  json doc = json::parse(in);
+  const json& rels = doc["releases"];
+  for (const auto& c : doc["cases"]) {
+    SUBCASE(c["name"].get<std::string>().c_str()) {
+      Config cfg;
+      cfg.node_id = "n1", cfg.host = "h", cfg.device = "cpu";
+      if (c.contains("limits") && c["limits"].contains("max_archive_bytes"))
+        cfg.limits.max_archive_bytes = c["limits"]["max_archive_bytes"].get<uint64_t>();
+      Follower f({"m"}, cfg);
+      int i = 0;
+      for (const auto& ev : c["events"]) {
+        double t = ev["t"].get<double>();
+        std::string what = ev["do"];
+        const json* r = ev.contains("release") ? &rels[ev["release"].get<std::string>()] : nullptr;
+        std::string raw = r ? unhex((*r)["manifest"].get<std::string>()) : "";
+        if (what == "start") {
+          f.start(t);
+        } else if (what == "manifest") {
+          auto m = decode_manifest(raw.data(), raw.size(), cfg.limits, false);
+          f.on_manifest(m, raw, "", t, ev.value("fetched", false));
+        } else if (what == "chunk") {
+          uint64_t index = ev["index"];
+          std::string payload = unhex((*r)["chunks"][index].get<std::string>());
+          if (ev.value("corrupt", false)) payload[0] = static_cast<char>(payload[0] ^ 0xFF);
+          f.on_chunk("m", (*r)["seq"].get<uint64_t>(), index, payload.data(), payload.size(), t, ev.value("fetched", false));
+        } else if (what == "beat") {
+          std::string sha = ev.contains("names") ? rels[ev["names"].get<std::string>()]["sha256"].get<std::string>() : "";
+          f.on_beat("m", ev["seq"], sha, ev.value("active", uint64_t{0}), t);
+        } else if (what == "activate") {
+          f.on_activate("m", ev["seq"], ev.value("nodes", std::vector<std::string>{}));
+        } else if (what == "tick") {
+          f.tick(t);
+        } else if (what == "held") {
+          f.held("m", (*r)["seq"].get<uint64_t>());
+        } else if (what == "served") {
+          f.set_state("m", State::Serving, ev["seq"], ev.value("label", std::string()));
+        } else {
+          FAIL("unknown event " << what);
+        }
+        json got = drain(f);
+        INFO("event " << i << " (" << what << "): got " << got.dump() << ", want " << ev["expect"].dump());
+        CHECK(got == ev["expect"]);
+        ++i;
+      }
+    }
+  }
+}
