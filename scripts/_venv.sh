@@ -16,7 +16,7 @@ fi
 stamp="$ROOT/.venv/.zmqmodels-installed"
 if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
     echo "setting up $ROOT/.venv (3/3: zmqmodels and its dependencies, editable)" >&2
-    "$PY" -m pip install -q -e "$ROOT[test]"
+    "$PY" -m pip install -q -e "$ROOT[all,test]"
     touch "$stamp"
     echo "ready: activate it with 'source .venv/bin/activate' to run 'zmqmodels' yourself" >&2
 fi

@@ -44,10 +44,8 @@ def test_core_unit_tests(binary) -> None:
 
 
 def test_the_cpp_node_is_composed_of_units_its_tests_reach() -> None:
-    """Before: `main.cpp`'s Node (~600 lines, an anonymous namespace no test reached) parsed
-    INFER headers twice, named 21 kinds as literals, read headers through string-keyed maps,
-    wrote them with hand-counted `MapWriter(17)`, kept states as strings, waited for an old
-    version by spinning on `use_count()`, and its tests used a hand-rolled macro."""
+    """The node is units its doctest reaches: INFER parsed once, kinds from the framing table,
+    typed headers, states as an enum, old versions released by their last reference."""
     src = ROOT / "cpp" / "src"
     kinds = ("MANIFEST", "CHUNK", "HEARTBEAT", "ACTIVATE", "FETCH_MANIFEST", "FETCH_CHUNKS", "REPORT",
              "ERROR", "INFER", "OK")
@@ -198,9 +196,8 @@ def test_dropped_chunk_is_repaired(binary, tmp_path) -> None:
 
 def test_a_cpp_node_that_joins_after_a_staged_publish_serves_the_active_release(binary, hub,
                                                                                 tmp_path) -> None:
-    """It dropped any manifest at or below the seq it had assembled, so a node that took the
-    staged seq 2 (the newest) never fetched the active seq 1 and served nothing; the Python node
-    fetches it (docs/protocol.md, staged releases). Both follow tests/vectors/follow.json now."""
+    """A node that took the staged seq 2 (the newest) fetches the active seq 1 too and serves
+    it, as the Python node does (docs/protocol.md, staged releases; tests/vectors/follow.json)."""
     v1 = hub.publish(probe(1.0, "v1")).seq
     v2 = hub.publish(probe(2.0, "v2"), staged=True).seq
     late = CppNode(binary, hub.address, tmp_path / "cache", node_id="late")
@@ -372,8 +369,7 @@ def test_cuda_device_serves_and_matches_cpu(binary, hub, tmp_path) -> None:
 ])
 def test_every_bad_argument_is_one_line_and_rc_1_before_anything_is_bound(binary, tmp_path, args,
                                                                            needle) -> None:
-    """Before: `--hub 127.0.0.1:21000` printed "serving on ..." and then died with `terminate
-    called after throwing an instance of 'zm::Error'` (rc 134)."""
+    """A bad argument is one line on stderr and rc 1, before anything is bound."""
     out = subprocess.run([str(binary), *args, "--cache", str(tmp_path / "c")], capture_output=True,
                          text=True, timeout=60)
     lines = out.stderr.strip().splitlines()
@@ -382,7 +378,7 @@ def test_every_bad_argument_is_one_line_and_rc_1_before_anything_is_bound(binary
 
 
 def test_one_cache_serves_one_node_of_either_kind(binary, hub, tmp_path) -> None:
-    """Before: two C++ nodes, or a C++ and a Python node, on one --cache were both accepted."""
+    """One --cache, one node: a second node of either kind is refused, naming the holder."""
     cache = tmp_path / "shared"
     first = CppNode(binary, hub.address, cache, node_id="first")
     try:
@@ -437,7 +433,7 @@ def test_a_failed_cache_write_is_written_again_from_memory_and_stays_error(binar
 
 
 def test_the_readme_says_where_the_binary_finds_libtorch(binary) -> None:
-    """Before: the binary's RUNPATH pointed into the checkout's .venv, and nothing said so."""
+    """The binary's RUNPATH and where it finds LibTorch are what the README says."""
     runpath = subprocess.run(["readelf", "-d", str(binary)], capture_output=True, text=True,
                              timeout=60).stdout
     line = next(x for x in runpath.splitlines() if "RUNPATH" in x)

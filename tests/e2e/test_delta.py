@@ -1,6 +1,6 @@
 """Deltas by span: a release whose manifest carries ``chunk_raw_xxh3`` is broadcast without
 the chunks its previous release had byte for byte, and a node takes those spans from the
-archive it holds. Before: every update moved every byte (issue 18's first part)."""
+archive it holds."""
 
 from __future__ import annotations
 

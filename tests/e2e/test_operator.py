@@ -107,9 +107,8 @@ def test_kill9_of_the_front_leaves_no_worker(tmp_path, probe) -> None:
 
 
 def test_a_worker_whose_node_dies_while_it_imports_torch_exits_at_once(tmp_path) -> None:
-    """Before: workers imported torch before arming the parent-death signal, so a node killed
-    while its workers started left them running until the import ended (and the kill -9 test
-    above timed out on a loaded machine). Here a stand-in torch takes 120 s to import."""
+    """A worker arms its parent-death signal before it imports torch: a node killed while its
+    workers start takes them with it. Here a stand-in torch takes 120 s to import."""
     slow = tmp_path / "slow" / "torch"
     slow.mkdir(parents=True)
     (slow / "__init__.py").write_text("import time\ntime.sleep(120)\n")
@@ -267,9 +266,8 @@ def test_a_full_cache_given_room_is_written_within_seconds_not_after_its_back_of
 
 def test_a_failed_cache_write_keeps_the_release_stays_error_and_publish_names_why(hub, tmp_path, small_fs,
                                                                                  probe) -> None:
-    """Before: each retry of a failed cache write fetched the whole release again (88 MB a
-    retry), the state flipped between `error` and `receiving`, and `publish --wait-for` ended
-    `FAILED: ... serving on 0 node(s)` over a table whose LAST ERROR was `-`."""
+    """A failed cache write keeps the verified release in memory and writes it again (nothing
+    is fetched again), the state stays `error` with its reason, and `publish --wait-for` names why."""
     node = Node(hub.address, ["probe"], "tcp://127.0.0.1:0", workers=1, cache=small_fs / "cache",
                 node_id="full").start()
     try:

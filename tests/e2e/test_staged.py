@@ -205,9 +205,8 @@ def _activate_cli(hub: Hub, seq: int) -> subprocess.CompletedProcess[str]:
 
 
 def test_activation_never_goes_backwards_by_accident(tmp_path) -> None:
-    """Before: `activate tiny --seq 3` after seq 7 was active everywhere printed `activated tiny
-    seq 3 on every node`, rc 0, and lowered the hub's recorded active seq; after a hub restart a
-    node with an empty cache held seq 7 staged and never served (`not_ready`)."""
+    """Activating an older seq than the active one is refused unless asked for, and a hub
+    restart keeps the active seq."""
     store = Store(tmp_path / "hub")
     with Hub("tcp://127.0.0.1:0", store, heartbeat_interval_s=0.25) as hub:
         a = node(hub.address, tmp_path, "a")

@@ -192,7 +192,7 @@ class Big(torch.nn.Module):
 def test_two_workers_hold_one_copy_of_the_weights(tmp_path) -> None:
     """K=2: the second worker adds (almost) nothing for the weights, after a load and after a
     weight-only update (PSS summed over both workers, against the same node serving a tiny
-    model). Before: each worker held its own copy (2x)."""
+    model)."""
     torch.manual_seed(0)
     x = torch.randn(1, 4096)
     weights = 3 * 4096 * 4096 * 4

@@ -47,8 +47,7 @@ def _package(module: str) -> str:
 
 
 def test_packages_import_only_downward() -> None:
-    """41 modules sat flat beside core/, protocol/, oip/, cli/; the hub imported `wait_for` from
-    the hub client and the worker its request parser from the node front."""
+    """Every import, lazy ones too, goes to a lower layer (or its own package)."""
     rank = {p: i for i, layer in enumerate(LAYERS) for p in layer}
     graph = _import_graph()
     assert set(rank) >= {_package(m) for m in graph if m != "zmqmodels" and _package(m) != "__main__"}
@@ -181,9 +180,9 @@ SHELLS = ("hub.hub", "hub.relay", "node.node", "node.embedded", "node.worker", "
 
 
 def test_no_shell_reaches_into_another_for_its_helpers() -> None:
-    """Shells compose the Follower (the intake shell) and nothing else of each other; the
-    embedded subscriber set its follower's core state (``follower.assembler.set_state``), the
-    metrics and probes read a node typed ``Any``, store jobs a hub typed ``Any``."""
+    """Shells compose the Follower (the intake shell) and nothing else of each other; none
+    reaches into another's core state, and store jobs and probes see their hub or node through
+    a named Protocol."""
     import re
     from pathlib import Path
 
@@ -204,9 +203,7 @@ def test_no_shell_reaches_into_another_for_its_helpers() -> None:
 
 
 def test_states_are_enums_on_the_wire_and_no_shell_compares_state_strings() -> None:
-    """Before: Report.state, NodeStatus.state and WaveStatus.state were str, Broker.report()
-    returned "loading"/"serving"/"idle", and about 20 state literals sat in node, broker, hub
-    and cli; WorkerReady.serving was dict[str, list]."""
+    """States are enums on the wire and in the broker; no shell compares state strings."""
     import re
     import typing
     from pathlib import Path
@@ -236,8 +233,7 @@ def test_states_are_enums_on_the_wire_and_no_shell_compares_state_strings() -> N
 
 
 def test_the_wave_plan_is_one_record_from_the_cli_to_the_wire() -> None:
-    """Before: a CLI dict, waves.plan()'s dict, the Publish struct's four fields, and
-    HubClient.publish and Hub.publish keywords."""
+    """The wave plan is one record from the CLI to the wire."""
     import inspect
     import typing
 
@@ -253,8 +249,7 @@ def test_the_wave_plan_is_one_record_from_the_cli_to_the_wire() -> None:
 
 
 def test_one_meaning_per_word_and_one_tally() -> None:
-    """Before: "rollout" named the node's swap policy module, the hub's waves and the
-    --wait-for tally, which was written four times."""
+    """One meaning per word (swaps, waves, the tally) and one tally for every wait."""
     import importlib.util
     import inspect
 
