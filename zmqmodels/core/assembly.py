@@ -394,7 +394,7 @@ class Assembler:
 
     def stage(self, name: str, seq: int, *, how: str = "", why: str = "", **seconds: float) -> None:
         """:meth:`Follow.stage` of model ``name``."""
-        self.follow(name).stage(seq, how, why, **seconds)
+        self.follow(name).stage(seq, how, why, None, **seconds)
 
     def reports(self) -> list[Action]:
         return [Send(self._report(st)) for st in self.models.values()]

@@ -53,7 +53,7 @@ def _rows(args: tuple[Any, ...]) -> int:
         raise ZmqModelsError("its inputs are not all tensors")
     if any(a.dim() == 0 for a in args):
         raise ZmqModelsError("an input is a 0-d tensor (no batch dimension)")
-    sizes = {a.shape[0] for a in args}
+    sizes = {int(a.shape[0]) for a in args}
     if len(sizes) != 1 or 0 in sizes:
         raise ZmqModelsError(f"its inputs do not share a leading dimension (sizes {sorted(sizes)})")
     return sizes.pop()

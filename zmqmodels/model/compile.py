@@ -183,14 +183,15 @@ def _compile(
         raise CompileError("only nn.Module instances can be scripted; allow tracing for functions")
     elif method == "auto" and (why := _untraceable(examples)):
         raise CompileError(f"a plain function can only be traced, and {why}")
+    tracer_warning = torch.jit._trace.TracerWarning  # torch.jit re-exports it without saying so
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", torch.jit.TracerWarning)
+        warnings.simplefilter("always", tracer_warning)
         try:
             traced = torch.jit.trace(target, examples[0], strict=False, check_trace=False)
         except Exception as exc:
             raise CompileError(f"torch.jit.trace failed: {exc}") from exc
     notes.extend(
-        f"TracerWarning: {w.message}" for w in caught if issubclass(w.category, torch.jit.TracerWarning)
+        f"TracerWarning: {w.message}" for w in caught if issubclass(w.category, tracer_warning)
     )
     return traced, "trace"
 

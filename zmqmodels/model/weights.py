@@ -58,6 +58,8 @@ def swap_tensors(base: Base, state: Mapping[str, Any], *, partial: bool = True
                            "descriptors, or not an archive this reader understands): publish it whole")
     require_fit(state, {t.name: (t.dtype, t.shape) for t in m.tensors}, f"{m.name} seq {m.seq}",
                 partial=partial, subset="--partial, or partial=True")
+    if base.archive is None:
+        raise ValueError("weights_release needs the base's archive (Base.archive)")
     out = bytearray(base.archive)
     view = memoryview(out)
     descs, changed = [], []

@@ -55,10 +55,7 @@ class Code(str, Enum):
     @classmethod
     def of(cls, code: str) -> Code:
         """The code named ``code``; an unknown one is :attr:`INTERNAL`'s kind of fault."""
-        try:
-            return cls(code)
-        except ValueError:
-            return cls.INTERNAL
+        return next((c for c in cls if c.value == code), cls.INTERNAL)
 
 
 RETRYABLE = frozenset(c.value for c in Code if c.retryable)

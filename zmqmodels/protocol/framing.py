@@ -181,7 +181,7 @@ def decode_header(kind: bytes, data: Any) -> Any:
     if len(data) > _MAX_HEADER:
         raise LimitError(f"{bytes(kind).decode()} header of {len(data)} bytes")
     try:
-        msg = dec.decode(data)
+        msg: Any = dec.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"bad {bytes(kind).decode()} header: {exc}") from None
     if msg.v != V:

@@ -113,7 +113,7 @@ def tensor_bytes(t: Any) -> memoryview:
     """A torch tensor's or numpy array's bytes as a memoryview (a copy only if it is not
     contiguous or not on the CPU)."""
     if isinstance(t, np.ndarray):
-        return memoryview(_little(t).reshape(-1).view(np.uint8))
+        return _little(t).reshape(-1).view(np.uint8).data
     if t.device.type != "cpu":
         t = t.cpu()
     if not t.is_contiguous():
@@ -156,6 +156,8 @@ def encode(tree: Any) -> tuple[Any, list[memoryview]]:
     return walk(tree, 0), buffers
 
 
+_SCALARS: dict[str, type | tuple[type, ...]] = {"bool": bool, "int": int, "float": (float, int), "str": str}
+
 def decode(spec: Any, buffers: Sequence[Any], *, copy: bool = False, arrays: str = "torch") -> Any:
     """Rebuild a tree from ``spec`` and ``buffers``; raise :class:`ProtocolError` if invalid.
 
@@ -187,15 +189,15 @@ def decode(spec: Any, buffers: Sequence[Any], *, copy: bool = False, arrays: str
             return {k: walk(v, depth + 1) for k, v in zip(keys, items, strict=True)}
         if kind == "none":
             return None
-        scalar = {"bool": bool, "int": int, "float": (float, int), "str": str}.get(kind)
+        scalar = _SCALARS.get(str(kind))
         if scalar is None:
             raise ProtocolError(f"unknown tensor-spec node {kind!r}")
-        v = node.get("v")
+        v: Any = node.get("v")
         if not isinstance(v, scalar) or (kind == "int" and isinstance(v, bool)):
             raise ProtocolError(f"{kind} node with a {type(v).__name__} value")
-        return float(v) if kind == "float" else v
+        return float(node["v"]) if kind == "float" else v
 
-    def _tensor(node: dict) -> Any:
+    def _tensor(node: dict[str, Any]) -> Any:
         name = node.get("dtype")
         shape, idx = node.get("shape"), node.get("f")
         if not isinstance(name, str) or name not in _ITEMSIZE:
@@ -240,7 +242,7 @@ def signature(tree: Any) -> Any:
     """The spec of a tree with tensor buffers left out: dtype and shape only."""
     spec, _ = encode(tree)
 
-    def strip(node: dict) -> dict:
+    def strip(node: dict[str, Any]) -> dict[str, Any]:
         node = dict(node)
         node.pop("f", None)
         node.pop("v", None)

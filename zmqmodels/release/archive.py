@@ -270,7 +270,7 @@ def data_offset(buf: Any, info: zipfile.ZipInfo) -> int:
     if info.compress_type != zipfile.ZIP_STORED:
         raise ReleaseError(f"{info.filename} is compressed; a TorchScript archive stores entries")
     name_len, extra_len = struct.unpack_from("<HH", buf, info.header_offset + 26)
-    return info.header_offset + 30 + name_len + extra_len
+    return int(info.header_offset + 30 + name_len + extra_len)
 
 
 def tensor_spans(archive: Any) -> list[tuple[TensorInfo, int]]:
@@ -300,7 +300,7 @@ def set_crcs(buf: bytearray, spans: Sequence[tuple[int, int]]) -> None:
     view = memoryview(buf)
     with zipfile.ZipFile(io.BytesIO(view)) as z:
         infos = z.infolist()
-        pos = z.start_dir  # type: ignore[attr-defined]  # the central directory's offset
+        pos = z.start_dir  # the central directory's offset
     for info in infos:
         if struct.unpack_from("<I", buf, pos)[0] != 0x02014B50:
             raise ReleaseError("zip central directory is not where its end record says")

@@ -22,7 +22,7 @@ import mmap
 import os
 from collections.abc import Collection, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from ..errors import IntegrityError, ReleaseError, StoreError
 from .manifest import Manifest, decode_manifest, encode_manifest, validate_name
@@ -39,6 +39,7 @@ class Cache:
         self.root = Path(root)
         self.keep = keep
         self._signatures: dict[tuple[str, int], tuple[list[Any], Any]] = {}
+        self._lock_file: IO[str] | None = None
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -194,7 +195,7 @@ class Cache:
         self._lock_file = f
 
     def unlock(self) -> None:
-        f = getattr(self, "_lock_file", None)
+        f = self._lock_file
         if f is not None:
             f.close()
             self._lock_file = None

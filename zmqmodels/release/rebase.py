@@ -58,6 +58,8 @@ def rebase_archive(base: Base, archive: Any, tensors: list[TensorDesc]
 
     if storages(archive) != {t.storage for t in tensor_table(archive)}:
         return "its archive holds tensor data no parameter or buffer holds"
+    if base.archive is None:
+        raise ValueError("rebase_archive needs the base's archive (Base.archive)")
     out = bytearray(base.archive)
     src, dst = memoryview(archive).cast("B"), memoryview(out)
     descs, changed = [], []
