@@ -1,6 +1,6 @@
 // Dynamic batching: which queued requests may share one forward, whether to wait for more,
 // and joining inputs / splitting outputs. Mirrors zmqmodels/core/batching.py (batch_key,
-// Evidence) and zmqmodels/batching.py (join_inputs, split_outputs, check_batched).
+// Evidence) and zmqmodels/model/batching.py (join_inputs, split_outputs, check_batched).
 #pragma once
 
 #include "protocol.hpp"

@@ -2,8 +2,13 @@
 // zmqmodels/core/intake.py (the intake and repair rules: stale drop, limits, trust, gap,
 // end-of-broadcast beat, stall, corrupt-fetch counting, re-ask, credit) and
 // zmqmodels/core/assembly.py (the node's follow state: staged hold, reports, cache-write
-// retries), fed events and the clock, returning what to send; and the node's cache directory
-// (the Python node's layout, so either node can take over the other's).
+// retries, the active fetch behind a held staged release), fed events and the clock, returning
+// what to send; and the node's cache directory (the Python node's layout, so either node can
+// take over the other's). Unlike the Python node it takes no deltas: it reuses no span of an
+// archive it holds (chunk_raw_xxh3) and drops PATCH broadcasts, fetching those chunks whole, so
+// every release costs its whole size. The cases both follow are tests/vectors/follow.json (run
+// by cpp/tests/core_tests.cpp and tests/unit/test_vectors.py); timers, thresholds, limits and
+// codes come from generated.hpp.
 #pragma once
 
 #include "frames.hpp"

@@ -157,7 +157,7 @@ void compare_outputs(const c10::IValue& want, const c10::IValue& got, const std:
 }
 
 // The manifest's batch claim on this device: the examples' rows joined (16 at most), each row
-// compared with its example's expected output (zmqmodels/batching.py check_batched).
+// compared with its example's expected output (zmqmodels/model/batching.py check_batched).
 void check_batched(Loaded& out, const std::vector<c10::IValue>& examples, const std::vector<c10::IValue>& expected,
                    bool gpu) {
   try {
