@@ -240,8 +240,7 @@ def test_infer_sends_a_file_of_inputs_pipelined(hub, tmp_path) -> None:
 
 
 def test_metrics_count_rows_per_forward_and_the_wait_for_a_batch(hub, tmp_path) -> None:
-    from tests.helpers import free_port
-    from tests.test_operator import _scrape
+    from tests.helpers import free_port, scrape
 
     port = free_port()
     node = serve(hub, tmp_path, workers=1, metrics=f"127.0.0.1:{port}")
@@ -257,7 +256,7 @@ def test_metrics_count_rows_per_forward_and_the_wait_for_a_batch(hub, tmp_path) 
                 await slow
 
         asyncio.run(burst())
-        m = _scrape(port)
+        m = scrape(port)
     finally:
         node.close()
     forwards = m["zmqmodels_batch_rows_count{model=rows}"]

@@ -310,19 +310,21 @@ def test_scripts_test_builds_the_cpp_node_before_pytest_never_inside_a_test(tmp_
     (venv_bin / "python").write_text(f'#!/usr/bin/env bash\n[ "$1" = -c ] && exit 0\necho "$*" >> {log}\n')
     (venv_bin / "python").chmod(0o755)
     (tmp_path / ".venv" / ".zmqmodels-installed").touch()
+    (tmp_path / ".venv-base").mkdir()  # the base install, made already
+    (tmp_path / ".venv-base" / ".zmqmodels-installed").touch()
     out = subprocess.run([str(tmp_path / "scripts" / "test"), "-q"], capture_output=True, text=True,
                          timeout=60, env={k: v for k, v in os.environ.items() if k != "ZMQM_SKIP_CPP"})
     assert out.returncode == 0, out.stderr
     assert log.read_text().splitlines() == ["build_cpp", "-m pytest -q"]
     assert "building the C++ node" in out.stderr
-    from tests import test_cpp_node
+    from tests import helpers
 
     missing = tmp_path / "no-binary"
-    saved, test_cpp_node.BINARY = test_cpp_node.BINARY, missing
+    saved, helpers.BINARY = helpers.BINARY, missing
     try:
-        assert test_cpp_node.built_binary() is None  # the fixture skips; it never builds
+        assert helpers.built_binary() is None  # the fixture skips; it never builds
     finally:
-        test_cpp_node.BINARY = saved
+        helpers.BINARY = saved
 
 
 def test_hub_relay_node_front_and_client_modules_import_no_torch(tmp_path) -> None:

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from tests.helpers import alive, free_port, free_port_pair, stop_and_expect_gone, wait_until
+from tests.helpers import alive, free_port, free_port_pair, scrape, stop_and_expect_gone, wait_until
 from tests.models import Probe, probe_examples
 from zmqmodels import Client, Hub, build_release, compile_model
 from zmqmodels.release.store import Store
@@ -404,18 +404,6 @@ def test_releases_lists_publishes_and_rollbacks_and_rollback_keeps_its_target(tm
 
 
 # -- metrics -------------------------------------------------------------------------------------
-def _scrape(port: int) -> dict[str, float]:
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            key = s.name + "{" + ",".join(f"{k}={v}" for k, v in sorted(s.labels.items())) + "}"
-            out[key] = s.value
-    return out
 
 
 def test_metrics_parse_as_prometheus_and_count_requests(tmp_path, probe) -> None:
@@ -428,20 +416,20 @@ def test_metrics_parse_as_prometheus_and_count_requests(tmp_path, probe) -> None
             m = h.publish(probe)
             assert h.wait_for("probe", m.seq, 1, 60)[0]
             key = f"zmqmodels_requests_total{{code=ok,model=probe,seq={m.seq}}}"
-            before = _scrape(node_port).get(key, 0.0)
+            before = scrape(node_port).get(key, 0.0)
             with Client(node.address, timeout=10) as c:
                 for _ in range(5):
                     c.infer("probe", torch.ones(1, 4))
                 with pytest.raises(Exception):  # noqa: B017 (any refusal; counted by its code)
                     c.infer("probe", torch.ones(2, 5))
-            after = _scrape(node_port)
+            after = scrape(node_port)
             assert after[key] == before + 5
             assert after[f"zmqmodels_requests_total{{code=bad_input,model=probe,seq={m.seq}}}"] == 1
             assert after["zmqmodels_request_seconds_count{model=probe}"] >= 6
             assert after["zmqmodels_serving_seq{model=probe}"] == m.seq
             assert after["zmqmodels_workers{state=idle}"] == 1
             assert after["zmqmodels_bytes_received_total{}"] > 0
-            hub_metrics = _scrape(hub_port)
+            hub_metrics = scrape(hub_port)
             assert hub_metrics["zmqmodels_hub_nodes{model=probe,state=serving}"] == 1
             assert hub_metrics["zmqmodels_hub_broadcasts_total{}"] >= 1
         finally:
@@ -550,7 +538,7 @@ def test_the_cpu_a_release_costs_is_measured_per_stage_and_shown(hub, tmp_path) 
         total = release_cpu(row.stages)
         assert total is not None and 0 < total < wall * (os.cpu_count() or 1), (total, wall)
         assert f"cpu {total:.2f}" in fleet_table(hub.status())
-        scraped = _scrape(port)
+        scraped = scrape(port)
         assert scraped["zmqmodels_release_cpu_seconds_total{stage=workers}"] > 0
         assert scraped["zmqmodels_release_cpu_seconds_total{stage=receive}"] > 0
     finally:

@@ -143,6 +143,18 @@ def test_failed_load_is_rejected_once_and_the_old_version_keeps_serving() -> Non
     assert [d.wid for d in of(b.request(req(0.3), 0.3), Dispatch)]
 
 
+def test_a_second_workers_failure_on_a_rejected_seq_keeps_the_first_reason() -> None:
+    """Two workers take seq 2; the first refuses it (NaN) and the node discards its cache
+    entry, so the second fails on the missing file: the reason the hub hears stays the first."""
+    b = make(2, SwapPolicy.AVAILABILITY)
+    ready_all(b)
+    b.target(Target("m", 2, "/p", "v2"), 0)
+    first = b.loaded("w0", "m", 2, "v2", False, "example 0 out: NaN or Inf in the output", 0.1)
+    assert of(first, Rejected) == [Rejected("m", 2, "example 0 out: NaN or Inf in the output")]
+    again = b.loaded("w1", "m", 2, "v2", False, "[Errno 2] No such file or directory: '/p'", 0.2)
+    assert of(again, Rejected) == []
+
+
 def test_worker_lost_answers_its_request_and_restarted_worker_catches_up() -> None:
     b = make(2)
     ready_all(b)

@@ -183,9 +183,9 @@ def publish(hub_addr: str | None, bind_addr: str | None, store_dir: str, wait_fo
         if release is None:
             del timings["read"]
             release = _compile_on_base(client, status, opts, timings, say)
-        release = _prepared(client, status, release, timings, say)
+        release, line = _prepared(client, status, release, timings)
         sent = release.manifest.compressed_bytes
-        done = _send(client, release, kw, timings, say)
+        done = _send(client, release, line, kw, timings, say)
         say(f"hub stored {done.name} seq {done.seq} in {time.monotonic() - t0:.2f}s; broadcasting")
     publishing.after_store(client, hub_addr, done, wave_list, staged, wait_for, timeout, as_json, say,
                            timings, reuse_label=reuse_label, sent_bytes=sent)
@@ -252,13 +252,13 @@ def _compile_on_base(client: Any, status: Any, opts: dict[str, Any], timings: di
                               progress=say, timings=timings)
 
 
-def _prepared(client: Any, status: Any, release: Any, timings: dict[str, float], say: Any) -> Any:
+def _prepared(client: Any, status: Any, release: Any, timings: dict[str, float]) -> tuple[Any, str]:
     """``release`` as a delta on the release the fleet serves, when it holds the same code
-    (built on it already, or rebuilt here)."""
+    (built on it already, or rebuilt here), and the line that says so."""
     import time
 
     if release.signature:
-        return release  # signed as built: sent as it is
+        return release, "signed as built: sent as it is"
     t0 = time.perf_counter()
     m = release.manifest
     built_on = int(m.metadata.get("weights_of") or 0) if m.compile_method != "weights" else 0
@@ -269,18 +269,20 @@ def _prepared(client: Any, status: Any, release: Any, timings: dict[str, float],
     else:
         release, line = client.prepare(release, status=status)
     timings["delta"] = time.perf_counter() - t0
-    m = release.manifest
-    say(f"{line}; sending {m.compressed_bytes / 2**20:.1f} MiB in {m.chunk_count} chunk(s) to the hub")
-    return release
+    return release, line
 
 
-def _send(client: Any, release: Any, kw: dict[str, Any], timings: dict[str, float], say: Any) -> Any:
-    """Hand ``release`` to the hub; Ctrl-C asks the hub what became of it."""
+def _send(client: Any, release: Any, line: str, kw: dict[str, Any], timings: dict[str, float],
+          say: Any) -> Any:
+    """Hand ``release`` to the hub, saying ``line`` first; from the moment it says it is
+    sending, Ctrl-C asks the hub what became of it."""
     import time
 
     ticker = None
     t1 = time.perf_counter()
+    m = release.manifest
     try:
+        say(f"{line}; sending {m.compressed_bytes / 2**20:.1f} MiB in {m.chunk_count} chunk(s) to the hub")
         ticker = publishing.Ticker("sending and waiting for the hub to verify and store it")
         done = client.publish(release, rebase=False, **kw)
     except KeyboardInterrupt:

@@ -207,6 +207,10 @@ class Broker:
         return Refetch(name, seq, reason)
 
     def _reject(self, name: str, seq: int, reason: str) -> list[Action]:
+        """The first worker to refuse ``seq`` says why; another worker's later failure on it
+        (its cache entry was discarded on that refusal) is a consequence, not a new reason."""
+        if seq in self.swaps.rejected[name]:
+            return []
         self.swaps.reject(name, seq)
         return [Rejected(name, seq, reason)]
 
