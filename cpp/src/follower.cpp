@@ -522,6 +522,16 @@ std::optional<std::pair<std::shared_ptr<Manifest>, std::string>> Cache::latest(c
   return std::nullopt;
 }
 
+Cache::Startup Cache::startup(const std::string& name, const Trust& trust, const Limits& limits) {
+  Startup out;
+  out.serve = latest(name, trust, limits, true);  // the newest, staged or not
+  if (out.serve && !is_active(*out.serve->first)) {  // staged, not activated: hold it
+    out.held = out.serve->first->seq;
+    out.serve = latest(name, trust, limits, false);
+  }
+  return out;
+}
+
 std::string pub_endpoint(const std::string& addr) {
   static const std::regex tcp(R"(^tcp://(.+):(\d+)$)");
   std::smatch m;

@@ -157,6 +157,14 @@ class Cache {
   std::optional<std::pair<std::shared_ptr<Manifest>, std::string>> latest(const std::string& name, const Trust& trust,
                                                                            const Limits& limits, bool staged = false);
   bool is_active(const Manifest& m) const;
+  // What a node starting on this cache serves of `name` and the seq it holds staged (0: none):
+  // the newest verified entry; if it is staged and not activated, it is held and the newest
+  // activated one below it is served (zmqmodels.release.cache.Cache.startup, the same rule).
+  struct Startup {
+    std::optional<std::pair<std::shared_ptr<Manifest>, std::string>> serve;
+    uint64_t held = 0;
+  };
+  Startup startup(const std::string& name, const Trust& trust, const Limits& limits);
 
  private:
   std::filesystem::path root_;

@@ -100,13 +100,7 @@ Node::Node(Args a)
 
 void Node::restore() {
   for (const auto& name : s_.args.models) {
-    auto top = s_.cache.latest(name, s_.trust, s_.limits, true);  // the newest, staged or not
-    auto serve = top;
-    uint64_t held = 0;
-    if (top && !s_.cache.is_active(*top->first)) {  // staged, not activated: hold it
-      held = top->first->seq;
-      serve = s_.cache.latest(name, s_.trust, s_.limits, false);
-    }
+    auto [serve, held] = s_.cache.startup(name, s_.trust, s_.limits);
     if (serve) {
       try {
         auto loaded = load_release(serve->first, serve->second, nullptr, 0, s_.device);

@@ -150,7 +150,7 @@ class Subscriber:
         assert self.cache is not None
         serving = {}
         for name in self._slots:
-            found = self.cache.latest(name, trust=self.trust)
+            found, _ = self.cache.startup(name, trust=self.trust)  # a staged one waits for its follower
             if found is None:
                 continue
             m, path = found

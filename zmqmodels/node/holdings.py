@@ -61,14 +61,9 @@ class Holdings:
         is loaded: a damaged entry is discarded, recorded in :attr:`errors` for the front
         (which fetches it again), and the one before it is tried."""
         for name in self.slots if names is None else names:
-            for seq in reversed(self.cache.seqs(name)):
-                if seq in exclude:
-                    continue
-                path = self.cache.path(name, seq)
+            for m, path in self.cache.servable(name, exclude):
+                seq = m.seq
                 try:
-                    m = decode_manifest(path.with_suffix(".manifest").read_bytes())
-                    if not self.cache.is_active(m):
-                        continue  # staged, not activated: not to be served yet
                     self.cache.check(m, path)
                     self.slots[name].swap(self._full_load(m, path))
                     break

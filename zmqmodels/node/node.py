@@ -154,10 +154,9 @@ class Node(IOThread):
         # verify the cache before any worker starts: workers load from it without hashing again
         known, staged = {}, {}
         for name in self.models:
-            found = self.cache.latest(name, trust=self.trust, staged=True)
-            if found is not None and not self.cache.is_active(found[0]):
-                staged[name] = found[0]  # held until the hub activates it
-                found = self.cache.latest(name, trust=self.trust, exclude={found[0].seq})
+            found, held = self.cache.startup(name, trust=self.trust)
+            if held is not None:
+                staged[name] = held  # held until the hub activates it
             if found is not None:
                 known[name] = found[0].seq
         self._started_at = time.monotonic()

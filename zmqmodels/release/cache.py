@@ -174,6 +174,34 @@ class Cache:
                 self.discard(name, seq)  # fall back to the one before it
         return None
 
+    def startup(self, name: str, *, trust: Trust | None = None
+                ) -> tuple[tuple[Manifest, Path] | None, Manifest | None]:
+        """What a node starting on this cache serves of ``name`` and what it holds: the newest
+        verified entry; if that one is staged and not activated, it is held (served once the
+        hub activates it) and the newest activated one below it is served. The one rule every
+        starter follows (the node, the embedded subscriber, the C++ node's ``Cache::startup``)."""
+        top = self.latest(name, trust=trust, staged=True)
+        if top is None or self.is_active(top[0]):
+            return top, None
+        return self.latest(name, trust=trust, exclude={top[0].seq}), top[0]
+
+    def servable(self, name: str, exclude: Collection[int] = ()) -> Iterator[tuple[Manifest, Path]]:
+        """The entries of ``name`` that may be served (staged ones once activated), newest
+        first, without hashing them (a worker checks each against its stamp as it loads it); an
+        entry whose manifest does not read is discarded."""
+        for seq in reversed(self.seqs(name)):
+            if seq in exclude:
+                continue
+            path = self.path(name, seq)
+            try:
+                m = decode_manifest(path.with_suffix(".manifest").read_bytes())
+            except (OSError, ReleaseError) as exc:
+                log.warning("cache: discarding %s seq %d: %s", name, seq, exc)
+                self.discard(name, seq)
+                continue
+            if self.is_active(m):
+                yield m, path
+
     def lock(self) -> None:
         """Hold this directory for this process (released when it exits): a second node given
         the same ``--cache`` is refused with one line instead of sharing it silently."""
