@@ -32,7 +32,8 @@ from ..release.cache import Cache
 from ..release.manifest import Manifest, validate_name
 from ..release.signing import Trust
 from ..transport.curve import Curve
-from .follower import Follower, ReleaseCallback
+from .delivery import ReleaseCallback
+from .follower import Follower
 
 __all__ = ["Subscriber"]
 

@@ -14,10 +14,8 @@ To *serve* the releases in-process (load, check, swap, predict) use the embedded
 from __future__ import annotations
 
 import logging
-import mmap
 import os
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -38,11 +36,11 @@ from ..transport.buffers import BufferPool
 from ..transport.curve import Curve
 from ..transport.ioloop import IOThread, LoopState
 from ..transport.tuning import lower_thread_priority, tune_malloc
+from .delivery import Delivery, ReleaseCallback
 
-__all__ = ["Follower", "ReleaseCallback"]  # and Subscriber, lazily (below)
+__all__ = ["Follower"]
 
 log = logging.getLogger("zmqmodels.follower")
-ReleaseCallback = Callable[[Manifest, Any], None]  # archive: a buffer of manifest.archive_bytes
 
 
 class ReceiveCpu:
@@ -133,8 +131,6 @@ report on.
         self.cache = Cache(cache) if isinstance(cache, str | Path) else cache
         self.trust = trust or Trust()
         self.curve = curve
-        self._on_release = on_release
-        self._accept = accept
         self._tune_malloc = tune_malloc
         self._nice = background_nice  # a serving node runs its subscriber below its broker
         self._rcvhwm = rcvhwm
@@ -152,10 +148,10 @@ report on.
             self.assembler.set_state(name, ModelState.SERVING, seq=seq, label=label)
         self.labels = list(labels)
         self._counts = counts
-        # what the delivery thread is to check and hand on, one per model (the newest)
-        self._mailbox: dict[str, Deliver | Unstage] = {}
-        self._mail_cond = threading.Condition()
-        self._deliverer: threading.Thread | None = None
+        # the thread that checks, caches and hands on what the core completes, newest first
+        self._delivery = Delivery(self, node_id=self.node_id, cache=self.cache, pool=self._pool,
+                                  on_release=on_release, accept=accept, stats=self.stats,
+                                  nice=background_nice)
         self._next_report = 0.0
         self._next_room_check = 0.0  # statvfs of the cache while a write waits for room
         self._cpu = ReceiveCpu(lambda: self.assembler.intake.coming.values())  # type: ignore[arg-type]
@@ -164,8 +160,7 @@ report on.
     def start(self, timeout: float = defaults.START_TIMEOUT_S) -> Follower:
         if self._tune_malloc and self.state is LoopState.NEW:
             tune_malloc()
-        self._deliverer = threading.Thread(target=self._deliver, name="zmqmodels-sub-deliver", daemon=True)
-        self._deliverer.start()
+        self._delivery.start()
         try:
             super().start(timeout)
         except ZmqModelsError as exc:
@@ -174,10 +169,7 @@ report on.
 
     def close(self) -> None:
         super().close()
-        with self._mail_cond:
-            self._mail_cond.notify_all()
-        if self._deliverer is not None and self._deliverer is not threading.current_thread():
-            self._deliverer.join(timeout=10)
+        self._delivery.close()
 
     # -- API for other threads ---------------------------------------------------------------
     @property
@@ -253,31 +245,11 @@ report on.
                     self._dealer.send_multipart(P.pack(msg))
                 case Deliver(name, asm):
                     self._cpu.completed(asm)  # this handler's CPU counts for it too
-                    self._mail(name, action)
+                    self._delivery.mail(name, action)
                 case Unstage(name):
-                    self._mail(name, action)
+                    self._delivery.mail(name, action)
                 case RetryStore(name, asm, digest, active):  # delivered again: checked, written, served
-                    self._mail(name, Deliver(name, asm, digest, active))
-
-    def _mail(self, name: str, item: Deliver | Unstage) -> None:
-        """Hand ``item`` (an assembled release, or a held one now activated) to the delivery
-        thread; it replaces an older undelivered one of the same model, whose buffer goes
-        back to the pool. An activated release never replaces a newer assembled one."""
-        seq = item.manifest.seq if isinstance(item, Unstage) else item.asm.manifest.seq
-        with self._mail_cond:
-            older = self._mailbox.get(name)
-            older_seq = (older.manifest.seq if isinstance(older, Unstage) else older.asm.manifest.seq
-                         ) if older is not None else 0
-            if older_seq > seq:
-                new, older = item, None  # the item itself is let go
-            else:
-                self._mailbox[name] = item
-                self._mail_cond.notify()
-                new = older
-        if new is not None:
-            buf = new.buf if isinstance(new, Unstage) else new.asm.buf
-            if buf is not None:
-                self._pool.give(name, buf)
+                    self._delivery.mail(name, Deliver(name, asm, digest, active))
 
     def _on_sub(self, frames: list[zmq.Frame]) -> None:
         if len(frames) < 2:
@@ -334,38 +306,17 @@ report on.
             case _:
                 raise ProtocolError(f"unexpected reply {type(msg).__name__}")
 
-    # -- delivery thread ---------------------------------------------------------------------
-    def _deliver(self) -> None:
-        lower_thread_priority(self._nice)
-        # blosc2's import costs ~0.4 CPU-s: made now, while the node starts, never on the path
-        # of its first release (a chunk arriving first waits on the import lock, no more)
-        import blosc2  # noqa: F401
-        while not self._stop.is_set():
-            with self._mail_cond:
-                while not self._mailbox and not self._stop.is_set():
-                    self._mail_cond.wait(0.5)
-                if self._stop.is_set():
-                    return
-                name = next(iter(self._mailbox))
-                item = self._mailbox.pop(name)
-            if isinstance(item, Unstage):
-                self._deliver_held(item)
-                continue
-            asm, digest = item.asm, item.digest
-            m, buf = asm.manifest, asm.buf
-            archive = memoryview(buf)[: m.archive_bytes]
-            kept = False
-            try:
-                kept = self._deliver_one(asm, archive, digest, item.active)
-            finally:
-                try:
-                    archive.release()
-                except BufferError:  # the consumer kept a view, against the contract: don't reuse
-                    continue
-                if not kept:
-                    self._pool.give(m.name, buf)
+    # -- what the delivery thread tells it (node/delivery.Follows) ------------------------------
+    def stored(self, name: str) -> None:
+        self.post(lambda: self.assembler.stored(name))
 
-    def _store_failed(self, asm: Assembly, digest: str, exc: StoreError) -> None:
+    def hold(self, m: Manifest, buf: Any) -> None:
+        self.post(lambda: self._carry(self.assembler.hold(m, buf)))
+
+    def served(self, name: str, seq: int) -> None:
+        self.post(lambda: self.assembler.served(name, seq))
+
+    def store_failed(self, asm: Assembly, digest: str, exc: StoreError) -> None:
         """Not a rejection: the release is fine, this node could not write it. Keep the
         verified bytes, say so with the whole reason (the state stays ``error`` until a write
         succeeds), keep serving what it has, and write it again later: never fetch it again."""
@@ -383,74 +334,3 @@ report on.
                                                  reason=reason))
 
         self.post(apply)
-
-    def _deliver_one(self, asm: Assembly, archive: memoryview, digest: str, activated: bool) -> bool:
-        """Check, cache and hand on one release; True if its buffer is kept (held, no cache).
-        ``activated``: staged and already activated here (the core's word, in its action)."""
-        m = asm.manifest
-        if digest != m.archive_sha256:
-            self.stats["archive_corrupt"] += 1
-            self.stats["rejected_digest"] += 1
-            self.reject(m, "archive sha256 mismatch")
-            return False
-        self.stats["verified"] += 1
-        if not m.staged and not asm.store_failures:  # a retried write stays `error` until it works
-            self.report(m.name, ModelState.VERIFIED, seq=m.seq, label=m.label)
-        try:
-            if self._accept is not None and self._accept(m) is False:
-                raise ZmqModelsError("declined by swap_when")
-            if self.cache is not None:  # signed bytes and all, before anything loads it
-                t0, c0 = time.monotonic(), time.thread_time()
-                try:
-                    self.cache.put(m, archive, asm.raw, asm.signature)
-                except StoreError as exc:
-                    self._store_failed(asm, digest, exc)
-                    return True  # the kept bytes are written again on RetryStore
-                cpu = time.thread_time() - c0
-                self.stats["cpu_cache_write_s"] += cpu
-                self.stage(m.name, m.seq, cache_write=time.monotonic() - t0, cache_write_cpu=cpu)
-                self.post(lambda: self.assembler.stored(m.name))
-            self.stats["cpu_receive_s"] += asm.cpu_s
-            self.stage(m.name, m.seq, receive_cpu=asm.cpu_s)
-            active = m.staged and activated  # fetched as the active one
-            if active and self.cache is not None:
-                self.cache.activate(m.name, m.seq)
-            if m.staged and not active:  # held until the hub activates it here
-                buf = None if self.cache is not None else asm.buf  # no cache: the buffer is the copy
-                self.post(lambda: self._carry(self.assembler.hold(m, buf)))
-                log.info("%s: %s seq %d staged (served once activated)", self.node_id, m.name, m.seq)
-                return self.cache is None  # without a cache its buffer is the held copy
-            self._on_release(m, archive)
-            self.post(lambda: self.assembler.served(m.name, m.seq))
-        except Exception as exc:
-            if not isinstance(exc, ZmqModelsError):
-                log.exception("%s: consumer failed on %s seq %d", self.node_id, m.name, m.seq)
-            self.reject(m, f"{type(exc).__name__}: {exc}")
-        return False
-
-    def _deliver_held(self, held: Unstage) -> None:
-        """A staged release was activated: record it in the cache and hand it on."""
-        m = held.manifest
-        log.info("%s: %s seq %d activated", self.node_id, m.name, m.seq)
-        try:
-            if self.cache is None:
-                view = memoryview(held.buf)[: m.archive_bytes]
-                try:
-                    self._on_release(m, view)
-                finally:
-                    view.release()
-                    self._pool.give(m.name, held.buf)
-                return
-            self.cache.activate(m.name, m.seq)
-            path = self.cache.path(m.name, m.seq)
-            with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                view = memoryview(mm)
-                try:
-                    self._on_release(m, view)
-                finally:
-                    view.release()
-        except Exception as exc:
-            if not isinstance(exc, ZmqModelsError | OSError):
-                log.exception("%s: consumer failed on %s seq %d", self.node_id, m.name, m.seq)
-            self.reject(m, f"{type(exc).__name__}: {exc}")
-
