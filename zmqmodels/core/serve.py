@@ -140,4 +140,4 @@ def same_chunks(base: Manifest, m: Manifest) -> frozenset[int]:
     n = min(base.chunk_count, m.chunk_count)
     return frozenset(i for i in range(n) if base.chunk_xxh3[i] == m.chunk_xxh3[i]
                      and base.chunk_sizes[i] == m.chunk_sizes[i]
-                     and (not base.chunk_raw_xxh3 or base.chunk_raw_xxh3[i] == m.chunk_raw_xxh3[i]))
+                     and (not base.chunk_raw_xxh3 or m.same_span(base, i)))

@@ -158,6 +158,15 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
         start = index * self.chunk_bytes
         return start, min(self.chunk_bytes, self.archive_bytes - start)
 
+    def same_span(self, base: Manifest, index: int) -> bool:
+        """Chunk ``index`` covers the same archive bytes, at the same place, as ``base``'s:
+        both give span digests (``chunk_raw_xxh3``), the span is the same and so is its digest.
+        The one rule for "is chunk i unchanged" (the hub leaving chunks out, patches, the delta
+        line); a node asks it of the archive it holds (:meth:`Assembly.reuse`)."""
+        return (index < min(len(self.chunk_raw_xxh3), len(base.chunk_raw_xxh3))
+                and base.chunk_span(index) == self.chunk_span(index)
+                and base.chunk_raw_xxh3[index] == self.chunk_raw_xxh3[index])
+
 
 _ENC = msgspec.msgpack.Encoder()
 _DEC = msgspec.msgpack.Decoder(Manifest)

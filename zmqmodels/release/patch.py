@@ -41,7 +41,7 @@ def make_patches(base: Release | None, new: Release) -> dict[int, tuple[int, byt
     cur = memoryview(bytearray(m.chunk_bytes))
     for i in range(min(mb.chunk_count, m.chunk_count)):
         start, length = m.chunk_span(i)
-        if mb.chunk_raw_xxh3[i] == m.chunk_raw_xxh3[i] or mb.chunk_span(i) != (start, length):
+        if m.same_span(mb, i) or mb.chunk_span(i) != (start, length):
             continue  # the same bytes (reused, not sent) or a span of another length
         decompress_chunk(mb, i, base.chunks[i], Shifted(old, start))
         decompress_chunk(m, i, new.chunks[i], Shifted(cur, start))

@@ -126,7 +126,7 @@ def aligned(b: Any, codec: Any, chunk_bytes: int, tensors: list[TensorDesc]) -> 
 
 def delta_line(b: Any, n: Any) -> str:
     """What a release ``n`` built on base ``b`` changes, in one line."""
-    same = sum(1 for old, new in zip(b.chunk_raw_xxh3, n.chunk_raw_xxh3, strict=False) if old == new)
+    same = sum(1 for i in range(n.chunk_count) if n.same_span(b, i))
     changed = sum(1 for o, t in zip(b.tensors, n.tensors, strict=True) if o.xxh3 != t.xxh3)
     return (f"delta on seq {b.seq} ({b.label or '-'}), same code: {changed} of {len(n.tensors)} "
             f"tensor(s) changed, {n.chunk_count - same} of {n.chunk_count} chunk(s) to send")
