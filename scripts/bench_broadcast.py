@@ -47,15 +47,15 @@ def secure_opts(keys: str | None, role: str) -> dict:
 
 
 def role_sub(hub: str, node: str, keys: str | None = None) -> None:
-    from zmqmodels import Subscriber
+    from zmqmodels import FollowOptions, Subscriber
 
     sub: Subscriber
 
     def done(m, archive) -> None:  # noqa: ANN001
         sub.report(m.name, "serving", seq=m.seq, label=m.label)
 
-    sub = Subscriber(hub, ["bench"], node_id=node, on_release=done, load=False,
-                     **secure_opts(keys, "node"))
+    sub = Subscriber(hub, ["bench"], on_release=done, load=False,
+                     follow=FollowOptions(node_id=node, **secure_opts(keys, "node")))
     with sub:
         sys.stdin.read()  # until the parent closes our stdin
 

@@ -50,14 +50,14 @@ PORT = 5555
 
 # -- roles (child processes, each in its namespace) ----------------------------------------------
 def role_sub(hub: str, node: str) -> None:
-    from zmqmodels.node.follower import Follower
+    from zmqmodels.node.follower import Follower, FollowOptions
 
     f: Follower
 
     def done(m, archive) -> None:  # noqa: ANN001  (verified: chunk digests and archive sha256)
         f.report(m.name, "serving", seq=m.seq, label=m.label)
 
-    f = Follower(hub, ["bench"], on_release=done, node_id=node, tune_malloc=True)
+    f = Follower(hub, ["bench"], on_release=done, options=FollowOptions(node_id=node, tune_malloc=True))
     with contextlib.closing(f.start()):
         sys.stdin.read()
 

@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 
-from zmqmodels import Subscriber
+from zmqmodels import FollowOptions, Subscriber
 
 
 def main() -> None:
@@ -40,7 +40,7 @@ def main() -> None:
         sub.report(m.name, "serving", seq=m.seq, label=m.label)
 
     extra = {"rcvhwm": args.rcvhwm} if args.rcvhwm else {}
-    sub = Subscriber(args.hub, args.model, node_id=args.node_id, **extra,
+    sub = Subscriber(args.hub, args.model, follow=FollowOptions(node_id=args.node_id, **extra),
                      on_release=None if args.load else on_release, load=args.load, cache=args.cache)
     if args.load:
         sub.on_swap(lambda name, new, old: emit(event="swap", name=name, seq=new.seq, label=new.label))

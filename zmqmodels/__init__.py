@@ -37,6 +37,7 @@ _EXPORTS = {
     "Relay": "hub.relay",
     "Subscriber": "node.embedded",
     "Follower": "node.follower",
+    "FollowOptions": "node.follower",
     "Node": "node.node",
     "Client": "clients.client",
     "AsyncClient": "clients.aclient",

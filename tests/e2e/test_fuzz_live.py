@@ -17,7 +17,7 @@ from hypothesis import given
 from tests.fuzzing import LIVE, _drain, fake_hub, frame_lists, fuzz_as_hub, fuzz_front, live_fuzz
 from tests.helpers import raw_release, wait_until
 from tests.models import Probe, probe_examples
-from zmqmodels import Client, Hub, Node, Subscriber, build_release, compile_model
+from zmqmodels import Client, FollowOptions, Hub, Node, Subscriber, build_release, compile_model
 from zmqmodels import protocol as P
 from zmqmodels.clients.hub import HubClient
 from zmqmodels.release.manifest import encode_manifest
@@ -61,7 +61,7 @@ def test_live_subscriber_keeps_receiving_after_fuzzed_frames(short_tmp) -> None:
     router, pub = fake_hub(addr)
     got: list[tuple[int, str]] = []
     sub = Subscriber(addr, ["m"], on_release=lambda m, a: got.append((m.seq, hashlib.sha256(a).hexdigest())),
-                     load=False, hub_ttl_s=60)
+                     load=False, follow=FollowOptions(hub_ttl_s=60))
     try:
         sub.start()
         ident = router.recv_multipart()[0]  # its first FETCH_MANIFEST: now we can answer it

@@ -11,7 +11,7 @@ import torch
 from tests.helpers import free_port_pair, raw_release, wait_until
 from tests.models import Probe, probe_examples
 from zmqmodels import Client, Hub, Node, Relay, build_release, compile_model
-from zmqmodels.node.follower import Follower
+from zmqmodels.node.follower import Follower, FollowOptions
 from zmqmodels.release.store import Store
 
 pytestmark = pytest.mark.timeout(120)
@@ -27,7 +27,8 @@ def followers(addr: str, n: int, model: str = "m"):
                 got[i].append((m.seq, hashlib.sha256(archive).hexdigest()))
         return cb
 
-    subs = [Follower(addr, [model], on_release=on(i), node_id=f"f{i}").start() for i in range(n)]
+    subs = [Follower(addr, [model], on_release=on(i), options=FollowOptions(node_id=f"f{i}")).start()
+            for i in range(n)]
     return subs, got
 
 
@@ -163,10 +164,10 @@ def test_curve_per_hop_admits_the_fleet_and_refuses_a_stranger(tmp_path, short_t
             Relay(hub.address, f"ipc://{short_tmp}/relay", tmp_path / "relay", ["m"], relay_id="r1",
                   curve=key("relay", allow=[pub]), upstream_curve=key("relay", "hub")) as relay:
         got: list[int] = []
-        ok = Follower(relay.address, ["m"], on_release=lambda m, a: got.append(m.seq), node_id="n",
-                      curve=key("node", "relay")).start()
+        ok = Follower(relay.address, ["m"], on_release=lambda m, a: got.append(m.seq),
+                      options=FollowOptions(node_id="n", curve=key("node", "relay"))).start()
         stranger = Follower(relay.address, ["m"], on_release=lambda m, a: got.append(-m.seq),
-                            node_id="x", curve=key("stranger", "relay")).start()
+                            options=FollowOptions(node_id="x", curve=key("stranger", "relay"))).start()
         try:
             m = hub.publish(raw_release("m", bytes(range(256)) * 8192))
             wait_until(lambda: got == [m.seq], 30, what="the admitted follower")

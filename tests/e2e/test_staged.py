@@ -184,9 +184,9 @@ def test_cli_publish_in_waves_reports_each_wave_and_exits_1_on_a_halt(hub, tmp_p
 
 
 def test_an_embedded_subscriber_without_a_cache_holds_a_staged_release_until_activated(hub) -> None:
-    from zmqmodels import Subscriber
+    from zmqmodels import FollowOptions, Subscriber
 
-    with Subscriber(hub.address, ["probe"], node_id="emb") as sub:
+    with Subscriber(hub.address, ["probe"], follow=FollowOptions(node_id="emb")) as sub:
         v1 = hub.publish(probe(1.0, "v1")).seq
         sub.wait_until_serving("probe", timeout=60)
         v2 = hub.publish(probe(2.0, "v2"), staged=True).seq

@@ -10,7 +10,7 @@ import pytest
 import zmq
 
 from tests.helpers import raw_release, wait_until
-from zmqmodels import Subscriber
+from zmqmodels import FollowOptions, Subscriber
 from zmqmodels import protocol as P
 from zmqmodels.defaults import Limits
 from zmqmodels.release.manifest import encode_manifest
@@ -39,8 +39,8 @@ def test_malformed_broadcasts_are_dropped_and_counted(fake_hub) -> None:
         got.append(bytes(archive))
         done.set()
 
-    sub = Subscriber(addr, ["m"], on_release=on_release, limits=Limits(max_archive_bytes=1 << 20),
-                     repair_idle_s=30)
+    sub = Subscriber(addr, ["m"], on_release=on_release,
+                     follow=FollowOptions(limits=Limits(max_archive_bytes=1 << 20), repair_idle_s=30))
     with sub:
         def connected() -> bool:
             pub.send_multipart([P.HUB_TOPIC, b"HEARTBEAT", P.encode(P.Heartbeat(hub="fake"))])

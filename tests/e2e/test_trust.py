@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from tests.fleet import ROOT
 from tests.helpers import raw_release, wait_until
 from tests.models import Probe, probe_examples
-from zmqmodels import Client, Hub, Subscriber, build_release, compile_model
+from zmqmodels import Client, FollowOptions, Hub, Subscriber, build_release, compile_model
 from zmqmodels.cli import cli
 from zmqmodels.clients.hub import HubClient
 from zmqmodels.errors import DeadlineError, RemoteError, SignatureError, StoreError
@@ -321,7 +321,7 @@ def test_embedded_subscriber_trusts_and_rechecks_its_cache(keys, short_tmp, tmp_
     addr = f"ipc://{short_tmp}/hub"
     cache = tmp_path / "cache"
     with Hub(addr, Store(tmp_path / "store")) as hub:
-        with Subscriber(addr, ["probe"], trust=trusted(keys), cache=cache) as sub:
+        with Subscriber(addr, ["probe"], follow=FollowOptions(trust=trusted(keys)), cache=cache) as sub:
             hub.publish(probe(3.0, "unsigned"))
             wait_until(lambda: sub.stats["untrusted"] >= 1, 30, what="the unsigned release refused")
             assert sub.version("probe") is None
@@ -329,9 +329,11 @@ def test_embedded_subscriber_trusts_and_rechecks_its_cache(keys, short_tmp, tmp_
             sub.wait_until_serving("probe", 60, seq=signed.seq)
             assert float(sub.predict("probe", torch.ones(1, 4))[0, 0]) == 2.0
     # restarted without a hub: serves the cached release at once, after checking it again ...
-    with Subscriber("ipc:///nonexistent/hub", ["probe"], trust=trusted(keys), cache=cache) as sub:
+    with Subscriber("ipc:///nonexistent/hub", ["probe"], follow=FollowOptions(trust=trusted(keys)),
+                    cache=cache) as sub:
         assert sub.version("probe") == ("v1", signed.seq)
     # ... and not once its signature is damaged
     Cache(cache).path("probe", signed.seq).with_suffix(".sig").write_bytes(bytes(64))
-    with Subscriber("ipc:///nonexistent/hub", ["probe"], trust=trusted(keys), cache=cache) as sub:
+    with Subscriber("ipc:///nonexistent/hub", ["probe"], follow=FollowOptions(trust=trusted(keys)),
+                    cache=cache) as sub:
         assert sub.version("probe") is None

@@ -15,6 +15,7 @@ loading worker process.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -24,16 +25,14 @@ from typing import Any
 import zmq
 
 from .. import defaults
-from ..defaults import Limits
 from ..errors import DeadlineError, NotReadyError, ZmqModelsError
 from ..model.slot import Loaded, ModelSlot
 from ..protocol import ModelState
 from ..release.cache import Cache
 from ..release.manifest import Manifest, validate_name
 from ..release.signing import Trust
-from ..transport.curve import Curve
 from .delivery import ReleaseCallback
-from .follower import Follower
+from .follower import Follower, FollowOptions
 
 __all__ = ["Subscriber"]
 
@@ -45,8 +44,9 @@ class Subscriber:
 
     ``on_release(manifest, archive)``, if given, also runs for every verified release (before
     it is loaded; ``load=False`` skips loading: a receive-only follower). ``device`` is where
-    models load (``cpu``, ``cuda:0``). ``cache``, ``trust``, ``curve``, ``limits`` and the
-    timing options are the :class:`~zmqmodels.node.follower.Follower`'s.
+    models load (``cpu``, ``cuda:0``). ``cache`` keeps each verified release and serves the
+    newest at start, before the hub answers; ``follow`` (trust, CURVE, labels, limits, timing) is
+    the :class:`~zmqmodels.node.follower.FollowOptions` of its follower.
     """
 
     def __init__(
@@ -56,37 +56,25 @@ class Subscriber:
         *,
         on_release: ReleaseCallback | None = None,
         load: bool = True,
-        node_id: str | None = None,
         device: str = "",
         known: dict[str, int] | None = None,
-        limits: Limits | None = None,
-        context: zmq.Context | None = None,
-        rcvhwm: int = defaults.SUB_RCVHWM,
-        report_interval_s: float = defaults.HEARTBEAT_INTERVAL_S,
-        hub_ttl_s: float = defaults.HUB_TTL_S,
-        repair_idle_s: float = defaults.REPAIR_IDLE_S,
         cache: Cache | str | Path | None = None,
         swap_when: Callable[[Manifest], bool | None] | None = None,
-        tune_malloc: bool = True,
-        background_nice: int = 0,
-        trust: Trust | None = None,
-        curve: Curve | None = None,
-        labels: Sequence[str] = (),
+        follow: FollowOptions | None = None,
+        context: zmq.Context | None = None,
     ) -> None:
         self.device = device or "cpu"
         self.cache = Cache(cache) if isinstance(cache, str | Path) else cache
-        self.trust = trust or Trust()
+        follow = follow or FollowOptions()
+        self.trust = follow.trust or Trust()
         self._user_on_release = on_release
         self._load = load
         self._swap_when = swap_when
         self._slots = {validate_name(n): ModelSlot() for n in models}
         self._swap_listeners: list[Callable[[str, Manifest, Manifest | None], None]] = []
         self._known = dict(known or {})
-        self._follower_args: dict[str, Any] = dict(
-            node_id=node_id, device=self.device, limits=limits, context=context, rcvhwm=rcvhwm,
-            report_interval_s=report_interval_s, hub_ttl_s=hub_ttl_s, repair_idle_s=repair_idle_s,
-            cache=self.cache, tune_malloc=tune_malloc, background_nice=background_nice,
-            trust=self.trust, curve=curve, labels=labels)
+        self._follow = dataclasses.replace(follow, device=self.device, trust=self.trust)
+        self._context = context
         self._hub = hub
         self.follower: Follower | None = None
 
@@ -101,7 +89,7 @@ class Subscriber:
         self.follower = Follower(self._hub, list(self._slots), on_release=self._on_release,
                                  accept=self._accept if self._load else None, known=known,
                                  serving={n: (m.seq, m.label) for n, m in serving.items()},
-                                 **self._follower_args)
+                                 options=self._follow, cache=self.cache, context=self._context)
         self.follower.start(timeout)
         return self
 

@@ -18,6 +18,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ from ..transport.ioloop import IOThread, LoopState
 from ..transport.tuning import lower_thread_priority, tune_malloc
 from .delivery import Delivery, ReleaseCallback
 
-__all__ = ["Follower"]
+__all__ = ["Follower", "FollowOptions"]
 
 log = logging.getLogger("zmqmodels.follower")
 
@@ -69,6 +70,33 @@ class ReceiveCpu:
         self._completed.append(asm)
 
 
+@dataclass(frozen=True)
+class FollowOptions:
+    """How a follower follows, whoever composes it (:class:`Follower`, the embedded
+    :class:`~zmqmodels.node.embedded.Subscriber`, the :class:`~zmqmodels.node.node.Node`).
+
+    ``node_id`` (default ``host-pid``) is what the hub lists; ``device`` what it reports;
+    ``labels`` what the hub's waves and activations select on. ``trust`` (keys) accepts only
+    releases signed by one of them: a manifest that fails is refused before a byte of its
+    archive is allocated, and the hub hears why. ``curve`` connects both sockets with CURVE to
+    the hub's key. The rest tune the intake (``limits``, ``rcvhwm``, ``hub_ttl_s``,
+    ``repair_idle_s``), its reports (``report_interval_s``) and its threads (``tune_malloc``,
+    ``background_nice``: a serving node runs its follower below its broker)."""
+
+    node_id: str | None = None
+    device: str = ""
+    labels: Sequence[str] = ()
+    trust: Trust | None = None
+    curve: Curve | None = None
+    limits: Limits | None = None
+    rcvhwm: int = defaults.SUB_RCVHWM
+    report_interval_s: float = defaults.HEARTBEAT_INTERVAL_S
+    hub_ttl_s: float = defaults.HUB_TTL_S
+    repair_idle_s: float = defaults.REPAIR_IDLE_S
+    tune_malloc: bool = True
+    background_nice: int = 0
+
+
 class Follower(IOThread):
     """Follow the releases of ``models`` from the hub at ``hub`` (its one address).
 
@@ -79,19 +107,14 @@ class Follower(IOThread):
     release with :meth:`report`. ``accept(manifest)`` runs first and may return False to
     decline a release (it is then neither cached nor handed on). ``known`` maps model names
     to the seq already held (e.g. from a local cache) so only newer releases are fetched;
-``serving`` maps those the host already serves to ``(seq, label)``: reported so from the first
-report on.
-
-    ``trust`` (keys) accepts only releases signed by one of them: a manifest that fails is
-    refused before a byte of its archive is allocated, and the hub hears why. ``cache``
-    keeps every verified release (signature included) before it is handed on. ``curve``
-    connects both sockets with CURVE to the hub's key.
+    ``serving`` maps those the host already serves to ``(seq, label)``: reported so from the
+    first report on. ``cache`` keeps every verified release (signature included) before it is
+    handed on. ``options``: :class:`FollowOptions`.
 
     A release published *staged* is verified and cached, then held until the hub activates
-    it for this node (``labels`` are what the hub selects on); only then does
-    ``on_release`` see it. ``staged`` names releases held in the cache across a restart.
-    ``counts(name) -> (requests, errors)`` is what the host answered, sent with each report
-    (the hub's waves halt on error rates).
+    it for this node; only then does ``on_release`` see it. ``staged`` names releases held in
+    the cache across a restart. ``counts(name) -> (requests, errors)`` is what the host
+    answered, sent with each report (the hub's waves halt on error rates).
     """
 
     kind = "sub"
@@ -102,56 +125,46 @@ report on.
         models: Sequence[str],
         *,
         on_release: ReleaseCallback,
+        options: FollowOptions | None = None,
         accept: Callable[[Manifest], bool] | None = None,
-        node_id: str | None = None,
-        device: str = "",
         known: dict[str, int] | None = None,
         serving: dict[str, tuple[int, str]] | None = None,
-        limits: Limits | None = None,
-        context: zmq.Context | None = None,
-        rcvhwm: int = defaults.SUB_RCVHWM,
-        report_interval_s: float = defaults.HEARTBEAT_INTERVAL_S,
-        hub_ttl_s: float = defaults.HUB_TTL_S,
-        repair_idle_s: float = defaults.REPAIR_IDLE_S,
-        cache: Cache | str | Path | None = None,
-        tune_malloc: bool = True,
-        background_nice: int = 0,
-        trust: Trust | None = None,
-        curve: Curve | None = None,
-        labels: Sequence[str] = (),
         staged: dict[str, Manifest] | None = None,
+        cache: Cache | str | Path | None = None,
+        context: zmq.Context | None = None,
         counts: Callable[[str], tuple[int, int]] | None = None,
     ) -> None:
         super().__init__(context or zmq.Context.instance())
+        o = options or FollowOptions()
         self.hub = hub
         self.pub_address = P.pub_endpoint(hub)
-        self.node_id = node_id or f"{socket.gethostname()}-{os.getpid()}"
-        self.device = device or "cpu"
-        self.limits = limits or Limits()
+        self.node_id = o.node_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.device = o.device or "cpu"
+        self.limits = o.limits or Limits()
         self.cache = Cache(cache) if isinstance(cache, str | Path) else cache
-        self.trust = trust or Trust()
-        self.curve = curve
-        self._tune_malloc = tune_malloc
-        self._nice = background_nice  # a serving node runs its subscriber below its broker
-        self._rcvhwm = rcvhwm
-        self._report_interval_s = report_interval_s
+        self.trust = o.trust or Trust()
+        self.curve = o.curve
+        self._tune_malloc = o.tune_malloc
+        self._nice = o.background_nice  # a serving node runs its subscriber below its broker
+        self._rcvhwm = o.rcvhwm
+        self._report_interval_s = o.report_interval_s
         self._pool = BufferPool()
         self.assembler = Assembler([validate_name(n) for n in models], node_id=self.node_id,
                                    host=socket.gethostname(), pid=os.getpid(), device=self.device,
                                    take=self._pool.take, give=self._pool.give, limits=self.limits,
                                    base=self.cache.newest_archive if self.cache is not None else None,
-                                   trust=self.trust, known=known, repair_idle_s=repair_idle_s,
-                                   hub_ttl_s=hub_ttl_s, labels=labels,
+                                   trust=self.trust, known=known, repair_idle_s=o.repair_idle_s,
+                                   hub_ttl_s=o.hub_ttl_s, labels=o.labels,
                                    staged=staged)
         self.assembler.use_stats(self.stats)  # one counter for the shell and its core
         for name, (seq, label) in (serving or {}).items():  # the first report (at start) says so
             self.assembler.set_state(name, ModelState.SERVING, seq=seq, label=label)
-        self.labels = list(labels)
+        self.labels = list(o.labels)
         self._counts = counts
         # the thread that checks, caches and hands on what the core completes, newest first
         self._delivery = Delivery(self, node_id=self.node_id, cache=self.cache, pool=self._pool,
                                   on_release=on_release, accept=accept, stats=self.stats,
-                                  nice=background_nice)
+                                  nice=o.background_nice)
         self._next_report = 0.0
         self._next_room_check = 0.0  # statvfs of the cache while a write waits for room
         self._cpu = ReceiveCpu(lambda: self.assembler.intake.coming.values())  # type: ignore[arg-type]

@@ -43,7 +43,7 @@ from ..transport.curve import Curve, ServerContext
 from ..transport.exporter import MetricsServer
 from ..transport.health import hub_down, node_health
 from ..transport.ioloop import IOThread, LoopState
-from .follower import Follower
+from .follower import Follower, FollowOptions
 from .host import WorkerProcesses, check_devices, make_run_dir
 from .requests import MODELS, admit, describe, replies, work_frames
 from .worker_boot import command as worker_command
@@ -166,10 +166,10 @@ class Node(IOThread):
             raise ZmqModelsError(f"node failed to start on {self.bind}: {self._start_error or exc}") from None
         if self.hub:
             devices = ",".join(sorted(set(self._devices.values())))
-            self._sub = Follower(self.hub, self.models, on_release=self._on_release, node_id=self.node_id,
-                                 device=devices, known=known, limits=self.limits, background_nice=10,
-                                 cache=self.cache, trust=self.trust, curve=self.curve, context=self._ctx,
-                                 labels=self.labels, staged=staged,
+            follow = FollowOptions(node_id=self.node_id, device=devices, limits=self.limits, trust=self.trust,
+                                   curve=self.curve, labels=self.labels, background_nice=10)
+            self._sub = Follower(self.hub, self.models, on_release=self._on_release, options=follow,
+                                 known=known, cache=self.cache, context=self._ctx, staged=staged,
                                  counts=lambda name: self.ledger.counted.get(name, (0, 0)))
             self._sub.start()
             self.post(lambda: [self._report(n) for n in self.models])  # workers may be up already
