@@ -34,6 +34,7 @@ from ..transport.curve import Curve, ServerContext
 from ..transport.endpoints import bind_hub_sockets
 from ..transport.exporter import MetricsServer
 from ..transport.ioloop import IOThread, LoopState
+from ..transport.upstream import connect_upstream
 
 __all__ = ["Relay"]
 
@@ -108,24 +109,16 @@ class Relay(IOThread):
 
     # -- I/O thread --------------------------------------------------------------------------
     def _open(self) -> list[tuple[zmq.Socket, Any]]:
-        up_sub, up_dealer = self._socket(zmq.SUB), self._socket(zmq.DEALER)
+        up_sub, up_dealer = connect_upstream(self._socket, self.upstream, list(self.forwarder.models),
+                                             limits=self.limits, rcvhwm=defaults.SUB_RCVHWM * 4,
+                                             curve=self.upstream_curve, every=not self.forwarder.models)
         down_router, down_pub = self._socket(zmq.ROUTER), self._socket(zmq.PUB)
-        for s in (up_sub, up_dealer, down_router):
-            s.setsockopt(zmq.MAXMSGSIZE, self.limits.max_frame_bytes)
-        up_sub.rcvhwm = defaults.SUB_RCVHWM * 4
+        down_router.setsockopt(zmq.MAXMSGSIZE, self.limits.max_frame_bytes)
         down_pub.sndhwm = 4096
         down_router.sndhwm = 8 * self.limits.fetch_credit
-        if self.upstream_curve is not None:
-            self.upstream_curve.connect(up_sub)
-            self.upstream_curve.connect(up_dealer)
         if self.curve is not None:
             self.curve.serve(down_router)
             self.curve.serve(down_pub)
-        up_sub.setsockopt(zmq.SUBSCRIBE, P.HUB_TOPIC)
-        for name in self.forwarder.models or [""]:
-            up_sub.setsockopt(zmq.SUBSCRIBE, P.topic(name) if name else b"")
-        up_sub.connect(P.pub_endpoint(self.upstream))
-        up_dealer.connect(self.upstream)
         self.address = bind_hub_sockets(down_router, down_pub, self.bind)
         self.pub_address = P.pub_endpoint(self.address)
         self._up, self._router, self._pub = up_dealer, down_router, down_pub

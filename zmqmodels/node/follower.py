@@ -37,6 +37,7 @@ from ..transport.buffers import BufferPool
 from ..transport.curve import Curve
 from ..transport.ioloop import IOThread, LoopState
 from ..transport.tuning import lower_thread_priority, tune_malloc
+from ..transport.upstream import connect_upstream
 from .delivery import Delivery, ReleaseCallback
 
 __all__ = ["Follower", "FollowOptions"]
@@ -219,19 +220,10 @@ class Follower(IOThread):
     # -- I/O thread --------------------------------------------------------------------------
     def _open(self) -> list[tuple[zmq.Socket, Any]]:
         lower_thread_priority(self._nice)
-        sub, dealer = self._socket(zmq.SUB), self._socket(zmq.DEALER)
         # a low mark: the hub's queue shares one buffer across nodes, ours would copy the
         # whole release into fresh pages ahead of the reader
-        sub.rcvhwm = self._rcvhwm
-        for s in (sub, dealer):  # never buffer a frame bigger than any we accept
-            s.setsockopt(zmq.MAXMSGSIZE, self.limits.max_frame_bytes)
-            if self.curve is not None:
-                self.curve.connect(s)
-        sub.setsockopt(zmq.SUBSCRIBE, P.HUB_TOPIC)
-        for name in self.assembler.models:
-            sub.setsockopt(zmq.SUBSCRIBE, P.topic(name))
-        sub.connect(self.pub_address)
-        dealer.connect(self.hub)
+        sub, dealer = connect_upstream(self._socket, self.hub, list(self.assembler.models),
+                                       limits=self.limits, rcvhwm=self._rcvhwm, curve=self.curve)
         self._sub, self._dealer = sub, dealer
         self._carry(self.assembler.start(time.monotonic()))
         return [(sub, self._cpu.timed(self._on_sub)), (dealer, self._cpu.timed(self._on_dealer))]
