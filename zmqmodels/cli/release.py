@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -140,10 +141,7 @@ def build(store_dir: str, as_json: bool, signing_key: str | None, **opts: Any) -
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable result on stdout.")
 @signing_option
 @curve_options(server=False, client=True)
-def publish(hub_addr: str | None, bind_addr: str | None, store_dir: str, wait_for: int,
-            timeout: float, staged: bool, waves: str, wave_wait: float, halt_on: tuple[str, ...],
-            confirm_s: float, like: str | None, partial: bool, reuse_label: bool, as_json: bool,
-            signing_key: str | None, curve_key: str | None, curve_server: str | None, **opts: Any) -> None:
+def publish(**options: Any) -> None:
     """Compile SOURCE (or take a release `build` stored) and broadcast it; or, with --weights
     CKPT --like NAME, new weights for the code NAME serves. A release of the code the fleet
     serves goes as a delta (only changed tensors move). Optionally wait for the rollout.
@@ -153,42 +151,76 @@ def publish(hub_addr: str | None, bind_addr: str | None, store_dir: str, wait_fo
     from .. import IMPORTED_AT
 
     timings = {"cli_import": time.perf_counter() - IMPORTED_AT}
-    plan = _check_publish(hub_addr, bind_addr, wave_list := [w for w in waves.split(",") if w.strip()],
-                          wait_for, halt_on, wave_wait, confirm_s, curve_server, like, partial, opts)
-    staged = staged or plan is not None
-    key = load_signing_key(signing_key)
-    say = (lambda msg: click.echo(msg, err=True)) if as_json else click.echo
-    if bind_addr:
-        return _publish_bound(bind_addr, store_dir, key, curve_key, opts, timeout, staged, plan, wave_list,
-                              wait_for, as_json, say, reuse_label)
-    assert hub_addr
+    p = PublishPlan.from_options(**options)  # usage errors before anything is read
+    key = load_signing_key(p.signing_key)
+    say = (lambda msg: click.echo(msg, err=True)) if p.as_json else click.echo
+    if p.bind:
+        return _publish_bound(p, key, say)
+    assert p.hub
     t0 = time.monotonic()
-    release = None if like else built_release(**opts)  # checked before the hub is asked
+    release = None if p.like else built_release(**p.opts)  # checked before the hub is asked
     timings["read"] = time.monotonic() - t0
     from ..clients.hub import HubClient
 
-    client = HubClient(hub_addr, timeout=timeout, curve=curve_from(curve_key, curve_server))
+    client = HubClient(p.hub, timeout=p.timeout, curve=curve_from(p.curve_key, p.curve_server))
     try:  # before compiling: a hub that does not answer is an error in seconds, not minutes
-        status = client.status(timeout=min(timeout, 5.0))
+        status = client.status(timeout=min(p.timeout, 5.0))
     except ZmqModelsError as exc:
-        raise ZmqModelsError(f"hub {hub_addr} does not answer ({exc}); nothing was compiled") from None
+        raise ZmqModelsError(f"hub {p.hub} does not answer ({exc}); nothing was compiled") from None
     t0 = time.monotonic()
-    kw = {"timeout": timeout, "signing_key": key, "staged": staged, "plan": plan, "reuse_label": reuse_label}
-    if like:
-        done = publishing.publish_weights(client, like, opts, timings, say, partial=partial, **kw)
+    kw = {"timeout": p.timeout, "signing_key": key, "staged": p.staged, "plan": p.plan,
+          "reuse_label": p.reuse_label}
+    if p.like:
+        done = publishing.publish_weights(client, p.like, p.opts, timings, say, partial=p.partial, **kw)
         sent = 0
         say(f"hub stored {done.name} seq {done.seq} ({done.label}: new weights in the code the fleet "
             f"serves) in {time.monotonic() - t0:.2f}s; broadcasting")
     else:
         if release is None:
             del timings["read"]
-            release = _compile_on_base(client, status, opts, timings, say)
+            release = _compile_on_base(client, status, p.opts, timings, say)
         release, line = _prepared(client, status, release, timings)
         sent = release.manifest.compressed_bytes
         done = _send(client, release, line, kw, timings, say)
         say(f"hub stored {done.name} seq {done.seq} in {time.monotonic() - t0:.2f}s; broadcasting")
-    publishing.after_store(client, hub_addr, done, wave_list, staged, wait_for, timeout, as_json, say,
-                           timings, reuse_label=reuse_label, sent_bytes=sent)
+    publishing.after_store(client, p.hub, done, p.waves, p.staged, p.wait_for, p.timeout, p.as_json, say,
+                           timings, reuse_label=p.reuse_label, sent_bytes=sent)
+
+
+@dataclass(frozen=True)
+class PublishPlan:
+    """What one ``zmqmodels publish`` is to do, from its options, with the rules between them
+    checked (:meth:`from_options` raises the usage error before anything is read). ``opts``:
+    what builds or reads the release (SOURCE, --weights, compile options)."""
+
+    hub: str | None
+    bind: str | None
+    store_dir: str
+    wait_for: int
+    timeout: float
+    staged: bool
+    waves: list[str]
+    plan: Any  # the wave plan (protocol.WavePlan), None without --waves
+    like: str | None
+    partial: bool
+    reuse_label: bool
+    as_json: bool
+    signing_key: str | None
+    curve_key: str | None
+    curve_server: str | None
+    opts: dict[str, Any]
+
+    @classmethod
+    def from_options(cls, *, hub_addr: str | None, bind_addr: str | None, store_dir: str, wait_for: int,
+                     timeout: float, staged: bool, waves: str, wave_wait: float, halt_on: tuple[str, ...],
+                     confirm_s: float, like: str | None, partial: bool, reuse_label: bool, as_json: bool,
+                     signing_key: str | None, curve_key: str | None, curve_server: str | None,
+                     **opts: Any) -> PublishPlan:
+        wave_list = [w for w in waves.split(",") if w.strip()]
+        plan = _check_publish(hub_addr, bind_addr, wave_list, wait_for, halt_on, wave_wait, confirm_s,
+                              curve_server, like, partial, opts)
+        return cls(hub_addr, bind_addr, store_dir, wait_for, timeout, staged or plan is not None, wave_list,
+                   plan, like, partial, reuse_label, as_json, signing_key, curve_key, curve_server, opts)
 
 
 def _check_publish(hub_addr: str | None, bind_addr: str | None, wave_list: list[str], wait_for: int,
@@ -298,31 +330,30 @@ def _send(client: Any, release: Any, line: str, kw: dict[str, Any], timings: dic
     return done
 
 
-def _publish_bound(bind_addr: str, store_dir: str, key: Any, curve_key: str | None, opts: dict[str, Any],
-                   timeout: float, staged: bool, plan: Any, wave_list: list[str], wait_for: int,
-                   as_json: bool, say: Any, reuse_label: bool) -> None:
-    """``publish --bind``: this process is the hub, over ``store_dir``."""
+def _publish_bound(p: PublishPlan, key: Any, say: Any) -> None:
+    """``publish --bind``: this process is the hub, over ``p.store_dir``."""
     import time
 
     from ..hub.hub import Hub
     from ..release.store import Store
 
-    release = built_release(**opts) or build_from_options(**opts, progress=say)
-    curve = curve_from(curve_key) if curve_key else None
-    with Hub(bind_addr, Store(store_dir), signing_key=key, curve=curve) as pub:  # type: ignore[arg-type]
-        m = pub.publish(release, timeout=timeout, staged=staged, plan=plan, reuse_label=reuse_label)
+    assert p.bind
+    release = built_release(**p.opts) or build_from_options(**p.opts, progress=say)
+    curve = curve_from(p.curve_key) if p.curve_key else None
+    with Hub(p.bind, Store(p.store_dir), signing_key=key, curve=curve) as pub:  # type: ignore[arg-type]
+        m = pub.publish(release, timeout=p.timeout, staged=p.staged, plan=p.plan, reuse_label=p.reuse_label)
         say(f"publishing {m.name} seq {m.seq} on {pub.address} (PUB {pub.pub_address})")
-        if wave_list:
-            publishing.watch_waves(pub.status, m.name, m.seq, timeout, as_json, say)
+        if p.waves:
+            publishing.watch_waves(pub.status, m.name, m.seq, p.timeout, p.as_json, say)
             return
-        if wait_for:
-            ok, status = pub.wait_for(m.name, m.seq, wait_for, timeout, staged=staged)
+        if p.wait_for:
+            ok, status = pub.wait_for(m.name, m.seq, p.wait_for, p.timeout, staged=p.staged)
         else:
             say("serving until Ctrl-C (or --timeout)")
-            deadline = time.monotonic() + timeout
+            deadline = time.monotonic() + p.timeout
             run_until_signalled(lambda: time.monotonic() > deadline)
             ok, status = True, pub.status()
-        finish_publish(ok, status, m.name, m.seq, m.label, wait_for, as_json, say, staged=staged)
+        finish_publish(ok, status, m.name, m.seq, m.label, p.wait_for, p.as_json, say, staged=p.staged)
 
 
 @cli.command()
