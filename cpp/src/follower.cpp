@@ -42,8 +42,9 @@ Follow& Follower::follow(const std::string& name) {
   return it->second;
 }
 
-void Follower::start(double now) {
+Actions Follower::start(double now) {
   for (auto& [n, st] : models_) ask_manifest(st, 0, now);
+  return take();
 }
 
 void Follower::known(const std::string& name, uint64_t seq, const std::string& label) {
@@ -63,8 +64,9 @@ Frames Follower::report(const Follow& st) const {
   return message(Kind::Report, r);
 }
 
-void Follower::report_all() {
-  for (auto& [n, st] : models_) sends.push_back(report(st));
+Actions Follower::report_all() {
+  for (auto& [n, st] : models_) send(report(st));
+  return take();
 }
 
 void Follower::ask_manifest(Follow& st, uint64_t seq, double now, bool exact) {
@@ -75,7 +77,7 @@ void Follower::ask_manifest(Follow& st, uint64_t seq, double now, bool exact) {
   ++stats["fetch_manifest"];
   FetchManifest req;
   req.name = st.name, req.seq = seq;
-  sends.push_back(message(Kind::FetchManifest, req));
+  send(message(Kind::FetchManifest, req));
 }
 
 void Follower::refuse(Follow& st, const Manifest& m, const std::string& raw, const std::string& why) {
@@ -97,18 +99,18 @@ void Follower::rejection(Follow& st, uint64_t seq, const std::string& label, con
   shown.staged = st.staged;
   shown.requests = st.requests;
   shown.errors = st.errors;
-  sends.push_back(report(shown));
-  sends.push_back(report(st));  // then what is held again
+  send(report(shown));
+  send(report(st));  // then what is held again
 }
 
-void Follower::on_manifest(std::shared_ptr<Manifest> m, std::string raw, std::string signature, double now,
-                           bool fetched) {
+Actions Follower::on_manifest(std::shared_ptr<Manifest> m, std::string raw, std::string signature, double now,
+                              bool fetched) {
   Follow& st = follow(m->name);
   if (fetched) st.asked_seq = -1;
   bool wanted = m->seq == st.want && !st.as;  // the active release, older than what is held
   if (!wanted && (m->seq <= st.done_seq || st.rejected.count(m->seq) || (st.as && st.as->m->seq >= m->seq))) {
     ++stats["stale_manifest"];
-    return;
+    return take();
   }
   try {  // before anything is allocated for it
     check_manifest(*m, cfg_.limits);
@@ -116,7 +118,7 @@ void Follower::on_manifest(std::shared_ptr<Manifest> m, std::string raw, std::st
   } catch (const Error& e) {
     if (e.code == "too_large" || e.code == "bad_signature" || e.code == "bad_release") {
       refuse(st, *m, raw, e.what());
-      return;
+      return take();
     }
     throw;
   }
@@ -133,19 +135,20 @@ void Follower::on_manifest(std::shared_ptr<Manifest> m, std::string raw, std::st
   ++stats["manifests"];
   if (!m->staged) {
     st.state = State::Receiving, st.seq = m->seq, st.label = m->label, st.reason = "";
-    sends.push_back(report(st));
+    send(report(st));
   }
   if (st.as->missing.empty()) complete(st, now);
+  return take();
 }
 
-void Follower::on_chunk(const std::string& name, uint64_t seq, uint64_t index, const void* payload, size_t len,
-                        double now, bool fetched) {
+Actions Follower::on_chunk(const std::string& name, uint64_t seq, uint64_t index, const void* payload, size_t len,
+                           double now, bool fetched) {
   Follow& st = follow(name);
   Assembly* a = st.as.get();
   if (!a || a->m->seq != seq) {
     ++stats["chunk_unexpected"];
     if (seq > st.done_seq && !st.rejected.count(seq) && (!a || seq > a->m->seq)) ask_manifest(st, seq, now);
-    return;
+    return take();
   }
   if (index >= a->m->chunk_count) throw Error("bad_message", "chunk " + std::to_string(index) + " out of range");
   if (!fetched) {
@@ -182,13 +185,14 @@ void Follower::on_chunk(const std::string& name, uint64_t seq, uint64_t index, c
         rejection(st, m->seq, m->label,
                   std::string(e.what()) + ", from the hub " + std::to_string(gen::CORRUPT_FETCHES_MAX) +
                       " times: corrupt at its source");
-        return;
+        return take();
       }
       a->repairing = true;
     }
   }
-  if (a->missing.empty()) return complete(st, now);
+  if (a->missing.empty()) { complete(st, now); return take(); }
   if (a->repairing) pump(st, now);
+  return take();
 }
 
 void Follower::complete(Follow& st, double now) {
@@ -204,14 +208,14 @@ void Follower::complete(Follow& st, double now) {
   c.digest = a->sha->hex();
   c.receive_s = now - a->started;
   stage(st.name, a->m->seq, "receive", c.receive_s);
-  completed.push_back(std::move(c));
+  out_.push_back(Action{Action::Kind::Deliver, {}, std::move(c), "", 0});
 }
 
-void Follower::on_beat(const std::string& name, uint64_t seq, const std::string& sha256, uint64_t active, double now) {
+Actions Follower::on_beat(const std::string& name, uint64_t seq, const std::string& sha256, uint64_t active, double now) {
   auto it = models_.find(name);
-  if (it == models_.end()) return;
+  if (it == models_.end()) return take();
   Follow& st = it->second;
-  if (seq == st.refused_release.first && sha256 == st.refused_release.second) return;  // refused: first
+  if (seq == st.refused_release.first && sha256 == st.refused_release.second) return take();  // refused: first
   if (active > st.active) {
     st.active = active;
     unstage(st);
@@ -220,9 +224,9 @@ void Follower::on_beat(const std::string& name, uint64_t seq, const std::string&
   if (st.seq < st.active && st.active < st.done_seq && st.staged > st.active && !st.rejected.count(st.active) &&
       !coming) {  // serves older than the fleet, holds newer: take the active one
     st.want = st.active;
-    size_t before = sends.size();
+    size_t before = out_.size();
     ask_manifest(st, st.active, now, true);
-    stats["fetch_active"] += sends.size() - before;
+    stats["fetch_active"] += out_.size() - before;
   }
   if (st.as && seq == st.as->m->seq && !st.as->stalled && !st.as->missing.empty()) {
     st.as->stalled = st.as->repairing = true;  // the sender beats after all its chunks: lost
@@ -230,37 +234,40 @@ void Follower::on_beat(const std::string& name, uint64_t seq, const std::string&
     pump(st, now);
   }
   if (seq > st.done_seq && !st.rejected.count(seq) && coming < seq) ask_manifest(st, seq, now);
+  return take();
 }
 
-void Follower::on_activate(const std::string& name, uint64_t seq, const std::vector<std::string>& nodes) {
+Actions Follower::on_activate(const std::string& name, uint64_t seq, const std::vector<std::string>& nodes) {
   auto it = models_.find(name);
-  if (it == models_.end()) return;
+  if (it == models_.end()) return take();
   Follow& st = it->second;
-  if ((!nodes.empty() && std::find(nodes.begin(), nodes.end(), cfg_.node_id) == nodes.end()) || seq <= st.active) return;
+  if ((!nodes.empty() && std::find(nodes.begin(), nodes.end(), cfg_.node_id) == nodes.end()) || seq <= st.active) return take();
   st.active = seq;
   ++stats["activations"];
   unstage(st);
+  return take();
 }
 
 void Follower::unstage(Follow& st) {
   if (!st.staged || st.staged > st.active) return;
-  unstaged.emplace_back(st.name, st.staged);
+  out_.push_back(Action{Action::Kind::Unstage, {}, {}, st.name, st.staged});
   st.staged = 0;
 }
 
-void Follower::held(const std::string& name, uint64_t seq) {
+Actions Follower::held(const std::string& name, uint64_t seq) {
   Follow& st = follow(name);
-  if (seq <= st.seq && st.state == State::Serving) return;
+  if (seq <= st.seq && st.state == State::Serving) return take();
   st.staged = std::max(st.staged, seq);
   unstage(st);
-  sends.push_back(report(st));
+  send(report(st));
+  return take();
 }
 
-void Follower::on_error(const std::string& code, const std::string& name, uint64_t seq,
-                        const std::vector<uint64_t>& indices) {
+Actions Follower::on_error(const std::string& code, const std::string& name, uint64_t seq,
+                           const std::vector<uint64_t>& indices) {
   ++stats["hub_error_" + code];
   auto it = models_.find(name);
-  if (it == models_.end()) return;
+  if (it == models_.end()) return take();
   Follow& st = it->second;
   st.asked_seq = -1;
   if (st.as && seq == st.as->m->seq) {
@@ -271,6 +278,7 @@ void Follower::on_error(const std::string& code, const std::string& name, uint64
       for (auto i : indices) st.as->requested.erase(i);
     }
   }
+  return take();
 }
 
 bool Follower::stalls(const Assembly& a, double now) const {
@@ -279,12 +287,12 @@ bool Follower::stalls(const Assembly& a, double now) const {
   return now - a.last_progress > gen::STALL_FACTOR * std::max(cfg_.repair_idle_s, mean);
 }
 
-void Follower::tick(double now) {
+Actions Follower::tick(double now) {
   for (auto& [n, st] : models_) {
     if (st.retry_at > 0 && now >= st.retry_at) {
       st.retry_at = 0;
       ++stats["store_retries"];
-      rewrites.emplace_back(st.name, st.retry_seq);
+      out_.push_back(Action{Action::Kind::Rewrite, {}, {}, st.name, st.retry_seq});
     }
     if (Assembly* a = st.as.get()) {
       if (!a->stalled && stalls(*a, now)) {
@@ -299,6 +307,7 @@ void Follower::tick(double now) {
     ++stats["hub_silent"];
     for (auto& [n, st] : models_) ask_manifest(st, 0, now);
   }
+  return take();
 }
 
 void Follower::pump(Follow& st, double now) {
@@ -320,26 +329,28 @@ void Follower::pump(Follow& st, double now) {
   stats["fetch_chunks"] += want.size();
   FetchChunks req;
   req.name = st.name, req.seq = a->m->seq, req.indices = std::move(want);
-  sends.push_back(message(Kind::FetchChunks, req));
+  send(message(Kind::FetchChunks, req));
 }
 
-void Follower::set_state(const std::string& name, State state, uint64_t seq, const std::string& label,
-                         const std::string& reason) {
+Actions Follower::set_state(const std::string& name, State state, uint64_t seq, const std::string& label,
+                            const std::string& reason) {
   Follow& st = follow(name);
   st.state = state, st.seq = seq, st.label = label, st.reason = reason;
-  sends.push_back(report(st));
+  send(report(st));
+  return take();
 }
 
-void Follower::reject(const std::string& name, uint64_t seq, const std::string& label, const std::string& reason) {
+Actions Follower::reject(const std::string& name, uint64_t seq, const std::string& label, const std::string& reason) {
   Follow& st = follow(name);
   st.rejected.insert(seq);
   rejection(st, seq, label, reason);
+  return take();
 }
 
-void Follower::store_failed(const std::string& name, uint64_t seq, const std::string& label, const std::string& why,
-                            double now) {
+Actions Follower::store_failed(const std::string& name, uint64_t seq, const std::string& label, const std::string& why,
+                               double now) {
   Follow& st = follow(name);
-  if (st.as && st.as->m->seq > seq) return;  // a newer release is on its way: it supersedes this one
+  if (st.as && st.as->m->seq > seq) return take();  // a newer release is on its way: it supersedes this one
   double delay = std::min(60.0, static_cast<double>(1u << std::min(st.retries, 6)));
   ++st.retries;
   st.retry_at = now + delay;
@@ -347,7 +358,8 @@ void Follower::store_failed(const std::string& name, uint64_t seq, const std::st
   std::ostringstream r;
   r << "cache write failed: " << why << "; kept in memory, writing again in " << static_cast<int>(delay) << "s";
   st.state = State::Error, st.seq = seq, st.label = label, st.reason = r.str();
-  sends.push_back(report(st));
+  send(report(st));
+  return take();
 }
 
 void Follower::stage(const std::string& name, uint64_t seq, const std::string& key, double seconds) {

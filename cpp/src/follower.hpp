@@ -2,8 +2,9 @@
 // zmqmodels/core/intake.py (the intake and repair rules: stale drop, limits, trust, gap,
 // end-of-broadcast beat, stall, corrupt-fetch counting, re-ask, credit) and
 // zmqmodels/core/assembly.py (the node's follow state: staged hold, reports, cache-write
-// retries, the active fetch behind a held staged release), fed events and the clock, returning
-// what to send; and the node's cache directory (the Python node's layout, so either node can
+// retries, the active fetch behind a held staged release), fed events and the clock, each
+// returning its Actions (what to send, deliver, unstage, write again: the host carries them
+// out, as the Python shells carry the core's); and the node's cache directory (the Python node's layout, so either node can
 // take over the other's). Unlike the Python node it takes no deltas: it reuses no span of an
 // archive it holds (chunk_raw_xxh3) and drops PATCH broadcasts, fetching those chunks whole, so
 // every release costs its whole size. The cases both follow are tests/vectors/follow.json (run
@@ -21,6 +22,7 @@
 #include <optional>
 #include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace zm {
@@ -74,6 +76,17 @@ struct Follow {
   uint64_t stages_seq = 0;
 };
 
+// What the follower asks of its host, as the Python core's actions (zmqmodels/core/assembly.py:
+// Send, Deliver, Unstage, RetryStore): each event returns them; the host carries them out.
+struct Action {
+  enum class Kind { Send, Deliver, Unstage, Rewrite } kind = Kind::Send;
+  Frames frames;      // Send: to the hub (DEALER)
+  Completed done;     // Deliver: assembled; verify, cache, load (or hold, when staged)
+  std::string name;   // Unstage: a held staged release now activated; Rewrite: a failed cache
+  uint64_t seq = 0;   // write to try again
+};
+using Actions = std::vector<Action>;
+
 struct Config {
   std::string node_id, host, device;
   int64_t pid = 0;
@@ -87,41 +100,44 @@ class Follower {
  public:
   Follower(const std::vector<std::string>& models, Config config);
 
-  // -- events (each appends to `sends`, `completed`, `unstaged`) --
-  void start(double now);
+  // -- events: each returns what the host is to do --
+  [[nodiscard]] Actions start(double now);
   void heard(double now) { hub_seen = now; }
-  void on_manifest(std::shared_ptr<Manifest> m, std::string raw, std::string signature, double now, bool fetched);
-  void on_chunk(const std::string& name, uint64_t seq, uint64_t index, const void* payload, size_t len, double now,
-                bool fetched);
-  void on_beat(const std::string& name, uint64_t seq, const std::string& sha256, uint64_t active, double now);
-  void on_activate(const std::string& name, uint64_t seq, const std::vector<std::string>& nodes);
-  void on_error(const std::string& code, const std::string& name, uint64_t seq, const std::vector<uint64_t>& indices);
-  void tick(double now);
+  [[nodiscard]] Actions on_manifest(std::shared_ptr<Manifest> m, std::string raw, std::string signature, double now,
+                                    bool fetched);
+  [[nodiscard]] Actions on_chunk(const std::string& name, uint64_t seq, uint64_t index, const void* payload,
+                                 size_t len, double now, bool fetched);
+  [[nodiscard]] Actions on_beat(const std::string& name, uint64_t seq, const std::string& sha256, uint64_t active,
+                                double now);
+  [[nodiscard]] Actions on_activate(const std::string& name, uint64_t seq, const std::vector<std::string>& nodes);
+  [[nodiscard]] Actions on_error(const std::string& code, const std::string& name, uint64_t seq,
+                                 const std::vector<uint64_t>& indices);
+  [[nodiscard]] Actions tick(double now);
 
   // -- what became of a release --
-  void set_state(const std::string& name, State state, uint64_t seq, const std::string& label,
-                 const std::string& reason = "");
-  void reject(const std::string& name, uint64_t seq, const std::string& label, const std::string& reason);
-  void held(const std::string& name, uint64_t seq);  // a staged release is cached: hold it
+  [[nodiscard]] Actions set_state(const std::string& name, State state, uint64_t seq, const std::string& label,
+                                  const std::string& reason = "");
+  [[nodiscard]] Actions reject(const std::string& name, uint64_t seq, const std::string& label,
+                               const std::string& reason);
+  [[nodiscard]] Actions held(const std::string& name, uint64_t seq);  // a staged release is cached: hold it
   // A cache write failed: the host keeps the verified release and writes it again when
   // `rewrites` names it (back-off 1 s doubling to 60 s); it is not fetched again, and the
   // state stays Error with `why` until a write succeeds (as zmqmodels/core/assembly.py).
-  void store_failed(const std::string& name, uint64_t seq, const std::string& label, const std::string& why, double now);
+  [[nodiscard]] Actions store_failed(const std::string& name, uint64_t seq, const std::string& label,
+                                     const std::string& why, double now);
   void stage(const std::string& name, uint64_t seq, const std::string& key, double seconds);
   void count(const std::string& name, uint64_t requests, uint64_t errors);
   void known(const std::string& name, uint64_t seq, const std::string& label);  // served from the cache
-  void report_all();
+  [[nodiscard]] Actions report_all();
   Follow& follow(const std::string& name);
   bool follows(const std::string& name) const { return models_.count(name) > 0; }
 
-  std::vector<Frames> sends;                                // to the hub (DEALER)
-  std::vector<Completed> completed;                         // assembled: verify, cache, load
-  std::vector<std::pair<std::string, uint64_t>> unstaged;   // held staged releases now activated
-  std::vector<std::pair<std::string, uint64_t>> rewrites;   // failed cache writes to try again
   std::map<std::string, uint64_t> stats;
   double hub_seen = 0;
 
  private:
+  Actions take() { return std::exchange(out_, {}); }
+  void send(Frames f) { out_.push_back(Action{Action::Kind::Send, std::move(f), {}, "", 0}); }
   Frames report(const Follow& st) const;
   void ask_manifest(Follow& st, uint64_t seq, double now, bool exact = false);
   void pump(Follow& st, double now);
@@ -133,6 +149,7 @@ class Follower {
 
   std::map<std::string, Follow> models_;
   Config cfg_;
+  Actions out_;  // what the event being handled asks for (taken when it returns)
   double reasked_ = 0;
 };
 

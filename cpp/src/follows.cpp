@@ -22,24 +22,24 @@ void Follows::on_broadcast(std::vector<zmq::message_t>& msg, double now) {
     case Kind::Manifest: {
       auto m = decode_manifest(msg[2].data(), msg[2].size(), s_.limits, false);
       if (m->name != name) throw Error("bad_message", "manifest for '" + m->name + "' on topic '" + name + "'");
-      f_.on_manifest(m, str(msg[2]), msg.size() == 4 ? str(msg[3]) : "", now, false);
+      carry(f_.on_manifest(m, str(msg[2]), msg.size() == 4 ? str(msg[3]) : "", now, false));
       break;
     }
     case Kind::Chunk: {
       auto h = decode<ChunkHeader>(Kind::Chunk, msg[2].data(), msg[2].size());
       if (h.name != name) throw Error("bad_message", "chunk for another topic");
-      f_.on_chunk(name, h.seq, h.index, msg[3].data(), msg[3].size(), now, false);
+      carry(f_.on_chunk(name, h.seq, h.index, msg[3].data(), msg[3].size(), now, false));
       break;
     }
     case Kind::Heartbeat: {
       auto h = decode<Heartbeat>(Kind::Heartbeat, msg[2].data(), msg[2].size());
-      if (h.name == name) f_.on_beat(name, h.seq, h.sha256, h.active, now);
+      if (h.name == name) carry(f_.on_beat(name, h.seq, h.sha256, h.active, now));
       break;
     }
     case Kind::Activate: {
       auto h = decode<Activate>(Kind::Activate, msg[2].data(), msg[2].size());
       if (h.name != name) throw Error("bad_message", "activation for another topic");
-      f_.on_activate(name, h.seq, h.nodes);
+      carry(f_.on_activate(name, h.seq, h.nodes));
       break;
     }
     default:
@@ -52,18 +52,18 @@ void Follows::on_reply(std::vector<zmq::message_t>& msg, double now) {
   switch (kind_of(str(msg[0]), msg.size())) {
     case Kind::Manifest: {
       auto m = decode_manifest(msg[1].data(), msg[1].size(), s_.limits, false);
-      f_.on_manifest(m, str(msg[1]), msg.size() == 3 ? str(msg[2]) : "", now, true);
+      carry(f_.on_manifest(m, str(msg[1]), msg.size() == 3 ? str(msg[2]) : "", now, true));
       break;
     }
     case Kind::Chunk: {
       auto h = decode<ChunkHeader>(Kind::Chunk, msg[1].data(), msg[1].size());
-      f_.on_chunk(h.name, h.seq, h.index, msg[2].data(), msg[2].size(), now, true);
+      carry(f_.on_chunk(h.name, h.seq, h.index, msg[2].data(), msg[2].size(), now, true));
       break;
     }
     case Kind::Error: {
       auto h = decode<ErrorReply>(Kind::Error, msg[1].data(), msg[1].size());
       if (h.code != "not_found") log("hub error %s: %s", h.code.c_str(), h.message.c_str());
-      f_.on_error(h.code, h.name, h.seq, h.indices);
+      carry(f_.on_error(h.code, h.name, h.seq, h.indices));
       break;
     }
     default:
@@ -79,13 +79,13 @@ void Follows::on_results(std::deque<Result>& done, double now) {
         s_.counts.at(r.name).requests = 0, s_.counts.at(r.name).errors = 0;
         f_.stage(r.name, r.seq, "load", r.load_s);
         f_.stage(r.name, r.seq, "check", r.check_s);
-        f_.set_state(r.name, State::Serving, r.seq, r.label);
+        carry(f_.set_state(r.name, State::Serving, r.seq, r.label));
         log("%s seq %llu serving (load %.3fs, check %.3fs)", r.name.c_str(), static_cast<unsigned long long>(r.seq),
             r.load_s, r.check_s);
         break;
       case Result::Rejected: {
         log("%s seq %llu rejected: %s", r.name.c_str(), static_cast<unsigned long long>(r.seq), r.reason.c_str());
-        f_.reject(r.name, r.seq, r.label, r.reason);
+        carry(f_.reject(r.name, r.seq, r.label, r.reason));
         auto cur = s_.slots.at(r.name).newest();
         Follow& st = f_.follow(r.name);
         st.state = cur ? State::Serving : State::Idle, st.seq = cur ? cur->manifest->seq : 0;
@@ -94,12 +94,12 @@ void Follows::on_results(std::deque<Result>& done, double now) {
       }
       case Result::Held:
         log("%s seq %llu staged (served once activated)", r.name.c_str(), static_cast<unsigned long long>(r.seq));
-        f_.held(r.name, r.seq);
+        carry(f_.held(r.name, r.seq));
         break;
       case Result::StoreFailed:
         log("%s seq %llu: cache write failed: %s", r.name.c_str(), static_cast<unsigned long long>(r.seq),
             r.reason.c_str());
-        f_.store_failed(r.name, r.seq, r.label, r.reason, now);
+        carry(f_.store_failed(r.name, r.seq, r.label, r.reason, now));
         unstored[r.name] = std::move(r.kept);
         break;
     }
@@ -107,18 +107,32 @@ void Follows::on_results(std::deque<Result>& done, double now) {
   done.clear();
 }
 
+void Follows::carry(Actions actions) {
+  for (auto& a : actions) {
+    switch (a.kind) {
+      case Action::Kind::Send: sends.push_back(std::move(a.frames)); break;
+      case Action::Kind::Deliver: completed_.push_back(std::move(a.done)); break;
+      case Action::Kind::Unstage: unstaged_.emplace_back(a.name, a.seq); break;
+      case Action::Kind::Rewrite: rewrites_.emplace_back(a.name, a.seq); break;
+    }
+  }
+}
+
 std::vector<Job> Follows::jobs() {
   std::vector<Job> jobs;
-  for (auto& c : f_.completed) {
-    if (!c.manifest->staged) f_.set_state(c.manifest->name, State::Loading, c.manifest->seq, c.manifest->label);
+  std::vector<Completed> completed = std::move(completed_);
+  completed_.clear();
+  for (auto& c : completed) {
+    if (!c.manifest->staged) carry(f_.set_state(c.manifest->name, State::Loading, c.manifest->seq, c.manifest->label));
     if (auto it = unstored.find(c.manifest->name); it != unstored.end() && it->second.manifest->seq < c.manifest->seq)
       unstored.erase(it);  // superseded
     Job j;
     j.c = std::move(c);
     jobs.push_back(std::move(j));
   }
-  f_.completed.clear();
-  for (auto& [name, seq] : f_.rewrites) {
+  auto rewrites = std::move(rewrites_);
+  rewrites_.clear();
+  for (auto& [name, seq] : rewrites) {
     auto it = unstored.find(name);
     if (it == unstored.end() || it->second.manifest->seq != seq) continue;
     Job j;
@@ -126,13 +140,13 @@ std::vector<Job> Follows::jobs() {
     unstored.erase(it);
     jobs.push_back(std::move(j));
   }
-  f_.rewrites.clear();
-  for (auto& [name, seq] : f_.unstaged) {
+  auto unstaged = std::move(unstaged_);
+  unstaged_.clear();
+  for (auto& [name, seq] : unstaged) {
     Job j;
     j.activate = true, j.name = name, j.seq = seq;
     jobs.push_back(std::move(j));
   }
-  f_.unstaged.clear();
   return jobs;
 }
 

@@ -115,10 +115,9 @@ void Node::restore() {
     if (held) {
       Follow& st = follower_.follow(name);
       st.done_seq = std::max(st.done_seq, held);
-      follower_.held(name, held);
+      (void)follower_.held(name, held);  // reported once the sockets are up (report_all)
     }
   }
-  follower_.sends.clear();  // reported once the sockets are up
 }
 
 int Node::run(const std::atomic<bool>& stop) {
@@ -256,19 +255,18 @@ void Node::follow_loop() {
     dealer.connect(s_.args.hub);
   }
   double now = now_s(), next_report = 0;
-  follower_.start(now);
-  follower_.report_all();
+  follows_.carry(follower_.start(now));
+  follows_.carry(follower_.report_all());
   std::vector<zmq_pollitem_t> items = {{sub.handle(), 0, ZMQ_POLLIN, 0},
                                        {dealer.handle(), 0, ZMQ_POLLIN, 0},
                                        {wake.handle(), 0, ZMQ_POLLIN, 0}};
   std::vector<zmq::message_t> msg;
   auto carry = [&] {
-    while (!follower_.sends.empty() || !follower_.completed.empty() || !follower_.rewrites.empty() ||
-           !follower_.unstaged.empty()) {
-      for (auto& frames : follower_.sends)
+    while (!follows_.idle()) {
+      for (auto& frames : follows_.sends)
         for (size_t i = 0; i < frames.size(); ++i)
           dealer.send(zmq::buffer(frames[i]), i + 1 < frames.size() ? zmq::send_flags::sndmore : zmq::send_flags::dontwait);
-      follower_.sends.clear();
+      follows_.sends.clear();
       auto jobs = follows_.jobs();  // may add reports (loading) to sends
       if (!jobs.empty()) {
         std::lock_guard<std::mutex> lk(jobs_mu_);
@@ -307,11 +305,11 @@ void Node::follow_loop() {
       }
       follows_.on_results(done, now);
     }
-    follower_.tick(now);
+    follows_.carry(follower_.tick(now));
     if (now >= next_report) {
       next_report = now + gen::HEARTBEAT_INTERVAL_S;
       for (const auto& m : s_.args.models) follower_.count(m, s_.counts.at(m).requests, s_.counts.at(m).errors);
-      follower_.report_all();
+      follows_.carry(follower_.report_all());
     }
     carry();
   }

@@ -162,13 +162,20 @@ class Follows {
   void on_broadcast(std::vector<zmq::message_t>& msg, double now);  // [topic, kind, ...]
   void on_reply(std::vector<zmq::message_t>& msg, double now);      // [kind, ...] from the hub
   void on_results(std::deque<Result>& done, double now);            // from the loader
+  // The follower's actions: sends are queued for the hub, the rest become the loader's jobs.
+  void carry(Actions actions);
   // Completed, activated and rewritten releases the loader is to take.
   std::vector<Job> jobs();
+  bool idle() const { return sends.empty() && completed_.empty() && unstaged_.empty() && rewrites_.empty(); }
+  std::vector<Frames> sends;                  // to the hub (DEALER), in order
   std::map<std::string, Completed> unstored;  // verified releases whose cache write failed
 
  private:
   NodeState& s_;
   Follower& f_;
+  std::vector<Completed> completed_;                        // assembled: verify, cache, load
+  std::vector<std::pair<std::string, uint64_t>> unstaged_;  // held staged releases now activated
+  std::vector<std::pair<std::string, uint64_t>> rewrites_;  // failed cache writes to try again
 };
 
 // -- the node ------------------------------------------------------------------------------

@@ -64,8 +64,25 @@ Follower make_follower() {
   return Follower({"m"}, c);
 }
 
+// What a follower's events asked for, kept by kind as a host would carry them out.
+struct Kept {
+  std::vector<Frames> sends;
+  std::vector<Completed> completed;
+  std::vector<std::pair<std::string, uint64_t>> unstaged, rewrites;
+  void operator()(Actions actions) {
+    for (auto& a : actions) {
+      switch (a.kind) {
+        case Action::Kind::Send: sends.push_back(std::move(a.frames)); break;
+        case Action::Kind::Deliver: completed.push_back(std::move(a.done)); break;
+        case Action::Kind::Unstage: unstaged.emplace_back(a.name, a.seq); break;
+        case Action::Kind::Rewrite: rewrites.emplace_back(a.name, a.seq); break;
+      }
+    }
+  }
+};
+
 // The FETCH_CHUNKS indices the follower asked for since the last call.
-std::vector<uint64_t> fetched(Follower& f) {
+std::vector<uint64_t> fetched(Kept& f) {
   std::vector<uint64_t> out;
   for (auto& frames : f.sends) {
     if (frames[0] != kind_name(Kind::FetchChunks)) continue;
@@ -77,60 +94,65 @@ std::vector<uint64_t> fetched(Follower& f) {
 
 TEST_CASE("a skipped index fetches only the skipped ones") {
   auto f = make_follower();
+  Kept k;
   auto r = make_release(1, 6, 100);
-  f.on_manifest(r.m, r.raw, "", 0.0, false);
-  f.on_chunk("m", 1, 0, r.chunks[0].data(), 100, 0.1, false);
-  CHECK(fetched(f).empty());
-  f.on_chunk("m", 1, 3, r.chunks[3].data(), 100, 0.2, false);  // 1 and 2 were dropped
-  CHECK((fetched(f) == std::vector<uint64_t>{1, 2}));
+  k(f.on_manifest(r.m, r.raw, "", 0.0, false));
+  k(f.on_chunk("m", 1, 0, r.chunks[0].data(), 100, 0.1, false));
+  CHECK(fetched(k).empty());
+  k(f.on_chunk("m", 1, 3, r.chunks[3].data(), 100, 0.2, false));  // 1 and 2 were dropped
+  CHECK((fetched(k) == std::vector<uint64_t>{1, 2}));
 }
 
 TEST_CASE("a slow broadcast is not a loss and the beat ends it") {
   auto f = make_follower();
+  Kept k;
   auto r = make_release(1, 6, 100);
-  f.on_manifest(r.m, r.raw, "", 0.0, false);
+  k(f.on_manifest(r.m, r.raw, "", 0.0, false));
   double t = 0;
   for (int i = 0; i < 3; ++i) {  // a chunk every 0.4 s: slower than the idle timer, but steady
     t += 0.4;
-    f.tick(t - 0.01);
-    f.on_chunk("m", 1, static_cast<uint64_t>(i), r.chunks[i].data(), 100, t, false);
+    k(f.tick(t - 0.01));
+    k(f.on_chunk("m", 1, static_cast<uint64_t>(i), r.chunks[i].data(), 100, t, false));
   }
-  f.tick(t + 1.5);
-  CHECK(fetched(f).empty());
-  f.on_beat("m", 1, r.m->archive_sha256, 0, t + 1.6);  // sent after the last chunk: the rest is lost
-  CHECK((fetched(f) == std::vector<uint64_t>{3, 4, 5}));
-  for (int i = 3; i < 6; ++i) f.on_chunk("m", 1, static_cast<uint64_t>(i), r.chunks[i].data(), 100, t + 1.7, true);
-  CHECK((f.completed.size() == 1 && f.completed[0].digest == r.m->archive_sha256));
+  k(f.tick(t + 1.5));
+  CHECK(fetched(k).empty());
+  k(f.on_beat("m", 1, r.m->archive_sha256, 0, t + 1.6));  // sent after the last chunk: the rest is lost
+  CHECK((fetched(k) == std::vector<uint64_t>{3, 4, 5}));
+  for (int i = 3; i < 6; ++i) k(f.on_chunk("m", 1, static_cast<uint64_t>(i), r.chunks[i].data(), 100, t + 1.7, true));
+  CHECK((k.completed.size() == 1 && k.completed[0].digest == r.m->archive_sha256));
 }
 
 TEST_CASE("a manifest over the limits is refused once and a corrupt chunk fetched again") {
   auto f = make_follower();
+  Kept k;
   auto big = make_release(2, 2, 100, 8ull << 40);  // declares 8 TiB: refused before allocating
-  f.on_manifest(big.m, big.raw, "", 0.0, false);
-  f.on_manifest(big.m, big.raw, "", 0.1, true);
+  k(f.on_manifest(big.m, big.raw, "", 0.0, false));
+  k(f.on_manifest(big.m, big.raw, "", 0.1, true));
   int rejected = 0;
-  for (auto& frames : f.sends) rejected += frames[1].find("rejected") != std::string::npos;
+  for (auto& frames : k.sends) rejected += frames[1].find("rejected") != std::string::npos;
   CHECK(rejected == 1);
-  f.sends.clear();
+  k.sends.clear();
   auto r = make_release(3, 3, 100);
-  f.on_manifest(r.m, r.raw, "", 1.0, false);
+  k(f.on_manifest(r.m, r.raw, "", 1.0, false));
   std::string bad(100, 'x');
-  f.on_chunk("m", 3, 0, bad.data(), bad.size(), 1.1, false);
-  CHECK((fetched(f) == std::vector<uint64_t>{0}));
+  k(f.on_chunk("m", 3, 0, bad.data(), bad.size(), 1.1, false));
+  CHECK((fetched(k) == std::vector<uint64_t>{0}));
 }
 
 TEST_CASE("staged releases wait for activation") {
   auto f = make_follower();
-  f.held("m", 4);
-  CHECK(f.unstaged.empty());
-  f.on_activate("m", 4, {"other"});
-  CHECK(f.unstaged.empty());
-  f.on_activate("m", 4, {"n"});
-  CHECK((f.unstaged.size() == 1 && f.unstaged[0].second == 4));
+  Kept k;
+  k(f.held("m", 4));
+  CHECK(k.unstaged.empty());
+  k(f.on_activate("m", 4, {"other"}));
+  CHECK(k.unstaged.empty());
+  k(f.on_activate("m", 4, {"n"}));
+  CHECK((k.unstaged.size() == 1 && k.unstaged[0].second == 4));
   auto g = make_follower();
-  g.held("m", 5);
-  g.on_beat("m", 5, "", 5, 0.0);  // active fleet-wide
-  CHECK(g.unstaged.size() == 1);
+  Kept kg;
+  kg(g.held("m", 5));
+  kg(g.on_beat("m", 5, "", 5, 0.0));  // active fleet-wide
+  CHECK(kg.unstaged.size() == 1);
 }
 
 TEST_CASE("the tensor codec round-trips") {
@@ -254,12 +276,13 @@ TEST_CASE("typed headers ignore unknown keys, keep defaults, and refuse wrong ty
 
 TEST_CASE("a report is one typed header with the state's name") {
   auto f = make_follower();
-  f.report_all();
-  REQUIRE(f.sends.size() == 1);
-  CHECK(f.sends[0][0] == kind_name(Kind::Report));
-  auto r = decode<Report>(Kind::Report, f.sends[0][1].data(), f.sends[0][1].size());
+  Kept k;
+  k(f.report_all());
+  REQUIRE(k.sends.size() == 1);
+  CHECK(k.sends[0][0] == kind_name(Kind::Report));
+  auto r = decode<Report>(Kind::Report, k.sends[0][1].data(), k.sends[0][1].size());
   CHECK((r.node == "n" && r.model == "m" && r.state == state_name(State::Idle) && r.v == V));
-  auto oh = msgpack::unpack(f.sends[0][1].data(), f.sends[0][1].size());
+  auto oh = msgpack::unpack(k.sends[0][1].data(), k.sends[0][1].size());
   CHECK(oh.get().via.map.size == 17);
 }
 
@@ -457,9 +480,9 @@ TEST_CASE("the follow path routes broadcasts by the framing table") {
   beat.hub = "hub", beat.name = "m", beat.seq = 5, beat.sha256 = std::string(64, 'a');
   auto msg = frames({std::string("m") + '\0', "HEARTBEAT", encode(beat)});
   follows.on_broadcast(msg, 1.0);
-  REQUIRE(f.sends.size() == 1);  // a newer seq than held: its manifest is asked for
-  auto ask = decode<FetchManifest>(Kind::FetchManifest, f.sends[0][1].data(), f.sends[0][1].size());
-  CHECK((f.sends[0][0] == kind_name(Kind::FetchManifest) && ask.seq == 5));
+  REQUIRE(follows.sends.size() == 1);  // a newer seq than held: its manifest is asked for
+  auto ask = decode<FetchManifest>(Kind::FetchManifest, follows.sends[0][1].data(), follows.sends[0][1].size());
+  CHECK((follows.sends[0][0] == kind_name(Kind::FetchManifest) && ask.seq == 5));
   auto short_chunk = frames({std::string("m") + '\0', "CHUNK", encode(ChunkHeader{"m", 5, 0, V})});
   CHECK_THROWS_WITH_AS(follows.on_broadcast(short_chunk, 1.1), doctest::Contains("CHUNK of 2 frame(s)"), Error);
   auto other = frames({std::string("x") + '\0', "HEARTBEAT", encode(beat)});
@@ -537,7 +560,9 @@ std::string unhex(const std::string& h) {
 
 // What the follower did since the last call, as the vectors write it: sends in order, then
 // deliveries, then unstaged releases.
-json drain(Follower& f) {
+json drain(Actions actions) {
+  Kept f;
+  f(std::move(actions));
   json out = json::array();
   for (auto& frames : f.sends) {
     if (frames[0] == kind_name(Kind::FetchManifest)) {
@@ -558,7 +583,6 @@ json drain(Follower& f) {
     out.push_back({{"deliver", c.manifest->seq}, {"active", c.active}});
   }
   for (auto& [name, seq] : f.unstaged) out.push_back({{"unstage", seq}});
-  f.sends.clear(), f.completed.clear(), f.unstaged.clear();
   return out;
 }
 
@@ -580,33 +604,34 @@ TEST_CASE("the C++ follower follows the conformance vectors") {
       for (const auto& ev : c["events"]) {
         double t = ev["t"].get<double>();
         std::string what = ev["do"];
+        Actions acts;
         const json* r = ev.contains("release") ? &rels[ev["release"].get<std::string>()] : nullptr;
         std::string raw = r ? unhex((*r)["manifest"].get<std::string>()) : "";
         if (what == "start") {
-          f.start(t);
+          acts = f.start(t);
         } else if (what == "manifest") {
           auto m = decode_manifest(raw.data(), raw.size(), cfg.limits, false);
-          f.on_manifest(m, raw, "", t, ev.value("fetched", false));
+          acts = f.on_manifest(m, raw, "", t, ev.value("fetched", false));
         } else if (what == "chunk") {
           uint64_t index = ev["index"];
           std::string payload = unhex((*r)["chunks"][index].get<std::string>());
           if (ev.value("corrupt", false)) payload[0] = static_cast<char>(payload[0] ^ 0xFF);
-          f.on_chunk("m", (*r)["seq"].get<uint64_t>(), index, payload.data(), payload.size(), t, ev.value("fetched", false));
+          acts = f.on_chunk("m", (*r)["seq"].get<uint64_t>(), index, payload.data(), payload.size(), t, ev.value("fetched", false));
         } else if (what == "beat") {
           std::string sha = ev.contains("names") ? rels[ev["names"].get<std::string>()]["sha256"].get<std::string>() : "";
-          f.on_beat("m", ev["seq"], sha, ev.value("active", uint64_t{0}), t);
+          acts = f.on_beat("m", ev["seq"], sha, ev.value("active", uint64_t{0}), t);
         } else if (what == "activate") {
-          f.on_activate("m", ev["seq"], ev.value("nodes", std::vector<std::string>{}));
+          acts = f.on_activate("m", ev["seq"], ev.value("nodes", std::vector<std::string>{}));
         } else if (what == "tick") {
-          f.tick(t);
+          acts = f.tick(t);
         } else if (what == "held") {
-          f.held("m", (*r)["seq"].get<uint64_t>());
+          acts = f.held("m", (*r)["seq"].get<uint64_t>());
         } else if (what == "served") {
-          f.set_state("m", State::Serving, ev["seq"], ev.value("label", std::string()));
+          acts = f.set_state("m", State::Serving, ev["seq"], ev.value("label", std::string()));
         } else {
           FAIL("unknown event " << what);
         }
-        json got = drain(f);
+        json got = drain(std::move(acts));
         INFO("event " << i << " (" << what << "): got " << got.dump() << ", want " << ev["expect"].dump());
         CHECK(got == ev["expect"]);
         ++i;
