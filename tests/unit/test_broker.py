@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from zmqmodels.core.broker import Broker
 from zmqmodels.core.swap import SwapPolicy, Target, Version
+from zmqmodels.core.verdicts import older_in_flight
 from zmqmodels.core.work import Changed, Dispatch, Expire, Load, Refuse, Rejected, Request
 
 pytestmark = pytest.mark.timeout(120)
@@ -279,8 +280,9 @@ def test_properties_over_random_event_orders(events, workers, policy, max_batch,
         if b.loading is None:  # fairness: a free stale worker is never left without its load
             assert not [w for w in b.workers.values() if w.free and b.swaps.stale("m", w.serving.get("m"))]
         free = [w for w in b.workers.values() if w.free]
+        older = older_in_flight("m", b.workers, b.swaps)
         for r in b.pending:  # held for a batch, never past the delay (the shell ticks at wake_at)
-            if any(b.swaps.eligible("m", w.serving.get("m"), r.seq, b._older_in_flight("m")) for w in free):
+            if any(b.swaps.eligible("m", w.serving.get("m"), r.seq, older) for w in free):
                 assert now < r.received + delay and b.wake_at <= r.received + delay + 1e-9
     # nothing lost: every request has one outcome, or is still queued or running
     open_ids = {r.rid for r in b.pending} | {r.rid for batch, _ in inflight.values() for r in batch}

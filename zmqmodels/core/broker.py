@@ -27,6 +27,7 @@ from collections.abc import Callable, Hashable
 from ..protocol.messages import ModelState
 from .batching import Evidence
 from .swap import SwapPolicy, Swaps, Target, Version
+from .verdicts import model_report, older_in_flight, verdict
 from .work import Action, Changed, Dispatch, Expire, Load, Refetch, Refuse, Rejected, Request, WorkerSlot
 
 __all__ = ["Broker"]
@@ -65,9 +66,9 @@ class Broker:
             w = self._pick(req, [w for w in self.workers.values() if w.free])
             if w is not None:
                 return [self._assign(w, (req,), now)]
-        verdict = self._verdict(req)
-        if verdict is not None:
-            return [verdict]
+        refusal = verdict(req, self.workers, self.swaps, self.loading)
+        if refusal is not None:
+            return [refusal]
         self.pending.append(req)
         return self._step(now)
 
@@ -161,11 +162,11 @@ class Broker:
             elif now >= req.deadline:
                 out.append(Refuse(req, "unavailable", f"no worker free within {self.queue_timeout_s:g}s"))
             else:
-                verdict = self._verdict(req)
-                if verdict is None:
+                refusal = verdict(req, self.workers, self.swaps, self.loading)
+                if refusal is None:
                     keep.append(req)
                 else:
-                    out.append(verdict)
+                    out.append(refusal)
         self.pending = keep
         return [*out, *self._step(now)]
 
@@ -180,24 +181,9 @@ class Broker:
 
     def report(self, name: str) -> tuple[ModelState, int, str]:
         """``(state, seq, label)`` of ``name`` as the hub should see it."""
-        loading = self.rolling(name)
-        if loading is None:
-            loading = next((w.loading for w in self.workers.values()
-                            if w.loading is not None and w.loading.name == name), None)
-        if loading is not None:
-            return ModelState.LOADING, loading.seq, loading.label
-        held = [w.serving[name] for w in self.workers.values() if w.ready and name in w.serving]
-        if held:
-            low = min(held)
-            return ModelState.SERVING, low.seq, low.label
-        return ModelState.IDLE, 0, ""
+        return model_report(name, self.workers, self.swaps)
 
     # -- the decision ------------------------------------------------------------------------
-    def _older_in_flight(self, name: str) -> bool:
-        floor = self.swaps.floor[name]
-        return any(r.model == name and not r.seq and w.busy_seq < floor
-                   for w in self.workers.values() for r in w.busy)
-
     def _refetch(self, name: str, seq: int, reason: str) -> Refetch:
         self.swaps.missing[name] = seq  # no load of it until it is in the cache again
         t = self.swaps.targets.get(name)
@@ -304,7 +290,7 @@ class Broker:
             return (first,)
         batch, rows = [first], first.rows
         version = w.serving.get(first.model)
-        older = self._older_in_flight(first.model) if not first.seq else False
+        older = older_in_flight(first.model, self.workers, self.swaps) if not first.seq else False
         rest: collections.deque[Request] = collections.deque()
         for r in self.pending:
             if (rows + r.rows <= cap and r.model == first.model and r.key == first.key
@@ -318,7 +304,7 @@ class Broker:
 
     def _pick(self, req: Request, free: list[WorkerSlot]) -> WorkerSlot | None:
         """The least recently used of ``free`` that may answer ``req``."""
-        older = self._older_in_flight(req.model) if not req.seq else False
+        older = older_in_flight(req.model, self.workers, self.swaps) if not req.seq else False
         best: WorkerSlot | None = None
         for w in free:
             if self.swaps.eligible(req.model, w.serving.get(req.model), req.seq, older) and (
@@ -331,23 +317,3 @@ class Broker:
         if self.max_batch > 1:
             self.evidence.dispatched(batch[0].model, len(batch), now)
         return Dispatch(w.wid, batch, waited)
-
-    def _verdict(self, req: Request) -> Refuse | None:
-        """None: keep it queued (a worker will take it soon); else the refusal."""
-        name, live = req.model, [w for w in self.workers.values() if w.ready]
-        if req.seq:
-            held = any(w.serving.get(name) == Version(req.seq) for w in live)
-            t = self.swaps.targets.get(name)
-            if not held and not (t is not None and t.seq == req.seq):
-                return Refuse(req, "version_unavailable", f"{name} seq {req.seq} is not served by this node")
-        unloaded = [w for w in live if w.loading is not None and w.loading.name == name
-                    and self.swaps.policy is SwapPolicy.UNLOAD_FIRST]  # holds nothing now
-        if any(self.swaps.eligible(name, w.serving.get(name), req.seq, False)
-               for w in live if w not in unloaded):
-            return None  # all busy, or the swap is settling: one will take it
-        if unloaded:
-            return Refuse(req, "unavailable", f"{name} is reloading (unload-first); retry shortly")
-        if (len(live) < len(self.workers) or self.loading is not None
-                or any(self.swaps.stale(name, w.serving.get(name)) for w in live)):
-            return None
-        return Refuse(req, "not_ready", f"no version of {name!r} is loaded on this node yet")
