@@ -323,7 +323,7 @@ def bench_saturated(args, procs, node, hc, tmp, results) -> None:  # noqa: ANN00
         tag = f"slow{k}"
         addr, p = node("slowheavy", k, tag)
         for rel in (slow["b"], slow["a"]):  # both stored: the measured swaps are rollbacks
-            done = hc.publish(rel, timeout=300)
+            done = hc.publish(rel, timeout=300, reuse_label=True)  # a and b in turn, on purpose
             if not hc.wait_for("slowheavy", done.seq, 1, 300, poll_s=0.01)[0]:
                 raise SystemExit("initial rollout failed")
         wait_idle_cpu()
@@ -472,7 +472,7 @@ def main() -> None:
 
         def publish_wait(release, count: int = 1) -> tuple[float, float]:
             t0 = time.monotonic()
-            done = hc.publish(release, timeout=300)
+            done = hc.publish(release, timeout=300, reuse_label=True)  # a and b in turn, on purpose
             ok, st = hc.wait_for(release.manifest.name, done.seq, count, 300, poll_s=0.01)
             if not ok:
                 raise SystemExit(f"rollout failed: {st}")

@@ -124,7 +124,7 @@ def test_over_limit_manifest_refused_once_and_does_not_block_the_seq() -> None:
     assert a.on_beat(beat, 9.0) == []  # and not fetched again on every heartbeat
     other = P.Heartbeat("hub", "m", 5, "f" * 64)  # the genuine seq 5 (another archive) is
     assert sends(a.on_beat(other, 9.0), P.FetchManifest) == [P.FetchManifest("m", 5)]
-    a.limits = Limits()
+    a.intake.limits = Limits()
     assert sends(a.on_manifest(r.manifest, raw, b"", 0.2), P.Report)[0].state == "receiving"
 
 
@@ -204,13 +204,13 @@ def test_a_failed_cache_write_is_retried_as_soon_as_the_disk_has_room() -> None:
     for k in range(7):  # back-off 1, 2, 4 ... 60 s
         delay = a.store_failed(d.asm, d.digest, 100.0 * k)
     assert delay == 60.0
-    assert a.pending_writes() == {"m": len(ARCHIVE)}
+    assert a.unstored.pending() == {"m": len(ARCHIVE)}
     assert a.tick(601.0) == []
-    a.room("m", 601.0)  # the shell saw room on the disk
+    a.unstored.room("m", 601.0)  # the shell saw room on the disk
     (retry,) = [x for x in a.tick(601.0) if isinstance(x, RetryStore)]
     assert retry.asm is d.asm
-    a.stored("m")
-    assert a.pending_writes() == {}
+    a.unstored.stored("m")
+    assert a.unstored.pending() == {}
 
 
 def test_a_write_that_fails_with_room_keeps_its_back_off() -> None:
@@ -221,10 +221,10 @@ def test_a_write_that_fails_with_room_keeps_its_back_off() -> None:
     d = _unstored(a, 0.0)
     a.store_failed(d.asm, d.digest, 0.0)
     a.store_failed(d.asm, d.digest, 1.0)  # back-off 2 s: due at 3.0
-    a.room("m", 1.5)
+    a.unstored.room("m", 1.5)
     assert [x for x in a.tick(1.5) if isinstance(x, RetryStore)]
     assert a.store_failed(d.asm, d.digest, 1.6) == 4.0  # failed although there was room
-    assert a.pending_writes() == {}  # the shell stops asking the disk
-    a.room("m", 2.0)
+    assert a.unstored.pending() == {}  # the shell stops asking the disk
+    a.unstored.room("m", 2.0)
     assert not [x for x in a.tick(2.0) if isinstance(x, RetryStore)]
     assert [x for x in a.tick(5.7) if isinstance(x, RetryStore)]

@@ -47,7 +47,7 @@ from ..release.manifest import Manifest
 from ..release.signing import Trust
 from .intake import Intake, Send, Taken
 from .receiving import Assembly
-from .retry import WriteRetry
+from .retry import Unstored
 
 __all__ = ["Assembly", "Follow", "Send", "Deliver", "Unstage", "RetryStore", "Assembler"]
 
@@ -61,7 +61,6 @@ class Follow:
     rejected: set[int] = field(default_factory=set)
     refused: int = -1  # XXH3 of the last manifest refused (signature, limits): quiets repeats
     refused_release: tuple[int, str] = (0, "")  # (seq, archive sha256) of that manifest
-    retry: WriteRetry = field(default_factory=WriteRetry)  # when to write ``unstored`` again
     state: ModelState = ModelState.IDLE
     seq: int = 0
     label: str = ""
@@ -75,7 +74,6 @@ class Follow:
     active: int = 0  # staged releases up to this seq are activated for this node
     want: int = 0  # an older seq to fetch all the same: the active one, behind a held staged one
     held: tuple[Manifest, Any] | None = None  # the staged release held (and its buffer, no cache)
-    unstored: tuple[Assembly, str] | None = None  # verified, its cache write failed: (it, digest)
     requests: int = 0  # what the host answered (Report.requests / errors)
     errors: int = 0
 
@@ -128,6 +126,11 @@ class RetryStore:
 Action = Send | Deliver | Unstage | RetryStore
 
 
+def activated(st: Follow, m: Manifest) -> bool:
+    """Staged ``m`` is already activated here (fetched as the active one): serve, not hold."""
+    return m.staged and m.seq <= st.active
+
+
 class Assembler:
     """``take(name, size)`` and ``give(name, buf)`` lend archive buffers (reused across
     releases: first-touch page faults, not copies, bound the receive rate)."""
@@ -155,6 +158,7 @@ class Assembler:
         self.stats: Counter[str] = Counter()
         self.intake = Intake(limits=limits, trust=trust, stats=self.stats, repair_idle_s=repair_idle_s,
                              hub_ttl_s=hub_ttl_s, fetch_timeout_s=fetch_timeout_s)
+        self.unstored = Unstored(self._let_go)  # verified, their cache write failed: kept, tried again
         self._now = 0.0  # the time of the event being handled
 
     @property
@@ -164,14 +168,6 @@ class Assembler:
     @property
     def limits(self) -> Limits:
         return self.intake.limits
-
-    @limits.setter
-    def limits(self, limits: Limits) -> None:
-        self.intake.limits = limits
-
-    @property
-    def trust(self) -> Trust:
-        return self.intake.trust
 
     def use_stats(self, stats: Counter[str]) -> None:
         """Count into ``stats`` (the shell's counter) from now on."""
@@ -332,11 +328,9 @@ class Assembler:
 
     def tick(self, now: float) -> list[Action]:
         out: list[Action] = []
-        for st in self.models.values():
-            if st.unstored is not None and st.retry.take(now):
-                self.stats["store_retries"] += 1
-                (asm, digest), st.unstored = st.unstored, None
-                out.append(RetryStore(st.name, asm, digest, self._activated(st, asm.manifest)))
+        for name, asm, digest in self.unstored.due(now):  # a failed cache write, tried again
+            self.stats["store_retries"] += 1
+            out.append(RetryStore(name, asm, digest, activated(self.models[name], asm.manifest)))
         return [*out, *self.intake.tick(now, self.models)]
 
     def forget(self, name: str, seq: int, now: float) -> list[Action]:
@@ -349,32 +343,14 @@ class Assembler:
 
     def store_failed(self, asm: Assembly, digest: str, now: float) -> float:
         """Writing ``asm`` to the cache failed (a full disk, EIO): its verified bytes are kept
-        here and written again on :class:`RetryStore` when its :class:`WriteRetry` says; nothing
+        here (:attr:`unstored`) and written again on :class:`RetryStore` when due; nothing
         is fetched again. Returns the delay (0: a newer release supersedes it, and it is let go)."""
         m = asm.manifest
-        st = self.follow(m.name)
         asm.store_failures += 1
-        if self.intake.coming_seq(m.name) > m.seq or st.done_seq > m.seq:
+        if self.intake.coming_seq(m.name) > m.seq or self.follow(m.name).done_seq > m.seq:
             self._let_go(m.name, asm.buf)
             return 0.0
-        if st.unstored is not None and st.unstored[0] is not asm:
-            self._let_go(m.name, st.unstored[0].buf)
-        st.unstored = (asm, digest)
-        return st.retry.failed(now)
-
-    def stored(self, name: str) -> None:
-        self.follow(name).retry = WriteRetry()
-
-    def pending_writes(self) -> dict[str, int]:
-        """``name -> bytes`` of each release whose cache write waits for room (:meth:`room`)."""
-        return {n: st.unstored[0].manifest.archive_bytes for n, st in self.models.items()
-                if st.unstored is not None and st.retry.wants_room}
-
-    def room(self, name: str, now: float) -> None:
-        """The disk has room for the release of ``name`` that waits (:meth:`WriteRetry.room`)."""
-        st = self.follow(name)
-        if st.unstored is not None:
-            st.retry.room(now)
+        return self.unstored.keep(asm, digest, now)
 
     def rejected(self, name: str, seq: int) -> None:
         """``seq`` failed after assembly (digest, load, check): never fetch it again."""
@@ -440,9 +416,7 @@ class Assembler:
         return [*out, Send(self._report(st))]
 
     def _complete(self, st: Follow, asm: Assembly) -> list[Action]:
-        if st.unstored is not None and st.unstored[0].manifest.seq < asm.manifest.seq:
-            self._let_go(st.name, st.unstored[0].buf)  # superseded: its write is moot
-            st.unstored, st.retry = None, WriteRetry()
+        self.unstored.superseded(st.name, asm.manifest.seq)  # an older kept one's write is moot
         st.done_seq = max(st.done_seq, asm.manifest.seq)  # an older wanted seq leaves it
         if st.want == asm.manifest.seq:
             st.want = 0
@@ -451,9 +425,5 @@ class Assembler:
         asm.view.release()
         asm.receive_s = max(0.0, self._now - asm.started)
         st.stage(asm.manifest.seq, receive=asm.receive_s, moved=dict(asm.moved))
-        return [Deliver(st.name, asm, digest, self._activated(st, asm.manifest))]
+        return [Deliver(st.name, asm, digest, activated(st, asm.manifest))]
 
-    @staticmethod
-    def _activated(st: Follow, m: Manifest) -> bool:
-        """Staged ``m`` is already activated here (fetched as the active one): serve, not hold."""
-        return m.staged and m.seq <= st.active

@@ -1,10 +1,13 @@
-"""When to write a verified release to the cache again after its write failed, sans I/O."""
+"""When to write a verified release to the cache again after its write failed, and the
+releases kept meanwhile, sans I/O."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["WriteRetry"]
+__all__ = ["WriteRetry", "Unstored"]
 
 RETRY_MAX_S = 60.0  # the back-off's ceiling
 
@@ -43,3 +46,52 @@ class WriteRetry:
             return False
         self.at = 0.0
         return True
+
+
+class Unstored:
+    """Verified releases whose cache write failed, at most one per model (the newest), kept in
+    memory (nothing is fetched again) and handed back when their :class:`WriteRetry` says;
+    ``let_go(name, buf)`` returns a buffer let go (superseded) to its pool."""
+
+    def __init__(self, let_go: Callable[[str, Any], None]) -> None:
+        self._let_go = let_go
+        self._kept: dict[str, tuple[Any, str]] = {}  # name -> (the assembly, its digest)
+        self._retry: dict[str, WriteRetry] = {}
+
+    def keep(self, asm: Any, digest: str, now: float) -> float:
+        """``asm`` (verified, ``digest``) could not be written: keep it; the delay to the next try."""
+        name = asm.manifest.name
+        old = self._kept.get(name)
+        if old is not None and old[0] is not asm:
+            self._let_go(name, old[0].buf)
+        self._kept[name] = (asm, digest)
+        return self._retry.setdefault(name, WriteRetry()).failed(now)
+
+    def stored(self, name: str) -> None:
+        """A write of ``name`` succeeded: its next failure starts the back-off afresh."""
+        self._retry.pop(name, None)
+
+    def superseded(self, name: str, seq: int) -> None:
+        """A newer release of ``name`` than ``seq`` is complete: a kept older one is moot."""
+        old = self._kept.get(name)
+        if old is not None and old[0].manifest.seq < seq:
+            self._let_go(name, old[0].buf)
+            del self._kept[name]
+            self._retry.pop(name, None)
+
+    def due(self, now: float) -> list[tuple[str, Any, str]]:
+        """``(name, asm, digest)`` of each kept release whose try is due (handed back)."""
+        out = [(name, *kept) for name, kept in self._kept.items() if self._retry[name].take(now)]
+        for name, _, _ in out:
+            del self._kept[name]
+        return out
+
+    def pending(self) -> dict[str, int]:
+        """``name -> bytes`` of each kept release whose write waits for room (:meth:`room`)."""
+        return {n: asm.manifest.archive_bytes for n, (asm, _) in self._kept.items()
+                if self._retry[n].wants_room}
+
+    def room(self, name: str, now: float) -> None:
+        """The disk has room for the kept release of ``name`` (:meth:`WriteRetry.room`)."""
+        if name in self._kept:
+            self._retry[name].room(now)

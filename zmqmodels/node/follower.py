@@ -231,9 +231,9 @@ class Follower(IOThread):
     def _tick(self, now: float) -> float:
         if now >= self._next_room_check:
             self._next_room_check = now + defaults.ROOM_CHECK_INTERVAL_S
-            for name, need in self.assembler.pending_writes().items():
+            for name, need in self.assembler.unstored.pending().items():
                 if self.cache is not None and self.cache.free_bytes() >= need + defaults.ROOM_MARGIN_BYTES:
-                    self.assembler.room(name, now)
+                    self.assembler.unstored.room(name, now)
         self._carry(self.assembler.tick(now))
         if now >= self._next_report:
             if self._counts is not None:
@@ -313,7 +313,7 @@ class Follower(IOThread):
 
     # -- what the delivery thread tells it (node/delivery.Follows) ------------------------------
     def stored(self, name: str) -> None:
-        self.post(lambda: self.assembler.stored(name))
+        self.post(lambda: self.assembler.unstored.stored(name))
 
     def hold(self, m: Manifest, buf: Any) -> None:
         self.post(lambda: self._carry(self.assembler.hold(m, buf)))
