@@ -29,13 +29,12 @@ import zmq
 from .. import defaults
 from .. import protocol as P
 from ..core.broker import Broker
-from ..core.ledger import Ledger
 from ..core.supervisor import Activity, Kill, Spawn, Supervisor
-from ..core.swap import SwapPolicy, Target, Version
+from ..core.swap import SwapPolicy, Target
 from ..core.work import Action, Changed, Dispatch, Expire, Load, Refetch, Refuse, Rejected
 from ..defaults import Limits
 from ..errors import ZmqModelsError
-from ..protocol import ModelState, Refusal
+from ..protocol import Refusal
 from ..release.cache import Cache
 from ..release.manifest import Manifest, validate_name
 from ..release.signing import Trust
@@ -45,12 +44,28 @@ from ..transport.health import hub_down, node_health
 from ..transport.ioloop import IOThread, LoopState
 from .follower import Follower, FollowOptions
 from .host import WorkerProcesses, check_devices, make_run_dir
-from .requests import MODELS, admit, describe, replies, work_frames
+from .pool import WorkerMessages
+from .reports import HubReports
+from .requests import MODELS, admit, describe, work_frames
 from .worker_boot import command as worker_command
 
 __all__ = ["Node"]
 
 log = logging.getLogger("zmqmodels.node")
+def _checked(swap_policy: SwapPolicy | str, workers: int, devices: Sequence[str]) -> SwapPolicy:
+    """The swap policy, once the node's arguments hold together (else one line saying why)."""
+    try:
+        policy = SwapPolicy(swap_policy)
+    except ValueError:
+        raise ZmqModelsError(f"swap policy must be one of {[p.value for p in SwapPolicy]}, "
+                             f"not {swap_policy!r}") from None
+    if workers < 1:
+        raise ZmqModelsError("a node needs at least one worker")
+    if len(devices) not in (1, workers):
+        raise ZmqModelsError(f"give one device, or one per worker ({workers}), not {len(devices)}")
+    return policy
+
+
 class Node(IOThread):
     """Serve ``models`` on ``bind`` with ``workers`` processes, following the hub at ``hub``.
 
@@ -94,19 +109,10 @@ class Node(IOThread):
         batch_delay_s: float = defaults.BATCH_DELAY_S,
         unbatched: Sequence[str] = (),
     ) -> None:
-        try:
-            policy = SwapPolicy(swap_policy)
-        except ValueError:
-            raise ZmqModelsError(f"swap policy must be one of {[p.value for p in SwapPolicy]}, "
-                                 f"not {swap_policy!r}") from None
-        if workers < 1:
-            raise ZmqModelsError("a node needs at least one worker")
-        if len(devices) not in (1, workers):
-            raise ZmqModelsError(f"give one device, or one per worker ({workers}), not {len(devices)}")
+        policy = _checked(swap_policy, workers, devices)
         self.hub = hub
         self.models = [validate_name(m) for m in models]
         self.labels = list(labels)
-        self.ledger = Ledger(self.models)  # what the hub is told: states, roll stages, error counts
         self.bind = bind
         self.node_id = node_id or f"{socket.gethostname()}-{os.getpid()}"
         self.swap_policy = policy
@@ -130,6 +136,10 @@ class Node(IOThread):
         self.supervisor = Supervisor(wids, ttl_s=worker_ttl_s, start_timeout_s=worker_start_timeout_s,
                                      request_timeout_s=request_timeout_s,
                                      load_timeout_s=load_timeout_s)
+        self.reports = HubReports(self.models, self.broker, self.supervisor, self.cache, self.stats)
+        self._workers = WorkerMessages(self.node_id, wids, self.broker, self.supervisor, self.reports,
+                                       self.stats, carry=self._carry, send_reply=self._reply,
+                                       metrics=lambda: self.metrics)
         self._dir, self._dir_lock = make_run_dir()
         # CPU workers map their weights from the verified cache file: one copy per node (the
         # page cache's), not one per worker; GPU workers copy theirs to the device
@@ -170,9 +180,10 @@ class Node(IOThread):
                                    curve=self.curve, labels=self.labels, background_nice=10)
             self._sub = Follower(self.hub, self.models, on_release=self._on_release, options=follow,
                                  known=known, cache=self.cache, context=self._ctx, staged=staged,
-                                 counts=lambda name: self.ledger.counted.get(name, (0, 0)))
+                                 counts=self.reports.counts)
+            self.reports.follower = self._sub
             self._sub.start()
-            self.post(lambda: [self._report(n) for n in self.models])  # workers may be up already
+            self.post(lambda: [self.reports.changed(n) for n in self.models])  # workers may be up already
         self._metrics.start(lambda: self.close(drain_s=0))
         self.metrics = self._metrics.collector
         log.info("node %s serving %s on %s with %d worker(s)", self.node_id, self.models,
@@ -241,7 +252,7 @@ class Node(IOThread):
 
         def roll() -> None:
             now = time.monotonic()
-            self.ledger.rolling(m.name, m.seq, now)
+            self.reports.ledger.rolling(m.name, m.seq, now)
             self._carry(self.broker.target(target, now))
 
         self.post(roll)
@@ -262,11 +273,11 @@ class Node(IOThread):
             front.bind(self.bind)
             self.address = self.bind
         self._front, self._back = front, back
-        return [(back, self._on_worker), (front, self._on_client)]
+        return [(back, self._workers.on_message), (front, self._on_client)]
 
     def _tick(self, now: float) -> float:
         for wid, code in self._procs.exited():
-            self._worker_died(wid, code, now)
+            self._workers.died(wid, code, now)
         for action in self.supervisor.tick(now):
             match action:
                 case Spawn(wid):
@@ -296,15 +307,6 @@ class Node(IOThread):
         self._procs.spawn(wid, args)
         self.supervisor.spawned(wid, now)
 
-    def _worker_died(self, wid: str, code: int | None, now: float) -> None:
-        log.warning("worker %s exited (%s); restarting", wid, code)
-        self.stats["worker_restarts"] += 1
-        failing = self.supervisor.start_error()
-        self.supervisor.exited(wid, now, code)
-        if self.supervisor.start_error() and not failing:  # a crash loop: error, never idle
-            log.error("node %s: %s", self.node_id, self.supervisor.start_error())
-        self._carry(self.broker.worker_lost(wid, now))
-
     def _carry(self, actions: list[Action]) -> None:
         for action in actions:
             match action:
@@ -327,23 +329,20 @@ class Node(IOThread):
                 case Expire(req):
                     self.stats["expired"] += 1  # the client gave up: nobody to answer
                 case Rejected(name, seq, reason):
-                    self._rejected(name, seq, reason)
+                    self.reports.rejected(name, seq, reason)
                 case Refetch(name, seq, reason):
-                    log.warning("%s seq %d: %s; fetching it again", name, seq, reason)
-                    self.stats["cache_refetch"] += 1
-                    if self._sub is not None:
-                        why = f"{reason}; fetching it again"
-                        self._sub.report(name, ModelState.ERROR, seq=seq, reason=why)
-                        self._sub.refetch(name, seq)
-                    self.ledger.forget(name)
+                    self.reports.refetch(name, seq, reason)
                 case Changed(name):
-                    self._report(name)
+                    self.reports.changed(name)
 
     # clients ---------------------------------------------------------------------------------
+    def _reply(self, frames: list[Any]) -> None:
+        self._front.send_multipart(frames, copy=False)
+
     def _error(self, client: Any, code: str, message: str, rid: str = "", model: str = "") -> None:
         self.stats[f"error_{code}"] += 1
         if model in self.models:
-            self.ledger.answer(model, self.broker.report(model)[1], code)
+            self.reports.ledger.answer(model, self.broker.report(model)[1], code)
         if self.metrics is not None:
             self.metrics.refused(model if model in self.models else "", code)
         self._front.send_multipart([client, b"", *P.pack(P.serving_error(code, message, model, rid))])
@@ -368,81 +367,3 @@ class Node(IOThread):
         self._carry(self.broker.request(request, request.received))
 
     # workers ---------------------------------------------------------------------------------
-    def _on_worker(self, frames: list[zmq.Frame]) -> None:
-        wid = frames[0].bytes.decode(errors="replace")
-        if wid not in self._procs:
-            self.stats["dropped_unknown_worker"] += 1
-            return
-        msg, payload = P.unpack(frames[1:])
-        now = time.monotonic()
-        match msg:
-            case P.WorkerBeat():
-                self.supervisor.seen(wid, now)
-            case P.Done() | P.Answers():
-                slot = self.broker.workers[wid]
-                for i, r in enumerate(replies(msg, payload)):
-                    if not r.served:
-                        self.stats["expired"] += 1
-                        continue
-                    if i < len(slot.busy):
-                        self.ledger.answer(slot.busy[i].model, slot.busy_seq, r.code)
-                        if self.metrics is not None:
-                            self.metrics.answered(slot.busy[i], slot.busy_seq, r.code, now)
-                    self._front.send_multipart([r.client, b"", *r.frames], copy=False)
-                    self.stats["replies"] += 1
-                self.supervisor.seen(wid, now, Activity.IDLE)
-                self._carry(self.broker.done(wid, now))
-            case P.WorkerReady(pid=pid, device=device, serving=serving, errors=errors):
-                self.supervisor.ready(wid, now)
-                log.info("worker %s ready (pid %d, %s): %s", wid, pid, device, serving)
-                versions = {n: Version(h.seq, h.label) for n, h in serving.items()}
-                damaged = {n: (e.seq, e.reason) for n, e in errors.items()}
-                batch = {n: h.batch for n, h in serving.items()}
-                for n, h in serving.items():  # it started after the release came: read from the cache
-                    if self._sub is not None and self.ledger.is_rolling(n, h.seq):
-                        self._sub.stage(n, h.seq, how="load", why="the worker started after it came: "
-                                        "read from this node's cache")
-                self._carry(self.broker.worker_ready(wid, versions, now, damaged, batch))
-            case P.Applying(name=name, seq=seq):  # it answers requests meanwhile
-                self.supervisor.seen(wid, now, Activity.IDLE)
-                self._carry(self.broker.applying(wid, name, seq, now))
-            case P.LoadResult(name=name, seq=seq, label=label, ok=ok, reason=reason):
-                self.supervisor.seen(wid, now, Activity.IDLE)
-                if ok:
-                    log.info("worker %s: %s seq %d swapped in (%s %.3fs, check %.3fs, %d MiB shared)", wid,
-                             name, seq, msg.how, msg.load_s, msg.check_s, msg.shared_bytes >> 20)
-                    self.stats[f"swaps_by_{msg.how}"] += 1
-                    self.stats["cpu_workers_s"] += msg.cpu_s
-                    if self.metrics is not None:
-                        self.metrics.load.labels(name).observe(msg.load_s + msg.check_s)
-                    if self._sub is not None and self.ledger.is_rolling(name, seq):  # load/apply:
-                        cpu = self.ledger.worker_cpu(name, seq, msg.cpu_s)  # summed over workers
-                        self._sub.stage(name, seq, **{msg.how: msg.load_s}, check=msg.check_s,
-                                        workers_cpu=cpu, how=msg.how, why=msg.why)
-                if ok and msg.batch_note:
-                    log.warning("worker %s: %s seq %d unbatched: %s", wid, name, seq, msg.batch_note)
-                self._carry(self.broker.loaded(wid, name, seq, label, ok, reason, now, corrupt=msg.corrupt,
-                                               batch=msg.batch))
-            case _:
-                self.stats["dropped_bad_worker_message"] += 1
-
-    def _rejected(self, name: str, seq: int, reason: str) -> None:
-        log.warning("%s seq %d rejected: %s", name, seq, reason)
-        self.stats["rejected_load_or_check"] += 1
-        self.ledger.rejected(name, seq)
-        self.cache.discard(name, seq)  # a restarted worker must not pick it up
-        if self._sub is not None:
-            self._sub.report(name, ModelState.REJECTED, seq=seq, reason=reason)
-
-    def _report(self, name: str) -> None:
-        """Tell the hub this node's state for ``name`` when it changed."""
-        if self._sub is None:
-            return
-        state, seq, label = self.broker.report(name)
-        tell = self.ledger.view(name, state, seq, label, self.supervisor.start_error(), time.monotonic())
-        if tell is None:
-            return
-        if tell.roll_s is not None:
-            self._sub.stage(name, seq, roll=tell.roll_s)
-        if tell.changed:
-            self._sub.report(name, tell.state, seq=seq, label=label, reason=tell.reason)
