@@ -92,24 +92,13 @@ def build_from_source(
         import torch  # noqa: F401  (timed on its own: seconds, and not the model's fault)
     t["import"] = time.perf_counter() - t0
     from .compile import compile_model
-    from .sources import load_example_file, load_source, parse_example_spec
+    from .sources import load_source
 
     say = progress or (lambda _msg: None)
     say(f"loading {source}")
     t0 = time.perf_counter()
     module, examples = load_source(source, weights=weights, say=say)
-    if example_file:
-        examples = load_example_file(example_file)
-    elif example_specs:
-        examples = [parse_example_spec(s, seed=i) for i, s in enumerate(example_specs)]
-    if examples is None and base_examples is not None and base_examples.examples:
-        from ..release.manifest import unpack_tensors
-
-        examples = unpack_tensors(base_examples.examples)
-        say(f"examples: the {len(examples)} of {base_examples.name} seq {base_examples.seq} (none given)")
-    if examples is None:
-        raise SourceError("no example inputs: give --example-input or --example-inputs, "
-                          "or return (module, examples) from the factory")
+    examples = _examples(examples, example_file, example_specs, base_examples, say)
     t["load"] = time.perf_counter() - t0
     say("compiling")
     compiled = compile_model(module, examples, allow_trace=allow_trace, method=method)
@@ -129,6 +118,28 @@ def build_from_source(
     say(f"archive {m.archive_bytes:,} B -> {m.compressed_bytes:,} B in {m.chunk_count} chunk(s), "
         f"codec {m.codec.name}/{m.codec.filter}")
     return release
+
+
+def _examples(given: Any, example_file: str | None, example_specs: Sequence[str], base: Manifest | None,
+              say: Callable[[str], None]) -> Any:
+    """The examples to compile on: ``example_file``'s, else ``example_specs``', else what the
+    factory returned (``given``), else the base release's (said so); :class:`SourceError` if none."""
+    from .sources import load_example_file, parse_example_spec
+
+    if example_file:
+        return load_example_file(example_file)
+    if example_specs:
+        return [parse_example_spec(s, seed=i) for i, s in enumerate(example_specs)]
+    if given is None and base is not None and base.examples:
+        from ..release.manifest import unpack_tensors
+
+        examples = unpack_tensors(base.examples)
+        say(f"examples: the {len(examples)} of {base.name} seq {base.seq} (none given)")
+        return examples
+    if given is None:
+        raise SourceError("no example inputs: give --example-input or --example-inputs, "
+                          "or return (module, examples) from the factory")
+    return given
 
 
 def _prove(compiled: Compiled, name: str, batching: str, max_batch: int) -> BatchProof:

@@ -52,8 +52,11 @@ from .worker_boot import command as worker_command
 __all__ = ["Node"]
 
 log = logging.getLogger("zmqmodels.node")
-def _checked(swap_policy: SwapPolicy | str, workers: int, devices: Sequence[str]) -> SwapPolicy:
+def _checked(swap_policy: SwapPolicy | str, workers: int, devices: Sequence[str], curve: Curve | None,
+             hub: str | None) -> SwapPolicy:
     """The swap policy, once the node's arguments hold together (else one line saying why)."""
+    if curve is not None and hub and curve.server_key is None:
+        raise ZmqModelsError("a node with CURVE keys needs the hub's public key")
     try:
         policy = SwapPolicy(swap_policy)
     except ValueError:
@@ -109,25 +112,21 @@ class Node(IOThread):
         batch_delay_s: float = defaults.BATCH_DELAY_S,
         unbatched: Sequence[str] = (),
     ) -> None:
-        policy = _checked(swap_policy, workers, devices)
+        self.swap_policy = policy = _checked(swap_policy, workers, devices, curve, hub)
         self.hub = hub
         self.models = [validate_name(m) for m in models]
         self.labels = list(labels)
         self.bind = bind
         self.node_id = node_id or f"{socket.gethostname()}-{os.getpid()}"
-        self.swap_policy = policy
         self.limits = limits or Limits()
         self.cache = Cache(cache)
         self.trust = trust or Trust()
         self.curve = curve
-        if curve is not None and hub and curve.server_key is None:
-            raise ZmqModelsError("a node with CURVE keys needs the hub's public key")
         self._server_ctx = ServerContext(curve, context)
         super().__init__(self._server_ctx.ctx)
         self._threads_per_worker = threads_per_worker
-        devs = list(devices) * (workers if len(devices) == 1 else 1)
         wids = [f"{self.node_id}/w{i}" for i in range(workers)]
-        self._devices = dict(zip(wids, devs, strict=True))
+        self._devices = dict(zip(wids, list(devices) * (workers if len(devices) == 1 else 1), strict=True))
         self._procs = WorkerProcesses(wids)
         self.broker = Broker(self.models, wids, path_for=lambda n, s: str(self.cache.path(n, s)),
                              policy=policy, queue_max=queue_max, queue_timeout_s=queue_timeout_s,

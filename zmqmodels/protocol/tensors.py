@@ -167,26 +167,38 @@ def decode(spec: Any, buffers: Sequence[Any], *, copy: bool = False, arrays: str
     """
     if arrays not in ("torch", "numpy"):
         raise ValueError(f"arrays must be 'torch' or 'numpy', not {arrays!r}")
-    used: set[int] = set()
+    d = _Decoding(buffers, copy, arrays)
+    tree = d.walk(spec, 0)
+    if len(d.used) != len(buffers):
+        raise ProtocolError(f"{len(buffers) - len(d.used)} tensor buffer(s) not referenced by the spec")
+    return tree
 
-    def walk(node: Any, depth: int) -> Any:
+
+class _Decoding:
+    """One :func:`decode`: the buffers, which of them the spec used, what to build."""
+
+    def __init__(self, buffers: Sequence[Any], copy: bool, arrays: str) -> None:
+        self.buffers, self.copy, self.arrays = buffers, copy, arrays
+        self.used: set[int] = set()
+
+    def walk(self, node: Any, depth: int) -> Any:
         if depth > _MAX_DEPTH or not isinstance(node, dict):
             raise ProtocolError("malformed tensor spec")
         kind = node.get("t")
         if kind == "tensor":
-            return _tensor(node)
+            return self.tensor(node)
         if kind in ("tuple", "list"):
             items = node.get("items")
             if not isinstance(items, list):
                 raise ProtocolError(f"{kind} node without items")
-            out = [walk(i, depth + 1) for i in items]
+            out = [self.walk(i, depth + 1) for i in items]
             return tuple(out) if kind == "tuple" else out
         if kind == "dict":
             keys, items = node.get("keys"), node.get("items")
             if not (isinstance(keys, list) and isinstance(items, list) and len(keys) == len(items)
                     and all(isinstance(k, str) for k in keys)):
                 raise ProtocolError("malformed dict node")
-            return {k: walk(v, depth + 1) for k, v in zip(keys, items, strict=True)}
+            return {k: self.walk(v, depth + 1) for k, v in zip(keys, items, strict=True)}
         if kind == "none":
             return None
         scalar = _SCALARS.get(str(kind))
@@ -197,7 +209,7 @@ def decode(spec: Any, buffers: Sequence[Any], *, copy: bool = False, arrays: str
             raise ProtocolError(f"{kind} node with a {type(v).__name__} value")
         return float(node["v"]) if kind == "float" else v
 
-    def _tensor(node: dict[str, Any]) -> Any:
+    def tensor(self, node: dict[str, Any]) -> Any:
         name = node.get("dtype")
         shape, idx = node.get("shape"), node.get("f")
         if not isinstance(name, str) or name not in _ITEMSIZE:
@@ -205,10 +217,10 @@ def decode(spec: Any, buffers: Sequence[Any], *, copy: bool = False, arrays: str
         if not (isinstance(shape, list) and len(shape) <= 32
                 and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
             raise ProtocolError(f"bad shape {shape!r}")
-        if not (isinstance(idx, int) and 0 <= idx < len(buffers)) or idx in used:
+        if not (isinstance(idx, int) and 0 <= idx < len(self.buffers)) or idx in self.used:
             raise ProtocolError(f"bad or reused buffer index {idx!r}")
-        used.add(idx)
-        buf = memoryview(buffers[idx]).cast("B")
+        self.used.add(idx)
+        buf = memoryview(self.buffers[idx]).cast("B")
         count = 1
         for d in shape:
             count *= d
@@ -217,25 +229,24 @@ def decode(spec: Any, buffers: Sequence[Any], *, copy: bool = False, arrays: str
             raise ProtocolError(
                 f"tensor {node.get('dtype')}{shape} needs {count * itemsize} bytes, got {buf.nbytes}"
             )
-        if arrays == "numpy":
-            if name == "bfloat16":  # the high half of a float32
-                wide = np.zeros(count, dtype="<u4")
-                wide[:] = np.frombuffer(buf, dtype="<u2")
-                return (wide << 16).view("<f4").reshape(shape)
-            a = np.frombuffer(buf, dtype=_NUMPY[name]).reshape(shape)
-            return a.copy() if copy else a
+        make = self.array if self.arrays == "numpy" else self.torch
+        return make(name, shape, count, buf)
+
+    def array(self, name: str, shape: list[int], count: int, buf: memoryview) -> Any:
+        if name == "bfloat16":  # the high half of a float32
+            wide = np.zeros(count, dtype="<u4")
+            wide[:] = np.frombuffer(buf, dtype="<u2")
+            return (wide << 16).view("<f4").reshape(shape)
+        a = np.frombuffer(buf, dtype=_NUMPY[name]).reshape(shape)
+        return a.copy() if self.copy else a
+
+    def torch(self, name: str, shape: list[int], count: int, buf: memoryview) -> Any:
         import torch
 
         dtype = _torch_dtypes()[name]
         if count == 0:
             return torch.empty(shape, dtype=dtype)
-        t = torch.frombuffer(bytearray(buf) if copy else buf, dtype=dtype)
-        return t.reshape(shape)
-
-    tree = walk(spec, 0)
-    if len(used) != len(buffers):
-        raise ProtocolError(f"{len(buffers) - len(used)} tensor buffer(s) not referenced by the spec")
-    return tree
+        return torch.frombuffer(bytearray(buf) if self.copy else buf, dtype=dtype).reshape(shape)
 
 
 def signature(tree: Any) -> Any:
