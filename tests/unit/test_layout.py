@@ -265,3 +265,22 @@ def test_one_meaning_per_word_and_one_tally() -> None:
         src = inspect.getsource(fn)
         assert "n.state" not in src and "r.state" not in src, fn  # no tally of its own
         assert any(rule in src for rule in ("tally(", "wait_for(", "wait_rollout(")), fn
+
+
+def test_no_class_over_300_lines_and_no_function_body_over_60() -> None:
+    """Concepts are split, not squeezed under a file cap: a class holds one concept, a function
+    one step (its body counted from its first statement: a constructor's options are not steps)."""
+    import ast
+    from pathlib import Path
+
+    pkg = Path(zmqmodels.__file__).parent
+    big = []
+    for path in pkg.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 300:
+                big.append(f"{path.relative_to(pkg)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                body = node.end_lineno - node.body[0].lineno + 1
+                if body > 60:
+                    big.append(f"{path.relative_to(pkg)}:{node.name} (a {body}-line body)")
+    assert big == []
