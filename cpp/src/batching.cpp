@@ -5,8 +5,8 @@
 namespace zm {
 
 namespace {
-constexpr double kEvidenceS = 1.0;  // batches older than this say nothing about the load now
-constexpr double kGapWeight = 0.2;  // EWMA weight of the newest inter-arrival gap
+constexpr double kEvidenceS = gen::EVIDENCE_S;  // batches older than this say nothing about the load now
+constexpr double kGapWeight = gen::GAP_WEIGHT;  // EWMA weight of the newest inter-arrival gap
 }  // namespace
 
 std::string batch_key(const msgpack::object& spec, int64_t& rows) {

@@ -639,3 +639,32 @@ TEST_CASE("the C++ follower follows the conformance vectors") {
     }
   }
 }
+
+TEST_CASE("the C++ batching evidence follows the conformance vectors") {
+  std::ifstream in(ZM_BATCHING_VECTORS);
+  REQUIRE(in.good());
+  nlohmann::json doc = nlohmann::json::parse(in);
+  for (const auto& c : doc["cases"]) {
+    SUBCASE(c["name"].get<std::string>().c_str()) {
+      Evidence e(c["delay_s"].get<double>());
+      int i = 0;
+      for (const auto& ev : c["events"]) {
+        if (ev.contains("arrived")) {
+          e.arrived("m", ev["arrived"].get<double>());
+        } else if (ev.contains("dispatched")) {
+          e.dispatched("m", ev["dispatched"].get<size_t>(), ev["t"].get<double>());
+        } else {
+          const auto& a = ev["ask"];
+          double got = e.hold_until("m", a["count"].get<size_t>(), a["rows"].get<int64_t>(), a["cap"].get<int64_t>(),
+                                    a["oldest"].get<double>(), a["now"].get<double>());
+          INFO("event " << i << ": got " << got << ", want " << ev["expect"].dump());
+          if (ev["expect"].is_null())
+            CHECK(got < 0);
+          else
+            CHECK(got == doctest::Approx(ev["expect"].get<double>()));
+        }
+        ++i;
+      }
+    }
+  }
+}

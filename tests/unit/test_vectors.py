@@ -1,6 +1,7 @@
-"""The conformance vectors (``tests/vectors/follow.json``) run through the Python cores: each
-case is an event script with what the node must send and deliver after each event. The C++
-doctest runs the same file through the C++ follower (``cpp/tests/core_tests.cpp``)."""
+"""The conformance vectors run through the Python cores: ``tests/vectors/follow.json`` (event
+scripts with what the node must send and deliver after each event) and
+``tests/vectors/batching.json`` (when a short batch waits for more). The C++ doctest runs the
+same files through the C++ follower and batching evidence (``cpp/tests/core_tests.cpp``)."""
 
 from __future__ import annotations
 
@@ -93,3 +94,22 @@ def test_the_vectors_release_bytes_are_current() -> None:
     gen = Path(__file__).resolve().parents[2] / "scripts" / "gen_vectors.py"
     assert subprocess.run([sys.executable, str(gen), "--check"], timeout=60).returncode == 0, \
         "tests/vectors/follow.json's releases are not current: run scripts/gen_vectors.py"
+
+
+BATCHING = json.loads((Path(__file__).resolve().parent.parent / "vectors" / "batching.json").read_text())
+
+
+@pytest.mark.parametrize("case", BATCHING["cases"], ids=[c["name"] for c in BATCHING["cases"]])
+def test_the_python_batching_evidence_follows_the_vectors(case: dict[str, Any]) -> None:
+    from zmqmodels.core.batching import Evidence
+
+    e = Evidence(case["delay_s"])
+    for i, ev in enumerate(case["events"]):
+        if "arrived" in ev:
+            e.arrived("m", ev["arrived"])
+        elif "dispatched" in ev:
+            e.dispatched("m", ev["dispatched"], ev["t"])
+        else:
+            a = ev["ask"]
+            got = e.hold_until("m", a["count"], a["rows"], a["cap"], a["oldest"], a["now"])
+            assert got == pytest.approx(ev["expect"]) if ev["expect"] is not None else got is None, (i, got)
