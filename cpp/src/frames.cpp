@@ -4,13 +4,20 @@ namespace zm {
 
 namespace {
 
+// The kinds this node speaks, their arity from the Python framing table (generated.hpp).
+Framing row(Kind kind, const char* name) {
+  const gen::FrameArity* a = gen::frame_arity(name);
+  if (a == nullptr) throw Error("internal", std::string("no framing for ") + name);
+  return {kind, name, a->has_header, static_cast<size_t>(a->min_payload),
+          a->max_payload == UINT64_MAX ? kAny : static_cast<size_t>(a->max_payload)};
+}
+
 const Framing kFraming[] = {
-    {Kind::Manifest, "MANIFEST", false, 1, 2},   {Kind::Chunk, "CHUNK", true, 1, 1},
-    {Kind::Heartbeat, "HEARTBEAT", true, 0, 0},  {Kind::Activate, "ACTIVATE", true, 0, 0},
-    {Kind::FetchManifest, "FETCH_MANIFEST", true, 0, 0}, {Kind::FetchChunks, "FETCH_CHUNKS", true, 0, 0},
-    {Kind::Report, "REPORT", true, 0, 0},        {Kind::Error, "ERROR", true, 0, 0},
-    {Kind::Infer, "INFER", true, 0, kAny},       {Kind::Ok, "OK", true, 0, kAny},
-    {Kind::Models, "MODELS", true, 0, 0},        {Kind::ModelsReply, "MODELS_REPLY", true, 0, 0},
+    row(Kind::Manifest, "MANIFEST"),   row(Kind::Chunk, "CHUNK"),    row(Kind::Heartbeat, "HEARTBEAT"),
+    row(Kind::Activate, "ACTIVATE"),   row(Kind::FetchManifest, "FETCH_MANIFEST"),
+    row(Kind::FetchChunks, "FETCH_CHUNKS"), row(Kind::Report, "REPORT"), row(Kind::Error, "ERROR"),
+    row(Kind::Infer, "INFER"),         row(Kind::Ok, "OK"),          row(Kind::Models, "MODELS"),
+    row(Kind::ModelsReply, "MODELS_REPLY"),
 };
 
 }  // namespace

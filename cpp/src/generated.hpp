@@ -69,4 +69,54 @@ inline bool is_server_error(const std::string& code) {
   return c && c->server_error;
 }
 
+// The framing table (zmqmodels/protocol/framing.py FRAMING): each kind's header frame and
+// how many payload frames follow it (max_payload UINT64_MAX: any number).
+struct FrameArity {
+  const char* kind;
+  bool has_header;
+  uint64_t min_payload, max_payload;
+};
+
+constexpr FrameArity FRAMING[] = {
+    {"MANIFEST", false, 1, 2},
+    {"CHUNK", true, 1, 1},
+    {"PATCH", true, 1, 1},
+    {"HEARTBEAT", true, 0, 0},
+    {"ACTIVATE", true, 0, 0},
+    {"ACTIVATED", true, 0, 0},
+    {"FETCH_MANIFEST", true, 0, 0},
+    {"FETCH_CHUNKS", true, 0, 0},
+    {"REPORT", true, 0, 0},
+    {"PUBLISH", true, 1, UINT64_MAX},
+    {"PUBLISHED", true, 0, 0},
+    {"RESERVE", true, 0, 0},
+    {"RESERVED", true, 1, 1},
+    {"ROLLBACK", true, 0, 2},
+    {"STATUS", true, 0, 0},
+    {"STATUS_REPLY", true, 0, 0},
+    {"RELEASES", true, 0, 0},
+    {"RELEASES_REPLY", true, 0, 0},
+    {"ERROR", true, 0, 0},
+    {"INFER", true, 0, UINT64_MAX},
+    {"OK", true, 0, UINT64_MAX},
+    {"MODELS", true, 0, 0},
+    {"MODELS_REPLY", true, 0, 0},
+    {"READY", true, 0, 0},
+    {"HB", false, 0, 0},
+    {"WORK", true, 2, UINT64_MAX},
+    {"DONE", true, 0, UINT64_MAX},
+    {"BATCH", true, 2, UINT64_MAX},
+    {"ANSWERS", true, 0, UINT64_MAX},
+    {"LOAD", true, 0, 0},
+    {"LOADED", true, 0, 0},
+    {"APPLYING", true, 0, 0},
+    {"STOP", false, 0, 0},
+};
+
+inline const FrameArity* frame_arity(const std::string& kind) {
+  for (const auto& f : FRAMING)
+    if (kind == f.kind) return &f;
+  return nullptr;
+}
+
 }  // namespace zm::gen

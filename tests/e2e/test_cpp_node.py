@@ -52,7 +52,7 @@ def test_the_cpp_node_is_composed_of_units_its_tests_reach() -> None:
     literal = re.compile('"({})"'.format("|".join(kinds)))
     for path in src.glob("*.[ch]pp"):
         text = path.read_text()
-        if path.name not in ("frames.cpp",):
+        if path.name not in ("frames.cpp", "generated.hpp"):  # the table, and the one it is generated from
             assert not literal.search(text), f"{path.name} names a message kind outside the framing table"
         assert "use_count()" not in text, path.name
         assert "MapWriter w(17)" not in text and '.kv("state"' not in text, path.name

@@ -27,6 +27,7 @@ def test_the_cpp_node_retypes_no_code_table_timer_or_threshold() -> None:
         assert not re.search(rf'code == "({codes})"', text), name
     assert "gen::CORRUPT_FETCHES_MAX" in src["follower.cpp"] and "gen::STALL_FACTOR" in src["follower.cpp"]
     assert "gen::EVIDENCE_S" in src["batching.cpp"] and "gen::GAP_WEIGHT" in src["batching.cpp"]
+    assert "gen::frame_arity" in src["frames.cpp"]  # the framing table's arity is the Python table's
 
 
 def test_every_code_has_one_row_and_the_derived_tables_agree() -> None:
