@@ -82,15 +82,11 @@ def build_from_source(
     ``compile``, ``parity``, ``batching``, ``build`` and ``compress``. ``base``: as
     :func:`build_release`.
     """
-    import sys
     import time
 
     validate_name(name)  # before anything slow
     t = timings if timings is not None else {}
-    t0 = time.perf_counter()
-    if "torch" not in sys.modules:
-        import torch  # noqa: F401  (timed on its own: seconds, and not the model's fault)
-    t["import"] = time.perf_counter() - t0
+    t["import"] = _import_torch()
     from .compile import compile_model
     from .sources import load_source
 
@@ -103,21 +99,40 @@ def build_from_source(
     say("compiling")
     compiled = compile_model(module, examples, allow_trace=allow_trace, method=method)
     t["compile"], t["parity"] = compiled.compile_s, compiled.parity_s
+    _say_compiled(compiled, say)
+    release = build_release(compiled, name, label, codec=codec, chunk_bytes=chunk_bytes,
+                            metadata=metadata or {}, progress=chunk_progress, timings=t,
+                            batching=batching, max_batch=max_batch, base=base,
+                            base_manifest=base_examples if base is not None else None)
+    _say_built(release, say)
+    return release
+
+
+def _import_torch() -> float:
+    """Seconds to import torch if this process had not (timed on its own: not the model's fault)."""
+    import sys
+    import time
+
+    t0 = time.perf_counter()
+    if "torch" not in sys.modules:
+        import torch  # noqa: F401
+    return time.perf_counter() - t0
+
+
+def _say_compiled(compiled: Compiled, say: Callable[[str], None]) -> None:
     say(f"compiled by {compiled.method}, parity max abs diff {compiled.max_abs_diff:.3g} "
         f"on {len(compiled.examples)} example(s)")
     for w in compiled.warnings:
         say(f"warning: {w}")
     say("compressing")
-    release = build_release(compiled, name, label, codec=codec, chunk_bytes=chunk_bytes,
-                            metadata=metadata or {}, progress=chunk_progress, timings=t,
-                            batching=batching, max_batch=max_batch, base=base,
-                            base_manifest=base_examples if base is not None else None)
+
+
+def _say_built(release: Release, say: Callable[[str], None]) -> None:
     for note in release.notes:
         say(note)
     m = release.manifest
     say(f"archive {m.archive_bytes:,} B -> {m.compressed_bytes:,} B in {m.chunk_count} chunk(s), "
         f"codec {m.codec.name}/{m.codec.filter}")
-    return release
 
 
 def _examples(given: Any, example_file: str | None, example_specs: Sequence[str], base: Manifest | None,

@@ -14,13 +14,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import ZmqModelsError
 
 __all__ = ["check_devices", "make_run_dir", "remove_dead_run_dirs", "RUN_DIR_PREFIX", "STARTING_GRACE_S",
-           "WorkerProcesses"]
+           "WorkerProcesses", "WorkerSite"]
 
 log = logging.getLogger("zmqmodels.node")
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
@@ -55,6 +56,28 @@ def check_devices(devices: Sequence[str]) -> None:
 RUN_DIR_PREFIX = "zmqm-node-"
 _STARTING_PREFIX = ".zmqm-starting-"  # a run dir being made: locked, then renamed into view
 STARTING_GRACE_S = 60.0  # a half-made run dir this old, unlocked, was left by a dead node
+
+
+@dataclass(frozen=True)
+class WorkerSite:
+    """Where a node's workers run and how they reach its front: each worker's device, a run
+    directory held for the node's life (its ipc endpoints), the backend's address, and whether
+    CPU workers map their weights from the verified cache file (one copy per node, the page
+    cache's, not one per worker; GPU workers copy theirs to the device)."""
+
+    devices: dict[str, str]
+    dir: str
+    dir_lock: Any
+    backend: str
+    map_cache: bool
+
+    @classmethod
+    def make(cls, wids: Sequence[str], devices: Sequence[str]) -> WorkerSite:
+        """``devices``: one for every worker, or one each."""
+        per = dict(zip(wids, list(devices) * (len(wids) if len(devices) == 1 else 1), strict=True))
+        run_dir, lock = make_run_dir()
+        cpu_only = all(d.startswith("cpu") for d in per.values())
+        return cls(per, run_dir, lock, f"ipc://{run_dir}/workers", cpu_only)
 
 
 def make_run_dir(tmp: str = "/tmp") -> tuple[str, Any]:

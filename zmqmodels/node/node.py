@@ -43,7 +43,7 @@ from ..transport.exporter import MetricsServer
 from ..transport.health import hub_down, node_health
 from ..transport.ioloop import IOThread, LoopState
 from .follower import Follower, FollowOptions
-from .host import WorkerProcesses, check_devices, make_run_dir
+from .host import WorkerProcesses, WorkerSite, check_devices
 from .pool import WorkerMessages
 from .reports import HubReports
 from .requests import MODELS, admit, describe, work_frames
@@ -126,7 +126,7 @@ class Node(IOThread):
         super().__init__(self._server_ctx.ctx)
         self._threads_per_worker = threads_per_worker
         wids = [f"{self.node_id}/w{i}" for i in range(workers)]
-        self._devices = dict(zip(wids, list(devices) * (workers if len(devices) == 1 else 1), strict=True))
+        self._site = WorkerSite.make(wids, devices)
         self._procs = WorkerProcesses(wids)
         self.broker = Broker(self.models, wids, path_for=lambda n, s: str(self.cache.path(n, s)),
                              policy=policy, queue_max=queue_max, queue_timeout_s=queue_timeout_s,
@@ -139,11 +139,6 @@ class Node(IOThread):
         self._workers = WorkerMessages(self.node_id, wids, self.broker, self.supervisor, self.reports,
                                        self.stats, carry=self._carry, send_reply=self._reply,
                                        metrics=lambda: self.metrics)
-        self._dir, self._dir_lock = make_run_dir()
-        # CPU workers map their weights from the verified cache file: one copy per node (the
-        # page cache's), not one per worker; GPU workers copy theirs to the device
-        self._map_cache = all(d.startswith("cpu") for d in self._devices.values())
-        self._backend_addr = f"ipc://{self._dir}/workers"
         self._sub: Follower | None = None
         self.hub_unreachable_s = hub_unreachable_s
         self._draining, self._hub_down_logged, self._started_at = False, False, time.monotonic()
@@ -154,7 +149,7 @@ class Node(IOThread):
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, timeout: float = defaults.START_TIMEOUT_S) -> Node:
         try:
-            check_devices(sorted(set(self._devices.values())))
+            check_devices(sorted(set(self._site.devices.values())))
             self.cache.lock()  # one node per cache directory
         except ZmqModelsError:
             self._cleanup()
@@ -174,7 +169,7 @@ class Node(IOThread):
         except ZmqModelsError as exc:  # start() closed us (and so cleaned up) already
             raise ZmqModelsError(f"node failed to start on {self.bind}: {self._start_error or exc}") from None
         if self.hub:
-            devices = ",".join(sorted(set(self._devices.values())))
+            devices = ",".join(sorted(set(self._site.devices.values())))
             follow = FollowOptions(node_id=self.node_id, device=devices, limits=self.limits, trust=self.trust,
                                    curve=self.curve, labels=self.labels, background_nice=10)
             self._sub = Follower(self.hub, self.models, on_release=self._on_release, options=follow,
@@ -216,8 +211,8 @@ class Node(IOThread):
 
     def _cleanup(self) -> None:
         self._procs.stop()
-        shutil.rmtree(self._dir, ignore_errors=True)
-        self._dir_lock.close()
+        shutil.rmtree(self._site.dir, ignore_errors=True)
+        self._site.dir_lock.close()
         self.cache.unlock()
         self._server_ctx.close()
 
@@ -264,7 +259,7 @@ class Node(IOThread):
         front.setsockopt(zmq.MAXMSGSIZE, self.limits.max_request_bytes + (1 << 20))
         if self.curve is not None:
             self.curve.serve(front)
-        back.bind(self._backend_addr)
+        back.bind(self._site.backend)
         if self.bind.startswith("tcp://") and self.bind.endswith(":0"):
             port = front.bind_to_random_port(self.bind[: -len(":0")])
             self.address = f"{self.bind[: -len(':0')]}:{port}"
@@ -301,8 +296,8 @@ class Node(IOThread):
                 self._back.send_multipart([wid.encode(), *P.pack(P.StopWorker())])
 
     def _spawn(self, wid: str, now: float) -> None:
-        args = worker_command(self._backend_addr, wid, self._devices[wid], str(self.cache.root),
-                              self._threads_per_worker, self.models, os.getpid(), self._map_cache)
+        args = worker_command(self._site.backend, wid, self._site.devices[wid], str(self.cache.root),
+                              self._threads_per_worker, self.models, os.getpid(), self._site.map_cache)
         self._procs.spawn(wid, args)
         self.supervisor.spawned(wid, now)
 
