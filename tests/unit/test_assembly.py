@@ -228,3 +228,16 @@ def test_a_write_that_fails_with_room_keeps_its_back_off() -> None:
     a.unstored.room("m", 2.0)
     assert not [x for x in a.tick(2.0) if isinstance(x, RetryStore)]
     assert [x for x in a.tick(5.7) if isinstance(x, RetryStore)]
+
+
+def test_a_kept_release_is_tried_again_after_another_write_of_its_model_succeeded() -> None:
+    """A write of the same model succeeding while a release is kept resets the back-off; the
+    kept release is still tried again (it never loses its timer)."""
+    from zmqmodels.core.assembly import RetryStore
+
+    a = make()
+    d = _unstored(a, 0.0)
+    a.store_failed(d.asm, d.digest, 0.0)
+    a.unstored.stored("m")
+    assert a.unstored.pending() == {"m": len(ARCHIVE)}
+    assert [x for x in a.tick(100.0) if isinstance(x, RetryStore)]

@@ -65,11 +65,15 @@ class Unstored:
         if old is not None and old[0] is not asm:
             self._let_go(name, old[0].buf)
         self._kept[name] = (asm, digest)
-        return self._retry.setdefault(name, WriteRetry()).failed(now)
+        return self._retry_of(name).failed(now)
 
     def stored(self, name: str) -> None:
-        """A write of ``name`` succeeded: its next failure starts the back-off afresh."""
-        self._retry.pop(name, None)
+        """A write of ``name`` succeeded: its next failure starts the back-off afresh (a release
+        still kept keeps its next try)."""
+        if name in self._kept:
+            self._retry_of(name).retries = 0
+        else:
+            self._retry.pop(name, None)
 
     def superseded(self, name: str, seq: int) -> None:
         """A newer release of ``name`` than ``seq`` is complete: a kept older one is moot."""
@@ -81,7 +85,7 @@ class Unstored:
 
     def due(self, now: float) -> list[tuple[str, Any, str]]:
         """``(name, asm, digest)`` of each kept release whose try is due (handed back)."""
-        out = [(name, *kept) for name, kept in self._kept.items() if self._retry[name].take(now)]
+        out = [(name, *kept) for name, kept in self._kept.items() if self._retry_of(name).take(now)]
         for name, _, _ in out:
             del self._kept[name]
         return out
@@ -89,9 +93,14 @@ class Unstored:
     def pending(self) -> dict[str, int]:
         """``name -> bytes`` of each kept release whose write waits for room (:meth:`room`)."""
         return {n: asm.manifest.archive_bytes for n, (asm, _) in self._kept.items()
-                if self._retry[n].wants_room}
+                if self._retry_of(n).wants_room}
 
     def room(self, name: str, now: float) -> None:
         """The disk has room for the kept release of ``name`` (:meth:`WriteRetry.room`)."""
         if name in self._kept:
-            self._retry[name].room(now)
+            self._retry_of(name).room(now)
+
+    def _retry_of(self, name: str) -> WriteRetry:
+        """The back-off of ``name``'s kept release (afresh if a write of ``name`` succeeded since
+        it was kept: a kept release never lacks one)."""
+        return self._retry.setdefault(name, WriteRetry())
