@@ -50,7 +50,7 @@ def test_the_hub_and_the_commands_that_run_no_model_never_import_torch(tmp_path,
     built release, activate, rollback and infer work regardless (and start in a fraction of a second)."""
     env = poisoned(tmp_path)
     store = Store(tmp_path / "built")
-    built = store.path("probe", store.put(probe_release).manifest.seq)
+    built = store.path("probe", store.put(probe_release).release.manifest.seq)
     port = free_port()
     hub = subprocess.Popen([sys.executable, "-m", "zmqmodels", "hub", "--bind", f"tcp://127.0.0.1:{port}",
                             "--store", str(tmp_path / "hub")], env=env, stdout=subprocess.DEVNULL,
@@ -102,7 +102,7 @@ def test_publish_json_breaks_the_time_down_by_step(tmp_path) -> None:
 
 def test_a_built_release_is_refused_with_compile_options(tmp_path, probe_release) -> None:
     store = Store(tmp_path / "built")
-    built = store.path("probe", store.put(probe_release).manifest.seq)
+    built = store.path("probe", store.put(probe_release).release.manifest.seq)
     out = cli("publish", str(built), "--hub", "tcp://127.0.0.1:1", "--example-input", "1x4")
     assert out.returncode == 1 and "--example-input:" in out.stderr and "built release" in out.stderr
     out = cli("publish", str(built), "--hub", "tcp://127.0.0.1:1", "--name", "other")

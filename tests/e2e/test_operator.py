@@ -276,7 +276,7 @@ def test_a_failed_cache_write_keeps_the_release_stays_error_and_publish_names_wh
         big = build_release(compile_model(Probe(3.0, ballast_mb=16), probe_examples()), "probe", "big",
                             codec="none")
         local = Store(tmp_path / "built")
-        built = local.path("probe", local.put(big).manifest.seq)
+        built = local.path("probe", local.put(big).release.manifest.seq)
         seen: list[tuple[str, int, str]] = []
         stop = threading.Event()
 

@@ -94,7 +94,7 @@ def test_sixteen_serve_processes_started_at_once_all_report_and_publish_counts_t
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     release = build_release(compile_model(Probe(2.0), probe_examples()), "probe", "a")
     built = Store(tmp_path / "built")
-    path = built.path("probe", built.put(release).manifest.seq)
+    path = built.path("probe", built.put(release).release.manifest.seq)
     with Hub("tcp://127.0.0.1:0", Store(tmp_path / "store")) as hub:
         logs = [open(tmp_path / f"n{i}.log", "w") for i in range(16)]  # noqa: SIM115
         nodes = [subprocess.Popen([sys.executable, "-m", "zmqmodels", "serve", "--model", "probe",

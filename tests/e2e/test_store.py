@@ -14,12 +14,13 @@ from zmqmodels import Store, StoreError
 
 def test_seq_is_assigned_monotonic_and_survives_reopen(tmp_path) -> None:
     store = Store(tmp_path, retain=2)
-    seqs = [store.put(raw_release("m", os.urandom(1000), label=f"v{i}")).manifest.seq for i in range(4)]
+    seqs = [store.put(raw_release("m", os.urandom(1000), label=f"v{i}")).release.manifest.seq
+            for i in range(4)]
     assert seqs == [1, 2, 3, 4]
     assert store.seqs("m") == [3, 4]  # retention keeps the newest 2
     reopened = Store(tmp_path, retain=2)
-    assert reopened.put(raw_release("m", b"x")).manifest.seq == 5
-    assert reopened.put(raw_release("other", b"y")).manifest.seq == 1
+    assert reopened.put(raw_release("m", b"x")).release.manifest.seq == 5
+    assert reopened.put(raw_release("other", b"y")).release.manifest.seq == 1
     assert reopened.names() == ["m", "other"]
     assert reopened.find("m", "v3").manifest.seq == 4
     assert reopened.find("m", "5").manifest.seq == 5
@@ -30,7 +31,7 @@ def test_seq_is_assigned_monotonic_and_survives_reopen(tmp_path) -> None:
 def test_read_back_is_identical(tmp_path) -> None:
     data = os.urandom(3_000_000)
     store = Store(tmp_path)
-    stored = store.put(raw_release("m", data, chunk_bytes=1 << 20))
+    stored = store.put(raw_release("m", data, chunk_bytes=1 << 20)).release
     again = store.latest("m")
     assert again.manifest == stored.manifest
     assert bytes(again.archive()) == data
@@ -67,4 +68,4 @@ def test_killed_writer_leaves_only_whole_releases(tmp_path) -> None:
         r = store.read("big", seq)
         assert len(r.archive()) == 64 << 20  # sha256 verified inside archive()
     # the next seq is still fresh
-    assert store.put(raw_release("big", b"z")).manifest.seq > max(store.seqs("big")[:-1], default=0)
+    assert store.put(raw_release("big", b"z")).release.manifest.seq > max(store.seqs("big")[:-1], default=0)

@@ -109,7 +109,7 @@ def test_store_keeps_signed_bytes_and_refuses_an_old_seq(keys, tmp_path) -> None
     trusted(keys).verify(back.manifest, back.raw, back.signature)
     with pytest.raises(StoreError, match="not newer"):
         store.put(sealed)  # replayed with its original seq
-    assert store.put(raw_release("m", b"z" * 10)).manifest.seq == seq + 1  # unsigned: next seq
+    assert store.put(raw_release("m", b"z" * 10)).release.manifest.seq == seq + 1  # unsigned: next seq
     with pytest.raises(StoreError, match="must carry its seq"):
         store.put(Release(sealed.manifest.__class__(**{**msgspec.structs.asdict(sealed.manifest),
                                                         "seq": 0}), sealed.chunks, None, b"sig"))

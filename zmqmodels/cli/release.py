@@ -98,13 +98,16 @@ def build(store_dir: str, as_json: bool, signing_key: str | None, **opts: Any) -
     release = build_from_options(**opts, progress=None if as_json else click.echo)
     if key is not None:
         release = key.seal(release, store.reserve(release.manifest.name))
-    stored = store.put(release)
+    stored, pruned = store.put(release)
     m = stored.manifest
     if as_json:
         emit_json({"name": m.name, "label": m.label, "seq": m.seq, "sha256": m.archive_sha256,
-                    "path": str(store.path(m.name, m.seq))})
+                    "path": str(store.path(m.name, m.seq)), "pruned": pruned})
     else:
         click.echo(f"stored {m.name} {m.label or '-'} seq {m.seq} at {store.path(m.name, m.seq)}")
+        if pruned:
+            click.echo(f"retention pruned seq {', '.join(map(str, pruned))} (keeps "
+                       f"{store.retention.describe()}, the active, staged and pinned ones)")
 
 
 @cli.command()

@@ -17,10 +17,10 @@ from typing import Any
 from .. import protocol as P
 from ..defaults import Limits
 from ..errors import ReleaseError, SignatureError, ZmqModelsError
+from ..release.catalog import Catalog
 from ..release.manifest import Manifest, Release, decode_manifest, rollback_manifest
 from ..release.patch import make_patches
 from ..release.signing import SigningKey, Trust
-from ..release.store import Store
 
 __all__ = ["ReleaseDesk"]
 
@@ -30,7 +30,7 @@ log = logging.getLogger("zmqmodels.hub")
 class ReleaseDesk:
     """``held(name)`` is the highest seq of ``name`` the hub's nodes have reported."""
 
-    def __init__(self, store: Store, limits: Limits, trust: Trust, signing_key: SigningKey | None,
+    def __init__(self, store: Catalog, limits: Limits, trust: Trust, signing_key: SigningKey | None,
                  held: Callable[[str], int]) -> None:
         self.store, self.limits, self.trust, self.signing_key = store, limits, trust, signing_key
         self._held = held
@@ -55,6 +55,16 @@ class ReleaseDesk:
             log.warning("%s", note)
             with self._lock:
                 self._notes[name] = note
+
+    def _said_pruned(self, name: str, pruned: list[int]) -> None:
+        """The publisher hears what retention removed to make room (the store logged it)."""
+        if not pruned:
+            return
+        said = (f"retention pruned {name} seq {', '.join(map(str, pruned))} (keeps "
+                f"{self.store.retention.describe()}, the active, staged and pinned ones; "
+                "`zmqmodels pin` keeps one)")
+        with self._lock:
+            self._notes[name] = "; ".join(filter(None, (self._notes.get(name, ""), said)))
 
     def holdings(self) -> Iterator[tuple[Release, int, dict[int, bool]]]:
         """Per stored model: its newest release, the seq active fleet-wide, and each stored seq
@@ -90,8 +100,9 @@ class ReleaseDesk:
         checked = Release(m, chunks, raw, signature)
         checked.verify()  # every chunk and the archive sha256, streamed
         before = self.store.latest(m.name)
-        stored = self.store.put(checked, reuse_label=reuse_label)
-        stored = self.store.read(m.name, stored.manifest.seq)  # serve from the page cache (mmap)
+        put = self.store.put(checked, reuse_label=reuse_label)
+        self._said_pruned(m.name, put.pruned)
+        stored = self.store.read(m.name, put.release.manifest.seq)  # a directory: served from the mapping
         try:
             patches = make_patches(before, stored)
         except ZmqModelsError as exc:  # the previous release's file: the plain chunks go out
@@ -118,8 +129,9 @@ class ReleaseDesk:
                 again = self.signing_key.seal(again, self.store.reserve(name))
             elif self.trust.required:
                 raise SignatureError("this hub takes signed releases only: roll back with a signing key")
-        stored = self.store.put(again)
-        return self.store.read(name, stored.manifest.seq)
+        put = self.store.put(again)
+        self._said_pruned(name, put.pruned)
+        return self.store.read(name, put.release.manifest.seq)
 
     def reserve(self, req: P.Reserve) -> tuple[str, int, Any]:
         self.raise_floor(req.name)

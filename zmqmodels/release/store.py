@@ -9,10 +9,10 @@ kept byte for byte as signed or received.
 
 Writes go to a temp file in the same directory, are fsynced, renamed into place and the
 directory fsynced, so a crash leaves either a whole release or none. ``seq`` is assigned
-under an exclusive lock from ``ROOT/<name>/SEQ`` (which survives retention and restarts),
-so it is strictly increasing per name even across processes. A signed release carries its
-seq already (:meth:`Store.reserve` hands one out); it is stored only if newer than every
-stored release of its name.
+under an exclusive lock (``flock``) from the records in ``ROOT/<name>/`` (``SEQ``, ``ACTIVE``,
+``PINS``: :mod:`zmqmodels.release.catalog`), so it is strictly increasing per name even
+across processes on one machine. Several machines share a store in S3
+(:mod:`zmqmodels.release.s3`).
 """
 
 from __future__ import annotations
@@ -21,15 +21,15 @@ import fcntl
 import mmap
 import os
 import struct
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import msgspec
-
 from .. import defaults
 from ..errors import ReleaseError, StoreError
+from .catalog import Catalog, Retention
 from .manifest import Manifest, Release, decode_manifest, validate_name
 
 __all__ = ["Store", "MAGIC", "atomic_write", "read_release_file", "write_release_file"]
@@ -100,12 +100,14 @@ def read_release_file(path: Path, limits: object = None) -> Release:
     return Release(m, chunks, raw, signature)
 
 
-class Store:
-    """A directory of releases. Safe to share between processes."""
+class Store(Catalog):
+    """A directory of releases. Safe to share between processes on one machine."""
 
-    def __init__(self, root: str | os.PathLike[str], *, retain: int = defaults.RETAIN_PER_NAME) -> None:
+    def __init__(self, root: str | os.PathLike[str], *, retain: int = defaults.RETAIN_PER_NAME,
+                 retention: Retention | None = None) -> None:
         self.root = Path(root)
-        self.retain = retain
+        self.url = str(self.root)
+        self.retention = retention or Retention(retain)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -141,12 +143,11 @@ class Store:
     def path(self, name: str, seq: int) -> Path:
         return self.root / validate_name(name) / f"{seq:012d}.zmr"
 
-    def manifests(self, name: str) -> list[Manifest]:
-        return [self.read(name, s).manifest for s in self.seqs(name)]
+    def location(self, name: str, seq: int) -> str:
+        return str(self.path(name, seq))
 
-    def latest(self, name: str) -> Release | None:
-        seqs = self.seqs(name)
-        return self.read(name, seqs[-1]) if seqs else None
+    def manifest(self, name: str, seq: int) -> Manifest:
+        return self.read(name, seq).manifest
 
     def read(self, name: str, seq: int) -> Release:
         path = self.path(name, seq)
@@ -154,131 +155,53 @@ class Store:
             raise StoreError(f"no release {name} seq {seq} in {self.root}")
         return read_release_file(path)
 
-    def find(self, name: str, label_or_seq: str) -> Release:
-        """The newest release of ``name`` whose label is ``label_or_seq``, or whose seq it is."""
-        for seq in reversed(self.seqs(name)):
-            r = self.read(name, seq)
-            if r.manifest.label == label_or_seq or str(seq) == label_or_seq:
-                return r
-        raise StoreError(f"no stored release of {name} with label or seq {label_or_seq!r}")
-
-    def reserve(self, name: str) -> int:
-        """Hand out the next seq of ``name`` for a release that will be signed before it is put."""
-        with self._locked(validate_name(name)) as d:
-            last, newest = self._seq_state(d, name)
-            seq = max(last, newest) + 1
-            atomic_write(d / "SEQ", str(seq).encode())
-        return seq
-
-    def raise_floor(self, name: str, seq: int) -> int:
-        """Make the next seq of ``name`` greater than ``seq`` (nodes already hold ``seq``: a store
-        restored from an old backup, or a new hub); return the floor it had (== ``seq``: none
-        was needed)."""
-        with self._locked(validate_name(name)) as d:
-            last, newest = self._seq_state(d, name)
-            floor = max(last, newest)
-            if floor < seq:
-                atomic_write(d / "SEQ", str(seq).encode())
-        return floor
-
-    def active(self, name: str) -> int:
-        """The newest seq of ``name`` active fleet-wide: the newest release not published
-        staged, or a staged one activated for every node since (:meth:`activate`)."""
-        marked = 0
-        try:
-            marked = int((self.root / validate_name(name) / "ACTIVE").read_text() or 0)
-        except (OSError, ValueError):
-            pass
-        for seq in reversed(self.seqs(name)):
-            if seq <= marked:
-                break
-            try:
-                if not self.read(name, seq).manifest.staged:
-                    return seq
-            except (StoreError, ReleaseError):
-                continue
-        return marked
-
-    def activate(self, name: str, seq: int) -> int:
-        """Record that staged release ``seq`` of ``name`` is now active fleet-wide; return the
-        active seq, which never goes down (a rollback publishes old content as a new seq)."""
-        with self._locked(validate_name(name)) as d:
-            try:
-                marked = int((d / "ACTIVE").read_text() or 0)
-            except (OSError, ValueError):
-                marked = 0
-            if seq > marked:
-                atomic_write(d / "ACTIVE", str(seq).encode())
-        return max(seq, self.active(name))
-
-    def clean_temp(self) -> list[Path]:
+    def clean_temp(self) -> list[str]:
         """Remove the temp files of writes a crash interrupted; return them."""
         gone = [p for p in self.root.glob("*/.tmp-*") if p.is_file()]
         for p in gone:
             p.unlink(missing_ok=True)
-        return gone
+        return [str(p) for p in gone]
 
-    def _seq_state(self, d: Path, name: str) -> tuple[int, int]:
-        """(highest seq handed out, per the SEQ file; newest seq stored), read under the lock."""
-        seq_file = d / "SEQ"
+    def _newest_listed(self, name: str) -> int:
+        return max(self.seqs(name), default=0)
+
+    def _record(self, name: str, record: str) -> bytes | None:
         try:
-            last = int(seq_file.read_text() or 0) if seq_file.exists() else 0
-        except ValueError:
-            raise StoreError(f"{seq_file} is damaged") from None
-        return last, max(self.seqs(name), default=0)
+            return (self.root / name / record).read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreError(f"cannot read {self.root / name / record}: {exc.strerror or exc}") from exc
 
-    def put(self, release: Release, *, reuse_label: bool = True) -> Release:
-        """Store ``release``; return it as stored. A release with ``seq`` 0 (unsigned) gets the
-        next seq of its name; one with a seq (signed: the seq is part of what is signed) is
-        stored as it is, byte for byte, if that seq is newer than every stored one. Unless
-        ``reuse_label``, a label already on a stored release of the name is refused
-        (``rollback --to LABEL`` would find only the newest)."""
-        name = validate_name(release.manifest.name)
-        with self._locked(name) as d:
-            last, newest = self._seq_state(d, name)
-            seq = release.manifest.seq
-            if seq == 0:
-                if release.signature:
-                    raise StoreError(f"a signed release of {name} must carry its seq (reserve one)")
-                seq = max(last, newest) + 1
-                stored = Release(msgspec.structs.replace(release.manifest, seq=seq), release.chunks)
-            elif seq <= newest:
-                raise StoreError(f"{name} seq {seq} is not newer than the stored seq {newest}: "
-                                 "an old release cannot be published again (roll back instead)")
-            else:
-                stored = release
-            label = release.manifest.label
-            same = [m.seq for m in self.manifests(name) if m.label == label] if label and not reuse_label \
-                else []
-            if same:
-                raise ReleaseError(f"label {label!r} is already on {name} seq {same[-1]}: give another "
-                                   "label, or reuse it on purpose (--reuse-label)")
-            atomic_write(d / "SEQ", str(max(seq, last)).encode())
-            write_release_file(self.path(name, seq), stored)
-            self._prune(name)
-        return stored
+    def _update(self, name: str, record: str, change: Callable[[bytes | None], bytes]) -> bytes:
+        with self._locked(validate_name(name)) as d:
+            new = change(self._record(name, record))
+            atomic_write(d / record, new)
+        return new
 
-    def _prune(self, name: str) -> None:
-        """Keep every release whose content is among the newest ``retain`` distinct archives:
-        a rollback (old content under a new seq) does not push out the release it restored."""
-        if self.retain <= 0:
-            return
-        kept: list[str] = []
-        for seq in reversed(self.seqs(name)):
-            try:
-                sha = self.read(name, seq).manifest.archive_sha256
-            except (StoreError, ReleaseError):
-                continue
-            if sha in kept:
-                continue
-            if len(kept) < self.retain:
-                kept.append(sha)
-            else:
-                self.path(name, seq).unlink(missing_ok=True)
+    def _write(self, release: Release) -> None:
+        write_release_file(self.path(release.manifest.name, release.manifest.seq), release)
+
+    def _delete(self, name: str, seq: int) -> None:
+        self.path(name, seq).unlink(missing_ok=True)
+
+    @contextmanager
+    def _putting(self, name: str) -> Iterator[None]:
+        with self._locked(name):
+            yield
 
     @contextmanager
     def _locked(self, name: str) -> Iterator[Path]:
+        """An exclusive lock on ``name``'s directory; re-entrant within one thread (a put holds
+        it while it updates the SEQ record)."""
         d = self.root / name
+        held = getattr(self._held, "names", None)
+        if held is None:
+            held = self._held.names = set()
+        key = (str(self.root), name)
+        if key in held:
+            yield d
+            return
         try:
             d.mkdir(exist_ok=True)
             fd = os.open(d / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -286,6 +209,10 @@ class Store:
             raise StoreError(f"cannot write to store {self.root}: {exc.strerror or exc}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
+            held.add(key)
             yield d
         finally:
+            held.discard(key)
             os.close(fd)
+
+    _held = threading.local()
