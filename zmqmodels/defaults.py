@@ -46,6 +46,9 @@ __all__ = [
     "NODE_DRAIN_S",
     "START_TIMEOUT_S",
     "RETAIN_PER_NAME",
+    "STORE_CONNECT_TIMEOUT_S",
+    "STORE_READ_TIMEOUT_S",
+    "STORE_CHUNK_GRACE_S",
     "PARITY_RTOL",
     "PARITY_ATOL",
 ]
@@ -94,6 +97,9 @@ NODE_DRAIN_S = 10.0  # a stopping node answers what it holds for at most this lo
 LINGER_MS = 0
 START_TIMEOUT_S = 10.0
 RETAIN_PER_NAME = 5
+STORE_CONNECT_TIMEOUT_S = 2.0  # an S3 store not answering this soon is down (the hub says so)
+STORE_READ_TIMEOUT_S = 30.0
+STORE_CHUNK_GRACE_S = 3600.0  # an unreferenced S3 chunk younger than this may be a put in flight
 
 PARITY_RTOL = {"float64": 1e-7, "float32": 1e-5, "float16": 1e-3, "bfloat16": 1.6e-2}
 PARITY_ATOL = {"float64": 1e-9, "float32": 1e-6, "float16": 1e-3, "bfloat16": 1e-2}  # ~1 ulp near 1.0

@@ -30,7 +30,9 @@ __all__: list[str] = []
 @cli.command()
 @click.option("--bind", "bind_addr", callback=bind_to,
               required=True, help="tcp://HOST:PORT or ipc://PATH (PUB: derived).")
-@click.option("--store", "store_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--store", "store_dir", required=True, metavar="DIRECTORY|s3://BUCKET/PREFIX",
+              help="Where releases live: a directory, or S3-compatible object storage shared by "
+                   "several hubs (AWS_ENDPOINT_URL, credentials and region as the AWS CLI reads them).")
 @click.option("--heartbeat", type=float, default=defaults.HEARTBEAT_INTERVAL_S, show_default=True,
               help="Seconds between heartbeats.")
 @click.option("--lost-after", type=float, default=defaults.NODE_LOST_AFTER_S, show_default=True,
@@ -40,7 +42,10 @@ __all__: list[str] = []
 @click.option("--metrics", "metrics", metavar="[HOST:]PORT",
               help="Serve Prometheus metrics on /metrics at this port.")
 @click.option("--retain", type=int, default=defaults.RETAIN_PER_NAME, show_default=True,
-              help="Releases kept per model.")
+              help="Distinct releases kept per model (0: no limit by count). The active, staged and "
+                   "pinned ones are always kept.")
+@click.option("--retain-for", type=float, default=0.0, show_default=True, metavar="SECONDS",
+              help="Also keep every release younger than this (0: no limit by age).")
 @signing_option
 @trust_option
 @curve_options(server=True, client=False)
@@ -48,14 +53,15 @@ __all__: list[str] = []
               help="Only these CURVE keys may publish, roll back or reserve (else: any admitted).")
 @limit_option
 def hub(bind_addr: str, store_dir: str, heartbeat: float, lost_after: float, forget_after: float,
-        metrics: str | None, retain: int, signing_key: str | None,
+        metrics: str | None, retain: int, retain_for: float, signing_key: str | None,
         trust: tuple[str, ...], curve_key: str | None, curve_allow: tuple[str, ...],
         curve_publishers: tuple[str, ...], limits: tuple[str, ...]) -> None:
     """Run a hub: store releases, broadcast them, repair nodes, collect fleet status."""
     import logging
 
     from ..hub.hub import Hub
-    from ..release.store import Store
+    from ..release.catalog import Retention
+    from ..release.store import open_store
 
     curve = curve_from(curve_key, None, curve_allow)
     control = None
@@ -66,7 +72,8 @@ def hub(bind_addr: str, store_dir: str, heartbeat: float, lost_after: float, for
             raise click.UsageError("--curve-publisher needs --curve-key and --curve-allow")
         control = public_keys(curve_publishers)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    with Hub(bind_addr, Store(store_dir, retain=retain), heartbeat_interval_s=heartbeat,
+    store = open_store(store_dir, retention=Retention(retain, retain_for))
+    with Hub(bind_addr, store, heartbeat_interval_s=heartbeat,
              lost_after_s=lost_after, forget_after_s=forget_after, metrics=metrics,
              signing_key=load_signing_key(signing_key), trust=load_trust(trust), curve=curve,
              control_keys=control, limits=parse_limits(limits)) as h:

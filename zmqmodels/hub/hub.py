@@ -32,9 +32,10 @@ from ..core.serve import Broadcast, Reply
 from ..core.waves import check_plan
 from ..defaults import Limits
 from ..errors import ProtocolError, ZmqModelsError
+from ..release.catalog import Catalog
 from ..release.manifest import Manifest, Release, stage_release
 from ..release.signing import SigningKey, Trust
-from ..release.store import Store
+from ..release.store import open_store
 from ..transport.curve import Curve, ServerContext, peer_allowed
 from ..transport.endpoints import bind_hub_sockets
 from ..transport.exporter import MetricsServer
@@ -70,7 +71,7 @@ class Hub(IOThread):
     def __init__(
         self,
         bind: str,
-        store: Store | str | os.PathLike[str],
+        store: Catalog | str | os.PathLike[str],
         *,
         heartbeat_interval_s: float = defaults.HEARTBEAT_INTERVAL_S,
         limits: Limits | None = None,
@@ -87,7 +88,7 @@ class Hub(IOThread):
         metrics: str | None = None,
     ) -> None:
         self.bind = bind
-        self.store = store if isinstance(store, Store) else Store(store)
+        self.store = store if isinstance(store, Catalog) else open_store(store)
         self.heartbeat_interval_s = heartbeat_interval_s
         self.limits = limits or Limits()
         if control_keys is not None and (curve is None or curve.allow is None):

@@ -27,9 +27,10 @@ from ..core.intake import Send
 from ..core.serve import Broadcast, Reply
 from ..defaults import Limits
 from ..errors import ProtocolError, ZmqModelsError
+from ..release.catalog import Catalog
 from ..release.manifest import Release, manifest_frames, validate_name
 from ..release.signing import Trust
-from ..release.store import Store
+from ..release.store import open_store
 from ..transport.curve import Curve, ServerContext
 from ..transport.endpoints import bind_hub_sockets
 from ..transport.exporter import MetricsServer
@@ -49,7 +50,7 @@ class Relay(IOThread):
 
     kind = "relay"
 
-    def __init__(self, upstream: str, bind: str, store: Store | str | os.PathLike[str],
+    def __init__(self, upstream: str, bind: str, store: Catalog | str | os.PathLike[str],
                  models: Sequence[str] = (), *, relay_id: str | None = None,
                  limits: Limits | None = None, trust: Trust | None = None,
                  curve: Curve | None = None, upstream_curve: Curve | None = None,
@@ -57,7 +58,7 @@ class Relay(IOThread):
                  metrics: str | None = None, context: zmq.Context | None = None) -> None:
         self.upstream = upstream
         self.bind = bind
-        self.store = store if isinstance(store, Store) else Store(store)
+        self.store = store if isinstance(store, Catalog) else open_store(store)
         self.relay_id = relay_id or f"relay-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
         self.limits = limits or Limits()
         self.curve, self.upstream_curve = curve, upstream_curve

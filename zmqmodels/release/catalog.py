@@ -153,8 +153,9 @@ class Catalog:
     def _record(self, name: str, record: str) -> bytes | None:
         raise NotImplementedError
 
-    def _write(self, release: Release) -> None:
-        """Store a release whose seq was claimed (nothing else can write that seq)."""
+    def _write(self, release: Release, prepared: Any = None) -> None:
+        """Store a release whose seq was claimed (nothing else can write that seq);
+        ``prepared`` is what :meth:`_prepare` returned."""
         raise NotImplementedError
 
     def _delete(self, name: str, seq: int) -> None:
@@ -251,6 +252,9 @@ class Catalog:
         log.info("store %s: %s seq %d %s", self.url, name, seq, "pinned" if on else "unpinned")
         return seq
 
+    def unpin(self, name: str, label_or_seq: str) -> int:
+        return self.pin(name, label_or_seq, on=False)
+
     def put(self, release: Release, *, reuse_label: bool = True) -> Stored:
         """Store ``release``; return it as stored and what retention pruned. A release with seq
         0 (unsigned) gets the next seq of its name; one with a seq (signed: the seq is part of
@@ -269,7 +273,7 @@ class Catalog:
                 if same:
                     raise ReleaseError(f"label {m.label!r} is already on {name} seq {same[-1]}: give "
                                        "another label, or reuse it on purpose (--reuse-label)")
-            self._prepare(release)
+            prepared = self._prepare(release)
             got: list[int] = []
 
             def take(raw: bytes | None) -> bytes:
@@ -279,12 +283,13 @@ class Catalog:
             self._update(name, "SEQ", take)
             seq = got[-1]
             stored = release if m.seq else Release(msgspec.structs.replace(m, seq=seq), release.chunks)
-            self._write(stored)
+            self._write(stored, prepared)
             pruned = self.prune(name)
         return Stored(stored, pruned)
 
-    def _prepare(self, release: Release) -> None:
+    def _prepare(self, release: Release) -> Any:
         """Before a seq is claimed: upload what does not depend on it (S3: the chunks)."""
+        return None
 
     def prune(self, name: str, now: float | None = None) -> list[int]:
         """Apply the retention policy to ``name``; log and return what it removed."""

@@ -32,7 +32,7 @@ from ..errors import ReleaseError, StoreError
 from .catalog import Catalog, Retention
 from .manifest import Manifest, Release, decode_manifest, validate_name
 
-__all__ = ["Store", "MAGIC", "atomic_write", "read_release_file", "write_release_file"]
+__all__ = ["Store", "open_store", "MAGIC", "atomic_write", "read_release_file", "write_release_file"]
 
 MAGIC = b"ZMQMREL2"
 _HEADER = struct.Struct("<8sQQ")
@@ -179,7 +179,7 @@ class Store(Catalog):
             atomic_write(d / record, new)
         return new
 
-    def _write(self, release: Release) -> None:
+    def _write(self, release: Release, prepared: Any = None) -> None:
         write_release_file(self.path(release.manifest.name, release.manifest.seq), release)
 
     def _delete(self, name: str, seq: int) -> None:
@@ -216,3 +216,13 @@ class Store(Catalog):
             os.close(fd)
 
     _held = threading.local()
+
+
+def open_store(spec: str | os.PathLike[str], *, retention: Retention | None = None) -> Catalog:
+    """``s3://BUCKET/PREFIX``: an :class:`~zmqmodels.release.s3.S3Store`; anything else: a
+    directory (:class:`Store`)."""
+    if str(spec).startswith("s3://"):
+        from .s3 import S3Store
+
+        return S3Store(str(spec), retention=retention)
+    return Store(spec, retention=retention)
