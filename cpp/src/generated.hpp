@@ -96,6 +96,8 @@ constexpr FrameArity FRAMING[] = {
     {"STATUS_REPLY", true, 0, 0},
     {"RELEASES", true, 0, 0},
     {"RELEASES_REPLY", true, 0, 0},
+    {"PIN", true, 0, 0},
+    {"PINNED", true, 0, 0},
     {"ERROR", true, 0, 0},
     {"INFER", true, 0, UINT64_MAX},
     {"OK", true, 0, UINT64_MAX},

@@ -34,6 +34,8 @@ SAMPLES = {
     P.ReleasesRequest: (P.ReleasesRequest("m"), []),
     P.ReleasesReply: (P.ReleasesReply([P.ReleaseInfo("m", 2, "v1", 1.5, 10, 8, "lz4/shuffle", "", 0, 3)]),
                       []),
+    P.Pin: (P.Pin("m", "v1", on=False), []),
+    P.Pinned: (P.Pinned("m", 2, [1, 2]), []),
     P.ErrorReply: (P.ErrorReply("bad_message", "x"), []),
     P.InferRequest: (P.InferRequest("m", "1", {"t": "tuple", "items": []}, 4, timeout_ms=250.0), [b"t"]),
     P.InferReply: (P.InferReply("1", "m", "v1", 2, "w", {"t": "tuple", "items": []}), [b"t"]),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from time import monotonic as time_now
 from time import sleep
+from typing import Any
 
 import click
 
@@ -186,14 +187,53 @@ def releases(name: str, hub_addr: str, timeout: float, as_json: bool, curve_key:
     if as_json:
         emit_json(msgspec.to_builtins(rows))
         return
-    table = [("MODEL", "SEQ", "LABEL", "CREATED", "ARCHIVE", "CODEC", "SIGNER", "ROLLBACK OF", "SERVING")]
+    table = [("MODEL", "SEQ", "LABEL", "CREATED", "ARCHIVE", "CODEC", "SIGNER", "ROLLBACK OF", "SERVING",
+              "PINNED")]
     for r in rows:
         created = datetime.datetime.fromtimestamp(r.created_at).strftime("%Y-%m-%d %H:%M:%S")
         table.append((r.name, str(r.seq), r.label or "-", created, f"{r.archive_bytes / 2**20:.1f} MiB",
-                      r.codec, r.signer[:16] or "unsigned", str(r.rollback_of or "-"), str(r.serving)))
+                      r.codec, r.signer[:16] or "unsigned", str(r.rollback_of or "-"), str(r.serving),
+                      "pinned" if r.pinned else ""))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _pin(name: str, to: str, hub_addr: str, timeout: float, curve_key: str | None, curve_server: str | None,
+         on: bool) -> None:
+    from ..clients.hub import HubClient
+
+    got = HubClient(hub_addr, timeout=timeout, curve=curve_from(curve_key, curve_server)).pin(name, to, on=on)
+    pins = ", ".join(map(str, got.pins)) or "none"
+    click.echo(f"{name} seq {got.seq} {'pinned' if on else 'unpinned'} (pinned now: {pins})")
+
+
+_pin_options = [click.argument("name"), click.argument("to", metavar="SEQ|LABEL"),
+                click.option("--hub", "hub_addr", callback=connect_to, required=True),
+                click.option("--timeout", type=float, default=10.0, show_default=True),
+                curve_options(server=False, client=True)]
+
+
+def _with_pin_options(fn: Any) -> Any:
+    for option in reversed(_pin_options):
+        fn = option(fn)
+    return fn
+
+
+@cli.command()
+@_with_pin_options
+def pin(name: str, to: str, hub_addr: str, timeout: float, curve_key: str | None,
+        curve_server: str | None) -> None:
+    """Keep a stored release (by seq or label) through retention until it is unpinned."""
+    _pin(name, to, hub_addr, timeout, curve_key, curve_server, True)
+
+
+@cli.command()
+@_with_pin_options
+def unpin(name: str, to: str, hub_addr: str, timeout: float, curve_key: str | None,
+          curve_server: str | None) -> None:
+    """Let retention prune a pinned release again."""
+    _pin(name, to, hub_addr, timeout, curve_key, curve_server, False)
 
 
 @cli.command()

@@ -214,6 +214,10 @@ class HubClient:
             signed = (sealed.manifest_bytes, sealed.signature)
         return self._request(P.pack(P.Rollback(name, to), *signed), P.Published, timeout)
 
+    def pin(self, name: str, to: str, *, on: bool = True, timeout: float | None = None) -> P.Pinned:
+        """Keep release ``to`` (a label or seq) of ``name`` through retention (``on``), or not."""
+        return self._request(P.pack(P.Pin(name, to, on)), P.Pinned, timeout)
+
     def releases(self, name: str = "", timeout: float | None = None) -> list[P.ReleaseInfo]:
         """The stored releases of ``name`` (every model if empty), oldest first."""
         return self._request(P.pack(P.ReleasesRequest(name)), P.ReleasesReply, timeout).releases

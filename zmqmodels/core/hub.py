@@ -272,12 +272,14 @@ class HubCore:
         return P.StatusReply(self.hub_id, models, self.fleet.rows(now), dict(self.stats),
                              rollouts=[w.status() for _, w in sorted(self.waves.items())])
 
-    def release_infos(self, manifests: list[Manifest], now: float) -> list[P.ReleaseInfo]:
+    def release_infos(self, manifests: list[Manifest], pins: dict[str, list[int]],
+                      now: float) -> list[P.ReleaseInfo]:
         rows = self.fleet.rows(now)
         return [P.ReleaseInfo(m.name, m.seq, m.label, m.created_at, m.archive_bytes, m.compressed_bytes,
                               f"{m.codec.name}/{m.codec.filter}", m.signer,
                               int(m.metadata.get("rollback_of", "0") or 0),
-                              tally(rows, m.name, m.seq).serving, m.archive_sha256)
+                              tally(rows, m.name, m.seq).serving, m.archive_sha256,
+                              m.seq in pins.get(m.name, ()))
                 for m in manifests]
 
     # -- internals ---------------------------------------------------------------------------

@@ -102,7 +102,7 @@ class ReleaseDesk:
         before = self.store.latest(m.name)
         put = self.store.put(checked, reuse_label=reuse_label)
         self._said_pruned(m.name, put.pruned)
-        stored = self.store.read(m.name, put.release.manifest.seq)  # a directory: served from the mapping
+        stored = self.store.served(put.release)
         try:
             patches = make_patches(before, stored)
         except ZmqModelsError as exc:  # the previous release's file: the plain chunks go out
@@ -131,19 +131,24 @@ class ReleaseDesk:
                 raise SignatureError("this hub takes signed releases only: roll back with a signing key")
         put = self.store.put(again)
         self._said_pruned(name, put.pruned)
-        return self.store.read(name, put.release.manifest.seq)
+        return self.store.served(put.release)
 
     def reserve(self, req: P.Reserve) -> tuple[str, int, Any]:
         self.raise_floor(req.name)
         base = self.store.find(req.name, req.base).manifest_bytes if req.base else b""
         return req.name, self.store.reserve(req.name), base
 
-    def manifests(self, name: str) -> list[Manifest]:
-        """Every stored release of ``name`` (of every model if empty), oldest first."""
+    def listing(self, name: str) -> tuple[list[Manifest], dict[str, list[int]]]:
+        """Every stored release of ``name`` (of every model if empty), oldest first, and the
+        pinned seqs of each model."""
         names = [name] if name else self.store.names()
         if name and not self.store.seqs(name):
             raise ReleaseError(f"the hub stores no release of {name!r}")
-        return [m for n in names for m in self.store.manifests(n)]
+        return [m for n in names for m in self.store.manifests(n)], {n: self.store.pins(n) for n in names}
+
+    def pin(self, req: P.Pin) -> P.Pinned:
+        seq = self.store.pin(req.name, req.to, on=req.on)
+        return P.Pinned(req.name, seq, self.store.pins(req.name))
 
 
 def _content(m: Manifest) -> tuple[Any, ...]:

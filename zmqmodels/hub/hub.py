@@ -46,7 +46,7 @@ from .jobs import StoreJobs
 __all__ = ["Hub"]
 
 log = logging.getLogger("zmqmodels.hub")
-_CONTROL = (P.Publish, P.Rollback, P.Reserve, P.Activate)
+_CONTROL = (P.Publish, P.Rollback, P.Reserve, P.Activate, P.Pin)
 
 
 class Hub(IOThread):
@@ -182,8 +182,12 @@ class Hub(IOThread):
     def releases(self, name: str = "") -> list[P.ReleaseInfo]:
         """The stored releases of ``name`` (all models if empty), oldest first, with how many
         live nodes serve each."""
-        manifests = self.desk.manifests(name)
-        return self.call(lambda: self.core.release_infos(manifests, time.monotonic()), 10.0)
+        manifests, pins = self.desk.listing(name)
+        return self.call(lambda: self.core.release_infos(manifests, pins, time.monotonic()), 10.0)
+
+    def pin(self, name: str, to: str, *, on: bool = True) -> P.Pinned:
+        """Keep release ``to`` (a label or seq) of ``name`` through retention (``on``), or not."""
+        return self.desk.pin(P.Pin(name, to, on))
 
     def wait_for(self, name: str, seq: int, count: int, timeout: float, *,
                  staged: bool = False) -> tuple[bool, P.StatusReply]:
@@ -285,7 +289,7 @@ class Hub(IOThread):
                     self.carry(self.core.report(msg, now))
                 case P.StatusRequest():
                     self.reply(ident, P.pack(self.core.status(now)))
-                case P.Publish() | P.Rollback() | P.Reserve() | P.ReleasesRequest():
+                case P.Publish() | P.Rollback() | P.Reserve() | P.ReleasesRequest() | P.Pin():
                     self._jobs.handle(peer, msg, payload)
                 case P.Activate():
                     reply, actions = self.core.activate(msg, now, peer)

@@ -1,5 +1,5 @@
 """The hub's store work, run off its I/O thread: control requests from peers (PUBLISH,
-ROLLBACK, RESERVE, RELEASES; at most ``max_store_jobs`` at once, ``busy`` beyond, answered
+ROLLBACK, RESERVE, RELEASES, PIN; at most ``max_store_jobs`` at once, ``busy`` beyond, answered
 when done) and the store actions of the hub's core (read an older release, record an
 activation, roll a halted wave back), whose outcomes go back to the core. Called on the hub's
 I/O thread; the work runs on the hub's worker thread (:meth:`IOThread.offload`)."""
@@ -15,8 +15,8 @@ from .. import protocol as P
 from ..core.hub import HubCore, Load, RollBack, StoreActive
 from ..defaults import Limits
 from ..errors import StoreError, ZmqModelsError
+from ..release.catalog import Catalog
 from ..release.manifest import Manifest, Release
-from ..release.store import Store
 from ..transport.tuning import trim_heap
 from .desk import ReleaseDesk
 
@@ -29,7 +29,7 @@ class JobsHost(Protocol):
     """What store jobs use of their hub (:class:`~zmqmodels.hub.hub.Hub`): all of it, named."""
 
     core: HubCore
-    store: Store
+    store: Catalog
     desk: ReleaseDesk
     limits: Limits
 
@@ -76,7 +76,9 @@ class StoreJobs:
             case P.Reserve():
                 self._job(peer, lambda: desk.reserve(msg), self._reserved)
             case P.ReleasesRequest():
-                self._job(peer, lambda: desk.manifests(msg.name), self._releases)
+                self._job(peer, lambda: desk.listing(msg.name), self._releases)
+            case P.Pin():
+                self._job(peer, lambda: desk.pin(msg), lambda p, pinned: self.hub.reply(p, P.pack(pinned)))
 
     def _publish(self, peer: bytes, hdr: P.Publish, frames: list[Any]) -> None:
         # the manifest is decoded, the signature, every chunk and the archive sha256 checked
@@ -103,8 +105,8 @@ class StoreJobs:
             m.name, m.seq, m.label, m.archive_sha256, note=self.hub.desk.note(m.name),
             store_s=round(store_s, 6), broadcast_s=round(time.perf_counter() - t0, 6))))
 
-    def _releases(self, peer: bytes, manifests: list[Manifest]) -> None:
-        infos = self.hub.core.release_infos(manifests, time.monotonic())
+    def _releases(self, peer: bytes, listing: tuple[list[Manifest], dict[str, list[int]]]) -> None:
+        infos = self.hub.core.release_infos(*listing, time.monotonic())
         self.hub.reply(peer, P.pack(P.ReleasesReply(infos)))
 
     def _reserved(self, peer: bytes, result: tuple[str, int, Any]) -> None:

@@ -28,6 +28,7 @@ ROUTER (hub) <-> DEALER (node or CLI)::
     ROLLBACK       Rollback (, manifest, signature) -> PUBLISHED | ERROR
     STATUS         StatusRequest            -> STATUS_REPLY | ERROR
     RELEASES       ReleasesRequest          -> RELEASES_REPLY | ERROR
+    PIN            Pin                      -> PINNED Pinned | ERROR
     ACTIVATE       Activate                 -> ACTIVATED Activated | ERROR
 
 Inference (client REQ -> node ROUTER): ``INFER InferRequest, tensor x n`` -> ``OK InferReply,

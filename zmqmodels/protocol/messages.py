@@ -32,6 +32,8 @@ __all__ = [
     "Rollback",
     "StatusRequest",
     "ReleasesRequest",
+    "Pin",
+    "Pinned",
     "ReleaseInfo",
     "ReleasesReply",
     "NodeStatus",
@@ -244,6 +246,23 @@ class ReleasesRequest(msgspec.Struct, frozen=True):
     v: int = V
 
 
+class Pin(msgspec.Struct, frozen=True):
+    """``[b"PIN", Pin]``: keep release ``to`` (a label or seq) of ``name`` through retention
+    (``on``), or let retention have it again (not ``on``)."""
+
+    name: str
+    to: str
+    on: bool = True
+    v: int = V
+
+
+class Pinned(msgspec.Struct, frozen=True):
+    name: str
+    seq: NonNeg  # the release ``to`` named
+    pins: list[int]  # every pinned seq of ``name`` now
+    v: int = V
+
+
 class ReleaseInfo(msgspec.Struct, frozen=True):
     name: str
     seq: NonNeg
@@ -256,6 +275,7 @@ class ReleaseInfo(msgspec.Struct, frozen=True):
     rollback_of: NonNeg  # the seq whose content this restores, 0 = none
     serving: NonNeg  # nodes reporting it serving (lost nodes not counted)
     sha256: str = ""  # the archive's sha256
+    pinned: bool = False  # retention never prunes it (PIN)
 
 
 class ReleasesReply(msgspec.Struct, frozen=True):

@@ -146,6 +146,11 @@ class Catalog:
     def clean_temp(self) -> list[str]:
         return []
 
+    def served(self, stored: Release) -> Release:
+        """What to serve a just-stored release from (a directory: its file's mapping, so the
+        publish's buffers can go; elsewhere: the release as it is)."""
+        return stored
+
     def _update(self, name: str, record: str, change: Callable[[bytes | None], bytes]) -> bytes:
         """Atomically replace record ``record`` of ``name`` by ``change(old)``; return it."""
         raise NotImplementedError

@@ -155,6 +155,9 @@ class Store(Catalog):
             raise StoreError(f"no release {name} seq {seq} in {self.root}")
         return read_release_file(path)
 
+    def served(self, stored: Release) -> Release:
+        return self.read(stored.manifest.name, stored.manifest.seq)
+
     def clean_temp(self) -> list[str]:
         """Remove the temp files of writes a crash interrupted; return them."""
         gone = [p for p in self.root.glob("*/.tmp-*") if p.is_file()]
