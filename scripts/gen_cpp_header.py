@@ -15,7 +15,7 @@ from pathlib import Path
 HEADER = Path(__file__).resolve().parent.parent / "cpp" / "src" / "generated.hpp"
 
 TIMERS = ["REPAIR_IDLE_S", "HUB_TTL_S", "FETCH_TIMEOUT_S", "HEARTBEAT_INTERVAL_S"]
-COUNTS = ["CORRUPT_FETCHES_MAX", "STALL_FACTOR"]
+COUNTS = ["CORRUPT_FETCHES_MAX", "STALL_FACTOR", "STOP_REPORT_LINGER_MS"]
 
 
 def render() -> str:

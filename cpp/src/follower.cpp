@@ -25,6 +25,7 @@ const char* state_name(State s) {
     case State::Rejected: return "rejected";
     case State::Idle: return "idle";
     case State::Error: return "error";
+    case State::Stopped: return "stopped";
   }
   return "error";
 }
@@ -66,6 +67,17 @@ Frames Follower::report(const Follow& st) const {
 
 Actions Follower::report_all() {
   for (auto& [n, st] : models_) send(report(st));
+  return take();
+}
+
+Actions Follower::stopping() {
+  for (auto& [n, st] : models_) {
+    State was = st.state;
+    std::string why = st.reason;
+    st.state = State::Stopped, st.reason.clear();
+    send(report(st));
+    st.state = was, st.reason = why;
+  }
   return take();
 }
 

@@ -53,7 +53,7 @@ struct Assembly {
 };
 
 // What a node reports for one model (zmqmodels.protocol.ModelState; "lost" is the hub's).
-enum class State { Receiving, Verified, Loading, Loaded, Serving, Rejected, Idle, Error };
+enum class State { Receiving, Verified, Loading, Loaded, Serving, Rejected, Idle, Error, Stopped };
 const char* state_name(State s);
 
 struct Follow {
@@ -129,6 +129,8 @@ class Follower {
   void count(const std::string& name, uint64_t requests, uint64_t errors);
   void known(const std::string& name, uint64_t seq, const std::string& label);  // served from the cache
   [[nodiscard]] Actions report_all();
+  // the last reports of a node that stops cleanly: "stopped", with what it served
+  [[nodiscard]] Actions stopping();
   Follow& follow(const std::string& name);
   bool follows(const std::string& name) const { return models_.count(name) > 0; }
 

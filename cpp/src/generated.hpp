@@ -16,6 +16,7 @@ constexpr double FETCH_TIMEOUT_S = 2.0;
 constexpr double HEARTBEAT_INTERVAL_S = 0.5;
 constexpr int CORRUPT_FETCHES_MAX = 3;
 constexpr int STALL_FACTOR = 8;
+constexpr int STOP_REPORT_LINGER_MS = 500;
 
 // Dynamic batching's evidence (zmqmodels/core/batching.py)
 constexpr double EVIDENCE_S = 1.0;

@@ -57,6 +57,16 @@ void send_all(zmq::socket_t& s, std::vector<zmq::message_t>& frames, zmq::send_f
   for (size_t i = 0; i < frames.size(); ++i) s.send(std::move(frames[i]), i + 1 < frames.size() ? zmq::send_flags::sndmore : last);
 }
 
+// The host and a digest of the cache directory's real path (zmqmodels.node.follower.default_node_id):
+// a node restarted on the same machine and cache keeps its id; one with no cache is host-pid.
+std::string default_node_id(const std::string& host, const std::string& cache) {
+  if (cache.empty()) return host + "-" + std::to_string(getpid());
+  std::string real = fs::weakly_canonical(fs::absolute(cache)).string();
+  Sha256 sha;
+  sha.update(real.data(), real.size());
+  return host + "-" + sha.hex().substr(0, 8);
+}
+
 }  // namespace
 
 NodeState::NodeState(Args a) : args(std::move(a)), cache(args.cache) {
@@ -72,7 +82,7 @@ NodeState::NodeState(Args a) : args(std::move(a)), cache(args.cache) {
   Config& cfg = follow_config;
   cfg.host = host;
   cfg.pid = getpid();
-  cfg.node_id = args.node_id.empty() ? std::string(host) + "-" + std::to_string(getpid()) : args.node_id;
+  cfg.node_id = args.node_id.empty() ? default_node_id(host, args.cache) : args.node_id;
   cfg.device = args.device;
   cfg.labels = args.labels;
   for (const auto& t : args.trust) {  // a key, a key file, or a directory of *.pub files
@@ -313,6 +323,10 @@ void Node::follow_loop() {
     }
     carry();
   }
+  // say "stopped" (not left to go "lost"); the reports get a moment to leave
+  dealer.set(zmq::sockopt::linger, gen::STOP_REPORT_LINGER_MS);
+  follows_.carry(follower_.stopping());
+  carry();
 }
 
 void Node::post(Result r) {

@@ -38,7 +38,8 @@ __all__: list[str] = []
               help="cpu, cuda or cuda:N; once for all workers or once per worker.")
 @click.option("--cache", "cache_dir", default=".zmqmodels/cache", show_default=True,
               type=click.Path(file_okay=False), help="Last validated release of each model.")
-@click.option("--node-id", help="Name in the fleet table (default HOST-PID).")
+@click.option("--node-id", help="Name in the fleet table (default HOST-DIGEST of the cache directory: "
+              "the same machine and cache keep one id across restarts).")
 @click.option("--swap-policy", type=click.Choice([p.value for p in SwapPolicy]),
               default="availability", show_default=True,
               help="availability: load the new version beside the old; unload-first: free the "

@@ -36,6 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import xxhash
 
 from .. import defaults
@@ -374,6 +375,11 @@ class Assembler:
 
     def reports(self) -> list[Action]:
         return [Send(self._report(st)) for st in self.models.values()]
+
+    def stopping(self) -> list[Action]:
+        """The last reports of a node that stops cleanly: ``stopped``, with what it served."""
+        return [Send(msgspec.structs.replace(self._report(st), state=ModelState.STOPPED, reason=""))
+                for st in self.models.values()]
 
     # -- internals ---------------------------------------------------------------------------
     def _unstage(self, st: Follow) -> list[Action]:

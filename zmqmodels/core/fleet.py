@@ -6,7 +6,9 @@ A plain class fed ``(report, now)``; the hub's I/O thread owns one and reads it 
 **Liveness**: a node sends a report for each model every heartbeat interval (0.5 s). A row not
 refreshed for ``lost_after_s`` is shown as ``lost`` (with its last state in the reason and
 the time since it was heard in ``age_s``) and never counts as serving; after
-``forget_after_s`` it is dropped from the table.
+``forget_after_s`` it is dropped from the table. A node that stops cleanly says so last
+(``stopped``): its row stays ``stopped``, never lost, until it is forgotten or the node
+(the same id: a restart) reports again.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class FleetEntry:
         r = self.report
         age = now - self.seen
         state, reason = r.state, r.reason
-        if age > lost_after_s:
+        if age > lost_after_s and state != P.ModelState.STOPPED:
             state = P.ModelState.LOST
             reason = f"not heard from for {age:.0f}s (last: {r.state} seq {r.seq})"
         return P.NodeStatus(r.node, r.model, state, r.seq, r.label, reason, r.host, r.pid,
@@ -92,7 +94,8 @@ class Fleet:
                    default=0)
 
     def lost(self, now: float) -> list[FleetEntry]:
-        return [e for e in self._entries.values() if now - e.seen > self.lost_after_s]
+        return [e for e in self._entries.values()
+                if now - e.seen > self.lost_after_s and e.report.state != P.ModelState.STOPPED]
 
 
 @dataclass(frozen=True)

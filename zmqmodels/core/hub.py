@@ -139,7 +139,8 @@ class HubCore:
         out: list[Action] = [SendRelease(rel, skip), *self.beats()]
         if plan is None:
             return out
-        rows = [r for r in self.fleet.rows(now) if r.model == m.name and r.state != P.ModelState.LOST]
+        rows = [r for r in self.fleet.rows(now)
+                if r.model == m.name and r.state not in (P.ModelState.LOST, P.ModelState.STOPPED)]
         wave = WaveRollout(m.name, m.seq, plan, [(r.node, r.labels) for r in rows], now,
                            started_at=started_at, before=self.active.get(m.name, 0))
         self.waves[m.name] = wave

@@ -147,8 +147,9 @@ class WaveRollout:
         current = self.activated[(self.counts[self.wave - 2] if self.wave > 1 else 0):]
         for node in self.activated:
             row = mine.get(node)
-            if row is None or row.state == P.ModelState.LOST:
-                self.failed[node] = "lost: " + (row.reason if row else "no longer in the fleet table")
+            if row is None or row.state in (P.ModelState.LOST, P.ModelState.STOPPED):
+                self.failed[node] = (f"{row.state}: {row.reason or 'stopped cleanly'}" if row
+                                     else "lost: no longer in the fleet table")
             elif row.rejected_seq == self.seq:
                 self.failed[node] = f"rejected seq {self.seq}: {row.last_error}"
             elif row.state == P.ModelState.SERVING and row.seq >= self.seq:

@@ -13,6 +13,7 @@ To *serve* the releases in-process (load, check, swap, predict) use the embedded
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import socket
@@ -40,7 +41,7 @@ from ..transport.tuning import lower_thread_priority, tune_malloc
 from ..transport.upstream import connect_upstream
 from .delivery import Delivery, ReleaseCallback
 
-__all__ = ["Follower", "FollowOptions"]
+__all__ = ["Follower", "FollowOptions", "default_node_id"]
 
 log = logging.getLogger("zmqmodels.follower")
 
@@ -76,7 +77,7 @@ class FollowOptions:
     """How a follower follows, whoever composes it (:class:`Follower`, the embedded
     :class:`~zmqmodels.node.embedded.Subscriber`, the :class:`~zmqmodels.node.node.Node`).
 
-    ``node_id`` (default ``host-pid``) is what the hub lists; ``device`` what it reports;
+    ``node_id`` (default :func:`default_node_id`) is what the hub lists; ``device`` what it reports;
     ``labels`` what the hub's waves and activations select on. ``trust`` (keys) accepts only
     releases signed by one of them: a manifest that fails is refused before a byte of its
     archive is allocated, and the hub hears why. ``curve`` connects both sockets with CURVE to
@@ -96,6 +97,17 @@ class FollowOptions:
     repair_idle_s: float = defaults.REPAIR_IDLE_S
     tune_malloc: bool = True
     background_nice: int = 0
+
+
+def default_node_id(cache: Cache | str | os.PathLike[str] | None) -> str:
+    """The host and a digest of the cache directory's real path: a node restarted on the same
+    machine and cache keeps its id (and its row in the hub's table); one with no cache is
+    ``host-pid``."""
+    host = socket.gethostname()
+    if cache is None:
+        return f"{host}-{os.getpid()}"
+    root = cache.root if isinstance(cache, Cache) else Path(cache)
+    return f"{host}-{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]}"
 
 
 class Follower(IOThread):
@@ -139,10 +151,10 @@ class Follower(IOThread):
         o = options or FollowOptions()
         self.hub = hub
         self.pub_address = P.pub_endpoint(hub)
-        self.node_id = o.node_id or f"{socket.gethostname()}-{os.getpid()}"
         self.device = o.device or "cpu"
         self.limits = o.limits or Limits()
         self.cache = Cache(cache) if isinstance(cache, str | Path) else cache
+        self.node_id = o.node_id or default_node_id(self.cache)
         self.trust = o.trust or Trust()
         self.curve = o.curve
         self._tune_malloc = o.tune_malloc
@@ -227,6 +239,11 @@ class Follower(IOThread):
         self._sub, self._dealer = sub, dealer
         self._carry(self.assembler.start(time.monotonic()))
         return [(sub, self._cpu.timed(self._on_sub)), (dealer, self._cpu.timed(self._on_dealer))]
+
+    def _teardown(self) -> None:
+        """Say ``stopped`` (not left to go ``lost``): the reports get a moment to leave."""
+        self._dealer.setsockopt(zmq.LINGER, defaults.STOP_REPORT_LINGER_MS)
+        self._carry(self.assembler.stopping())
 
     def _tick(self, now: float) -> float:
         if now >= self._next_room_check:

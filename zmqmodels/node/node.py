@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import socket
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -42,7 +41,7 @@ from ..transport.curve import Curve, ServerContext
 from ..transport.exporter import MetricsServer
 from ..transport.health import hub_down, node_health
 from ..transport.ioloop import IOThread, LoopState
-from .follower import Follower, FollowOptions
+from .follower import Follower, FollowOptions, default_node_id
 from .host import WorkerProcesses, WorkerSite, check_devices
 from .pool import WorkerMessages
 from .reports import HubReports
@@ -117,7 +116,7 @@ class Node(IOThread):
         self.models = [validate_name(m) for m in models]
         self.labels = list(labels)
         self.bind = bind
-        self.node_id = node_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.node_id = node_id or default_node_id(cache)
         self.limits = limits or Limits()
         self.cache = Cache(cache)
         self.trust = trust or Trust()

@@ -73,6 +73,7 @@ class ModelState(Word):
     IDLE = "idle"  # nothing loaded yet
     ERROR = "error"  # the node cannot serve or store this model; ``reason`` says why
     LOST = "lost"  # (the hub's table only) the node has not reported for a while
+    STOPPED = "stopped"  # the node stopped cleanly (its last report; ``seq``: what it served)
 
 
 STATES = tuple(s.value for s in ModelState)
