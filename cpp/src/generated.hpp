@@ -54,6 +54,7 @@ constexpr CodeInfo CODES[] = {
     {"unavailable", true, false, true, 503, "UNAVAILABLE"},
     {"internal", false, true, true, 500, "INTERNAL"},
     {"deadline", false, false, false, 504, "DEADLINE_EXCEEDED"},
+    {"wrong_peer", false, false, false, 502, "FAILED_PRECONDITION"},
 };
 
 inline const CodeInfo* code_info(const std::string& code) {

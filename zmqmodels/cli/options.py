@@ -23,6 +23,11 @@ def _endpoint(bind: bool) -> Any:
         if value is None:
             return value
         try:
+            if isinstance(value, tuple):  # a repeatable option
+                if len(set(value)) != len(value):
+                    raise click.BadParameter(f"an address is given twice: {', '.join(value)}", ctx=ctx,
+                                             param=param)
+                return tuple(check_endpoint(v, "address", bind=bind) for v in value)
             return check_endpoint(value, "address", bind=bind)
         except ZmqModelsError as exc:
             raise click.BadParameter(str(exc), ctx=ctx, param=param) from None

@@ -115,7 +115,9 @@ def _announce(gw: Any) -> None:
 
 
 @cli.command()
-@click.option("--node", "node_addr", callback=connect_to, required=True, help="The node's address.")
+@click.option("--node", "node_addr", callback=connect_to, required=True, multiple=True,
+              help="A node's address; repeat it to spread requests over several nodes (each request "
+                   "goes to the least loaded live one and is retried on another if one fails).")
 @click.option("--http", "http", metavar="[HOST]:PORT", help="Serve v2 HTTP/REST here.")
 @click.option("--grpc", "grpc_listen", metavar="[HOST]:PORT", help="Serve the v2 GRPCInferenceService here.")
 @click.option("--timeout", type=float, default=30.0, show_default=True,
@@ -123,9 +125,9 @@ def _announce(gw: Any) -> None:
 @click.option("--max-request-bytes", type=click.IntRange(min=1), default=defaults.MAX_REQUEST_BYTES,
               show_default=True, help="Refuse larger requests before reading them (the node's limit).")
 @curve_options(server=False, client=True)
-def gateway(node_addr: str, http: str | None, grpc_listen: str | None, timeout: float,
+def gateway(node_addr: tuple[str, ...], http: str | None, grpc_listen: str | None, timeout: float,
             max_request_bytes: int, curve_key: str | None, curve_server: str | None) -> None:
-    """Answer the Open Inference Protocol (KServe v2, HTTP/REST and gRPC) for one node.
+    """Answer the Open Inference Protocol (KServe v2, HTTP/REST and gRPC) for one node or several.
 
     Tritonclient, KServe clients, curl and Kubernetes probes reach the node through it; it
     keeps many requests in flight on one connection (a batching node joins them)."""
@@ -136,7 +138,7 @@ def gateway(node_addr: str, http: str | None, grpc_listen: str | None, timeout: 
     if not (http or grpc_listen):
         raise click.UsageError("give --http, --grpc or both")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    with Gateway(node_addr, http=http, grpc_listen=grpc_listen, timeout=timeout,
+    with Gateway(list(node_addr), http=http, grpc_listen=grpc_listen, timeout=timeout,
                  max_request_bytes=max_request_bytes, curve=curve_from(curve_key, curve_server, ())) as gw:
         _announce(gw)
         run_until_signalled()
@@ -174,7 +176,9 @@ def parse_inputs(specs: tuple[str, ...]) -> tuple[Any, ...]:
 
 
 @cli.command()
-@click.option("--server", callback=connect_to, required=True, help="A serving node's address.")
+@click.option("--server", callback=connect_to, required=True, multiple=True,
+              help="A serving node's address; repeat it to spread requests over several nodes (a "
+                   "node that fails an attempt is skipped and the request retried on another).")
 @click.option("--model", required=True)
 @click.option("--input", "inputs", multiple=True,
               help="DIMx...[:dtype] (random), a .npy file, or a torch.save'd tensor/tuple file; "
@@ -186,12 +190,14 @@ def parse_inputs(specs: tuple[str, ...]) -> tuple[Any, ...]:
               help="With --inputs-file: requests outstanding at once.")
 @click.option("--seq", "seq", type=int, default=0,
               help="Pin a release by seq (0: the newest served).")
-@click.option("--timeout", type=float, default=5.0, show_default=True)
-@click.option("--retries", type=int, default=3, show_default=True)
+@click.option("--timeout", type=float, default=5.0, show_default=True,
+              help="Seconds one attempt may wait for its answer.")
+@click.option("--retries", type=int, default=3, show_default=True,
+              help="Further attempts after a failed one (so at most --timeout x (retries + 1) in all).")
 @click.option("--json", "as_json", is_flag=True)
 @curve_options(server=False, client=True)
-def infer(server: str, model: str, inputs: tuple[str, ...], inputs_file: str | None, in_flight: int,
-          seq: int, timeout: float, retries: int, as_json: bool, curve_key: str | None,
+def infer(server: tuple[str, ...], model: str, inputs: tuple[str, ...], inputs_file: str | None,
+          in_flight: int, seq: int, timeout: float, retries: int, as_json: bool, curve_key: str | None,
           curve_server: str | None) -> None:
     """Send one inference request and print the outputs and the version that served them
     (--inputs-file: many, pipelined, and a summary)."""
@@ -200,7 +206,7 @@ def infer(server: str, model: str, inputs: tuple[str, ...], inputs_file: str | N
     if bool(inputs) == bool(inputs_file):
         raise click.UsageError("give --input (one request) or --inputs-file (many), not both or neither")
     if inputs_file:
-        _infer_many(server, model, inputs_file, in_flight, seq, timeout, retries, as_json,
+        _infer_many(list(server), model, inputs_file, in_flight, seq, timeout, retries, as_json,
                     curve_from(curve_key, curve_server))
         return
     args = parse_inputs(inputs)
@@ -208,7 +214,7 @@ def infer(server: str, model: str, inputs: tuple[str, ...], inputs_file: str | N
     def retrying(attempt: int, exc: Exception) -> None:
         click.echo(f"attempt {attempt} of {retries + 1}: {exc}; retrying", err=True)
 
-    with Client(server, timeout=timeout, retries=retries, arrays="numpy", on_retry=retrying,
+    with Client(list(server), timeout=timeout, retries=retries, arrays="numpy", on_retry=retrying,
                 curve=curve_from(curve_key, curve_server)) as client:
         r = client.infer(model, *args, seq=seq)
     if as_json:
@@ -221,7 +227,7 @@ def infer(server: str, model: str, inputs: tuple[str, ...], inputs_file: str | N
     click.echo(str(r.outputs))
 
 
-def _infer_many(server: str, model: str, path: str, in_flight: int, seq: int, timeout: float,
+def _infer_many(server: list[str], model: str, path: str, in_flight: int, seq: int, timeout: float,
                 retries: int, as_json: bool, curve: Any) -> None:
     import asyncio
     import time

@@ -55,9 +55,15 @@ class HubClient:
             if self.curve is not None:
                 self.curve.connect(s)
             s.connect(self.hub)
-            s.send_multipart(frames, copy=False)
-            if not s.poll(int(timeout * 1000)):
-                hint = " (CURVE: is this key allowed there?)" if self.curve else ""
+            hint = " (CURVE: is this key allowed there?)" if self.curve else ""
+            deadline = time.monotonic() + timeout
+            try:  # a refused CURVE handshake drops the pipe: a blocking send would wait for ever
+                if not s.poll(int(timeout * 1000), zmq.POLLOUT):
+                    raise zmq.Again()
+                s.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                raise DeadlineError(f"could not send to hub {self.hub} within {timeout:g}s{hint}") from None
+            if not s.poll(max(1, int((deadline - time.monotonic()) * 1000))):
                 raise DeadlineError(f"no reply from hub {self.hub} within {timeout:g}s{hint}")
             reply = s.recv_multipart()
         finally:

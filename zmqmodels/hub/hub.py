@@ -270,6 +270,11 @@ class Hub(IOThread):
 
     def _on_router(self, frames: list[zmq.Frame]) -> None:
         ident = frames[0]
+        misdirected = P.wrong_peer(frames, "hub")
+        if misdirected is not None:
+            self.stats["error_wrong_peer"] += 1
+            self._router.send_multipart(misdirected, copy=False)
+            return
         if len(frames) < 3:
             self.stats["dropped_short"] += 1
             log.warning("dropped a message of %d frame(s) from a peer", len(frames))

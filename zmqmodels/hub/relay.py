@@ -193,6 +193,10 @@ class Relay(IOThread):
 
     def _on_down(self, frames: list[zmq.Frame]) -> None:
         peer = frames[0].bytes
+        misdirected = P.wrong_peer(frames, "relay")
+        if misdirected is not None:
+            self._router.send_multipart(misdirected, copy=False)
+            return
         try:
             msg, _ = P.unpack(frames[1:])
             match msg:

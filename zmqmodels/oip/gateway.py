@@ -80,6 +80,40 @@ class NodeView:
         return f"not ready: no worker holds {', '.join(waiting)} yet" if waiting else ""
 
 
+class NodeViews:
+    """Every node the gateway sends to, as last measured: it answers while any node does
+    (what it serves is read from a node that is up), and is ready while any node is."""
+
+    def __init__(self, addresses: list[str], down_after_s: float) -> None:
+        self.nodes = [NodeView(a, down_after_s) for a in addresses]
+        self.down_after_s = down_after_s
+
+    @property
+    def up(self) -> bool:
+        return any(v.up for v in self.nodes)
+
+    def check(self) -> P.ModelsReply:
+        why = []
+        for v in self.nodes:
+            try:
+                return v.check()
+            except V2Error as exc:
+                why.append(str(exc))
+        raise V2Error(503, "UNAVAILABLE", "; ".join(why))
+
+    def ready(self) -> str:
+        why = []
+        for v in self.nodes:
+            try:
+                reason = v.ready()
+            except V2Error as exc:
+                reason = str(exc)
+            if not reason:
+                return ""
+            why.append(reason if len(self.nodes) == 1 else f"{v.address}: {reason}")
+        return "; ".join(why)
+
+
 class Gateway:
     """``Gateway("tcp://node:6000", http="0.0.0.0:8000", grpc="0.0.0.0:8001").start()``.
 
@@ -87,14 +121,16 @@ class Gateway:
     body announced larger is refused before it is read, a gRPC message larger is refused by
     gRPC. ``timeout``: how long one inference may take end to end (504 after it)."""
 
-    def __init__(self, node: str, *, http: str | None = None, grpc_listen: str | None = None,
+    def __init__(self, node: str | list[str], *, http: str | None = None, grpc_listen: str | None = None,
                  max_request_bytes: int = defaults.MAX_REQUEST_BYTES, timeout: float = 30.0,
                  poll_s: float = 0.5, down_after_s: float = 2.0, curve: Curve | None = None) -> None:
         if http is None and grpc_listen is None:
             raise ZmqModelsError("a gateway needs --http, --grpc or both")
-        self.node, self.http, self.grpc_listen = node, http, grpc_listen
+        self.nodes = [node] if isinstance(node, str) else list(node)
+        self.node = ", ".join(self.nodes)
+        self.http, self.grpc_listen = http, grpc_listen
         self.max_request_bytes, self.timeout, self.poll_s = max_request_bytes, timeout, poll_s
-        self.view = NodeView(node, down_after_s)
+        self.view = NodeViews(self.nodes, down_after_s)
         self.curve = curve
         self.http_port = self.grpc_port = 0
         self._client: AsyncClient | None = None
@@ -150,9 +186,10 @@ class Gateway:
 
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._loop.add_signal_handler(sig, self._stop.set)
-        self._client = AsyncClient(self.node, timeout=self.timeout, retries=3, curve=self.curve,
-                                   arrays="numpy")
-        grpc_server, http_server, tasks = None, None, [asyncio.ensure_future(self._watch())]
+        self._client = AsyncClient(self.nodes, timeout=self.timeout, retries=max(3, len(self.nodes)),
+                                   curve=self.curve, arrays="numpy")
+        watchers = [asyncio.ensure_future(self._watch(v)) for v in self.view.nodes]
+        grpc_server, http_server, tasks = None, None, list(watchers)
         try:
             if self.grpc_listen is not None:
                 grpc_server = self._grpc_server()
@@ -179,27 +216,34 @@ class Gateway:
                 http_server.should_exit = True
             if grpc_server is not None:
                 await grpc_server.stop(1.0)
-            tasks[0].cancel()
+            for w in watchers:
+                w.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self._client.close()
 
-    async def _watch(self) -> None:
-        assert self._client is not None
-        while True:
-            try:
-                self.view.models = await self._client.models(timeout=self.view.down_after_s)
-                self.view.seen, self.view.error = time.monotonic(), ""
-            except (ZmqModelsError, ProtocolError) as exc:
-                self.view.error = str(exc)
-            await asyncio.sleep(self.poll_s)
+    async def _watch(self, view: NodeView) -> None:
+        """Ask one node what it serves every ``poll_s`` (its own connection: a node that stops
+        answering is seen as down within ``down_after_s``)."""
+        async with AsyncClient(view.address, timeout=view.down_after_s, curve=self.curve,
+                               arrays="numpy") as client:
+            while True:
+                try:
+                    view.models = await client.models(timeout=view.down_after_s)
+                    view.seen, view.error = time.monotonic(), ""
+                except (ZmqModelsError, ProtocolError) as exc:
+                    view.error = str(exc)
+                await asyncio.sleep(self.poll_s)
 
     async def _infer(self, call: codec.Call) -> tuple[P.InferReply, list[Any]]:
         self.view.check()
         assert self._client is not None
         spec, buffers = call.spec()
-        try:  # retryable errors are retried, all within the one end-to-end --timeout
+        # retryable errors are retried, all within the one end-to-end --timeout; with several
+        # nodes an attempt gets half of it, so a node that hangs leaves time for another
+        attempt_s = self.timeout if len(self.nodes) == 1 else self.timeout / 2
+        try:
             hdr, frames, _ = await asyncio.wait_for(self._client.request(
-                call.model, spec, buffers, seq=call.seq, timeout=self.timeout, retries=3), self.timeout)
+                call.model, spec, buffers, seq=call.seq, timeout=attempt_s), self.timeout)
         except RemoteError as exc:
             raise codec.error_for(exc.code, exc.message) from None
         except (DeadlineError, TimeoutError):

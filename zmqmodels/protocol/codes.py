@@ -51,6 +51,8 @@ class Code(str, Enum):
     INTERNAL = ("internal", False, True, 500, "INTERNAL", "a fault in the node itself")
     DEADLINE = ("deadline", False, False, 504, "DEADLINE_EXCEEDED",
                 "the gateway's own: the node did not answer within the request's time", False)
+    WRONG_PEER = ("wrong_peer", False, False, 502, "FAILED_PRECONDITION",
+                  "a hub's or relay's answer to an inference request: the address is not a node's", False)
 
     @classmethod
     def of(cls, code: str) -> Code:
