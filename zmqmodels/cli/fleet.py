@@ -84,13 +84,14 @@ def hub(bind_addr: str, store_dir: str, heartbeat: float, lost_after: float, for
 
 
 @cli.command()
-@click.option("--hub", "hub_addr", callback=connect_to, required=True)
+@click.option("--hub", "hub_addr", callback=connect_to, required=True, multiple=True,
+              help="A hub's address; repeat it for hubs on one shared store (tried in turn).")
 @click.option("--timeout", type=float, default=5.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--watch", is_flag=True, help="Redraw the table every --interval seconds until Ctrl-C.")
 @click.option("--interval", type=float, default=1.0, show_default=True)
 @curve_options(server=False, client=True)
-def status(hub_addr: str, timeout: float, as_json: bool, watch: bool, interval: float,
+def status(hub_addr: tuple[str, ...], timeout: float, as_json: bool, watch: bool, interval: float,
            curve_key: str | None, curve_server: str | None) -> None:
     """Print the fleet table: what every node serves, its state and its last error."""
     import time
@@ -121,15 +122,17 @@ def status(hub_addr: str, timeout: float, as_json: bool, watch: bool, interval: 
 @cli.command()
 @click.argument("name")
 @click.option("--seq", type=int, required=True, help="The staged release to serve.")
-@click.option("--hub", "hub_addr", callback=connect_to, required=True)
+@click.option("--hub", "hub_addr", callback=connect_to, required=True, multiple=True,
+              help="A hub's address; repeat it for hubs on one shared store (tried in turn).")
 @click.option("--nodes", "nodes", default="", metavar="ID,ID", help="Only these nodes.")
 @click.option("--label", "labels", multiple=True, help="Only nodes carrying this label. Repeatable.")
 @click.option("--wait", "wait", is_flag=True, help="Wait until the activated nodes serve it.")
 @click.option("--timeout", type=float, default=60.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @curve_options(server=False, client=True)
-def activate(name: str, seq: int, hub_addr: str, nodes: str, labels: tuple[str, ...], wait: bool,
-             timeout: float, as_json: bool, curve_key: str | None, curve_server: str | None) -> None:
+def activate(name: str, seq: int, hub_addr: tuple[str, ...], nodes: str, labels: tuple[str, ...],
+             wait: bool, timeout: float, as_json: bool, curve_key: str | None,
+             curve_server: str | None) -> None:
     """Serve staged release SEQ of NAME: on --nodes / --label, or (neither) on every node."""
     import sys
 
@@ -170,12 +173,13 @@ def activate(name: str, seq: int, hub_addr: str, nodes: str, labels: tuple[str, 
 
 @cli.command()
 @click.argument("name", required=False, default="")
-@click.option("--hub", "hub_addr", callback=connect_to, required=True)
+@click.option("--hub", "hub_addr", callback=connect_to, required=True, multiple=True,
+              help="A hub's address; repeat it for hubs on one shared store (tried in turn).")
 @click.option("--timeout", type=float, default=10.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @curve_options(server=False, client=True)
-def releases(name: str, hub_addr: str, timeout: float, as_json: bool, curve_key: str | None,
-             curve_server: str | None) -> None:
+def releases(name: str, hub_addr: tuple[str, ...], timeout: float, as_json: bool,
+             curve_key: str | None, curve_server: str | None) -> None:
     """List the stored releases (of NAME, or of every model): what can be rolled back to."""
     import datetime
 
@@ -199,8 +203,8 @@ def releases(name: str, hub_addr: str, timeout: float, as_json: bool, curve_key:
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
-def _pin(name: str, to: str, hub_addr: str, timeout: float, curve_key: str | None, curve_server: str | None,
-         on: bool) -> None:
+def _pin(name: str, to: str, hub_addr: tuple[str, ...], timeout: float, curve_key: str | None,
+         curve_server: str | None, on: bool) -> None:
     from ..clients.hub import HubClient
 
     got = HubClient(hub_addr, timeout=timeout, curve=curve_from(curve_key, curve_server)).pin(name, to, on=on)
@@ -209,7 +213,7 @@ def _pin(name: str, to: str, hub_addr: str, timeout: float, curve_key: str | Non
 
 
 _pin_options = [click.argument("name"), click.argument("to", metavar="SEQ|LABEL"),
-                click.option("--hub", "hub_addr", callback=connect_to, required=True),
+                click.option("--hub", "hub_addr", callback=connect_to, required=True, multiple=True),
                 click.option("--timeout", type=float, default=10.0, show_default=True),
                 curve_options(server=False, client=True)]
 
@@ -222,7 +226,7 @@ def _with_pin_options(fn: Any) -> Any:
 
 @cli.command()
 @_with_pin_options
-def pin(name: str, to: str, hub_addr: str, timeout: float, curve_key: str | None,
+def pin(name: str, to: str, hub_addr: tuple[str, ...], timeout: float, curve_key: str | None,
         curve_server: str | None) -> None:
     """Keep a stored release (by seq or label) through retention until it is unpinned."""
     _pin(name, to, hub_addr, timeout, curve_key, curve_server, True)
@@ -230,15 +234,16 @@ def pin(name: str, to: str, hub_addr: str, timeout: float, curve_key: str | None
 
 @cli.command()
 @_with_pin_options
-def unpin(name: str, to: str, hub_addr: str, timeout: float, curve_key: str | None,
+def unpin(name: str, to: str, hub_addr: tuple[str, ...], timeout: float, curve_key: str | None,
           curve_server: str | None) -> None:
     """Let retention prune a pinned release again."""
     _pin(name, to, hub_addr, timeout, curve_key, curve_server, False)
 
 
 @cli.command()
-@click.option("--hub", "hub_addr", callback=connect_to,
-              required=True, help="The upstream: the root hub or another relay.")
+@click.option("--hub", "hub_addr", callback=connect_to, required=True, multiple=True,
+              help="The upstream: the root hub or another relay (repeat it for hubs on one shared "
+                   "store).")
 @click.option("--bind", "bind_addr", callback=bind_to,
               required=True, help="Where nodes (or relays) connect: tcp://HOST:PORT "
               "(PUB on PORT+1) or ipc://PATH.")
@@ -251,8 +256,9 @@ def unpin(name: str, to: str, hub_addr: str, timeout: float, curve_key: str | No
 @trust_option
 @curve_options(server=True, client=True)
 @limit_option
-def relay(hub_addr: str, bind_addr: str, store_dir: str, models: tuple[str, ...], relay_id: str | None,
-          metrics: str | None, trust: tuple[str, ...], curve_key: str | None, curve_server: str | None,
+def relay(hub_addr: tuple[str, ...], bind_addr: str, store_dir: str, models: tuple[str, ...],
+          relay_id: str | None, metrics: str | None, trust: tuple[str, ...], curve_key: str | None,
+          curve_server: str | None,
           curve_allow: tuple[str, ...], limits: tuple[str, ...]) -> None:
     """Subscribe to a hub once and republish its releases, chunk by chunk, to nodes behind it.
 
@@ -265,8 +271,9 @@ def relay(hub_addr: str, bind_addr: str, store_dir: str, models: tuple[str, ...]
     up = curve_from(curve_key, curve_server) if curve_server else None
     down = curve_from(curve_key, None, curve_allow) if curve_key else None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    with Relay(hub_addr, bind_addr, store_dir, list(models), relay_id=relay_id, limits=parse_limits(limits),
-               trust=load_trust(trust), curve=down, upstream_curve=up, metrics=metrics) as r:
-        click.echo(f"relay {r.relay_id}: following {hub_addr}, serving on {r.address} (PUB "
+    with Relay(list(hub_addr), bind_addr, store_dir, list(models), relay_id=relay_id,
+               limits=parse_limits(limits), trust=load_trust(trust), curve=down, upstream_curve=up,
+               metrics=metrics) as r:
+        click.echo(f"relay {r.relay_id}: following {', '.join(hub_addr)}, serving on {r.address} (PUB "
                    f"{r.pub_address}); Ctrl-C stops", err=True)
         run_until_signalled()

@@ -112,7 +112,9 @@ def build(store_dir: str, as_json: bool, signing_key: str | None, **opts: Any) -
 
 @cli.command()
 @source_options
-@click.option("--hub", "hub_addr", callback=connect_to, help="Hand the release to the hub at this address.")
+@click.option("--hub", "hub_addr", callback=connect_to, multiple=True,
+              help="Hand the release to the hub at this address (repeat it for hubs on one shared "
+                   "store: tried in turn).")
 @click.option("--bind", "bind_addr", callback=bind_to,
               help="No hub: publish from this process on this address.")
 @click.option("--store", "store_dir", type=click.Path(file_okay=False), default=".zmqmodels/releases",
@@ -169,7 +171,8 @@ def publish(**options: Any) -> None:
     try:  # before compiling: a hub that does not answer is an error in seconds, not minutes
         status = client.status(timeout=min(p.timeout, 5.0))
     except ZmqModelsError as exc:
-        raise ZmqModelsError(f"hub {p.hub} does not answer ({exc}); nothing was compiled") from None
+        hubs = ", ".join(p.hub)
+        raise ZmqModelsError(f"hub {hubs} does not answer ({exc}); nothing was compiled") from None
     t0 = time.monotonic()
     kw = {"timeout": p.timeout, "signing_key": key, "staged": p.staged, "plan": p.plan,
           "reuse_label": p.reuse_label}
@@ -186,7 +189,8 @@ def publish(**options: Any) -> None:
         sent = release.manifest.compressed_bytes
         done = _send(client, release, line, kw, timings, say)
         say(f"hub stored {done.name} seq {done.seq} in {time.monotonic() - t0:.2f}s; broadcasting")
-    publishing.after_store(client, p.hub, done, p.waves, p.staged, p.wait_for, p.timeout, p.as_json, say,
+    publishing.after_store(client, " --hub ".join(p.hub), done, p.waves, p.staged, p.wait_for, p.timeout,
+                           p.as_json, say,
                            timings, reuse_label=p.reuse_label, sent_bytes=sent)
 
 
@@ -196,7 +200,7 @@ class PublishPlan:
     checked (:meth:`from_options` raises the usage error before anything is read). ``opts``:
     what builds or reads the release (SOURCE, --weights, compile options)."""
 
-    hub: str | None
+    hub: list[str]  # several: hubs on one shared store, tried in turn
     bind: str | None
     store_dir: str
     wait_for: int
@@ -214,20 +218,23 @@ class PublishPlan:
     opts: dict[str, Any]
 
     @classmethod
-    def from_options(cls, *, hub_addr: str | None, bind_addr: str | None, store_dir: str, wait_for: int,
-                     timeout: float, staged: bool, waves: str, wave_wait: float, halt_on: tuple[str, ...],
+    def from_options(cls, *, hub_addr: tuple[str, ...], bind_addr: str | None, store_dir: str,
+                     wait_for: int, timeout: float, staged: bool, waves: str, wave_wait: float,
+                     halt_on: tuple[str, ...],
                      confirm_s: float, like: str | None, partial: bool, reuse_label: bool, as_json: bool,
                      signing_key: str | None, curve_key: str | None, curve_server: str | None,
                      **opts: Any) -> PublishPlan:
         wave_list = [w for w in waves.split(",") if w.strip()]
         plan = _check_publish(hub_addr, bind_addr, wave_list, wait_for, halt_on, wave_wait, confirm_s,
                               curve_server, like, partial, opts)
-        return cls(hub_addr, bind_addr, store_dir, wait_for, timeout, staged or plan is not None, wave_list,
+        return cls(list(hub_addr), bind_addr, store_dir, wait_for, timeout, staged or plan is not None,
+                   wave_list,
                    plan, like, partial, reuse_label, as_json, signing_key, curve_key, curve_server, opts)
 
 
-def _check_publish(hub_addr: str | None, bind_addr: str | None, wave_list: list[str], wait_for: int,
-                   halt_on: tuple[str, ...], wave_wait: float, confirm_s: float, curve_server: str | None,
+def _check_publish(hub_addr: tuple[str, ...], bind_addr: str | None, wave_list: list[str],
+                   wait_for: int, halt_on: tuple[str, ...], wave_wait: float, confirm_s: float,
+                   curve_server: str | None,
                    like: str | None, partial: bool, opts: dict[str, Any]) -> Any:
     """The option rules of ``publish`` (usage errors before anything is read); the wave plan."""
     if bool(hub_addr) == bool(bind_addr):
@@ -362,13 +369,14 @@ def _publish_bound(p: PublishPlan, key: Any, say: Any) -> None:
 @cli.command()
 @click.argument("name")
 @click.option("--to", "to", required=True, help="The label or seq of a stored release.")
-@click.option("--hub", "hub_addr", callback=connect_to, required=True)
+@click.option("--hub", "hub_addr", callback=connect_to, required=True, multiple=True,
+              help="A hub's address; repeat it for hubs on one shared store (tried in turn).")
 @click.option("--wait-for", "wait_for", type=int, default=0)
 @click.option("--timeout", type=float, default=60.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @signing_option
 @curve_options(server=False, client=True)
-def rollback(name: str, to: str, hub_addr: str, wait_for: int, timeout: float, as_json: bool,
+def rollback(name: str, to: str, hub_addr: tuple[str, ...], wait_for: int, timeout: float, as_json: bool,
              signing_key: str | None, curve_key: str | None, curve_server: str | None) -> None:
     """Re-broadcast stored content of NAME under a new seq (signed anew with --signing-key)."""
     from ..clients.hub import HubClient

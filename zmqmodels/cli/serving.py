@@ -27,8 +27,9 @@ __all__: list[str] = []
 
 
 @cli.command()
-@click.option("--hub", "hub_addr", callback=connect_to,
-              help="The hub's address (omit to serve the cache alone).")
+@click.option("--hub", "hub_addr", callback=connect_to, multiple=True,
+              help="The hub's address (omit to serve the cache alone); repeat it for hubs on one "
+                   "shared store: the node follows all of them.")
 @click.option("--model", "models", multiple=True, required=True, help="Model name; repeatable.")
 @click.option("--bind", "bind_addr", callback=bind_to,
               required=True, help="Address clients (REQ) connect to.")
@@ -67,7 +68,7 @@ __all__: list[str] = []
 @trust_option
 @curve_options(server=True, client=True)
 @limit_option
-def serve(hub_addr: str | None, models: tuple[str, ...], bind_addr: str, workers: int,
+def serve(hub_addr: tuple[str, ...] | None, models: tuple[str, ...], bind_addr: str, workers: int,
           devices: tuple[str, ...], cache_dir: str, node_id: str | None, swap_policy: str,
           threads: int, metrics: str | None, labels: tuple[str, ...], max_batch: int,
           batch_delay_us: float, unbatched: tuple[str, ...], trust: tuple[str, ...],

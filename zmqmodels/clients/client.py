@@ -65,10 +65,13 @@ class Link:
     connect retried and none made since the socket was opened or the connection dropped:
     nothing listens there, or the node went away)."""
 
-    def __init__(self, ctx: zmq.Context, kind: int, address: str, curve: Curve | None) -> None:
+    def __init__(self, ctx: zmq.Context, kind: int, address: str, curve: Curve | None, *,
+                 immediate: bool = False) -> None:
         self.address = address
         self.sock = ctx.socket(kind)
         self.sock.linger = 0
+        if immediate:
+            self.sock.setsockopt(zmq.IMMEDIATE, 1)
         if curve is not None:
             curve.connect(self.sock)
         self.monitor = self.sock.get_monitor_socket(_WATCHED)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -24,17 +24,23 @@ if TYPE_CHECKING:
     from ..release.signing import SigningKey
     from ..transport.curve import Curve
 
+from .client import Link
+
 __all__ = ["HubClient"]
 
 log = logging.getLogger(__name__)
 
 
 class HubClient:
-    """Talk to a hub at its one address: ``HubClient("tcp://hub:5555").status()``."""
+    """Talk to a hub at its one address: ``HubClient("tcp://hub:5555").status()``; or to
+    hubs on one shared store, tried in turn: ``HubClient(["tcp://hub-a:5555", "tcp://hub-b:5555"])``
+    (a request goes to the next hub when one does not answer; a PUBLISH or ROLLBACK only when the
+    hub never took it, so a release is not stored twice)."""
 
-    def __init__(self, hub: str, *, timeout: float = 10.0, context: zmq.Context | None = None,
+    def __init__(self, hub: str | Sequence[str], *, timeout: float = 10.0, context: zmq.Context | None = None,
                  curve: Curve | None = None) -> None:
-        self.hub = hub
+        self.hubs = [hub] if isinstance(hub, str) else list(hub)
+        self.hub = ", ".join(self.hubs)
         self.timeout = timeout
         self.curve = curve
         self._ctx = context or zmq.Context.instance()
@@ -49,31 +55,51 @@ class HubClient:
     def _request(self, frames: list[Any], expect: type, timeout: float | None, *,
                  extra: int = 0) -> Any:
         timeout = self.timeout if timeout is None else timeout
-        s = self._ctx.socket(zmq.DEALER)
-        s.linger = 0
-        try:
-            if self.curve is not None:
-                self.curve.connect(s)
-            s.connect(self.hub)
-            hint = " (CURVE: is this key allowed there?)" if self.curve else ""
-            deadline = time.monotonic() + timeout
-            try:  # a refused CURVE handshake drops the pipe: a blocking send would wait for ever
-                if not s.poll(int(timeout * 1000), zmq.POLLOUT):
-                    raise zmq.Again()
-                s.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                raise DeadlineError(f"could not send to hub {self.hub} within {timeout:g}s{hint}") from None
-            if not s.poll(max(1, int((deadline - time.monotonic()) * 1000))):
-                raise DeadlineError(f"no reply from hub {self.hub} within {timeout:g}s{hint}")
-            reply = s.recv_multipart()
-        finally:
-            s.close()
+        once = P.KINDS.get(bytes(frames[0])) in (P.Publish, P.Rollback)  # not to be stored twice
+        failures: list[str] = []
+        for hub in self.hubs:
+            try:
+                reply = self._exchange(hub, frames, timeout, once)
+                break
+            except DeadlineError as exc:
+                failures.append(str(exc))
+                if once and str(exc).startswith("no reply") and len(self.hubs) > 1:
+                    raise DeadlineError(f"{exc}: it may have taken the release; see `releases` before "
+                                        "publishing again") from None
+        else:
+            raise DeadlineError("; ".join(failures))
         hdr, payload = P.unpack(reply)
         if isinstance(hdr, P.ErrorReply):
             raise RemoteError(hdr.code, hdr.message, hdr.retryable)
         if not isinstance(hdr, expect) or len(payload) != extra:
             raise ProtocolError(f"unexpected reply {type(hdr).__name__} from hub")
         return (hdr, *payload) if extra else hdr
+
+    def _exchange(self, hub: str, frames: list[Any], timeout: float, once: bool) -> list[bytes]:
+        """One request to one hub: its reply, or :class:`DeadlineError` saying why none came."""
+        # with several hubs the socket is IMMEDIATE: nothing is queued for a hub that is down
+        link = Link(self._ctx, zmq.DEALER, hub, self.curve, immediate=len(self.hubs) > 1)
+        hint = " (CURVE: is this key allowed there?)" if self.curve else ""
+        deadline = time.monotonic() + timeout
+        try:
+            # a refused CURVE handshake drops the pipe: a blocking send would wait for ever
+            while not link.sock.poll(20, zmq.POLLOUT):
+                if link.refused():
+                    raise DeadlineError(f"hub {hub} refuses connections (nothing listens there?)")
+                if time.monotonic() > deadline:
+                    raise DeadlineError(f"could not reach hub {hub} within {timeout:g}s{hint}")
+            try:
+                link.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                raise DeadlineError(f"could not reach hub {hub} within {timeout:g}s{hint}") from None
+            while not link.sock.poll(20):
+                if link.refused():
+                    raise DeadlineError(f"hub {hub} refuses connections (nothing listens there?)")
+                if time.monotonic() > deadline:
+                    raise DeadlineError(f"no reply from hub {hub} within {timeout:g}s{hint}")
+            return link.sock.recv_multipart()
+        finally:
+            link.close()
 
     def reserve(self, name: str, base: str = "", timeout: float | None = None) -> tuple[int, bytes]:
         """The next seq of ``name``, held for a release about to be signed; with ``base`` (a

@@ -147,6 +147,26 @@ class HubCore:
         out.append(Log(logging.INFO, f"{m.name} seq {m.seq}: rolling out in waves of {wave.counts} nodes"))
         return out + self._carry_waves(wave.start(now))
 
+    def adopted(self, name: str, latest: Release | None, active: int,
+                stored: dict[int, bool]) -> list[Action]:
+        """Another hub on the shared store stored ``latest`` (None: nothing newer) or activated
+        ``active``: hold it as the newest, for fetches and beats (the hub that stored it
+        broadcast it); a rollout in waves here is superseded by a newer release."""
+        self.stored.setdefault(name, {}).update(stored)
+        if latest is not None:
+            current = self.latest.get(name)
+            if current is None or current.manifest.seq < latest.manifest.seq:
+                self.latest[name] = latest
+                if not latest.manifest.staged:
+                    active = max(active, latest.manifest.seq)
+                wave = self.waves.get(name)
+                if wave is not None:
+                    wave.supersede(latest.manifest.seq)
+        if active > self.active.get(name, 0):
+            self.active[name] = active
+            self._activating.pop(name, None)
+        return [*self.beats()]
+
     def find(self, name: str, seq: int) -> Release | None:
         """The release answering ``seq`` of ``name`` if it is in memory (seq 0: the newest)."""
         latest = self.latest.get(name)

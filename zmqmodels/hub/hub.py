@@ -35,13 +35,14 @@ from ..errors import ProtocolError, ZmqModelsError
 from ..release.catalog import Catalog
 from ..release.manifest import Manifest, Release, stage_release
 from ..release.signing import SigningKey, Trust
-from ..release.store import open_store
+from ..release.store import Store, open_store
 from ..transport.curve import Curve, ServerContext, peer_allowed
 from ..transport.endpoints import bind_hub_sockets
 from ..transport.exporter import MetricsServer
 from ..transport.ioloop import IOThread, LoopState
 from .desk import ReleaseDesk
 from .jobs import StoreJobs
+from .watch import StoreWatch
 
 __all__ = ["Hub"]
 
@@ -63,6 +64,10 @@ class Hub(IOThread):
     signature present is always checked. ``curve`` secures both sockets (an allowlist there
     admits nodes and publishers); ``control_keys`` (CURVE public keys, z85) further limits
     PUBLISH, ROLLBACK and RESERVE to those peers.
+
+    ``store_poll_s``: how often to read what other hubs on a shared store stored and activated
+    (:class:`~zmqmodels.hub.watch.StoreWatch`; default: every second on S3, never on a
+    directory; 0: never).
 
     ``fault`` is a test hook: ``fault(name, seq, index, payload) -> payload`` alters chunks
     as they are *broadcast* (fetch replies are never altered), to exercise repair.
@@ -86,6 +91,7 @@ class Hub(IOThread):
         lost_after_s: float = defaults.NODE_LOST_AFTER_S,
         forget_after_s: float = defaults.NODE_FORGET_AFTER_S,
         metrics: str | None = None,
+        store_poll_s: float | None = None,
     ) -> None:
         self.bind = bind
         self.store = store if isinstance(store, Catalog) else open_store(store)
@@ -102,6 +108,9 @@ class Hub(IOThread):
         self.desk = ReleaseDesk(self.store, self.limits, trust or Trust(), signing_key,
                                 lambda name: self.core.held.get(name, 0))
         self._jobs = StoreJobs(self)
+        if store_poll_s is None:  # a bucket is shared by design; a directory by one hub, usually
+            store_poll_s = defaults.STORE_POLL_S if not isinstance(self.store, Store) else 0.0
+        self._watch = StoreWatch(self, store_poll_s)
         self._changed = threading.Condition()  # notified after the I/O thread handled an event
         self._next_beat = 0.0
         self._metrics = MetricsServer(metrics, "hub", self)
@@ -221,6 +230,7 @@ class Hub(IOThread):
         return [(router, self._on_router)]
 
     def _tick(self, now: float) -> float:
+        self._watch.tick(now)
         if now >= self._next_beat:
             self._next_beat = now + self.heartbeat_interval_s
             self.carry(self.core.tick(now))

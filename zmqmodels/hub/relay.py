@@ -35,7 +35,7 @@ from ..transport.curve import Curve, ServerContext
 from ..transport.endpoints import bind_hub_sockets
 from ..transport.exporter import MetricsServer
 from ..transport.ioloop import IOThread, LoopState
-from ..transport.upstream import connect_upstream
+from ..transport.upstream import connect_upstream, hub_list
 
 __all__ = ["Relay"]
 
@@ -50,13 +50,14 @@ class Relay(IOThread):
 
     kind = "relay"
 
-    def __init__(self, upstream: str, bind: str, store: Catalog | str | os.PathLike[str],
+    def __init__(self, upstream: str | Sequence[str], bind: str, store: Catalog | str | os.PathLike[str],
                  models: Sequence[str] = (), *, relay_id: str | None = None,
                  limits: Limits | None = None, trust: Trust | None = None,
                  curve: Curve | None = None, upstream_curve: Curve | None = None,
                  heartbeat_interval_s: float = defaults.HEARTBEAT_INTERVAL_S,
                  metrics: str | None = None, context: zmq.Context | None = None) -> None:
-        self.upstream = upstream
+        self.upstreams = hub_list(upstream)
+        self.upstream = ", ".join(self.upstreams)
         self.bind = bind
         self.store = store if isinstance(store, Catalog) else open_store(store)
         self.relay_id = relay_id or f"relay-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
@@ -110,9 +111,9 @@ class Relay(IOThread):
 
     # -- I/O thread --------------------------------------------------------------------------
     def _open(self) -> list[tuple[zmq.Socket, Any]]:
-        up_sub, up_dealer = connect_upstream(self._socket, self.upstream, list(self.forwarder.models),
-                                             limits=self.limits, rcvhwm=defaults.SUB_RCVHWM * 4,
-                                             curve=self.upstream_curve, every=not self.forwarder.models)
+        up = connect_upstream(self._socket, self.upstreams, list(self.forwarder.models),
+                              limits=self.limits, rcvhwm=defaults.SUB_RCVHWM * 4,
+                              curve=self.upstream_curve, every=not self.forwarder.models)
         down_router, down_pub = self._socket(zmq.ROUTER), self._socket(zmq.PUB)
         down_router.setsockopt(zmq.MAXMSGSIZE, self.limits.max_frame_bytes)
         down_pub.sndhwm = 4096
@@ -122,9 +123,10 @@ class Relay(IOThread):
             self.curve.serve(down_pub)
         self.address = bind_hub_sockets(down_router, down_pub, self.bind)
         self.pub_address = P.pub_endpoint(self.address)
-        self._up, self._router, self._pub = up_dealer, down_router, down_pub
+        self._up, self._router, self._pub = up, down_router, down_pub
         self._carry(self.forwarder.start(time.monotonic()))
-        return [(up_sub, self._on_up_sub), (up_dealer, self._on_up_dealer), (down_router, self._on_down)]
+        return [(up.sub, self._on_up_sub), *((d, self._on_up_dealer) for d in up.dealers),
+                (down_router, self._on_down)]
 
     def _tick(self, now: float) -> float:
         self._carry(self.forwarder.tick(now))
@@ -139,7 +141,7 @@ class Relay(IOThread):
         for action in actions:
             match action:
                 case Send(msg):
-                    self._up.send_multipart(P.pack(msg))
+                    self._up.send(msg)
                 case Broadcast(name, frames):
                     self._pub.send_multipart([P.topic(name) if name else P.HUB_TOPIC, *frames], copy=False)
                 case Reply(peer, frames):

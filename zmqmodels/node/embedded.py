@@ -51,7 +51,7 @@ class Subscriber:
 
     def __init__(
         self,
-        hub: str,
+        hub: str | Sequence[str],
         models: Sequence[str],
         *,
         on_release: ReleaseCallback | None = None,

@@ -38,7 +38,7 @@ from ..transport.buffers import BufferPool
 from ..transport.curve import Curve
 from ..transport.ioloop import IOThread, LoopState
 from ..transport.tuning import lower_thread_priority, tune_malloc
-from ..transport.upstream import connect_upstream
+from ..transport.upstream import connect_upstream, hub_list
 from .delivery import Delivery, ReleaseCallback
 
 __all__ = ["Follower", "FollowOptions", "default_node_id"]
@@ -111,7 +111,9 @@ def default_node_id(cache: Cache | str | os.PathLike[str] | None) -> str:
 
 
 class Follower(IOThread):
-    """Follow the releases of ``models`` from the hub at ``hub`` (its one address).
+    """Follow the releases of ``models`` from the hub at ``hub`` (its one address), or from
+    several hubs on one shared store (a list: broadcasts from all, reports to each, fetches to
+    whichever is connected, duplicates dropped by seq and digest).
 
     ``on_release(manifest, archive)`` runs on the delivery thread for every verified release;
     ``archive`` is a read-write memoryview valid only until the callback returns (its buffer
@@ -134,7 +136,7 @@ class Follower(IOThread):
 
     def __init__(
         self,
-        hub: str,
+        hub: str | Sequence[str],
         models: Sequence[str],
         *,
         on_release: ReleaseCallback,
@@ -149,8 +151,9 @@ class Follower(IOThread):
     ) -> None:
         super().__init__(context or zmq.Context.instance())
         o = options or FollowOptions()
-        self.hub = hub
-        self.pub_address = P.pub_endpoint(hub)
+        self.hubs = hub_list(hub)
+        self.hub = ", ".join(self.hubs)
+        self.pub_address = ", ".join(P.pub_endpoint(h) for h in self.hubs)
         self.device = o.device or "cpu"
         self.limits = o.limits or Limits()
         self.cache = Cache(cache) if isinstance(cache, str | Path) else cache
@@ -234,15 +237,17 @@ class Follower(IOThread):
         lower_thread_priority(self._nice)
         # a low mark: the hub's queue shares one buffer across nodes, ours would copy the
         # whole release into fresh pages ahead of the reader
-        sub, dealer = connect_upstream(self._socket, self.hub, list(self.assembler.models),
-                                       limits=self.limits, rcvhwm=self._rcvhwm, curve=self.curve)
-        self._sub, self._dealer = sub, dealer
+        up = connect_upstream(self._socket, self.hubs, list(self.assembler.models),
+                              limits=self.limits, rcvhwm=self._rcvhwm, curve=self.curve)
+        self._up = up
         self._carry(self.assembler.start(time.monotonic()))
-        return [(sub, self._cpu.timed(self._on_sub)), (dealer, self._cpu.timed(self._on_dealer))]
+        on_dealer = self._cpu.timed(self._on_dealer)
+        return [(up.sub, self._cpu.timed(self._on_sub)), *((d, on_dealer) for d in up.dealers)]
 
     def _teardown(self) -> None:
         """Say ``stopped`` (not left to go ``lost``): the reports get a moment to leave."""
-        self._dealer.setsockopt(zmq.LINGER, defaults.STOP_REPORT_LINGER_MS)
+        for dealer in self._up.dealers:
+            dealer.setsockopt(zmq.LINGER, defaults.STOP_REPORT_LINGER_MS)
         self._carry(self.assembler.stopping())
 
     def _tick(self, now: float) -> float:
@@ -264,7 +269,7 @@ class Follower(IOThread):
         for action in actions:
             match action:
                 case Send(msg):
-                    self._dealer.send_multipart(P.pack(msg))
+                    self._up.send(msg)
                 case Deliver(name, asm):
                     self._cpu.completed(asm)  # this handler's CPU counts for it too
                     self._delivery.mail(name, action)

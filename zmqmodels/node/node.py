@@ -41,6 +41,7 @@ from ..transport.curve import Curve, ServerContext
 from ..transport.exporter import MetricsServer
 from ..transport.health import hub_down, node_health
 from ..transport.ioloop import IOThread, LoopState
+from ..transport.upstream import hub_list
 from .follower import Follower, FollowOptions, default_node_id
 from .host import WorkerProcesses, WorkerSite, check_devices
 from .pool import WorkerMessages
@@ -52,7 +53,7 @@ __all__ = ["Node"]
 
 log = logging.getLogger("zmqmodels.node")
 def _checked(swap_policy: SwapPolicy | str, workers: int, devices: Sequence[str], curve: Curve | None,
-             hub: str | None) -> SwapPolicy:
+             hub: str | Sequence[str] | None) -> SwapPolicy:
     """The swap policy, once the node's arguments hold together (else one line saying why)."""
     if curve is not None and hub and curve.server_key is None:
         raise ZmqModelsError("a node with CURVE keys needs the hub's public key")
@@ -84,7 +85,7 @@ class Node(IOThread):
 
     def __init__(
         self,
-        hub: str | None,
+        hub: str | Sequence[str] | None,
         models: Sequence[str],
         bind: str,
         *,
@@ -112,7 +113,8 @@ class Node(IOThread):
         unbatched: Sequence[str] = (),
     ) -> None:
         self.swap_policy = policy = _checked(swap_policy, workers, devices, curve, hub)
-        self.hub = hub
+        self.hubs = hub_list(hub) if hub else []  # several: hubs on one shared store
+        self.hub = ", ".join(self.hubs)
         self.models = [validate_name(m) for m in models]
         self.labels = list(labels)
         self.bind = bind
@@ -171,7 +173,7 @@ class Node(IOThread):
             devices = ",".join(sorted(set(self._site.devices.values())))
             follow = FollowOptions(node_id=self.node_id, device=devices, limits=self.limits, trust=self.trust,
                                    curve=self.curve, labels=self.labels, background_nice=10)
-            self._sub = Follower(self.hub, self.models, on_release=self._on_release, options=follow,
+            self._sub = Follower(self.hubs, self.models, on_release=self._on_release, options=follow,
                                  known=known, cache=self.cache, context=self._ctx, staged=staged,
                                  counts=self.reports.counts)
             self.reports.follower = self._sub

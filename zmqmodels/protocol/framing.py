@@ -12,6 +12,7 @@ import msgspec
 
 from .. import defaults
 from ..errors import LimitError, ProtocolError, ServingError
+from .codes import Code
 from .messages import (
     Activate,
     Activated,
@@ -57,6 +58,7 @@ __all__ = [
     "Framing",
     "FRAMING",
     "KINDS",
+    "wrong_peer",
     "kind_of",
     "pack",
     "unpack",
@@ -236,3 +238,17 @@ def parse_infer(frames: Sequence[Any]) -> tuple[InferRequest, list[Any]]:
     if not isinstance(req, InferRequest):
         raise Refusal("bad_request", "expected [INFER, header, tensor frames...]")
     return req, tensors
+
+
+def wrong_peer(frames: list[Any], what: str) -> list[Any] | None:
+    """A hub's or relay's ROUTER got ``frames``: if they are a REQ envelope (identity, empty
+    delimiter: an inference client), the answer that names the mistake at once, else None."""
+    if len(frames) < 3 or len(frames[1]) != 0:
+        return None
+    try:
+        rid = str(getattr(unpack(frames[2:])[0], "id", ""))  # a pipelining client matches on it
+    except Exception:  # noqa: BLE001 - whatever it sent, it gets the answer
+        rid = ""
+    return [frames[0], b"", *pack(ErrorReply(
+        Code.WRONG_PEER.value, f"this address is a zmqmodels {what}, not a node: send inference to a "
+        "node's --bind address (zmqmodels serve)", retryable=False, id=rid))]

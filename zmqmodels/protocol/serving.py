@@ -28,7 +28,6 @@ __all__ = [
     "WorkerBeat",
     "StopWorker",
     "ManifestFrames",
-    "wrong_peer",
     "LoadCommand",
     "LoadResult",
     "Applying",
@@ -245,22 +244,6 @@ class Applying(msgspec.Struct, frozen=True):
 # Inference error codes: code -> retryable (docs/protocol.md §Inference errors)
 SERVING_CODES: dict[str, bool] = {c.value: c.retryable for c in Code if c.node}
 """Each code a node answers with, and whether it is retryable (from :class:`Code`)."""
-
-
-def wrong_peer(frames: list[Any], what: str) -> list[Any] | None:
-    """A hub's or relay's ROUTER got ``frames``: if they are a REQ envelope (identity, empty
-    delimiter: an inference client), the answer that names the mistake at once, else None."""
-    if len(frames) < 3 or len(frames[1]) != 0:
-        return None
-    from .framing import pack, unpack
-
-    try:
-        rid = str(getattr(unpack(frames[2:])[0], "id", ""))  # a pipelining client matches on it
-    except Exception:  # noqa: BLE001 - whatever it sent, it gets the answer
-        rid = ""
-    return [frames[0], b"", *pack(ErrorReply(
-        Code.WRONG_PEER.value, f"this address is a zmqmodels {what}, not a node: send inference to a "
-        "node's --bind address (zmqmodels serve)", retryable=False, id=rid))]
 
 
 def serving_error(code: str, message: str, model: str = "", rid: str = "") -> ErrorReply:
