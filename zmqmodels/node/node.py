@@ -115,13 +115,9 @@ class Node(IOThread):
         self.swap_policy = policy = _checked(swap_policy, workers, devices, curve, hub)
         self.hubs = hub_list(hub) if hub else []  # several: hubs on one shared store
         self.hub = ", ".join(self.hubs)
-        self.models = [validate_name(m) for m in models]
-        self.labels = list(labels)
-        self.bind = bind
+        self.models, self.labels, self.bind = [validate_name(m) for m in models], list(labels), bind
         self.node_id = node_id or default_node_id(cache)
-        self.limits = limits or Limits()
-        self.cache = Cache(cache)
-        self.trust = trust or Trust()
+        self.limits, self.cache, self.trust = limits or Limits(), Cache(cache), trust or Trust()
         self.curve = curve
         self._server_ctx = ServerContext(curve, context)
         super().__init__(self._server_ctx.ctx)

@@ -16,6 +16,7 @@ retention keeps) is here once, as plain functions the tests drive directly.
 
 from __future__ import annotations
 
+import abc
 import json
 import logging
 import time
@@ -115,7 +116,7 @@ class Stored(NamedTuple):
     pruned: list[int]  # seqs retention removed to make room
 
 
-class Catalog:
+class Catalog(abc.ABC):
     """The rules every store shares; a backend supplies listing, reading, writing and
     :meth:`_update` (an atomic read-modify-write of one small record)."""
 
@@ -123,25 +124,29 @@ class Catalog:
     url: str  # what the store is called in messages and logs
 
     # -- the backend's part ---------------------------------------------------------------
+    @abc.abstractmethod
     def names(self) -> list[str]:
-        raise NotImplementedError
+        """Every model name with a release stored."""
 
+    @abc.abstractmethod
     def seqs(self, name: str) -> list[int]:
         """Stored seqs of ``name``, oldest first."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def manifest(self, name: str, seq: int) -> Manifest:
-        raise NotImplementedError
+        """The manifest of stored release ``seq`` of ``name``."""
 
+    @abc.abstractmethod
     def read(self, name: str, seq: int) -> Release:
-        raise NotImplementedError
+        """Stored release ``seq`` of ``name``, chunks and all."""
 
+    @abc.abstractmethod
     def location(self, name: str, seq: int) -> str:
-        raise NotImplementedError
+        """Where release ``seq`` of ``name`` lies (a path, an s3:// URL), for messages."""
 
+    @abc.abstractmethod
     def writable(self) -> str:
         """"" if the store can be written now, else why not (what a readiness probe asks)."""
-        raise NotImplementedError
 
     def clean_temp(self) -> list[str]:
         return []
@@ -151,20 +156,22 @@ class Catalog:
         publish's buffers can go; elsewhere: the release as it is)."""
         return stored
 
+    @abc.abstractmethod
     def _update(self, name: str, record: str, change: Callable[[bytes | None], bytes]) -> bytes:
         """Atomically replace record ``record`` of ``name`` by ``change(old)``; return it."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _record(self, name: str, record: str) -> bytes | None:
-        raise NotImplementedError
+        """Record ``record`` of ``name`` as it is now (None: never written)."""
 
+    @abc.abstractmethod
     def _write(self, release: Release, prepared: Any = None) -> None:
         """Store a release whose seq was claimed (nothing else can write that seq);
         ``prepared`` is what :meth:`_prepare` returned."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _delete(self, name: str, seq: int) -> None:
-        raise NotImplementedError
+        """Remove stored release ``seq`` of ``name`` (retention)."""
 
     @contextmanager
     def _putting(self, name: str) -> Iterator[None]:
