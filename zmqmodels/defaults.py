@@ -47,6 +47,7 @@ __all__ = [
     "START_TIMEOUT_S",
     "RETAIN_PER_NAME",
     "STORE_POLL_S",
+    "WAVE_LEASE_S",
     "STOP_REPORT_LINGER_MS",
     "STORE_CONNECT_TIMEOUT_S",
     "STORE_READ_TIMEOUT_S",
@@ -99,6 +100,7 @@ NODE_DRAIN_S = 10.0  # a stopping node answers what it holds for at most this lo
 LINGER_MS = 0
 START_TIMEOUT_S = 10.0
 RETAIN_PER_NAME = 5
+WAVE_LEASE_S = 5.0  # a hub driving a rollout in waves on a shared store renews its lease this far ahead
 STORE_POLL_S = 1.0  # how often a hub on a shared store (S3) reads what other hubs stored
 STOP_REPORT_LINGER_MS = 500  # a stopping node's last (``stopped``) reports get this long to leave
 STORE_CONNECT_TIMEOUT_S = 2.0  # an S3 store not answering this soon is down (the hub says so)

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -139,5 +140,60 @@ def test_two_hubs_publishing_at_once_never_share_a_seq_and_agree(s3server, tmp_p
         assert max(r.seq for r in HubClient(a.address).releases("probe")) == top
     finally:
         node.close()
+        a.kill()
+        b.kill()
+
+
+def test_a_hub_killed_mid_wave_another_halts_the_rollout_within_its_lease(s3server, tmp_path) -> None:
+    """kill -9 the hub driving a rollout in waves: another hub on the bucket takes its lease
+    over once it runs out and halts the rollout with the reason, rolling back the nodes that
+    served it; no inference request fails."""
+    from zmqmodels import protocol as P
+    from zmqmodels.defaults import STORE_POLL_S, WAVE_LEASE_S
+
+    url = s3server.url()
+    a, b = HubProcess(url, tmp_path), HubProcess(url, tmp_path)
+    nodes = [Node([a.address, b.address], ["probe"], "tcp://127.0.0.1:0", workers=1, cache=tmp_path / f"c{i}",
+                  node_id=f"n{i}").start() for i in range(2)]
+    failures: list[BaseException] = []
+    stop = threading.Event()
+
+    def ask() -> None:
+        with Client([n.address for n in nodes], timeout=10, retries=5) as c:
+            while not stop.is_set():
+                try:
+                    c.infer("probe", torch.ones(1, 4))
+                except Exception as exc:  # noqa: BLE001 - every failure counts
+                    failures.append(exc)
+    asker = threading.Thread(target=ask)
+    try:
+        v1 = HubClient(a.address, timeout=60).publish(_probe(1.0, "v1"))
+        assert HubClient(b.address).wait_for("probe", v1.seq, 2, 90)[0]
+        asker.start()
+        v2 = HubClient(a.address, timeout=60).publish(_probe(2.0, "v2"),
+                                                      plan=P.WavePlan(["1", "100%"], wave_wait_s=120))
+        assert HubClient(b.address).wait_for("probe", v2.seq, 1, 90)[0]  # the first wave serves it
+        a.kill()
+        killed = time.monotonic()
+
+        def halted() -> P.WaveStatus | None:
+            st = HubClient(b.address, timeout=5).status()
+            return next((w for w in st.rollouts if w.seq == v2.seq and w.state == "halted"), None)
+        wait_until(lambda: halted() is not None, WAVE_LEASE_S + 30, interval=0.2, what="the rollout halted")
+        took = time.monotonic() - killed
+        wave = halted()
+        assert "stopped renewing its lease" in wave.reason, wave
+        assert took < WAVE_LEASE_S + 10 * STORE_POLL_S + 10, took
+        back = HubClient(b.address).releases("probe")[-1]
+        assert back.rollback_of == v1.seq
+        ok, status = HubClient(b.address).wait_for("probe", back.seq, 2, 90)
+        assert ok, status
+        stop.set()
+        asker.join(60)
+        assert failures == [], failures[:3]
+    finally:
+        stop.set()
+        for n in nodes:
+            n.close()
         a.kill()
         b.kill()

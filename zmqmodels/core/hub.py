@@ -167,6 +167,30 @@ class HubCore:
             self._activating.pop(name, None)
         return [*self.beats()]
 
+    def take_over(self, name: str, seq: int, before: int, plan: P.WavePlan, reason: str,
+                  now: float) -> list[Action]:
+        """This hub took over the lease of a rollout in waves whose hub stopped renewing it: halt
+        it here, rolling back the nodes that serve it (the others hold it staged, unserved)."""
+        rows = [r for r in self.fleet.rows(now)
+                if r.model == name and r.state not in (P.ModelState.LOST, P.ModelState.STOPPED)]
+        wave = WaveRollout(name, seq, plan, [(r.node, r.labels) for r in rows], now, before=before)
+        self.waves[name] = wave
+        return [Log(logging.WARNING, f"{name} seq {seq}: taking over its rollout in waves: {reason}"),
+                *self._carry_waves(wave.halt(reason, now, rows))]
+
+    def lease_lost(self, name: str, holder: str) -> list[Action]:
+        """Another hub holds the lease of this hub's rollout of ``name`` now: stop driving it."""
+        wave = self.waves.get(name)
+        if wave is None or wave.state != P.WaveState.RUNNING:
+            return []
+        wave.state, wave.reason = P.WaveState.HALTED, f"hub {holder} took the rollout over"
+        self._activating.pop(name, None)
+        return [Log(logging.WARNING, f"{name} seq {wave.seq}: hub {holder} took the rollout over")]
+
+    def driving(self) -> dict[str, WaveRollout]:
+        """The rollouts in waves this hub holds (running, or ended and not yet recorded)."""
+        return dict(self.waves)
+
     def find(self, name: str, seq: int) -> Release | None:
         """The release answering ``seq`` of ``name`` if it is in memory (seq 0: the newest)."""
         latest = self.latest.get(name)

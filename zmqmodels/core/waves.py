@@ -180,6 +180,15 @@ class WaveRollout:
         if self.state == RUNNING:
             self.state, self.reason = HALTED, f"superseded by seq {seq}"
 
+    def halt(self, reason: str, now: float, rows: Sequence[P.NodeStatus]) -> list[Action]:
+        """Stop here from outside (a hub taking over an orphaned rollout): the nodes ``rows``
+        show serving this seq or newer count as activated, so the halt rolls them back."""
+        if self.state != RUNNING:
+            return []
+        self.activated = sorted({r.node for r in rows if r.model == self.name
+                                 and r.state == P.ModelState.SERVING and r.seq >= self.seq})
+        return self._halt(reason)
+
     def rolled_back(self, seq: int) -> None:
         """The halt's rollback went out as ``seq``."""
         self.rollback_seq = seq

@@ -11,8 +11,10 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from .. import defaults
 from .. import protocol as P
 from ..core.hub import HubCore, Load, RollBack, StoreActive
+from ..core.lease import WaveLease, renew
 from ..defaults import Limits
 from ..errors import StoreError, ZmqModelsError
 from ..release.catalog import Catalog
@@ -31,6 +33,7 @@ class JobsHost(Protocol):
     core: HubCore
     store: Catalog
     desk: ReleaseDesk
+    hub_id: str
     limits: Limits
 
     def carry(self, actions: list[Any]) -> None: ...
@@ -92,6 +95,11 @@ class StoreJobs:
             t0 = time.perf_counter()
             rel = self.hub.desk.put(frames[0].buffer, chunks, hdr.signature, staged=hdr.plan is not None,
                                     reuse_label=hdr.reuse_label)
+            if hdr.plan is not None:  # the lease before the first wave: no moment without one
+                m = rel.manifest
+                lease = WaveLease(m.name, m.seq, self.hub.store.active(m.name), hdr.plan, self.hub.hub_id,
+                                  time.time() + defaults.WAVE_LEASE_S)
+                self.hub.store.update(m.name, "WAVE", lambda raw: renew(raw, lease))
             return rel, time.perf_counter() - t0
 
         self._job(peer, store, lambda p, done: self._published(p, done, hdr.plan))

@@ -1,5 +1,7 @@
 """Hubs that stand in for each other: each hub on a shared store (an S3 bucket) reads there,
-every ``store_poll_s``, what the others stored and activated, and serves it as its own.
+every ``store_poll_s``, what the others stored and activated, and serves it as its own; and
+holds a lease on each rollout in waves it drives (:mod:`zmqmodels.core.lease`), taking over
+(and halting) another hub's whose lease ran out.
 
 The hub that stores a release broadcasts it (once: not every hub, which would multiply the
 fleet's bytes by the number of hubs). The others hold it as their newest within a poll, beat it
@@ -12,10 +14,14 @@ hub's store thread, never its I/O thread; what it finds is handed to the hub's c
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .. import defaults
 from ..core.hub import HubCore
+from ..core.lease import Taken, TakeOver, WaveLease, decode, orphaned, renew
+from ..core.waves import RUNNING
 from ..errors import ZmqModelsError
 from ..release.catalog import Catalog
 from ..release.manifest import Release
@@ -30,14 +36,18 @@ class Found:
     """What the store holds of one model that this hub did not know."""
 
     name: str
-    latest: Release | None  # a newer release than the hub holds (None: no newer one)
-    active: int
-    stored: dict[int, bool]  # every stored seq and whether it was published staged
+    latest: Release | None = None  # a newer release than the hub holds (None: no newer one)
+    active: int = 0
+    stored: dict[int, bool] = field(default_factory=dict)  # every stored seq, and staged or not
+    orphan: WaveLease | None = None  # a rollout in waves this hub took over (to halt)
+    reason: str = ""
+    lost_to: str = ""  # the hub that holds the lease of this hub's rollout now
 
 
 class WatchHost(Protocol):
     core: HubCore
     store: Catalog
+    hub_id: str
 
     def carry(self, actions: list[Any]) -> None: ...
     def offload(self, work: Any, then: Any, fail: Any) -> None: ...
@@ -57,7 +67,33 @@ class StoreWatch:
         self._next, self._busy = now + self.poll_s, True
         core = self.hub.core
         known = {n: (r.manifest.seq, core.active.get(n, 0)) for n, r in core.latest.items()}
-        self.hub.offload(lambda: self._scan(known), self._found, self._failed)
+        until = time.time() + defaults.WAVE_LEASE_S
+        leases = [WaveLease(w.name, w.seq, w.before, w.plan, self.hub.hub_id, until, str(w.state), w.reason)
+                  for w in core.driving().values()]
+        self.hub.offload(lambda: self._scan(known) + self._leases(leases), self._found, self._failed)
+
+    def _leases(self, mine: list[WaveLease]) -> list[Found]:
+        """Store thread: renew the leases of this hub's rollouts in waves (or record how they
+        ended); take over the running rollouts of other hubs whose leases ran out."""
+        store, out, now = self.hub.store, [], time.time()
+        for lease in mine:
+            held = decode(store.record(lease.name, "WAVE"))
+            if lease.state != str(RUNNING) and held is not None and (held.seq, held.state) == (
+                    lease.seq, lease.state):
+                continue  # its end is recorded already
+            try:
+                store.update(lease.name, "WAVE", lambda raw, lease=lease: renew(raw, lease))
+            except Taken as exc:
+                out.append(Found(lease.name, lost_to=exc.lease.holder))
+        driven = {lease.name for lease in mine if lease.state == str(RUNNING)}
+        for name in store.names():
+            if name in driven or orphaned(store.record(name, "WAVE"), self.hub.hub_id, now) is None:
+                continue
+            take = TakeOver(self.hub.hub_id, now)
+            store.update(name, "WAVE", take)
+            if take.taken is not None:
+                out.append(Found(name, orphan=take.taken, reason=take.reason))
+        return out
 
     def _scan(self, known: dict[str, tuple[int, int]]) -> list[Found]:
         """Store thread: the models whose newest or active seq moved past what the hub knew."""
@@ -76,12 +112,21 @@ class StoreWatch:
 
     def _found(self, found: list[Found]) -> None:
         self._busy, self.error = False, ""
+        core, now = self.hub.core, time.monotonic()
         for f in found:
-            if f.latest is not None:
+            if f.orphan is not None:
+                o = f.orphan
+                self.hub.carry(core.take_over(o.name, o.seq, o.before, o.plan, f.reason, now))
+                continue
+            if f.lost_to:
+                self.hub.carry(core.lease_lost(f.name, f.lost_to))
+                continue
+            held = core.latest.get(f.name)
+            if f.latest is not None and (held is None or held.manifest.seq < f.latest.manifest.seq):
                 m = f.latest.manifest
                 log.info("store: %s seq %d (%s) was stored by another hub: serving it", m.name, m.seq,
                          m.label or "-")
-            self.hub.carry(self.hub.core.adopted(f.name, f.latest, f.active, f.stored))
+            self.hub.carry(core.adopted(f.name, f.latest, f.active, f.stored))
 
     def _failed(self, exc: BaseException) -> None:
         self._busy = False

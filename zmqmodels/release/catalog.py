@@ -157,8 +157,9 @@ class Catalog(abc.ABC):
         return stored
 
     @abc.abstractmethod
-    def _update(self, name: str, record: str, change: Callable[[bytes | None], bytes]) -> bytes:
-        """Atomically replace record ``record`` of ``name`` by ``change(old)``; return it."""
+    def _update(self, name: str, record: str, change: Callable[[bytes | None], bytes | None]) -> bytes | None:
+        """Atomically replace record ``record`` of ``name`` by ``change(old)`` (None: leave it as
+        it is); return the record as it is then."""
 
     @abc.abstractmethod
     def _record(self, name: str, record: str) -> bytes | None:
@@ -237,6 +238,15 @@ class Catalog(abc.ABC):
             if not m.staged:
                 return m.seq
         return marked
+
+    def record(self, name: str, record: str) -> bytes | None:
+        """A small record of ``name`` (``WAVE``: :mod:`zmqmodels.core.lease`) as it is now."""
+        return self._record(validate_name(name), record)
+
+    def update(self, name: str, record: str, change: Callable[[bytes | None], bytes | None]) -> bytes | None:
+        """Atomically replace record ``record`` of ``name`` by ``change(old)`` (None: leave it);
+        of writers racing, each sees the others' writes (a directory: a lock; S3: If-Match)."""
+        return self._update(validate_name(name), record, change)
 
     def activate(self, name: str, seq: int) -> int:
         """Record that staged release ``seq`` of ``name`` is now active fleet-wide; return the

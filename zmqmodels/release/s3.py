@@ -98,11 +98,13 @@ class S3Store(Catalog):
         got = self._get(f"{self.prefix}{name}/{record}")
         return None if got is None else got[0]
 
-    def _update(self, name: str, record: str, change: Callable[[bytes | None], bytes]) -> bytes:
+    def _update(self, name: str, record: str, change: Callable[[bytes | None], bytes | None]) -> bytes | None:
         key = f"{self.prefix}{validate_name(name)}/{record}"
         for _ in range(_CAS_TRIES):
             got = self._get(key)
             new = change(None if got is None else got[0])
+            if new is None:
+                return None if got is None else got[0]
             cond = {"IfNoneMatch": "*"} if got is None else {"IfMatch": got[1]}
             try:
                 self._call("put_object", Key=key, Body=new, **cond)

@@ -176,9 +176,12 @@ class Store(Catalog):
         except OSError as exc:
             raise StoreError(f"cannot read {self.root / name / record}: {exc.strerror or exc}") from exc
 
-    def _update(self, name: str, record: str, change: Callable[[bytes | None], bytes]) -> bytes:
+    def _update(self, name: str, record: str, change: Callable[[bytes | None], bytes | None]) -> bytes | None:
         with self._locked(validate_name(name)) as d:
-            new = change(self._record(name, record))
+            old = self._record(name, record)
+            new = change(old)
+            if new is None:
+                return old
             atomic_write(d / record, new)
         return new
 
