@@ -14,7 +14,7 @@ PLAN = P.WavePlan(["1", "100%"], wave_wait_s=1.0)
 
 
 def lease(holder: str, until: float, seq: int = 5, state: str = "running") -> WaveLease:
-    return WaveLease("m", seq, 4, PLAN, holder, until, state)
+    return WaveLease("m", seq, 4, PLAN, holder, until, P.WaveState(state))
 
 
 def test_the_holder_renews_and_another_hub_cannot() -> None:

@@ -150,8 +150,7 @@ class HubCore:
     def adopted(self, name: str, latest: Release | None, active: int,
                 stored: dict[int, bool]) -> list[Action]:
         """Another hub on the shared store stored ``latest`` (None: nothing newer) or activated
-        ``active``: hold it as the newest, for fetches and beats (the hub that stored it
-        broadcast it); a rollout in waves here is superseded by a newer release."""
+        ``active``: hold it for fetches and beats (its storer broadcast it)."""
         self.stored.setdefault(name, {}).update(stored)
         if latest is not None:
             current = self.latest.get(name)
@@ -169,8 +168,7 @@ class HubCore:
 
     def take_over(self, name: str, seq: int, before: int, plan: P.WavePlan, reason: str,
                   now: float) -> list[Action]:
-        """This hub took over the lease of a rollout in waves whose hub stopped renewing it: halt
-        it here, rolling back the nodes that serve it (the others hold it staged, unserved)."""
+        """This hub took the lease of a rollout whose hub stopped renewing it: halt it here."""
         rows = [r for r in self.fleet.rows(now)
                 if r.model == name and r.state not in (P.ModelState.LOST, P.ModelState.STOPPED)]
         wave = WaveRollout(name, seq, plan, [(r.node, r.labels) for r in rows], now, before=before)
@@ -181,15 +179,10 @@ class HubCore:
     def lease_lost(self, name: str, holder: str) -> list[Action]:
         """Another hub holds the lease of this hub's rollout of ``name`` now: stop driving it."""
         wave = self.waves.get(name)
-        if wave is None or wave.state != P.WaveState.RUNNING:
+        if wave is None or not wave.taken_over(holder):
             return []
-        wave.state, wave.reason = P.WaveState.HALTED, f"hub {holder} took the rollout over"
         self._activating.pop(name, None)
-        return [Log(logging.WARNING, f"{name} seq {wave.seq}: hub {holder} took the rollout over")]
-
-    def driving(self) -> dict[str, WaveRollout]:
-        """The rollouts in waves this hub holds (running, or ended and not yet recorded)."""
-        return dict(self.waves)
+        return [Log(logging.WARNING, f"{name} seq {wave.seq}: {wave.reason}")]
 
     def find(self, name: str, seq: int) -> Release | None:
         """The release answering ``seq`` of ``name`` if it is in memory (seq 0: the newest)."""

@@ -31,7 +31,7 @@ class WaveLease(msgspec.Struct, frozen=True):
     plan: P.WavePlan
     holder: str
     until: float  # wall-clock seconds; the lease is the holder's until then
-    state: str = "running"  # "running", or the wave's final state ("done", "halted")
+    state: P.WaveState = P.WaveState.RUNNING  # or how the rollout ended
     reason: str = ""
 
 
@@ -64,7 +64,7 @@ def renew(raw: bytes | None, mine: WaveLease) -> bytes:
 def orphaned(raw: bytes | None, me: str, now: float) -> WaveLease | None:
     """A running rollout whose holder (not this hub) let its lease run out, else None."""
     held = decode(raw)
-    if held is None or held.state != "running" or held.holder == me or held.until > now:
+    if held is None or held.state != P.WaveState.RUNNING or held.holder == me or held.until > now:
         return None
     return held
 
@@ -86,5 +86,5 @@ class TakeOver:
         if held is None:
             return None
         self.reason = f"hub {held.holder} driving the rollout stopped renewing its lease"
-        return msgspec.json.encode(msgspec.structs.replace(held, holder=self.me, state="halted",
+        return msgspec.json.encode(msgspec.structs.replace(held, holder=self.me, state=P.WaveState.HALTED,
                                                            reason=self.reason))

@@ -189,6 +189,13 @@ class WaveRollout:
                                  and r.state == P.ModelState.SERVING and r.seq >= self.seq})
         return self._halt(reason)
 
+    def taken_over(self, holder: str) -> bool:
+        """Another hub took this rollout's lease: stop here (True if it was running)."""
+        if self.state != RUNNING:
+            return False
+        self.state, self.reason = HALTED, f"hub {holder} took the rollout over"
+        return True
+
     def rolled_back(self, seq: int) -> None:
         """The halt's rollback went out as ``seq``."""
         self.rollback_seq = seq

@@ -68,8 +68,8 @@ class StoreWatch:
         core = self.hub.core
         known = {n: (r.manifest.seq, core.active.get(n, 0)) for n, r in core.latest.items()}
         until = time.time() + defaults.WAVE_LEASE_S
-        leases = [WaveLease(w.name, w.seq, w.before, w.plan, self.hub.hub_id, until, str(w.state), w.reason)
-                  for w in core.driving().values()]
+        leases = [WaveLease(w.name, w.seq, w.before, w.plan, self.hub.hub_id, until, w.state, w.reason)
+                  for w in core.waves.values()]
         self.hub.offload(lambda: self._scan(known) + self._leases(leases), self._found, self._failed)
 
     def _leases(self, mine: list[WaveLease]) -> list[Found]:
@@ -78,14 +78,14 @@ class StoreWatch:
         store, out, now = self.hub.store, [], time.time()
         for lease in mine:
             held = decode(store.record(lease.name, "WAVE"))
-            if lease.state != str(RUNNING) and held is not None and (held.seq, held.state) == (
+            if lease.state != RUNNING and held is not None and (held.seq, held.state) == (
                     lease.seq, lease.state):
                 continue  # its end is recorded already
             try:
                 store.update(lease.name, "WAVE", lambda raw, lease=lease: renew(raw, lease))
             except Taken as exc:
                 out.append(Found(lease.name, lost_to=exc.lease.holder))
-        driven = {lease.name for lease in mine if lease.state == str(RUNNING)}
+        driven = {lease.name for lease in mine if lease.state == RUNNING}
         for name in store.names():
             if name in driven or orphaned(store.record(name, "WAVE"), self.hub.hub_id, now) is None:
                 continue
