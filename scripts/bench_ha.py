@@ -48,11 +48,12 @@ def pct(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))] if s else 0.0
 
 
-def hub_process(store: str, log: Path) -> tuple[subprocess.Popen, str]:
+def hub_process(store: str, log: Path, address: str = "") -> tuple[subprocess.Popen, str]:
+    """A hub process on ``address`` (default: a free port pair), answering."""
     from zmqmodels import HubClient
     from zmqmodels.errors import DeadlineError, RemoteError
 
-    address = f"tcp://127.0.0.1:{free_port_pair()}"
+    address = address or f"tcp://127.0.0.1:{free_port_pair()}"
     with open(log, "a") as out:
         p = subprocess.Popen([sys.executable, "-m", "zmqmodels", "hub", "--bind", address, "--store", store,
                               "--heartbeat", "0.25"], env={**os.environ, "PYTHONPATH": ROOT}, stdout=out,
@@ -64,7 +65,7 @@ def hub_process(store: str, log: Path) -> tuple[subprocess.Popen, str]:
             return True
         except (DeadlineError, RemoteError):
             return False
-    wait_until(up, 60, interval=0.1, what="the hub")
+    wait_until(up, 60, interval=0.1, what="the hub")  # (a port still in TIME_WAIT: retried)
     return p, address
 
 
@@ -111,19 +112,34 @@ def store_vs_local(s3: SeaweedS3, tmp: Path, size_mb: int, rounds: int) -> dict:
     return out
 
 
+def answering(addresses: list[str]) -> None:
+    """Every node answers an inference now (its workers are up, not only its front)."""
+    import numpy as np
+
+    from zmqmodels import Client
+
+    for a in addresses:
+        with Client(a, timeout=30, retries=5, arrays="numpy") as c:
+            c.infer("probe", np.ones((1, 4), np.float32))
+
+
 def failover(s3: SeaweedS3, tmp: Path, kills: int) -> list[float]:
+    """Kill -9 one hub of two, publish the next release through a client listing both, time
+    it to every node serving; the killed hub comes back on its address (nodes reconnect)."""
     from zmqmodels import HubClient, build_release, compile_model
 
     url = s3.url()
     hubs = [hub_process(url, tmp / "ha.log") for _ in range(2)]
     addresses = [a for _, a in hubs]
-    nodes = [node_process(addresses, free_port(), tmp / f"fo{i}", f"fo{i}") for i in range(2)]
+    ports = [free_port() for _ in range(2)]
+    nodes = [node_process(addresses, p, tmp / f"fo{i}", f"fo{i}") for i, p in enumerate(ports)]
     module = compile_model(Probe(1.0), probe_examples())
     both = HubClient(addresses, timeout=30)
     times = []
     try:
         first = both.publish(build_release(module, "probe", "base"), rebase=False)
         assert both.wait_for("probe", first.seq, 2, 120)[0]
+        answering([f"tcp://127.0.0.1:{p}" for p in ports])
         for k in range(kills):
             victim = k % 2
             kill(hubs[victim][0])
@@ -135,12 +151,9 @@ def failover(s3: SeaweedS3, tmp: Path, kills: int) -> list[float]:
             if not ok:
                 rows = [(n.node, str(n.state), n.seq, n.last_error or n.reason) for n in st.nodes]
                 print(f"failover {k}: seq {done.seq} not served by both nodes: {rows}", file=sys.stderr)
-            hubs[victim] = hub_process(url, tmp / "ha.log")
-            addresses[victim] = hubs[victim][1]
-            for n in nodes:
-                kill(n)
-            nodes = [node_process(addresses, free_port(), tmp / f"fo{i}", f"fo{i}") for i in range(2)]
+            hubs[victim] = hub_process(url, tmp / "ha.log", addresses[victim])
             assert HubClient(addresses, timeout=30).wait_for("probe", done.seq, 2, 120)[0]
+            answering([f"tcp://127.0.0.1:{p}" for p in ports])
     finally:
         for n in nodes:
             kill(n)

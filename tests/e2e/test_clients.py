@@ -115,6 +115,7 @@ def test_a_node_killed_under_three_node_clients_costs_retries_not_failures(tmp_p
                     while not stop.is_set():
                         got = await c.infer_many("probe", [X] * 16, in_flight=8, return_exceptions=True)
                         errors.extend(r for r in got if isinstance(r, BaseException))
+                        served.extend(r.node for r in got if not isinstance(r, BaseException))
                         retried[0] += sum(r.attempts > 1 for r in got if not isinstance(r, BaseException))
                         done += len(got)
                     return done

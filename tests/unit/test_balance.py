@@ -11,7 +11,7 @@ from zmqmodels.core.balance import SUSPECT_MAX_S, SUSPECT_S, Balancer
 NODES = ["a", "b", "c"]
 
 
-def test_least_loaded_then_fastest_then_longest_unused() -> None:
+def test_least_loaded_then_longest_unused() -> None:
     b = Balancer(NODES)
     b.sent("a", 0.0)
     b.sent("b", 0.1)
@@ -20,7 +20,14 @@ def test_least_loaded_then_fastest_then_longest_unused() -> None:
     b.answered("a", 0.050, 1)
     b.answered("b", 0.010, 1)
     b.answered("c", 0.030, 1)
-    assert b.pick(1.0) == "b"  # all idle: the fastest
+    assert b.pick(1.0) == "a"  # all idle: the one used longest ago, not the fastest
+    picked = []
+    for t in range(6):  # one request at a time goes round every node
+        node = b.pick(2.0 + t)
+        b.sent(node, 2.0 + t)
+        b.answered(node, 0.01, 1)
+        picked.append(node)
+    assert sorted(picked[:3]) == NODES and picked[3:] == picked[:3]
 
 
 def test_a_failing_node_backs_off_doubling_and_an_answer_restores_it() -> None:

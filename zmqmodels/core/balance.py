@@ -5,8 +5,9 @@ timed out, refused the connection, answered a retryable error or "seq not here")
 and asks it where the next attempt goes. Rules:
 
 - **Least loaded**: the live node with the fewest requests in flight from this client, then the
-  lowest smoothed latency (what a single-threaded client can see of a node's load), then the one
-  used longest ago.
+  one used longest ago (so a client with one request at a time goes round the nodes, and a node
+  back from a failure gets its share at once; latency is kept for the record, not for choosing:
+  chasing the fastest node would pile every client onto it).
 - **Skip the failing**: a node that timed out, refused the connection or answered a retryable
   error (``not_ready``, ``worker_lost``, ``unavailable``, ``busy``) is out of rotation for a
   back-off (``SUSPECT_S``, doubling per failure in a row up to ``SUSPECT_MAX_S``); an answer
@@ -64,8 +65,7 @@ class Balancer:
         live = [p for p in fresh if p.live(now)]
         if not live:
             return min(fresh, key=lambda p: (p.out_until, p.last_used)).address
-        best = min(live, key=lambda p: (seq not in p.served if seq else False, p.in_flight, p.latency_s,
-                                         p.last_used))
+        best = min(live, key=lambda p: (seq not in p.served if seq else False, p.in_flight, p.last_used))
         return best.address
 
     def sent(self, address: str, now: float) -> None:
