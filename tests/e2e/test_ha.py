@@ -45,6 +45,18 @@ class HubProcess:
         self.log.close()
 
 
+def _asker(addresses: list[str], failures: list[BaseException], stop: threading.Event) -> threading.Thread:
+    """A thread inferring back to back through ``addresses`` until ``stop``; every failure kept."""
+    def ask() -> None:
+        with Client(addresses, timeout=10, retries=5) as c:
+            while not stop.is_set():
+                try:
+                    c.infer("probe", torch.ones(1, 4))
+                except Exception as exc:  # noqa: BLE001 - every failure counts
+                    failures.append(exc)
+    return threading.Thread(target=ask)
+
+
 def _probe(scale: float, label: str, ballast_mb: int = 0):  # noqa: ANN202
     return build_release(compile_model(Probe(scale, ballast_mb), probe_examples()), "probe", label,
                          codec="none")
@@ -60,15 +72,7 @@ def test_a_hub_killed_mid_broadcast_the_other_completes_it_with_no_failed_reques
                 node_id="n").start()
     failures: list[BaseException] = []
     stop = threading.Event()
-
-    def ask() -> None:
-        with Client(node.address, timeout=10, retries=5) as c:
-            while not stop.is_set():
-                try:
-                    c.infer("probe", torch.ones(1, 4))
-                except Exception as exc:  # noqa: BLE001 - every failure counts
-                    failures.append(exc)
-    asker = threading.Thread(target=ask)
+    asker = _asker([node.address], failures, stop)
     try:
         both = HubClient([a.address, b.address], timeout=30)
         v1 = HubClient(a.address, timeout=60).publish(_probe(1.0, "v1"))
@@ -157,15 +161,7 @@ def test_a_hub_killed_mid_wave_another_halts_the_rollout_within_its_lease(s3serv
                   node_id=f"n{i}").start() for i in range(2)]
     failures: list[BaseException] = []
     stop = threading.Event()
-
-    def ask() -> None:
-        with Client([n.address for n in nodes], timeout=10, retries=5) as c:
-            while not stop.is_set():
-                try:
-                    c.infer("probe", torch.ones(1, 4))
-                except Exception as exc:  # noqa: BLE001 - every failure counts
-                    failures.append(exc)
-    asker = threading.Thread(target=ask)
+    asker = _asker([n.address for n in nodes], failures, stop)
     try:
         v1 = HubClient(a.address, timeout=60).publish(_probe(1.0, "v1"))
         assert HubClient(b.address).wait_for("probe", v1.seq, 2, 90)[0]
