@@ -149,6 +149,11 @@ def source_options(fn: Any) -> Any:
                      help="Compile by tracing, not scripting (one example suffices; a fallback "
                           "to tracing needs two that differ in every input)."),
         click.option("--meta", multiple=True, help="KEY=VALUE metadata; repeatable."),
+        click.option("--format", "formats", multiple=True, metavar="torchscript|pt2",
+                     help="Release format: torchscript (default), pt2 (torch.export + AOTInductor, "
+                          "the weights kept apart from the compiled code), or both (repeat it, or "
+                          "torchscript,pt2: one release carrying both; nodes serve the pt2 package "
+                          "where it was compiled for their device, else the TorchScript)."),
         click.option("--batching", type=click.Choice(["auto", "on", "off"]), default="auto",
                      show_default=True,
                      help="auto: prove on the examples whether requests may be joined into one forward "
@@ -167,7 +172,8 @@ defaults_of_compile = (None, "", (), False, "auto", defaults.CHUNK_BYTES / 2**20
 def build_from_options(source: str, name: str, label: str, weights: str | None,
                        example_specs: tuple[str, ...], example_file: str | None, codec: str,
                        chunk_mb: float, no_trace: bool, trace: bool, meta: tuple[str, ...],
-                       batching: str = "auto", max_batch: int = defaults.PROOF_MAX_BATCH,
+                       formats: tuple[str, ...] = (), batching: str = "auto",
+                       max_batch: int = defaults.PROOF_MAX_BATCH,
                        progress: Any = None, timings: dict[str, float] | None = None,
                        base: Any = None, base_release: Any = None) -> Any:
     """:func:`zmqmodels.model.build.build_from_source` from CLI options. ``base``: the manifest of the
@@ -187,6 +193,13 @@ def build_from_options(source: str, name: str, label: str, weights: str | None,
         metadata = parse_metadata(meta)
     except SourceError as exc:
         raise click.BadParameter(str(exc), param_hint="--meta") from None
+    from ..errors import CompileError
+    from ..model.pt2 import parse_formats
+
+    try:
+        formats = parse_formats(formats or ("torchscript",))
+    except CompileError as exc:
+        raise click.BadParameter(str(exc), param_hint="--format") from None
     import sys
 
     def chunk_bar(done: int, total: int) -> None:  # a live counter on a terminal only
@@ -203,7 +216,7 @@ def build_from_options(source: str, name: str, label: str, weights: str | None,
                              allow_trace=not no_trace, method="trace" if trace else "auto",
                              metadata=metadata, progress=progress,
                              chunk_progress=chunk_bar, timings=timings, batching=batching,
-                             max_batch=max_batch)
+                             max_batch=max_batch, formats=formats)
 
 
 def built_release(source: str, name: str | None, **compile_opts: Any) -> Any:

@@ -69,6 +69,7 @@ def build_from_source(
     max_batch: int = defaults.PROOF_MAX_BATCH,
     base_examples: Manifest | None = None,
     base: Callable[[], Base | None] | None = None,
+    formats: Sequence[str] = ("torchscript",),
 ) -> Release:
     """Load ``source`` (``module:factory``, a ``.py`` file with a factory, or a TorchScript
     file), compile it on its examples and build a release named ``name``.
@@ -80,7 +81,8 @@ def build_from_source(
     ``chunk_progress(done, total)`` each compressed chunk. ``timings`` receives the seconds
     of each step: ``import`` (torch, if this process had not imported it), ``load``,
     ``compile``, ``parity``, ``batching``, ``build`` and ``compress``. ``base``: as
-    :func:`build_release`.
+    :func:`build_release`. ``formats``: ``torchscript``, ``pt2`` or both (one release
+    carrying both, :mod:`zmqmodels.model.pt2`).
     """
     import time
 
@@ -97,7 +99,7 @@ def build_from_source(
     examples = _examples(examples, example_file, example_specs, base_examples, say)
     t["load"] = time.perf_counter() - t0
     say("compiling")
-    compiled = compile_model(module, examples, allow_trace=allow_trace, method=method)
+    compiled = compile_model(module, examples, allow_trace=allow_trace, method=method, formats=formats)
     t["compile"], t["parity"] = compiled.compile_s, compiled.parity_s
     _say_compiled(compiled, say)
     release = build_release(compiled, name, label, codec=codec, chunk_bytes=chunk_bytes,
@@ -120,10 +122,18 @@ def _import_torch() -> float:
 
 
 def _say_compiled(compiled: Compiled, say: Callable[[str], None]) -> None:
+    from . import jit
+
     say(f"compiled by {compiled.method}, parity max abs diff {compiled.max_abs_diff:.3g} "
         f"on {len(compiled.examples)} example(s)")
+    if compiled.pt2 is not None:
+        p = compiled.pt2
+        say(f"pt2: exported in {p.export_s:.1f} s, compiled by AOTInductor in {p.aoti_s:.1f} s for "
+            f"{', '.join(p.devices)}, package {len(p.package):,} B without its weights")
     for w in compiled.warnings:
         say(f"warning: {w}")
+    if line := jit.take_line():
+        say(line)
     say("compressing")
 
 
@@ -170,7 +180,7 @@ def _prove(compiled: Compiled, name: str, batching: str, max_batch: int) -> Batc
     rows = sum(int(ex[0].shape[0]) if ex and isinstance(ex[0], torch.Tensor) and ex[0].dim() else 1
                for ex in compiled.examples) or 1
     budget = max(defaults.PROOF_MIN_S, defaults.PROOF_SHARE * (compiled.compile_s + compiled.parity_s))
-    proof = prove_batching(compiled.module, compiled.examples,
+    proof = prove_batching(compiled.runner, compiled.examples,
                            max_batch=0 if batching == "off" else min(max_batch, MAX_BATCH_CLAIM),
                            budget_s=None if batching == "on" else budget,
                            outputs=compiled.outputs, row_s=compiled.parity_s / (2 * rows))
@@ -210,8 +220,7 @@ def build_release(
     validate_name(name)
     if batching not in ("auto", "on", "off"):
         raise ReleaseError(f"batching must be auto, on or off, not {batching!r}")
-    require_finite({**dict(compiled.module.named_parameters()), **dict(compiled.module.named_buffers())},
-                   f"{name}'s weights")
+    require_finite(compiled.state, f"{name}'s weights")
     t0 = time.perf_counter()
     proof = _prove(compiled, name, batching, max_batch)
     t = timings if timings is not None else {}
@@ -239,14 +248,32 @@ def build_release(
 
 
 def _saved(compiled: Compiled) -> tuple[Any, str, list[Any]]:
-    """``(archive, code digest, tensor descriptors)``: ``compiled`` saved into memory."""
-    import torch
-
+    """``(archive, code digest, tensor descriptors)``: ``compiled`` saved into memory: the
+    TorchScript archive, the pt2 package with its weights as entries, or the TorchScript
+    archive with the package (no weights) as its extra file ``extra/aoti.pt2``."""
     from ..release.archive import describe_tensors
+    from . import jit
+    from .pt2 import DUAL_ENTRY, container
 
-    buf = io.BytesIO()
-    torch.jit.save(compiled.module, buf)
-    return (buf.getbuffer(), *describe_tensors(buf.getbuffer()))
+    archive: Any
+    if compiled.module is None:
+        assert compiled.pt2 is not None
+        archive = container(compiled.pt2.package, compiled.pt2.constants, compiled.pt2.parameters)
+    else:
+        extra = {}
+        if compiled.pt2 is not None:
+            ours = compiled.state
+            strangers = [k for k, t in compiled.pt2.constants.items()
+                         if k not in ours or tuple(ours[k].shape) != tuple(t.shape)]
+            if strangers:
+                raise ReleaseError(f"the pt2 package needs constants the TorchScript module does not "
+                                   f"hold ({', '.join(strangers[:5])}): publish --format pt2 alone")
+            extra[DUAL_ENTRY] = compiled.pt2.package
+        buf = io.BytesIO()
+        jit.call("save", compiled.module, buf, _extra_files=extra)
+        archive = buf.getbuffer()  # no copy: 100 MB saved once
+    code, tensors = describe_tensors(archive)
+    return archive, code, tensors
 
 
 def _manifest(compiled: Compiled, name: str, label: str, archive: Any, code: str, tensors: list[Any],
@@ -257,9 +284,10 @@ def _manifest(compiled: Compiled, name: str, label: str, archive: Any, code: str
     import torch
 
     from ..protocol.tensors import signature
+    from .pt2 import format_of
     from .trees import input_signature
 
-    params = list(compiled.module.parameters())
+    params = compiled.parameters
     return Manifest(
         name=name,
         label=label,
@@ -286,6 +314,8 @@ def _manifest(compiled: Compiled, name: str, label: str, archive: Any, code: str
         expected=pack_tensors(list(compiled.outputs)),
         metadata=dict(metadata or {}),
         batch=batch,
+        format=format_of(compiled.formats),
+        devices=list(compiled.pt2.devices) if compiled.pt2 is not None else [],
     )
 
 
@@ -308,7 +338,7 @@ def _codec(codec: str | CodecSpec, archive: Any, compiled: Compiled, chunk_bytes
     """The codec ``codec`` names (``auto``: chosen on a sample of ``archive``)."""
     if not isinstance(codec, str):
         return codec
-    state = list(compiled.module.parameters()) + list(compiled.module.buffers())
+    state = list(compiled.state.values())
     by_size: dict[int, int] = {}
     for x in state:
         by_size[x.element_size()] = by_size.get(x.element_size(), 0) + x.numel() * x.element_size()

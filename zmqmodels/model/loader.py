@@ -1,11 +1,15 @@
 """Load a verified archive, check it on the manifest's examples, warm it up.
 
 Loads from a file path when there is one: ``torch.jit.load`` from a path is 2-8x faster than
-from a ``BytesIO`` and it holds the GIL throughout, stalling every thread of the process.
+from a ``BytesIO`` and it holds the GIL throughout, stalling every thread of the process. A
+``pt2`` release (``model/pt2.py``) is loaded with ``aoti_load_package`` from that path and its
+constants bound to views of the same file (no copy); a node whose device the package was not
+compiled for serves the TorchScript part of a dual-format release, or refuses it with a reason.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import mmap
 import os
@@ -16,6 +20,7 @@ from typing import Any
 
 from ..errors import CheckError, ZmqModelsError
 from ..release.manifest import Manifest, unpack_tensors
+from .pt2 import Pt2Module
 from .slot import Loaded
 
 __all__ = ["load_release", "apply_weights", "share_weights", "map_shared", "alias_tensors", "spare_of",
@@ -43,22 +48,41 @@ def load_release(manifest: Manifest, source: str | os.PathLike[str] | Any, devic
     Raises :class:`CheckError` if the model raises on an example, returns NaN/Inf, or differs
     from the expected outputs beyond the tolerance for its dtype and device.
     """
-    import torch
-
+    from ..release.archive import code_digest
+    from . import jit
+    from .pt2 import open_pt2, serve_format
 
     t0 = time.perf_counter()
-    try:
-        if isinstance(source, str | os.PathLike):
-            module = torch.jit.load(os.fspath(source), map_location=device)
-        else:
-            module = torch.jit.load(io.BytesIO(source), map_location=device)
-    except Exception as exc:
-        raise CheckError(f"torch.jit.load failed: {str(exc).strip().splitlines()[0]}") from exc
+    shared = 0
+    if serve_format(manifest, device) == "pt2":
+        with _as_file(source) as path:
+            module, shared = open_pt2(manifest, path, device)
+    else:
+        try:
+            if isinstance(source, str | os.PathLike):
+                module = jit.call("load", os.fspath(source), map_location=device)
+            else:
+                module = jit.call("load", io.BytesIO(source), map_location=device)
+        except Exception as exc:
+            raise CheckError(f"torch.jit.load failed: {str(exc).strip().splitlines()[0]}") from exc
     module.eval()
-    from ..release.archive import code_digest
-
     code = code_digest(os.fspath(source) if isinstance(source, str | os.PathLike) else source)
-    return _checked(module, manifest, device, time.perf_counter() - t0, code, "load", warmup, batch_known)
+    loaded = _checked(module, manifest, device, time.perf_counter() - t0, code, "load", warmup, batch_known)
+    return replace(loaded, shared_bytes=shared) if shared else loaded
+
+
+@contextlib.contextmanager
+def _as_file(source: Any) -> Any:
+    """A path holding ``source`` (a path already, or bytes written to a private file)."""
+    if isinstance(source, str | os.PathLike):
+        yield os.fspath(source)
+        return
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(prefix="zmqmodels-", suffix=".pt2") as f:
+        f.write(source)
+        f.flush()
+        yield f.name
 
 
 def apply_weights(previous: Loaded, manifest: Manifest, path: str | os.PathLike[str], *,
@@ -83,6 +107,10 @@ def apply_weights(previous: Loaded, manifest: Manifest, path: str | os.PathLike[
 
     t0 = time.perf_counter()
     path = os.fspath(path)
+    if not _same_part(previous, manifest):
+        return None  # another part of the release serves here (or none): the full load says which
+    if isinstance(previous.module, Pt2Module):
+        return _apply_pt2(previous, manifest, path, into, shared, batch_known)
     try:
         if not previous.code or code_digest(path) != previous.code:
             return None
@@ -119,6 +147,40 @@ def apply_weights(previous: Loaded, manifest: Manifest, path: str | os.PathLike[
     return replace(loaded, shared_bytes=manifest_bytes(manifest)) if mapped else loaded
 
 
+def _same_part(previous: Loaded, manifest: Manifest) -> bool:
+    """Whether ``manifest`` is served here by the same part (format) as ``previous``."""
+    from .pt2 import serve_format
+
+    try:
+        return serve_format(manifest, previous.device) == previous.format
+    except CheckError:
+        return False
+
+
+def _apply_pt2(previous: Loaded, manifest: Manifest, path: str, into: Any,
+               shared: str | os.PathLike[str] | None, batch_known: tuple[int, str] | None) -> Loaded | None:
+    """:func:`apply_weights` for a pt2 package: ``into`` (a spare runner of the package,
+    loaded once with the first release of this code, or else a new one: never a recompile)
+    is bound to the new file's tensors and checked; the serving runner is never touched."""
+    from ..release.archive import code_digest
+    from .pt2 import mapped_views
+
+    t0 = time.perf_counter()
+    try:
+        if not previous.code or code_digest(path) != previous.code:
+            return None
+    except (ZmqModelsError, OSError, ValueError):
+        return None
+    views = mapped_views(manifest, os.fspath(shared) if shared is not None else path)
+    if views is None:
+        return None
+    module = into if isinstance(into, Pt2Module) else previous.module.spare()
+    module.bind(views.tensors, views)
+    loaded = _checked(module, manifest, previous.device, time.perf_counter() - t0, previous.code, "apply",
+                      batch_known=batch_known)
+    return replace(loaded, shared_bytes=views.nbytes if previous.device.startswith("cpu") else 0)
+
+
 def manifest_bytes(manifest: Manifest) -> int:
     return sum(t.nbytes for t in manifest.tensors)
 
@@ -131,6 +193,8 @@ def share_weights(loaded: Loaded, path: str | os.PathLike[str]) -> int:
     was. Returns the bytes now shared (0: nothing changed)."""
     if not loaded.device.startswith("cpu"):
         return 0
+    if isinstance(loaded.module, Pt2Module):  # bound to its cache file's bytes when loaded
+        return loaded.shared_bytes
     return map_shared(loaded.module, loaded.manifest, path)
 
 
@@ -139,6 +203,9 @@ def alias_tensors(module: Any, like: Any) -> None:
     holds no bytes of its own."""
     import torch
 
+    if isinstance(module, Pt2Module):
+        module.bind(like.views.tensors, like.views)
+        return
     theirs = dict(like.named_parameters())
     theirs.update(dict(like.named_buffers()))
     with torch.no_grad():
@@ -156,6 +223,8 @@ def spare_of(module: Any) -> Any:
 
     import torch
 
+    if isinstance(module, Pt2Module):
+        return module.spare()
     own = [*module.named_parameters(), *module.named_buffers()]
     kept = [t.data for _, t in own]
     with torch.no_grad():
@@ -248,4 +317,5 @@ def _checked(module: Any, manifest: Manifest, device: str, load_s: float, code: 
                  tuple([-1, *list(w.get("shape") or [])[1:]]) if w.get("shape") else ())
                 for w in manifest.inputs)
     return Loaded(module, manifest, device, load_s, time.perf_counter() - t1, sig, code, how,
-                  batch=batch, batch_note=note)
+                  batch=batch, batch_note=note,
+                  format="pt2" if isinstance(module, Pt2Module) else "torchscript")

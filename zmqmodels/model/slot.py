@@ -32,6 +32,7 @@ class Loaded:
     shared_bytes: int = 0  # weight bytes mapped from the node's cache file (loader.share_weights)
     batch: int = 1  # the most rows joined in one forward (the manifest's claim, checked here)
     batch_note: str = ""  # why it joins fewer than the manifest claims
+    format: str = "torchscript"  # the part of the release it runs ("pt2": its AOTInductor package)
 
     @property
     def version(self) -> tuple[str, int]:

@@ -36,6 +36,7 @@ from ..errors import ReleaseError, ZmqModelsError
 from ..release.archive import TensorDesc, set_crcs
 from ..release.manifest import Release, pack_tensors, unpack_tensors
 from ..release.rebase import Base, aligned, delta_line, on_base, rebase, unlike
+from .pt2 import Pt2Module
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,10 @@ def check_weights(base: Base, archive: bytearray, state: Mapping[str, Any], eage
     device = str(first.device) if first is not None else "cpu"
     module = base.module
     if module is None:
-        module = torch.jit.load(io.BytesIO(archive), map_location="cpu").eval()
+        module = _open(m, archive)
+    elif isinstance(module, Pt2Module):
+        module.bind({**module.named_constants(), **{k: x.detach().to("cpu").contiguous()
+                                                   for k, x in state.items()}})
     else:
         own = dict(module.named_parameters())
         own.update(dict(module.named_buffers()))
@@ -116,6 +120,25 @@ def check_weights(base: Base, archive: bytearray, state: Mapping[str, Any], eage
         raise ReleaseError(f"new weights of {m.name} fail the check: {exc}") from None
     base.module = module
     return outs
+
+
+def _open(m: Any, archive: Any) -> Any:
+    """The code of release ``m`` holding ``archive``'s weights, on the CPU: its pt2 package
+    when it carries one for the CPU (nothing of torch.jit needed), else its TorchScript."""
+    import os
+    import tempfile
+
+    from . import jit
+    from .pt2 import open_pt2, serve_format
+
+    if serve_format(m, "cpu") == "pt2":
+        with tempfile.TemporaryDirectory(prefix="zmqmodels-weights-") as d:
+            path = os.path.join(d, "release.pt2")
+            with open(path, "wb") as f:
+                f.write(archive)
+            # mapped, so the file may go; the bytes are the new weights this process wrote
+            return open_pt2(m, path, "cpu", workdir=d, verify=False)[0]
+    return jit.call("load", io.BytesIO(archive), map_location="cpu").eval()
 
 
 def _run_examples(module: Any, m: Any, eager: Any, device: str) -> list[Any]:
@@ -227,8 +250,8 @@ class WeightsPublisher:
         st = self._hub.status()
         head = self._head(name, st)
         kept = self._bases.get(name)
-        if isinstance(eager, torch.nn.Module) and (kept is None or kept.release.manifest.archive_sha256
-                                                   != head.archive_sha256):
+        if isinstance(eager, torch.nn.Module) and head.format == "torchscript" and (
+                kept is None or kept.release.manifest.archive_sha256 != head.archive_sha256):
             done = self._from_module(head, eager, label or auto_label(head, st), metadata, publish_kw)
             if done is not None:  # the module's own code is the base's: no fetch, no load
                 if timings is not None:

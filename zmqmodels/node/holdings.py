@@ -26,6 +26,7 @@ import torch
 from .. import protocol as P
 from ..errors import IntegrityError, ZmqModelsError
 from ..model.loader import alias_tensors, apply_weights, load_release, share_weights, spare_of
+from ..model.pt2 import Pt2Module
 from ..model.slot import Loaded, ModelSlot
 from ..release.cache import Cache
 from ..release.manifest import decode_manifest
@@ -131,21 +132,24 @@ class Holdings:
     def _swapped(self, name: str, loaded: Loaded, cpu_s: float, why: str = "") -> P.LoadResult:
         old = self.slots[name].swap(loaded)
         spare = self.spares.get(name)
-        if spare is not None and spare.code != loaded.code:
+        if spare is not None and (spare.code, spare.format) != (loaded.code, loaded.format):
             del self.spares[name]  # of the code replaced: no update will fit it
-        if self.map_cache and old is not None and old.code == loaded.code and loaded.shared_bytes:
+        if (self.map_cache or isinstance(loaded.module, Pt2Module)) and old is not None and \
+                (old.code, old.format) == (loaded.code, loaded.format) and loaded.shared_bytes:
             alias_tensors(old.module, loaded.module)  # idle now: it keeps no weights of its own
             self.spares[name] = old  # the next update points it at its cache file
         m = loaded.manifest
         return P.LoadResult(self.worker_id, name, m.seq, m.label, True, "",
                             round(loaded.load_s, 4), round(loaded.check_s, 4), how=loaded.how,
                             shared_bytes=loaded.shared_bytes, batch=loaded.batch,
-                            batch_note=loaded.batch_note, cpu_s=round(cpu_s, 4), why=why)
+                            batch_note=loaded.batch_note, cpu_s=round(cpu_s, 4), why=why,
+                            format=loaded.format)
 
     def _apply(self, previous: Loaded, m: Any, path: Path) -> Loaded:
         """New weights into the spare module (or a copy of the serving one), else a full load."""
         spare = self.spares.pop(m.name, None)
-        into = spare.module if spare is not None and spare.code == previous.code else None
+        into = spare.module if spare is not None and (spare.code, spare.format) == \
+            (previous.code, previous.format) else None
         shared = self.cache.path(m.name, m.seq) if self.map_cache else None
         loaded = apply_weights(previous, m, path, into=into, shared=shared,
                                batch_known=self._batch_checked.get((previous.code, m.batch)))
@@ -180,7 +184,7 @@ class Holdings:
         for name, slot in self.slots.items():
             cur = slot.current()
             if cur is not None:
-                out[name] = P.Held(cur.manifest.seq, cur.manifest.label, cur.batch)
+                out[name] = P.Held(cur.manifest.seq, cur.manifest.label, cur.batch, cur.format)
         return out
 
     # -- inference ---------------------------------------------------------------------------

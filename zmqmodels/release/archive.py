@@ -26,7 +26,8 @@ import msgspec
 from ..errors import ReleaseError
 
 __all__ = ["TensorInfo", "tensor_table", "tensor_spans", "data_offset", "set_crcs", "code_digest",
-           "describe_tensors", "storages", "TensorDesc"]
+           "describe_tensors", "storages", "TensorDesc",
+           "PT2_CONSTANTS", "read_constants"]
 
 _STORAGE_DTYPES = {
     "FloatStorage": "float32", "DoubleStorage": "float64", "HalfStorage": "float16",
@@ -145,12 +146,14 @@ def _members(z: zipfile.ZipFile, prefix: str) -> dict[str, tuple[list[str], list
 
 def tensor_table(archive: Any) -> list[TensorInfo]:
     """The parameters, then the buffers, of a TorchScript archive (bytes, a buffer or a path),
-    in ``named_parameters()`` / ``named_buffers()`` order. :class:`ReleaseError` if it is not
-    one this reader understands."""
+    in ``named_parameters()`` / ``named_buffers()`` order; the constants of a ``pt2`` archive
+    in its table's order. :class:`ReleaseError` if it is not one this reader understands."""
     source = archive if isinstance(archive, str) else _Reader(archive)
     try:
         with zipfile.ZipFile(source) as z:
             pkl = next((n for n in z.namelist() if n.endswith("/data.pkl") and n.count("/") == 1), None)
+            if pkl is None and PT2_CONSTANTS in z.namelist():
+                return _pt2_table(z)
             if pkl is None:
                 raise ReleaseError("not a TorchScript archive: no data.pkl")
             prefix = pkl[: -len("data.pkl")]
@@ -180,6 +183,36 @@ def tensor_table(archive: Any) -> list[TensorInfo]:
         raise ReleaseError("not a TorchScript module archive")
     walk(root, "", 0)
     return params + buffers
+
+
+PT2_CONSTANTS = "model/zmq/constants.json"  # a pt2 release archive's table of constants (model/pt2.py)
+
+
+def _pt2_table(z: zipfile.ZipFile) -> list[TensorInfo]:
+    """The constants of a ``pt2`` release archive (``model/pt2.py``), as its table says."""
+    out = []
+    for c in read_constants(z):
+        if c["dtype"] not in _ITEMSIZE:
+            raise ReleaseError(f"pt2 constant {c['name']} has an unknown dtype {c['dtype']!r}")
+        out.append(TensorInfo(c["name"], str(c.get("kind", "buffer")), c["dtype"], tuple(c["shape"]),
+                              c["entry"], 0))
+    return out
+
+
+def read_constants(z: zipfile.ZipFile) -> list[dict[str, Any]]:
+    """The constants table of a ``pt2`` archive (``model.pt2.container``); :class:`ReleaseError`
+    if it is malformed."""
+    import json
+
+    try:
+        table = json.loads(z.read(PT2_CONSTANTS))["constants"]
+        for c in table:
+            if not (isinstance(c["name"], str) and isinstance(c["dtype"], str) and isinstance(c["entry"], str)
+                    and all(isinstance(d, int) and d >= 0 for d in c["shape"])):
+                raise ValueError(f"bad entry {c!r:.80}")
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ReleaseError(f"bad pt2 constants table: {exc}") from None
+    return list(table)
 
 
 class _Reader(io.RawIOBase):

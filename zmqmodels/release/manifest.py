@@ -30,6 +30,7 @@ __all__ = [
     "Release",
     "Shifted",
     "CODECS",
+    "RELEASE_FORMATS",
     "FILTERS",
     "validate_name",
     "manifest_frames",
@@ -51,6 +52,7 @@ __all__ = [
 CODECS = {"none": None, "lz4": "LZ4", "lz4hc": "LZ4HC", "zstd": "ZSTD", "blosclz": "BLOSCLZ",
           "zlib": "ZLIB"}
 MAX_BATCH_CLAIM = 1 << 16
+RELEASE_FORMATS = ("torchscript", "pt2", "torchscript+pt2")
 FILTERS = {"none": "NOFILTER", "shuffle": "SHUFFLE", "bitshuffle": "BITSHUFFLE"}
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 
@@ -117,6 +119,11 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
     # request per forward; batching.prove_batching)
     batch: int = 0
     batch_dim: int = 0
+    # what the archive is (docs/protocol.md §Formats): "torchscript", "pt2" (an AOTInductor
+    # package with its weights as entries) or "torchscript+pt2" (the package an extra file of
+    # the TorchScript archive); devices: the device kinds the pt2 package was compiled for
+    format: str = "torchscript"
+    devices: list[str] = []
 
     def check(self, limits: Any = None) -> Manifest:
         """Raise :class:`ReleaseError`/:class:`LimitError` unless sizes are consistent and bounded."""
@@ -149,6 +156,11 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
             raise ReleaseError("archive_sha256 must be 64 hex digits")
         if self.signer and len(self.signer) != 64:
             raise ReleaseError("signer must be 64 hex digits")
+        if self.format not in RELEASE_FORMATS:
+            raise ReleaseError(f"unknown release format {self.format!r}: one of {', '.join(RELEASE_FORMATS)}")
+        if ("pt2" in self.format) != bool(self.devices) or len(self.devices) > 8 or \
+                any(not isinstance(d, str) or not d.isalnum() for d in self.devices):
+            raise ReleaseError("devices must name the device kinds of a pt2 package, and only then")
         if not 0 <= self.batch <= MAX_BATCH_CLAIM or self.batch_dim != 0:
             raise ReleaseError(f"batch must be 0..{MAX_BATCH_CLAIM} along dim 0")
         return self
