@@ -275,3 +275,39 @@ class Stack(nn.Module):
         for layer in self.layers:
             x = torch.tanh(layer(x))
         return x
+
+
+class Mlp(nn.Module):
+    """784-64-10 with a buffer: the model the pt2 tests export and compile (once a session)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(784, 64)
+        self.b = nn.Linear(64, 10)
+        self.register_buffer("scale", torch.ones(10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x))) * self.scale
+
+
+def make_mlp() -> tuple[nn.Module, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    return Mlp().eval(), [torch.randn(4, 784), torch.randn(2, 784)]
+
+
+class Guarded(Stack):
+    """Refuses hot inputs, and calls ``super().forward``: scripting fails on it, and a trace
+    would freeze the guard away (issue 30's trace fallback that shipped a dropped branch)."""
+
+    def __init__(self) -> None:
+        super().__init__(width=8, depth=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.max() > 100:
+            raise ValueError("too hot")
+        return super().forward(x)
+
+
+def make_guarded() -> tuple[nn.Module, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    return Guarded().eval(), [torch.randn(3, 8), torch.randn(2, 8)]

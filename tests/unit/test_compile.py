@@ -17,17 +17,49 @@ def test_lenet_scripts_and_matches_eager() -> None:
 
 
 def test_traced_frozen_branch_is_caught_by_second_example() -> None:
+    """Asked to trace, a frozen branch is still caught by parity on the example not traced."""
     with pytest.raises(ParityError) as err:
-        compile_model(SignFlip(), [torch.ones(3), -torch.ones(3)])
+        compile_model(SignFlip(), [torch.ones(3), -torch.ones(3)], method="trace")
     msg = str(err.value)
     assert "example 1" in msg and "out" in msg and "max abs diff 2" in msg
 
 
-def test_trace_fallback_records_why_and_tracer_warnings() -> None:
-    c = compile_model(SignFlip(), [torch.rand(3) + 0.1, torch.rand(3) + 0.2])
+def test_a_blind_trace_that_drew_a_tracer_warning_is_refused_unless_asked_for() -> None:
+    """Issue 30, Why 3: scripting failed, the trace froze a data-dependent branch and the
+    publish shipped it. Now export is tried first; when it fails too, a trace that drew a
+    TracerWarning is refused with the warning shown; ``method="trace"`` accepts it."""
+    examples = [torch.rand(3) + 0.1, torch.rand(3) + 0.2]
+    with pytest.raises(CompileError) as err:
+        compile_model(SignFlip(), examples)
+    msg = str(err.value)
+    assert "torch.jit.script failed" in msg and "torch.export failed" in msg
+    assert "TracerWarning: Converting a tensor to a Python boolean" in msg and "--trace" in msg
+    c = compile_model(SignFlip(), examples, method="trace")
+    assert c.method == "trace" and any("TracerWarning" in w for w in c.warnings)
+
+
+def test_the_guard_a_trace_would_drop_is_refused_and_the_scripting_error_is_whole() -> None:
+    """The issue's model: ``super().forward`` (unscriptable) behind ``if x.max() > 100: raise``.
+    The old fallback traced it (rc 0) and served what eager refuses; now it is refused, the
+    scripting error is shown whole, without the ``.:`` TorchScript ends its first line with."""
+    from tests.models import make_guarded
+
+    model, examples = make_guarded()
+    with pytest.raises(CompileError) as err:
+        compile_model(model, examples)
+    msg = str(err.value)
+    assert "'Tensor' object has no attribute or method 'forward'.\n" in msg and ".:" not in msg
+    assert "<--- HERE" in msg  # the whole scripting error: where it failed
+    assert "Could not guard on data-dependent expression" in msg  # the exporter's reason
+    assert "TracerWarning" in msg
+    with pytest.raises(CompileError, match="torch.export failed"):
+        compile_model(model, examples, formats=["pt2"])
+
+
+def test_an_unscriptable_model_that_exports_is_traced_and_says_so() -> None:
+    c = compile_model(OnlyTraces(), [torch.randn(2, 4), torch.randn(5, 4)])
     assert c.method == "trace"
-    assert any("script failed" in w for w in c.warnings)
-    assert any("TracerWarning" in w for w in c.warnings)
+    assert any("torch.export succeeded" in w for w in c.warnings), c.warnings
 
 
 def test_scripting_keeps_control_flow() -> None:
@@ -133,8 +165,11 @@ def test_examples_that_share_an_input_are_no_evidence_either() -> None:
 
 
 def test_a_trace_that_froze_a_value_fails_parity_and_quotes_the_tracer_warnings() -> None:
-    with pytest.raises(ParityError) as err:
+    with pytest.raises(CompileError) as err:  # refused before parity: the tracer warned
         compile_model(NumpyDouble(), [torch.randn(2, 3), torch.randn(2, 3)])
+    assert "TracerWarning: Converting a tensor to a NumPy array" in str(err.value)
+    with pytest.raises(ParityError) as err:  # asked for: parity on the other example catches it
+        compile_model(NumpyDouble(), [torch.randn(2, 3), torch.randn(2, 3)], method="trace")
     msg = str(err.value)
     assert "example 1" in msg and "does not generalise" in msg
     assert "TracerWarning: Converting a tensor to a NumPy array" in msg  # printed, not "see warnings"

@@ -1,10 +1,15 @@
-"""Module -> TorchScript, with a parity proof against eager.
+"""Module -> TorchScript and/or a ``torch.export`` + AOTInductor package, with a parity proof
+against eager.
 
-``torch.jit.script`` is tried first: it keeps control flow. Tracing records only what the
-example did (a data-dependent ``if`` is frozen; a value computed outside torch, with numpy
-say, becomes a constant), so it is a fallback that needs evidence: at least two examples that
-differ in every input, the first traced and parity checked on the others, or an explicit
-``method="trace"``. Its TracerWarnings are recorded and quoted in any parity error.
+``torch.jit.script`` is tried first: it keeps control flow. When it fails, ``torch.export`` is
+tried next: it refuses a data-dependent branch (or keeps it as a guard), so when it succeeds the
+model's graph holds none and a trace of it is faithful. Only when both fail is the model traced
+blind, and a trace that drew a TracerWarning (a tensor turned into a Python bool or number, a
+frozen branch) is then refused unless tracing was asked for (``method="trace"``, ``--trace``):
+its warnings are shown. Tracing also needs evidence: at least two examples that differ in every
+input, the first traced and parity checked on the others. The ``pt2`` format (``model/pt2.py``)
+is exported and compiled by AOTInductor, and proven against eager on every example in the same
+way.
 """
 
 from __future__ import annotations
@@ -14,13 +19,17 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..defaults import PARITY_ATOL, PARITY_RTOL
 from ..errors import CompileError, ParityError
 from ..protocol.tensors import dtype_name
+from .trees import clone_tree
+
+if TYPE_CHECKING:
+    from .pt2 import Pt2Build
 
 __all__ = ["Compiled", "compile_model", "normalize_examples", "compare_outputs", "clone_tree"]
 
@@ -29,16 +38,40 @@ Example = tuple[Any, ...]
 
 @dataclass(frozen=True)
 class Compiled:
-    """A compiled module and the evidence that it matches eager."""
+    """A compiled module and the evidence that it matches eager: the TorchScript module
+    (None for ``pt2`` alone) and the AOTInductor build (None for ``torchscript`` alone)."""
 
-    module: torch.jit.ScriptModule
-    method: str  # "script", "trace" or "prescripted"
+    module: torch.jit.ScriptModule | None
+    method: str  # "script", "trace", "prescripted", "export", or "<one of the first three>+export"
     warnings: tuple[str, ...]
     examples: tuple[Example, ...]
     outputs: tuple[Any, ...]  # the compiled module's output on each example
     max_abs_diff: float
-    compile_s: float = 0.0  # scripting or tracing
+    compile_s: float = 0.0  # scripting or tracing, exporting and compiling
     parity_s: float = 0.0  # eager and compiled on every example
+    pt2: Pt2Build | None = None
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        return (("torchscript",) if self.module is not None else ()) + (("pt2",) if self.pt2 else ())
+
+    @property
+    def runner(self) -> Any:
+        """What a node of the release's first format runs (the batch proof runs it)."""
+        return self.module if self.module is not None else self.pt2.module  # type: ignore[union-attr]
+
+    @property
+    def state(self) -> dict[str, torch.Tensor]:
+        """Every weight the release carries, by name."""
+        if self.module is not None:
+            return {**dict(self.module.named_parameters()), **dict(self.module.named_buffers())}
+        return dict(self.pt2.constants)  # type: ignore[union-attr]
+
+    @property
+    def parameters(self) -> list[torch.Tensor]:
+        if self.module is not None:
+            return list(self.module.parameters())
+        return [t for k, t in self.pt2.constants.items() if k in self.pt2.parameters]  # type: ignore[union-attr]
 
 
 class _FunctionModule(torch.nn.Module):
@@ -68,17 +101,6 @@ def normalize_examples(example_inputs: Any) -> tuple[Example, ...]:
     return tuple(x if isinstance(x, tuple) else (x,) for x in items)
 
 
-def clone_tree(x: Any) -> Any:
-    """Deep-copy the tensors of a tree so a model that writes into its inputs spoils nothing."""
-    if isinstance(x, torch.Tensor):
-        return x.detach().clone()
-    if isinstance(x, tuple | list):
-        return type(x)(clone_tree(i) for i in x)
-    if isinstance(x, dict):
-        return {k: clone_tree(v) for k, v in x.items()}
-    return x
-
-
 def compile_model(
     module: torch.nn.Module | Callable[..., Any],
     example_inputs: Any,
@@ -87,15 +109,21 @@ def compile_model(
     method: str = "auto",
     rtol: float | None = None,
     atol: float | None = None,
+    formats: Sequence[str] = ("torchscript",),
 ) -> Compiled:
-    """Compile ``module`` to TorchScript and prove it matches eager on every example.
+    """Compile ``module`` into ``formats`` (``torchscript``, ``pt2`` or both) and prove each
+    matches eager on every example.
 
-    ``method`` is ``"auto"`` (script, then trace if scripting fails and ``allow_trace``),
-    ``"script"`` or ``"trace"``. An already-scripted module passes through. Raises
+    ``method`` (TorchScript) is ``"auto"`` (script, then export-checked trace, then a blind
+    trace if ``allow_trace`` and it drew no TracerWarning), ``"script"`` or ``"trace"``. An
+    already-scripted module passes through (and cannot be exported). Raises
     :class:`CompileError` if nothing compiles and :class:`ParityError` (naming the example,
     the output path and the max abs difference) if compiled and eager disagree.
     """
+    from .pt2 import build_pt2, parse_formats
+
     examples = normalize_examples(example_inputs)
+    formats = parse_formats(formats)
     if method not in ("auto", "script", "trace"):
         raise CompileError(f"unknown compile method {method!r}")
     if isinstance(module, torch.nn.Module):
@@ -104,16 +132,33 @@ def compile_model(
         raise CompileError(f"cannot compile a {type(module).__name__}")
     notes: list[str] = []
     t0 = time.perf_counter()
-    if isinstance(module, torch.jit.ScriptModule):
+    compiled, how, program = None, "", None
+    if "torchscript" in formats and isinstance(module, torch.jit.ScriptModule):
         compiled, how = module, "prescripted"
-    else:
-        compiled, how = _compile(module, examples, allow_trace, method, notes)
+    elif "torchscript" in formats:
+        compiled, how, program = _compile(module, examples, allow_trace, method, notes)
+    if "pt2" in formats and isinstance(module, torch.jit.ScriptModule):
+        raise CompileError("a TorchScript module cannot be exported: give the model's factory "
+                           "(FILE.py:factory or module:factory) for --format pt2")
     warned = "".join(f"\n  {n}" for n in notes)
-    t1 = time.perf_counter()
-    compiled.eval()
-    outputs, worst = _prove_parity(module, compiled, how, examples, rtol, atol, warned)
-    return Compiled(compiled, how, tuple(notes), examples, outputs, worst, t1 - t0,
-                    time.perf_counter() - t1)
+    compile_s, t1 = time.perf_counter() - t0, time.perf_counter()
+    outputs: tuple[Any, ...] = ()
+    worst = 0.0
+    if compiled is not None:
+        compiled.eval()
+        outputs, worst = _prove_parity(module, compiled, how, examples, rtol, atol, warned)
+    parity_s = time.perf_counter() - t1
+    pt2 = None
+    if "pt2" in formats:
+        target = module if isinstance(module, torch.nn.Module) else _FunctionModule(module)
+        pt2 = build_pt2(target, examples, program)
+        compile_s += pt2.export_s + pt2.aoti_s
+        t2 = time.perf_counter()
+        got, diff = _prove_parity(module, pt2.module, "export", examples, rtol, atol, "")
+        parity_s += time.perf_counter() - t2
+        outputs, worst = outputs or got, max(worst, diff)
+        how = f"{how}+export" if how else "export"
+    return Compiled(compiled, how, tuple(notes), examples, outputs, worst, compile_s, parity_s, pt2)
 
 
 def _prove_parity(module: Any, compiled: Any, how: str, examples: tuple[Example, ...], rtol: float | None,
@@ -166,34 +211,72 @@ def _finite(out: Any, i: int) -> None:
 
 def _compile(
     module: Any, examples: tuple[Example, ...], allow_trace: bool, method: str, notes: list[str]
-) -> tuple[torch.jit.ScriptModule, str]:
+) -> tuple[torch.jit.ScriptModule, str, Any]:
+    """``(module, how, exported program or None)``: scripted; else traced once
+    ``torch.export`` vouched for the graph (the program is returned for a pt2 build to reuse);
+    else traced blind if that drew no TracerWarning (or tracing was asked for)."""
+    from . import jit
+    from .pt2 import export_program
+
     target = module if isinstance(module, torch.nn.Module) else _FunctionModule(module)
+    program, refused = None, ""
     if method in ("auto", "script") and isinstance(module, torch.nn.Module):
         try:
-            return torch.jit.script(target), "script"
+            return jit.call("script", target), "script", None
         except Exception as exc:  # scripting raises many types (frontend, OSError, RuntimeError)
-            reason = str(exc).strip() or type(exc).__name__  # whole: the useful part is at the end
+            reason = _whole(exc)  # whole: the useful part (the line, the HERE marker) is at the end
             if method == "script" or not allow_trace:
                 raise CompileError(f"torch.jit.script failed:\n{reason}") from exc
             if why := _untraceable(examples):
                 raise CompileError(f"torch.jit.script failed:\n{reason}\n"
                                    f"Not falling back to tracing: {why}") from exc
-            notes.append(f"script failed, traced instead: {reason.splitlines()[0]}")
+            refused = f"torch.jit.script failed:\n{reason}"
+            notes.append(f"script failed, so torch.export was tried next:\n{reason}")
     elif method == "script" or not allow_trace:
         raise CompileError("only nn.Module instances can be scripted; allow tracing for functions")
     elif method == "auto" and (why := _untraceable(examples)):
         raise CompileError(f"a plain function can only be traced, and {why}")
+    if method == "auto":
+        try:
+            program = export_program(target, examples)
+            notes.append("torch.export succeeded (the graph holds no data-dependent branch): traced")
+        except CompileError as exc:
+            refused += f"\n{exc}"
+            notes.append("torch.export failed too: traced blind")
+    try:
+        traced, caught = _trace(target, examples)
+    except CompileError as exc:
+        raise CompileError(f"{refused}\n{exc}".strip()) from exc
+    notes.extend(caught)
+    if caught and method == "auto" and program is None:
+        shown = "\n  ".join(caught)
+        raise CompileError(f"{refused}\nThe trace drew warnings, so it may have frozen a branch or a "
+                           f"value (tracing keeps only what example 0 did):\n  {shown}\n"
+                           "Not publishing it: make the model scriptable or exportable, or pass "
+                           "--trace to accept the trace as it is")
+    return traced, "trace", program
+
+
+def _trace(target: Any, examples: tuple[Example, ...]) -> tuple[torch.jit.ScriptModule, list[str]]:
+    """The trace of example 0 and its TracerWarnings, each as a line."""
+    from . import jit
+
     tracer_warning = torch.jit._trace.TracerWarning  # torch.jit re-exports it without saying so
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", tracer_warning)
         try:
-            traced = torch.jit.trace(target, examples[0], strict=False, check_trace=False)
+            traced = jit.call("trace", target, examples[0], strict=False, check_trace=False)
         except Exception as exc:
-            raise CompileError(f"torch.jit.trace failed: {exc}") from exc
-    notes.extend(
-        f"TracerWarning: {w.message}" for w in caught if issubclass(w.category, tracer_warning)
-    )
-    return traced, "trace"
+            raise CompileError(f"torch.jit.trace failed: {_whole(exc)}") from exc
+    return traced, [f"TracerWarning: {w.message}".strip() for w in caught
+                    if issubclass(w.category, tracer_warning)]
+
+
+def _whole(exc: BaseException) -> str:
+    """An exception's message whole, trimmed, and without the ``.:`` TorchScript puts before
+    the source lines it quotes."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.replace(".:\n", ".\n", 1) if text.split("\n", 1)[0].endswith(".:") else text
 
 
 def _untraceable(examples: tuple[Example, ...]) -> str:

@@ -1,5 +1,6 @@
 """Torch trees of a model's examples and outputs: the input signature a release declares
-(:func:`input_signature`) and the finiteness every check asks of outputs (:func:`check_finite`)."""
+(:func:`input_signature`), the finiteness every check asks of outputs (:func:`check_finite`)
+and a deep copy of the inputs a model may write into (:func:`clone_tree`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 
 from ..errors import CheckError
 
-__all__ = ["input_signature", "check_finite"]
+__all__ = ["input_signature", "check_finite", "clone_tree"]
 
 
 def input_signature(examples: Sequence[tuple[Any, ...]]) -> list[Any]:
@@ -42,3 +43,14 @@ def check_finite(tree: Any, path: str = "out") -> None:
     elif isinstance(tree, dict):
         for k, v in tree.items():
             check_finite(v, f"{path}[{k!r}]")
+
+
+def clone_tree(x: Any) -> Any:
+    """Deep-copy the tensors of a tree so a model that writes into its inputs spoils nothing."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if isinstance(x, tuple | list):
+        return type(x)(clone_tree(i) for i in x)
+    if isinstance(x, dict):
+        return {k: clone_tree(v) for k, v in x.items()}
+    return x
