@@ -109,7 +109,7 @@ def _settled(client: Any, status: Any, name: str, seq: int, wait_s: float = 3.0)
 def moved_by_node(status: Any, name: str, seq: int) -> dict[str, Any]:
     """Per node: what release ``seq`` cost its link (as the node counted it) and how it was
     taken in (``apply``/``load`` and why)."""
-    return {n.node: {**n.moved, "how": n.how, "why": n.how_reason}
+    return {n.node: {**n.moved, "how": n.how, "why": n.how_reason, "format": n.format}
             for n in status.nodes if n.model == name and n.stages_seq == seq}
 
 
@@ -124,7 +124,8 @@ def moved_lines(status: Any, name: str, seq: int) -> list[str]:
         if m.get("bytes_duplicate"):
             line += f", {m['bytes_duplicate'] / 2**20:.2f} MiB it already had"
         how = m.get("how") or "-"
-        out.append(line + f"; {how}" + (f" ({m['why']})" if how == "load" and m.get("why") else ""))
+        how += f" as {m['format']}" if m.get("format") else ""
+        out.append(line + f"; {how}" + (f" ({m['why']})" if how.startswith("load") and m.get("why") else ""))
     return out
 
 

@@ -96,7 +96,7 @@ def stages_text(n: Any) -> str:
     cpu = release_cpu(n.stages)
     if cpu is not None:
         parts.append(f"cpu {cpu:.2f}")
-    return f"seq {n.stages_seq}: " + " ".join(parts)
+    return f"seq {n.stages_seq}{' ' + n.format if getattr(n, 'format', '') else ''}: " + " ".join(parts)
 
 
 def status_json(status: Any) -> Any:

@@ -71,6 +71,7 @@ class Follow:
     moved: dict[str, int] = field(default_factory=dict)  # release ``stages_seq``: its cost to the link,
     how: str = ""  # how it was taken in ("apply" or "load") and why "load"
     how_reason: str = ""
+    format: str = ""  # the release format release ``stages_seq`` is served as
     staged: int = 0  # a verified, cached staged release held until activated (0: none)
     active: int = 0  # staged releases up to this seq are activated for this node
     want: int = 0  # an older seq to fetch all the same: the active one, behind a held staged one
@@ -79,14 +80,16 @@ class Follow:
     errors: int = 0
 
     def stage(self, seq: int, how: str = "", why: str = "", moved: dict[str, int] | None = None,
-              **seconds: float) -> None:
+              fmt: str = "", **seconds: float) -> None:
         """Record release ``seq``'s stage seconds (a newer seq starts afresh), its cost to the
         link (``moved``) and ``how`` it was taken in ("apply"; "load", ``why``: any worker's)."""
         if seq > self.stages_seq:
             self.stages, self.stages_seq, self.moved, self.how, self.how_reason = {}, seq, {}, "", ""
+            self.format = ""
         if seq == self.stages_seq:
             self.stages.update({k: round(v, 4) for k, v in seconds.items()})
             self.moved = moved if moved is not None else self.moved
+            self.format = fmt or self.format
             if how and (self.how != "load" or how == "load"):
                 self.how, self.how_reason = how, why if how == "load" else ""
 
@@ -369,9 +372,9 @@ class Assembler:
             st.label = label
         return [Send(self._report(st))]
 
-    def stage(self, name: str, seq: int, *, how: str = "", why: str = "", **seconds: float) -> None:
-        """:meth:`Follow.stage` of model ``name``."""
-        self.follow(name).stage(seq, how, why, None, **seconds)
+    def stage(self, name: str, seq: int, **kw: Any) -> None:
+        """:meth:`Follow.stage` of model ``name`` (``how``, ``why``, ``fmt``, stage seconds)."""
+        self.follow(name).stage(seq, **kw)
 
     def reports(self) -> list[Action]:
         return [Send(self._report(st)) for st in self.models.values()]
@@ -399,7 +402,7 @@ class Assembler:
         return P.Report(node=self.node_id, model=st.name, state=st.state, seq=st.seq,
                         label=st.label, reason=st.reason[:500], host=self.host, pid=self.pid,
                         device=self.device, stages=dict(st.stages), stages_seq=st.stages_seq,
-                        moved=dict(st.moved), how=st.how, how_reason=st.how_reason[:300],
+                        moved=dict(st.moved), how=st.how, how_reason=st.how_reason[:300], format=st.format,
                         staged=st.staged, labels=self.labels, requests=st.requests, errors=st.errors)
 
     def _refuse(self, st: Follow, m: Manifest, raw: bytes, exc: ZmqModelsError) -> list[Action]:

@@ -43,7 +43,7 @@ class FleetEntry:
         return P.NodeStatus(r.node, r.model, state, r.seq, r.label, reason, r.host, r.pid,
                             r.device, round(age, 3), self.rejected_seq, self.rejected_reason,
                             r.stages, r.stages_seq, r.via, r.staged, r.labels, r.requests,
-                            r.errors, r.moved, r.how, r.how_reason)
+                            r.errors, r.moved, r.how, r.how_reason, r.format)
 
 
 class Fleet:

@@ -218,9 +218,11 @@ class Follower(IOThread):
         self.post(lambda: self._carry(self.assembler.set_state(name, ModelState(state), seq=seq,
                                                                label=label, reason=reason)))
 
-    def stage(self, name: str, seq: int, *, how: str = "", why: str = "", **seconds: float) -> None:
-        """Record stage timings of release ``seq`` and how it was taken in (sent with reports)."""
-        self.post(lambda: self.assembler.stage(name, seq, how=how, why=why, **seconds))
+    def stage(self, name: str, seq: int, *, how: str = "", why: str = "", fmt: str = "",
+              **seconds: float) -> None:
+        """Record stage timings of release ``seq``, how it was taken in and the format it serves
+        as (sent with reports)."""
+        self.post(lambda: self.assembler.stage(name, seq, how=how, why=why, fmt=fmt, **seconds))
 
     def refetch(self, name: str, seq: int) -> None:
         """This node's copy of ``seq`` is damaged or gone: fetch it from the hub again."""

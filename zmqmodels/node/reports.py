@@ -41,7 +41,7 @@ class HubReports:
         after the release came is a load, and says so."""
         for name, held in serving.items():
             if self.follower is not None and self.ledger.is_rolling(name, held.seq):
-                self.follower.stage(name, held.seq, how="load",
+                self.follower.stage(name, held.seq, how="load", fmt=held.format,
                                     why="the worker started after it came: read from this node's cache")
 
     def loaded(self, msg: P.LoadResult) -> None:
@@ -49,7 +49,7 @@ class HubReports:
         if self.follower is not None and self.ledger.is_rolling(msg.name, msg.seq):
             cpu = self.ledger.worker_cpu(msg.name, msg.seq, msg.cpu_s)
             self.follower.stage(msg.name, msg.seq, **{msg.how: msg.load_s}, check=msg.check_s,
-                                workers_cpu=cpu, how=msg.how, why=msg.why)
+                                workers_cpu=cpu, how=msg.how, why=msg.why, fmt=msg.format)
 
     def rejected(self, name: str, seq: int, reason: str) -> None:
         """``seq`` failed its load or check: never again here (its cache entry goes), and why."""

@@ -194,6 +194,7 @@ class Report(msgspec.Struct, frozen=True):
     moved: dict[str, NonNeg] = {}
     how: str = ""  # "apply" (new tensors into the code served) or "load"
     how_reason: str = ""  # why "load"
+    format: str = ""  # the release format it serves ("torchscript" or "pt2"; "": not said)
 
 
 class Publish(msgspec.Struct, frozen=True):
@@ -307,6 +308,7 @@ class NodeStatus(msgspec.Struct, frozen=True):
     moved: dict[str, int] = {}  # Report.moved / how / how_reason of release ``stages_seq``
     how: str = ""
     how_reason: str = ""
+    format: str = ""  # Report.format
 
 
 class WaveStatus(msgspec.Struct, frozen=True):

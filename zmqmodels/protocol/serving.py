@@ -110,6 +110,7 @@ class Held(msgspec.Struct, frozen=True, array_like=True):
     seq: NonNeg
     label: str
     batch: NonNeg = 1  # the most rows the worker joins in one forward for it
+    format: str = ""  # the release format it serves ("torchscript" or "pt2")
 
 
 class Unusable(msgspec.Struct, frozen=True, array_like=True):
@@ -229,6 +230,7 @@ class LoadResult(msgspec.Struct, frozen=True):
     batch_note: str = ""  # why it does not join what the manifest claims
     cpu_s: float = 0.0  # CPU seconds the worker spent taking it (load or apply, check, warm-up)
     why: str = ""  # why "load" (not "apply")
+    format: str = ""  # the release format it serves: "torchscript" or "pt2" (of a dual release, one)
 
 
 class Applying(msgspec.Struct, frozen=True):
