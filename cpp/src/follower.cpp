@@ -62,6 +62,7 @@ Frames Follower::report(const Follow& st) const {
   r.reason = utf8_prefix(st.reason, 500), r.host = cfg_.host, r.pid = cfg_.pid, r.device = cfg_.device;
   r.stages = st.stages, r.stages_seq = st.stages_seq, r.staged = st.staged, r.labels = cfg_.labels;
   r.requests = st.requests, r.errors = st.errors;
+  r.how = st.how, r.how_reason = st.how_reason, r.format = st.format;
   return message(Kind::Report, r);
 }
 
@@ -376,7 +377,7 @@ Actions Follower::store_failed(const std::string& name, uint64_t seq, const std:
 
 void Follower::stage(const std::string& name, uint64_t seq, const std::string& key, double seconds) {
   Follow& st = follow(name);
-  if (seq > st.stages_seq) st.stages.clear(), st.stages_seq = seq;
+  if (seq > st.stages_seq) st.stages.clear(), st.stages_seq = seq, st.how.clear(), st.how_reason.clear(), st.format.clear();
   if (seq == st.stages_seq) st.stages[key] = std::round(seconds * 1e4) / 1e4;
 }
 

@@ -74,6 +74,7 @@ struct Follow {
   uint64_t want = 0;  // an older seq to fetch all the same: the active one, behind a held staged one
   std::map<std::string, double> stages;
   uint64_t stages_seq = 0;
+  std::string how, how_reason, format;  // how release stages_seq was taken in; the part served
 };
 
 // What the follower asks of its host, as the Python core's actions (zmqmodels/core/assembly.py:

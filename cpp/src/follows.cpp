@@ -79,17 +79,21 @@ void Follows::on_results(std::deque<Result>& done, double now) {
         s_.counts.at(r.name).requests = 0, s_.counts.at(r.name).errors = 0;
         f_.stage(r.name, r.seq, "load", r.load_s);
         f_.stage(r.name, r.seq, "check", r.check_s);
+        if (Follow& st = f_.follow(r.name); st.stages_seq == r.seq) {  // the C++ node loads every release whole
+          st.how = "load", st.format = r.format;
+          st.how_reason = "the C++ node loads every release whole (no weights-only apply)";
+        }
         carry(f_.set_state(r.name, State::Serving, r.seq, r.label));
         log("%s seq %llu serving (load %.3fs, check %.3fs)", r.name.c_str(), static_cast<unsigned long long>(r.seq),
             r.load_s, r.check_s);
         break;
       case Result::Rejected: {
         log("%s seq %llu rejected: %s", r.name.c_str(), static_cast<unsigned long long>(r.seq), r.reason.c_str());
-        carry(f_.reject(r.name, r.seq, r.label, r.reason));
         auto cur = s_.slots.at(r.name).newest();
-        Follow& st = f_.follow(r.name);
+        Follow& st = f_.follow(r.name);  // what is held again, before the rejection reports it
         st.state = cur ? State::Serving : State::Idle, st.seq = cur ? cur->manifest->seq : 0;
         st.label = cur ? cur->manifest->label : "", st.reason = "";
+        carry(f_.reject(r.name, r.seq, r.label, r.reason));
         break;
       }
       case Result::Held:

@@ -98,8 +98,9 @@ struct Report {
   uint64_t staged = 0;
   std::vector<std::string> labels;
   uint64_t requests = 0, errors = 0;
+  std::string how, how_reason, format;  // how release stages_seq was taken in, and the part served
   MSGPACK_DEFINE_MAP(node, model, state, seq, label, reason, host, pid, device, v, stages, stages_seq, via, staged,
-                     labels, requests, errors);
+                     labels, requests, errors, how, how_reason, format);
 };
 
 // INFER's header; `inputs` (the tensor-tree spec) points into the handle it was decoded from.

@@ -63,7 +63,7 @@ void Loads::load(const std::shared_ptr<Manifest>& m, const std::string& path, co
       return post_(r);
     }
     auto old = slot.offer(loaded);  // in-flight requests finish on the old one
-    r.kind = Result::Loaded, r.load_s = loaded->load_s, r.check_s = loaded->check_s;
+    r.kind = Result::Loaded, r.load_s = loaded->load_s, r.check_s = loaded->check_s, r.format = loaded->format;
     post_(r);
     // free the old version here, once its last request ends (the slot's condition variable
     // says when), not on a serving thread

@@ -3,9 +3,18 @@
 #include "batching.hpp"
 
 #include <ATen/Parallel.h>
+#include <caffe2/serialize/inline_container.h>
 #include <torch/cuda.h>
 
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <fstream>
 #include <iomanip>
 #include <regex>
 #include <sstream>
@@ -182,7 +191,7 @@ void check_batched(Loaded& out, const std::vector<c10::IValue>& examples, const 
       joined.push_back(samples[order.back()]);
     }
     auto in = to_device(c10::ivalue::Tuple::create(join_inputs(joined)), out.device);
-    auto got = to_device(out.module.forward(items(in)), at::kCPU);
+    auto got = to_device(out.forward(items(in)), at::kCPU);
     auto parts = split_outputs(got, std::vector<int64_t>(size, 1));
     for (int64_t r = 0; r < size; ++r)
       compare_outputs(wants[order[r]], parts[r], "row " + std::to_string(r) + " of " + std::to_string(size), gpu);
@@ -193,25 +202,134 @@ void check_batched(Loaded& out, const std::vector<c10::IValue>& examples, const 
   }
 }
 
+c10::IValue Loaded::forward(std::vector<c10::IValue> args) const {
+  if (!pt2) return const_cast<torch::jit::Module&>(module).forward(std::move(args));
+  std::vector<at::Tensor> in;
+  in.reserve(args.size());
+  for (auto& a : args) {
+    if (!a.isTensor()) throw Error("bad_input", "a pt2 package takes tensors only");
+    in.push_back(a.toTensor());
+  }
+  auto outs = pt2->run(in);
+  if (outs.size() == 1) return outs[0];
+  return c10::ivalue::Tuple::create(std::vector<c10::IValue>(outs.begin(), outs.end()));
+}
+
+namespace {
+
+std::string device_kind(const c10::Device& d) { return d.is_cpu() ? "cpu" : c10::DeviceTypeName(d.type(), true); }
+
+// Which part of release `m` a node on `device` serves (the Python node's model/pt2.serve_format).
+std::string serve_format(const Manifest& m, const c10::Device& device) {
+  bool here = std::find(m.devices.begin(), m.devices.end(), device_kind(device)) != m.devices.end();
+  if (m.format.find("pt2") != std::string::npos && here) return "pt2";
+  if (m.format.find("torchscript") != std::string::npos) return "torchscript";
+  std::string kinds;
+  for (const auto& d : m.devices) kinds += (kinds.empty() ? "" : ", ") + d;
+  throw Error("check", m.name + " seq " + std::to_string(m.seq) + ": its pt2 package was compiled for " +
+                           (kinds.empty() ? "no device" : kinds) + ", this node runs " + device.str() +
+                           ", and the release carries no TorchScript (publish it with --format torchscript,pt2, "
+                           "or compile the package on this kind of device)");
+}
+
+// A private file holding `n` bytes (the loader takes a package by path); removed by the caller.
+std::string temp_file(const void* p, size_t n) {
+  char name[] = "/tmp/zmqmodels-pt2-XXXXXX";
+  int fd = mkstemp(name);
+  if (fd < 0) throw Error("check", "cannot write the pt2 package to a temporary file");
+  std::string path = std::string(name) + ".pt2";
+  close(fd);
+  std::rename(name, path.c_str());
+  std::ofstream f(path, std::ios::binary);
+  f.write(static_cast<const char*>(p), static_cast<std::streamsize>(n));
+  if (!f) throw Error("check", "cannot write the pt2 package to " + path);
+  return path;
+}
+
+// The archive's bytes: `path` mapped copy-on-write (kept alive by `keep`), else `data` (the
+// caller's buffer, alive only while loading: what binds to it is copied).
+const uint8_t* archive_bytes(const std::string& path, const void* data, size_t len, std::shared_ptr<void>& keep) {
+  if (path.empty()) return static_cast<const uint8_t*>(data);
+  int fd = open(path.c_str(), O_RDONLY);
+  if (fd < 0) throw Error("check", "cannot open " + path);
+  void* p = len ? mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0) : nullptr;
+  close(fd);
+  if (p == MAP_FAILED) throw Error("check", "cannot map " + path);
+  keep = std::shared_ptr<void>(p, [len](void* q) { if (q) munmap(q, len); });
+  return static_cast<const uint8_t*>(p);
+}
+
+// Load the pt2 part of `m` and bind its constants to the archive's weights.
+void load_pt2(Loaded& out, const Manifest& m, const std::string& path, const void* data, size_t len) {
+  const uint8_t* base = archive_bytes(path, data, len, out.mapping);
+  std::string package = path, temp;
+  if (m.format != "pt2") {  // torchscript+pt2: the package is the TorchScript archive's extra file
+    MemoryBuf buf(reinterpret_cast<const char*>(base), len);
+    std::istream in(&buf);
+    caffe2::serialize::PyTorchStreamReader reader(&in);
+    if (!reader.hasRecord("extra/aoti.pt2")) throw Error("check", m.name + ": says " + m.format + " but holds no extra/aoti.pt2");
+    auto [ptr, n] = reader.getRecord("extra/aoti.pt2");
+    package = temp = temp_file(ptr.get(), n);
+  } else if (path.empty()) {
+    package = temp = temp_file(base, len);
+  }
+  try {
+    int64_t index = out.device.is_cpu() ? -1 : out.device.index() < 0 ? 0 : out.device.index();
+    out.pt2 = std::make_shared<torch::inductor::AOTIModelPackageLoader>(package, "model", false, 1, index);
+  } catch (const std::exception& e) {
+    if (!temp.empty()) std::remove(temp.c_str());
+    std::string what = e.what();
+    throw Error("check", "the pt2 package does not load: " + what.substr(0, what.find('\n')));
+  }
+  if (!temp.empty()) std::remove(temp.c_str());
+  std::unordered_map<std::string, at::Tensor> bound;
+  for (const auto& t : m.tensors) {
+    if (t.start + t.nbytes > len || xxh3(base + t.start, t.nbytes) != t.xxh3)
+      throw Error("check", m.name + ": the bytes of " + t.name + " do not match the manifest's descriptor");
+    auto view = at::from_blob(const_cast<uint8_t*>(base + t.start), t.shape, at::TensorOptions().dtype(dtype_of(t.dtype)));
+    bound[t.name] = !out.device.is_cpu() ? view.to(out.device) : out.mapping ? view : view.clone();
+  }
+  std::unordered_map<std::string, at::Tensor> wanted;
+  for (const auto& fqn : out.pt2->get_constant_fqns()) {
+    auto it = bound.find(fqn);
+    if (it == bound.end()) throw Error("check", "the pt2 package needs a constant the release does not hold: " + fqn);
+    wanted[fqn] = it->second;
+    out.constants.push_back(it->second);
+  }
+  try {
+    out.pt2->load_constants(wanted, false, true, true);
+  } catch (const std::exception& e) {
+    std::string what = e.what();
+    throw Error("check", "the pt2 package refused its constants: " + what.substr(0, what.find('\n')));
+  }
+}
+
+}  // namespace
+
 std::shared_ptr<const Loaded> load_release(const std::shared_ptr<Manifest>& m, const std::string& path,
                                            const void* data, size_t len, const c10::Device& device, int warmup) {
   auto out = std::make_shared<Loaded>();
   out->manifest = m;
   out->device = device;
+  out->format = serve_format(*m, device);
   double t0 = now_perf();
   try {
-    if (!path.empty()) {
+    if (out->format == "pt2") {
+      load_pt2(*out, *m, path, data, len);
+    } else if (!path.empty()) {
       out->module = torch::jit::load(path, device);
     } else {
       MemoryBuf buf(static_cast<const char*>(data), len);  // read in place: no copy of the archive
       std::istream in(&buf);
       out->module = torch::jit::load(in, device);
     }
+  } catch (const Error&) {
+    throw;
   } catch (const std::exception& e) {
     std::string what = e.what();
     throw Error("check", "torch.jit.load failed: " + what.substr(0, what.find('\n')));
   }
-  out->module.eval();
+  if (!out->pt2) out->module.eval();
   double t1 = now_perf();
   bool gpu = !device.is_cpu();
   c10::InferenceMode guard;
@@ -222,7 +340,7 @@ std::shared_ptr<const Loaded> load_release(const std::shared_ptr<Manifest>& m, c
     std::string where = "example " + std::to_string(i) + " out";
     c10::IValue got;
     try {
-      got = out->module.forward(items(to_device(examples[i], device)));
+      got = out->forward(items(to_device(examples[i], device)));
     } catch (const std::exception& e) {
       std::string what = e.what();
       throw Error("check", "example " + std::to_string(i) + ": model raised: " + utf8_prefix(what, 300));
@@ -232,7 +350,7 @@ std::shared_ptr<const Loaded> load_release(const std::shared_ptr<Manifest>& m, c
     compare_outputs(expected[i], got, where, gpu);
   }
   if (m->batch > 1 && !examples.empty()) check_batched(*out, examples, expected, gpu);
-  for (int w = 0; w < (examples.empty() ? 0 : warmup); ++w) out->module.forward(items(to_device(examples[0], device)));
+  for (int w = 0; w < (examples.empty() ? 0 : warmup); ++w) out->forward(items(to_device(examples[0], device)));
   if (gpu) torch::cuda::synchronize(device.index() < 0 ? 0 : device.index());
   out->load_s = t1 - t0;
   out->check_s = now_perf() - t1;

@@ -4,6 +4,8 @@
 
 #include "protocol.hpp"
 
+#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
+
 #include <atomic>
 #include <condition_variable>
 #include <map>
@@ -15,11 +17,20 @@ namespace zm {
 
 struct Loaded {
   std::shared_ptr<Manifest> manifest;
-  torch::jit::Module module;
+  torch::jit::Module module;  // the TorchScript part (unless format is "pt2")
   c10::Device device = at::kCPU;
   double load_s = 0, check_s = 0;
   int64_t batch = 1;       // the most rows joined in one forward (the manifest's claim, checked here)
   std::string batch_note;  // why it joins fewer than the manifest claims
+  std::string format = "torchscript";  // the part served: "torchscript" or "pt2"
+  // the AOTInductor package (format "pt2"), its constants bound to `constants` (user managed:
+  // views of `mapping`, the archive mapped copy-on-write, on the CPU; copies on a GPU)
+  std::shared_ptr<torch::inductor::AOTIModelPackageLoader> pt2;
+  std::vector<at::Tensor> constants;
+  std::shared_ptr<void> mapping;
+
+  // The model on positional arguments (a pt2 package's outputs: one tensor, or a tuple of them).
+  c10::IValue forward(std::vector<c10::IValue> args) const;
 };
 
 // Load from a file path (`path` non-empty) or from memory (`data`, `len`), then check the

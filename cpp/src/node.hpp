@@ -130,6 +130,7 @@ struct Result {  // what the loader tells the follow path
   std::string name, label, reason;
   uint64_t seq = 0;
   double load_s = 0, check_s = 0, cache_write_s = 0;
+  std::string format{};  // Loaded: the part of the release served
   Completed kept{};  // StoreFailed: the verified release, to be written again
 };
 

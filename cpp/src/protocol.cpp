@@ -187,6 +187,13 @@ void check_manifest(const Manifest& m, const Limits& limits) {
   if (!kCodecs.count(m.codec.name) || !kFilters.count(m.codec.filter))
     throw Error("bad_release", "unknown codec " + m.codec.name + "/" + m.codec.filter);
   if (m.archive_sha256.size() != 64) throw Error("bad_release", "archive_sha256 must be 64 hex digits");
+  if (m.format != "torchscript" && m.format != "pt2" && m.format != "torchscript+pt2")
+    throw Error("bad_release", "unknown release format '" + m.format + "': one of torchscript, pt2, torchscript+pt2");
+  if ((m.format.find("pt2") != std::string::npos) != !m.devices.empty() || m.devices.size() > 8)
+    throw Error("bad_release", "devices must name the device kinds of a pt2 package, and only then");
+  for (const auto& t : m.tensors)
+    if (t.start + t.nbytes > m.archive_bytes || t.start + t.nbytes < t.start)
+      throw Error("bad_release", "a tensor descriptor points outside the archive");
   if (!m.signer.empty() && m.signer.size() != 64) throw Error("bad_release", "signer must be 64 hex digits");
 }
 
@@ -242,6 +249,18 @@ std::shared_ptr<Manifest> decode_manifest(const void* data, size_t len, const Li
     }
     m->inputs_spec = r.get("inputs");
     m->outputs = r.get("outputs");
+    if (r.get("format")) m->format = r.str("format");
+    m->devices = r.strs("devices");
+    if (auto* ts = r.get("tensors"); ts && ts->type == msgpack::type::ARRAY) {
+      for (uint32_t i = 0; i < ts->via.array.size; ++i) {
+        Map e(ts->via.array.ptr[i], "tensor");
+        TensorDesc t;
+        t.name = e.str("name"), t.dtype = e.str("dtype");
+        for (auto d : e.u64s("shape")) t.shape.push_back(static_cast<int64_t>(d));
+        t.start = e.u64("start"), t.nbytes = e.u64("nbytes"), t.xxh3 = e.u64("xxh3");
+        m->tensors.push_back(std::move(t));
+      }
+    }
     auto* ex = r.get("examples");
     auto* want = r.get("expected");
     m->examples = ex && ex->type == msgpack::type::MAP ? ex : nullptr;

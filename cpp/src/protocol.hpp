@@ -102,6 +102,13 @@ struct InputSig {
   std::vector<int64_t> shape;  // -1: varies
 };
 
+// One weight of the archive: its bytes are archive[start, start + nbytes) (contiguous).
+struct TensorDesc {
+  std::string name, dtype;
+  std::vector<int64_t> shape;
+  uint64_t start = 0, nbytes = 0, xxh3 = 0;
+};
+
 struct Manifest {
   int64_t v = 0;
   std::string name, label, archive_sha256, signer, torch_version, compile_method;
@@ -112,6 +119,11 @@ struct Manifest {
   std::vector<InputSig> inputs;
   bool staged = false;
   uint64_t batch = 0;  // the largest batch the publisher proved batch-invariant (0: unbatched)
+  // "torchscript", "pt2" or "torchscript+pt2" (docs/protocol.md §Formats); the device kinds
+  // the pt2 package was compiled for; the weights (a pt2 package's constants bind to them)
+  std::string format = "torchscript";
+  std::vector<std::string> devices;
+  std::vector<TensorDesc> tensors;
   msgpack::object_handle handle;  // owns the examples / expected objects
   const msgpack::object* examples = nullptr;
   const msgpack::object* expected = nullptr;

@@ -126,7 +126,7 @@ std::vector<zmq::message_t> Requests::infer(Request& r, const std::string& worke
     int64_t t1 = now_ns();
     c10::IValue out;
     try {
-      out = const_cast<torch::jit::Module&>(cur->module).forward(args);
+      out = cur->forward(args);
     } catch (const std::exception& e) {
       throw Error("model_error", model_error_line(e.what()));
     }
@@ -169,7 +169,7 @@ Replies Requests::infer_batch(std::vector<Request>& rs, const std::string& worke
     try {
       std::vector<std::vector<c10::IValue>> args;
       for (auto& rd : ready) args.push_back(rd.second);
-      auto whole = const_cast<torch::jit::Module&>(cur->module).forward(join_inputs(args));
+      auto whole = cur->forward(join_inputs(args));
       parts = split_outputs(whole, rows);
     } catch (const std::exception& e) {
       parts.clear();  // each request alone: one bad sample fails only its own
@@ -187,7 +187,7 @@ Replies Requests::infer_batch(std::vector<Request>& rs, const std::string& worke
       int64_t t1 = now_ns();
       c10::IValue res;
       try {
-        res = const_cast<torch::jit::Module&>(cur->module).forward(ready[k].second);
+        res = cur->forward(ready[k].second);
       } catch (const std::exception& e) {
         throw Error("model_error", model_error_line(e.what()));
       }

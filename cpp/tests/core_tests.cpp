@@ -283,7 +283,7 @@ TEST_CASE("a report is one typed header with the state's name") {
   auto r = decode<Report>(Kind::Report, k.sends[0][1].data(), k.sends[0][1].size());
   CHECK((r.node == "n" && r.model == "m" && r.state == state_name(State::Idle) && r.v == V));
   auto oh = msgpack::unpack(k.sends[0][1].data(), k.sends[0][1].size());
-  CHECK(oh.get().via.map.size == 17);
+  CHECK(oh.get().via.map.size == 20);
 }
 
 // -- the slot: leases, and retiring a version without polling ----------------------------------
