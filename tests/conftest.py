@@ -105,3 +105,21 @@ def s3server(tmp_path_factory):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def pt2_release(tmp_path_factory):
+    """``zmqmodels build --format pt2`` of ``tests/models.py:make_mlp``, once a session (an
+    AOTInductor compile takes tens of seconds on two cores): the built release file."""
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    store = tmp_path_factory.mktemp("pt2") / "store"
+    done = subprocess.run([sys.executable, "-m", "zmqmodels", "build", "tests/models.py:make_mlp", "--name",
+                           "mlp", "--label", "v1", "--format", "pt2", "--store", str(store)],
+                          capture_output=True, text=True, timeout=600, cwd=root,
+                          env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    (path,) = (store / "mlp").glob("*.zmr")
+    return path
