@@ -259,3 +259,14 @@ def test_the_cpp_node_serves_a_pt2_release_and_says_it_loaded_it_whole(binary, p
             assert row(hub, "mlp").seq == done.seq
         finally:
             cpp.close()
+
+
+def test_the_torchscript_path_says_the_deprecation_once_in_its_own_words(tmp_path) -> None:
+    """Item 5: where torch.jit warns on every call (a user with warnings on), a TorchScript
+    build prints one line pointing at ``--format pt2``, not PyTorch's warning per call."""
+    out = cli("build", "tests/models.py:make_lenet", "--name", "lenet", "--store", str(tmp_path),
+              env={"PYTHONWARNINGS": "default"})
+    assert out.returncode == 0, out.stderr
+    said = out.stdout + out.stderr
+    assert "is deprecated. Please switch to" not in said, said
+    assert said.count("--format pt2 publishes a torch.export/AOTInductor package instead") == 1, said

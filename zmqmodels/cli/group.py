@@ -36,5 +36,5 @@ class _Group(click.Group):
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:
-    """Roll TorchScript models out to a fleet over ZeroMQ."""
+    """Roll PyTorch models (TorchScript or torch.export packages) out to a fleet over ZeroMQ."""
     ctx.obj = {"debug": debug}

@@ -91,6 +91,19 @@ def _batch_of(example: tuple[Any, ...]) -> int:
     return int(first.shape[0]) if first is not None else 0
 
 
+MIN_TORCH = (2, 13)  # the oldest torch the pt2 format was tested on (load_constants' user_managed)
+
+
+def require_torch() -> None:
+    """:class:`CompileError` unless this torch is one the pt2 format was tested on."""
+    import torch
+
+    have = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+    if have < MIN_TORCH:
+        raise CompileError(f"the pt2 format needs torch >= {'.'.join(map(str, MIN_TORCH))} (this is "
+                           f"{torch.__version__}): publish --format torchscript, or upgrade torch")
+
+
 def export_program(module: Any, examples: Sequence[tuple[Any, ...]]) -> Any:
     """``torch.export`` of ``module`` on the example with the most rows, the leading dimension
     of every tensor argument left to the exporter (``Dim.AUTO``: dynamic where the code allows,
@@ -100,6 +113,7 @@ def export_program(module: Any, examples: Sequence[tuple[Any, ...]]) -> Any:
 
     from .trees import clone_tree
 
+    require_torch()
     example = max(examples, key=_batch_of)
     dynamic = tuple({0: torch.export.Dim.AUTO} if isinstance(a, torch.Tensor) and a.dim() else None
                     for a in example)
@@ -217,6 +231,7 @@ class Pt2Module:
             path = link
         index = int(device.partition(":")[2] or 0) if device_kind(device) != "cpu" else -1
         try:
+            require_torch()
             self.package = torch._inductor.aoti_load_package(path, device_index=index)
         except Exception as exc:
             raise CheckError(f"the pt2 package does not load: {str(exc).strip().splitlines()[0]}") from exc
