@@ -16,7 +16,8 @@ OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, zmq, blosc2; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0))"
-python3 -m pytest -q -p no:cacheprovider -m cuda tests/e2e/test_serving.py tests/e2e/test_rollout_e2e.py 2>&1 | tail -5
+python3 -m pytest -q -p no:cacheprovider -m cuda tests/e2e/test_serving.py tests/e2e/test_rollout_e2e.py \
+    tests/e2e/test_pt2.py 2>&1 | tail -5  # test_pt2: a package compiled for CUDA, served and updated
 python3 scripts/bench_serving.py --only-saturated --device cuda:0 --clients 16 --swaps 3 \
     --json "$OUT/gpu_saturated.json" 2>"$OUT/gpu_bench.err"
 echo "bench rc=$?"; tail -3 "$OUT/gpu_bench.err"

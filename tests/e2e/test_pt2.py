@@ -270,3 +270,31 @@ def test_the_torchscript_path_says_the_deprecation_once_in_its_own_words(tmp_pat
     said = out.stdout + out.stderr
     assert "is deprecated. Please switch to" not in said, said
     assert said.count("--format pt2 publishes a torch.export/AOTInductor package instead") == 1, said
+
+
+@pytest.mark.cuda
+def test_a_pt2_package_compiled_for_cuda_serves_on_a_cuda_worker_and_takes_new_weights(tmp_path) -> None:
+    """The package for ``cuda`` (compiled where the model's weights are): a CUDA worker serves
+    it (format pt2) and applies new weights into its second runner."""
+    from zmqmodels import build_release, compile_model
+
+    model, examples = make_mlp()
+    model = model.cuda()
+    release = build_release(compile_model(model, [e.cuda() for e in examples], formats=["pt2"]), "mlp", "g1")
+    assert release.manifest.devices == ["cuda"]
+    with Hub("tcp://127.0.0.1:0", Store(tmp_path / "hub"), heartbeat_interval_s=0.25) as hub:
+        node = Node(hub.address, ["mlp"], "tcp://127.0.0.1:0", workers=1, cache=tmp_path / "c", node_id="g",
+                    devices=["cuda:0"]).start()
+        try:
+            assert hub.wait_for("mlp", hub.publish(release).seq, 1, 300)[0]
+            assert row(hub, "mlp").format == "pt2"
+            x = torch.randn(3, 784)
+            assert torch.allclose(answer(node, "mlp", x), model(x.cuda()).cpu(), atol=1e-3)
+            with torch.no_grad():
+                model.b.bias.add_(1.0)
+            done = HubClient(hub.address, timeout=300).publish_weights("mlp", model.state_dict())
+            assert hub.wait_for("mlp", done.seq, 1, 300)[0]
+            wait_until(lambda: row(hub, "mlp").how == "apply", 30)
+            assert torch.allclose(answer(node, "mlp", x), model(x.cuda()).cpu(), atol=1e-3)
+        finally:
+            node.close()

@@ -123,21 +123,33 @@ def check_weights(base: Base, archive: bytearray, state: Mapping[str, Any], eage
 
 
 def _open(m: Any, archive: Any) -> Any:
-    """The code of release ``m`` holding ``archive``'s weights, on the CPU: its pt2 package
-    when it carries one for the CPU (nothing of torch.jit needed), else its TorchScript."""
+    """The code of release ``m`` holding ``archive``'s weights: its pt2 package when it carries
+    one for the CPU (nothing of torch.jit needed), else its TorchScript, else its package for
+    CUDA on this machine's GPU."""
     import os
     import tempfile
 
+    import torch
+
+    from ..errors import CheckError
     from . import jit
     from .pt2 import open_pt2, serve_format
 
-    if serve_format(m, "cpu") == "pt2":
+    device = "cpu"
+    try:
+        serve_format(m, device)
+    except CheckError:
+        if "cuda" not in m.devices or not torch.cuda.is_available():
+            raise ReleaseError(f"{m.name} seq {m.seq}: its package runs on {', '.join(m.devices)} only, "
+                               "and this machine has none: publish its weights from one that has") from None
+        device = "cuda:0"
+    if serve_format(m, device) == "pt2":
         with tempfile.TemporaryDirectory(prefix="zmqmodels-weights-") as d:
             path = os.path.join(d, "release.pt2")
             with open(path, "wb") as f:
                 f.write(archive)
             # mapped, so the file may go; the bytes are the new weights this process wrote
-            return open_pt2(m, path, "cpu", workdir=d, verify=False)[0]
+            return open_pt2(m, path, device, workdir=d, verify=False)[0]
     return jit.call("load", io.BytesIO(archive), map_location="cpu").eval()
 
 
@@ -154,7 +166,8 @@ def _run_examples(module: Any, m: Any, eager: Any, device: str) -> list[Any]:
     with torch.inference_mode():
         for i, ex in enumerate(examples):
             try:
-                got = module(*ex)
+                here = getattr(module, "device", "cpu")  # a pt2 runner's (a package for CUDA)
+                got = to_device(module(*to_device(tuple(ex), here)), "cpu")
             except Exception as exc:
                 raise ReleaseError(f"example {i}: model raised: {str(exc).strip()[:300]}") from None
             check_finite(got, f"example {i} out")
