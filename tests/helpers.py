@@ -152,3 +152,13 @@ def scrape(port: int) -> dict[str, float]:
             key = s.name + "{" + ",".join(f"{k}={v}" for k, v in sorted(s.labels.items())) + "}"
             out[key] = s.value
     return out
+
+
+def cli(*args: str, timeout: float = 180, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m zmqmodels ARGS`` from the checkout, its output captured; ``env`` is added to
+    this process's environment."""
+    import sys
+
+    full = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "zmqmodels", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=full)

@@ -7,26 +7,17 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.helpers import wait_until
+from tests.helpers import cli, wait_until
 from tests.models import LeNet, Stack
 from zmqmodels import Hub, HubClient, Node, build_release, compile_model
 from zmqmodels.release.store import Store
 
 pytestmark = pytest.mark.timeout(600)
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODELS = ["head", "lenet", "stg", "lbl"]
-
-
-def cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "zmqmodels", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env=env)
 
 
 @pytest.fixture(scope="module")

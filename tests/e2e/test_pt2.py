@@ -13,6 +13,7 @@ import msgspec
 import pytest
 import torch
 
+from tests import helpers
 from tests.helpers import wait_until
 from tests.models import make_mlp
 from zmqmodels import Client, Hub, HubClient, Node
@@ -25,9 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def cli(*args: str, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    full = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "zmqmodels", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env=full)
+    return helpers.cli(*args, timeout=timeout, env=env)  # an AOTInductor compile may run in it
 
 
 @pytest.fixture(scope="module")

@@ -242,35 +242,26 @@ def spare_of(module: Any) -> Any:
 def map_shared(module: Any, m: Manifest, path: str | os.PathLike[str]) -> int:
     """:func:`share_weights` for a bare CPU module holding release ``m``'s tree."""
     import torch
-    import xxhash
 
-    from ..protocol.tensors import torch_dtype
+    from .pt2 import mapped_views
 
     if not m.tensors:
         return 0
     own = dict(module.named_parameters())
     own.update(dict(module.named_buffers()))
-    try:
-        with open(path, "rb") as f:
-            mm = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    except (OSError, ValueError):
-        return 0
-    views = {}
-    for t in m.tensors:
+    for t in m.tensors:  # the module's tree first: no byte is read for a module it does not fit
         target = own.get(t.name)
-        if (target is None or list(target.shape) != t.shape or t.start + t.nbytes > len(mm)
-                or t.nbytes != target.numel() * target.element_size()
-                or xxhash.xxh3_64_intdigest(memoryview(mm)[t.start:t.start + t.nbytes]) != t.xxh3
-                or str(target.dtype).removeprefix("torch.") != t.dtype or not target.is_contiguous()):
-            return 0  # the mapping stays referenced only by what already uses it: none
-        dtype = torch_dtype(t.dtype)
-        views[t.name] = torch.frombuffer(mm, dtype=dtype, count=t.nbytes // dtype.itemsize,
-                                         offset=t.start).view(t.shape) if t.nbytes else None
+        if target is None or list(target.shape) != t.shape or not target.is_contiguous() or \
+                str(target.dtype).removeprefix("torch.") != t.dtype:
+            return 0
+    views = mapped_views(m, path)  # each checked against its descriptor
+    if views is None:
+        return 0  # the mapping stays referenced only by what already uses it: none
     with torch.no_grad():
-        for name, view in views.items():
-            if view is not None:
+        for name, view in views.tensors.items():
+            if view.numel():
                 own[name].data = view  # the module's own tensor, now backed by the mapping
-    return manifest_bytes(m)
+    return views.nbytes
 
 
 def _checked(module: Any, manifest: Manifest, device: str, load_s: float, code: str, how: str,

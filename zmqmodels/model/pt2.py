@@ -178,7 +178,7 @@ def _build_pt2(module: Any, examples: Sequence[tuple[Any, ...]], program: Any) -
                     time.perf_counter() - t1)
 
 
-def container(package: bytes, constants: Mapping[str, Any], parameters: frozenset[str]) -> bytearray:
+def container(package: bytes, constants: Mapping[str, Any], parameters: frozenset[str]) -> memoryview:
     """The ``pt2`` release archive: ``package`` with each constant's bytes as a stored entry
     ``model/data/N`` (64-byte aligned) and ``model/zmq/constants.json`` describing them."""
     import torch
@@ -191,18 +191,18 @@ def container(package: bytes, constants: Mapping[str, Any], parameters: frozense
     with zipfile.ZipFile(buf, "a", compression=zipfile.ZIP_STORED) as z:
         for i, (name, t) in enumerate(constants.items()):
             entry = f"{TOP}/data/{i}"
-            data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+            data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data
             info = zipfile.ZipInfo(entry, date_time=(1980, 1, 1, 0, 0, 0))
             info.compress_type = zipfile.ZIP_STORED
             start = z.start_dir + 30 + len(entry.encode())
             pad = (-(start + 4)) % _ALIGN
             info.extra = struct.pack("<HH", _PAD_ID, pad) + b"\0" * pad
-            z.writestr(info, data.tobytes())
+            z.writestr(info, data)  # a view: no copy of the weights before the archive's
             table.append({"name": name, "kind": "parameter" if name in parameters else "buffer",
                           "dtype": dtype_name(t.dtype), "shape": list(t.shape), "entry": entry})
         info = zipfile.ZipInfo(CONSTANTS, date_time=(1980, 1, 1, 0, 0, 0))
         z.writestr(info, json.dumps({"format": "pt2", "constants": table}, sort_keys=True).encode())
-    return bytearray(buf.getbuffer())
+    return buf.getbuffer()
 
 
 @dataclass

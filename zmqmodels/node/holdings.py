@@ -162,7 +162,7 @@ class Holdings:
         known = self._batch_checked.get((m.code_sha256, m.batch)) if m.code_sha256 else None
         loaded = self._share(load_release(m, path, self.device, batch_known=known))
         self._batch_checked[(loaded.code, m.batch)] = (loaded.batch, loaded.batch_note)
-        if loaded.shared_bytes:  # the spare a first weights-only update is written into
+        if loaded.shared_bytes or isinstance(loaded.module, Pt2Module):  # what a first update goes into
             self.spares[m.name] = dataclasses.replace(loaded, module=spare_of(loaded.module))
         return loaded
 
