@@ -219,11 +219,11 @@ class Pt2Module:
     the tensors last given to :meth:`bind`, which it holds (``user_managed``: the runner keeps
     pointers, so the tensors must outlive it)."""
 
-    def __init__(self, path: str, device: str) -> None:
+    def __init__(self, path: str, device: str, folder: Any = None) -> None:
         import torch
 
         self.path, self.device = path, device
-        self._dir = None
+        self._dir = folder  # a TemporaryDirectory the package lies in, if it is the runner's
         if not path.endswith(".pt2"):  # the loader wants the suffix; a link in a private folder
             self._dir = tempfile.TemporaryDirectory(prefix="zmqmodels-pt2-")
             link = os.path.join(self._dir.name, f"{TOP}.pt2")
@@ -265,7 +265,7 @@ class Pt2Module:
     def spare(self) -> Pt2Module:
         """A second runner of the same package (its own constant buffer), bound to the same
         tensors: a weight-only update binds it to the new ones while this one serves."""
-        other = Pt2Module(self.path, self.device)
+        other = Pt2Module(self.path, self.device, self._dir)  # the folder lives while either does
         other.bind(self.views.tensors, self.views)
         return other
 
@@ -302,22 +302,22 @@ def mapped_views(m: Any, path: str | os.PathLike[str], *, verify: bool = True) -
     return _Views(out, mm, sum(t.nbytes for t in m.tensors))
 
 
-def open_pt2(manifest: Any, path: str, device: str, workdir: Any = None, *, verify: bool = True
-             ) -> tuple[Pt2Module, int]:
+def open_pt2(manifest: Any, path: str, device: str, *, verify: bool = True) -> tuple[Pt2Module, int]:
     """The pt2 part of release ``manifest`` in ``path`` (its verified archive) loaded for
     ``device`` and bound to the archive's own tensor bytes: ``(module, bytes shared)``."""
-    package_path = path
+    package_path, folder = path, None
     if manifest.format != "pt2":  # torchscript+pt2: the package is an extra file of the archive
         with zipfile.ZipFile(path) as z:
             entry = next((n for n in z.namelist() if n.endswith(f"/extra/{DUAL_ENTRY}")), None)
             if entry is None:
                 raise CheckError(f"{manifest.name} seq {manifest.seq}: says {manifest.format} "
                                  f"but holds no extra/{DUAL_ENTRY}")
-            workdir = workdir or tempfile.mkdtemp(prefix="zmqmodels-pt2-")
-            package_path = os.path.join(workdir, f"{TOP}.pt2")
+            # the runner's (removed with it): a spare runner loads the package from there again
+            folder = tempfile.TemporaryDirectory(prefix="zmqmodels-pt2-")
+            package_path = os.path.join(folder.name, f"{TOP}.pt2")
             with open(package_path, "wb") as out:
                 out.write(z.read(entry))
-    module = Pt2Module(package_path, device)
+    module = Pt2Module(package_path, device, folder)
     views = mapped_views(manifest, path, verify=verify)
     if views is None:
         raise CheckError(f"{manifest.name} seq {manifest.seq}: a tensor's bytes do not match the "

@@ -149,7 +149,7 @@ def _open(m: Any, archive: Any) -> Any:
             with open(path, "wb") as f:
                 f.write(archive)
             # mapped, so the file may go; the bytes are the new weights this process wrote
-            return open_pt2(m, path, device, workdir=d, verify=False)[0]
+            return open_pt2(m, path, device, verify=False)[0]
     return jit.call("load", io.BytesIO(archive), map_location="cpu").eval()
 
 
