@@ -35,7 +35,9 @@ def load_source(source: str, *, weights: str | None = None, say: Any = None) -> 
         if not path.is_file():
             raise SourceError(f"no such file: {source}")
         try:
-            return torch.jit.load(str(path), map_location="cpu"), None
+            from . import jit
+
+            return jit.call("load", str(path), map_location="cpu"), None
         except Exception as exc:
             raise SourceError(f"{source} is not a TorchScript archive: {_first_line(exc)}") from exc
     target, sep, attr = source.rpartition(":")
