@@ -36,6 +36,15 @@ def render() -> str:
     out += ["", "// Dynamic batching's evidence (zmqmodels/core/batching.py)"]
     for name in ("EVIDENCE_S", "GAP_WEIGHT"):
         out.append(f"constexpr double {name} = {float(getattr(batching, name))!r};")
+    from zmqmodels.model.pt2 import DUAL_ENTRY
+    from zmqmodels.release.manifest import MAX_DEVICES, RELEASE_FORMATS
+
+    out += ["", "// Release formats (zmqmodels/release/manifest.py), the devices one package may name, and",
+            "// where a torchscript+pt2 archive keeps its package (zmqmodels/model/pt2.py DUAL_ENTRY)",
+            "constexpr const char* RELEASE_FORMATS[] = {" + ", ".join(f'"{f}"' for f in RELEASE_FORMATS)
+            + "};",
+            f"constexpr uint64_t MAX_DEVICES = {MAX_DEVICES};",
+            f'constexpr const char* DUAL_ENTRY = "extra/{DUAL_ENTRY}";']
     out += ["", "// Limits' defaults (zmqmodels.defaults.Limits)"]
     for f in dataclasses.fields(defaults.Limits):
         out.append(f"constexpr uint64_t {f.name.upper()} = {int(f.default)}ull;")

@@ -22,6 +22,12 @@ constexpr int STOP_REPORT_LINGER_MS = 500;
 constexpr double EVIDENCE_S = 1.0;
 constexpr double GAP_WEIGHT = 0.2;
 
+// Release formats (zmqmodels/release/manifest.py), the devices one package may name, and
+// where a torchscript+pt2 archive keeps its package (zmqmodels/model/pt2.py DUAL_ENTRY)
+constexpr const char* RELEASE_FORMATS[] = {"torchscript", "pt2", "torchscript+pt2"};
+constexpr uint64_t MAX_DEVICES = 8;
+constexpr const char* DUAL_ENTRY = "extra/aoti.pt2";
+
 // Limits' defaults (zmqmodels.defaults.Limits)
 constexpr uint64_t MAX_ARCHIVE_BYTES = 8589934592ull;
 constexpr uint64_t MAX_CHUNKS = 65536ull;

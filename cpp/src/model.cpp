@@ -219,19 +219,6 @@ namespace {
 
 std::string device_kind(const c10::Device& d) { return d.is_cpu() ? "cpu" : c10::DeviceTypeName(d.type(), true); }
 
-// Which part of release `m` a node on `device` serves (the Python node's model/pt2.serve_format).
-std::string serve_format(const Manifest& m, const c10::Device& device) {
-  bool here = std::find(m.devices.begin(), m.devices.end(), device_kind(device)) != m.devices.end();
-  if (m.format.find("pt2") != std::string::npos && here) return "pt2";
-  if (m.format.find("torchscript") != std::string::npos) return "torchscript";
-  std::string kinds;
-  for (const auto& d : m.devices) kinds += (kinds.empty() ? "" : ", ") + d;
-  throw Error("check", m.name + " seq " + std::to_string(m.seq) + ": its pt2 package was compiled for " +
-                           (kinds.empty() ? "no device" : kinds) + ", this node runs " + device.str() +
-                           ", and the release carries no TorchScript (publish it with --format torchscript,pt2, "
-                           "or compile the package on this kind of device)");
-}
-
 // A private file holding `n` bytes (the loader takes a package by path); removed by the caller.
 std::string temp_file(const void* p, size_t n) {
   char name[] = "/tmp/zmqmodels-pt2-XXXXXX";
@@ -267,8 +254,9 @@ void load_pt2(Loaded& out, const Manifest& m, const std::string& path, const voi
     MemoryBuf buf(reinterpret_cast<const char*>(base), len);
     std::istream in(&buf);
     caffe2::serialize::PyTorchStreamReader reader(&in);
-    if (!reader.hasRecord("extra/aoti.pt2")) throw Error("check", m.name + ": says " + m.format + " but holds no extra/aoti.pt2");
-    auto [ptr, n] = reader.getRecord("extra/aoti.pt2");
+    if (!reader.hasRecord(gen::DUAL_ENTRY))
+      throw Error("check", m.name + ": says " + m.format + " but holds no " + gen::DUAL_ENTRY);
+    auto [ptr, n] = reader.getRecord(gen::DUAL_ENTRY);
     package = temp = temp_file(ptr.get(), n);
   } else if (path.empty()) {
     package = temp = temp_file(base, len);
@@ -305,6 +293,18 @@ void load_pt2(Loaded& out, const Manifest& m, const std::string& path, const voi
 }
 
 }  // namespace
+
+std::string serve_format(const Manifest& m, const c10::Device& device) {
+  bool here = std::find(m.devices.begin(), m.devices.end(), device_kind(device)) != m.devices.end();
+  if (m.format.find("pt2") != std::string::npos && here) return "pt2";
+  if (m.format.find("torchscript") != std::string::npos) return "torchscript";
+  std::string kinds;
+  for (const auto& d : m.devices) kinds += (kinds.empty() ? "" : ", ") + d;
+  throw Error("check", m.name + " seq " + std::to_string(m.seq) + ": its pt2 package was compiled for " +
+                           (kinds.empty() ? "no device" : kinds) + ", this node runs " + device.str() +
+                           ", and the release carries no TorchScript (publish it with --format torchscript,pt2, "
+                           "or compile the package on this kind of device)");
+}
 
 std::shared_ptr<const Loaded> load_release(const std::shared_ptr<Manifest>& m, const std::string& path,
                                            const void* data, size_t len, const c10::Device& device, int warmup) {

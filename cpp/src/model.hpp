@@ -40,6 +40,11 @@ std::shared_ptr<const Loaded> load_release(const std::shared_ptr<Manifest>& m, c
                                            const void* data, size_t len, const c10::Device& device,
                                            int warmup = 2);
 
+// Which part of release `m` a node on `device` serves: "pt2" (its package was compiled for this
+// device kind) or "torchscript"; Error("check", why) if neither (model/pt2.py serve_format;
+// tests/vectors/formats.json holds the cases both run).
+std::string serve_format(const Manifest& m, const c10::Device& device);
+
 // Compare one output tree with its expected tree; throws Error("check", ...).
 void compare_outputs(const c10::IValue& want, const c10::IValue& got, const std::string& path, bool gpu);
 void check_batched(Loaded& out, const std::vector<c10::IValue>& examples, const std::vector<c10::IValue>& expected,

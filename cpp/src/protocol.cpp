@@ -187,9 +187,10 @@ void check_manifest(const Manifest& m, const Limits& limits) {
   if (!kCodecs.count(m.codec.name) || !kFilters.count(m.codec.filter))
     throw Error("bad_release", "unknown codec " + m.codec.name + "/" + m.codec.filter);
   if (m.archive_sha256.size() != 64) throw Error("bad_release", "archive_sha256 must be 64 hex digits");
-  if (m.format != "torchscript" && m.format != "pt2" && m.format != "torchscript+pt2")
+  if (std::none_of(std::begin(gen::RELEASE_FORMATS), std::end(gen::RELEASE_FORMATS),
+                   [&](const char* f) { return m.format == f; }))
     throw Error("bad_release", "unknown release format '" + m.format + "': one of torchscript, pt2, torchscript+pt2");
-  if ((m.format.find("pt2") != std::string::npos) != !m.devices.empty() || m.devices.size() > 8)
+  if ((m.format.find("pt2") != std::string::npos) != !m.devices.empty() || m.devices.size() > gen::MAX_DEVICES)
     throw Error("bad_release", "devices must name the device kinds of a pt2 package, and only then");
   for (const auto& t : m.tensors)
     if (t.start + t.nbytes > m.archive_bytes || t.start + t.nbytes < t.start)

@@ -668,3 +668,27 @@ TEST_CASE("the C++ batching evidence follows the conformance vectors") {
     }
   }
 }
+
+TEST_CASE("the C++ node chooses the part of a release as the conformance vectors say") {
+  std::ifstream in(ZM_FORMAT_VECTORS);
+  REQUIRE(in.good());
+  nlohmann::json doc = nlohmann::json::parse(in);
+  for (const auto& c : doc["cases"]) {
+    SUBCASE(c["name"].get<std::string>().c_str()) {
+      Manifest m;
+      m.name = "m", m.seq = 1, m.format = c["format"].get<std::string>();
+      m.devices = c["devices"].get<std::vector<std::string>>();
+      c10::Device device(c["device"].get<std::string>());
+      if (c["serves"].is_null()) {
+        try {
+          serve_format(m, device);
+          FAIL("served a release the vectors refuse");
+        } catch (const Error& e) {
+          CHECK(std::string(e.what()).find("compiled for " + m.devices[0]) != std::string::npos);
+        }
+      } else {
+        CHECK(serve_format(m, device) == c["serves"].get<std::string>());
+      }
+    }
+  }
+}

@@ -71,7 +71,7 @@ def remade(release: Release, archive: bytes | None = None, **fields: object) -> 
 
 
 def test_a_pt2_release_serves_and_takes_new_weights_without_a_reload(fleet, pt2_release, tmp_path) -> None:
-    """Why 2 and 4: a .pt2 package published, verified and served by a node; new weights of it
+    """A .pt2 package published, verified and served by a node; new weights of it
     (a checkpoint ``--like`` it, and ``publish_weights``) are applied into the package loaded once
     (stage ``apply``, no recompile, no reload), as a delta that moves only the changed bytes."""
     hub, node, _tmp = fleet
@@ -171,7 +171,7 @@ def test_one_release_carries_both_formats_and_each_node_serves_the_part_for_its_
 
 
 def test_without_torch_jit_a_pt2_release_publishes_serves_and_updates(tmp_path) -> None:
-    """Why 1 and item 5: with ``torch.jit.script``, ``trace``, ``save`` and ``load`` raising in
+    """With ``torch.jit.script``, ``trace``, ``save`` and ``load`` raising in
     every process (the PyTorch PR that makes each deprecated call an error;
     ``tests/jitless/sitecustomize.py``), ``--format pt2`` publishes, a node serves it and takes new
     weights, and the commands that never needed TorchScript keep working."""
@@ -261,7 +261,7 @@ def test_the_cpp_node_serves_a_pt2_release_and_says_it_loaded_it_whole(binary, p
 
 
 def test_the_torchscript_path_says_the_deprecation_once_in_its_own_words(tmp_path) -> None:
-    """Item 5: where torch.jit warns on every call (a user with warnings on), a TorchScript
+    """Where torch.jit warns on every call (a user with warnings on), a TorchScript
     build prints one line pointing at ``--format pt2``, not PyTorch's warning per call."""
     out = cli("build", "tests/models.py:make_lenet", "--name", "lenet", "--store", str(tmp_path),
               env={"PYTHONWARNINGS": "default"})

@@ -25,9 +25,8 @@ def test_traced_frozen_branch_is_caught_by_second_example() -> None:
 
 
 def test_a_blind_trace_that_drew_a_tracer_warning_is_refused_unless_asked_for() -> None:
-    """Issue 30, Why 3: scripting failed, the trace froze a data-dependent branch and the
-    publish shipped it. Now export is tried first; when it fails too, a trace that drew a
-    TracerWarning is refused with the warning shown; ``method="trace"`` accepts it."""
+    """When scripting and ``torch.export`` both fail, a trace that drew a TracerWarning is
+    refused with the warnings shown; ``method="trace"`` accepts it."""
     examples = [torch.rand(3) + 0.1, torch.rand(3) + 0.2]
     with pytest.raises(CompileError) as err:
         compile_model(SignFlip(), examples)
@@ -39,9 +38,9 @@ def test_a_blind_trace_that_drew_a_tracer_warning_is_refused_unless_asked_for() 
 
 
 def test_the_guard_a_trace_would_drop_is_refused_and_the_scripting_error_is_whole() -> None:
-    """The issue's model: ``super().forward`` (unscriptable) behind ``if x.max() > 100: raise``.
-    The old fallback traced it (rc 0) and served what eager refuses; now it is refused, the
-    scripting error is shown whole, without the ``.:`` TorchScript ends its first line with."""
+    """``super().forward`` (unscriptable) behind ``if x.max() > 100: raise``: export refuses the
+    data-dependent branch and the trace that would drop it is refused; the scripting error is
+    shown whole, without the ``.:`` TorchScript ends its first line with."""
     from tests.models import make_guarded
 
     model, examples = make_guarded()

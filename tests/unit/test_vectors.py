@@ -113,3 +113,21 @@ def test_the_python_batching_evidence_follows_the_vectors(case: dict[str, Any]) 
             a = ev["ask"]
             got = e.hold_until("m", a["count"], a["rows"], a["cap"], a["oldest"], a["now"])
             assert got == pytest.approx(ev["expect"]) if ev["expect"] is not None else got is None, (i, got)
+
+
+FORMATS = json.loads((Path(__file__).resolve().parent.parent / "vectors" / "formats.json").read_text())
+
+
+@pytest.mark.parametrize("case", FORMATS["cases"], ids=[c["name"] for c in FORMATS["cases"]])
+def test_the_python_node_chooses_the_part_of_a_release_as_the_vectors_say(case: dict[str, Any]) -> None:
+    from types import SimpleNamespace
+
+    from zmqmodels.errors import CheckError
+    from zmqmodels.model.pt2 import serve_format
+
+    m = SimpleNamespace(name="m", seq=1, format=case["format"], devices=case["devices"])
+    if case["serves"] is None:
+        with pytest.raises(CheckError, match=f"compiled for {', '.join(case['devices'])}, this node runs"):
+            serve_format(m, case["device"])
+    else:
+        assert serve_format(m, case["device"]) == case["serves"]

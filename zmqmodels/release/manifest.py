@@ -53,6 +53,7 @@ CODECS = {"none": None, "lz4": "LZ4", "lz4hc": "LZ4HC", "zstd": "ZSTD", "blosclz
           "zlib": "ZLIB"}
 MAX_BATCH_CLAIM = 1 << 16
 RELEASE_FORMATS = ("torchscript", "pt2", "torchscript+pt2")
+MAX_DEVICES = 8  # device kinds one pt2 package may name
 FILTERS = {"none": "NOFILTER", "shuffle": "SHUFFLE", "bitshuffle": "BITSHUFFLE"}
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 
@@ -158,7 +159,7 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
             raise ReleaseError("signer must be 64 hex digits")
         if self.format not in RELEASE_FORMATS:
             raise ReleaseError(f"unknown release format {self.format!r}: one of {', '.join(RELEASE_FORMATS)}")
-        if ("pt2" in self.format) != bool(self.devices) or len(self.devices) > 8 or \
+        if ("pt2" in self.format) != bool(self.devices) or len(self.devices) > MAX_DEVICES or \
                 any(not isinstance(d, str) or not d.isalnum() for d in self.devices):
             raise ReleaseError("devices must name the device kinds of a pt2 package, and only then")
         if not 0 <= self.batch <= MAX_BATCH_CLAIM or self.batch_dim != 0:
