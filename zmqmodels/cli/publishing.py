@@ -124,7 +124,7 @@ def moved_lines(status: Any, name: str, seq: int) -> list[str]:
         if m.get("bytes_duplicate"):
             line += f", {m['bytes_duplicate'] / 2**20:.2f} MiB it already had"
         how = m.get("how") or "-"
-        how += f" as {m['format']}" if m.get("format") else ""
+        how += f" as {m['format']}" if m.get("format") not in (None, "", "torchscript") else ""
         out.append(line + f"; {how}" + (f" ({m['why']})" if how.startswith("load") and m.get("why") else ""))
     return out
 

@@ -89,14 +89,16 @@ def release_cpu(stages: dict[str, float]) -> float | None:
 
 def stages_text(n: Any) -> str:
     """``seq 4: recv 0.12 write 0.05 load 0.15 check 0.02 roll 0.40 cpu 0.31`` (the wall time
-    of each stage of the node's newest release, and the CPU the node spent on it), or ``-``."""
+    of each stage of the node's newest release, and the CPU the node spent on it; ``seq 4 as
+    pt2: ...`` when it serves a release's pt2 package), or ``-``."""
     if not n.stages:
         return "-"
     parts = [f"{short} {n.stages[key]:.2f}" for key, short in _STAGE_NAMES if key in n.stages]
     cpu = release_cpu(n.stages)
     if cpu is not None:
         parts.append(f"cpu {cpu:.2f}")
-    return f"seq {n.stages_seq}{' ' + n.format if getattr(n, 'format', '') else ''}: " + " ".join(parts)
+    fmt = getattr(n, "format", "")  # said when it is not the default (status --json has it always)
+    return f"seq {n.stages_seq}{' as ' + fmt if fmt and fmt != 'torchscript' else ''}: " + " ".join(parts)
 
 
 def status_json(status: Any) -> Any:
