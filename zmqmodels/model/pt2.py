@@ -134,7 +134,6 @@ class Pt2Build:
     parameters: frozenset[str]
     devices: tuple[str, ...]
     module: Pt2Module
-    program: Any  # the ExportedProgram (the batch proof and the parity run on the package)
     export_s: float = 0.0
     aoti_s: float = 0.0
 
@@ -174,7 +173,7 @@ def _build_pt2(module: Any, examples: Sequence[tuple[Any, ...]], program: Any) -
     constants = {k: state[k].detach().contiguous() for k in runner.fqns}
     runner.bind(constants)
     params = frozenset(ep.graph_signature.parameters)
-    return Pt2Build(package, constants, params, (device_kind(device),), runner, ep, t1 - t0,
+    return Pt2Build(package, constants, params, (device_kind(device),), runner, t1 - t0,
                     time.perf_counter() - t1)
 
 
