@@ -42,6 +42,7 @@ from ..transport.exporter import MetricsServer
 from ..transport.health import hub_down, node_health
 from ..transport.ioloop import IOThread, LoopState
 from ..transport.upstream import hub_list
+from ..transport.wire import send_frames
 from .follower import Follower, FollowOptions, default_node_id
 from .host import WorkerProcesses, WorkerSite, check_devices
 from .pool import WorkerMessages
@@ -290,7 +291,7 @@ class Node(IOThread):
     def _teardown(self) -> None:
         for wid, slot in self.broker.workers.items():
             if slot.ready:
-                self._back.send_multipart([wid.encode(), *P.pack(P.StopWorker())])
+                send_frames(self._back, [wid.encode(), *P.pack(P.StopWorker())])
 
     def _spawn(self, wid: str, now: float) -> None:
         args = worker_command(self._site.backend, wid, self._site.devices[wid], str(self.cache.root),
@@ -302,7 +303,7 @@ class Node(IOThread):
         for action in actions:
             match action:
                 case Dispatch(wid, reqs, waited):
-                    self._back.send_multipart(work_frames(action), copy=False)
+                    send_frames(self._back, work_frames(action), copy=False)
                     now = time.monotonic()
                     self.supervisor.seen(wid, now, Activity.BUSY)
                     if self.metrics is not None:
@@ -310,7 +311,7 @@ class Node(IOThread):
                                                 [r.received for r in reqs])
                 case Load(wid, target, unload_first):
                     cmd = P.LoadCommand(target.name, target.seq, target.path, unload_first=unload_first)
-                    self._back.send_multipart([wid.encode(), *P.pack(cmd)])
+                    send_frames(self._back, [wid.encode(), *P.pack(cmd)])
                     self.supervisor.seen(wid, time.monotonic(), Activity.LOADING)
                     log.info("worker %s: loading %s seq %d", wid, target.name, target.seq)
                 case Refuse(req, code, message):
@@ -328,7 +329,7 @@ class Node(IOThread):
 
     # clients ---------------------------------------------------------------------------------
     def _reply(self, frames: list[Any]) -> None:
-        self._front.send_multipart(frames, copy=False)
+        send_frames(self._front, frames, copy=False)
 
     def _error(self, client: Any, code: str, message: str, rid: str = "", model: str = "") -> None:
         self.stats[f"error_{code}"] += 1
@@ -336,7 +337,7 @@ class Node(IOThread):
             self.reports.ledger.answer(model, self.broker.report(model)[1], code)
         if self.metrics is not None:
             self.metrics.refused(model if model in self.models else "", code)
-        self._front.send_multipart([client, b"", *P.pack(P.serving_error(code, message, model, rid))])
+        send_frames(self._front, [client, b"", *P.pack(P.serving_error(code, message, model, rid))])
 
     def _on_client(self, frames: list[zmq.Frame]) -> None:
         client = frames[0].bytes
@@ -345,7 +346,7 @@ class Node(IOThread):
             return
         if frames[2].bytes == MODELS:  # what is served now, answered at once (a gateway's view)
             reply = describe(frames[2:], self.node_id, self.models, self.broker.workers, self.cache.signature)
-            return self._front.send_multipart([client, b"", *reply])
+            return send_frames(self._front, [client, b"", *reply])
         try:
             request = admit(client, frames[2:], self.limits, self.broker.queue_timeout_s,
                             unbatched=self.unbatched if self.broker.max_batch > 1 else None)

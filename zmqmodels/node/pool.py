@@ -75,18 +75,21 @@ class WorkerMessages:
 
     def _answered(self, wid: str, msg: P.Done | P.Answers, payload: list[Any], now: float) -> None:
         slot, metrics = self.broker.workers[wid], self._metrics()
+        busy, seq = slot.busy, slot.busy_seq
+        # the worker gets its next batch before its clients get their replies: it computes
+        # while this thread sends them (with one worker, the difference is its idle time)
+        self.supervisor.seen(wid, now, Activity.IDLE)
+        self._carry(self.broker.done(wid, now))
         for i, r in enumerate(replies(msg, payload)):
             if not r.served:
                 self.stats["expired"] += 1
                 continue
-            if i < len(slot.busy):
-                self.reports.ledger.answer(slot.busy[i].model, slot.busy_seq, r.code)
+            if i < len(busy):
+                self.reports.ledger.answer(busy[i].model, seq, r.code)
                 if metrics is not None:
-                    metrics.answered(slot.busy[i], slot.busy_seq, r.code, now)
+                    metrics.answered(busy[i], seq, r.code, now)
             self._send_reply([r.client, b"", *r.frames])
             self.stats["replies"] += 1
-        self.supervisor.seen(wid, now, Activity.IDLE)
-        self._carry(self.broker.done(wid, now))
 
     def _loaded(self, wid: str, msg: P.LoadResult, now: float) -> None:
         self.supervisor.seen(wid, now, Activity.IDLE)

@@ -24,8 +24,9 @@ from ..model.batching import join_inputs, split_outputs
 from ..model.loader import to_device
 from ..model.slot import Loaded
 from ..protocol import parse_infer
-from ..protocol.tensors import decode, encode
+from ..protocol.tensors import decode, encode, join_rows, split_rows
 from ..release.cache import Cache
+from ..transport.wire import recv_frames, send_frames
 from .holdings import Holdings
 
 __all__ = ["Worker", "run"]
@@ -110,14 +111,20 @@ class Worker:
         run alone, so one sample that makes the model raise fails only its own request."""
         t0 = time.monotonic_ns()
         out: list[tuple[list[Any], str, bool] | None] = [None] * len(jobs)
-        ready: list[tuple[int, P.InferRequest, Loaded, tuple[Any, ...]]] = []
+        parsed: list[tuple[int, P.InferRequest, list[Any]]] = []
         for i, (job, frames) in enumerate(jobs):
             if job.expires_ns and t0 > job.expires_ns:
                 out[i] = ([], "", False)  # its client has given up
                 continue
-            req: P.InferRequest | None = None
             try:
-                req, tensors = parse_infer(frames)
+                parsed.append((i, *parse_infer(frames)))
+            except ZmqModelsError as exc:
+                out[i] = (*self._error(exc, None), True)
+        if self._joined(parsed, jobs, out, t0):
+            return out  # type: ignore[return-value]
+        ready: list[tuple[int, P.InferRequest, Loaded, tuple[Any, ...]]] = []
+        for i, req, tensors in parsed:
+            try:
                 ready.append((i, req, *self._admit(req, tensors)))
             except ZmqModelsError as exc:
                 out[i] = (*self._error(exc, req), True)
@@ -164,6 +171,45 @@ class Worker:
             bufs.append(buf[:total])
         return join_inputs(args, bufs)
 
+    def _joined(self, parsed: list[tuple[int, P.InferRequest, list[Any]]],
+                jobs: list[tuple[P.Job, list[Any]]], out: list[Any], t0: int) -> bool:
+        """The common batch at wire speed: requests of one model, pin and ``inputs`` spec are
+        checked once (the first fully, every other's buffer sizes), their bytes joined without
+        a tensor per request, one forward, and each reply's tensors are views of the joined
+        output's bytes. False (nothing answered) for anything else: the caller then reads,
+        checks and answers each request on its own."""
+        if len(parsed) < 2 or self.device != "cpu":
+            return False
+        first = parsed[0][1]
+        if any(r.inputs != first.inputs or r.model != first.model or r.seq != first.seq
+               for _, r, _ in parsed):
+            return False
+        try:
+            cur, args = self._admit(first, parsed[0][2])
+        except ZmqModelsError:
+            return False
+        rows = [_rows(args)] * len(parsed)
+        joined = join_rows(first.inputs, [[f.buffer for f in t] for _, _, t in parsed])
+        if joined is None or sum(rows) > cur.batch:
+            return False
+        t1 = time.monotonic_ns()
+        try:
+            whole = self._forward(cur, decode(*joined))
+            parts = split_rows(*encode(whole), rows)
+        except ZmqModelsError as exc:
+            log.info("%s: a batch of %d failed (%s); running its requests one by one", self.worker_id,
+                     sum(rows), exc)
+            return False
+        if parts is None:
+            return False
+        infer_ms, m = round((time.monotonic_ns() - t1) / 1e6, 3), cur.manifest
+        for (i, req, _), (spec, bufs) in zip(parsed, parts, strict=True):
+            queue_ms = round((t0 - jobs[i][0].received_ns) / 1e6, 3)
+            reply = P.InferReply(req.id, req.model, m.label, m.seq, self.worker_id, spec, queue_ms, infer_ms,
+                                 batch=sum(rows))
+            out[i] = (P.pack(reply, *bufs), "", True)
+        return True
+
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> None:
         ctx = zmq.Context.instance()
@@ -183,19 +229,19 @@ class Worker:
         for job, (reply, code, served) in zip(jobs, self.infer_batch(parts), strict=True):
             answers.append(P.Answer(job.client, served, code, len(reply)))
             frames += reply
-        sock.send_multipart(P.pack(P.Answers(answers), *frames), copy=False)
+        send_frames(sock, P.pack(P.Answers(answers), *frames), copy=False)
 
     def _serve(self, sock: zmq.Socket) -> None:
         self.held.load_cached()
         ready = P.WorkerReady(self.worker_id, os.getpid(), self.device, self.held.serving(),
                               errors=self.held.errors)
-        sock.send_multipart(P.pack(ready))
+        send_frames(sock, P.pack(ready))
         beat = P.pack(P.WorkerBeat())
         quiet_since = time.monotonic()
         try:
             while True:
                 if self.held.apply_done():  # swapped between two requests, never during one
-                    sock.send_multipart(P.pack(self.held.finish_apply()))
+                    send_frames(sock, P.pack(self.held.finish_apply()))
                 # while an update is made in the background, look at it every few ms
                 if not sock.poll(APPLY_POLL_MS if self.held.applying else int(HEARTBEAT_S * 1000)):
                     if time.monotonic() - quiet_since < HEARTBEAT_S:
@@ -204,11 +250,11 @@ class Worker:
                     if self.parent and os.getppid() != self.parent:
                         log.warning("%s: the node (pid %d) is gone; exiting", self.worker_id, self.parent)
                         return
-                    sock.send_multipart(beat)
+                    send_frames(sock, beat)
                     continue
                 quiet_since = time.monotonic()
                 try:
-                    msg, payload = P.unpack(sock.recv_multipart(copy=False))
+                    msg, payload = P.unpack(recv_frames(sock, copy=False))
                 except ProtocolError as exc:
                     log.warning("%s: bad message from the front: %s", self.worker_id, exc)
                     continue
@@ -217,12 +263,12 @@ class Worker:
                         self._answer_batch(sock, jobs, payload)
                     case P.Work(client=client, received_ns=received, expires_ns=expires):
                         if expires and time.monotonic_ns() > expires:
-                            sock.send_multipart(P.pack(P.Done(client, served=False)))
+                            send_frames(sock, P.pack(P.Done(client, served=False)))
                             continue  # its client has given up: do not spend the model on it
                         reply, code = self.infer(payload, received)
-                        sock.send_multipart(P.pack(P.Done(client, code=code), *reply), copy=False)
+                        send_frames(sock, P.pack(P.Done(client, code=code), *reply), copy=False)
                     case P.LoadCommand():
-                        sock.send_multipart(P.pack(self.held.load(msg)))
+                        send_frames(sock, P.pack(self.held.load(msg)))
                     case P.StopWorker():
                         if self.held.applying:
                             self.held.finish_apply()  # its thread is not left writing as we exit

@@ -27,7 +27,7 @@ import numpy as np
 from ..errors import ProtocolError
 
 __all__ = ["DTYPE_NAMES", "torch_dtype", "dtype_name", "encode", "decode", "signature",
-           "tensor_bytes", "parse_shape_spec", "random_arrays"]
+           "tensor_bytes", "parse_shape_spec", "random_arrays", "join_rows", "split_rows"]
 
 # wire name -> item size. numpy has no bfloat16: in numpy mode it decodes to float32 (exact).
 _ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4,
@@ -247,6 +247,84 @@ class _Decoding:
         if count == 0:
             return torch.empty(shape, dtype=dtype)
         return torch.frombuffer(bytearray(buf) if self.copy else buf, dtype=dtype).reshape(shape)
+
+
+def _row_nodes(spec: Any) -> list[dict[str, Any]] | None:
+    """The tensor nodes of a tuple of tensors (a request's ``inputs``), else None."""
+    if not isinstance(spec, dict) or spec.get("t") != "tuple" or not isinstance(spec.get("items"), list):
+        return None
+    nodes = spec["items"]
+    ok = all(isinstance(n, dict) and n.get("t") == "tensor" and isinstance(n.get("shape"), list)
+             and n["shape"] and n.get("dtype") in _ITEMSIZE for n in nodes)
+    return nodes if ok and nodes else None
+
+
+def join_rows(spec: Any, buffers: Sequence[Sequence[Any]]) -> tuple[Any, list[bytearray]] | None:
+    """Several requests of one ``inputs`` spec (a tuple of tensors) as one: the spec with the
+    leading dimensions summed and each input's buffers concatenated (one copy, the one a
+    ``torch.cat`` would make). ``None`` when the spec is not a tuple of tensors or a buffer
+    is not the size the spec says: the caller then reads each request on its own (and
+    answers the malformed one alone)."""
+    nodes = _row_nodes(spec)
+    if nodes is None:
+        return None
+    joined = []
+    for node in nodes:
+        idx, shape = node.get("f"), node["shape"]
+        count = _ITEMSIZE[node["dtype"]]
+        for d in shape:
+            count *= d if isinstance(d, int) else -1
+        if not isinstance(idx, int) or count < 0:
+            return None
+        parts = []
+        for bufs in buffers:
+            if not 0 <= idx < len(bufs) or len(bufs) != len(nodes):
+                return None
+            b = bufs[idx]
+            if memoryview(b).nbytes != count:
+                return None
+            parts.append(b)
+        joined.append(bytearray().join(parts))
+    rows = nodes[0]["shape"][0] * len(buffers)
+    items = [{**n, "shape": [rows, *n["shape"][1:]], "f": k} for k, n in enumerate(nodes)]
+    return {"t": "tuple", "items": items}, joined
+
+
+def split_rows(spec: Any, buffers: Sequence[memoryview], rows: Sequence[int]
+               ) -> list[tuple[Any, list[memoryview]]] | None:
+    """An encoded output tree of ``sum(rows)`` rows as one ``(spec, buffers)`` per request,
+    ``rows[i]`` rows each, the buffers views of ``buffers`` (no copy); ``None`` if a leaf is
+    not a tensor whose leading dimension is the batch's (the caller then splits the tree)."""
+    total = sum(rows)
+    leaves: list[dict[str, Any]] = []
+
+    def walk(node: Any) -> bool:
+        kind = node.get("t") if isinstance(node, dict) else None
+        if kind == "tensor":
+            leaves.append(node)
+            return bool(node["shape"]) and node["shape"][0] == total
+        return kind in ("tuple", "list", "dict") and all(walk(i) for i in node["items"])
+
+    if not walk(spec):
+        return None
+    per_row = [memoryview(b).nbytes // total if total else 0 for b in buffers]
+    shapes = {id(n): n["shape"] for n in leaves}
+    out, start = [], 0
+    for n in rows:
+        for node in leaves:
+            node["shape"] = [n, *shapes[id(node)][1:]]
+        views = [b[start * r:(start + n) * r] for b, r in zip(buffers, per_row, strict=True)]
+        out.append((_copy_spec(spec), views))
+        start += n
+    for node in leaves:
+        node["shape"] = shapes[id(node)]
+    return out
+
+
+def _copy_spec(node: dict[str, Any]) -> dict[str, Any]:
+    if "items" in node:
+        return {**node, "items": [_copy_spec(i) for i in node["items"]]}
+    return dict(node)
 
 
 def signature(tree: Any) -> Any:

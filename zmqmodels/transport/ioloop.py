@@ -26,6 +26,7 @@ from .. import defaults
 from ..errors import DeadlineError, ZmqModelsError
 from ..protocol.messages import Word
 from .mailbox import Mailbox
+from .wire import NOBLOCK, recv_frames
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self from Python 3.11
@@ -210,7 +211,7 @@ class IOThread(abc.ABC):
                         continue
                     for _ in range(self.burst):
                         try:
-                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                            frames = recv_frames(sock, NOBLOCK)
                         except zmq.Again:
                             break
                         self._contain(handler, frames)
