@@ -416,6 +416,26 @@ def test_releases_lists_publishes_and_rollbacks_and_rollback_keeps_its_target(tm
 # -- metrics -------------------------------------------------------------------------------------
 
 
+def test_request_metrics_add_no_series_per_publish(tmp_path) -> None:
+    """Issue 31: zmqmodels_requests_total was labelled by seq, so every publish (every
+    publish_weights step) added Prometheus series without bound."""
+    node_port = free_port()
+    with Hub("tcp://127.0.0.1:0", Store(tmp_path / "s")) as h:
+        node = Node(h.address, ["probe"], "tcp://127.0.0.1:0", workers=1, cache=tmp_path / "c",
+                    metrics=f"127.0.0.1:{node_port}").start()
+        try:
+            with Client(node.address, timeout=10) as c:
+                for k in range(3):
+                    r = build_release(compile_model(Probe(2.0 + k), probe_examples()), "probe", f"v{k}")
+                    m = h.publish(r)
+                    assert h.wait_for("probe", m.seq, 1, 60)[0]
+                    wait_until(lambda seq=m.seq: c.infer("probe", torch.ones(1, 4)).seq == seq, 60)
+            series = [k for k in scrape(node_port) if k.startswith("zmqmodels_requests_total{")]
+            assert series == ["zmqmodels_requests_total{code=ok,model=probe}"], series
+        finally:
+            node.close()
+
+
 def test_metrics_parse_as_prometheus_and_count_requests(tmp_path, probe) -> None:
     """Milestone 1 had no metrics to alert on."""
     hub_port, node_port = free_port(), free_port()
@@ -425,7 +445,7 @@ def test_metrics_parse_as_prometheus_and_count_requests(tmp_path, probe) -> None
         try:
             m = h.publish(probe)
             assert h.wait_for("probe", m.seq, 1, 60)[0]
-            key = f"zmqmodels_requests_total{{code=ok,model=probe,seq={m.seq}}}"
+            key = "zmqmodels_requests_total{code=ok,model=probe}"
             before = scrape(node_port).get(key, 0.0)
             with Client(node.address, timeout=10) as c:
                 for _ in range(5):
@@ -434,7 +454,7 @@ def test_metrics_parse_as_prometheus_and_count_requests(tmp_path, probe) -> None
                     c.infer("probe", torch.ones(2, 5))
             after = scrape(node_port)
             assert after[key] == before + 5
-            assert after[f"zmqmodels_requests_total{{code=bad_input,model=probe,seq={m.seq}}}"] == 1
+            assert after["zmqmodels_requests_total{code=bad_input,model=probe}"] == 1
             assert after["zmqmodels_request_seconds_count{model=probe}"] >= 6
             assert after["zmqmodels_serving_seq{model=probe}"] == m.seq
             assert after["zmqmodels_workers{state=idle}"] == 1

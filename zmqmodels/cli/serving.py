@@ -96,16 +96,20 @@ def serve(hub_addr: tuple[str, ...] | None, models: tuple[str, ...], bind_addr: 
               curve=curve_from(curve_key, curve_server, curve_allow), limits=parse_limits(limits),
               metrics=metrics, labels=list(labels), max_batch=max_batch,
               batch_delay_s=batch_delay_us / 1e6, unbatched=unbatched) as node:
-        click.echo(f"node {node.node_id} serving {', '.join(models)} on {node.address}; "
-                   "Ctrl-C stops", err=True)
+        serving = f"node {node.node_id} serving {', '.join(models)} on {node.address}; Ctrl-C stops"
         if http or grpc_listen:
-            from ..oip.gateway import Gateway, local_address
+            from ..oip.process import GatewayProcess
 
-            with Gateway(local_address(node.address), http=http, grpc_listen=grpc_listen,
-                         max_request_bytes=node.limits.max_request_bytes) as gw:
-                _announce(gw)
-                run_until_signalled()
+            args = [*(["--http", http] if http else []), *(["--grpc", grpc_listen] if grpc_listen else []),
+                    "--max-request-bytes", str(node.limits.max_request_bytes)]
+            gw = GatewayProcess(node.local_address, args).start()
+            click.echo(serving, err=True)
+            try:
+                run_until_signalled(gw.check)  # restarted if it dies
+            finally:
+                gw.stop()
         else:
+            click.echo(serving, err=True)
             run_until_signalled()
 
 
@@ -125,9 +129,12 @@ def _announce(gw: Any) -> None:
               help="Seconds one inference may take end to end (then 504 / DEADLINE_EXCEEDED).")
 @click.option("--max-request-bytes", type=click.IntRange(min=1), default=defaults.MAX_REQUEST_BYTES,
               show_default=True, help="Refuse larger requests before reading them (the node's limit).")
+@click.option("--metrics", "metrics", metavar="[HOST:]PORT",
+              help="Serve Prometheus metrics on /metrics at this port (and /health/live|ready).")
 @curve_options(server=False, client=True)
 def gateway(node_addr: tuple[str, ...], http: str | None, grpc_listen: str | None, timeout: float,
-            max_request_bytes: int, curve_key: str | None, curve_server: str | None) -> None:
+            max_request_bytes: int, metrics: str | None, curve_key: str | None,
+            curve_server: str | None) -> None:
     """Answer the Open Inference Protocol (KServe v2, HTTP/REST and gRPC) for one node or several.
 
     Tritonclient, KServe clients, curl and Kubernetes probes reach the node through it; it
@@ -140,7 +147,8 @@ def gateway(node_addr: tuple[str, ...], http: str | None, grpc_listen: str | Non
         raise click.UsageError("give --http, --grpc or both")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     with Gateway(list(node_addr), http=http, grpc_listen=grpc_listen, timeout=timeout,
-                 max_request_bytes=max_request_bytes, curve=curve_from(curve_key, curve_server, ())) as gw:
+                 max_request_bytes=max_request_bytes, curve=curve_from(curve_key, curve_server, ()),
+                 metrics=metrics) as gw:
         _announce(gw)
         run_until_signalled()
 

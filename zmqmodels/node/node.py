@@ -143,6 +143,7 @@ class Node(IOThread):
         self._metrics = MetricsServer(metrics, "node", self)
         self.metrics: Any = None  # NodeMetrics once started with metrics=
         self.address = ""
+        self.local_address = f"ipc://{self._site.dir}/front"  # the same socket, for this host's gateway
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, timeout: float = defaults.START_TIMEOUT_S) -> Node:
@@ -264,6 +265,7 @@ class Node(IOThread):
         else:
             front.bind(self.bind)
             self.address = self.bind
+        front.bind(self.local_address)
         self._front, self._back = front, back
         return [(back, self._workers.on_message), (front, self._on_client)]
 

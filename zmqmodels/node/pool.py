@@ -87,7 +87,7 @@ class WorkerMessages:
             if i < len(busy):
                 self.reports.ledger.answer(busy[i].model, seq, r.code)
                 if metrics is not None:
-                    metrics.answered(busy[i], seq, r.code, now)
+                    metrics.answered(busy[i], r.code, now)
             self._send_reply([r.client, b"", *r.frames])
             self.stats["replies"] += 1
 

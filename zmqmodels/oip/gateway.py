@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import socket
 import threading
@@ -24,6 +25,7 @@ from typing import Any
 import grpc
 import msgspec
 import uvicorn
+from google.protobuf import json_format
 
 from .. import __version__, defaults
 from .. import protocol as P
@@ -31,22 +33,16 @@ from ..clients.aclient import AsyncClient
 from ..errors import DeadlineError, ProtocolError, RemoteError, ZmqModelsError
 from ..transport.curve import Curve
 from ..transport.endpoints import parse_listen
-from . import codec
+from . import codec, triton
 from .codec import V2Error
 from .pb import SERVICE, message
 
-__all__ = ["Gateway", "local_address"]
+__all__ = ["Gateway"]
 
 log = logging.getLogger("zmqmodels.gateway")
-_ROUTE = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?/?$")
+_ROUTE = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer|/config|/stats)?/?$")
 _JSON = [(b"content-type", b"application/json")]
 _EXTENSIONS = ["binary_tensor_data"]
-
-
-def local_address(bind: str) -> str:
-    """Where a process on the same host connects to a socket bound at ``bind``
-    (``tcp://*:6000`` -> ``tcp://127.0.0.1:6000``)."""
-    return re.sub(r"^tcp://(\*|0\.0\.0\.0)(?=:)", "tcp://127.0.0.1", bind)
 
 
 class _Server(uvicorn.Server):
@@ -123,9 +119,12 @@ class Gateway:
 
     def __init__(self, node: str | list[str], *, http: str | None = None, grpc_listen: str | None = None,
                  max_request_bytes: int = defaults.MAX_REQUEST_BYTES, timeout: float = 30.0,
-                 poll_s: float = 0.5, down_after_s: float = 2.0, curve: Curve | None = None) -> None:
+                 poll_s: float = 0.5, down_after_s: float = 2.0, curve: Curve | None = None,
+                 metrics: str | None = None) -> None:
         if http is None and grpc_listen is None:
             raise ZmqModelsError("a gateway needs --http, --grpc or both")
+        self.metrics, self.stats = metrics, triton.Statistics()
+        self._metrics_server: Any = None
         self.nodes = [node] if isinstance(node, str) else list(node)
         self.node = ", ".join(self.nodes)
         self.http, self.grpc_listen = http, grpc_listen
@@ -175,7 +174,9 @@ class Gateway:
         except BaseException as exc:
             self._error = exc
             self._started.set()
-            raise
+            if threading.current_thread() is threading.main_thread():
+                raise
+            # on start()'s thread: start() raises it as one line; no "Exception in thread"
         finally:
             loop.close()
 
@@ -192,12 +193,17 @@ class Gateway:
         grpc_server, http_server, tasks = None, None, list(watchers)
         try:
             if self.grpc_listen is not None:
-                grpc_server = self._grpc_server()
                 host, port = parse_listen(self.grpc_listen, "--grpc")
+                _can_listen(host, port, "--grpc")  # gRPC's own refusal: a C log line, a bare RuntimeError
+                grpc_server = self._grpc_server()
                 self.grpc_port = grpc_server.add_insecure_port(f"{'[::]' if host == '::' else host}:{port}")
                 await grpc_server.start()
             if self.http is not None:
-                sock = socket.create_server(parse_listen(self.http, "--http"), backlog=1024)
+                host, port = parse_listen(self.http, "--http")
+                try:
+                    sock = socket.create_server((host, port), backlog=1024)
+                except OSError as exc:
+                    raise ZmqModelsError(f"--http {host}:{port}: cannot listen: {_why(exc)}") from None
                 self.http_port = sock.getsockname()[1]
                 config = uvicorn.Config(self._asgi, interface="asgi3", lifespan="off", log_level="warning",
                                         access_log=False, http="httptools", ws="none", loop="none",
@@ -207,11 +213,17 @@ class Gateway:
                 tasks.append(asyncio.ensure_future(http_server.serve(sockets=[sock])))
                 while not http_server.started and not tasks[-1].done():
                     await asyncio.sleep(0.01)
+            if self.metrics:
+                from .metrics import GatewayMetrics
+
+                self._metrics_server = GatewayMetrics(self, self.metrics)
             log.info("gateway to %s: http %s, grpc %s", self.node, self.http_port or "-",
                      self.grpc_port or "-")
             self._started.set()
             await self._stop.wait()
         finally:
+            if self._metrics_server is not None:
+                self._metrics_server.close()
             if http_server is not None:
                 http_server.should_exit = True
             if grpc_server is not None:
@@ -234,7 +246,21 @@ class Gateway:
                     view.error = str(exc)
                 await asyncio.sleep(self.poll_s)
 
-    async def _infer(self, call: codec.Call) -> tuple[P.InferReply, list[Any]]:
+    async def _infer(self, call: codec.Call, protocol: str) -> tuple[P.InferReply, list[Any]]:
+        t0 = time.monotonic()
+        try:
+            hdr, frames = await self._forward(call)
+        except V2Error as exc:
+            self.stats.failed(call.model, str(call.seq or ""), time.monotonic() - t0)
+            if self._metrics_server is not None:
+                self._metrics_server.counted(call.model, protocol, exc.grpc.lower(), time.monotonic() - t0)
+            raise
+        self.stats.answered(call.model, hdr, time.monotonic() - t0)
+        if self._metrics_server is not None:
+            self._metrics_server.counted(call.model, protocol, "ok", time.monotonic() - t0)
+        return hdr, frames
+
+    async def _forward(self, call: codec.Call) -> tuple[P.InferReply, list[Any]]:
         self.view.check()
         assert self._client is not None
         spec, buffers = call.spec()
@@ -272,6 +298,9 @@ class Gateway:
 
     async def _route(self, method: str, path: str, scope: dict[str, Any],
                      receive: Callable[[], Awaitable[dict[str, Any]]]) -> tuple[int, bytes, list[Any]]:
+        if path in ("/v2/repository/index", "/v2/models/stats"):
+            body = await _read_body(receive, dict(scope["headers"]), 1 << 16)
+            return self._triton_route(method, path, body)
         if path in ("/v2/health/live", "/v2/health/ready", "/v2", "/v2/"):
             _method(method, "GET")
             if path == "/v2/health/live":
@@ -286,7 +315,8 @@ class Gateway:
         if m is None:
             raise V2Error(404, "NOT_FOUND", f"no endpoint {path[:100]!r} (the v2 protocol's are "
                                             "/v2/health/live|ready, /v2, "
-                                            "/v2/models/NAME[/versions/V][/ready|/infer])")
+                                            "/v2/models/NAME[/versions/V][/ready|/infer|/config|/stats], "
+                                            "/v2/models/stats, /v2/repository/index)")
         name, version, action = m.group(1), m.group(2), m.group(3)
         seq = codec.parse_version(version)
         if action == "/infer":
@@ -297,7 +327,7 @@ class Gateway:
             if hlen is not None and not hlen.isdigit():
                 raise codec.bad("Inference-Header-Content-Length is not a number")
             call = codec.parse_http(body, name, version, None if hlen is None else int(hlen))
-            reply, frames = await self._infer(call)
+            reply, frames = await self._infer(call, "http")
             out, head = codec.http_response(call, reply, frames)
             if head is None:
                 return 200, out, _JSON
@@ -307,7 +337,25 @@ class Gateway:
         if action == "/ready":
             codec.find_version(self.view.check(), name, seq)  # 404 / 503 with the reason
             return 200, b"", _JSON
+        if action == "/config":
+            return 200, msgspec.json.encode(triton.model_config(self.view.check(), name, seq)), _JSON
+        if action == "/stats":
+            codec.find_version(self.view.check(), name, seq)
+            report = self.stats.report(self.view.check(), name, version or "")
+            return 200, msgspec.json.encode(report), _JSON
         return 200, msgspec.json.encode(codec.model_metadata(self.view.check(), name, seq)), _JSON
+
+    def _triton_route(self, method: str, path: str, body: bytes) -> tuple[int, bytes, list[Any]]:
+        """Triton's ``POST /v2/repository/index`` (``{"ready": bool}``) and ``GET /v2/models/stats``."""
+        if path == "/v2/models/stats":
+            _method(method, "GET")
+            return 200, msgspec.json.encode(self.stats.report(self.view.check())), _JSON
+        _method(method, "POST")
+        try:
+            ready = bool(msgspec.json.decode(body or b"{}").get("ready", False))
+        except (msgspec.DecodeError, AttributeError):
+            raise codec.bad("the repository index request is not a JSON object") from None
+        return 200, msgspec.json.encode(triton.repository_index(self.view.check(), ready)), _JSON
 
     def _server_metadata(self) -> dict[str, Any]:
         return {"name": "zmqmodels", "version": __version__, "extensions": _EXTENSIONS}
@@ -320,10 +368,14 @@ class Gateway:
                                           ("grpc.so_reuseport", 0)])
         calls = {"ServerLive": self._g_live, "ServerReady": self._g_ready, "ModelReady": self._g_model_ready,
                  "ServerMetadata": self._g_server_metadata, "ModelMetadata": self._g_model_metadata,
-                 "ModelInfer": self._g_infer}
+                 "ModelInfer": self._g_infer, "ModelConfig": self._g_config,
+                 "ModelStatistics": self._g_statistics, "RepositoryIndex": self._g_index}
         handlers = {name: grpc.unary_unary_rpc_method_handler(
             _aborting(fn), request_deserializer=message(f"{name}Request").FromString,
             response_serializer=message(f"{name}Response").SerializeToString) for name, fn in calls.items()}
+        handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
+            self._g_stream, request_deserializer=message("ModelInferRequest").FromString,
+            response_serializer=message("ModelStreamInferResponse").SerializeToString)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
         return server
 
@@ -354,7 +406,7 @@ class Gateway:
 
     async def _g_infer(self, req: Any) -> Any:
         call = codec.parse_grpc(req)
-        reply, frames = await self._infer(call)
+        reply, frames = await self._infer(call, "grpc")
         resp = message("ModelInferResponse")(model_name=reply.model, model_version=str(reply.seq), id=call.id)
         for name, dtype, shape, raw in codec.outputs_of(reply.outputs, frames, call.outputs):
             out = resp.outputs.add()
@@ -362,6 +414,60 @@ class Gateway:
             out.shape.extend(shape)
             resp.raw_output_contents.append(bytes(raw))
         return resp
+
+    async def _g_config(self, req: Any) -> Any:
+        config = triton.model_config(self.view.check(), req.name, codec.parse_version(req.version))
+        return json_format.ParseDict({"config": config}, message("ModelConfigResponse")())
+
+    async def _g_statistics(self, req: Any) -> Any:
+        if req.name:
+            codec.find_version(self.view.check(), req.name, codec.parse_version(req.version))
+        report = self.stats.report(self.view.check(), req.name, req.version)
+        return json_format.ParseDict(report, message("ModelStatisticsResponse")())
+
+    async def _g_index(self, req: Any) -> Any:
+        index = triton.repository_index(self.view.check(), req.ready)
+        return json_format.ParseDict({"models": index}, message("RepositoryIndexResponse")())
+
+    async def _g_stream(self, requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        """``ModelStreamInfer``: every request on the stream runs at once (a batching node joins
+        them); each answer, or its error as ``error_message``, goes back as it completes."""
+        done: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def one(req: Any) -> None:
+            try:
+                await done.put(message("ModelStreamInferResponse")(infer_response=await self._g_infer(req)))
+            except V2Error as exc:
+                await done.put(message("ModelStreamInferResponse")(error_message=str(exc)))
+
+        async def read() -> int:
+            tasks = [asyncio.ensure_future(one(r)) async for r in requests]
+            await asyncio.gather(*tasks)
+            return len(tasks)
+
+        reader = asyncio.ensure_future(read())
+        sent = 0
+        while not (reader.done() and sent == reader.result()):
+            get = asyncio.ensure_future(done.get())
+            await asyncio.wait({get, reader}, return_when=asyncio.FIRST_COMPLETED)
+            if get.done():
+                yield get.result()
+                sent += 1
+            else:
+                get.cancel()
+        reader.result()  # a broken stream's error is the call's
+
+
+def _can_listen(host: str, port: int, option: str) -> None:
+    """Raise the one-line reason if ``host:port`` cannot be listened on now."""
+    try:
+        socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET).close()
+    except OSError as exc:
+        raise ZmqModelsError(f"{option} {host}:{port}: cannot listen: {_why(exc)}") from None
+
+
+def _why(exc: OSError) -> str:
+    return os.strerror(exc.errno) if exc.errno else str(exc)
 
 
 class _Gone(Exception):

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from google.protobuf import descriptor_pool, message_factory
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
-__all__ = ["SERVICE", "message"]
+__all__ = ["SERVICE", "message", "DATA_TYPES"]
 
 SERVICE = "inference.GRPCInferenceService"
 _FILE = (
@@ -65,8 +65,69 @@ _FILE = (
     b'\x00\x12K\n\nModelInfer\x12\x1c.inference.ModelInferRequest\x1a\x1d.inference.ModelInferResponse"\x00'
     b'b\x06proto3'
 )
+
+# Triton's extensions (its grpc_service.proto and model_config.proto, the fields the gateway
+# fills, same names and numbers): model configuration, statistics, repository index, the
+# streaming call's response. name -> [(field, number, type, repeated, message type)].
+_T = descriptor_pb2.FieldDescriptorProto
+_S, _U64, _I64, _I32 = _T.TYPE_STRING, _T.TYPE_UINT64, _T.TYPE_INT64, _T.TYPE_INT32
+_B, _M, _E = _T.TYPE_BOOL, _T.TYPE_MESSAGE, _T.TYPE_ENUM
+_TRITON: dict[str, list[tuple[str, int, int, bool, str]]] = {
+    "ModelConfigRequest": [("name", 1, _S, False, ""), ("version", 2, _S, False, "")],
+    "ModelConfigResponse": [("config", 1, _M, False, "ModelConfig")],
+    "ModelInput": [("name", 1, _S, False, ""), ("data_type", 2, _E, False, "DataType"),
+                   ("dims", 4, _I64, True, "")],
+    "ModelOutput": [("name", 1, _S, False, ""), ("data_type", 2, _E, False, "DataType"),
+                    ("dims", 3, _I64, True, "")],
+    "ModelDynamicBatching": [("preferred_batch_size", 1, _I32, True, ""),
+                             ("max_queue_delay_microseconds", 2, _U64, False, "")],
+    "ModelConfig": [("name", 1, _S, False, ""), ("platform", 2, _S, False, ""),
+                    ("backend", 17, _S, False, ""),
+                    ("max_batch_size", 4, _I32, False, ""), ("input", 5, _M, True, "ModelInput"),
+                    ("output", 6, _M, True, "ModelOutput"),
+                    ("dynamic_batching", 11, _M, False, "ModelDynamicBatching")],
+    "ModelStatisticsRequest": [("name", 1, _S, False, ""), ("version", 2, _S, False, "")],
+    "StatisticDuration": [("count", 1, _U64, False, ""), ("ns", 2, _U64, False, "")],
+    "InferStatistics": [(n, k, _M, False, "StatisticDuration") for k, n in enumerate(
+        ["success", "fail", "queue", "compute_input", "compute_infer", "compute_output", "cache_hit",
+         "cache_miss"], 1)],
+    "InferBatchStatistics": [("batch_size", 1, _U64, False, ""),
+                             *[(n, k, _M, False, "StatisticDuration") for k, n in enumerate(
+                                 ["compute_input", "compute_infer", "compute_output"], 2)]],
+    "ModelStatistics": [("name", 1, _S, False, ""), ("version", 2, _S, False, ""),
+                        ("last_inference", 3, _U64, False, ""), ("inference_count", 4, _U64, False, ""),
+                        ("execution_count", 5, _U64, False, ""),
+                        ("inference_stats", 6, _M, False, "InferStatistics"),
+                        ("batch_stats", 7, _M, True, "InferBatchStatistics")],
+    "ModelStatisticsResponse": [("model_stats", 1, _M, True, "ModelStatistics")],
+    "RepositoryIndexRequest": [("repository_name", 1, _S, False, ""), ("ready", 2, _B, False, "")],
+    "ModelIndex": [("name", 1, _S, False, ""), ("version", 2, _S, False, ""), ("state", 3, _S, False, ""),
+                   ("reason", 4, _S, False, "")],
+    "RepositoryIndexResponse": [("models", 1, _M, True, "ModelIndex")],
+    "ModelStreamInferResponse": [("error_message", 1, _S, False, ""),
+                                 ("infer_response", 2, _M, False, "ModelInferResponse")],
+}
+DATA_TYPES = ["INVALID", "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+              "FP16", "FP32", "FP64", "STRING", "BF16"]  # Triton's DataType enum, TYPE_ + these, in order
+
+
+def _file() -> bytes:
+    f = descriptor_pb2.FileDescriptorProto.FromString(_FILE)
+    enum = f.enum_type.add(name="DataType")
+    for number, name in enumerate(DATA_TYPES):
+        enum.value.add(name=f"TYPE_{name}", number=number)
+    for name, fields in _TRITON.items():
+        m = f.message_type.add(name=name)
+        for fname, number, ftype, repeated, type_name in fields:
+            fd = m.field.add(name=fname, number=number, type=ftype,
+                             label=_T.LABEL_REPEATED if repeated else _T.LABEL_OPTIONAL)
+            if type_name:
+                fd.type_name = f".inference.{type_name}"
+    return f.SerializeToString()
+
+
 _POOL = descriptor_pool.DescriptorPool()
-_POOL.AddSerializedFile(_FILE)
+_POOL.AddSerializedFile(_file())
 
 
 def message(name: str) -> Any:

@@ -93,14 +93,16 @@ def node_view(node: Any) -> dict[str, Any]:
 
 
 class NodeMetrics(Collector):
-    """Metrics of a :class:`~zmqmodels.node.node.Node`: requests by model, seq and code; latency and
+    """Metrics of a :class:`~zmqmodels.node.node.Node`: requests by model and code; latency and
     queue-wait histograms; queue depth; workers by state; load durations; the seq served per
     model; the subscriber's bytes, repairs and rejections."""
 
     def __init__(self, node: Any) -> None:
         self.node = node
         self.registry = CollectorRegistry()
-        self.requests: Counter[tuple[str, str, str]] = Counter()  # (model, seq, code): I/O thread's
+        # (model, code), the I/O thread's. No seq label: every publish would add series without bound
+        # (zmqmodels_serving_seq says which seq serves)
+        self.requests: Counter[tuple[str, str]] = Counter()
         kw = {"registry": self.registry, "labelnames": ["model"]}
         self.latency = Histogram("zmqmodels_request_seconds", "Node receipt to reply, per request",
                                  buckets=_LATENCY_BUCKETS, **kw)
@@ -122,22 +124,22 @@ class NodeMetrics(Collector):
         for t in received:
             self.queue_wait.labels(model).observe(now - t)
 
-    def answered(self, req: Any, seq: int, code: str, now: float) -> None:
-        """``req`` was answered by ``seq`` with ``code`` ("" = OK) at ``now`` (I/O thread)."""
+    def answered(self, req: Any, code: str, now: float) -> None:
+        """``req`` was answered with ``code`` ("" = OK) at ``now`` (I/O thread)."""
         code = code if code in SERVING_CODES else "ok" if not code else "other"
-        self.requests[(req.model, str(seq), code)] += 1
+        self.requests[(req.model, code)] += 1
         self.latency.labels(req.model).observe(now - req.received)
 
     def refused(self, model: str, code: str) -> None:
         """A request refused before any worker saw it. ``model`` is "" unless served here: a
         client's names never become labels (it cannot grow the metric's cardinality)."""
-        self.requests[(model, "0", code)] += 1
+        self.requests[(model, code)] += 1
 
     def collect(self) -> Iterator[Any]:
         snap = _snapshot(self.node, node_view)
         snap["follower"] = self.node.follower_stats()  # made by the follower's own I/O thread
-        yield _counter("zmqmodels_requests", "Inference requests answered, by model, seq and code",
-                       ["model", "seq", "code"], snap["requests"])
+        yield _counter("zmqmodels_requests", "Inference requests answered, by model and code",
+                       ["model", "code"], snap["requests"])
         yield _gauge("zmqmodels_queue_depth", "Requests waiting for a worker", [], {(): snap["queue_depth"]})
         states = snap["workers"]
         yield _gauge("zmqmodels_workers", "Worker processes by state", ["state"],
