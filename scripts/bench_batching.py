@@ -1,14 +1,19 @@
 #!/usr/bin/env python3
 """Dynamic batching benchmark (one run, one machine; every baseline measured alongside).
 
-Offered concurrency 1, 4, 16 and 64 requests in flight, from at most 4 client processes
-(zmqmodels: the pipelined AsyncClient, one connection per process; TorchServe: keep-alive
-HTTP connections, one per request in flight), closed loop, one row per request. Models: the
-small MLP (784-256-10) and a ~100 MB one (25 layers of 1024x1024, all used). Servers, one torch
-thread per worker: the Python node K=1 and K=2 and the C++ node (one serving thread), each
-with batching on (``--max-batch``) and off (``--max-batch 1``), and TorchServe 0.12 with its
-own batching (``batch_size``, ``max_batch_delay``). Reports req/s, p50, p99 and the mean rows
-per forward that answered a request.
+Offered concurrency 1, 4, 16 and 64 requests in flight, closed loop, one row per request.
+zmqmodels servers are driven by the native load generator (``cpp/build/zmqmodels-load``: one
+process, one thread, 4 DEALER sockets; it outruns every server here), and once more at the
+highest concurrency by the Python ``AsyncClient`` from 4 processes (the user's view: a Python
+client's own limit shows there); TorchServe by keep-alive HTTP connections from at most 4
+processes, one per request in flight. Models: the small MLP (784-256-10) and a ~100 MB one (25
+layers of 1024x1024, all used). Servers, one torch thread per worker: the Python node K=1 and
+K=2 and the C++ node (one serving thread), each with batching on (``--max-batch``) and off
+(``--max-batch 1``); a minimal batching server (one Python process, one ROUTER, joins
+everything queued up to 32 rows, one forward: the simplest server that could exist, the
+product's architecture measured against it); TorchServe 0.12 with its own batching
+(``batch_size``, ``max_batch_delay``). Reports req/s, p50, p99 and the mean rows per forward
+that answered a request.
 
     scripts/bench_batching.py [--seconds 3] [--quick] [--json out.json]
 """
@@ -33,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_serving import ENV, Heavy, Procs, free_port, mlp, pct, wait_idle_cpu  # noqa: E402
 
 BINARY = os.path.join(ROOT, "cpp", "build", "zmqmodels-node")
+LOAD = os.path.join(ROOT, "cpp", "build", "zmqmodels-load")
 WIDTH = {"mlp": 784, "heavy": 1024}
 TS_BATCH, TS_DELAY_MS = 32, 5  # TorchServe's batching: up to 32 requests, waiting up to 5 ms
 
@@ -103,7 +109,55 @@ def role_tsclient(port: int, seconds: float, inflight: int, width: int, out: str
         json.dump({"rows": rows, "failures": failures[0]}, f)
 
 
+def role_minimal(addr: str, path: str) -> None:
+    """The minimal batching server: one ROUTER; take everything queued (up to 32 rows), one
+    forward, one reply each. Speaks the node's protocol, checks nothing."""
+    import msgspec
+    import torch
+    import zmq
+
+    torch.set_num_threads(1)
+    model = torch.jit.load(path).eval()
+    sock = zmq.Context.instance().socket(zmq.ROUTER)
+    sock.bind(addr)
+    enc, dec = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder()
+    with torch.inference_mode():
+        while True:
+            batch = [sock.recv_multipart()]
+            while len(batch) < 32:
+                try:
+                    batch.append(sock.recv_multipart(zmq.NOBLOCK))
+                except zmq.Again:
+                    break
+            heads = [dec.decode(m[3]) for m in batch]
+            x = torch.frombuffer(bytearray().join(m[4] for m in batch), dtype=torch.float32)
+            y = model(x.reshape(len(batch), -1)).contiguous()
+            spec = {"t": "tensor", "dtype": "float32", "shape": [1, y.shape[1]], "f": 0}
+            raw = y.numpy().tobytes()
+            step = len(raw) // len(batch)
+            for i, (m, h) in enumerate(zip(batch, heads, strict=True)):
+                head = {"v": 1, "id": h["id"], "model": h["model"], "label": "", "seq": 1, "worker": "min",
+                        "outputs": spec, "batch": len(batch)}
+                sock.send_multipart([m[0], b"", b"OK", enc.encode(head), raw[i * step:(i + 1) * step]])
+
+
 # -- the run ---------------------------------------------------------------------------------
+def native(addr: str, model: str, width: int, concurrency: int, seconds: float, tmp: str) -> dict:
+    """One run of the native load generator (``--out`` rows summarised like :func:`offer`'s),
+    with its own CPU seconds."""
+    out = os.path.join(tmp, f"n-{time.monotonic_ns()}.json")
+    p = subprocess.run([LOAD, "--connect", addr, "--model", model, "--shape", f"1,{width}", "--inflight",
+                        str(concurrency), "--sockets", str(min(concurrency, 4)), "--seconds", str(seconds),
+                        "--connect-timeout", "60", "--out", out], capture_output=True, text=True,
+                       timeout=seconds + 120)
+    if p.returncode != 0:
+        raise RuntimeError(f"zmqmodels-load: {p.stderr.strip()}")
+    summary = json.loads(p.stdout)
+    row = summarise([out])
+    row["client_cpu_s"] = summary["client_cpu_s"]
+    return row
+
+
 def offer(role: list[str], concurrency: int, seconds: float, tmp: str, script: str = __file__) -> dict:
     """Run ``concurrency`` requests in flight from min(concurrency, 4) processes of ``script``
     (each writes ``{"rows": [[sent, seconds, rows joined?], ...], "failures": n}``); summary."""
@@ -116,6 +170,10 @@ def offer(role: list[str], concurrency: int, seconds: float, tmp: str, script: s
                                     "--inflight", str(concurrency // nproc), "--out", out], env=ENV))
     for p in ps:
         p.wait(seconds + 180)
+    return summarise(outs)
+
+
+def summarise(outs: list[str]) -> dict:
     rows, failures = [], 0
     for out in outs:
         with open(out) as f:
@@ -175,18 +233,48 @@ def run_nodes(args: argparse.Namespace, tmp: str, results: dict) -> None:
                             except Exception:  # noqa: BLE001 - not up yet
                                 time.sleep(0.5)
                     time.sleep(2.0)
+                    key = f"{kind}, batching {'on' if batching else 'off'}" + \
+                        ("" if args.device == "cpu" else f", {args.device}")
                     for name in args.models:
-                        for conc in args.concurrency:
-                            wait_idle_cpu()
-                            role = ["--role", "zclient", "--addr", addr, "--model", name,
-                                    "--width", str(WIDTH[name])]
-                            row = offer(role, conc, args.seconds, tmp)
-                            key = f"{kind}, batching {'on' if batching else 'off'}" + \
-                                ("" if args.device == "cpu" else f", {args.device}")
-                            results.setdefault(name, {}).setdefault(key, {})[conc] = row
-                            print(json.dumps({name: {key: {conc: row}}}), file=sys.stderr, flush=True)
+                        measure(args, name, key, addr, tmp, results)
                 finally:
                     procs.close()
+
+
+def measure(args: argparse.Namespace, name: str, key: str, addr: str, tmp: str, results: dict) -> None:
+    """``key``'s row for ``name``: the native client at every concurrency (the Python
+    AsyncClient where it is not built), and the AsyncClient again at the highest (the user's
+    view)."""
+    role = ["--role", "zclient", "--addr", addr, "--model", name, "--width", str(WIDTH[name])]
+    cells = [(key, conc, os.path.exists(LOAD)) for conc in args.concurrency]
+    if os.path.exists(LOAD) and args.python_rows:
+        cells.append((f"{key}, AsyncClient", max(args.concurrency), False))
+    for row_key, conc, use_native in cells:
+        wait_idle_cpu()
+        row = native(addr, name, WIDTH[name], conc, args.seconds, tmp) if use_native else \
+            offer(role, conc, args.seconds, tmp)
+        results.setdefault(name, {}).setdefault(row_key, {})[conc] = row
+        print(json.dumps({name: {row_key: {conc: row}}}), file=sys.stderr, flush=True)
+
+
+def run_minimal(args: argparse.Namespace, tmp: str, results: dict) -> None:
+    """The minimal batching server beside ours, driven by the native client."""
+    import torch
+
+    from zmqmodels import compile_model
+
+    models = {"mlp": mlp(0), "heavy": Heavy.make(0, all_layers=True)}
+    for name in args.models:
+        path = os.path.join(tmp, f"min-{name}.pt")
+        torch.jit.save(compile_model(models[name], torch.randn(2, WIDTH[name])).module, path)
+        addr = f"tcp://127.0.0.1:{free_port()}"
+        procs = Procs()
+        try:
+            procs.start([sys.executable, __file__, "--role", "minimal", "--addr", addr, "--out", path])
+            measure(argparse.Namespace(**{**vars(args), "python_rows": False}), name,
+                    "minimal batching server (1 process, 1 ROUTER)", addr, tmp, results)
+        finally:
+            procs.close()
 
 
 def run_low_load(args: argparse.Namespace, tmp: str, results: dict) -> None:
@@ -306,6 +394,10 @@ def main() -> None:
     ap.add_argument("--kinds", default="", help="comma-joined: only these servers (e.g. 'C++ node')")
     ap.add_argument("--concurrency", default="", help="comma-joined in-flight counts (default 1,4,16,64)")
     ap.add_argument("--no-torchserve", action="store_true")
+    ap.add_argument("--no-python-rows", dest="python_rows", action="store_false",
+                    help="skip the AsyncClient rows (the user's view) at the highest concurrency")
+    ap.add_argument("--no-minimal", dest="minimal", action="store_false",
+                    help="skip the minimal batching server")
     ap.add_argument("--rounds", type=int, default=11, help="alternated 1-in-flight runs per side (0: skip)")
     ap.add_argument("--only-low-load", action="store_true")
     args = ap.parse_args()
@@ -313,6 +405,8 @@ def main() -> None:
         return role_zclient(args.addr, args.model, args.seconds, args.inflight, args.width, args.out)
     if args.role == "tsclient":
         return role_tsclient(args.port, args.seconds, args.inflight, args.width, args.out)
+    if args.role == "minimal":
+        return role_minimal(args.addr, args.out)
     args.models = ["mlp"] if args.quick else ["mlp", "heavy"]
     args.concurrency = [int(c) for c in args.concurrency.split(",")] if args.concurrency else \
         [1, 64] if args.quick else [1, 4, 16, 64]
@@ -325,6 +419,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="zmqm-bb-") as tmp:
         if not args.only_low_load:
             run_nodes(args, tmp, results)
+            if args.minimal and os.path.exists(LOAD):
+                run_minimal(args, tmp, results)
             if not args.no_torchserve:
                 run_torchserve(args, tmp, results)
         if args.rounds:

@@ -34,7 +34,7 @@ def render() -> str:
     for name in COUNTS:
         out.append(f"constexpr int {name} = {int(getattr(defaults, name))};")
     out += ["", "// Dynamic batching's evidence (zmqmodels/core/batching.py)"]
-    for name in ("EVIDENCE_S", "GAP_WEIGHT"):
+    for name in ("EVIDENCE_S", "GAP_WEIGHT", "SERVICE_WEIGHT", "FILL_FRACTION", "FILL_MAX_S"):
         out.append(f"constexpr double {name} = {float(getattr(batching, name))!r};")
     from zmqmodels.model.pt2 import DUAL_ENTRY
     from zmqmodels.release.manifest import MAX_DEVICES, RELEASE_FORMATS
@@ -70,7 +70,11 @@ def render() -> str:
         out.append(f'    {{"{f.kind.decode()}", {str(f.has_header).lower()}, {f.min_payload}, {top}}},')
     out += ["};", "", "inline const FrameArity* frame_arity(const std::string& kind) {",
             "  for (const auto& f : FRAMING)", "    if (kind == f.kind) return &f;", "  return nullptr;",
-            "}", "", "}  // namespace zm::gen", ""]
+            "}", "", "// The first frame of each kind (FRAMING's rows), for code that sends them directly",
+            "namespace kind {"]
+    for k, f in enumerate(FRAMING):
+        out.append(f"constexpr const char* {f.kind.decode()} = FRAMING[{k}].kind;")
+    out += ["}  // namespace kind", "", "}  // namespace zm::gen", ""]
     return "\n".join(out)
 
 

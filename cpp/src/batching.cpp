@@ -59,13 +59,20 @@ void Evidence::dispatched(const std::string& model, size_t count, double now) {
   s.last_count = count, s.last_batch = now;
 }
 
+void Evidence::served(const std::string& model, double seconds) {
+  Seen& s = seen_[model];
+  s.service = s.service == 0 ? seconds : (1 - gen::SERVICE_WEIGHT) * s.service + gen::SERVICE_WEIGHT * seconds;
+}
+
 double Evidence::hold_until(const std::string& model, size_t count, int64_t rows, int64_t cap, double oldest,
-                            double now) const {
+                            double now, double free_since) const {
   if (delay_s_ <= 0 || rows >= cap) return -1;
-  double until = oldest + delay_s_, left = until - now;
   auto it = seen_.find(model);
-  if (left <= 0 || it == seen_.end() || now - it->second.last_batch > kEvidenceS) return -1;
+  if (it == seen_.end() || now - it->second.last_batch > kEvidenceS) return -1;
   const Seen& s = it->second;
+  double until = std::max(oldest + delay_s_, free_since + std::min(gen::FILL_FRACTION * s.service, gen::FILL_MAX_S));
+  double left = until - now;
+  if (left <= 0) return -1;
   if (count >= s.last_count || s.gap < 0 || s.gap > left) return -1;
   return until;
 }

@@ -21,6 +21,9 @@ constexpr int STOP_REPORT_LINGER_MS = 500;
 // Dynamic batching's evidence (zmqmodels/core/batching.py)
 constexpr double EVIDENCE_S = 1.0;
 constexpr double GAP_WEIGHT = 0.2;
+constexpr double SERVICE_WEIGHT = 0.3;
+constexpr double FILL_FRACTION = 0.5;
+constexpr double FILL_MAX_S = 0.05;
 
 // Release formats (zmqmodels/release/manifest.py), the devices one package may name, and
 // where a torchscript+pt2 archive keeps its package (zmqmodels/model/pt2.py DUAL_ENTRY)
@@ -128,5 +131,44 @@ inline const FrameArity* frame_arity(const std::string& kind) {
     if (kind == f.kind) return &f;
   return nullptr;
 }
+
+// The first frame of each kind (FRAMING's rows), for code that sends them directly
+namespace kind {
+constexpr const char* MANIFEST = FRAMING[0].kind;
+constexpr const char* CHUNK = FRAMING[1].kind;
+constexpr const char* PATCH = FRAMING[2].kind;
+constexpr const char* HEARTBEAT = FRAMING[3].kind;
+constexpr const char* ACTIVATE = FRAMING[4].kind;
+constexpr const char* ACTIVATED = FRAMING[5].kind;
+constexpr const char* FETCH_MANIFEST = FRAMING[6].kind;
+constexpr const char* FETCH_CHUNKS = FRAMING[7].kind;
+constexpr const char* REPORT = FRAMING[8].kind;
+constexpr const char* PUBLISH = FRAMING[9].kind;
+constexpr const char* PUBLISHED = FRAMING[10].kind;
+constexpr const char* RESERVE = FRAMING[11].kind;
+constexpr const char* RESERVED = FRAMING[12].kind;
+constexpr const char* ROLLBACK = FRAMING[13].kind;
+constexpr const char* STATUS = FRAMING[14].kind;
+constexpr const char* STATUS_REPLY = FRAMING[15].kind;
+constexpr const char* RELEASES = FRAMING[16].kind;
+constexpr const char* RELEASES_REPLY = FRAMING[17].kind;
+constexpr const char* PIN = FRAMING[18].kind;
+constexpr const char* PINNED = FRAMING[19].kind;
+constexpr const char* ERROR = FRAMING[20].kind;
+constexpr const char* INFER = FRAMING[21].kind;
+constexpr const char* OK = FRAMING[22].kind;
+constexpr const char* MODELS = FRAMING[23].kind;
+constexpr const char* MODELS_REPLY = FRAMING[24].kind;
+constexpr const char* READY = FRAMING[25].kind;
+constexpr const char* HB = FRAMING[26].kind;
+constexpr const char* WORK = FRAMING[27].kind;
+constexpr const char* DONE = FRAMING[28].kind;
+constexpr const char* BATCH = FRAMING[29].kind;
+constexpr const char* ANSWERS = FRAMING[30].kind;
+constexpr const char* LOAD = FRAMING[31].kind;
+constexpr const char* LOADED = FRAMING[32].kind;
+constexpr const char* APPLYING = FRAMING[33].kind;
+constexpr const char* STOP = FRAMING[34].kind;
+}  // namespace kind
 
 }  // namespace zm::gen

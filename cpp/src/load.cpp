@@ -9,10 +9,13 @@
 //
 // Prints one JSON line: requests, seconds, req_s, p50_ms, p99_ms, batch (mean rows of the
 // forward that answered), failures, errors by code, client_cpu_s (this process's own CPU, so a
-// table can tell when the client is the limit). `--out` also writes every request as
+// table can tell when the client is the limit), forwards (how many forwards of each size answered
+// the requests, as the replies' `batch` says). `--out` also writes every request as
 // [sent_s, latency_s, batch] (the rows bench_batching.py's Python clients write).
 // Exit 0; 1 for a bad argument or a first reply that is an error (the node's one line);
 // 2 when nothing answers the first request within --connect-timeout.
+#include "generated.hpp"
+
 #include <msgpack.hpp>
 #include <zmq.h>
 
@@ -37,7 +40,7 @@ struct Options {
   std::string connect, model, out;
   std::vector<int64_t> shape{1, 784};
   int inflight = 64, sockets = 4;
-  double seconds = 3.0, connect_timeout = 10.0, drain = 30.0;
+  double seconds = 3, connect_timeout = 10, drain = 30;  // a run, the first reply, the last replies
   uint64_t version = 0;
 };
 
@@ -96,7 +99,7 @@ std::string header(const Options& o, const std::string& id) {
   msgpack::sbuffer buf;
   msgpack::packer<msgpack::sbuffer> pk(buf);
   pk.pack_map(6);
-  pk.pack("v"), pk.pack(1);
+  pk.pack("v"), pk.pack(zm::gen::PROTOCOL_VERSION);
   pk.pack("model"), pk.pack(o.model);
   pk.pack("id"), pk.pack(id);
   pk.pack("inputs");
@@ -115,7 +118,7 @@ struct Reply {
   std::string code, message;
 };
 
-// ["", "OK"|"ERROR", header, ...] -> what a table needs from it.
+// A reply (empty delimiter, OK or ERROR, header, buffers...) -> what a table needs from it.
 Reply read_reply(void* sock) {
   Reply r;
   std::vector<std::string> frames;
@@ -129,7 +132,7 @@ Reply read_reply(void* sock) {
     zmq_msg_close(&m);
   }
   if (frames.size() < 3) return r;
-  r.ok = frames[1] == "OK";
+  r.ok = frames[1] == zm::gen::kind::OK;
   msgpack::object_handle oh = msgpack::unpack(frames[2].data(), frames[2].size());
   const msgpack::object& h = oh.get();
   if (h.type != msgpack::type::MAP) return r;
@@ -162,7 +165,7 @@ struct Run {
     sent.push_back(Clock::now());
     std::string h = header(o, std::to_string(id));
     zmq_send(socks[s], "", 0, ZMQ_SNDMORE);
-    zmq_send(socks[s], "INFER", 5, ZMQ_SNDMORE);
+    zmq_send(socks[s], zm::gen::kind::INFER, std::strlen(zm::gen::kind::INFER), ZMQ_SNDMORE);
     zmq_send(socks[s], h.data(), h.size(), ZMQ_SNDMORE);
     zmq_send(socks[s], tensor.data(), tensor.size(), 0);
     ++outstanding;
@@ -268,14 +271,21 @@ int main(int argc, char** argv) {
     lat.push_back(run.rows[i].second);
     rows_sum += static_cast<double>(run.batches[i]);
   }
+  std::map<int64_t, int64_t> by_batch;  // requests answered by a forward of that many rows
+  for (int64_t b : run.batches) ++by_batch[b];
+  std::string forwards = "{";  // forwards of each size: requests / rows
+  for (auto& [b, n] : by_batch)
+    forwards += (forwards.size() > 1 ? ", \"" : "\"") + std::to_string(b) + "\": " + std::to_string(n / std::max<int64_t>(b, 1));
+  forwards += "}";
   std::string errors = "{";
   for (auto& [code, n] : run.errors) errors += (errors.size() > 1 ? ", \"" : "\"") + code + "\": " + std::to_string(n);
   errors += "}";
   double n = static_cast<double>(lat.size());
   std::printf("{\"requests\": %zu, \"seconds\": %.3f, \"req_s\": %.1f, \"p50_ms\": %.3f, \"p99_ms\": %.3f, "
-              "\"batch\": %.2f, \"failures\": %lld, \"errors\": %s, \"client_cpu_s\": %.3f}\n",
+              "\"batch\": %.2f, \"failures\": %lld, \"errors\": %s, \"client_cpu_s\": %.3f, \"forwards\": %s}\n",
               lat.size(), span, span > 0 ? n / span : 0.0, pct(lat, 0.5) * 1e3, pct(lat, 0.99) * 1e3,
-              n > 0 ? rows_sum / n : 0.0, static_cast<long long>(run.failures), errors.c_str(), cpu_s() - cpu0);
+              n > 0 ? rows_sum / n : 0.0, static_cast<long long>(run.failures), errors.c_str(), cpu_s() - cpu0,
+              forwards.c_str());
   if (!o.out.empty()) {
     FILE* f = std::fopen(o.out.c_str(), "w");
     if (f == nullptr) fail(1, "--out " + o.out + ": " + std::strerror(errno));

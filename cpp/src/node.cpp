@@ -226,21 +226,25 @@ void Node::serve_loop(const std::string& wid) {
     send_all(out, reply);
   };
   std::vector<Request> stale;
+  double free_since = now_s();
   while (!stopping_) {
-    auto batch = work_.pop(0.2, stale, [this](const std::string& model) { return requests_.cap(model); });
+    auto batch = work_.pop(0.2, stale, [this](const std::string& model) { return requests_.cap(model); },
+                           free_since);
     for (auto& s : stale)
       send(s.client, requests_.refuse(Error("unavailable", "queued for longer than " +
                                                 std::to_string(static_cast<int>(s_.args.queue_timeout_s)) + "s"),
                                       s.header.model, s.header.id));
     stale.clear();
     if (batch.empty()) continue;
+    double started = now_s();
     if (batch.size() == 1) {
       auto reply = requests_.infer(batch[0], worker);
       if (!reply.empty()) send(batch[0].client, std::move(reply));
     } else {
       for (auto& [client, reply] : requests_.infer_batch(batch, worker)) send(client, std::move(reply));
     }
-    work_.done();
+    free_since = now_s();
+    work_.done(batch[0].header.model, free_since - started);
   }
 }
 

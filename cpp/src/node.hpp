@@ -106,9 +106,10 @@ class WorkQueue {
   // `wait_s` for one and, while the evidence says more are coming, up to the batch delay for
   // more; those past the queue timeout go to `stale` (answered `unavailable` by the caller),
   // those past their client's deadline are dropped. Empty: nothing came.
+  // `free_since`: when the calling serving thread finished its last forward.
   std::vector<Request> pop(double wait_s, std::vector<Request>& stale,
-                           const std::function<int64_t(const std::string&)>& cap);
-  void done();  // a popped request was answered
+                           const std::function<int64_t(const std::string&)>& cap, double free_since);
+  void done(const std::string& model, double seconds);  // a popped batch was answered after `seconds`
   bool idle() const;  // nothing queued, nothing in a serving thread's hands
   // forwards handed out, requests in them, and waits for more (the node logs them at exit)
   std::atomic<uint64_t> forwards{0}, requests{0}, holds{0};

@@ -251,7 +251,7 @@ bool WorkQueue::push(Request r) {
 }
 
 std::vector<Request> WorkQueue::pop(double wait_s, std::vector<Request>& stale,
-                                    const std::function<int64_t(const std::string&)>& cap) {
+                                    const std::function<int64_t(const std::string&)>& cap, double free_since) {
   std::unique_lock<std::mutex> lk(mu_);
   cv_.wait_for(lk, std::chrono::duration<double>(wait_s), [this] { return stopped_ || !q_.empty(); });
   while (true) {
@@ -278,7 +278,8 @@ std::vector<Request> WorkQueue::pop(double wait_s, std::vector<Request>& stale,
         rows += r.rows;
       }
     }
-    double until = evidence_.hold_until(head.header.model, take.size(), rows, limit, head.received, now);
+    double until = evidence_.hold_until(head.header.model, take.size(), rows, limit, head.received, now,
+                                        free_since);
     if (until > 0 && !stopped_) {  // more are coming: wait for them (a push wakes us)
       ++holds;
       cv_.wait_for(lk, std::chrono::duration<double>(until - now));
@@ -295,8 +296,9 @@ std::vector<Request> WorkQueue::pop(double wait_s, std::vector<Request>& stale,
   }
 }
 
-void WorkQueue::done() {
+void WorkQueue::done(const std::string& model, double seconds) {
   std::lock_guard<std::mutex> lk(mu_);
+  evidence_.served(model, seconds);
   --busy_;
 }
 

@@ -653,10 +653,13 @@ TEST_CASE("the C++ batching evidence follows the conformance vectors") {
           e.arrived("m", ev["arrived"].get<double>());
         } else if (ev.contains("dispatched")) {
           e.dispatched("m", ev["dispatched"].get<size_t>(), ev["t"].get<double>());
+        } else if (ev.contains("served")) {
+          e.served("m", ev["served"].get<double>());
         } else {
           const auto& a = ev["ask"];
+          double free_since = a.contains("free_since") ? a["free_since"].get<double>() : -1e300;
           double got = e.hold_until("m", a["count"].get<size_t>(), a["rows"].get<int64_t>(), a["cap"].get<int64_t>(),
-                                    a["oldest"].get<double>(), a["now"].get<double>());
+                                    a["oldest"].get<double>(), a["now"].get<double>(), free_since);
           INFO("event " << i << ": got " << got << ", want " << ev["expect"].dump());
           if (ev["expect"].is_null())
             CHECK(got < 0);

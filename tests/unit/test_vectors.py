@@ -6,6 +6,7 @@ same files through the C++ follower and batching evidence (``cpp/tests/core_test
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -109,9 +110,12 @@ def test_the_python_batching_evidence_follows_the_vectors(case: dict[str, Any]) 
             e.arrived("m", ev["arrived"])
         elif "dispatched" in ev:
             e.dispatched("m", ev["dispatched"], ev["t"])
+        elif "served" in ev:
+            e.served("m", ev["served"])
         else:
             a = ev["ask"]
-            got = e.hold_until("m", a["count"], a["rows"], a["cap"], a["oldest"], a["now"])
+            got = e.hold_until("m", a["count"], a["rows"], a["cap"], a["oldest"], a["now"],
+                               a.get("free_since", -math.inf))
             assert got == pytest.approx(ev["expect"]) if ev["expect"] is not None else got is None, (i, got)
 
 

@@ -76,6 +76,8 @@ class Broker:
         w = self.workers[wid]
         if not w.busy:
             return []
+        if self.max_batch > 1:
+            self.evidence.served(w.busy[0].model, now - w.busy_since)
         w.busy, w.busy_seq, w.free_since = (), 0, now
         if not self.pending and not self._unsettled:
             return []
@@ -264,8 +266,8 @@ class Broker:
                 continue
             batch = self._gather(req, w)
             count, rows = len(batch), sum(r.rows for r in batch)
-            until = self.evidence.hold_until(req.model, count, rows, self._cap(w, req.model),
-                                             req.received, now)
+            cap = self._cap(w, req.model) if req.key is not None else 1  # never joined: never held
+            until = self.evidence.hold_until(req.model, count, rows, cap, req.received, now, w.free_since)
             if until is not None:  # more are coming: keep them queued, in order
                 self.wake_at = min(self.wake_at, until)
                 self._held_since.setdefault(group, now)
@@ -313,7 +315,7 @@ class Broker:
         return best
 
     def _assign(self, w: WorkerSlot, batch: tuple[Request, ...], now: float, waited: float = 0.0) -> Dispatch:
-        w.busy, w.busy_seq = batch, w.serving[batch[0].model].seq
+        w.busy, w.busy_seq, w.busy_since = batch, w.serving[batch[0].model].seq, now
         if self.max_batch > 1:
             self.evidence.dispatched(batch[0].model, len(batch), now)
         return Dispatch(w.wid, batch, waited)

@@ -61,6 +61,7 @@ class WorkerSlot:
     ready: bool = False
     busy: tuple[Request, ...] = ()  # the requests in hand (one forward)
     busy_seq: int = 0  # the seq they run on
+    busy_since: float = 0.0  # when they were handed over
     loading: Target | None = None
     applying: bool = False  # loading by writing new weights into a spare module: it serves on
     serving: dict[str, Version] = field(default_factory=dict)

@@ -22,10 +22,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import grpc
 import msgspec
 import uvicorn
-from google.protobuf import json_format
 
 from .. import __version__, defaults
 from .. import protocol as P
@@ -33,9 +31,8 @@ from ..clients.aclient import AsyncClient
 from ..errors import DeadlineError, ProtocolError, RemoteError, ZmqModelsError
 from ..transport.curve import Curve
 from ..transport.endpoints import parse_listen
-from . import codec, triton
+from . import codec, grpc_service, triton
 from .codec import V2Error
-from .pb import SERVICE, message
 
 __all__ = ["Gateway"]
 
@@ -195,7 +192,7 @@ class Gateway:
             if self.grpc_listen is not None:
                 host, port = parse_listen(self.grpc_listen, "--grpc")
                 _can_listen(host, port, "--grpc")  # gRPC's own refusal: a C log line, a bare RuntimeError
-                grpc_server = self._grpc_server()
+                grpc_server = grpc_service.server(self)
                 self.grpc_port = grpc_server.add_insecure_port(f"{'[::]' if host == '::' else host}:{port}")
                 await grpc_server.start()
             if self.http is not None:
@@ -360,104 +357,6 @@ class Gateway:
     def _server_metadata(self) -> dict[str, Any]:
         return {"name": "zmqmodels", "version": __version__, "extensions": _EXTENSIONS}
 
-    # -- gRPC ----------------------------------------------------------------------------------------
-    def _grpc_server(self) -> grpc.aio.Server:
-        limit = self.max_request_bytes + (1 << 16)
-        server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
-                                          ("grpc.max_send_message_length", -1),
-                                          ("grpc.so_reuseport", 0)])
-        calls = {"ServerLive": self._g_live, "ServerReady": self._g_ready, "ModelReady": self._g_model_ready,
-                 "ServerMetadata": self._g_server_metadata, "ModelMetadata": self._g_model_metadata,
-                 "ModelInfer": self._g_infer, "ModelConfig": self._g_config,
-                 "ModelStatistics": self._g_statistics, "RepositoryIndex": self._g_index}
-        handlers = {name: grpc.unary_unary_rpc_method_handler(
-            _aborting(fn), request_deserializer=message(f"{name}Request").FromString,
-            response_serializer=message(f"{name}Response").SerializeToString) for name, fn in calls.items()}
-        handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
-            self._g_stream, request_deserializer=message("ModelInferRequest").FromString,
-            response_serializer=message("ModelStreamInferResponse").SerializeToString)
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-        return server
-
-    async def _g_live(self, req: Any) -> Any:
-        return message("ServerLiveResponse")(live=True)
-
-    async def _g_ready(self, req: Any) -> Any:
-        try:
-            return message("ServerReadyResponse")(ready=not self.view.ready())
-        except V2Error:
-            return message("ServerReadyResponse")(ready=False)
-
-    async def _g_model_ready(self, req: Any) -> Any:
-        try:
-            codec.find_version(self.view.check(), req.name, codec.parse_version(req.version))
-            return message("ModelReadyResponse")(ready=True)
-        except V2Error as exc:
-            if exc.status == 400:
-                raise
-            return message("ModelReadyResponse")(ready=False)
-
-    async def _g_server_metadata(self, req: Any) -> Any:
-        return message("ServerMetadataResponse")(**self._server_metadata())
-
-    async def _g_model_metadata(self, req: Any) -> Any:
-        meta = codec.model_metadata(self.view.check(), req.name, codec.parse_version(req.version))
-        return message("ModelMetadataResponse")(**meta)
-
-    async def _g_infer(self, req: Any) -> Any:
-        call = codec.parse_grpc(req)
-        reply, frames = await self._infer(call, "grpc")
-        resp = message("ModelInferResponse")(model_name=reply.model, model_version=str(reply.seq), id=call.id)
-        for name, dtype, shape, raw in codec.outputs_of(reply.outputs, frames, call.outputs):
-            out = resp.outputs.add()
-            out.name, out.datatype = name, codec.v2_name(dtype)
-            out.shape.extend(shape)
-            resp.raw_output_contents.append(bytes(raw))
-        return resp
-
-    async def _g_config(self, req: Any) -> Any:
-        config = triton.model_config(self.view.check(), req.name, codec.parse_version(req.version))
-        return json_format.ParseDict({"config": config}, message("ModelConfigResponse")())
-
-    async def _g_statistics(self, req: Any) -> Any:
-        if req.name:
-            codec.find_version(self.view.check(), req.name, codec.parse_version(req.version))
-        report = self.stats.report(self.view.check(), req.name, req.version)
-        return json_format.ParseDict(report, message("ModelStatisticsResponse")())
-
-    async def _g_index(self, req: Any) -> Any:
-        index = triton.repository_index(self.view.check(), req.ready)
-        return json_format.ParseDict({"models": index}, message("RepositoryIndexResponse")())
-
-    async def _g_stream(self, requests: Any, context: grpc.aio.ServicerContext) -> Any:
-        """``ModelStreamInfer``: every request on the stream runs at once (a batching node joins
-        them); each answer, or its error as ``error_message``, goes back as it completes."""
-        done: asyncio.Queue[Any] = asyncio.Queue()
-
-        async def one(req: Any) -> None:
-            try:
-                await done.put(message("ModelStreamInferResponse")(infer_response=await self._g_infer(req)))
-            except V2Error as exc:
-                await done.put(message("ModelStreamInferResponse")(error_message=str(exc)))
-
-        async def read() -> int:
-            tasks = [asyncio.ensure_future(one(r)) async for r in requests]
-            await asyncio.gather(*tasks)
-            return len(tasks)
-
-        reader = asyncio.ensure_future(read())
-        sent = 0
-        while not (reader.done() and sent == reader.result()):
-            get = asyncio.ensure_future(done.get())
-            await asyncio.wait({get, reader}, return_when=asyncio.FIRST_COMPLETED)
-            if get.done():
-                yield get.result()
-                sent += 1
-            else:
-                get.cancel()
-        reader.result()  # a broken stream's error is the call's
-
-
 def _can_listen(host: str, port: int, option: str) -> None:
     """Raise the one-line reason if ``host:port`` cannot be listened on now."""
     try:
@@ -499,16 +398,3 @@ async def _read_body(receive: Callable[[], Awaitable[dict[str, Any]]], headers: 
         parts.append(chunk)
         if not msg.get("more_body"):
             return parts[0] if len(parts) == 1 else b"".join(parts)
-
-
-def _aborting(fn: Callable[[Any], Awaitable[Any]]) -> Callable[[Any, Any], Awaitable[Any]]:
-    """A gRPC handler that answers a :class:`V2Error` with its status and message."""
-
-    async def handler(req: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            return await fn(req)
-        except V2Error as exc:
-            log.log(logging.WARNING if exc.status >= 500 else logging.INFO, "grpc %s: %s", exc.grpc, exc)
-            await context.abort(getattr(grpc.StatusCode, exc.grpc), str(exc))
-
-    return handler
