@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_serving import ENV, Heavy, Procs, free_port, mlp, pct, wait_idle_cpu  # noqa: E402
 
 BINARY = os.path.join(ROOT, "cpp", "build", "zmqmodels-node")
-LOAD = os.path.join(ROOT, "cpp", "build", "zmqmodels-load")
+LOAD = os.environ.get("ZMQMODELS_LOAD", os.path.join(ROOT, "cpp", "build", "zmqmodels-load"))
 WIDTH = {"mlp": 784, "heavy": 1024}
 TS_BATCH, TS_DELAY_MS = 32, 5  # TorchServe's batching: up to 32 requests, waiting up to 5 ms
 
@@ -362,6 +362,9 @@ def report(args: argparse.Namespace, results: dict) -> None:
             cells = []
             for c in args.concurrency:
                 v = row.get(c) or row.get(str(c))
+                if v is None:
+                    cells.append("-")
+                    continue
                 fail = f" [{v['failures']} failed]" if v["failures"] else ""
                 cells.append(f"{v['req_s']:.0f}, {v['p50_ms']:.2f} / {v['p99_ms']:.2f}, "
                              f"{v['batch']:.1f}{fail}")
