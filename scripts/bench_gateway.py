@@ -7,7 +7,8 @@ client object per thread), one row per request. Same models: the small MLP (784-
 ~100 MB one (25 x 1024x1024, all used), the same TorchScript files. Servers, one torch thread
 each, dynamic batching on (defaults: ours up to 32 rows / 200 us, Triton's up to 32 / 200 us):
 
-* ``zmqmodels gateway`` -> the Python node (``serve --workers 1``);
+* ``zmqmodels gateway`` -> the Python node (``serve --workers 1``), over TCP;
+* ``serve --workers 1 --http --grpc``: the same node with the gateway as its child process, over ipc;
 * ``zmqmodels gateway`` -> the C++ node (one serving thread), when built;
 * PyTriton 0.7 (tritonserver 2.51 with its Python backend) in ``.venv-pytriton``, made on first
   use (``pip install nvidia-pytriton torch==2.13.0``; PyTriton pins numpy < 2).
@@ -189,6 +190,13 @@ def run(args: argparse.Namespace, tmp: str, results: dict) -> None:
         procs = Procs()
         try:
             kinds = ["Python node K=1"] + (["C++ node"] if os.path.exists(BINARY) else [])
+            addr = f"tcp://127.0.0.1:{free_port()}"
+            http, grpc = free_port(), free_port()
+            procs.start([sys.executable, "-m", "zmqmodels", "serve", "--hub", hub.address, "--bind", addr,
+                         "--cache", tempfile.mkdtemp(dir=tmp), "--model", "mlp", "--model", "heavy",
+                         "--workers", "1", "--node-id", "serve-http", "--http", f"127.0.0.1:{http}",
+                         "--grpc", f"127.0.0.1:{grpc}"])
+            servers["serve --http/--grpc (Python node K=1)"] = (f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", "")
             for kind in kinds:
                 addr = f"tcp://127.0.0.1:{free_port()}"
                 cache = tempfile.mkdtemp(dir=tmp)

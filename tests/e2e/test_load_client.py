@@ -22,7 +22,9 @@ def load_binary():
     node = built_binary()  # also: every source older than the build
     if node is None:
         pytest.skip("the C++ tools are not built: scripts/test builds them first (or run scripts/build_cpp)")
-    return node.parent / "zmqmodels-load"
+    load = node.parent / "zmqmodels-load"
+    assert load.exists(), "scripts/build_cpp builds zmqmodels-load beside the node"
+    return load
 
 
 def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -47,7 +47,11 @@ class Served:
                          *(["--metrics", f"127.0.0.1:{self.metrics}"] if metrics else [])], self.logs[1])
         self.h = th.InferenceServerClient(f"127.0.0.1:{self.http}", concurrency=32)
         self.g = tg.InferenceServerClient(f"127.0.0.1:{self.grpc}")
-        wait_until(self.ready, 120, interval=0.2, what="the gateway ready")
+        try:
+            wait_until(self.ready, 120, interval=0.2, what="the gateway ready")
+        except BaseException:
+            self.close()  # nothing outlives the test
+            raise
 
     def _start(self, args: list[str], log: Path) -> None:
         with open(log, "w") as err:

@@ -28,6 +28,7 @@ from ..core.balance import Balancer
 from ..errors import DeadlineError, ProtocolError, RemoteError, ZmqModelsError
 from ..protocol.tensors import decode, encode
 from ..transport.curve import Curve
+from ..transport.wire import recv_frames, send_frames
 from .client import Link, Result, _from, _summary, addresses
 
 __all__ = ["AsyncClient"]
@@ -35,7 +36,7 @@ __all__ = ["AsyncClient"]
 _ids = itertools.count(1)
 # plain ints: pyzmq's flag enums cost more per call than the rest of a send
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
-_NOBLOCK, _MORE = int(zmq.NOBLOCK), int(zmq.NOBLOCK | zmq.SNDMORE)
+_NOBLOCK = int(zmq.NOBLOCK)
 
 
 class AsyncClient:
@@ -100,7 +101,7 @@ class AsyncClient:
         """Take every reply queued (ZMQ_FD is edge-triggered: read until EVENTS says none)."""
         sock = link.sock
         while not sock.closed and sock.getsockopt(_EVENTS) & _POLLIN:
-            frames = sock.recv_multipart(_NOBLOCK, copy=False)
+            frames = recv_frames(sock, _NOBLOCK)
             try:
                 if len(frames) < 2 or frames[0].bytes != b"":
                     raise ProtocolError("a reply without the empty delimiter")
@@ -210,9 +211,7 @@ class AsyncClient:
         self._waiting[rid] = (fut, address)
         timer = self._loop.call_later(timeout, _expire, fut)
         try:
-            for f in frames[:-1]:
-                link.sock.send(f, _MORE, copy=False)
-            link.sock.send(frames[-1], _NOBLOCK, copy=False)
+            send_frames(link.sock, frames, _NOBLOCK, copy=False)
         except zmq.Again:
             pass  # no peer connected yet (nothing was queued): the timeout sends it again
         self._drain(link)  # a send may consume the FD's edge: look for replies now

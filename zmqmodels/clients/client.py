@@ -32,6 +32,7 @@ from ..core.balance import Balancer
 from ..errors import DeadlineError, ProtocolError, RemoteError, ZmqModelsError
 from ..protocol.tensors import decode, encode
 from ..transport.curve import Curve
+from ..transport.wire import NOBLOCK, recv_frames, send_frames
 
 __all__ = ["Client", "Result", "Link", "addresses"]
 
@@ -225,7 +226,7 @@ class Client:
         try:  # a refused CURVE handshake drops the pipe: a blocking send would wait for ever
             if not link.sock.poll(int(timeout * 1000), zmq.POLLOUT):
                 raise zmq.Again()
-            link.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            send_frames(link.sock, frames, NOBLOCK, copy=False)
         except zmq.Again:
             return f"could not send within {timeout:g}s"
         while True:
@@ -233,7 +234,7 @@ class Client:
             if left <= 0:
                 return f"no reply within {timeout:g}s"
             if link.sock.poll(int(min(left, _REFUSED_CHECK_S) * 1000) or 1):
-                return P.unpack(link.sock.recv_multipart(copy=False))
+                return P.unpack(recv_frames(link.sock))
             if link.refused():  # nothing listens there, or the node went away mid-request
                 return "connection refused (nothing listens there?)"
 
