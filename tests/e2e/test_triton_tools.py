@@ -21,7 +21,7 @@ import tritonclient.grpc as tg
 import tritonclient.http as th
 
 from tests.e2e.test_gateway import SCALES, grpc_input, http_input, rows_release
-from tests.helpers import free_port, scrape, wait_until
+from tests.helpers import alive, free_port, scrape, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -263,6 +263,9 @@ def test_serve_runs_its_gateway_in_a_process_of_its_own_and_restarts_it(hub, tmp
         wait_until(lambda: (k := _gateway_children(serve)) and k != first and s.ready(), 90, interval=0.2,
                    what="the gateway restarted and ready")
         assert np.array_equal(s.g.infer("rows", [grpc_input(x_of(3))]).as_numpy("OUTPUT__0"), x_of(3) * 2)
+        (gateway,) = _gateway_children(serve)
+        os.kill(serve, signal.SIGKILL)  # nothing left holding the node's ports
+        wait_until(lambda: not alive(gateway), 30, what="the gateway to stop with its node")
     finally:
         s.close()
     assert "the gateway exited" in s.logs[0].read_text()

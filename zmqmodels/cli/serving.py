@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +102,7 @@ def serve(hub_addr: tuple[str, ...] | None, models: tuple[str, ...], bind_addr: 
             from ..oip.process import GatewayProcess
 
             args = [*(["--http", http] if http else []), *(["--grpc", grpc_listen] if grpc_listen else []),
-                    "--max-request-bytes", str(node.limits.max_request_bytes)]
+                    "--max-request-bytes", str(node.limits.max_request_bytes), "--parent", str(os.getpid())]
             gw = GatewayProcess(node.local_address, args).start()
             click.echo(serving, err=True)
             try:
@@ -131,9 +132,10 @@ def _announce(gw: Any) -> None:
               show_default=True, help="Refuse larger requests before reading them (the node's limit).")
 @click.option("--metrics", "metrics", metavar="[HOST:]PORT",
               help="Serve Prometheus metrics on /metrics at this port (and /health/live|ready).")
+@click.option("--parent", type=int, default=0, hidden=True, help="Stop when this process is gone.")
 @curve_options(server=False, client=True)
 def gateway(node_addr: tuple[str, ...], http: str | None, grpc_listen: str | None, timeout: float,
-            max_request_bytes: int, metrics: str | None, curve_key: str | None,
+            max_request_bytes: int, metrics: str | None, parent: int, curve_key: str | None,
             curve_server: str | None) -> None:
     """Answer the Open Inference Protocol (KServe v2, HTTP/REST and gRPC) for one node or several.
 
@@ -148,7 +150,7 @@ def gateway(node_addr: tuple[str, ...], http: str | None, grpc_listen: str | Non
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     with Gateway(list(node_addr), http=http, grpc_listen=grpc_listen, timeout=timeout,
                  max_request_bytes=max_request_bytes, curve=curve_from(curve_key, curve_server, ()),
-                 metrics=metrics) as gw:
+                 metrics=metrics, parent=parent) as gw:
         _announce(gw)
         run_until_signalled()
 

@@ -117,10 +117,11 @@ class Gateway:
     def __init__(self, node: str | list[str], *, http: str | None = None, grpc_listen: str | None = None,
                  max_request_bytes: int = defaults.MAX_REQUEST_BYTES, timeout: float = 30.0,
                  poll_s: float = 0.5, down_after_s: float = 2.0, curve: Curve | None = None,
-                 metrics: str | None = None) -> None:
+                 metrics: str | None = None, parent: int = 0) -> None:
         if http is None and grpc_listen is None:
             raise ZmqModelsError("a gateway needs --http, --grpc or both")
         self.metrics, self.stats = metrics, triton.Statistics()
+        self.parent = parent  # a pid: stop once it is gone (serve --http's child outlives no node)
         self._metrics_server: Any = None
         self.nodes = [node] if isinstance(node, str) else list(node)
         self.node = ", ".join(self.nodes)
@@ -187,6 +188,8 @@ class Gateway:
         self._client = AsyncClient(self.nodes, timeout=self.timeout, retries=max(3, len(self.nodes)),
                                    curve=self.curve, arrays="numpy")
         watchers = [asyncio.ensure_future(self._watch(v)) for v in self.view.nodes]
+        if self.parent:
+            watchers.append(asyncio.ensure_future(self._orphaned()))
         grpc_server, http_server, tasks = None, None, list(watchers)
         try:
             if self.grpc_listen is not None:
@@ -229,6 +232,13 @@ class Gateway:
                 w.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self._client.close()
+
+    async def _orphaned(self) -> None:
+        while os.getppid() == self.parent:
+            await asyncio.sleep(self.poll_s)
+        log.warning("gateway: its node's process (pid %d) is gone; stopping", self.parent)
+        assert self._stop is not None
+        self._stop.set()
 
     async def _watch(self, view: NodeView) -> None:
         """Ask one node what it serves every ``poll_s`` (its own connection: a node that stops
