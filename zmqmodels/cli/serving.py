@@ -152,7 +152,7 @@ def gateway(node_addr: tuple[str, ...], http: str | None, grpc_listen: str | Non
                  max_request_bytes=max_request_bytes, curve=curve_from(curve_key, curve_server, ()),
                  metrics=metrics, parent=parent) as gw:
         _announce(gw)
-        run_until_signalled()
+        run_until_signalled(lambda: not gw.serving)
 
 
 def parse_inputs(specs: tuple[str, ...]) -> tuple[Any, ...]:

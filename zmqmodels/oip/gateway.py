@@ -146,6 +146,11 @@ class Gateway:
             raise ZmqModelsError(f"gateway failed to start: {self._error or 'timed out'}")
         return self
 
+    @property
+    def serving(self) -> bool:
+        """Its loop runs (false once closed, or stopped because its ``parent`` is gone)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def close(self, timeout: float = 10.0) -> None:
         if self._loop is not None and self._stop is not None:
             with contextlib.suppress(RuntimeError):  # the loop has finished already
