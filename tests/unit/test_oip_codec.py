@@ -201,3 +201,23 @@ def test_fuzzed_http_bodies_give_a_call_or_a_400(inputs, tail, head, junk) -> No
     sizes = dict(codec.DATATYPES.values())
     for t in call.inputs:
         assert len(t.data) == int(np.prod(t.shape)) * sizes[t.dtype]
+
+
+def test_gateway_statistics_count_per_version_and_stay_bounded_over_publishes() -> None:
+    """Every publish is a new version: the statistics keep the most recently answered ones."""
+    from zmqmodels.oip.triton import KEPT_VERSIONS, Statistics
+
+    s = Statistics()
+    for seq in range(1, KEPT_VERSIONS + 50):
+        for _ in range(2):
+            s.answered("m", P.InferReply("i", "m", "", seq, "w", None, 1.5, 2.0, batch=4), 0.001)
+    s.failed("m", str(KEPT_VERSIONS + 49), 0.002)
+    rows = s.report(None)["model_stats"]
+    assert len(rows) == KEPT_VERSIONS
+    newest = rows[-1]
+    assert newest["version"] == str(KEPT_VERSIONS + 49) and newest["inference_count"] == 2
+    assert newest["inference_stats"]["queue"] == {"count": 2, "ns": 3_000_000}
+    assert newest["inference_stats"]["fail"]["count"] == 1
+    assert newest["batch_stats"] == [{"batch_size": 4, "compute_input": {"count": 0, "ns": 0},
+                                      "compute_infer": {"count": 2, "ns": 4_000_000},
+                                      "compute_output": {"count": 0, "ns": 0}}]

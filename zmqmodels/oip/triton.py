@@ -16,7 +16,9 @@ from typing import Any
 from .. import protocol as P
 from .codec import find_version, model_metadata
 
-__all__ = ["model_config", "repository_index", "Statistics"]
+__all__ = ["model_config", "repository_index", "Statistics", "KEPT_VERSIONS"]
+
+KEPT_VERSIONS = 64  # (model, version) entries kept; the least recently answered goes first
 
 
 def model_config(models: P.ModelsReply | None, name: str, seq: int) -> dict[str, Any]:
@@ -67,16 +69,25 @@ class Statistics:
     """Per model and version, the requests this gateway carried: how many succeeded and
     failed and their time here, the node's queue and compute time for each, and by the size
     of the forward that answered them. ``execution_count`` stays 0: a gateway sees requests,
-    not the node's forwards (``batch_stats`` counts requests by the batch they shared)."""
+    not the node's forwards (``batch_stats`` counts requests by the batch they shared). Bounded:
+    every publish is a new version, so only the :data:`KEPT_VERSIONS` most recently answered
+    are kept."""
 
     def __init__(self) -> None:
         self._by: dict[tuple[str, str], _Counts] = {}
         self._lock = threading.Lock()  # one asyncio loop writes; a metrics scrape may read
 
+    def _entry(self, key: tuple[str, str]) -> _Counts:
+        c = self._by.pop(key, None) or _Counts()
+        self._by[key] = c  # most recent last
+        while len(self._by) > KEPT_VERSIONS:
+            del self._by[next(iter(self._by))]
+        return c
+
     def answered(self, model: str, reply: P.InferReply, seconds: float) -> None:
         ns = int(seconds * 1e9)
         with self._lock:
-            c = self._by.setdefault((model, str(reply.seq)), _Counts())
+            c = self._entry((model, str(reply.seq)))
             c.success[0] += 1
             c.success[1] += ns
             c.queue[0] += 1
@@ -90,7 +101,7 @@ class Statistics:
 
     def failed(self, model: str, version: str, seconds: float) -> None:
         with self._lock:
-            c = self._by.setdefault((model, version), _Counts())
+            c = self._entry((model, version))
             c.fail[0] += 1
             c.fail[1] += int(seconds * 1e9)
 
