@@ -38,3 +38,29 @@ def test_nested_tree_and_scalars() -> None:
 def test_bad_specs_are_protocol_errors(spec, bufs, needle) -> None:
     with pytest.raises(ProtocolError, match=needle):
         decode(spec, bufs)
+
+
+def test_join_rows_and_split_rows_read_what_the_spec_says_and_refuse_the_rest() -> None:
+    """The worker's batch fast path: requests' bytes joined by their spec, outputs split into
+    views; anything malformed is left to the per-request path (None)."""
+    import numpy as np
+
+    from zmqmodels.protocol.tensors import join_rows, split_rows
+
+    spec = {"t": "tuple", "items": [{"t": "tensor", "dtype": "float32", "shape": [1, 2], "f": 0}]}
+    a, b = np.array([[1, 2]], "<f4"), np.array([[3, 4]], "<f4")
+    joined_spec, bufs = join_rows(spec, [[a.tobytes()], [b.tobytes()]])
+    assert joined_spec["items"][0]["shape"] == [2, 2]
+    assert np.frombuffer(bufs[0], "<f4").tolist() == [1, 2, 3, 4]
+    assert join_rows(spec, [[a.tobytes()], [b.tobytes()[:4]]]) is None  # a short buffer
+    assert join_rows(spec, [[a.tobytes()], [b.tobytes(), b"x"]]) is None  # an extra buffer
+    for bad in (["a", "b"], [True, 2], [-1, -2], []):
+        odd = {"t": "tuple", "items": [{**spec["items"][0], "shape": bad}]}
+        assert join_rows(odd, [[a.tobytes()], [b.tobytes()]]) is None, bad
+    out = {"t": "tuple", "items": [{"t": "tensor", "dtype": "float32", "shape": [3, 2], "f": 0}]}
+    y = memoryview(np.arange(6, dtype="<f4").tobytes())
+    parts = split_rows(out, [y], [1, 2])
+    assert [p[0]["items"][0]["shape"] for p in parts] == [[1, 2], [2, 2]]
+    assert np.frombuffer(parts[1][1][0], "<f4").tolist() == [2, 3, 4, 5]
+    assert out["items"][0]["shape"] == [3, 2]  # the whole's spec is left as it was
+    assert split_rows(out, [y], [1, 1]) is None  # the output does not follow the batch

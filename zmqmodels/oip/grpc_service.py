@@ -16,9 +16,10 @@ from . import codec, triton
 from .codec import V2Error
 from .pb import SERVICE, message
 
-__all__ = ["server"]
+__all__ = ["server", "STREAM_IN_FLIGHT"]
 
 log = logging.getLogger("zmqmodels.gateway")
+STREAM_IN_FLIGHT = 1024  # requests one ModelStreamInfer stream may have in flight
 
 
 def server(gateway: Any) -> grpc.aio.Server:
@@ -102,6 +103,8 @@ class GrpcService:
         """``ModelStreamInfer``: every request on the stream runs at once (a batching node joins
         them); each answer, or its error as ``error_message``, goes back as it completes."""
         done: asyncio.Queue[Any] = asyncio.Queue()
+        # a stream reads no further while this many requests are running or answered but unsent
+        room = asyncio.Semaphore(STREAM_IN_FLIGHT)
 
         async def one(req: Any) -> None:
             try:
@@ -110,7 +113,10 @@ class GrpcService:
                 await done.put(message("ModelStreamInferResponse")(error_message=str(exc)))
 
         async def read() -> int:
-            tasks = [asyncio.ensure_future(one(r)) async for r in requests]
+            tasks = []
+            async for r in requests:
+                await room.acquire()
+                tasks.append(asyncio.ensure_future(one(r)))
             await asyncio.gather(*tasks)
             return len(tasks)
 
@@ -122,6 +128,7 @@ class GrpcService:
             if get.done():
                 yield get.result()
                 sent += 1
+                room.release()
             else:
                 get.cancel()
         reader.result()  # a broken stream's error is the call's

@@ -16,6 +16,7 @@ read-only tensors; treat request tensors as inputs, not scratch space).
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 from collections.abc import Sequence
@@ -250,41 +251,33 @@ class _Decoding:
 
 
 def _row_nodes(spec: Any) -> list[dict[str, Any]] | None:
-    """The tensor nodes of a tuple of tensors (a request's ``inputs``), else None."""
+    """The tensor nodes of a tuple of tensors with well-formed shapes (a request's
+    ``inputs``), else None."""
     if not isinstance(spec, dict) or spec.get("t") != "tuple" or not isinstance(spec.get("items"), list):
         return None
     nodes = spec["items"]
-    ok = all(isinstance(n, dict) and n.get("t") == "tensor" and isinstance(n.get("shape"), list)
-             and n["shape"] and n.get("dtype") in _ITEMSIZE for n in nodes)
+    ok = all(isinstance(n, dict) and n.get("t") == "tensor" and n.get("dtype") in _ITEMSIZE
+             and isinstance(n.get("f"), int) and isinstance(n.get("shape"), list) and n["shape"]
+             and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in n["shape"])
+             for n in nodes)
     return nodes if ok and nodes else None
 
 
 def join_rows(spec: Any, buffers: Sequence[Sequence[Any]]) -> tuple[Any, list[bytearray]] | None:
     """Several requests of one ``inputs`` spec (a tuple of tensors) as one: the spec with the
     leading dimensions summed and each input's buffers concatenated (one copy, the one a
-    ``torch.cat`` would make). ``None`` when the spec is not a tuple of tensors or a buffer
-    is not the size the spec says: the caller then reads each request on its own (and
+    ``torch.cat`` would make). ``None`` when the spec is not a tuple of tensors or a request's
+    buffers are not the ones the spec says: the caller then reads each request on its own (and
     answers the malformed one alone)."""
     nodes = _row_nodes(spec)
-    if nodes is None:
+    if nodes is None or any(len(bufs) != len(nodes) for bufs in buffers):
         return None
     joined = []
     for node in nodes:
-        idx, shape = node.get("f"), node["shape"]
-        count = _ITEMSIZE[node["dtype"]]
-        for d in shape:
-            count *= d if isinstance(d, int) else -1
-        if not isinstance(idx, int) or count < 0:
+        idx, nbytes = node["f"], _ITEMSIZE[node["dtype"]] * math.prod(node["shape"])
+        if not 0 <= idx < len(nodes) or any(memoryview(bufs[idx]).nbytes != nbytes for bufs in buffers):
             return None
-        parts = []
-        for bufs in buffers:
-            if not 0 <= idx < len(bufs) or len(bufs) != len(nodes):
-                return None
-            b = bufs[idx]
-            if memoryview(b).nbytes != count:
-                return None
-            parts.append(b)
-        joined.append(bytearray().join(parts))
+        joined.append(bytearray().join(bufs[idx] for bufs in buffers))
     rows = nodes[0]["shape"][0] * len(buffers)
     items = [{**n, "shape": [rows, *n["shape"][1:]], "f": k} for k, n in enumerate(nodes)]
     return {"t": "tuple", "items": items}, joined
@@ -296,35 +289,30 @@ def split_rows(spec: Any, buffers: Sequence[memoryview], rows: Sequence[int]
     ``rows[i]`` rows each, the buffers views of ``buffers`` (no copy); ``None`` if a leaf is
     not a tensor whose leading dimension is the batch's (the caller then splits the tree)."""
     total = sum(rows)
-    leaves: list[dict[str, Any]] = []
-
-    def walk(node: Any) -> bool:
-        kind = node.get("t") if isinstance(node, dict) else None
-        if kind == "tensor":
-            leaves.append(node)
-            return bool(node["shape"]) and node["shape"][0] == total
-        return kind in ("tuple", "list", "dict") and all(walk(i) for i in node["items"])
-
-    if not walk(spec):
+    if not total or not _follows(spec, total):
         return None
-    per_row = [memoryview(b).nbytes // total if total else 0 for b in buffers]
-    shapes = {id(n): n["shape"] for n in leaves}
+    per_row = [memoryview(b).nbytes // total for b in buffers]
     out, start = [], 0
     for n in rows:
-        for node in leaves:
-            node["shape"] = [n, *shapes[id(node)][1:]]
         views = [b[start * r:(start + n) * r] for b, r in zip(buffers, per_row, strict=True)]
-        out.append((_copy_spec(spec), views))
+        out.append((_with_rows(spec, n), views))
         start += n
-    for node in leaves:
-        node["shape"] = shapes[id(node)]
     return out
 
 
-def _copy_spec(node: dict[str, Any]) -> dict[str, Any]:
-    if "items" in node:
-        return {**node, "items": [_copy_spec(i) for i in node["items"]]}
-    return dict(node)
+def _follows(node: Any, total: int) -> bool:
+    """Every leaf of an encoded tree is a tensor whose leading dimension is ``total``."""
+    kind = node.get("t") if isinstance(node, dict) else None
+    if kind == "tensor":
+        return bool(node["shape"]) and node["shape"][0] == total
+    return kind in ("tuple", "list", "dict") and all(_follows(i, total) for i in node["items"])
+
+
+def _with_rows(node: dict[str, Any], rows: int) -> dict[str, Any]:
+    """A copy of an encoded tree whose tensors' leading dimension is ``rows``."""
+    if node["t"] == "tensor":
+        return {**node, "shape": [rows, *node["shape"][1:]]}
+    return {**node, "items": [_with_rows(i, rows) for i in node["items"]]}
 
 
 def signature(tree: Any) -> Any:
