@@ -57,7 +57,7 @@ def test_a_restarted_node_keeps_its_row_and_a_sigterm_says_stopped(tmp_path) -> 
             assert [r[0] for r in rows] == [first] and rows[0][1] != "lost", rows
             node.send_signal(signal.SIGTERM)
             node.wait(60)
-            wait_until(lambda: _rows(hub) == [(first, "stopped", v1.seq)], 10, what="the row stopped")
+            wait_until(lambda: _rows(hub) == [(first, "stopped", v1.seq)], 30, what="the row stopped")
             time.sleep(2.5)
             assert _rows(hub) == [(first, "stopped", v1.seq)]  # not lost
             assert not hub.wait_for("probe", v1.seq, 1, 0.1)[0]  # a stopped node never counts
